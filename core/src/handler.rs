@@ -1,0 +1,297 @@
+//! Handlers: any `tower::Service<Message>`, and helpers that make one from an async function.
+//!
+//! ```
+//! use redrive_core::{handler, Message};
+//! use serde::Deserialize;
+//!
+//! // From an async function of the message.
+//! let plain = handler::handler_fn(|msg: Message| async move {
+//!     println!("{} bytes", msg.payload.len());
+//!     Ok::<_, std::io::Error>(())
+//! });
+//!
+//! // Typed: the payload is decoded from JSON first.
+//! #[derive(Deserialize)]
+//! struct Order { id: u64 }
+//! let typed = handler::json(|order: Order, _msg: Message| async move {
+//!     println!("order {}", order.id);
+//!     Ok::<_, std::io::Error>(())
+//! });
+//! # let _ = (plain, typed);
+//! ```
+//!
+//! A payload that fails to decode is a [`permanent`](crate::classify::Permanent) error
+//! naming the type and the decode error: retrying cannot fix it.
+
+use std::fmt;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use futures_util::future::{Either, Ready, ready};
+use serde::de::DeserializeOwned;
+use tower::Service;
+
+use crate::{BoxError, Message, classify};
+
+/// How the stack disposed of a message that the Worker will ack.
+///
+/// Handlers return `()` (which converts to [`Outcome::Processed`]) or an `Outcome`;
+/// layers that end a message's life without the handler's success report what they did,
+/// so metrics, traces and the Worker's report can tell the cases apart.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Outcome {
+    /// The handler succeeded.
+    #[default]
+    Processed,
+    /// The message was published to a dead-letter destination, confirmed.
+    DeadLettered,
+    /// The message was a duplicate of one already processed; the handler was skipped.
+    Deduplicated,
+    /// A layer skipped the message deliberately (logged and counted).
+    Skipped,
+}
+
+impl Outcome {
+    /// A short lowercase name: `processed`, `dead_lettered`, `deduplicated`, `skipped`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Processed => "processed",
+            Outcome::DeadLettered => "dead_lettered",
+            Outcome::Deduplicated => "deduplicated",
+            Outcome::Skipped => "skipped",
+        }
+    }
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl From<()> for Outcome {
+    fn from((): ()) -> Self {
+        Outcome::Processed
+    }
+}
+
+/// A handler made from an async function of the [`Message`]. See [`handler_fn`].
+#[derive(Clone, Copy)]
+pub struct HandlerFn<F> {
+    f: F,
+}
+
+/// Makes a handler from an async function `Message -> Result<R, E>`, where `R` is `()`
+/// or an [`Outcome`] and `E` any error.
+pub fn handler_fn<F>(f: F) -> HandlerFn<F> {
+    HandlerFn { f }
+}
+
+impl<F> fmt::Debug for HandlerFn<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HandlerFn").finish_non_exhaustive()
+    }
+}
+
+impl<F, Fut, R, E> Service<Message> for HandlerFn<F>
+where
+    F: FnMut(Message) -> Fut,
+    Fut: Future<Output = Result<R, E>>,
+    R: Into<Outcome>,
+    E: Into<BoxError>,
+{
+    type Response = Outcome;
+    type Error = BoxError;
+    type Future = HandlerFuture<Fut>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, msg: Message) -> Self::Future {
+        HandlerFuture {
+            inner: (self.f)(msg),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of a [`HandlerFn`] or [`Typed`] handler.
+    pub struct HandlerFuture<Fut> {
+        #[pin]
+        inner: Fut,
+    }
+}
+
+impl<Fut, R, E> Future for HandlerFuture<Fut>
+where
+    Fut: Future<Output = Result<R, E>>,
+    R: Into<Outcome>,
+    E: Into<BoxError>,
+{
+    type Output = Result<Outcome, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.project()
+            .inner
+            .poll(cx)
+            .map(|r| r.map(Into::into).map_err(Into::into))
+    }
+}
+
+/// Decodes a payload into a `T`.
+pub trait Decode<T> {
+    /// The format's name, for error messages (`"JSON"`).
+    const FORMAT: &'static str;
+    /// Decodes `payload`.
+    fn decode(payload: &[u8]) -> Result<T, BoxError>;
+}
+
+/// JSON with serde.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Json;
+
+impl<T: DeserializeOwned> Decode<T> for Json {
+    const FORMAT: &'static str = "JSON";
+
+    fn decode(payload: &[u8]) -> Result<T, BoxError> {
+        serde_json::from_slice(payload).map_err(Into::into)
+    }
+}
+
+/// A payload did not decode into the handler's type. Always [`permanent`](classify::Permanent).
+#[derive(Debug, thiserror::Error)]
+#[error("payload is not valid {format} for `{type_name}`: {source}")]
+pub struct DecodeError {
+    format: &'static str,
+    type_name: &'static str,
+    #[source]
+    source: BoxError,
+}
+
+impl DecodeError {
+    /// The type the payload should have decoded into.
+    pub fn type_name(&self) -> &'static str {
+        self.type_name
+    }
+}
+
+/// A handler that decodes the payload with `D` before calling an async function of the
+/// value and the message. See [`json`] and [`typed`].
+pub struct Typed<D, T, F> {
+    f: F,
+    _marker: PhantomData<fn() -> (D, T)>,
+}
+
+impl<D, T, F: Clone> Clone for Typed<D, T, F> {
+    fn clone(&self) -> Self {
+        Typed {
+            f: self.f.clone(),
+            _marker: PhantomData,
+        }
+    }
+}
+
+impl<D, T, F> fmt::Debug for Typed<D, T, F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Typed")
+            .field("type", &std::any::type_name::<T>())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Makes a handler that decodes the payload as JSON into `T` and calls `f(value, message)`.
+pub fn json<T, F, Fut>(f: F) -> Typed<Json, T, F>
+where
+    F: FnMut(T, Message) -> Fut,
+{
+    typed(f)
+}
+
+/// Makes a handler that decodes the payload with the decoder `D` into `T` and calls
+/// `f(value, message)`.
+pub fn typed<D, T, F, Fut>(f: F) -> Typed<D, T, F>
+where
+    F: FnMut(T, Message) -> Fut,
+{
+    Typed {
+        f,
+        _marker: PhantomData,
+    }
+}
+
+impl<D, T, F, Fut, R, E> Service<Message> for Typed<D, T, F>
+where
+    D: Decode<T>,
+    F: FnMut(T, Message) -> Fut,
+    Fut: Future<Output = Result<R, E>>,
+    R: Into<Outcome>,
+    E: Into<BoxError>,
+{
+    type Response = Outcome;
+    type Error = BoxError;
+    type Future = Either<Ready<Result<Outcome, BoxError>>, HandlerFuture<Fut>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, msg: Message) -> Self::Future {
+        match D::decode(&msg.payload) {
+            Ok(value) => Either::Right(HandlerFuture {
+                inner: (self.f)(value, msg),
+            }),
+            Err(source) => Either::Left(ready(Err(classify::permanent(DecodeError {
+                format: D::FORMAT,
+                type_name: std::any::type_name::<T>(),
+                source,
+            })))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::classify::Classifier;
+    use tower::ServiceExt;
+
+    #[derive(serde::Deserialize, Debug, PartialEq)]
+    struct Order {
+        id: u64,
+    }
+
+    #[tokio::test]
+    async fn handler_fn_maps_unit_to_processed() {
+        let svc = handler_fn(|_m: Message| async { Ok::<_, std::io::Error>(()) });
+        assert_eq!(
+            svc.oneshot(Message::new("x")).await.unwrap(),
+            Outcome::Processed
+        );
+    }
+
+    #[tokio::test]
+    async fn json_decodes_and_passes_the_message() {
+        let svc = json(|o: Order, m: Message| async move {
+            assert_eq!(o, Order { id: 7 });
+            assert_eq!(m.key.as_deref(), Some(&b"k"[..]));
+            Ok::<_, BoxError>(Outcome::Processed)
+        });
+        let msg = Message::new(r#"{"id":7}"#).with_key("k");
+        assert_eq!(svc.oneshot(msg).await.unwrap(), Outcome::Processed);
+    }
+
+    #[tokio::test]
+    async fn bad_json_is_permanent_and_names_the_type() {
+        let svc = json(|_o: Order, _m: Message| async { Ok::<_, BoxError>(()) });
+        let err = svc.oneshot(Message::new("{nope")).await.unwrap_err();
+        assert!(Classifier::default().classify(&*err).is_permanent());
+        let text = err.to_string();
+        assert!(text.contains("not valid JSON"), "{text}");
+        assert!(text.contains("Order"), "{text}");
+        assert!(text.contains("key must be a string"), "{text}");
+    }
+}

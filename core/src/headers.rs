@@ -1,0 +1,455 @@
+//! Message headers: ordered, case-insensitive names, string or byte values, bounded.
+
+use std::fmt;
+
+use bytes::Bytes;
+
+/// A header value: text, or bytes that are not (or need not be) UTF-8.
+///
+/// Brokers carry both: AMQP and SQS attributes may be binary, Kafka header values
+/// are always bytes. Adapters map a byte value that is valid UTF-8 to [`HeaderValue::Str`]
+/// where the broker does not say which it is.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub enum HeaderValue {
+    /// A UTF-8 string.
+    Str(String),
+    /// Raw bytes.
+    Bytes(Bytes),
+}
+
+impl HeaderValue {
+    /// The value as a string, if it is one (or is bytes that are valid UTF-8).
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            HeaderValue::Str(s) => Some(s),
+            HeaderValue::Bytes(b) => std::str::from_utf8(b).ok(),
+        }
+    }
+
+    /// The value's bytes, whatever its kind.
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            HeaderValue::Str(s) => s.as_bytes(),
+            HeaderValue::Bytes(b) => b,
+        }
+    }
+
+    /// Length of the value in bytes.
+    pub fn len(&self) -> usize {
+        self.as_bytes().len()
+    }
+
+    /// Whether the value is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl fmt::Debug for HeaderValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HeaderValue::Str(s) => fmt::Debug::fmt(s, f),
+            HeaderValue::Bytes(b) => write!(f, "b{b:?}"),
+        }
+    }
+}
+
+impl From<&str> for HeaderValue {
+    fn from(s: &str) -> Self {
+        HeaderValue::Str(s.to_owned())
+    }
+}
+
+impl From<String> for HeaderValue {
+    fn from(s: String) -> Self {
+        HeaderValue::Str(s)
+    }
+}
+
+impl From<Bytes> for HeaderValue {
+    fn from(b: Bytes) -> Self {
+        HeaderValue::Bytes(b)
+    }
+}
+
+impl From<Vec<u8>> for HeaderValue {
+    fn from(b: Vec<u8>) -> Self {
+        HeaderValue::Bytes(Bytes::from(b))
+    }
+}
+
+impl From<&[u8]> for HeaderValue {
+    fn from(b: &[u8]) -> Self {
+        HeaderValue::Bytes(Bytes::copy_from_slice(b))
+    }
+}
+
+/// Limits on a set of headers.
+///
+/// | limit | default |
+/// |---|---|
+/// | `max_count` | 128 headers |
+/// | `max_bytes` (names + values) | 64 KiB |
+///
+/// Adapters narrow these to what their broker accepts (SQS: 10 message attributes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeaderLimits {
+    /// Largest number of headers.
+    pub max_count: usize,
+    /// Largest total size of all names and values, in bytes.
+    pub max_bytes: usize,
+}
+
+impl HeaderLimits {
+    /// The default limits (see the table above).
+    pub const DEFAULT: HeaderLimits = HeaderLimits {
+        max_count: 128,
+        max_bytes: 64 * 1024,
+    };
+}
+
+impl Default for HeaderLimits {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+/// A header could not be added: the set would break its [`HeaderLimits`], or the name is invalid.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum HeaderError {
+    /// Adding the header would exceed the count limit.
+    #[error("cannot add header `{name}`: a message may carry at most {limit} headers")]
+    TooMany {
+        /// The header that did not fit.
+        name: String,
+        /// The count limit.
+        limit: usize,
+    },
+    /// Adding the header would exceed the size limit.
+    #[error(
+        "cannot add header `{name}`: headers would take {size} bytes, above the limit of {limit} bytes"
+    )]
+    TooLarge {
+        /// The header that did not fit.
+        name: String,
+        /// The size the headers would have taken.
+        size: usize,
+        /// The size limit.
+        limit: usize,
+    },
+    /// The header name is empty.
+    #[error("header names must not be empty")]
+    EmptyName,
+}
+
+/// Ordered message headers with case-insensitive names.
+///
+/// Names keep the case they were given (brokers show them as sent); lookups ignore ASCII
+/// case. Insertion order is kept, which matters for brokers and for readable DLQ envelopes.
+///
+/// ```
+/// use redrive_core::Headers;
+///
+/// let mut headers = Headers::new();
+/// headers.insert("Correlation-Id", "abc")?;
+/// assert_eq!(headers.get_str("correlation-id"), Some("abc"));
+/// # Ok::<(), redrive_core::HeaderError>(())
+/// ```
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Headers {
+    entries: Vec<(String, HeaderValue)>,
+    size: usize,
+    limits: HeaderLimits,
+}
+
+impl Headers {
+    /// Empty headers with the default limits.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Empty headers with the given limits.
+    pub fn with_limits(limits: HeaderLimits) -> Self {
+        Headers {
+            entries: Vec::new(),
+            size: 0,
+            limits,
+        }
+    }
+
+    /// The limits these headers enforce.
+    pub fn limits(&self) -> HeaderLimits {
+        self.limits
+    }
+
+    /// Number of headers.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether there are no headers.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Total size of names and values in bytes.
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    fn position(&self, name: &str) -> Option<usize> {
+        self.entries
+            .iter()
+            .position(|(n, _)| n.eq_ignore_ascii_case(name))
+    }
+
+    /// The first value of `name`.
+    pub fn get(&self, name: &str) -> Option<&HeaderValue> {
+        self.position(name).map(|i| &self.entries[i].1)
+    }
+
+    /// The first value of `name`, if it is a string.
+    pub fn get_str(&self, name: &str) -> Option<&str> {
+        self.get(name).and_then(HeaderValue::as_str)
+    }
+
+    /// Every value of `name`, in order.
+    pub fn get_all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a HeaderValue> + 'a {
+        self.entries
+            .iter()
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
+    }
+
+    /// Whether a header named `name` is present.
+    pub fn contains(&self, name: &str) -> bool {
+        self.position(name).is_some()
+    }
+
+    fn check(
+        &self,
+        name: &str,
+        added: usize,
+        removed: usize,
+        count: usize,
+    ) -> Result<(), HeaderError> {
+        if name.is_empty() {
+            return Err(HeaderError::EmptyName);
+        }
+        if count > self.limits.max_count {
+            return Err(HeaderError::TooMany {
+                name: name.to_owned(),
+                limit: self.limits.max_count,
+            });
+        }
+        let size = self.size - removed + added;
+        if size > self.limits.max_bytes {
+            return Err(HeaderError::TooLarge {
+                name: name.to_owned(),
+                size,
+                limit: self.limits.max_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    /// Sets `name` to `value`, replacing every earlier value of that name.
+    ///
+    /// Returns the first value it replaced. Fails, leaving the headers unchanged, if the
+    /// result would break the limits.
+    pub fn insert(
+        &mut self,
+        name: impl Into<String>,
+        value: impl Into<HeaderValue>,
+    ) -> Result<Option<HeaderValue>, HeaderError> {
+        let name = name.into();
+        let value = value.into();
+        let removed: usize = self
+            .entries
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(&name))
+            .map(|(n, v)| n.len() + v.len())
+            .sum();
+        let present = self.get_all(&name).count();
+        self.check(
+            &name,
+            name.len() + value.len(),
+            removed,
+            self.entries.len() - present + 1,
+        )?;
+        match self.position(&name) {
+            Some(i) => {
+                let old = std::mem::replace(&mut self.entries[i], (name, value));
+                let mut j = i + 1;
+                while j < self.entries.len() {
+                    if self.entries[j].0.eq_ignore_ascii_case(&old.0) {
+                        self.entries.remove(j);
+                    } else {
+                        j += 1;
+                    }
+                }
+                self.size = self.size - removed + self.entries[i].0.len() + self.entries[i].1.len();
+                Ok(Some(old.1))
+            }
+            None => {
+                self.size += name.len() + value.len();
+                self.entries.push((name, value));
+                Ok(None)
+            }
+        }
+    }
+
+    /// Adds a value for `name`, keeping earlier ones.
+    pub fn append(
+        &mut self,
+        name: impl Into<String>,
+        value: impl Into<HeaderValue>,
+    ) -> Result<(), HeaderError> {
+        let name = name.into();
+        let value = value.into();
+        self.check(&name, name.len() + value.len(), 0, self.entries.len() + 1)?;
+        self.size += name.len() + value.len();
+        self.entries.push((name, value));
+        Ok(())
+    }
+
+    /// Removes every value of `name` and returns the first.
+    pub fn remove(&mut self, name: &str) -> Option<HeaderValue> {
+        let mut first = None;
+        let mut size = self.size;
+        self.entries.retain_mut(|(n, v)| {
+            if n.eq_ignore_ascii_case(name) {
+                size -= n.len() + v.len();
+                if first.is_none() {
+                    first = Some(std::mem::replace(v, HeaderValue::Str(String::new())));
+                }
+                false
+            } else {
+                true
+            }
+        });
+        self.size = size;
+        first
+    }
+
+    /// Removes every header whose name satisfies `f`.
+    pub fn retain(&mut self, mut f: impl FnMut(&str, &HeaderValue) -> bool) {
+        let mut size = self.size;
+        self.entries.retain(|(n, v)| {
+            let keep = f(n, v);
+            if !keep {
+                size -= n.len() + v.len();
+            }
+            keep
+        });
+        self.size = size;
+    }
+
+    /// The headers in order, as `(name, value)`.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = (&str, &HeaderValue)> {
+        self.entries.iter().map(|(n, v)| (n.as_str(), v))
+    }
+}
+
+impl fmt::Debug for Headers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
+    }
+}
+
+impl<'a> IntoIterator for &'a Headers {
+    type Item = (&'a str, &'a HeaderValue);
+    type IntoIter = std::iter::Map<
+        std::slice::Iter<'a, (String, HeaderValue)>,
+        fn(&'a (String, HeaderValue)) -> (&'a str, &'a HeaderValue),
+    >;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.entries.iter().map(|(n, v)| (n.as_str(), v))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_case_insensitive_and_keep_their_case() {
+        let mut h = Headers::new();
+        h.insert("Trace-Id", "1").unwrap();
+        assert_eq!(h.get_str("trace-id"), Some("1"));
+        assert_eq!(h.iter().next().unwrap().0, "Trace-Id");
+        let old = h.insert("TRACE-ID", "2").unwrap();
+        assert_eq!(old, Some(HeaderValue::from("1")));
+        assert_eq!(h.len(), 1);
+        assert_eq!(h.get_str("Trace-Id"), Some("2"));
+    }
+
+    #[test]
+    fn order_is_kept_and_insert_replaces_all_duplicates() {
+        let mut h = Headers::new();
+        h.append("a", "1").unwrap();
+        h.append("b", "2").unwrap();
+        h.append("A", "3").unwrap();
+        assert_eq!(h.get_all("a").count(), 2);
+        h.insert("a", "4").unwrap();
+        let names: Vec<_> = h.iter().map(|(n, v)| (n, v.as_str().unwrap())).collect();
+        assert_eq!(names, vec![("a", "4"), ("b", "2")]);
+        assert_eq!(h.size(), 4);
+    }
+
+    #[test]
+    fn count_limit_is_a_clear_error_and_leaves_headers_unchanged() {
+        let mut h = Headers::with_limits(HeaderLimits {
+            max_count: 2,
+            max_bytes: 1024,
+        });
+        h.insert("a", "1").unwrap();
+        h.insert("b", "2").unwrap();
+        let err = h.insert("c", "3").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "cannot add header `c`: a message may carry at most 2 headers"
+        );
+        assert_eq!(h.len(), 2);
+        // Replacing an existing header does not count as adding one.
+        h.insert("a", "9").unwrap();
+    }
+
+    #[test]
+    fn size_limit_counts_names_and_values() {
+        let mut h = Headers::with_limits(HeaderLimits {
+            max_count: 10,
+            max_bytes: 8,
+        });
+        h.insert("ab", "cdef").unwrap();
+        let err = h.append("x", vec![0u8; 2]).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                HeaderError::TooLarge {
+                    size: 9,
+                    limit: 8,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        h.insert("ab", "cdefgh").unwrap();
+        assert_eq!(h.size(), 8);
+        assert!(h.insert("", "x").is_err());
+    }
+
+    #[test]
+    fn byte_values_are_kept_and_read_as_str_when_utf8() {
+        let mut h = Headers::new();
+        h.insert("bin", vec![0xff, 0x00]).unwrap();
+        h.insert("txt", Bytes::from_static(b"ok")).unwrap();
+        assert_eq!(h.get("bin").unwrap().as_bytes(), &[0xff, 0x00]);
+        assert_eq!(h.get_str("bin"), None);
+        assert_eq!(h.get_str("txt"), Some("ok"));
+        assert_eq!(h.remove("BIN").unwrap().len(), 2);
+        assert_eq!(h.size(), 5);
+    }
+}

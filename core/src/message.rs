@@ -1,0 +1,230 @@
+//! The message a handler sees: payload, headers, ordering key, metadata and extensions.
+
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+
+use crate::Headers;
+
+/// Where a message came from.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Source {
+    /// The messaging system, as the OpenTelemetry `messaging.system` attribute names it
+    /// (`rabbitmq`, `aws_sqs`, `kafka`, `memory`).
+    pub system: &'static str,
+    /// The queue or topic the message was consumed from.
+    pub destination: String,
+    /// The partition, for brokers that have them.
+    pub partition: Option<i32>,
+    /// The offset within the partition, for brokers that have them.
+    pub offset: Option<i64>,
+}
+
+/// What the broker and the framework know about a message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Metadata {
+    /// The broker's or producer's message id, if there is one.
+    pub message_id: Option<String>,
+    /// Where the message came from.
+    pub source: Source,
+    /// The delivery attempt, 1-based: the broker's own count where it keeps one, else a
+    /// header the framework maintains, or the Worker's count for a parked message.
+    pub attempt: u32,
+    /// When the broker accepted the message, if it says.
+    pub enqueued_at: Option<SystemTime>,
+    /// When this delivery was received.
+    pub received_at: SystemTime,
+}
+
+impl Default for Metadata {
+    fn default() -> Self {
+        Metadata {
+            message_id: None,
+            source: Source::default(),
+            attempt: 1,
+            enqueued_at: None,
+            received_at: SystemTime::now(),
+        }
+    }
+}
+
+/// Typed values that layers hand each other, one per type.
+///
+/// Values are shared, so cloning a message's extensions never copies them.
+#[derive(Clone, Default)]
+pub struct Extensions {
+    map: Option<HashMap<TypeId, Arc<dyn Any + Send + Sync>>>,
+}
+
+impl Extensions {
+    /// No extensions.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Stores `value`, returning whether one of its type was replaced.
+    pub fn insert<T: Send + Sync + 'static>(&mut self, value: T) -> bool {
+        self.map
+            .get_or_insert_with(HashMap::new)
+            .insert(TypeId::of::<T>(), Arc::new(value))
+            .is_some()
+    }
+
+    /// The value of type `T`, if one is stored.
+    pub fn get<T: Send + Sync + 'static>(&self) -> Option<&T> {
+        self.map
+            .as_ref()?
+            .get(&TypeId::of::<T>())
+            .and_then(|v| v.downcast_ref::<T>())
+    }
+
+    /// Removes the value of type `T`; returns whether there was one.
+    pub fn remove<T: Send + Sync + 'static>(&mut self) -> bool {
+        self.map
+            .as_mut()
+            .is_some_and(|m| m.remove(&TypeId::of::<T>()).is_some())
+    }
+
+    /// Number of stored values.
+    pub fn len(&self) -> usize {
+        self.map.as_ref().map_or(0, HashMap::len)
+    }
+
+    /// Whether nothing is stored.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl fmt::Debug for Extensions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Extensions")
+            .field("len", &self.len())
+            .finish()
+    }
+}
+
+/// A message as a handler sees it. Cloning is cheap: the payload is shared, not copied.
+#[derive(Clone, Debug, Default)]
+pub struct Message {
+    /// The body.
+    pub payload: Bytes,
+    /// Headers (AMQP headers, SQS message attributes, Kafka record headers).
+    pub headers: Headers,
+    /// The ordering key (Kafka record key, SQS FIFO group id, a routing header).
+    pub key: Option<Bytes>,
+    /// What the broker and the framework know about this delivery.
+    pub metadata: Metadata,
+    /// Typed values layers hand each other.
+    pub extensions: Extensions,
+}
+
+impl Message {
+    /// A message with this payload and nothing else, as a test or a producer builds it.
+    pub fn new(payload: impl Into<Bytes>) -> Self {
+        Message {
+            payload: payload.into(),
+            ..Message::default()
+        }
+    }
+
+    /// Sets the ordering key.
+    #[must_use]
+    pub fn with_key(mut self, key: impl Into<Bytes>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+
+    /// Sets the headers.
+    #[must_use]
+    pub fn with_headers(mut self, headers: Headers) -> Self {
+        self.headers = headers;
+        self
+    }
+
+    /// The delivery attempt (1-based).
+    pub fn attempt(&self) -> u32 {
+        self.metadata.attempt
+    }
+
+    /// This message as one to publish again (to a DLQ, or forwarded): payload, headers, key.
+    pub fn to_outgoing(&self) -> OutgoingMessage {
+        OutgoingMessage {
+            payload: self.payload.clone(),
+            headers: self.headers.clone(),
+            key: self.key.clone(),
+        }
+    }
+}
+
+/// A message to publish.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OutgoingMessage {
+    /// The body.
+    pub payload: Bytes,
+    /// Headers to send with it.
+    pub headers: Headers,
+    /// The ordering key.
+    pub key: Option<Bytes>,
+}
+
+impl OutgoingMessage {
+    /// A message with this payload, no headers and no key.
+    pub fn new(payload: impl Into<Bytes>) -> Self {
+        OutgoingMessage {
+            payload: payload.into(),
+            ..Self::default()
+        }
+    }
+
+    /// Sets the ordering key.
+    #[must_use]
+    pub fn with_key(mut self, key: impl Into<Bytes>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+
+    /// Sets one header.
+    ///
+    /// # Errors
+    /// When the header breaks the headers' limits.
+    pub fn with_header(
+        mut self,
+        name: impl Into<String>,
+        value: impl Into<crate::HeaderValue>,
+    ) -> Result<Self, crate::HeaderError> {
+        self.headers.insert(name, value)?;
+        Ok(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clone_shares_the_payload() {
+        let m = Message::new(vec![1u8; 1024]);
+        let c = m.clone();
+        assert_eq!(m.payload.as_ptr(), c.payload.as_ptr());
+    }
+
+    #[test]
+    fn extensions_are_typed_and_shared() {
+        let mut e = Extensions::new();
+        assert!(!e.insert(5u32));
+        assert!(e.insert(6u32));
+        e.insert("x");
+        let c = e.clone();
+        assert_eq!(c.get::<u32>(), Some(&6));
+        assert_eq!(c.get::<&str>(), Some(&"x"));
+        assert_eq!(c.get::<u64>(), None);
+        e.remove::<u32>();
+        assert_eq!(e.len(), 1);
+        assert_eq!(c.len(), 2);
+    }
+}

@@ -1,0 +1,817 @@
+//! The Worker: takes deliveries from a [`Consumer`], runs them through a tower service
+//! and settles each exactly once.
+//!
+//! ```
+//! use std::time::Duration;
+//! use redrive_core::memory::MemoryBroker;
+//! use redrive_core::{handler, Message, OutgoingMessage, Publisher, Worker};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! let broker = MemoryBroker::new();
+//! broker.publish("orders", OutgoingMessage::new("hello")).await?;
+//!
+//! let worker = Worker::builder(
+//!     broker.consumer("orders"),
+//!     handler::handler_fn(|msg: Message| async move {
+//!         println!("got {:?}", msg.payload);
+//!         Ok::<_, std::io::Error>(())
+//!     }),
+//! )
+//! .concurrency(8)
+//! .build()?;
+//!
+//! let report = worker.run_until(tokio::time::sleep(Duration::from_millis(50))).await;
+//! assert_eq!(report.acked, 1);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Guarantees
+//! - **Backpressure**: the Worker waits for the service's `poll_ready` before it takes
+//!   each delivery; a concurrency limit, a rate limit or an open breaker in the stack
+//!   stop intake and leave messages in the broker.
+//! - **Bounded concurrency**: at most `concurrency` handler calls run at once.
+//! - **Settlement**: `Ok` → ack; `Err` → nack with the error's `retry_after` or the
+//!   [`Redelivery`] backoff, or park (below). Each delivery is settled exactly once.
+//! - **Parking**: in [`OrderingMode::PerKey`] and [`OrderingMode::PerPartition`], and
+//!   on any broker that cannot nack one message, a failed message is kept by the
+//!   Worker and re-dispatched after its delay as the next attempt; later messages of
+//!   its key wait, other keys flow on. A parked message does not hold a concurrency
+//!   slot and keeps its lease extended.
+//! - **Leases**: while a message is in flight or parked, its lease is extended before
+//!   it runs out ([`LeaseKeeping`]).
+//! - **Panics** in the handler become an error for that message.
+//! - **Shutdown** ([`Worker::run_until`]): intake stops, parked and waiting messages
+//!   are handed back to the broker, in-flight messages get until the deadline to
+//!   finish, then are handed back; the returned [`Report`] says what happened.
+
+mod config;
+
+use std::collections::{HashMap, VecDeque};
+use std::future::{Future, poll_fn};
+use std::panic::AssertUnwindSafe;
+use std::pin::pin;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::FutureExt;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tower::Service;
+
+use config::Config;
+pub use config::{LeaseKeeping, OrderingMode, Redelivery};
+
+use crate::classify::{Classifier, ErrorKind};
+use crate::{BoxError, Capabilities, Consumer, Delivery, Error, Message, Outcome, Result, Settle};
+
+/// What a Worker did, returned when it stops.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Report {
+    /// Deliveries taken from the consumer.
+    pub received: u64,
+    /// Deliveries acked.
+    pub acked: u64,
+    /// Of the acked: handled successfully.
+    pub processed: u64,
+    /// Of the acked: dead-lettered by the stack.
+    pub dead_lettered: u64,
+    /// Of the acked: skipped as duplicates.
+    pub deduplicated: u64,
+    /// Of the acked: skipped deliberately by a layer.
+    pub skipped: u64,
+    /// Deliveries nacked after a failure.
+    pub nacked: u64,
+    /// Times a failed message was parked by the Worker.
+    pub parked: u64,
+    /// Handler calls that panicked.
+    pub panicked: u64,
+    /// Deliveries handed back unprocessed at shutdown (waiting or parked).
+    pub handed_back: u64,
+    /// Deliveries still running at the shutdown deadline, handed back.
+    pub in_flight_at_deadline: u64,
+    /// Settle or lease calls the broker refused (the broker redelivers those messages).
+    pub settle_errors: u64,
+}
+
+/// Builds a [`Worker`]; [`build`](WorkerBuilder::build) checks the configuration
+/// against the consumer's [`Capabilities`].
+///
+/// | setting | default |
+/// |---|---|
+/// | `concurrency` | 16 |
+/// | `ordering` | [`OrderingMode::Unordered`] |
+/// | `max_waiting` (deliveries held for busy keys) | 4 × concurrency |
+/// | `redelivery` | [`Redelivery::default`] (1 s doubling to 5 min, jittered) |
+/// | `lease_keeping` | [`LeaseKeeping::Auto`] |
+/// | `shutdown_timeout` | 30 s |
+#[must_use]
+pub struct WorkerBuilder<C, S> {
+    consumer: C,
+    service: S,
+    config: Config,
+}
+
+impl<C, S> WorkerBuilder<C, S> {
+    /// Names the consumer in logs.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.config.name = name.into();
+        self
+    }
+
+    /// The most handler calls running at once (at least 1).
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.config.concurrency = n;
+        self
+    }
+
+    /// The ordering mode.
+    pub fn ordering(mut self, mode: OrderingMode) -> Self {
+        self.config.ordering = mode;
+        self
+    }
+
+    /// The most deliveries held back behind a busy key before intake pauses.
+    pub fn max_waiting(mut self, n: usize) -> Self {
+        self.config.max_waiting = Some(n);
+        self
+    }
+
+    /// The backoff for redelivering failed messages.
+    pub fn redelivery(mut self, r: Redelivery) -> Self {
+        self.config.redelivery = r;
+        self
+    }
+
+    /// When leases are extended.
+    pub fn lease_keeping(mut self, k: LeaseKeeping) -> Self {
+        self.config.lease_keeping = k;
+        self
+    }
+
+    /// How long shutdown waits for in-flight messages.
+    pub fn shutdown_timeout(mut self, d: Duration) -> Self {
+        self.config.shutdown_timeout = d;
+        self
+    }
+
+    /// The classifier used to log failures (the same one the stack uses).
+    pub fn classifier(mut self, c: Classifier) -> Self {
+        self.config.classifier = c;
+        self
+    }
+
+    /// Checks the configuration against the consumer's capabilities and builds the Worker.
+    ///
+    /// # Errors
+    /// [`Error::Config`] when the broker cannot honour the configuration; the message
+    /// says what to change.
+    pub fn build(self) -> Result<Worker<C, S>>
+    where
+        C: Consumer,
+    {
+        let caps = self.consumer.capabilities();
+        let plan = Plan::new(&self.config, &caps).map_err(Error::Config)?;
+        Ok(Worker {
+            consumer: self.consumer,
+            service: self.service,
+            config: self.config,
+            caps,
+            plan,
+        })
+    }
+}
+
+/// What the Worker will do, worked out once at build time.
+#[derive(Clone, Copy, Debug)]
+struct Plan {
+    park: bool,
+    renew_every: Option<Duration>,
+    max_waiting: usize,
+}
+
+impl Plan {
+    fn new(config: &Config, caps: &Capabilities) -> std::result::Result<Self, String> {
+        if config.concurrency == 0 {
+            return Err("concurrency must be at least 1".into());
+        }
+        config.redelivery.validate()?;
+        let park = config.ordering != OrderingMode::Unordered || !caps.can_nack;
+        let max = config.redelivery.max();
+        if !park && max > caps.max_nack_delay {
+            return Err(if caps.max_nack_delay.is_zero() {
+                format!(
+                    "the redelivery backoff delays nacks by up to {max:?}, but this broker cannot delay a nack; \
+                     use `Redelivery::constant(Duration::ZERO)`, or an ordered mode so the Worker parks failed messages"
+                )
+            } else {
+                format!(
+                    "the redelivery backoff reaches {max:?}, but this broker can delay a nack by at most {:?}; \
+                     lower the redelivery maximum to {:?} or less",
+                    caps.max_nack_delay, caps.max_nack_delay
+                )
+            });
+        }
+        let renew_every = match (config.lease_keeping, caps.lease) {
+            (LeaseKeeping::Off, _) | (_, None) => None,
+            (LeaseKeeping::Auto, Some(lease)) => caps.extendable.then_some(lease / 2),
+            (LeaseKeeping::Every(every), Some(lease)) => {
+                if !caps.extendable {
+                    return Err(format!(
+                        "lease keeping every {every:?} was asked for, but this broker's {lease:?} lease cannot be extended; \
+                         use `LeaseKeeping::Off` and a lease longer than the slowest handler"
+                    ));
+                }
+                if every.is_zero() || every >= lease {
+                    return Err(format!(
+                        "lease keeping every {every:?} cannot keep a {lease:?} lease; extend more often than the lease, e.g. every {:?}",
+                        lease / 2
+                    ));
+                }
+                Some(every)
+            }
+        };
+        if park && renew_every.is_none() {
+            if let Some(lease) = caps.lease {
+                if max >= lease {
+                    return Err(format!(
+                        "parked messages wait up to {max:?}, but their {lease:?} lease cannot be kept, so the broker would \
+                         redeliver them meanwhile; lower the redelivery maximum below {lease:?} or enable lease keeping"
+                    ));
+                }
+            }
+        }
+        Ok(Plan {
+            park,
+            renew_every,
+            max_waiting: config
+                .max_waiting
+                .unwrap_or(config.concurrency.saturating_mul(4)),
+        })
+    }
+}
+
+/// The runtime. See the [module docs](self).
+pub struct Worker<C, S> {
+    consumer: C,
+    service: S,
+    config: Config,
+    caps: Capabilities,
+    plan: Plan,
+}
+
+impl<C, S> std::fmt::Debug for Worker<C, S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("name", &self.config.name)
+            .field("capabilities", &self.caps)
+            .field("plan", &self.plan)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Stop {
+    Running,
+    Draining,
+    Abort,
+}
+
+enum Done {
+    /// A handler call ended and its delivery was settled.
+    Settled {
+        key: Option<Bytes>,
+        settled: Settled,
+        panicked: bool,
+        settle_error: bool,
+    },
+    /// A handler call failed; the message is to be parked for `delay`.
+    Park {
+        key: Option<Bytes>,
+        message: Message,
+        settle: Settle,
+        delay: Duration,
+        panicked: bool,
+    },
+    /// A parked message's delay passed.
+    Unpark { message: Message, settle: Settle },
+    /// Messages were handed back unprocessed at shutdown: one parked message (which
+    /// held `key`), or a batch of waiting ones.
+    HandedBack {
+        key: Option<Bytes>,
+        parked: bool,
+        count: u64,
+        settle_errors: u64,
+    },
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Settled {
+    Acked(Outcome),
+    Nacked,
+    Aborted,
+}
+
+impl<C, S> Worker<C, S>
+where
+    C: Consumer,
+    S: Service<Message> + Send + 'static,
+    S::Response: Into<Outcome> + Send + 'static,
+    S::Error: Into<BoxError> + Send + 'static,
+    S::Future: Send + 'static,
+{
+    /// Starts building a Worker that feeds `consumer`'s deliveries to `service`.
+    pub fn builder(consumer: C, service: S) -> WorkerBuilder<C, S> {
+        WorkerBuilder {
+            consumer,
+            service,
+            config: Config::default(),
+        }
+    }
+
+    /// What the consumer declared it can do.
+    pub fn capabilities(&self) -> Capabilities {
+        self.caps
+    }
+
+    /// Runs until the consumer closes, then drains.
+    pub async fn run(self) -> Report {
+        self.run_until(std::future::pending()).await
+    }
+
+    /// Runs until `shutdown` completes (or the consumer closes), then shuts down
+    /// gracefully: see the module's guarantees.
+    ///
+    /// ```no_run
+    /// # async fn f(worker: redrive_core::Worker<redrive_core::memory::MemoryConsumer, redrive_core::handler::HandlerFn<fn(redrive_core::Message) -> std::future::Ready<Result<(), std::io::Error>>>>) {
+    /// let report = worker.run_until(async { tokio::signal::ctrl_c().await.ok(); }).await;
+    /// # }
+    /// ```
+    pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Report {
+        let Worker {
+            mut consumer,
+            mut service,
+            config,
+            caps,
+            plan,
+        } = self;
+        let name = config.name.as_str();
+        let (stop_tx, stop_rx) = watch::channel(Stop::Running);
+        let mut shutdown = pin!(shutdown.fuse());
+        let mut deadline = pin!(tokio::time::sleep(Duration::MAX));
+        let mut deadline_armed = false;
+        let mut state = State {
+            report: Report::default(),
+            running: 0,
+            parked: 0,
+            busy: HashMap::new(),
+            waiting: 0,
+            runnable: VecDeque::new(),
+            tasks: JoinSet::new(),
+            intake_open: true,
+        };
+        let ctx = TaskCtx {
+            renew_every: plan.renew_every,
+            lease: caps.lease,
+            max_nack_delay: caps.max_nack_delay,
+            park: plan.park,
+            redelivery: config.redelivery,
+            classifier: config.classifier.clone(),
+            stop: stop_rx,
+        };
+        let mut receive_errors = 0u32;
+        tracing::debug!(worker = name, ?caps, ?plan, "worker started");
+
+        loop {
+            if !state.intake_open && !deadline_armed {
+                // Intake just closed: parked and waiting messages go back, the deadline starts.
+                let _ = stop_tx.send(Stop::Draining);
+                deadline
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + config.shutdown_timeout);
+                deadline_armed = true;
+                state.hand_back_waiting();
+            }
+            // Phase A: reap finished tasks; wait for a free slot and a ready service.
+            let want = state.running < config.concurrency
+                && (!state.runnable.is_empty()
+                    || (state.intake_open && state.waiting < plan.max_waiting));
+            if !want && state.tasks.is_empty() {
+                break;
+            }
+            tokio::select! {
+                biased;
+                () = &mut shutdown, if state.intake_open => {
+                    tracing::info!(worker = name, "shutdown requested; intake stopped");
+                    state.intake_open = false;
+                    continue;
+                }
+                Some(done) = state.tasks.join_next(), if !state.tasks.is_empty() => {
+                    state.handle_done(done, &ctx);
+                    continue;
+                }
+                () = &mut deadline, if deadline_armed && *stop_tx.borrow() != Stop::Abort => {
+                    tracing::warn!(worker = name, in_flight = state.running, "shutdown deadline reached; handing back in-flight messages");
+                    let _ = stop_tx.send(Stop::Abort);
+                    continue;
+                }
+                ready = poll_fn(|cx| service.poll_ready(cx)), if want => {
+                    if let Err(e) = ready {
+                        let e: BoxError = e.into();
+                        tracing::error!(worker = name, error = %e, "service failed; stopping intake");
+                        state.intake_open = false;
+                        continue;
+                    }
+                }
+            }
+
+            // Phase B: take the next delivery: a runnable one (its key is already
+            // reserved for it) first, else one from the broker.
+            let (delivery, reserved) = if let Some(d) = state.runnable.pop_front() {
+                (d, true)
+            } else {
+                let listen = state.waiting > 0 || state.parked > 0;
+                tokio::select! {
+                    biased;
+                    () = &mut shutdown, if state.intake_open => {
+                        tracing::info!(worker = name, "shutdown requested; intake stopped");
+                        state.intake_open = false;
+                        continue;
+                    }
+                    Some(done) = state.tasks.join_next(), if listen => {
+                        state.handle_done(done, &ctx);
+                        continue;
+                    }
+                    received = consumer.receive() => match received {
+                        Ok(Some(d)) => {
+                            receive_errors = 0;
+                            state.report.received += 1;
+                            (d, false)
+                        }
+                        Ok(None) => {
+                            tracing::info!(worker = name, "consumer closed; draining");
+                            state.intake_open = false;
+                            continue;
+                        }
+                        Err(e) => {
+                            receive_errors += 1;
+                            let pause = Duration::from_millis(50 << receive_errors.min(7));
+                            tracing::warn!(worker = name, error = %e, ?pause, "receive failed; trying again");
+                            tokio::time::sleep(pause).await;
+                            continue;
+                        }
+                    }
+                }
+            };
+
+            let key = order_key(config.ordering, &delivery.message);
+            if let (Some(k), false) = (&key, reserved) {
+                if let Some(queue) = state.busy.get_mut(k) {
+                    queue.push_back(delivery);
+                    state.waiting += 1;
+                    continue;
+                }
+                state.busy.insert(k.clone(), VecDeque::new());
+            }
+            state.running += 1;
+            state
+                .tasks
+                .spawn(run_one(&mut service, delivery, key, &ctx));
+        }
+
+        if let Err(e) = consumer.close().await {
+            tracing::warn!(worker = name, error = %e, "consumer close failed");
+        }
+        tracing::info!(worker = name, report = ?state.report, "worker stopped");
+        state.report
+    }
+}
+
+fn order_key(mode: OrderingMode, msg: &Message) -> Option<Bytes> {
+    match mode {
+        OrderingMode::Unordered => None,
+        OrderingMode::PerKey => msg.key.clone(),
+        OrderingMode::PerPartition => {
+            let p = msg.metadata.source.partition.unwrap_or(-1);
+            Some(Bytes::from(format!(
+                "{}\0{p}",
+                msg.metadata.source.destination
+            )))
+        }
+    }
+}
+
+struct TaskCtx {
+    renew_every: Option<Duration>,
+    lease: Option<Duration>,
+    max_nack_delay: Duration,
+    park: bool,
+    redelivery: Redelivery,
+    classifier: Classifier,
+    stop: watch::Receiver<Stop>,
+}
+
+struct State {
+    report: Report,
+    /// Handler calls running (they hold concurrency slots).
+    running: usize,
+    /// Messages parked by the Worker.
+    parked: usize,
+    /// Keys with a message running or parked; the queue holds later messages of the key.
+    busy: HashMap<Bytes, VecDeque<Delivery>>,
+    /// Messages in `busy`'s queues.
+    waiting: usize,
+    /// Messages whose key is reserved for them, ready to run.
+    runnable: VecDeque<Delivery>,
+    tasks: JoinSet<Done>,
+    intake_open: bool,
+}
+
+impl State {
+    fn handle_done(
+        &mut self,
+        done: std::result::Result<Done, tokio::task::JoinError>,
+        ctx: &TaskCtx,
+    ) {
+        let done = match done {
+            Ok(d) => d,
+            Err(e) => {
+                // Tasks catch handler panics themselves; reaching this is a Worker bug.
+                tracing::error!(error = %e, "worker task failed");
+                return;
+            }
+        };
+        match done {
+            Done::Settled {
+                key,
+                settled,
+                panicked,
+                settle_error,
+            } => {
+                self.running -= 1;
+                self.report.panicked += u64::from(panicked);
+                self.report.settle_errors += u64::from(settle_error);
+                match settled {
+                    Settled::Acked(o) => {
+                        self.report.acked += 1;
+                        match o {
+                            Outcome::DeadLettered => self.report.dead_lettered += 1,
+                            Outcome::Deduplicated => self.report.deduplicated += 1,
+                            Outcome::Skipped => self.report.skipped += 1,
+                            _ => self.report.processed += 1,
+                        }
+                    }
+                    Settled::Nacked => self.report.nacked += 1,
+                    Settled::Aborted => self.report.in_flight_at_deadline += 1,
+                }
+                self.release_key(key);
+            }
+            Done::Park {
+                key,
+                message,
+                settle,
+                delay,
+                panicked,
+            } => {
+                self.running -= 1;
+                self.parked += 1;
+                self.report.parked += 1;
+                self.report.panicked += u64::from(panicked);
+                self.tasks.spawn(park(
+                    message,
+                    settle,
+                    key,
+                    delay,
+                    ctx.renew_every,
+                    ctx.lease,
+                    ctx.stop.clone(),
+                ));
+            }
+            Done::Unpark {
+                mut message,
+                settle,
+            } => {
+                self.parked -= 1;
+                message.metadata.attempt = message.metadata.attempt.saturating_add(1);
+                self.runnable
+                    .push_front(Delivery::from_parts(message, settle));
+            }
+            Done::HandedBack {
+                key,
+                parked,
+                count,
+                settle_errors,
+            } => {
+                if parked {
+                    self.parked -= 1;
+                }
+                self.report.handed_back += count;
+                self.report.settle_errors += settle_errors;
+                self.release_key(key);
+            }
+        }
+        if !self.intake_open {
+            self.hand_back_waiting();
+        }
+    }
+
+    /// Frees `key`, or makes its next waiting message runnable.
+    fn release_key(&mut self, key: Option<Bytes>) {
+        let Some(key) = key else { return };
+        let Some(queue) = self.busy.get_mut(&key) else {
+            return;
+        };
+        match queue.pop_front() {
+            Some(next) => {
+                self.waiting -= 1;
+                self.runnable.push_back(next);
+            }
+            None => {
+                self.busy.remove(&key);
+            }
+        }
+    }
+
+    /// At shutdown, everything not yet started goes back to the broker.
+    fn hand_back_waiting(&mut self) {
+        let mut back: Vec<Delivery> = self.runnable.drain(..).collect();
+        for queue in self.busy.values_mut() {
+            back.extend(queue.drain(..));
+        }
+        self.waiting = 0;
+        if back.is_empty() {
+            return;
+        }
+        self.tasks.spawn(async move {
+            let count = back.len() as u64;
+            let mut settle_errors = 0;
+            for d in back {
+                settle_errors += u64::from(log_settle(d.nack(Duration::ZERO).await, "hand back"));
+            }
+            Done::HandedBack {
+                key: None,
+                parked: false,
+                count,
+                settle_errors,
+            }
+        });
+    }
+}
+
+fn run_one<S>(
+    service: &mut S,
+    delivery: Delivery,
+    key: Option<Bytes>,
+    ctx: &TaskCtx,
+) -> impl Future<Output = Done> + Send + 'static
+where
+    S: Service<Message>,
+    S::Response: Into<Outcome> + Send + 'static,
+    S::Error: Into<BoxError> + Send + 'static,
+    S::Future: Send + 'static,
+{
+    let (message, settle) = delivery.into_parts();
+    let attempt = message.metadata.attempt;
+    let parked_copy = ctx.park.then(|| message.clone());
+    let call = std::panic::catch_unwind(AssertUnwindSafe(|| service.call(message)));
+    let renew_every = ctx.renew_every;
+    let lease = ctx.lease;
+    let max_nack_delay = ctx.max_nack_delay;
+    let redelivery = ctx.redelivery;
+    let classifier = ctx.classifier.clone();
+    let mut stop = ctx.stop.clone();
+
+    async move {
+        let result: Option<std::result::Result<Outcome, (BoxError, bool)>> = match call {
+            Err(panic) => Some(Err((panic_error(panic), true))),
+            Ok(fut) => {
+                let fut = AssertUnwindSafe(fut).catch_unwind();
+                let keeper = keep_lease(&settle, renew_every, lease);
+                tokio::select! {
+                    r = fut => Some(match r {
+                        Ok(Ok(resp)) => Ok(resp.into()),
+                        Ok(Err(e)) => Err((e.into(), false)),
+                        Err(panic) => Err((panic_error(panic), true)),
+                    }),
+                    () = keeper => unreachable!("lease keeping never ends"),
+                    _ = stop.wait_for(|s| *s == Stop::Abort) => None,
+                }
+            }
+        };
+        match result {
+            None => {
+                let settle_error = settle.nack(Duration::ZERO).await.is_err();
+                Done::Settled {
+                    key,
+                    settled: Settled::Aborted,
+                    panicked: false,
+                    settle_error,
+                }
+            }
+            Some(Ok(outcome)) => {
+                let settle_error = log_settle(settle.ack().await, "ack");
+                Done::Settled {
+                    key,
+                    settled: Settled::Acked(outcome),
+                    panicked: false,
+                    settle_error,
+                }
+            }
+            Some(Err((err, panicked))) => {
+                let class = classifier.classify(&*err);
+                let delay = class
+                    .retry_after
+                    .unwrap_or_else(|| redelivery.delay(attempt));
+                if class.kind == ErrorKind::Permanent {
+                    tracing::error!(
+                        attempt, error = %err,
+                        "permanent error reached the Worker; add a dead-letter layer to take such messages out of the queue"
+                    );
+                } else {
+                    tracing::warn!(attempt, error = %err, ?delay, "handler failed");
+                }
+                match parked_copy {
+                    Some(message) => Done::Park {
+                        key,
+                        message,
+                        settle,
+                        delay,
+                        panicked,
+                    },
+                    None => {
+                        let delay = delay.min(max_nack_delay);
+                        let settle_error = log_settle(settle.nack(delay).await, "nack");
+                        Done::Settled {
+                            key,
+                            settled: Settled::Nacked,
+                            panicked,
+                            settle_error,
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Extends the lease every `every` for as long as it is polled.
+async fn keep_lease(settle: &Settle, every: Option<Duration>, lease: Option<Duration>) {
+    let (Some(every), Some(lease)) = (every, lease) else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(every).await;
+        if let Err(e) = settle.extend(lease).await {
+            tracing::warn!(error = %e, "lease extension failed; the broker may redeliver this message");
+        }
+    }
+}
+
+async fn park(
+    message: Message,
+    settle: Settle,
+    key: Option<Bytes>,
+    delay: Duration,
+    renew_every: Option<Duration>,
+    lease: Option<Duration>,
+    mut stop: watch::Receiver<Stop>,
+) -> Done {
+    let keeper = keep_lease(&settle, renew_every, lease);
+    let handed_back = tokio::select! {
+        () = tokio::time::sleep(delay) => false,
+        () = keeper => unreachable!("lease keeping never ends"),
+        _ = stop.wait_for(|s| *s >= Stop::Draining) => true,
+    };
+    if handed_back {
+        let settle_errors = u64::from(log_settle(settle.nack(Duration::ZERO).await, "hand back"));
+        Done::HandedBack {
+            key,
+            parked: true,
+            count: 1,
+            settle_errors,
+        }
+    } else {
+        Done::Unpark { message, settle }
+    }
+}
+
+fn log_settle(r: Result<()>, what: &str) -> bool {
+    match r {
+        Ok(()) => false,
+        Err(e) => {
+            tracing::warn!(settle = what, error = %e, "settling failed; the broker will redeliver the message");
+            true
+        }
+    }
+}
+
+fn panic_error(panic: Box<dyn std::any::Any + Send>) -> BoxError {
+    let text = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic payload".to_owned());
+    format!("handler panicked: {text}").into()
+}

@@ -1,0 +1,37 @@
+//! # redrive
+//!
+//! Consumer-side reliability for message brokers. Brokers deliver at least once; redrive
+//! gives every consumer retries with backoff, dead-lettering, idempotency, ordering per
+//! key, lease keeping, graceful shutdown and observability, as tower layers over a
+//! broker-agnostic [`Consumer`].
+//!
+//! This crate re-exports [`redrive_core`] (the contract and the [`Worker`]) and
+//! [`redrive_middleware`] (the layers).
+//!
+//! ```
+//! use std::time::Duration;
+//! use redrive::memory::MemoryBroker;
+//! use redrive::{handler, Message, OutgoingMessage, Publisher, Worker};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), redrive::BoxError> {
+//! let broker = MemoryBroker::new();
+//! broker.publish("emails", OutgoingMessage::new("to: ops@example.com")).await?;
+//!
+//! let handler = handler::handler_fn(|msg: Message| async move {
+//!     // send the email...
+//!     let _ = msg.payload;
+//!     Ok::<_, std::io::Error>(())
+//! });
+//! let report = Worker::builder(broker.consumer("emails"), handler)
+//!     .build()?
+//!     .run_until(tokio::time::sleep(Duration::from_millis(20)))
+//!     .await;
+//! assert_eq!(report.processed, 1);
+//! # Ok(())
+//! # }
+//! ```
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+pub use redrive_core::*;
+pub use redrive_middleware as middleware;
