@@ -1,1 +1,27 @@
-//! redrive's tower layers. Filled in module by module; see the crate README.
+//! redrive's tower layers, one module each, and the [`Stack`](stack) builder that
+//! assembles them in their canonical order.
+//!
+//! Canonical order, outermost first: `trace`, `metrics`, `dead_letter`, `idempotency`,
+//! `circuit_breaker`, `rate_limit`, `retry`, `timeout`. Layers see the
+//! [`Message`](redrive_core::Message) and the handler's result; they never settle a
+//! delivery (the Worker does).
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+#[cfg(feature = "circuit-breaker")]
+#[cfg_attr(docsrs, doc(cfg(feature = "circuit-breaker")))]
+pub mod circuit_breaker;
+#[cfg(feature = "dead-letter")]
+#[cfg_attr(docsrs, doc(cfg(feature = "dead-letter")))]
+pub mod dead_letter;
+#[cfg(feature = "idempotency")]
+#[cfg_attr(docsrs, doc(cfg(feature = "idempotency")))]
+pub mod idempotency;
+#[cfg(feature = "rate-limit")]
+#[cfg_attr(docsrs, doc(cfg(feature = "rate-limit")))]
+pub mod rate_limit;
+#[cfg(feature = "retry")]
+#[cfg_attr(docsrs, doc(cfg(feature = "retry")))]
+pub mod retry;
+#[cfg(feature = "timeout")]
+#[cfg_attr(docsrs, doc(cfg(feature = "timeout")))]
+pub mod timeout;

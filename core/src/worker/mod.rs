@@ -272,6 +272,56 @@ impl<C, S> std::fmt::Debug for Worker<C, S> {
     }
 }
 
+/// Tells layers that the Worker's shutdown has begun, so they stop starting new work
+/// (a retry layer stops retrying). The Worker puts one in every message's
+/// [`extensions`](crate::Message::extensions).
+///
+/// ```
+/// # use redrive_core::{Message, worker::Shutdown};
+/// # fn f(msg: &Message) {
+/// if msg.extensions.get::<Shutdown>().is_some_and(Shutdown::is_started) {
+///     // do not retry
+/// }
+/// # }
+/// ```
+#[derive(Clone, Debug)]
+pub struct Shutdown {
+    rx: watch::Receiver<Stop>,
+}
+
+impl Shutdown {
+    /// A signal that never fires, for tests and for services run outside a Worker.
+    pub fn never() -> Self {
+        let (_, rx) = watch::channel(Stop::Running);
+        Shutdown { rx }
+    }
+
+    /// A signal and the function that fires it, for tests and for custom runtimes.
+    pub fn channel() -> (impl Fn() + Send + Sync + 'static, Self) {
+        let (tx, rx) = watch::channel(Stop::Running);
+        (
+            move || {
+                let _ = tx.send(Stop::Draining);
+            },
+            Shutdown { rx },
+        )
+    }
+
+    /// Whether shutdown has begun.
+    pub fn is_started(&self) -> bool {
+        *self.rx.borrow() != Stop::Running
+    }
+
+    /// Completes when shutdown begins; never, if the signal's source is gone without
+    /// having fired.
+    pub async fn started(&self) {
+        let mut rx = self.rx.clone();
+        if rx.wait_for(|s| *s != Stop::Running).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Stop {
     Running,
@@ -672,7 +722,10 @@ where
     S::Error: Into<BoxError> + Send + 'static,
     S::Future: Send + 'static,
 {
-    let (message, settle) = delivery.into_parts();
+    let (mut message, settle) = delivery.into_parts();
+    message.extensions.insert(Shutdown {
+        rx: ctx.stop.clone(),
+    });
     let attempt = message.metadata.attempt;
     let parked_copy = ctx.park.then(|| message.clone());
     let call = std::panic::catch_unwind(AssertUnwindSafe(|| service.call(message)));
