@@ -35,3 +35,8 @@
 
 pub use redrive_core::*;
 pub use redrive_middleware as middleware;
+
+/// The RabbitMQ adapter.
+#[cfg(feature = "rabbitmq")]
+#[cfg_attr(docsrs, doc(cfg(feature = "rabbitmq")))]
+pub use redrive_rabbitmq as rabbitmq;

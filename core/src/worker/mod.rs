@@ -387,8 +387,8 @@ where
     }
 
     /// Runs until the consumer closes, then drains.
-    pub async fn run(self) -> Report {
-        self.run_until(std::future::pending()).await
+    pub fn run(self) -> impl Future<Output = Report> + Send {
+        self.run_until(std::future::pending())
     }
 
     /// Runs until `shutdown` completes (or the consumer closes), then shuts down
@@ -399,90 +399,64 @@ where
     /// let report = worker.run_until(async { tokio::signal::ctrl_c().await.ok(); }).await;
     /// # }
     /// ```
-    pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Report {
-        let Worker {
-            mut consumer,
-            mut service,
-            config,
-            caps,
-            plan,
-        } = self;
-        let name = config.name.as_str();
-        let (stop_tx, stop_rx) = watch::channel(Stop::Running);
-        let mut shutdown = pin!(shutdown.fuse());
-        let mut deadline = pin!(tokio::time::sleep(Duration::MAX));
-        let mut deadline_armed = false;
-        let mut state = State {
-            report: Report::default(),
-            running: 0,
-            parked: 0,
-            busy: HashMap::new(),
-            waiting: 0,
-            runnable: VecDeque::new(),
-            tasks: JoinSet::new(),
-            intake_open: true,
-        };
-        let ctx = TaskCtx {
-            renew_every: plan.renew_every,
-            lease: caps.lease,
-            max_nack_delay: caps.max_nack_delay,
-            park: plan.park,
-            redelivery: config.redelivery,
-            classifier: config.classifier.clone(),
-            stop: stop_rx,
-        };
-        let mut receive_errors = 0u32;
-        tracing::debug!(worker = name, ?caps, ?plan, "worker started");
+    pub fn run_until<F>(self, shutdown: F) -> impl Future<Output = Report> + Send
+    where
+        F: Future<Output = ()> + Send,
+    {
+        // The future is declared `Send` here, where the service's bounds are known, so
+        // callers can spawn it whatever the handler's error type.
+        async move {
+            let Worker {
+                mut consumer,
+                mut service,
+                config,
+                caps,
+                plan,
+            } = self;
+            let name = config.name.as_str();
+            let (stop_tx, stop_rx) = watch::channel(Stop::Running);
+            let mut shutdown = pin!(shutdown.fuse());
+            let mut deadline = pin!(tokio::time::sleep(Duration::MAX));
+            let mut deadline_armed = false;
+            let mut state = State {
+                report: Report::default(),
+                running: 0,
+                parked: 0,
+                busy: HashMap::new(),
+                waiting: 0,
+                runnable: VecDeque::new(),
+                tasks: JoinSet::new(),
+                intake_open: true,
+            };
+            let ctx = TaskCtx {
+                renew_every: plan.renew_every,
+                lease: caps.lease,
+                max_nack_delay: caps.max_nack_delay,
+                park: plan.park,
+                redelivery: config.redelivery,
+                classifier: config.classifier.clone(),
+                stop: stop_rx,
+            };
+            let mut receive_errors = 0u32;
+            tracing::debug!(worker = name, ?caps, ?plan, "worker started");
 
-        loop {
-            if !state.intake_open && !deadline_armed {
-                // Intake just closed: parked and waiting messages go back, the deadline starts.
-                let _ = stop_tx.send(Stop::Draining);
-                deadline
-                    .as_mut()
-                    .reset(tokio::time::Instant::now() + config.shutdown_timeout);
-                deadline_armed = true;
-                state.hand_back_waiting();
-            }
-            // Phase A: reap finished tasks; wait for a free slot and a ready service.
-            let want = state.running < config.concurrency
-                && (!state.runnable.is_empty()
-                    || (state.intake_open && state.waiting < plan.max_waiting));
-            if !want && state.tasks.is_empty() {
-                break;
-            }
-            tokio::select! {
-                biased;
-                () = &mut shutdown, if state.intake_open => {
-                    tracing::info!(worker = name, "shutdown requested; intake stopped");
-                    state.intake_open = false;
-                    continue;
+            loop {
+                if !state.intake_open && !deadline_armed {
+                    // Intake just closed: parked and waiting messages go back, the deadline starts.
+                    let _ = stop_tx.send(Stop::Draining);
+                    deadline
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + config.shutdown_timeout);
+                    deadline_armed = true;
+                    state.hand_back_waiting();
                 }
-                Some(done) = state.tasks.join_next(), if !state.tasks.is_empty() => {
-                    state.handle_done(done, &ctx);
-                    continue;
+                // Phase A: reap finished tasks; wait for a free slot and a ready service.
+                let want = state.running < config.concurrency
+                    && (!state.runnable.is_empty()
+                        || (state.intake_open && state.waiting < plan.max_waiting));
+                if !want && state.tasks.is_empty() {
+                    break;
                 }
-                () = &mut deadline, if deadline_armed && *stop_tx.borrow() != Stop::Abort => {
-                    tracing::warn!(worker = name, in_flight = state.running, "shutdown deadline reached; handing back in-flight messages");
-                    let _ = stop_tx.send(Stop::Abort);
-                    continue;
-                }
-                ready = poll_fn(|cx| service.poll_ready(cx)), if want => {
-                    if let Err(e) = ready {
-                        let e: BoxError = e.into();
-                        tracing::error!(worker = name, error = %e, "service failed; stopping intake");
-                        state.intake_open = false;
-                        continue;
-                    }
-                }
-            }
-
-            // Phase B: take the next delivery: a runnable one (its key is already
-            // reserved for it) first, else one from the broker.
-            let (delivery, reserved) = if let Some(d) = state.runnable.pop_front() {
-                (d, true)
-            } else {
-                let listen = state.waiting > 0 || state.parked > 0;
                 tokio::select! {
                     biased;
                     () = &mut shutdown, if state.intake_open => {
@@ -490,52 +464,85 @@ where
                         state.intake_open = false;
                         continue;
                     }
-                    Some(done) = state.tasks.join_next(), if listen => {
+                    Some(done) = state.tasks.join_next(), if !state.tasks.is_empty() => {
                         state.handle_done(done, &ctx);
                         continue;
                     }
-                    received = consumer.receive() => match received {
-                        Ok(Some(d)) => {
-                            receive_errors = 0;
-                            state.report.received += 1;
-                            (d, false)
-                        }
-                        Ok(None) => {
-                            tracing::info!(worker = name, "consumer closed; draining");
+                    () = &mut deadline, if deadline_armed && *stop_tx.borrow() != Stop::Abort => {
+                        tracing::warn!(worker = name, in_flight = state.running, "shutdown deadline reached; handing back in-flight messages");
+                        let _ = stop_tx.send(Stop::Abort);
+                        continue;
+                    }
+                    ready = poll_fn(|cx| service.poll_ready(cx)), if want => {
+                        if let Err(e) = ready {
+                            let e: BoxError = e.into();
+                            tracing::error!(worker = name, error = %e, "service failed; stopping intake");
                             state.intake_open = false;
-                            continue;
-                        }
-                        Err(e) => {
-                            receive_errors += 1;
-                            let pause = Duration::from_millis(50 << receive_errors.min(7));
-                            tracing::warn!(worker = name, error = %e, ?pause, "receive failed; trying again");
-                            tokio::time::sleep(pause).await;
                             continue;
                         }
                     }
                 }
-            };
 
-            let key = order_key(config.ordering, &delivery.message);
-            if let (Some(k), false) = (&key, reserved) {
-                if let Some(queue) = state.busy.get_mut(k) {
-                    queue.push_back(delivery);
-                    state.waiting += 1;
-                    continue;
+                // Phase B: take the next delivery: a runnable one (its key is already
+                // reserved for it) first, else one from the broker.
+                let (delivery, reserved) = if let Some(d) = state.runnable.pop_front() {
+                    (d, true)
+                } else {
+                    let listen = state.waiting > 0 || state.parked > 0;
+                    tokio::select! {
+                        biased;
+                        () = &mut shutdown, if state.intake_open => {
+                            tracing::info!(worker = name, "shutdown requested; intake stopped");
+                            state.intake_open = false;
+                            continue;
+                        }
+                        Some(done) = state.tasks.join_next(), if listen => {
+                            state.handle_done(done, &ctx);
+                            continue;
+                        }
+                        received = consumer.receive() => match received {
+                            Ok(Some(d)) => {
+                                receive_errors = 0;
+                                state.report.received += 1;
+                                (d, false)
+                            }
+                            Ok(None) => {
+                                tracing::info!(worker = name, "consumer closed; draining");
+                                state.intake_open = false;
+                                continue;
+                            }
+                            Err(e) => {
+                                receive_errors += 1;
+                                let pause = Duration::from_millis(50 << receive_errors.min(7));
+                                tracing::warn!(worker = name, error = %e, ?pause, "receive failed; trying again");
+                                tokio::time::sleep(pause).await;
+                                continue;
+                            }
+                        }
+                    }
+                };
+
+                let key = order_key(config.ordering, &delivery.message);
+                if let (Some(k), false) = (&key, reserved) {
+                    if let Some(queue) = state.busy.get_mut(k) {
+                        queue.push_back(delivery);
+                        state.waiting += 1;
+                        continue;
+                    }
+                    state.busy.insert(k.clone(), VecDeque::new());
                 }
-                state.busy.insert(k.clone(), VecDeque::new());
+                state.running += 1;
+                state
+                    .tasks
+                    .spawn(run_one(&mut service, delivery, key, &ctx));
             }
-            state.running += 1;
-            state
-                .tasks
-                .spawn(run_one(&mut service, delivery, key, &ctx));
-        }
 
-        if let Err(e) = consumer.close().await {
-            tracing::warn!(worker = name, error = %e, "consumer close failed");
+            if let Err(e) = consumer.close().await {
+                tracing::warn!(worker = name, error = %e, "consumer close failed");
+            }
+            tracing::info!(worker = name, report = ?state.report, "worker stopped");
+            state.report
         }
-        tracing::info!(worker = name, report = ?state.report, "worker stopped");
-        state.report
     }
 }
 
