@@ -437,7 +437,7 @@ struct MemoryAcker {
 impl MemoryAcker {
     fn take(&self, s: &mut QueueState) -> Result<Stored> {
         match s.in_flight.get(&self.seq) {
-            Some(f) if f.receipt == self.receipt => {
+            Some(f) if f.receipt == self.receipt && f.deadline > Instant::now() => {
                 Ok(s.in_flight.remove(&self.seq).expect("present").stored)
             }
             _ => Err(Error::LeaseExpired),
@@ -472,7 +472,7 @@ impl Acker for MemoryAcker {
         let r = {
             let mut s = self.queue.lock();
             match s.in_flight.get_mut(&self.seq) {
-                Some(f) if f.receipt == self.receipt => {
+                Some(f) if f.receipt == self.receipt && f.deadline > Instant::now() => {
                     f.deadline = Instant::now() + lease;
                     Ok(())
                 }

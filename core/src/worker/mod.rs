@@ -488,7 +488,10 @@ where
                 let (delivery, reserved) = if let Some(d) = state.runnable.pop_front() {
                     (d, true)
                 } else {
-                    let listen = state.waiting > 0 || state.parked > 0;
+                    // Completions matter while waiting for the broker only when they can make
+                    // work runnable: a key released, a message parked or unparked.
+                    let listen =
+                        state.waiting > 0 || state.parked > 0 || (plan.park && state.running > 0);
                     tokio::select! {
                         biased;
                         () = &mut shutdown, if state.intake_open => {
