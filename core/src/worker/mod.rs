@@ -399,6 +399,10 @@ where
     /// let report = worker.run_until(async { tokio::signal::ctrl_c().await.ok(); }).await;
     /// # }
     /// ```
+    #[allow(
+        clippy::manual_async_fn,
+        reason = "the `Send` bound must be stated here, where the service's bounds are known"
+    )]
     pub fn run_until<F>(self, shutdown: F) -> impl Future<Output = Report> + Send
     where
         F: Future<Output = ()> + Send,
