@@ -1,4 +1,4 @@
-//! redrive's tower layers, one module each, and the [`Stack`](stack) builder that
+//! redrive's tower layers, one module each, and the `Stack` builder that
 //! assembles them in their canonical order.
 //!
 //! Canonical order, outermost first: `trace`, `metrics`, `dead_letter`, `idempotency`,
