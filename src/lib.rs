@@ -41,6 +41,11 @@ pub use redrive_middleware as middleware;
 #[cfg_attr(docsrs, doc(cfg(feature = "rabbitmq")))]
 pub use redrive_rabbitmq as rabbitmq;
 
+/// The AWS SQS adapter.
+#[cfg(feature = "sqs")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqs")))]
+pub use redrive_sqs as sqs;
+
 /// The README's examples, compiled as doc tests so the README stays true.
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]

@@ -1,0 +1,1 @@
+//! AWS SQS adapter for redrive (in progress).
