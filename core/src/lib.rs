@@ -12,6 +12,7 @@ mod consumer;
 pub mod delivery;
 mod error;
 pub mod handler;
+pub mod names;
 mod headers;
 mod message;
 pub mod worker;

@@ -1,0 +1,18 @@
+//! Header names redrive reads and writes, in one place.
+//!
+//! Names are matched without regard to ASCII case ([`Headers`](crate::Headers)).
+
+/// W3C trace context: the producer's span.
+pub const TRACEPARENT: &str = "traceparent";
+/// W3C trace context: vendor state.
+pub const TRACESTATE: &str = "tracestate";
+/// The canonical correlation id header.
+pub const CORRELATION_ID: &str = "x-correlation-id";
+/// Other names a correlation id is commonly sent under; read, never written.
+pub const CORRELATION_ID_ALIASES: &[&str] = &["correlation-id", "x-request-id"];
+/// A producer-assigned message id.
+pub const MESSAGE_ID: &str = "message-id";
+/// A producer-assigned idempotency key.
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+/// The delivery attempt, maintained by adapters whose broker does not count deliveries.
+pub const ATTEMPT: &str = "x-redrive-attempt";

@@ -1,0 +1,475 @@
+//! Trace stitching and correlation ids across the broker hop, retries and the DLQ.
+//!
+//! [`TraceLayer`] extracts the W3C trace context (`traceparent`, `tracestate`) from a
+//! message's headers and runs the rest of the stack inside one consumer span per
+//! delivery attempt, a child of the producer's span, named and attributed by the
+//! OpenTelemetry messaging conventions. With `tracing-opentelemetry` installed, these
+//! `tracing` spans are OpenTelemetry spans, so every attempt of a message — broker
+//! redeliveries and in-process retries alike — lands in the producer's trace.
+//!
+//! It also gives every message a [`CorrelationId`]: taken from the message when present
+//! (the [`CORRELATION_ID`] header or one of its aliases), never overwritten, otherwise
+//! made by a [`MakeCorrelationId`] and written to the canonical header so it travels
+//! on (to the DLQ copy, for one). The id is a field of the span, so every log line
+//! written while handling the message carries it, and [`inject`] copies it onto
+//! messages the handler publishes.
+//!
+//! ```
+//! use redrive_core::{handler_fn, BoxError, Message};
+//! use redrive_middleware::trace::{CorrelationId, TraceLayer};
+//! use tower::{Service, ServiceBuilder, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), BoxError> {
+//! let mut svc = ServiceBuilder::new()
+//!     .layer(TraceLayer::new())
+//!     .service(handler_fn(|msg: Message| async move {
+//!         let id = msg.extensions.get::<CorrelationId>().expect("set by the layer");
+//!         tracing::info!("handling"); // carries `correlation_id` through the span
+//!         assert_eq!(CorrelationId::current().as_ref(), Some(id));
+//!         Ok::<_, BoxError>(())
+//!     }));
+//! svc.ready().await?.call(Message::new("hi")).await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Order
+//! Outermost in the stack, so its span covers metrics, the dead-letter publish,
+//! idempotency, retries and every try of the handler.
+//!
+//! # Guarantees
+//! - An incoming trace context or correlation id is never overwritten; [`inject`] and
+//!   [`TracedPublisher`] add them only where absent, so a dead-lettered copy keeps the
+//!   original trace context and a DLQ consumer continues the same trace.
+//! - The context propagates even when the incoming trace is not sampled.
+//! - The span records `redrive.outcome`: `processed`, `dead_lettered`,
+//!   `deduplicated`, `skipped`, `retried` (a transient failure the broker or the Worker
+//!   will redeliver) or `failed` (a permanent error no layer took out of the queue).
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use redrive_core::{
+    BoxError, Classifier, ErrorKind, Headers, Message, Outcome, OutgoingMessage, Publisher,
+};
+use tokio::task::futures::TaskLocalFuture;
+use tower::{Layer, Service};
+use tracing::Span;
+use tracing::instrument::{Instrument, Instrumented};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+pub use redrive_core::names::{CORRELATION_ID, CORRELATION_ID_ALIASES, TRACEPARENT, TRACESTATE};
+
+tokio::task_local! {
+    static CURRENT: CorrelationId;
+}
+
+/// A message's correlation id, in its [`extensions`](Message::extensions) and, while
+/// the handler runs, in [`CorrelationId::current`].
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct CorrelationId(Arc<str>);
+
+impl CorrelationId {
+    /// A correlation id with this value.
+    pub fn new(id: impl Into<Arc<str>>) -> Self {
+        CorrelationId(id.into())
+    }
+
+    /// The id.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The id of the message being handled by the current task, if any.
+    pub fn current() -> Option<CorrelationId> {
+        CURRENT.try_with(Clone::clone).ok()
+    }
+}
+
+impl fmt::Display for CorrelationId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for CorrelationId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+/// Makes a correlation id for a message that has none.
+pub trait MakeCorrelationId: Clone + Send + Sync + 'static {
+    /// The id for `msg`.
+    fn make_correlation_id(&self, msg: &Message) -> CorrelationId;
+}
+
+/// The default: 128 random bits as 32 lowercase hex digits.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RandomCorrelationId;
+
+impl MakeCorrelationId for RandomCorrelationId {
+    fn make_correlation_id(&self, _msg: &Message) -> CorrelationId {
+        CorrelationId::new(format!("{:032x}", fastrand::u128(..)))
+    }
+}
+
+impl<F> MakeCorrelationId for F
+where
+    F: Fn(&Message) -> CorrelationId + Clone + Send + Sync + 'static,
+{
+    fn make_correlation_id(&self, msg: &Message) -> CorrelationId {
+        self(msg)
+    }
+}
+
+/// Reads trace context from [`Headers`].
+#[derive(Debug)]
+pub struct HeaderExtractor<'a>(pub &'a Headers);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get_str(key)
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.iter().map(|(k, _)| k).collect()
+    }
+}
+
+/// Writes trace context into [`Headers`], never over a value already there.
+#[derive(Debug)]
+pub struct HeaderInjector<'a>(pub &'a mut Headers);
+
+impl Injector for HeaderInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if self.0.contains(key) {
+            return;
+        }
+        if let Err(e) = self.0.insert(key, value) {
+            tracing::warn!(header = key, error = %e, "trace context not propagated");
+        }
+    }
+}
+
+type SharedPropagator = Arc<dyn TextMapPropagator + Send + Sync>;
+
+fn default_propagator() -> SharedPropagator {
+    Arc::new(TraceContextPropagator::new())
+}
+
+/// Adds the current span's trace context and the current correlation id to `headers`,
+/// leaving any already present untouched. Publishers call this on outgoing messages.
+pub fn inject(headers: &mut Headers) {
+    inject_with(&TraceContextPropagator::new(), headers);
+}
+
+fn inject_with(propagator: &dyn TextMapPropagator, headers: &mut Headers) {
+    if !headers.contains(TRACEPARENT) {
+        let cx = Span::current().context();
+        propagator.inject_context(&cx, &mut HeaderInjector(headers));
+    }
+    if find_correlation_id(headers, &[]).is_none() {
+        if let Some(id) = CorrelationId::current() {
+            if let Err(e) = headers.insert(CORRELATION_ID, id.as_str()) {
+                tracing::warn!(error = %e, "correlation id not propagated");
+            }
+        }
+    }
+}
+
+fn find_correlation_id(headers: &Headers, extra: &[String]) -> Option<CorrelationId> {
+    std::iter::once(CORRELATION_ID)
+        .chain(CORRELATION_ID_ALIASES.iter().copied())
+        .chain(extra.iter().map(String::as_str))
+        .find_map(|name| headers.get_str(name).filter(|v| !v.is_empty()))
+        .map(CorrelationId::new)
+}
+
+/// A [`Publisher`] that opens a producer span per publish and injects its trace
+/// context and the current correlation id into the message (where absent).
+#[derive(Clone, Debug)]
+pub struct TracedPublisher<P> {
+    inner: P,
+}
+
+impl<P> TracedPublisher<P> {
+    /// Wraps `inner`.
+    pub fn new(inner: P) -> Self {
+        TracedPublisher { inner }
+    }
+
+    /// The wrapped publisher.
+    pub fn into_inner(self) -> P {
+        self.inner
+    }
+}
+
+impl<P: Publisher> Publisher for TracedPublisher<P> {
+    async fn publish(
+        &self,
+        destination: &str,
+        mut message: OutgoingMessage,
+    ) -> redrive_core::Result<()> {
+        let span = tracing::info_span!(
+            "redrive.publish",
+            otel.name = %format_args!("send {destination}"),
+            otel.kind = "producer",
+            messaging.operation.type = "send",
+            messaging.destination.name = %destination,
+            correlation_id = tracing::field::Empty,
+        );
+        {
+            let _entered = span.enter();
+            inject(&mut message.headers);
+            if let Some(id) = find_correlation_id(&message.headers, &[]) {
+                span.record("correlation_id", id.as_str());
+            }
+        }
+        self.inner
+            .publish(destination, message)
+            .instrument(span)
+            .await
+    }
+}
+
+/// Builds [`Trace`] services.
+///
+/// | setting | default |
+/// |---|---|
+/// | correlation id generator | [`RandomCorrelationId`] |
+/// | extra correlation header aliases | none (besides [`CORRELATION_ID_ALIASES`]) |
+/// | propagator | W3C trace context |
+/// | classifier | markers only |
+#[derive(Clone)]
+pub struct TraceLayer<M = RandomCorrelationId> {
+    make_id: M,
+    aliases: Arc<[String]>,
+    propagator: SharedPropagator,
+    classifier: Classifier,
+}
+
+impl Default for TraceLayer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for TraceLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TraceLayer")
+            .field("aliases", &self.aliases)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TraceLayer {
+    /// The defaults (see the table).
+    pub fn new() -> Self {
+        TraceLayer {
+            make_id: RandomCorrelationId,
+            aliases: Arc::from(Vec::new()),
+            propagator: default_propagator(),
+            classifier: Classifier::default(),
+        }
+    }
+}
+
+impl<M> TraceLayer<M> {
+    /// Uses `make_id` for messages that carry no correlation id.
+    #[must_use]
+    pub fn with_make_correlation_id<M2: MakeCorrelationId>(self, make_id: M2) -> TraceLayer<M2> {
+        TraceLayer {
+            make_id,
+            aliases: self.aliases,
+            propagator: self.propagator,
+            classifier: self.classifier,
+        }
+    }
+
+    /// Also reads the correlation id from these header names.
+    #[must_use]
+    pub fn with_correlation_aliases<I, S>(mut self, aliases: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.aliases = aliases.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Uses another propagator (B3, Jaeger, a composite) instead of W3C trace context.
+    #[must_use]
+    pub fn with_propagator(mut self, p: impl TextMapPropagator + Send + Sync + 'static) -> Self {
+        self.propagator = Arc::new(p);
+        self
+    }
+
+    /// The classifier that tells `retried` from `failed`.
+    #[must_use]
+    pub fn with_classifier(mut self, c: Classifier) -> Self {
+        self.classifier = c;
+        self
+    }
+}
+
+impl<S, M: Clone> Layer<S> for TraceLayer<M> {
+    type Service = Trace<S, M>;
+
+    fn layer(&self, inner: S) -> Trace<S, M> {
+        Trace {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// The trace service; see the [module docs](self).
+#[derive(Clone)]
+pub struct Trace<S, M = RandomCorrelationId> {
+    inner: S,
+    layer: TraceLayer<M>,
+}
+
+impl<S: fmt::Debug, M> fmt::Debug for Trace<S, M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Trace")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Opens the consumer span for one delivery attempt of `msg`.
+fn consumer_span(msg: &Message, id: &CorrelationId) -> Span {
+    let source = &msg.metadata.source;
+    let span = tracing::info_span!(
+        "redrive.process",
+        otel.name = %format_args!("process {}", source.destination),
+        otel.kind = "consumer",
+        otel.status_code = tracing::field::Empty,
+        otel.status_description = tracing::field::Empty,
+        messaging.system = source.system,
+        messaging.operation.type = "process",
+        messaging.operation.name = "process",
+        messaging.destination.name = %source.destination,
+        messaging.destination.partition.id = tracing::field::Empty,
+        messaging.kafka.offset = tracing::field::Empty,
+        messaging.message.id = tracing::field::Empty,
+        messaging.message.conversation_id = %id,
+        messaging.message.body.size = msg.payload.len(),
+        redrive.attempt = msg.metadata.attempt,
+        redrive.outcome = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+        correlation_id = %id,
+    );
+    if let Some(p) = source.partition {
+        span.record("messaging.destination.partition.id", p);
+    }
+    if let Some(o) = source.offset {
+        span.record("messaging.kafka.offset", o);
+    }
+    if let Some(mid) = &msg.metadata.message_id {
+        span.record("messaging.message.id", mid.as_str());
+    }
+    span
+}
+
+impl<S, M> Service<Message> for Trace<S, M>
+where
+    S: Service<Message>,
+    S::Response: Into<Outcome>,
+    S::Error: Into<BoxError>,
+    M: MakeCorrelationId,
+{
+    type Response = Outcome;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, mut msg: Message) -> Self::Future {
+        let id = match find_correlation_id(&msg.headers, &self.layer.aliases) {
+            Some(id) => id,
+            None => {
+                let id = self.layer.make_id.make_correlation_id(&msg);
+                if let Err(e) = msg.headers.insert(CORRELATION_ID, id.as_str()) {
+                    tracing::warn!(error = %e, "generated correlation id not added to the headers");
+                }
+                id
+            }
+        };
+        let parent = self
+            .layer
+            .propagator
+            .extract(&HeaderExtractor(&msg.headers));
+        let span = consumer_span(&msg, &id);
+        // Fails only if the span is already started or tracing-opentelemetry is not
+        // installed; neither loses the message, and the span still carries its fields.
+        let _ = span.set_parent(parent);
+        msg.extensions.insert(id.clone());
+        let inner = {
+            let _entered = span.enter();
+            self.inner.call(msg)
+        };
+        ResponseFuture {
+            inner: CURRENT.scope(id, inner).instrument(span),
+            classifier: self.layer.classifier.clone(),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of [`Trace`].
+    pub struct ResponseFuture<F> {
+        #[pin]
+        inner: Instrumented<TaskLocalFuture<CorrelationId, F>>,
+        classifier: Classifier,
+    }
+}
+
+impl<F, R, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<R, E>>,
+    R: Into<Outcome>,
+    E: Into<BoxError>,
+{
+    type Output = Result<Outcome, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        let result = match this.inner.as_mut().poll(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(r) => r,
+        };
+        let span = this.inner.as_ref().get_ref().span();
+        Poll::Ready(match result {
+            Ok(r) => {
+                let outcome = r.into();
+                span.record("redrive.outcome", outcome.as_str());
+                span.record("otel.status_code", "OK");
+                Ok(outcome)
+            }
+            Err(e) => {
+                let e = e.into();
+                let kind = this.classifier.classify(&*e).kind;
+                let outcome = match kind {
+                    ErrorKind::Transient => "retried",
+                    ErrorKind::Permanent => "failed",
+                };
+                span.record("redrive.outcome", outcome);
+                span.record("error.type", kind.as_str());
+                span.record("otel.status_code", "ERROR");
+                span.record("otel.status_description", e.to_string().as_str());
+                Err(e)
+            }
+        })
+    }
+}
