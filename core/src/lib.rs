@@ -12,9 +12,9 @@ mod consumer;
 pub mod delivery;
 mod error;
 pub mod handler;
-pub mod names;
 mod headers;
 mod message;
+pub mod names;
 pub mod worker;
 
 #[cfg(feature = "memory")]
