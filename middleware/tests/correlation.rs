@@ -114,7 +114,8 @@ async fn every_log_line_inside_the_handler_carries_the_correlation_id() {
 }
 
 async fn an_existing_id_is_never_overwritten_and_a_generated_one_is_written_once() {
-    let seen: Arc<Mutex<Vec<(Option<String>, String)>>> = Arc::default();
+    type Seen = Arc<Mutex<Vec<(Option<String>, String)>>>;
+    let seen: Seen = Arc::default();
     let s = seen.clone();
     let mut svc = ServiceBuilder::new()
         .layer(
