@@ -46,6 +46,11 @@ pub use redrive_rabbitmq as rabbitmq;
 #[cfg_attr(docsrs, doc(cfg(feature = "sqs")))]
 pub use redrive_sqs as sqs;
 
+/// The Kafka adapter.
+#[cfg(feature = "kafka")]
+#[cfg_attr(docsrs, doc(cfg(feature = "kafka")))]
+pub use redrive_kafka as kafka;
+
 /// The README's examples, compiled as doc tests so the README stays true.
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]

@@ -1,0 +1,1 @@
+//! Kafka adapter for redrive (in progress).
