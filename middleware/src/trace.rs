@@ -9,8 +9,9 @@
 //!
 //! It also gives every message a [`CorrelationId`]: taken from the message when present
 //! (the [`CORRELATION_ID`] header or one of its aliases), never overwritten, otherwise
-//! made by a [`MakeCorrelationId`] and written to the canonical header so it travels
-//! on (to the DLQ copy, for one). The id is a field of the span, so every log line
+//! made by a [`MakeCorrelationId`] ([`DefaultCorrelationId`]: the producer's trace id,
+//! so every attempt of a message gets the same one) and written to the canonical
+//! header so it travels on (to the DLQ copy, for one). The id is a field of the span, so every log line
 //! written while handling the message carries it, and [`inject`] copies it onto
 //! messages the handler publishes.
 //!
@@ -110,7 +111,48 @@ pub trait MakeCorrelationId: Clone + Send + Sync + 'static {
     fn make_correlation_id(&self, msg: &Message) -> CorrelationId;
 }
 
-/// The default: 128 random bits as 32 lowercase hex digits.
+/// The default: stable across redeliveries where the message allows it.
+///
+/// 1. the trace id of the message's `traceparent`, if it has a valid one (the same on
+///    every delivery attempt of a message, and already the key SREs search by);
+/// 2. else the broker's message id;
+/// 3. else 128 random bits as 32 lowercase hex digits ([`RandomCorrelationId`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DefaultCorrelationId;
+
+impl MakeCorrelationId for DefaultCorrelationId {
+    fn make_correlation_id(&self, msg: &Message) -> CorrelationId {
+        if let Some(trace_id) = msg
+            .headers
+            .get_str(TRACEPARENT)
+            .and_then(traceparent_trace_id)
+        {
+            return CorrelationId::new(trace_id);
+        }
+        if let Some(id) = msg
+            .metadata
+            .message_id
+            .as_deref()
+            .filter(|id| !id.is_empty())
+        {
+            return CorrelationId::new(id);
+        }
+        RandomCorrelationId.make_correlation_id(msg)
+    }
+}
+
+/// The trace id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`), if valid and
+/// not all zeros.
+fn traceparent_trace_id(value: &str) -> Option<&str> {
+    let mut parts = value.trim().split('-');
+    let (_version, trace_id) = (parts.next()?, parts.next()?);
+    let valid = trace_id.len() == 32
+        && trace_id.bytes().all(|b| b.is_ascii_hexdigit())
+        && trace_id.bytes().any(|b| b != b'0');
+    valid.then_some(trace_id)
+}
+
+/// 128 random bits as 32 lowercase hex digits.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RandomCorrelationId;
 
@@ -243,12 +285,12 @@ impl<P: Publisher> Publisher for TracedPublisher<P> {
 ///
 /// | setting | default |
 /// |---|---|
-/// | correlation id generator | [`RandomCorrelationId`] |
+/// | correlation id generator | [`DefaultCorrelationId`] |
 /// | extra correlation header aliases | none (besides [`CORRELATION_ID_ALIASES`]) |
 /// | propagator | W3C trace context |
 /// | classifier | markers only |
 #[derive(Clone)]
-pub struct TraceLayer<M = RandomCorrelationId> {
+pub struct TraceLayer<M = DefaultCorrelationId> {
     make_id: M,
     aliases: Arc<[String]>,
     propagator: SharedPropagator,
@@ -273,7 +315,7 @@ impl TraceLayer {
     /// The defaults (see the table).
     pub fn new() -> Self {
         TraceLayer {
-            make_id: RandomCorrelationId,
+            make_id: DefaultCorrelationId,
             aliases: Arc::from(Vec::new()),
             propagator: default_propagator(),
             classifier: Classifier::default(),
@@ -332,7 +374,7 @@ impl<S, M: Clone> Layer<S> for TraceLayer<M> {
 
 /// The trace service; see the [module docs](self).
 #[derive(Clone)]
-pub struct Trace<S, M = RandomCorrelationId> {
+pub struct Trace<S, M = DefaultCorrelationId> {
     inner: S,
     layer: TraceLayer<M>,
 }
@@ -362,14 +404,14 @@ fn consumer_span(msg: &Message, id: &CorrelationId) -> Span {
         messaging.kafka.offset = tracing::field::Empty,
         messaging.message.id = tracing::field::Empty,
         messaging.message.conversation_id = %id,
-        messaging.message.body.size = msg.payload.len(),
-        redrive.attempt = msg.metadata.attempt,
+        messaging.message.body.size = msg.payload.len() as i64,
+        redrive.attempt = i64::from(msg.metadata.attempt),
         redrive.outcome = tracing::field::Empty,
         error.type = tracing::field::Empty,
         correlation_id = %id,
     );
     if let Some(p) = source.partition {
-        span.record("messaging.destination.partition.id", p);
+        span.record("messaging.destination.partition.id", p.to_string().as_str());
     }
     if let Some(o) = source.offset {
         span.record("messaging.kafka.offset", o);
@@ -471,5 +513,38 @@ where
                 Err(e)
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_correlation_id_prefers_the_trace_id_then_the_message_id() {
+        let mut msg = Message::new("x");
+        msg.headers
+            .insert(
+                TRACEPARENT,
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            )
+            .unwrap();
+        msg.metadata.message_id = Some("m-1".into());
+        let id = DefaultCorrelationId.make_correlation_id(&msg);
+        assert_eq!(id.as_str(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        msg.headers
+            .insert(
+                TRACEPARENT,
+                "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            )
+            .unwrap();
+        assert_eq!(
+            DefaultCorrelationId.make_correlation_id(&msg).as_str(),
+            "m-1"
+        );
+        msg.metadata.message_id = None;
+        let random = DefaultCorrelationId.make_correlation_id(&msg);
+        assert_eq!(random.as_str().len(), 32);
+        assert_ne!(random, DefaultCorrelationId.make_correlation_id(&msg));
     }
 }
