@@ -1,1 +1,327 @@
-//! (in progress)
+//! Idempotent processing: each idempotency key is processed once, across redeliveries,
+//! replicas and producers that send twice.
+//!
+//! Two steps around the inner service: **reserve** the message's key with a lease, call
+//! the inner service, then **commit** the key (on success) or **release** it (on
+//! failure). A message whose key is committed is skipped.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use std::sync::atomic::{AtomicU32, Ordering};
+//! use redrive_core::{handler, BoxError, Headers, Message, Outcome};
+//! use redrive_middleware::idempotency::{self, IdempotencyConfig, IdempotencyLayer, MemoryStore};
+//! use tower::{Service, ServiceBuilder, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), BoxError> {
+//! let runs = Arc::new(AtomicU32::new(0));
+//! let counted = runs.clone();
+//! let layer = IdempotencyLayer::new(Arc::new(MemoryStore::new()), IdempotencyConfig::default())?;
+//! let mut service = ServiceBuilder::new()
+//!     .layer(layer.clone())
+//!     .service(handler::handler_fn(move |_msg: Message| {
+//!         let counted = counted.clone();
+//!         async move {
+//!             counted.fetch_add(1, Ordering::SeqCst);
+//!             Ok::<(), BoxError>(())
+//!         }
+//!     }));
+//!
+//! let charge = || {
+//!     let mut headers = Headers::new();
+//!     headers.insert(idempotency::IDEMPOTENCY_KEY, "charge-42").unwrap();
+//!     Message::new("charge").with_headers(headers)
+//! };
+//! assert_eq!(service.ready().await?.call(charge()).await?, Outcome::Processed);
+//! assert_eq!(service.ready().await?.call(charge()).await?, Outcome::Deduplicated);
+//! assert_eq!(runs.load(Ordering::SeqCst), 1);
+//! assert_eq!(layer.deduplicated(), 1);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Guarantees
+//! - **One consumer at a time per key.** Of consumers racing for a key, exactly one
+//!   reserves it and runs the inner service. The others fail with a transient
+//!   [`KeyReserved`] error wrapped in [`retry_after`](redrive_core::classify::retry_after)
+//!   with the lease left, so the Worker redelivers once the key is committed (then the
+//!   message is skipped) or the lease has expired (then it is processed).
+//! - **Skip after success.** A message whose key is committed (within `ttl`) is not
+//!   passed to the inner service: the layer answers `Ok(`[`Outcome::Deduplicated`]`)`,
+//!   the Worker acks it, and it is logged and counted ([`IdempotencyLayer::stats`]).
+//! - **Failure frees the key.** When the inner service fails, the key is released and
+//!   the error goes up unchanged, so a redelivery can try again.
+//! - **Store errors never run the handler unguarded.** If `reserve` fails, the call
+//!   fails (transient) and the Worker nacks. If `commit` fails after a success, the call
+//!   fails with [`CommitFailed`] and the Worker nacks.
+//! - **No key, no deduplication.** A message without a key (see [`DefaultKey`]) is
+//!   passed to the inner service as it is; the first such message is logged at `debug`
+//!   and all are counted (`unkeyed`).
+//!
+//! ## Duplicate window
+//! The handler's effect happens before the commit. If the process dies, or the commit
+//! fails, between the two, or the handler outlives its lease, the key is free again
+//! once the lease expires and the message is processed a second time: at-least-once,
+//! with duplicates only in that window. To close it, commit the key in the same
+//! database transaction as the effect: [`CommitMode::Handler`] with
+//! `PostgresStore::commit_in`, which the handler reaches through the
+//! [`IdempotencyToken`] the layer puts into the message's extensions. Then the effect
+//! happens exactly once.
+//!
+//! If the call is dropped mid-way (the Worker's shutdown deadline), the reservation is
+//! left to expire with its lease.
+//!
+//! # Stores
+//! [`MemoryStore`] (one process only), `RedisStore` (feature `redis`) and
+//! `PostgresStore` (feature `postgres`), or your own [`IdempotencyStore`].
+//!
+//! # Order
+//! Inside `dead_letter`, outside the circuit breaker, rate limit, retry and timeout:
+//! in-process retries run under one reservation, so the lease must cover all of them.
+//! A message whose key another consumer holds fails with a transient error; on its last
+//! delivery attempt, the dead-letter layer would dead-letter it as exhausted, so keep
+//! such errors out of the DLQ with a filter:
+//!
+//! ```
+//! use redrive_middleware::dead_letter::DeadLetterConfig;
+//! use redrive_middleware::idempotency::KeyReserved;
+//!
+//! let config = DeadLetterConfig::default().with_filter(|err, _| KeyReserved::find(err).is_none());
+//! # let _ = config;
+//! ```
+
+#[cfg(test)]
+mod contract;
+mod error;
+pub mod future;
+mod key;
+mod layer;
+mod memory;
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+mod postgres;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+mod redis;
+mod store;
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+
+use redrive_core::{BoxError, Message, Outcome, classify};
+use tower::Service;
+
+pub use error::{CommitFailed, ConfigError, KeyReserved, StoreError};
+pub use key::{DefaultKey, IDEMPOTENCY_KEY, MESSAGE_ID, MakeKey};
+pub use layer::{CommitMode, IdempotencyConfig, IdempotencyLayer, IdempotencyStats};
+pub use memory::MemoryStore;
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use postgres::PostgresStore;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use redis::RedisStore;
+pub use store::{CommitStatus, IdempotencyStore, Reservation, StoreFuture, Token};
+
+use future::ResponseFuture;
+use layer::{Counters, Shared};
+
+/// The reservation a message is processed under, put into its
+/// [`extensions`](redrive_core::Message::extensions) before the inner service is called.
+///
+/// A handler that commits the key in its own transaction reads it from there:
+/// `msg.extensions.get::<IdempotencyToken>()`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IdempotencyToken {
+    key: String,
+    token: Token,
+}
+
+impl IdempotencyToken {
+    /// The reservation of `key` under `token`.
+    pub fn new(key: impl Into<String>, token: Token) -> Self {
+        IdempotencyToken {
+            key: key.into(),
+            token,
+        }
+    }
+
+    /// The idempotency key.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The reservation's token.
+    pub fn token(&self) -> &Token {
+        &self.token
+    }
+}
+
+impl KeyReserved {
+    /// The [`KeyReserved`] in `err`'s source chain, if there is one.
+    pub fn find<'a>(err: &'a (dyn StdError + 'static)) -> Option<&'a KeyReserved> {
+        let mut next = Some(err);
+        while let Some(e) = next {
+            if let Some(k) = e.downcast_ref::<KeyReserved>() {
+                return Some(k);
+            }
+            next = e.source();
+        }
+        None
+    }
+}
+
+/// Processes each idempotency key once. See the [module docs](self).
+pub struct Idempotency<S, St: ?Sized> {
+    inner: S,
+    shared: Arc<Shared<St>>,
+}
+
+impl<S, St: ?Sized> Idempotency<S, St> {
+    /// What this service and the other services of its layer have done so far.
+    pub fn stats(&self) -> IdempotencyStats {
+        self.shared.stats()
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The wrapped service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: Clone, St: ?Sized> Clone for Idempotency<S, St> {
+    fn clone(&self) -> Self {
+        Idempotency {
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug, St: ?Sized> fmt::Debug for Idempotency<S, St> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Idempotency")
+            .field("inner", &self.inner)
+            .field("config", &self.shared.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, St> Service<Message> for Idempotency<S, St>
+where
+    S: Service<Message> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Response: Into<Outcome>,
+    S::Error: Into<BoxError>,
+    St: IdempotencyStore + ?Sized,
+{
+    type Response = Outcome;
+    type Error = BoxError;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, msg: Message) -> Self::Future {
+        let Some(key) = self.shared.config.key.make_key(&msg) else {
+            let counters = &self.shared.counters;
+            Counters::bump(&counters.unkeyed);
+            if !counters.unkeyed_logged.swap(true, Ordering::Relaxed) {
+                tracing::debug!(
+                    "message without an idempotency key processed without deduplication \
+                     (logged once; see the `unkeyed` count)"
+                );
+            }
+            let fut = self.inner.call(msg);
+            return ResponseFuture::new(
+                async move { fut.await.map(Into::into).map_err(Into::into) },
+            );
+        };
+        // The clone takes the place of the service that was driven to readiness, which
+        // runs the message once the key is reserved.
+        let clone = self.inner.clone();
+        let ready = std::mem::replace(&mut self.inner, clone);
+        ResponseFuture::new(process(self.shared.clone(), ready, key, msg))
+    }
+}
+
+async fn process<S, St>(
+    shared: Arc<Shared<St>>,
+    mut inner: S,
+    key: String,
+    mut msg: Message,
+) -> Result<Outcome, BoxError>
+where
+    S: Service<Message>,
+    S::Response: Into<Outcome>,
+    S::Error: Into<BoxError>,
+    St: IdempotencyStore + ?Sized,
+{
+    let config = &shared.config;
+    let counters = &shared.counters;
+    let token = match shared.store.reserve(&key, config.lease).await? {
+        Reservation::Fresh(token) => token,
+        Reservation::Committed => {
+            Counters::bump(&counters.deduplicated);
+            tracing::info!(idempotency_key = %key, "duplicate skipped: key already committed");
+            return Ok(Outcome::Deduplicated);
+        }
+        Reservation::Reserved { remaining } => {
+            Counters::bump(&counters.reserved_elsewhere);
+            tracing::debug!(idempotency_key = %key, ?remaining, "key reserved by another consumer");
+            return Err(classify::retry_after(
+                KeyReserved { key, remaining },
+                remaining,
+            ));
+        }
+    };
+    msg.extensions
+        .insert(IdempotencyToken::new(key.clone(), token.clone()));
+    let result: Result<Outcome, BoxError> =
+        inner.call(msg).await.map(Into::into).map_err(Into::into);
+    match result {
+        Ok(outcome) => match shared.store.commit(&key, &token, config.ttl).await {
+            Ok(CommitStatus::Committed) => {
+                if config.commit_mode == CommitMode::Handler {
+                    tracing::warn!(
+                        idempotency_key = %key,
+                        "the handler succeeded without committing the idempotency key in its \
+                         transaction; committed it afterwards, so effect and key were not atomic"
+                    );
+                }
+                Ok(outcome)
+            }
+            Ok(CommitStatus::AlreadyCommitted) => Ok(outcome),
+            Err(source) => {
+                Counters::bump(&counters.commit_failures);
+                let err = CommitFailed { key, source };
+                tracing::error!(error = %err, "idempotency commit failed");
+                Err(Box::new(err))
+            }
+        },
+        Err(err) => {
+            if let Err(release) = shared.store.release(&key, &token).await {
+                tracing::warn!(
+                    idempotency_key = %key,
+                    error = %release,
+                    "could not release the idempotency key; it stays reserved until its lease expires"
+                );
+            }
+            Err(err)
+        }
+    }
+}

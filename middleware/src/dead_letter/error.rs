@@ -1,0 +1,94 @@
+//! Errors of the dead-letter layer.
+
+use std::error::Error as StdError;
+use std::fmt;
+
+use redrive_core::HeaderError;
+
+/// A configuration the dead-letter layer cannot work with; the message says what to change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError(pub(crate) String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid dead-letter configuration: {}", self.0)
+    }
+}
+
+impl StdError for ConfigError {}
+
+#[derive(Debug)]
+pub(crate) enum Kind {
+    NoDestination,
+    Envelope(HeaderError),
+    Publish(redrive_core::Error),
+}
+
+/// A message should have been dead-lettered but was not: the Worker nacks it, so it
+/// is delivered again and nothing is lost.
+///
+/// The handler's error is part of the message text, not of the
+/// [`source`](StdError::source) chain: this error is transient (a DLQ outage or a
+/// configuration to fix), so the Worker redelivers with its backoff even when the
+/// handler's error was permanent.
+#[derive(Debug)]
+pub struct DeadLetterError {
+    pub(crate) kind: Kind,
+    pub(crate) destination: String,
+    pub(crate) handler_error: String,
+}
+
+impl DeadLetterError {
+    /// The dead-letter destination, empty when none could be worked out.
+    pub fn destination(&self) -> &str {
+        &self.destination
+    }
+
+    /// The handler's error that led to the dead-lettering, as text.
+    pub fn handler_error(&self) -> &str {
+        &self.handler_error
+    }
+
+    /// Whether publishing to the dead-letter destination failed (or was not confirmed).
+    pub fn is_publish(&self) -> bool {
+        matches!(self.kind, Kind::Publish(_))
+    }
+
+    /// Whether the envelope did not fit the message's header limits.
+    pub fn is_envelope(&self) -> bool {
+        matches!(self.kind, Kind::Envelope(_))
+    }
+}
+
+impl fmt::Display for DeadLetterError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            Kind::NoDestination => f.write_str(
+                "cannot dead-letter: the message has no source destination to derive \
+                 `<destination>.dlq` from; set one with `DeadLetterConfig::with_destination`",
+            )?,
+            Kind::Envelope(_) => write!(
+                f,
+                "cannot dead-letter to `{}`: the envelope does not fit the message's header \
+                 limits; lower `max_error_len` or raise the limits",
+                self.destination
+            )?,
+            Kind::Publish(_) => write!(
+                f,
+                "publishing to dead-letter destination `{}` failed; the message will be redelivered",
+                self.destination
+            )?,
+        }
+        write!(f, " (handler error: {})", self.handler_error)
+    }
+}
+
+impl StdError for DeadLetterError {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        match &self.kind {
+            Kind::NoDestination => None,
+            Kind::Envelope(e) => Some(e),
+            Kind::Publish(e) => Some(e),
+        }
+    }
+}

@@ -1,0 +1,184 @@
+//! [`ResponseFuture`] of [`DeadLetter`](super::DeadLetter).
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::SystemTime;
+
+use redrive_core::delivery::BoxFuture;
+use redrive_core::{BoxError, Metadata, Outcome, OutgoingMessage, Publisher};
+
+use super::envelope::{self, Envelope};
+use super::error::Kind;
+use super::layer::Shared;
+use super::{DeadLetterError, DeadLetterEvent, OnDeadLetter, Reason};
+
+pin_project_lite::pin_project! {
+    /// The future of [`DeadLetter`](super::DeadLetter): the inner call, then, if the
+    /// message is to be dead-lettered, the confirmed publish.
+    pub struct ResponseFuture<F, P, H> {
+        #[pin]
+        state: State<F>,
+        pending: Option<Pending<P, H>>,
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[project = StateProj]
+    enum State<F> {
+        Inner { #[pin] fut: F },
+        DeadLettering { fut: BoxFuture<'static, Result<Outcome, BoxError>> },
+    }
+}
+
+/// The message as it came in, kept in case it must be dead-lettered.
+pub(crate) struct Pending<P, H> {
+    shared: Arc<Shared<P, H>>,
+    message: OutgoingMessage,
+    metadata: Metadata,
+}
+
+impl<F, P, H> ResponseFuture<F, P, H> {
+    pub(crate) fn new(
+        fut: F,
+        shared: Arc<Shared<P, H>>,
+        message: OutgoingMessage,
+        metadata: Metadata,
+    ) -> Self {
+        ResponseFuture {
+            state: State::Inner { fut },
+            pending: Some(Pending {
+                shared,
+                message,
+                metadata,
+            }),
+        }
+    }
+}
+
+impl<F, P, H> fmt::Debug for ResponseFuture<F, P, H> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match self.state {
+            State::Inner { .. } => "inner",
+            State::DeadLettering { .. } => "dead_lettering",
+        };
+        f.debug_struct("ResponseFuture")
+            .field("state", &state)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<F, R, E, P, H> Future for ResponseFuture<F, P, H>
+where
+    F: Future<Output = Result<R, E>>,
+    R: Into<Outcome>,
+    E: Into<BoxError>,
+    P: Publisher,
+    H: OnDeadLetter,
+{
+    type Output = Result<Outcome, BoxError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        loop {
+            let this = self.as_mut().project();
+            match this.state.project() {
+                StateProj::Inner { fut } => {
+                    let err: BoxError = match ready!(fut.poll(cx)) {
+                        Ok(response) => return Poll::Ready(Ok(response.into())),
+                        Err(e) => e.into(),
+                    };
+                    let pending = this.pending.take().expect("polled after completion");
+                    let Some(reason) = pending.decide(&err) else {
+                        return Poll::Ready(Err(err));
+                    };
+                    let fut = Box::pin(pending.dead_letter(err, reason));
+                    self.as_mut()
+                        .project()
+                        .state
+                        .set(State::DeadLettering { fut });
+                }
+                StateProj::DeadLettering { fut } => return fut.as_mut().poll(cx),
+            }
+        }
+    }
+}
+
+impl<P: Publisher, H: OnDeadLetter> Pending<P, H> {
+    /// Whether `err` sends the message to the DLQ, and why.
+    fn decide(&self, err: &BoxError) -> Option<Reason> {
+        let config = &self.shared.config;
+        let class = config.classifier.classify(&**err);
+        let reason = if class.is_permanent() {
+            Reason::Permanent
+        } else if self.metadata.attempt >= config.max_attempts {
+            Reason::Exhausted
+        } else {
+            return None;
+        };
+        if let Some(filter) = &config.filter {
+            if !filter(&**err, &class) {
+                tracing::debug!(%reason, error = %err, "dead-letter filter declined the error; it goes up");
+                return None;
+            }
+        }
+        Some(reason)
+    }
+
+    async fn dead_letter(self, err: BoxError, reason: Reason) -> Result<Outcome, BoxError> {
+        let Pending {
+            shared,
+            mut message,
+            metadata,
+        } = self;
+        let config = &shared.config;
+        let handler_error = envelope::error_text(&*err);
+        let fail = |kind, destination: String, handler_error: String| -> BoxError {
+            let e = DeadLetterError {
+                kind,
+                destination,
+                handler_error,
+            };
+            tracing::error!(attempt = metadata.attempt, error = %e, "dead-lettering failed");
+            Box::new(e)
+        };
+        let destination = match &config.destination {
+            Some(d) => d.clone(),
+            None if metadata.source.destination.is_empty() => {
+                return Err(fail(Kind::NoDestination, String::new(), handler_error));
+            }
+            None => format!("{}.dlq", metadata.source.destination),
+        };
+        let envelope = Envelope {
+            metadata: &metadata,
+            reason,
+            error: &handler_error,
+            max_error_len: config.max_error_len,
+            consumer: config.consumer_name.as_deref(),
+            now: SystemTime::now(),
+        };
+        if let Err(e) = envelope.write(&mut message) {
+            return Err(fail(Kind::Envelope(e), destination, handler_error));
+        }
+        let published = message.clone();
+        if let Err(e) = shared.publisher.publish(&destination, message).await {
+            return Err(fail(Kind::Publish(e), destination, handler_error));
+        }
+        tracing::warn!(
+            destination = %destination,
+            %reason,
+            attempt = metadata.attempt,
+            error = %envelope::truncate(&handler_error, config.max_error_len),
+            "message dead-lettered"
+        );
+        shared.hook.on_dead_letter(&DeadLetterEvent {
+            destination: &destination,
+            reason,
+            error: &*err,
+            metadata: &metadata,
+            message: &published,
+        });
+        Ok(Outcome::DeadLettered)
+    }
+}

@@ -1,0 +1,233 @@
+//! Dead-lettering: a message that cannot succeed is published, with an envelope that
+//! says why, to a dead-letter destination, and then reported handled so the original is
+//! acked.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use redrive_core::memory::MemoryBroker;
+//! use redrive_core::{classify, handler, BoxError, Message, Outcome};
+//! use redrive_middleware::dead_letter::{self, DeadLetterConfig, DeadLetterLayer};
+//! use tower::{ServiceBuilder, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), BoxError> {
+//! let broker = Arc::new(MemoryBroker::new());
+//! let config = DeadLetterConfig::default()
+//!     .with_max_attempts(3)
+//!     .with_consumer_name("billing");
+//! let service = ServiceBuilder::new()
+//!     .layer(DeadLetterLayer::new(broker.clone(), config)?)
+//!     .service(handler::handler_fn(|_msg: Message| async {
+//!         Err::<(), BoxError>(classify::permanent("missing field `id`"))
+//!     }));
+//!
+//! let mut msg = Message::new("{}");
+//! msg.metadata.source.destination = "orders".into();
+//! assert_eq!(service.oneshot(msg).await?, Outcome::DeadLettered);
+//!
+//! let dead = broker.messages("orders.dlq");
+//! assert_eq!(dead[0].headers.get_str(dead_letter::ERROR_KIND), Some("permanent"));
+//! assert_eq!(dead[0].headers.get_str(dead_letter::ERROR_MESSAGE), Some("missing field `id`"));
+//! assert_eq!(dead[0].headers.get_str(dead_letter::CONSUMER), Some("billing"));
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Guarantees
+//! - **Nothing is lost.** The layer answers `Ok(`[`Outcome::DeadLettered`]`)` (and the
+//!   Worker acks the original) only after the [`Publisher`] confirmed the dead-letter
+//!   message. If the publish fails, if no destination can be worked out, or if the
+//!   envelope does not fit the message's [`HeaderLimits`](redrive_core::HeaderLimits),
+//!   the call fails with a transient [`DeadLetterError`]; the Worker nacks, the message
+//!   comes back, and dead-lettering is tried again.
+//! - **When**: the inner service's error is permanent (by the configured
+//!   [`Classifier`](redrive_core::Classifier)), or the message's
+//!   [`attempt`](redrive_core::Metadata::attempt) has reached `max_attempts`, and the
+//!   optional filter agrees. Any other error goes up unchanged; successes pass through.
+//! - **Where**: the configured destination, else `<source destination>.dlq`.
+//! - **What**: the payload, key and every header as they came in, including the trace
+//!   context ([`TRACEPARENT`], [`TRACESTATE`], [`CORRELATION_ID`]), which the layer never
+//!   writes; plus the envelope below. Envelope headers from an earlier dead-lettering
+//!   (a message redriven from a DLQ that failed again) are replaced, never piled up.
+//! - Duplicates are possible, as with any publish-then-ack: if the process dies after
+//!   the confirm and before the ack, the message is dead-lettered again on redelivery.
+//!
+//! # The envelope
+//!
+//! | header | value |
+//! |---|---|
+//! | [`ORIGINAL_SYSTEM`] | `messaging.system` of the source (`rabbitmq`, `kafka`, …) |
+//! | [`ORIGINAL_DESTINATION`] | the queue or topic consumed from |
+//! | [`ORIGINAL_PARTITION`], [`ORIGINAL_OFFSET`] | where the broker has them |
+//! | [`ORIGINAL_MESSAGE_ID`] | the message id, if any |
+//! | [`ORIGINAL_ENQUEUED_AT`] | when the broker accepted it, if it says |
+//! | [`ATTEMPTS`] | the delivery attempt that failed last |
+//! | [`FIRST_FAILURE_AT`] | the earliest known failure (below) |
+//! | [`LAST_FAILURE_AT`] | now: the failure that dead-lettered it |
+//! | [`ERROR_KIND`] | `permanent` or `exhausted` ([`Reason`]) |
+//! | [`ERROR_MESSAGE`] | the error and its sources, truncated to `max_error_len` |
+//! | [`CONSUMER`] | the configured consumer name, if any |
+//!
+//! Times are RFC 3339 in UTC with milliseconds (`2024-02-29T12:34:56.789Z`).
+//!
+//! **First failure time.** Nothing in redrive records when an earlier delivery attempt
+//! failed (the broker keeps a count, not times), so the layer knows only two things: a
+//! [`FIRST_FAILURE_AT`] header the message already carries from an earlier
+//! dead-lettering, which is kept when it parses and is not in the future; otherwise
+//! the time of this, the last, failure. So for a message dead-lettered for the first
+//! time after several attempts, first and last failure are the same instant, and the
+//! real first failure was earlier, at most [`ATTEMPTS`] − 1 redelivery delays before.
+//!
+//! # Where `attempt` comes from
+//! See [`DeadLetterConfig::check`]: the broker's own delivery count when it keeps one
+//! ([`Capabilities::delivery_count`](redrive_core::Capabilities)), else the adapter's
+//! header or the Worker's count for a parked message, which restarts with the process.
+//!
+//! # Order
+//! Outside idempotency, the circuit breaker, retries and the timeout (see the crate
+//! docs): it sees the final error of a delivery attempt, after in-process retries.
+
+mod config;
+mod envelope;
+mod error;
+pub mod future;
+mod layer;
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use redrive_core::{BoxError, Message, Metadata, Outcome, OutgoingMessage, Publisher};
+use tower::Service;
+
+pub use config::DeadLetterConfig;
+pub use envelope::{
+    ATTEMPTS, CONSUMER, CORRELATION_ID, ENVELOPE_HEADERS, ERROR_KIND, ERROR_MESSAGE,
+    FIRST_FAILURE_AT, LAST_FAILURE_AT, ORIGINAL_DESTINATION, ORIGINAL_ENQUEUED_AT,
+    ORIGINAL_MESSAGE_ID, ORIGINAL_OFFSET, ORIGINAL_PARTITION, ORIGINAL_SYSTEM, Reason, TRACEPARENT,
+    TRACESTATE,
+};
+pub use error::{ConfigError, DeadLetterError};
+pub use layer::DeadLetterLayer;
+
+use future::ResponseFuture;
+use layer::Shared;
+
+/// Publishes messages that cannot succeed to a dead-letter destination. See the
+/// [module docs](self).
+pub struct DeadLetter<S, P, H = ()> {
+    inner: S,
+    shared: Arc<Shared<P, H>>,
+}
+
+impl<S: Clone, P, H> Clone for DeadLetter<S, P, H> {
+    fn clone(&self) -> Self {
+        DeadLetter {
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug, P, H> fmt::Debug for DeadLetter<S, P, H> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DeadLetter")
+            .field("inner", &self.inner)
+            .field("config", &self.shared.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, P, H> DeadLetter<S, P, H> {
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The wrapped service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, P, H> Service<Message> for DeadLetter<S, P, H>
+where
+    S: Service<Message>,
+    S::Response: Into<Outcome>,
+    S::Error: Into<BoxError>,
+    P: Publisher,
+    H: OnDeadLetter,
+{
+    type Response = Outcome;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future, P, H>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, msg: Message) -> Self::Future {
+        let message = msg.to_outgoing();
+        let metadata = msg.metadata.clone();
+        ResponseFuture::new(self.inner.call(msg), self.shared.clone(), message, metadata)
+    }
+}
+
+/// A confirmed dead-letter publish, as [`OnDeadLetter`] sees it.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct DeadLetterEvent<'a> {
+    /// Where the message was published.
+    pub destination: &'a str,
+    /// Why.
+    pub reason: Reason,
+    /// The inner service's error.
+    pub error: &'a (dyn StdError + Send + Sync + 'static),
+    /// The original message's metadata.
+    pub metadata: &'a Metadata,
+    /// The message as published, envelope included.
+    pub message: &'a OutgoingMessage,
+}
+
+/// Called after each confirmed dead-letter publish. Implemented for `()` (nothing) and
+/// for closures `Fn(&DeadLetterEvent<'_>)`.
+///
+/// ```
+/// # use std::sync::Arc;
+/// # use std::sync::atomic::{AtomicU64, Ordering};
+/// # use redrive_core::memory::MemoryBroker;
+/// use redrive_middleware::dead_letter::{DeadLetterConfig, DeadLetterEvent, DeadLetterLayer};
+///
+/// let count = Arc::new(AtomicU64::new(0));
+/// let seen = count.clone();
+/// let layer = DeadLetterLayer::new(Arc::new(MemoryBroker::new()), DeadLetterConfig::default())?
+///     .on_dead_letter(move |event: &DeadLetterEvent<'_>| {
+///         seen.fetch_add(1, Ordering::Relaxed);
+///         eprintln!("{} → {} ({})", event.metadata.source.destination, event.destination, event.reason);
+///     });
+/// # let _ = layer;
+/// # Ok::<(), redrive_middleware::dead_letter::ConfigError>(())
+/// ```
+pub trait OnDeadLetter: Send + Sync + 'static {
+    /// A message was dead-lettered and the publish confirmed.
+    fn on_dead_letter(&self, event: &DeadLetterEvent<'_>);
+}
+
+impl OnDeadLetter for () {
+    fn on_dead_letter(&self, _: &DeadLetterEvent<'_>) {}
+}
+
+impl<F> OnDeadLetter for F
+where
+    F: Fn(&DeadLetterEvent<'_>) + Send + Sync + 'static,
+{
+    fn on_dead_letter(&self, event: &DeadLetterEvent<'_>) {
+        self(event)
+    }
+}

@@ -1,0 +1,63 @@
+//! Where an idempotency key comes from: [`MakeKey`] and [`DefaultKey`].
+
+use std::fmt::Write as _;
+
+use redrive_core::{HeaderValue, Message};
+
+/// The header a producer sets to name the operation a message performs, first choice of
+/// [`DefaultKey`]; and a producer's message id header, its second choice.
+pub use redrive_core::names::{IDEMPOTENCY_KEY, MESSAGE_ID};
+
+/// Works out a message's idempotency key. Implemented for [`DefaultKey`] and for
+/// closures `Fn(&Message) -> Option<String>`.
+///
+/// `None` means the message has no key: the handler runs without deduplication.
+pub trait MakeKey: Send + Sync + 'static {
+    /// The key of `msg`, if it has one.
+    fn make_key(&self, msg: &Message) -> Option<String>;
+}
+
+impl<F> MakeKey for F
+where
+    F: Fn(&Message) -> Option<String> + Send + Sync + 'static,
+{
+    fn make_key(&self, msg: &Message) -> Option<String> {
+        self(msg)
+    }
+}
+
+/// The default key: the [`IDEMPOTENCY_KEY`] header, else the [`MESSAGE_ID`] header,
+/// else the broker's [`message_id`](redrive_core::Metadata::message_id). Empty values
+/// are skipped; a header value that is not UTF-8 is used as `0x` and its hex digits.
+///
+/// A broker's message id is the same for every redelivery of one message but differs
+/// between two sends of the same content, so it catches redeliveries, not a producer
+/// that sends twice; producers that may retry a send should set [`IDEMPOTENCY_KEY`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DefaultKey;
+
+impl MakeKey for DefaultKey {
+    fn make_key(&self, msg: &Message) -> Option<String> {
+        [IDEMPOTENCY_KEY, MESSAGE_ID]
+            .into_iter()
+            .filter_map(|name| msg.headers.get(name))
+            .find(|v| !v.is_empty())
+            .map(header_key)
+            .or_else(|| msg.metadata.message_id.clone().filter(|id| !id.is_empty()))
+    }
+}
+
+fn header_key(value: &HeaderValue) -> String {
+    match value.as_str() {
+        Some(s) => s.to_owned(),
+        None => {
+            let bytes = value.as_bytes();
+            let mut s = String::with_capacity(2 + 2 * bytes.len());
+            s.push_str("0x");
+            for b in bytes {
+                let _ = write!(s, "{b:02x}");
+            }
+            s
+        }
+    }
+}

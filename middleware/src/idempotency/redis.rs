@@ -1,0 +1,226 @@
+//! [`RedisStore`]: idempotency keys in Redis.
+
+use std::fmt;
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use redis::Script;
+use redis::aio::ConnectionManager;
+
+use super::store::millis_ceil;
+use super::{CommitStatus, IdempotencyStore, Reservation, StoreError, StoreFuture, Token};
+
+/// Reserves a free key: `{0, 0}`; finds it committed: `{1, 0}`; finds it reserved:
+/// `{2, pttl}`. KEYS[1] = key, ARGV[1] = token, ARGV[2] = lease in ms.
+static RESERVE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local v = redis.call('GET', KEYS[1])
+if not v then
+  redis.call('SET', KEYS[1], 'r:' .. ARGV[1], 'PX', ARGV[2])
+  return {0, 0}
+end
+if string.sub(v, 1, 2) == 'c:' then
+  return {1, 0}
+end
+return {2, redis.call('PTTL', KEYS[1])}
+",
+    )
+});
+
+/// Commits a key this token reserved: 1; already committed by this token: 2; lost: 0.
+/// KEYS[1] = key, ARGV[1] = token, ARGV[2] = ttl in ms.
+static COMMIT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local v = redis.call('GET', KEYS[1])
+if v == 'r:' .. ARGV[1] then
+  redis.call('SET', KEYS[1], 'c:' .. ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+if v == 'c:' .. ARGV[1] then
+  return 2
+end
+return 0
+",
+    )
+});
+
+/// Deletes a key this token reserved: 1; committed by this token (kept): 2; lost: 0.
+/// KEYS[1] = key, ARGV[1] = token.
+static RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local v = redis.call('GET', KEYS[1])
+if v == 'r:' .. ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+if v == 'c:' .. ARGV[1] then
+  return 2
+end
+return 0
+",
+    )
+});
+
+/// Idempotency keys in Redis, shared by every consumer that uses the same server and
+/// prefix.
+///
+/// Each key is one Redis string, `<prefix><key>`, holding `r:<token>` while reserved
+/// and `c:<token>` once committed, with the lease or TTL as its expiry (`PX`), so Redis
+/// forgets expired keys by itself. Reserve, commit and release are Lua scripts, each
+/// atomic on the server; commit and release compare the token, so a consumer whose
+/// lease expired cannot commit or release a reservation another consumer has taken
+/// since: its commit fails with [`StoreError::lease_lost`]. Once a lease has expired,
+/// its key is gone, so a late commit fails even if no one took the key over.
+///
+/// Deduplication is as durable as the Redis server: with persistence off, a restart
+/// forgets committed keys. Use one prefix per consumer group: two services that both
+/// process the same messages need different prefixes.
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// use redrive_middleware::idempotency::{IdempotencyConfig, IdempotencyLayer, RedisStore};
+///
+/// # async fn run() -> Result<(), redrive_core::BoxError> {
+/// let store = RedisStore::connect("redis://127.0.0.1:6379").await?.with_prefix("billing:idem:");
+/// let layer = IdempotencyLayer::new(Arc::new(store), IdempotencyConfig::default())?;
+/// # let _ = layer;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct RedisStore {
+    conn: ConnectionManager,
+    prefix: String,
+}
+
+impl RedisStore {
+    /// The default key prefix.
+    pub const DEFAULT_PREFIX: &'static str = "redrive:idempotency:";
+
+    /// A store on `conn`, with keys under [`DEFAULT_PREFIX`](Self::DEFAULT_PREFIX).
+    pub fn new(conn: ConnectionManager) -> Self {
+        RedisStore {
+            conn,
+            prefix: Self::DEFAULT_PREFIX.to_owned(),
+        }
+    }
+
+    /// Connects to the server at `url` (`redis://host:port/db`) with a
+    /// [`ConnectionManager`], which reconnects when the connection drops.
+    ///
+    /// # Errors
+    /// When the URL is invalid or the server cannot be reached.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let client = redis::Client::open(url).map_err(StoreError::backend)?;
+        let conn = client
+            .get_connection_manager()
+            .await
+            .map_err(StoreError::backend)?;
+        Ok(Self::new(conn))
+    }
+
+    /// Puts keys under `prefix` instead.
+    #[must_use]
+    pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// The key prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    fn redis_key(&self, key: &str) -> String {
+        let mut k = String::with_capacity(self.prefix.len() + key.len());
+        k.push_str(&self.prefix);
+        k.push_str(key);
+        k
+    }
+}
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl IdempotencyStore for RedisStore {
+    fn reserve<'a>(&'a self, key: &'a str, lease: Duration) -> StoreFuture<'a, Reservation> {
+        Box::pin(async move {
+            let token = Token::random();
+            let mut conn = self.conn.clone();
+            let (status, pttl): (i64, i64) = RESERVE
+                .key(self.redis_key(key))
+                .arg(token.as_str())
+                .arg(millis_ceil(lease))
+                .invoke_async(&mut conn)
+                .await
+                .map_err(StoreError::backend)?;
+            match status {
+                0 => Ok(Reservation::Fresh(token)),
+                1 => Ok(Reservation::Committed),
+                _ => Ok(Reservation::Reserved {
+                    remaining: Duration::from_millis(u64::try_from(pttl).unwrap_or(0)),
+                }),
+            }
+        })
+    }
+
+    fn commit<'a>(
+        &'a self,
+        key: &'a str,
+        token: &'a Token,
+        ttl: Duration,
+    ) -> StoreFuture<'a, CommitStatus> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let status: i64 = COMMIT
+                .key(self.redis_key(key))
+                .arg(token.as_str())
+                .arg(millis_ceil(ttl))
+                .invoke_async(&mut conn)
+                .await
+                .map_err(StoreError::backend)?;
+            match status {
+                1 => Ok(CommitStatus::Committed),
+                2 => Ok(CommitStatus::AlreadyCommitted),
+                _ => Err(StoreError::lease_lost(key)),
+            }
+        })
+    }
+
+    fn release<'a>(&'a self, key: &'a str, token: &'a Token) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let status: i64 = RELEASE
+                .key(self.redis_key(key))
+                .arg(token.as_str())
+                .invoke_async(&mut conn)
+                .await
+                .map_err(StoreError::backend)?;
+            match status {
+                1 | 2 => Ok(()),
+                _ => Err(StoreError::lease_lost(key)),
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use crate::idempotency::contract;
+
+    #[tokio::test]
+    async fn passes_the_store_contract() {
+        let store = contract::redis_store().await;
+        contract::run_all(&store, Duration::from_millis(300)).await;
+    }
+}

@@ -1,0 +1,113 @@
+//! The [`IdempotencyStore`] trait and what it trades in.
+
+use std::fmt;
+use std::time::Duration;
+
+use redrive_core::delivery::BoxFuture;
+
+use super::StoreError;
+
+/// The future an [`IdempotencyStore`] method returns.
+pub type StoreFuture<'a, T> = BoxFuture<'a, Result<T, StoreError>>;
+
+/// A random value that identifies one reservation of a key.
+///
+/// Stores check it on commit and release, so a consumer whose lease expired cannot
+/// commit or release a reservation another consumer has taken since.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Token(String);
+
+impl Token {
+    /// A new random token (128 bits, as 32 hex digits).
+    pub fn random() -> Self {
+        Token(format!("{:032x}", fastrand::u128(..)))
+    }
+
+    /// A token with this value, as a store reads it back.
+    pub fn new(value: impl Into<String>) -> Self {
+        Token(value.into())
+    }
+
+    /// The token's value.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Token({})", self.0)
+    }
+}
+
+impl fmt::Display for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What [`IdempotencyStore::reserve`] found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reservation {
+    /// The key was free (or its last lease had expired); it is now reserved for the
+    /// caller, who holds this token.
+    Fresh(Token),
+    /// The key was committed: the message was processed before.
+    Committed,
+    /// Another reservation holds the key for `remaining` more.
+    Reserved {
+        /// The lease left.
+        remaining: Duration,
+    },
+}
+
+/// What [`IdempotencyStore::commit`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CommitStatus {
+    /// The reservation was turned into a commit.
+    Committed,
+    /// This token had already committed the key (the handler committed it in its own
+    /// transaction); nothing changed.
+    AlreadyCommitted,
+}
+
+/// Where idempotency keys are reserved and committed.
+///
+/// Methods return boxed futures so the trait is object-safe: a layer can hold an
+/// `Arc<dyn IdempotencyStore>`.
+///
+/// # Contract
+/// - `reserve` is atomic: of consumers racing for a free key, exactly one gets
+///   [`Reservation::Fresh`].
+/// - A reservation lasts `lease`; after that the key is free again and a new `reserve`
+///   replaces the reservation (and its token).
+/// - `commit` succeeds only for the token of the reservation that holds the key; it
+///   fails with [`StoreError::lease_lost`] when another reservation replaced it (and may
+///   fail so once the lease has merely expired). Committing again with the token that
+///   committed is [`CommitStatus::AlreadyCommitted`] and changes nothing.
+/// - A committed key stays committed for `ttl`, then is free again.
+/// - `release` frees the key if the token still holds its reservation; a key this token
+///   committed stays committed (`Ok`); otherwise it fails with
+///   [`StoreError::lease_lost`] and changes nothing.
+pub trait IdempotencyStore: Send + Sync + 'static {
+    /// Reserves `key` for `lease`, unless it is committed or reserved by someone else.
+    fn reserve<'a>(&'a self, key: &'a str, lease: Duration) -> StoreFuture<'a, Reservation>;
+
+    /// Marks `key`, reserved with `token`, as processed for `ttl`.
+    fn commit<'a>(
+        &'a self,
+        key: &'a str,
+        token: &'a Token,
+        ttl: Duration,
+    ) -> StoreFuture<'a, CommitStatus>;
+
+    /// Frees `key`, reserved with `token`, so the message can be processed again.
+    fn release<'a>(&'a self, key: &'a str, token: &'a Token) -> StoreFuture<'a, ()>;
+}
+
+/// `d` in whole milliseconds, rounded up, at least 1.
+#[cfg(any(feature = "redis", feature = "postgres"))]
+pub(crate) fn millis_ceil(d: Duration) -> u64 {
+    let ms = d.as_nanos().div_ceil(1_000_000);
+    u64::try_from(ms).unwrap_or(u64::MAX).max(1)
+}

@@ -1,0 +1,298 @@
+//! The idempotency layer on the real local PostgreSQL (`DATABASE_URL`, default
+//! `host=127.0.0.1 user=postgres dbname=test`). Fails, saying how to start PostgreSQL,
+//! when it is not running.
+#![cfg(feature = "postgres")]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use redrive_core::{BoxError, Headers, Message, Outcome};
+use redrive_middleware::idempotency::{
+    self, CommitFailed, CommitMode, IdempotencyConfig, IdempotencyLayer, IdempotencyStore,
+    IdempotencyToken, KeyReserved, PostgresStore, Reservation,
+};
+use tokio::sync::Mutex;
+use tokio_postgres::{Client, NoTls};
+use tower::{Layer, Service, ServiceExt, service_fn};
+
+fn params() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "host=127.0.0.1 user=postgres dbname=test".into())
+}
+
+fn unreachable(e: &dyn std::fmt::Display) -> ! {
+    panic!(
+        "cannot reach PostgreSQL with `{}` ({e}); start it with `pg_ctlcluster 15 main start` \
+         or set DATABASE_URL",
+        params()
+    )
+}
+
+async fn client() -> Client {
+    let params = params();
+    match tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio_postgres::connect(&params, NoTls),
+    )
+    .await
+    {
+        Ok(Ok((client, conn))) => {
+            tokio::spawn(conn);
+            client
+        }
+        Ok(Err(e)) => unreachable(&e),
+        Err(_) => unreachable(&"no answer within 5 s"),
+    }
+}
+
+/// A fresh table name for one test.
+fn table(test: &str) -> String {
+    format!("redrive_test_{test}_{:016x}", fastrand::u64(..))
+}
+
+/// A migrated store on its own connection.
+async fn store(table: &str) -> PostgresStore {
+    let store = PostgresStore::new(Arc::new(client().await))
+        .with_table(table)
+        .unwrap();
+    store.migrate().await.unwrap();
+    store
+}
+
+fn keyed(key: &str) -> Message {
+    let mut headers = Headers::new();
+    headers.insert(idempotency::IDEMPOTENCY_KEY, key).unwrap();
+    Message::new("charge").with_headers(headers)
+}
+
+fn handler(
+    runs: Arc<AtomicU32>,
+    work: Duration,
+) -> impl Service<Message, Response = Outcome, Error = BoxError, Future: Send> + Clone + Send + 'static
+{
+    service_fn(move |_msg: Message| {
+        let runs = runs.clone();
+        async move {
+            runs.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(work).await;
+            Ok::<_, BoxError>(Outcome::Processed)
+        }
+    })
+}
+
+fn config(lease: Duration) -> IdempotencyConfig {
+    IdempotencyConfig::default()
+        .with_lease(lease)
+        .with_ttl(Duration::from_secs(60))
+}
+
+#[tokio::test]
+async fn two_consumers_racing_for_one_key_run_the_handler_once() {
+    let table = table("race");
+    let a = IdempotencyLayer::new(
+        Arc::new(store(&table).await),
+        config(Duration::from_secs(5)),
+    )
+    .unwrap();
+    let b = IdempotencyLayer::new(
+        Arc::new(store(&table).await),
+        config(Duration::from_secs(5)),
+    )
+    .unwrap();
+    let runs = Arc::new(AtomicU32::new(0));
+    let work = Duration::from_millis(200);
+    let (ra, rb) = tokio::join!(
+        a.layer(handler(runs.clone(), work)).oneshot(keyed("k")),
+        b.layer(handler(runs.clone(), work)).oneshot(keyed("k")),
+    );
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "both consumers ran the handler"
+    );
+    let err = match (ra, rb) {
+        (Ok(Outcome::Processed), Err(e)) | (Err(e), Ok(Outcome::Processed)) => e,
+        other => panic!("expected one success and one refusal, got {other:?}"),
+    };
+    let reserved = KeyReserved::find(&*err).expect("KeyReserved");
+    assert!(reserved.remaining() > Duration::from_secs(4), "{reserved}");
+    let again = b
+        .layer(handler(runs.clone(), work))
+        .oneshot(keyed("k"))
+        .await
+        .unwrap();
+    assert_eq!(again, Outcome::Deduplicated);
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_lease_that_expires_mid_processing_cannot_be_committed_over_the_next_owner() {
+    let table = table("lease");
+    let lease = Duration::from_millis(300);
+    let shared = Arc::new(store(&table).await);
+    let slow = IdempotencyLayer::new(shared.clone(), config(lease)).unwrap();
+    let fast = IdempotencyLayer::new(Arc::new(store(&table).await), config(lease)).unwrap();
+    let runs = Arc::new(AtomicU32::new(0));
+
+    let late = tokio::spawn(
+        slow.layer(handler(runs.clone(), Duration::from_millis(700)))
+            .oneshot(keyed("k")),
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let refused = fast
+        .layer(handler(runs.clone(), Duration::ZERO))
+        .oneshot(keyed("k"))
+        .await
+        .unwrap_err();
+    assert!(KeyReserved::find(&*refused).is_some(), "{refused}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let outcome = fast
+        .layer(handler(runs.clone(), Duration::ZERO))
+        .oneshot(keyed("k"))
+        .await
+        .unwrap();
+    assert_eq!(outcome, Outcome::Processed);
+
+    let err = late.await.unwrap().unwrap_err();
+    let failed = err.downcast_ref::<CommitFailed>().expect("CommitFailed");
+    assert!(failed.store_error().is_lease_lost(), "{err}");
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        shared.reserve("k", lease).await.unwrap(),
+        Reservation::Committed
+    );
+}
+
+/// A handler that records its effect in `effects` and commits the key in the same
+/// transaction; it fails after `commit_in` (rolling everything back) while `fail` is set.
+fn transactional(
+    db: Arc<Mutex<Client>>,
+    store: Arc<PostgresStore>,
+    effects: String,
+    fail: Arc<AtomicU32>,
+) -> impl Service<Message, Response = Outcome, Error = BoxError, Future: Send> + Clone + Send + 'static
+{
+    service_fn(move |msg: Message| {
+        let (db, store, effects, fail) = (db.clone(), store.clone(), effects.clone(), fail.clone());
+        async move {
+            let reservation = msg
+                .extensions
+                .get::<IdempotencyToken>()
+                .expect("the layer puts the reservation into the extensions")
+                .clone();
+            let mut db = db.lock().await;
+            let txn = db.transaction().await?;
+            txn.execute(
+                &format!("INSERT INTO {effects} (key) VALUES ($1)"),
+                &[&reservation.key()],
+            )
+            .await?;
+            store
+                .commit_in(&txn, &reservation, Duration::from_secs(60))
+                .await?;
+            if fail.load(Ordering::SeqCst) > 0 {
+                fail.fetch_sub(1, Ordering::SeqCst);
+                return Err::<Outcome, BoxError>("crashed before commit".into()); // txn rolls back
+            }
+            txn.commit().await?;
+            Ok(Outcome::Processed)
+        }
+    })
+}
+
+#[tokio::test]
+async fn a_handler_commits_the_key_in_its_own_transaction_exactly_once() {
+    let table = table("txn");
+    let effects = format!("{table}_effects");
+    let store = Arc::new(store(&table).await);
+    let db = client().await;
+    db.batch_execute(&format!("CREATE TABLE {effects} (key TEXT NOT NULL)"))
+        .await
+        .unwrap();
+    let db = Arc::new(Mutex::new(db));
+    let config = config(Duration::from_secs(5)).with_commit_mode(CommitMode::Handler);
+    let layer = IdempotencyLayer::new(store.clone(), config).unwrap();
+    let fail = Arc::new(AtomicU32::new(1));
+    let svc = || transactional(db.clone(), store.clone(), effects.clone(), fail.clone());
+    let count = || async {
+        let row = db
+            .lock()
+            .await
+            .query_one(&format!("SELECT count(*) FROM {effects}"), &[])
+            .await
+            .unwrap();
+        row.get::<_, i64>(0)
+    };
+
+    // First delivery: the handler fails after commit_in; effect and key roll back
+    // together, and the layer releases the reservation.
+    let err = layer.layer(svc()).oneshot(keyed("k")).await.unwrap_err();
+    assert_eq!(err.to_string(), "crashed before commit");
+    assert_eq!(count().await, 0);
+    let rows = db
+        .lock()
+        .await
+        .query_one(
+            &format!("SELECT count(*) FROM {table} WHERE key = 'k'"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0);
+    assert_eq!(rows, 0, "the reservation was not released");
+
+    // Redelivery: effect and key commit together; the layer's commit is a no-op.
+    let o = layer.layer(svc()).oneshot(keyed("k")).await.unwrap();
+    assert_eq!(o, Outcome::Processed);
+    assert_eq!(count().await, 1);
+    assert_eq!(
+        store.reserve("k", Duration::from_secs(5)).await.unwrap(),
+        Reservation::Committed
+    );
+
+    // Any later delivery is skipped: the effect happened exactly once.
+    let o = layer.layer(svc()).oneshot(keyed("k")).await.unwrap();
+    assert_eq!(o, Outcome::Deduplicated);
+    assert_eq!(count().await, 1);
+}
+
+#[tokio::test]
+async fn commit_in_with_a_lost_lease_fails_and_leaves_the_new_owner_alone() {
+    let table = table("lost");
+    let store = store(&table).await;
+    let Reservation::Fresh(stale) = store
+        .reserve("k", Duration::from_millis(300))
+        .await
+        .unwrap()
+    else {
+        panic!("fresh");
+    };
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let Reservation::Fresh(current) = store.reserve("k", Duration::from_secs(5)).await.unwrap()
+    else {
+        panic!("the expired lease was not taken over");
+    };
+
+    let mut db = client().await;
+    let txn = db.transaction().await.unwrap();
+    let err = store
+        .commit_in(
+            &txn,
+            &IdempotencyToken::new("k", stale),
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap_err();
+    assert!(err.is_lease_lost(), "{err}");
+    drop(txn);
+    // The current owner is untouched and commits.
+    assert!(matches!(
+        store.reserve("k", Duration::from_secs(5)).await.unwrap(),
+        Reservation::Reserved { .. }
+    ));
+    store
+        .commit("k", &current, Duration::from_secs(60))
+        .await
+        .unwrap();
+}
