@@ -1,0 +1,127 @@
+//! The metrics layer's counters after a known mix of successes, redeliveries,
+//! duplicates and dead letters, read through an in-memory metric exporter.
+#![cfg(all(feature = "metrics", feature = "dead-letter", feature = "idempotency"))]
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use opentelemetry::metrics::MeterProvider as _;
+use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData};
+use opentelemetry_sdk::metrics::{InMemoryMetricExporter, SdkMeterProvider};
+use redrive_core::memory::MemoryBroker;
+use redrive_core::{
+    BoxError, Message, OutgoingMessage, Publisher, Redelivery, Worker, classify, handler_fn,
+};
+use redrive_middleware::dead_letter::{DeadLetterConfig, DeadLetterLayer};
+use redrive_middleware::idempotency::{
+    IDEMPOTENCY_KEY, IdempotencyConfig, IdempotencyLayer, MemoryStore,
+};
+use redrive_middleware::metrics::MetricsLayer;
+use tower::ServiceBuilder;
+
+/// Every counter and histogram count, by name, for destination `orders`.
+fn read(exporter: &InMemoryMetricExporter) -> HashMap<String, i64> {
+    let mut out = HashMap::new();
+    for rm in exporter.get_finished_metrics().unwrap() {
+        for sm in rm.scope_metrics() {
+            for m in sm.metrics() {
+                let v = match m.data() {
+                    AggregatedMetrics::U64(MetricData::Sum(s)) => {
+                        s.data_points().map(|p| p.value() as i64).sum()
+                    }
+                    AggregatedMetrics::I64(MetricData::Sum(s)) => {
+                        s.data_points().map(|p| p.value()).sum()
+                    }
+                    AggregatedMetrics::F64(MetricData::Histogram(h)) => {
+                        h.data_points().map(|p| p.count() as i64).sum()
+                    }
+                    other => panic!("unexpected data for {}: {other:?}", m.name()),
+                };
+                out.insert(m.name().to_owned(), v);
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_after_a_known_mix() {
+    let exporter = InMemoryMetricExporter::default();
+    let provider = SdkMeterProvider::builder()
+        .with_periodic_exporter(exporter.clone())
+        .build();
+    let meter = provider.meter("test");
+
+    let broker = MemoryBroker::new();
+    let mut bodies = vec!["ok"; 6];
+    bodies.extend(["flaky", "flaky", "poison"]);
+    for body in bodies {
+        broker
+            .publish("orders", OutgoingMessage::new(body))
+            .await
+            .unwrap();
+    }
+    for _ in 0..2 {
+        let dup = OutgoingMessage::new("ok")
+            .with_header(IDEMPOTENCY_KEY, "charge-1")
+            .unwrap();
+        broker.publish("orders", dup).await.unwrap();
+    }
+
+    let stack = ServiceBuilder::new()
+        .layer(MetricsLayer::new(&meter))
+        .layer(
+            DeadLetterLayer::new(
+                Arc::new(broker.clone()),
+                DeadLetterConfig::default().with_max_attempts(3),
+            )
+            .unwrap(),
+        )
+        .layer(
+            IdempotencyLayer::new(Arc::new(MemoryStore::new()), IdempotencyConfig::default())
+                .unwrap(),
+        )
+        .service(handler_fn(|m: Message| async move {
+            match (&m.payload[..], m.attempt()) {
+                (b"poison", _) => Err(classify::permanent("schema violation")),
+                (b"flaky", 1) => Err::<(), BoxError>("downstream timeout".into()),
+                _ => Ok(()),
+            }
+        }));
+    let b = broker.clone();
+    let report = Worker::builder(broker.consumer("orders"), stack)
+        .concurrency(1)
+        .redelivery(Redelivery::constant(Duration::from_millis(5)))
+        .build()
+        .unwrap()
+        .run_until(async move {
+            while b.depth("orders") + b.in_flight("orders") > 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+    assert_eq!(
+        (
+            report.processed,
+            report.nacked,
+            report.dead_lettered,
+            report.deduplicated
+        ),
+        (9, 2, 1, 1),
+        "{report:?}"
+    );
+
+    provider.force_flush().unwrap();
+    let m = read(&exporter);
+    let get = |name: &str| *m.get(name).unwrap_or_else(|| panic!("no {name} in {m:?}"));
+    // 11 messages; the two flaky ones were delivered twice.
+    assert_eq!(get("messaging.client.consumed.messages"), 13);
+    assert_eq!(get("messaging.process.duration"), 13);
+    assert_eq!(get("redrive.message.age"), 13);
+    assert_eq!(get("redrive.messages.acked"), 11);
+    assert_eq!(get("redrive.messages.nacked"), 2);
+    assert_eq!(get("redrive.messages.dead_lettered"), 1);
+    assert_eq!(get("redrive.messages.deduplicated"), 1);
+    assert_eq!(get("redrive.messages.in_flight"), 0);
+}
