@@ -1,4 +1,4 @@
-//! redrive's tower layers, one module each, and the `Stack` builder that
+//! redrive's tower layers, one module each, and the [`Stack`] builder that
 //! assembles them in their canonical order.
 //!
 //! Canonical order, outermost first: `trace`, `metrics`, `dead_letter`, `idempotency`,
@@ -6,6 +6,12 @@
 //! [`Message`](redrive_core::Message) and the handler's result; they never settle a
 //! delivery (the Worker does).
 #![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod error;
+pub mod stack;
+
+pub use error::{Error, Result};
+pub use stack::{Stack, StackPart};
 
 #[cfg(feature = "circuit-breaker")]
 #[cfg_attr(docsrs, doc(cfg(feature = "circuit-breaker")))]

@@ -1,0 +1,29 @@
+//! The middleware crate's error type.
+
+/// What can go wrong when assembling a stack.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A layer's configuration cannot work with this consumer; the message says what
+    /// to change.
+    #[error("{layer}: {message}")]
+    Config {
+        /// The layer, as [`Stack::describe`](crate::Stack::describe) names it.
+        layer: &'static str,
+        /// What is wrong and what to change.
+        message: String,
+    },
+}
+
+impl Error {
+    /// A [`Error::Config`] for `layer` from any displayable error.
+    pub fn config(layer: &'static str, err: impl std::fmt::Display) -> Self {
+        Error::Config {
+            layer,
+            message: err.to_string(),
+        }
+    }
+}
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,379 @@
+//! The `Stack` builder: every layer in its canonical place, whatever order it is given in.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use redrive_core::memory::MemoryBroker;
+//! use redrive_core::{handler_fn, BoxError, Consumer, Message, Worker};
+//! use redrive_middleware::dead_letter::{DeadLetterConfig, DeadLetterLayer};
+//! use redrive_middleware::idempotency::{IdempotencyConfig, IdempotencyLayer, MemoryStore};
+//! use redrive_middleware::trace::TraceLayer;
+//! use redrive_middleware::Stack;
+//!
+//! # fn main() -> Result<(), BoxError> {
+//! let broker = MemoryBroker::new();
+//! let consumer = broker.consumer("orders");
+//! let stack = Stack::new()
+//!     // Given in any order, built in the canonical one.
+//!     .idempotency(IdempotencyLayer::new(Arc::new(MemoryStore::new()), IdempotencyConfig::default())?)
+//!     .dead_letter(DeadLetterLayer::new(Arc::new(broker.clone()), DeadLetterConfig::default())?)
+//!     .trace(TraceLayer::new());
+//! stack.check(&consumer.capabilities())?;
+//! assert_eq!(
+//!     stack.describe(),
+//!     "trace -> dead_letter(max_attempts=5, to=<source>.dlq) -> idempotency(lease=30s, ttl=86400s) -> handler"
+//! );
+//! let service = stack.service(handler_fn(|_m: Message| async { Ok::<_, BoxError>(()) }));
+//! let worker = Worker::builder(consumer, service).build()?;
+//! # let _ = worker;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Order
+//! Outermost first, as DESIGN.md fixes it and [`Stack::describe`] prints it:
+//!
+//! | # | layer | why here |
+//! |---|---|---|
+//! | 1 | `trace` | one span around everything done for a delivery, including the DLQ publish |
+//! | 2 | `metrics` | sees each delivery's final result and times all of it |
+//! | 3 | `dead_letter` | sees the error left after retries; takes poison out of the queue |
+//! | 4 | `idempotency` | reserves the key once per delivery, around all retries |
+//! | 5 | `circuit_breaker` | counts the failures retries could not fix; pauses intake while open |
+//! | 6 | `rate_limit` | paces calls to the downstream, retries included |
+//! | 7 | `retry` | in-process tries with backoff |
+//! | 8 | `timeout` | a deadline per try |
+//!
+//! Omitted layers are left out at no cost (`tower::layer::util::Identity`).
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use redrive_core::Capabilities;
+use tower::Layer;
+use tower::layer::util::Identity;
+
+use crate::Error;
+
+/// One layer's place in a [`Stack`]: its description and its start-up check.
+///
+/// Implemented for every redrive layer and for [`Identity`] (an empty place).
+pub trait StackPart {
+    /// The layer as `describe()` prints it; `None` for an empty place.
+    fn describe(&self) -> Option<String>;
+
+    /// Checks the layer's configuration against the consumer's capabilities.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the layer and what to change.
+    fn check(&self, _caps: &Capabilities) -> Result<(), Error> {
+        Ok(())
+    }
+}
+
+impl StackPart for Identity {
+    fn describe(&self) -> Option<String> {
+        None
+    }
+}
+
+pub(crate) fn secs(d: Duration) -> String {
+    if d.subsec_nanos() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{d:?}")
+    }
+}
+
+/// The builder; see the [module docs](self). Each type parameter is one place, in
+/// canonical order, [`Identity`] while empty.
+#[derive(Clone, Debug, Default)]
+#[must_use]
+pub struct Stack<
+    Tr = Identity,
+    Me = Identity,
+    Dl = Identity,
+    Id = Identity,
+    Cb = Identity,
+    Rl = Identity,
+    Re = Identity,
+    To = Identity,
+> {
+    trace: Tr,
+    metrics: Me,
+    dead_letter: Dl,
+    idempotency: Id,
+    circuit_breaker: Cb,
+    rate_limit: Rl,
+    retry: Re,
+    timeout: To,
+}
+
+impl Stack {
+    /// An empty stack: the handler alone.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl<Tr, Me, Dl, Id, Cb, Rl, Re, To> Stack<Tr, Me, Dl, Id, Cb, Rl, Re, To> {
+    /// Puts the trace layer in its place (first).
+    #[cfg(feature = "trace")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "trace")))]
+    pub fn trace<M>(
+        self,
+        layer: crate::trace::TraceLayer<M>,
+    ) -> Stack<crate::trace::TraceLayer<M>, Me, Dl, Id, Cb, Rl, Re, To> {
+        Stack {
+            trace: layer,
+            metrics: self.metrics,
+            dead_letter: self.dead_letter,
+            idempotency: self.idempotency,
+            circuit_breaker: self.circuit_breaker,
+            rate_limit: self.rate_limit,
+            retry: self.retry,
+            timeout: self.timeout,
+        }
+    }
+
+    /// Puts the metrics layer in its place (second).
+    #[cfg(feature = "metrics")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+    pub fn metrics(
+        self,
+        layer: crate::metrics::MetricsLayer,
+    ) -> Stack<Tr, crate::metrics::MetricsLayer, Dl, Id, Cb, Rl, Re, To> {
+        Stack {
+            trace: self.trace,
+            metrics: layer,
+            dead_letter: self.dead_letter,
+            idempotency: self.idempotency,
+            circuit_breaker: self.circuit_breaker,
+            rate_limit: self.rate_limit,
+            retry: self.retry,
+            timeout: self.timeout,
+        }
+    }
+
+    /// Puts the dead-letter layer in its place (third).
+    #[cfg(feature = "dead-letter")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "dead-letter")))]
+    pub fn dead_letter<P, H>(
+        self,
+        layer: crate::dead_letter::DeadLetterLayer<P, H>,
+    ) -> Stack<Tr, Me, crate::dead_letter::DeadLetterLayer<P, H>, Id, Cb, Rl, Re, To> {
+        Stack {
+            trace: self.trace,
+            metrics: self.metrics,
+            dead_letter: layer,
+            idempotency: self.idempotency,
+            circuit_breaker: self.circuit_breaker,
+            rate_limit: self.rate_limit,
+            retry: self.retry,
+            timeout: self.timeout,
+        }
+    }
+
+    /// Puts the idempotency layer in its place (fourth).
+    #[cfg(feature = "idempotency")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "idempotency")))]
+    pub fn idempotency<St: ?Sized>(
+        self,
+        layer: crate::idempotency::IdempotencyLayer<St>,
+    ) -> Stack<Tr, Me, Dl, crate::idempotency::IdempotencyLayer<St>, Cb, Rl, Re, To> {
+        Stack {
+            trace: self.trace,
+            metrics: self.metrics,
+            dead_letter: self.dead_letter,
+            idempotency: layer,
+            circuit_breaker: self.circuit_breaker,
+            rate_limit: self.rate_limit,
+            retry: self.retry,
+            timeout: self.timeout,
+        }
+    }
+
+    /// Puts the circuit breaker in its place (fifth).
+    #[cfg(feature = "circuit-breaker")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "circuit-breaker")))]
+    pub fn circuit_breaker<L>(self, layer: L) -> Stack<Tr, Me, Dl, Id, L, Rl, Re, To> {
+        Stack {
+            trace: self.trace,
+            metrics: self.metrics,
+            dead_letter: self.dead_letter,
+            idempotency: self.idempotency,
+            circuit_breaker: layer,
+            rate_limit: self.rate_limit,
+            retry: self.retry,
+            timeout: self.timeout,
+        }
+    }
+
+    /// Puts the rate limit in its place (sixth).
+    #[cfg(feature = "rate-limit")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "rate-limit")))]
+    pub fn rate_limit<L>(self, layer: L) -> Stack<Tr, Me, Dl, Id, Cb, L, Re, To> {
+        Stack {
+            trace: self.trace,
+            metrics: self.metrics,
+            dead_letter: self.dead_letter,
+            idempotency: self.idempotency,
+            circuit_breaker: self.circuit_breaker,
+            rate_limit: layer,
+            retry: self.retry,
+            timeout: self.timeout,
+        }
+    }
+
+    /// Puts the retry layer in its place (seventh).
+    #[cfg(feature = "retry")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "retry")))]
+    pub fn retry<L>(self, layer: L) -> Stack<Tr, Me, Dl, Id, Cb, Rl, L, To> {
+        Stack {
+            trace: self.trace,
+            metrics: self.metrics,
+            dead_letter: self.dead_letter,
+            idempotency: self.idempotency,
+            circuit_breaker: self.circuit_breaker,
+            rate_limit: self.rate_limit,
+            retry: layer,
+            timeout: self.timeout,
+        }
+    }
+
+    /// Puts the per-try timeout in its place (last, closest to the handler).
+    #[cfg(feature = "timeout")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "timeout")))]
+    pub fn timeout<L>(self, layer: L) -> Stack<Tr, Me, Dl, Id, Cb, Rl, Re, L> {
+        Stack {
+            trace: self.trace,
+            metrics: self.metrics,
+            dead_letter: self.dead_letter,
+            idempotency: self.idempotency,
+            circuit_breaker: self.circuit_breaker,
+            rate_limit: self.rate_limit,
+            retry: self.retry,
+            timeout: layer,
+        }
+    }
+}
+
+impl<Tr, Me, Dl, Id, Cb, Rl, Re, To> Stack<Tr, Me, Dl, Id, Cb, Rl, Re, To>
+where
+    Tr: StackPart,
+    Me: StackPart,
+    Dl: StackPart,
+    Id: StackPart,
+    Cb: StackPart,
+    Rl: StackPart,
+    Re: StackPart,
+    To: StackPart,
+{
+    fn parts(&self) -> [&dyn StackPart; 8] {
+        [
+            &self.trace,
+            &self.metrics,
+            &self.dead_letter,
+            &self.idempotency,
+            &self.circuit_breaker,
+            &self.rate_limit,
+            &self.retry,
+            &self.timeout,
+        ]
+    }
+
+    /// The built pipeline as text, outermost first, ending in `handler`.
+    pub fn describe(&self) -> String {
+        let mut out = String::new();
+        for d in self.parts().iter().filter_map(|p| p.describe()) {
+            let _ = write!(out, "{d} -> ");
+        }
+        out.push_str("handler");
+        out
+    }
+
+    /// Checks every layer against the consumer's capabilities (a retry window longer
+    /// than the lease, say). Call it before building the Worker.
+    ///
+    /// # Errors
+    /// The first layer's [`Error::Config`], naming the layer and what to change.
+    pub fn check(&self, caps: &Capabilities) -> Result<(), Error> {
+        self.parts().iter().try_for_each(|p| p.check(caps))
+    }
+
+    /// Wraps `handler` in the stack.
+    pub fn service<S>(&self, handler: S) -> <Self as Layer<S>>::Service
+    where
+        Self: Layer<S>,
+    {
+        self.layer(handler)
+    }
+}
+
+impl<S, Tr, Me, Dl, Id, Cb, Rl, Re, To> Layer<S> for Stack<Tr, Me, Dl, Id, Cb, Rl, Re, To>
+where
+    To: Layer<S>,
+    Re: Layer<To::Service>,
+    Rl: Layer<Re::Service>,
+    Cb: Layer<Rl::Service>,
+    Id: Layer<Cb::Service>,
+    Dl: Layer<Id::Service>,
+    Me: Layer<Dl::Service>,
+    Tr: Layer<Me::Service>,
+{
+    type Service = Tr::Service;
+
+    fn layer(&self, handler: S) -> Self::Service {
+        let s = self.timeout.layer(handler);
+        let s = self.retry.layer(s);
+        let s = self.rate_limit.layer(s);
+        let s = self.circuit_breaker.layer(s);
+        let s = self.idempotency.layer(s);
+        let s = self.dead_letter.layer(s);
+        let s = self.metrics.layer(s);
+        self.trace.layer(s)
+    }
+}
+
+#[cfg(feature = "trace")]
+impl<M> StackPart for crate::trace::TraceLayer<M> {
+    fn describe(&self) -> Option<String> {
+        Some("trace".into())
+    }
+}
+
+#[cfg(feature = "metrics")]
+impl StackPart for crate::metrics::MetricsLayer {
+    fn describe(&self) -> Option<String> {
+        Some("metrics".into())
+    }
+}
+
+#[cfg(feature = "dead-letter")]
+impl<P, H> StackPart for crate::dead_letter::DeadLetterLayer<P, H> {
+    fn describe(&self) -> Option<String> {
+        let c = self.config();
+        let to = c.destination.as_deref().unwrap_or("<source>.dlq");
+        Some(format!(
+            "dead_letter(max_attempts={}, to={to})",
+            c.max_attempts
+        ))
+    }
+
+    fn check(&self, caps: &Capabilities) -> Result<(), Error> {
+        self.config()
+            .check(caps)
+            .map_err(|e| Error::config("dead_letter", e))
+    }
+}
+
+#[cfg(feature = "idempotency")]
+impl<St: ?Sized> StackPart for crate::idempotency::IdempotencyLayer<St> {
+    fn describe(&self) -> Option<String> {
+        let c = self.config();
+        Some(format!(
+            "idempotency(lease={}, ttl={})",
+            secs(c.lease),
+            secs(c.ttl)
+        ))
+    }
+}
