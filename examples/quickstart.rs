@@ -1,18 +1,25 @@
-//! The quickstart: a few hundred orders on the in-memory broker, some failing
-//! transiently, one poison. Run with `cargo run --example quickstart`.
+//! The quickstart: a few hundred orders on the in-memory broker through the full
+//! stack. Some fail transiently and are retried, one is poison and is dead-lettered
+//! with its envelope, some are sent twice and skipped as duplicates.
+//!
+//! Run with `cargo run --example quickstart`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use redrive::memory::{MemoryBroker, QueueConfig};
+use redrive::memory::MemoryBroker;
+use redrive::middleware::Stack;
+use redrive::middleware::dead_letter::{self, DeadLetterConfig, DeadLetterLayer};
+use redrive::middleware::idempotency::{self, IdempotencyConfig, IdempotencyLayer, MemoryStore};
 use redrive::{
-    BoxError, Message, OrderingMode, OutgoingMessage, Publisher, Redelivery, Worker, classify,
-    handler,
+    BoxError, Consumer, Message, OrderingMode, OutgoingMessage, Publisher, Redelivery, Worker,
+    classify, handler,
 };
 use serde::Deserialize;
 
 const ORDERS: u32 = 300;
+const RESENT: u32 = 12;
 
 #[derive(Deserialize)]
 struct Order {
@@ -20,20 +27,23 @@ struct Order {
     customer: String,
 }
 
+fn order(id: u32) -> Result<OutgoingMessage, BoxError> {
+    let body = format!(r#"{{"id":{id},"customer":"c{}"}}"#, id % 20);
+    Ok(OutgoingMessage::new(body)
+        .with_key(format!("c{}", id % 20))
+        .with_header(idempotency::IDEMPOTENCY_KEY, format!("order-{id}"))?)
+}
+
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     let broker = MemoryBroker::new();
-    // The broker moves a message that failed 3 deliveries to `orders.dlq`.
-    broker.declare(
-        "orders",
-        QueueConfig::default().with_dead_letter(3, "orders.dlq"),
-    );
 
-    // Producer: 300 orders for 20 customers, and one message that is not an order.
+    // Producer: 300 orders, a dozen of them sent twice, and one message that is not an order.
     for id in 0..ORDERS {
-        let body = format!(r#"{{"id":{id},"customer":"c{}"}}"#, id % 20);
-        let msg = OutgoingMessage::new(body).with_key(format!("c{}", id % 20));
-        broker.publish("orders", msg).await?;
+        broker.publish("orders", order(id)?).await?;
+    }
+    for id in (0..ORDERS).step_by((ORDERS / RESENT) as usize) {
+        broker.publish("orders", order(id)?).await?;
     }
     broker
         .publish(
@@ -62,10 +72,24 @@ async fn main() -> Result<(), BoxError> {
         }
     });
 
-    let worker = Worker::builder(broker.consumer("orders"), handler)
+    let consumer = broker.consumer("orders");
+    let idempotency =
+        IdempotencyLayer::new(Arc::new(MemoryStore::new()), IdempotencyConfig::default())?;
+    let stack = Stack::new()
+        .dead_letter(DeadLetterLayer::new(
+            Arc::new(broker.clone()),
+            DeadLetterConfig::default()
+                .with_max_attempts(4)
+                .with_consumer_name("quickstart"),
+        )?)
+        .idempotency(idempotency.clone());
+    stack.check(&consumer.capabilities())?;
+    println!("pipeline: {}", stack.describe());
+
+    let worker = Worker::builder(consumer, stack.service(handler))
         .name("quickstart")
         .concurrency(32)
-        .ordering(OrderingMode::Unordered)
+        .ordering(OrderingMode::PerKey)
         .redelivery(Redelivery::exponential(
             Duration::from_millis(10),
             Duration::from_millis(100),
@@ -85,33 +109,46 @@ async fn main() -> Result<(), BoxError> {
     let dlq = broker.messages("orders.dlq");
 
     println!(
-        "redrive quickstart: {} messages in {:?}",
-        ORDERS + 1,
+        "\nredrive quickstart: {} messages in {:.0?}",
+        ORDERS + RESENT + 1,
         started.elapsed()
     );
-    println!("  deliveries received     {:>5}", report.received);
-    println!("  processed and acked     {:>5}", report.processed);
-    println!("  failed, nacked (redelivered later) {:>5}", report.nacked);
+    println!("  deliveries received        {:>4}", report.received);
     println!(
-        "  transient failures seen {:>5}",
+        "  orders handled             {:>4}",
+        handled.load(Ordering::Relaxed)
+    );
+    println!(
+        "  transient failures         {:>4}  (parked per customer, retried after their delay)",
         flaky.load(Ordering::Relaxed)
     );
-    println!("  in the dead-letter queue {:>4}", dlq.len());
+    println!("  duplicates skipped         {:>4}", report.deduplicated);
+    println!("  dead-lettered              {:>4}", report.dead_lettered);
     for m in &dlq {
-        println!(
-            "    {:?} (key {:?})",
-            String::from_utf8_lossy(&m.payload),
-            m.key.as_deref().map(String::from_utf8_lossy)
-        );
+        println!("    payload {:?}", String::from_utf8_lossy(&m.payload));
+        for name in [
+            dead_letter::ERROR_KIND,
+            dead_letter::ERROR_MESSAGE,
+            dead_letter::ATTEMPTS,
+            dead_letter::ORIGINAL_DESTINATION,
+            dead_letter::CONSUMER,
+        ] {
+            println!("    {name}: {}", m.headers.get_str(name).unwrap_or("-"));
+        }
     }
     assert_eq!(
         handled.load(Ordering::Relaxed),
         ORDERS,
         "every order handled once"
     );
+    assert_eq!(
+        report.deduplicated,
+        u64::from(RESENT),
+        "every resent order skipped"
+    );
     assert_eq!(dlq.len(), 1, "the poison message is dead-lettered");
     println!(
-        "every order handled exactly once; the poison message is in orders.dlq; nothing lost."
+        "\nevery order handled exactly once, duplicates skipped, the poison message in orders.dlq: nothing lost."
     );
     Ok(())
 }
