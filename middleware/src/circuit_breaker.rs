@@ -1,1 +1,924 @@
-//! (in progress)
+//! A circuit breaker that pauses intake while a downstream keeps failing: while it is
+//! open, `poll_ready` is pending, so the Worker stops taking messages and they wait in
+//! the broker instead of burning their redeliveries.
+//!
+//! ```
+//! use std::time::Duration;
+//! use redrive_core::{handler, BoxError, Message};
+//! use redrive_middleware::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer, CircuitState};
+//! use tower::{Service, ServiceBuilder, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() -> Result<(), BoxError> {
+//! let layer = CircuitBreakerLayer::new(
+//!     CircuitBreakerConfig::default()
+//!         .with_consecutive_failures(3)
+//!         .with_open_for(Duration::from_secs(10)),
+//! )?;
+//! let breaker = layer.handle();
+//! let mut service = ServiceBuilder::new()
+//!     .layer(layer)
+//!     .service(handler::handler_fn(|_msg: Message| async {
+//!         Err::<(), BoxError>("connection refused".into())
+//!     }));
+//!
+//! for _ in 0..3 {
+//!     let _ = service.ready().await?.call(Message::new("x")).await;
+//! }
+//! assert_eq!(breaker.state(), CircuitState::Open);
+//!
+//! // Intake is paused for the open period, then one probe goes through.
+//! let ready = tokio::time::timeout(Duration::from_secs(9), service.ready()).await;
+//! assert!(ready.is_err());
+//! service.ready().await?;
+//! assert_eq!(breaker.state(), CircuitState::HalfOpen);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Guarantees
+//! - **What counts**: only errors the [`Classifier`] calls transient are failures. A
+//!   permanent error (a poison message) says nothing about the downstream: it is
+//!   neither a failure nor a success, so poison messages never trip the breaker.
+//! - **Tripping**: after `consecutive_failures` transient failures in a row, or when
+//!   the failure rate over the sliding window reaches the threshold with at least
+//!   `min_calls` calls in it (each trigger is optional; at least one is on).
+//! - **Open**: `poll_ready` is pending, and wakes by itself when the open period ends
+//!   (a timer in the service). Nothing is rejected: messages stay in the broker.
+//!   Calls admitted before the breaker opened run to their end; their results no
+//!   longer count.
+//! - **Half-open**: `half_open_probes` calls are let through; when all of them
+//!   succeed the breaker closes, when one fails it opens again. Other callers wait in
+//!   `poll_ready` and are woken when the probes end. A probe that is dropped (or ends
+//!   with a permanent error) gives its place to the next caller.
+//! - **Shared**: the state belongs to the layer; every service it builds, and every
+//!   clone, sees and feeds the same breaker. [`CircuitHandle::state`] reads it, and
+//!   [`OnCircuitOpen`] hears every change.
+//!
+//! # Order
+//! Outside the retry layer: the breaker counts a delivery attempt's final result, so
+//! retries that rescue a message do not count as failures. Inside dead letter and
+//! idempotency.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use redrive_core::{BoxError, Classifier, Message};
+use tokio::time::{Instant, Sleep};
+use tower::{Layer, Service};
+
+/// The breaker's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CircuitState {
+    /// Calls flow; failures are counted.
+    Closed,
+    /// Calls wait in `poll_ready` until the open period ends.
+    Open,
+    /// A few probe calls are let through to test the downstream.
+    HalfOpen,
+}
+
+impl CircuitState {
+    /// `"closed"`, `"open"` or `"half_open"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CircuitState::Closed => "closed",
+            CircuitState::Open => "open",
+            CircuitState::HalfOpen => "half_open",
+        }
+    }
+}
+
+impl fmt::Display for CircuitState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Trip on a failure rate over a sliding window.
+///
+/// | setting | default |
+/// |---|---|
+/// | `threshold` | 0.5 (half the calls failed) |
+/// | `window` | 30 s (sliding, in tenths) |
+/// | `min_calls` | 20 calls in the window before the rate counts |
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct FailureRate {
+    threshold: f64,
+    window: Duration,
+    min_calls: u32,
+}
+
+impl Default for FailureRate {
+    fn default() -> Self {
+        FailureRate {
+            threshold: 0.5,
+            window: Duration::from_secs(30),
+            min_calls: 20,
+        }
+    }
+}
+
+impl FailureRate {
+    /// Trips when at least `threshold` (above 0, at most 1) of the calls in the window
+    /// failed.
+    pub fn new(threshold: f64) -> Self {
+        FailureRate {
+            threshold,
+            ..Self::default()
+        }
+    }
+
+    /// Sets the sliding window (at least 10 ms).
+    #[must_use]
+    pub fn with_window(mut self, window: Duration) -> Self {
+        self.window = window;
+        self
+    }
+
+    /// Sets how many calls the window must hold before the rate can trip the breaker
+    /// (at least 1).
+    #[must_use]
+    pub fn with_min_calls(mut self, n: u32) -> Self {
+        self.min_calls = n;
+        self
+    }
+}
+
+/// The circuit breaker's settings, checked by [`CircuitBreakerLayer::new`].
+///
+/// | setting | default |
+/// |---|---|
+/// | `consecutive_failures` | 5 transient failures in a row trip it |
+/// | `failure_rate` | off ([`FailureRate::default`] when turned on) |
+/// | `open_for` | 30 s |
+/// | `half_open_probes` | 1 |
+/// | `classifier` | [`Classifier::default`] (markers only) |
+#[derive(Clone, Debug)]
+pub struct CircuitBreakerConfig {
+    consecutive_failures: Option<u32>,
+    failure_rate: Option<FailureRate>,
+    open_for: Duration,
+    half_open_probes: u32,
+    classifier: Classifier,
+}
+
+impl Default for CircuitBreakerConfig {
+    fn default() -> Self {
+        CircuitBreakerConfig {
+            consecutive_failures: Some(5),
+            failure_rate: None,
+            open_for: Duration::from_secs(30),
+            half_open_probes: 1,
+            classifier: Classifier::default(),
+        }
+    }
+}
+
+impl CircuitBreakerConfig {
+    /// Trips after `n` transient failures in a row (at least 1).
+    #[must_use]
+    pub fn with_consecutive_failures(mut self, n: u32) -> Self {
+        self.consecutive_failures = Some(n);
+        self
+    }
+
+    /// Does not trip on failures in a row (then a failure rate must be set).
+    #[must_use]
+    pub fn without_consecutive_failures(mut self) -> Self {
+        self.consecutive_failures = None;
+        self
+    }
+
+    /// Also trips on a failure rate over a sliding window.
+    #[must_use]
+    pub fn with_failure_rate(mut self, rate: FailureRate) -> Self {
+        self.failure_rate = Some(rate);
+        self
+    }
+
+    /// Sets how long the breaker stays open before it lets probes through.
+    #[must_use]
+    pub fn with_open_for(mut self, d: Duration) -> Self {
+        self.open_for = d;
+        self
+    }
+
+    /// Sets how many probes a half-open breaker lets through, all of which must
+    /// succeed for it to close (at least 1).
+    #[must_use]
+    pub fn with_half_open_probes(mut self, n: u32) -> Self {
+        self.half_open_probes = n;
+        self
+    }
+
+    /// Classifies errors with `classifier` (use the one the rest of the stack uses).
+    #[must_use]
+    pub fn with_classifier(mut self, classifier: Classifier) -> Self {
+        self.classifier = classifier;
+        self
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.consecutive_failures == Some(0) {
+            return Err(ConfigError(
+                "`consecutive_failures` is 0; set it to 1 or more, or turn it off with \
+                 `without_consecutive_failures`"
+                    .into(),
+            ));
+        }
+        if let Some(rate) = &self.failure_rate {
+            if !(rate.threshold.is_finite() && rate.threshold > 0.0 && rate.threshold <= 1.0) {
+                return Err(ConfigError(format!(
+                    "the failure-rate threshold is {}; set it above 0.0 and at most 1.0 \
+                     (0.5 trips when half the calls fail)",
+                    rate.threshold
+                )));
+            }
+            if rate.window < MIN_WINDOW {
+                return Err(ConfigError(format!(
+                    "the failure-rate window is {:?}; set it to {MIN_WINDOW:?} or more",
+                    rate.window
+                )));
+            }
+            if rate.min_calls == 0 {
+                return Err(ConfigError(
+                    "the failure rate's `min_calls` is 0; set it to 1 or more so one \
+                     failed call cannot trip the breaker alone"
+                        .into(),
+                ));
+            }
+        }
+        if self.consecutive_failures.is_none() && self.failure_rate.is_none() {
+            return Err(ConfigError(
+                "nothing can trip the breaker; set `consecutive_failures` or a failure rate".into(),
+            ));
+        }
+        if self.open_for.is_zero() {
+            return Err(ConfigError(
+                "`open_for` is 0, so the breaker would never pause; set it to how long the \
+                 downstream needs to recover, e.g. 30 s"
+                    .into(),
+            ));
+        }
+        if self.half_open_probes == 0 {
+            return Err(ConfigError(
+                "`half_open_probes` is 0, so the breaker could never close again; set it to \
+                 1 or more"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A circuit breaker configuration that cannot work; the message says what to change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError(String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid circuit breaker configuration: {}", self.0)
+    }
+}
+
+impl StdError for ConfigError {}
+
+/// Why the breaker opened.
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum OpenReason {
+    /// This many transient failures came in a row.
+    ConsecutiveFailures(u32),
+    /// This share of the calls in the window failed.
+    FailureRate {
+        /// Failed calls / calls.
+        rate: f64,
+        /// Calls in the window.
+        calls: u64,
+    },
+    /// A half-open probe failed.
+    ProbeFailed,
+}
+
+impl fmt::Display for OpenReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            OpenReason::ConsecutiveFailures(n) => write!(f, "{n} transient failures in a row"),
+            OpenReason::FailureRate { rate, calls } => {
+                write!(f, "{:.0} % of {calls} calls failed", rate * 100.0)
+            }
+            OpenReason::ProbeFailed => f.write_str("a half-open probe failed"),
+        }
+    }
+}
+
+/// The breaker opened, as [`OnCircuitOpen`] sees it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct CircuitOpen {
+    /// Why.
+    pub reason: OpenReason,
+    /// How long it stays open before probing.
+    pub open_for: Duration,
+}
+
+/// Called when the breaker opens, and on every state change. Implemented for `()`
+/// (nothing) and for closures `Fn(&CircuitOpen)` (which hear openings only).
+///
+/// Called outside the breaker's lock; keep it short, it runs on the caller's task.
+///
+/// ```
+/// use redrive_middleware::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer, CircuitOpen};
+///
+/// let layer = CircuitBreakerLayer::new(CircuitBreakerConfig::default())?
+///     .on_circuit_open(|event: &CircuitOpen| {
+///         tracing::warn!(reason = %event.reason, open_for = ?event.open_for, "circuit opened; intake paused");
+///     });
+/// # let _ = layer;
+/// # Ok::<(), redrive_middleware::circuit_breaker::ConfigError>(())
+/// ```
+pub trait OnCircuitOpen: Send + Sync + 'static {
+    /// The breaker opened (from closed, or from half-open when a probe failed).
+    fn on_circuit_open(&self, event: &CircuitOpen);
+
+    /// The breaker went from `from` to `to`. Does nothing unless overridden.
+    fn on_state_change(&self, from: CircuitState, to: CircuitState) {
+        let _ = (from, to);
+    }
+}
+
+impl OnCircuitOpen for () {
+    fn on_circuit_open(&self, _: &CircuitOpen) {}
+}
+
+impl<F> OnCircuitOpen for F
+where
+    F: Fn(&CircuitOpen) + Send + Sync + 'static,
+{
+    fn on_circuit_open(&self, event: &CircuitOpen) {
+        self(event)
+    }
+}
+
+const MIN_WINDOW: Duration = Duration::from_millis(10);
+const BUCKETS: usize = 10;
+
+#[derive(Clone, Copy, Default)]
+struct Bucket {
+    slot: u64,
+    calls: u64,
+    failures: u64,
+}
+
+/// Calls and failures over a sliding window, in `BUCKETS` buckets.
+struct RateWindow {
+    bucket_len: Duration,
+    buckets: [Bucket; BUCKETS],
+}
+
+impl RateWindow {
+    fn new(window: Duration) -> Self {
+        RateWindow {
+            bucket_len: window / BUCKETS as u32,
+            buckets: [Bucket::default(); BUCKETS],
+        }
+    }
+
+    /// Records a call at `since` (time since the breaker was made); returns the calls
+    /// and failures now in the window.
+    fn record(&mut self, since: Duration, failed: bool) -> (u64, u64) {
+        // Slot 0 is never current, so zeroed buckets read as stale.
+        let slot = u64::try_from(since.as_nanos() / self.bucket_len.as_nanos())
+            .unwrap_or(u64::MAX - 1)
+            + 1;
+        let b = &mut self.buckets[(slot % BUCKETS as u64) as usize];
+        if b.slot != slot {
+            *b = Bucket {
+                slot,
+                ..Bucket::default()
+            };
+        }
+        b.calls += 1;
+        b.failures += u64::from(failed);
+        self.buckets
+            .iter()
+            .filter(|b| slot.saturating_sub(b.slot) < BUCKETS as u64)
+            .fold((0, 0), |(c, f), b| (c + b.calls, f + b.failures))
+    }
+
+    fn clear(&mut self) {
+        self.buckets = [Bucket::default(); BUCKETS];
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Phase {
+    Closed,
+    Open { until: Instant },
+    HalfOpen { issued: u32, succeeded: u32 },
+}
+
+impl Phase {
+    fn state(self) -> CircuitState {
+        match self {
+            Phase::Closed => CircuitState::Closed,
+            Phase::Open { .. } => CircuitState::Open,
+            Phase::HalfOpen { .. } => CircuitState::HalfOpen,
+        }
+    }
+}
+
+struct Inner {
+    phase: Phase,
+    /// Bumped on every state change; results of calls admitted under an older
+    /// generation no longer count.
+    generation: u64,
+    consecutive: u32,
+    window: Option<RateWindow>,
+    /// Callers waiting for a half-open probe slot.
+    waiters: Vec<Waker>,
+}
+
+/// A state change to report once the lock is released.
+struct Change {
+    from: CircuitState,
+    to: CircuitState,
+    opened: Option<CircuitOpen>,
+    wake: Vec<Waker>,
+}
+
+struct Core {
+    config: CircuitBreakerConfig,
+    origin: Instant,
+    hook: Box<dyn OnCircuitOpen>,
+    inner: Mutex<Inner>,
+}
+
+enum Admit {
+    Closed(u64),
+    Probe(u64),
+    Wait(Instant),
+    Blocked,
+}
+
+/// How a call ended, for the breaker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outcome {
+    Success,
+    Failure,
+    /// A permanent error: says nothing about the downstream.
+    Ignored,
+}
+
+impl Core {
+    fn new(config: CircuitBreakerConfig, hook: Box<dyn OnCircuitOpen>) -> Self {
+        let window = config.failure_rate.map(|r| RateWindow::new(r.window));
+        Core {
+            config,
+            origin: Instant::now(),
+            hook,
+            inner: Mutex::new(Inner {
+                phase: Phase::Closed,
+                generation: 0,
+                consecutive: 0,
+                window,
+                waiters: Vec::new(),
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn report(&self, change: Option<Change>) {
+        let Some(change) = change else { return };
+        match &change.opened {
+            Some(open) => tracing::warn!(
+                reason = %open.reason, open_for = ?open.open_for,
+                "circuit breaker opened; intake paused"
+            ),
+            None => {
+                tracing::info!(from = %change.from, to = %change.to, "circuit breaker state changed")
+            }
+        }
+        if let Some(open) = &change.opened {
+            self.hook.on_circuit_open(open);
+        }
+        self.hook.on_state_change(change.from, change.to);
+        change.wake.into_iter().for_each(Waker::wake);
+    }
+
+    fn transition(&self, inner: &mut Inner, to: Phase, opened: Option<CircuitOpen>) -> Change {
+        let from = inner.phase.state();
+        inner.phase = to;
+        inner.generation += 1;
+        inner.consecutive = 0;
+        if let Some(w) = &mut inner.window {
+            w.clear();
+        }
+        Change {
+            from,
+            to: to.state(),
+            opened,
+            wake: std::mem::take(&mut inner.waiters),
+        }
+    }
+
+    fn open(&self, inner: &mut Inner, reason: OpenReason) -> Change {
+        let open_for = self.config.open_for;
+        let until = Instant::now() + open_for;
+        self.transition(
+            inner,
+            Phase::Open { until },
+            Some(CircuitOpen { reason, open_for }),
+        )
+    }
+
+    /// Moves an open breaker whose period has ended to half-open.
+    fn advance(&self, inner: &mut Inner) -> Option<Change> {
+        match inner.phase {
+            Phase::Open { until } if until <= Instant::now() => Some(self.transition(
+                inner,
+                Phase::HalfOpen {
+                    issued: 0,
+                    succeeded: 0,
+                },
+                None,
+            )),
+            _ => None,
+        }
+    }
+
+    fn admit(&self, waker: &Waker) -> Admit {
+        let mut inner = self.lock();
+        let change = self.advance(&mut inner);
+        let admit = match &mut inner.phase {
+            Phase::Closed => Admit::Closed(inner.generation),
+            Phase::Open { until } => Admit::Wait(*until),
+            Phase::HalfOpen { issued, .. } if *issued < self.config.half_open_probes => {
+                *issued += 1;
+                Admit::Probe(inner.generation)
+            }
+            Phase::HalfOpen { .. } => {
+                if !inner.waiters.iter().any(|w| w.will_wake(waker)) {
+                    inner.waiters.push(waker.clone());
+                }
+                Admit::Blocked
+            }
+        };
+        drop(inner);
+        self.report(change);
+        admit
+    }
+
+    fn record(&self, generation: u64, outcome: Outcome) {
+        let mut inner = self.lock();
+        if generation != inner.generation {
+            return;
+        }
+        let change = match (inner.phase, outcome) {
+            (Phase::Closed, Outcome::Ignored) | (Phase::Open { .. }, _) => None,
+            (Phase::Closed, Outcome::Success) => {
+                inner.consecutive = 0;
+                let since = self.origin.elapsed();
+                if let Some(w) = &mut inner.window {
+                    w.record(since, false);
+                }
+                None
+            }
+            (Phase::Closed, Outcome::Failure) => {
+                inner.consecutive += 1;
+                let since = self.origin.elapsed();
+                let counts = inner.window.as_mut().map(|w| w.record(since, true));
+                let reason = if self
+                    .config
+                    .consecutive_failures
+                    .is_some_and(|n| inner.consecutive >= n)
+                {
+                    Some(OpenReason::ConsecutiveFailures(inner.consecutive))
+                } else {
+                    match (counts, self.config.failure_rate) {
+                        (Some((calls, failures)), Some(r)) if calls >= u64::from(r.min_calls) => {
+                            let rate = failures as f64 / calls as f64;
+                            (rate >= r.threshold).then_some(OpenReason::FailureRate { rate, calls })
+                        }
+                        _ => None,
+                    }
+                };
+                reason.map(|reason| self.open(&mut inner, reason))
+            }
+            (Phase::HalfOpen { issued, succeeded }, Outcome::Success) => {
+                if succeeded + 1 >= self.config.half_open_probes {
+                    Some(self.transition(&mut inner, Phase::Closed, None))
+                } else {
+                    inner.phase = Phase::HalfOpen {
+                        issued,
+                        succeeded: succeeded + 1,
+                    };
+                    None
+                }
+            }
+            (Phase::HalfOpen { .. }, Outcome::Failure) => {
+                Some(self.open(&mut inner, OpenReason::ProbeFailed))
+            }
+            (Phase::HalfOpen { .. }, Outcome::Ignored) => {
+                Self::give_back(&mut inner);
+                None
+            }
+        };
+        drop(inner);
+        self.report(change);
+    }
+
+    /// A probe slot came back unused (its call was dropped, or ended with a
+    /// permanent error): the next caller may probe.
+    fn release(&self, generation: u64) {
+        let mut inner = self.lock();
+        if generation == inner.generation {
+            Self::give_back(&mut inner);
+        }
+    }
+
+    fn give_back(inner: &mut Inner) {
+        if let Phase::HalfOpen { issued, .. } = &mut inner.phase {
+            *issued = issued.saturating_sub(1);
+            inner.waiters.drain(..).for_each(Waker::wake);
+        }
+    }
+
+    fn state(&self) -> CircuitState {
+        match self.lock().phase {
+            // The next caller will find it half-open.
+            Phase::Open { until } if until <= Instant::now() => CircuitState::HalfOpen,
+            phase => phase.state(),
+        }
+    }
+}
+
+/// A half-open probe slot; given back if dropped before its result is recorded.
+struct Probe {
+    core: Arc<Core>,
+    generation: u64,
+    armed: bool,
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        if self.armed {
+            self.core.release(self.generation);
+        }
+    }
+}
+
+/// Permission for one call.
+enum Ticket {
+    Closed(u64),
+    Probe(Probe),
+}
+
+impl Ticket {
+    fn record(self, core: &Core, outcome: Outcome) {
+        match self {
+            Ticket::Closed(generation) => core.record(generation, outcome),
+            Ticket::Probe(mut probe) => {
+                probe.armed = false;
+                core.record(probe.generation, outcome);
+            }
+        }
+    }
+}
+
+/// Reads a breaker's state, for metrics and health checks. Cheap to clone.
+#[derive(Clone)]
+pub struct CircuitHandle {
+    core: Arc<Core>,
+}
+
+impl CircuitHandle {
+    /// The current state. An open breaker whose open period has ended reads as
+    /// half-open: the next caller will probe.
+    pub fn state(&self) -> CircuitState {
+        self.core.state()
+    }
+}
+
+impl fmt::Debug for CircuitHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CircuitHandle")
+            .field("state", &self.state())
+            .finish()
+    }
+}
+
+/// Wraps a service in [`CircuitBreaker`]. Every service it builds, and every clone,
+/// shares one breaker.
+#[derive(Clone)]
+pub struct CircuitBreakerLayer {
+    core: Arc<Core>,
+}
+
+impl CircuitBreakerLayer {
+    /// A breaker with `config`, closed.
+    ///
+    /// # Errors
+    /// [`ConfigError`] when `config` cannot work (a threshold of 0, a NaN rate, no
+    /// trigger, a zero open period or no probes); the message says what to change.
+    pub fn new(config: CircuitBreakerConfig) -> Result<Self, ConfigError> {
+        config.validate()?;
+        Ok(CircuitBreakerLayer {
+            core: Arc::new(Core::new(config, Box::new(()))),
+        })
+    }
+
+    /// Calls `hook` when the breaker opens and on every state change. Starts a fresh
+    /// breaker with the same settings: call it while building, before the layer is
+    /// used.
+    #[must_use]
+    pub fn on_circuit_open(self, hook: impl OnCircuitOpen) -> Self {
+        CircuitBreakerLayer {
+            core: Arc::new(Core::new(self.core.config.clone(), Box::new(hook))),
+        }
+    }
+
+    /// A handle that reads the breaker's state.
+    pub fn handle(&self) -> CircuitHandle {
+        CircuitHandle {
+            core: self.core.clone(),
+        }
+    }
+}
+
+impl fmt::Debug for CircuitBreakerLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CircuitBreakerLayer")
+            .field("config", &self.core.config)
+            .field("state", &self.core.state())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> Layer<S> for CircuitBreakerLayer {
+    type Service = CircuitBreaker<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        CircuitBreaker {
+            inner,
+            core: self.core.clone(),
+            sleep: None,
+            ticket: None,
+        }
+    }
+}
+
+/// Pauses `poll_ready` while the breaker is open. See the [module docs](self).
+pub struct CircuitBreaker<S> {
+    inner: S,
+    core: Arc<Core>,
+    /// Wakes this service when the open period ends.
+    sleep: Option<Pin<Box<Sleep>>>,
+    /// Permission for the next call, taken by `poll_ready`.
+    ticket: Option<Ticket>,
+}
+
+impl<S: Clone> Clone for CircuitBreaker<S> {
+    fn clone(&self) -> Self {
+        // A clone is not ready: it takes its own ticket in `poll_ready`.
+        CircuitBreaker {
+            inner: self.inner.clone(),
+            core: self.core.clone(),
+            sleep: None,
+            ticket: None,
+        }
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for CircuitBreaker<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CircuitBreaker")
+            .field("inner", &self.inner)
+            .field("state", &self.core.state())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> CircuitBreaker<S> {
+    /// The breaker's current state.
+    pub fn state(&self) -> CircuitState {
+        self.core.state()
+    }
+
+    /// A handle that reads the breaker's state.
+    pub fn handle(&self) -> CircuitHandle {
+        CircuitHandle {
+            core: self.core.clone(),
+        }
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The wrapped service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+}
+
+impl<S> Service<Message> for CircuitBreaker<S>
+where
+    S: Service<Message>,
+    S::Error: Into<BoxError>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        loop {
+            // A probe slot, once taken, is kept until the call; anything else is
+            // asked again, so a breaker that opened meanwhile is seen.
+            if !matches!(self.ticket, Some(Ticket::Probe(_))) {
+                self.ticket = match self.core.admit(cx.waker()) {
+                    Admit::Closed(generation) => Some(Ticket::Closed(generation)),
+                    Admit::Probe(generation) => Some(Ticket::Probe(Probe {
+                        core: self.core.clone(),
+                        generation,
+                        armed: true,
+                    })),
+                    Admit::Wait(until) => {
+                        let sleep = self
+                            .sleep
+                            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
+                        if sleep.deadline() != until {
+                            sleep.as_mut().reset(until);
+                        }
+                        match sleep.as_mut().poll(cx) {
+                            Poll::Ready(()) => continue,
+                            Poll::Pending => return Poll::Pending,
+                        }
+                    }
+                    Admit::Blocked => return Poll::Pending,
+                };
+            }
+            return self.inner.poll_ready(cx).map_err(Into::into);
+        }
+    }
+
+    fn call(&mut self, msg: Message) -> Self::Future {
+        let ticket = self
+            .ticket
+            .take()
+            .expect("CircuitBreaker::call without poll_ready returning Ready first");
+        ResponseFuture {
+            inner: self.inner.call(msg),
+            core: self.core.clone(),
+            ticket: Some(ticket),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of a [`CircuitBreaker`]: the inner call, whose result is counted.
+    pub struct ResponseFuture<F> {
+        #[pin]
+        inner: F,
+        core: Arc<Core>,
+        ticket: Option<Ticket>,
+    }
+}
+
+impl<F> fmt::Debug for ResponseFuture<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl<F, T, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<T, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<T, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = std::task::ready!(this.inner.poll(cx)).map_err(Into::into);
+        let outcome = match &result {
+            Ok(_) => Outcome::Success,
+            Err(e) if this.core.config.classifier.classify(&**e).is_permanent() => Outcome::Ignored,
+            Err(_) => Outcome::Failure,
+        };
+        if let Some(ticket) = this.ticket.take() {
+            ticket.record(this.core, outcome);
+        }
+        Poll::Ready(result)
+    }
+}

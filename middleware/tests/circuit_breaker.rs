@@ -1,0 +1,495 @@
+//! The circuit breaker, polled by hand on paused tokio time.
+#![cfg(feature = "circuit-breaker")]
+
+use std::future::{Ready, ready};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
+use std::time::Duration;
+
+use redrive_core::{BoxError, Message, classify};
+use redrive_middleware::circuit_breaker::{
+    CircuitBreaker, CircuitBreakerConfig, CircuitBreakerLayer, CircuitOpen, CircuitState,
+    FailureRate, OnCircuitOpen, OpenReason,
+};
+use tower::{Layer, Service, ServiceExt};
+
+/// What the mock answers next.
+#[derive(Clone, Copy, Debug)]
+enum Answer {
+    Ok,
+    Transient,
+    Permanent,
+}
+
+/// An inner service whose answer is set by the test.
+#[derive(Clone)]
+struct Mock {
+    answer: Arc<Mutex<Answer>>,
+    calls: Arc<AtomicUsize>,
+}
+
+impl Mock {
+    fn new() -> Self {
+        Mock {
+            answer: Arc::new(Mutex::new(Answer::Ok)),
+            calls: Arc::default(),
+        }
+    }
+
+    fn answer(&self, a: Answer) {
+        *self.answer.lock().unwrap() = a;
+    }
+}
+
+impl Service<Message> for Mock {
+    type Response = ();
+    type Error = BoxError;
+    type Future = Ready<Result<(), BoxError>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Message) -> Self::Future {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        ready(match *self.answer.lock().unwrap() {
+            Answer::Ok => Ok(()),
+            Answer::Transient => Err("connection refused".into()),
+            Answer::Permanent => Err(classify::permanent("bad payload")),
+        })
+    }
+}
+
+/// A waker that counts its wakes.
+#[derive(Default)]
+struct Counter(AtomicUsize);
+
+impl Wake for Counter {
+    fn wake(self: Arc<Self>) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+fn counter() -> (Arc<Counter>, Waker) {
+    let c = Arc::new(Counter::default());
+    (c.clone(), Waker::from(c))
+}
+
+fn wakes(c: &Counter) -> usize {
+    c.0.load(Ordering::SeqCst)
+}
+
+fn poll_ready<S: Service<Message>>(svc: &mut S, waker: &Waker) -> Poll<Result<(), S::Error>> {
+    svc.poll_ready(&mut Context::from_waker(waker))
+}
+
+async fn send(svc: &mut CircuitBreaker<Mock>) -> Result<(), BoxError> {
+    svc.ready().await?.call(Message::new("x")).await
+}
+
+fn breaker(config: CircuitBreakerConfig, mock: &Mock) -> CircuitBreaker<Mock> {
+    CircuitBreakerLayer::new(config)
+        .unwrap()
+        .layer(mock.clone())
+}
+
+const OPEN_FOR: Duration = Duration::from_secs(10);
+
+fn three_in_a_row() -> CircuitBreakerConfig {
+    CircuitBreakerConfig::default()
+        .with_consecutive_failures(3)
+        .with_open_for(OPEN_FOR)
+}
+
+#[tokio::test(start_paused = true)]
+async fn opens_after_n_transient_failures_in_a_row_and_tells_the_hook() {
+    let mock = Mock::new();
+    let opened = Arc::new(Mutex::new(Vec::new()));
+    let record = opened.clone();
+    let mut svc = CircuitBreakerLayer::new(three_in_a_row())
+        .unwrap()
+        .on_circuit_open(move |e: &CircuitOpen| record.lock().unwrap().push(*e))
+        .layer(mock.clone());
+    mock.answer(Answer::Transient);
+    for _ in 0..2 {
+        assert!(send(&mut svc).await.is_err());
+    }
+    assert_eq!(svc.state(), CircuitState::Closed);
+    assert!(opened.lock().unwrap().is_empty());
+    assert!(send(&mut svc).await.is_err());
+    assert_eq!(svc.state(), CircuitState::Open);
+    let events = opened.lock().unwrap();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].reason, OpenReason::ConsecutiveFailures(3));
+    assert_eq!(events[0].open_for, OPEN_FOR);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_success_resets_the_run_of_failures() {
+    let mock = Mock::new();
+    let mut svc = breaker(three_in_a_row(), &mock);
+    for answer in [
+        Answer::Transient,
+        Answer::Transient,
+        Answer::Ok,
+        Answer::Transient,
+        Answer::Transient,
+    ] {
+        mock.answer(answer);
+        let _ = send(&mut svc).await;
+    }
+    assert_eq!(svc.state(), CircuitState::Closed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn permanent_errors_never_trip_it() {
+    let mock = Mock::new();
+    let mut svc = breaker(three_in_a_row(), &mock);
+    mock.answer(Answer::Permanent);
+    for _ in 0..50 {
+        assert!(send(&mut svc).await.is_err());
+    }
+    assert_eq!(svc.state(), CircuitState::Closed);
+    // Nor do they reset a run of transient failures: they say nothing about the downstream.
+    for answer in [
+        Answer::Transient,
+        Answer::Transient,
+        Answer::Permanent,
+        Answer::Transient,
+    ] {
+        mock.answer(answer);
+        let _ = send(&mut svc).await;
+    }
+    assert_eq!(svc.state(), CircuitState::Open);
+}
+
+#[tokio::test(start_paused = true)]
+async fn while_open_poll_ready_is_pending_and_wakes_when_the_period_ends() {
+    let mock = Mock::new();
+    let mut svc = breaker(three_in_a_row(), &mock);
+    mock.answer(Answer::Transient);
+    for _ in 0..3 {
+        let _ = send(&mut svc).await;
+    }
+    let (count, waker) = counter();
+    assert!(poll_ready(&mut svc, &waker).is_pending());
+    tokio::time::advance(OPEN_FOR - Duration::from_millis(1)).await;
+    assert_eq!(wakes(&count), 0, "not woken before the period ends");
+    assert!(poll_ready(&mut svc, &waker).is_pending());
+    tokio::time::advance(Duration::from_millis(1)).await;
+    assert_eq!(wakes(&count), 1, "woken by the breaker's own timer");
+    assert!(poll_ready(&mut svc, &waker).is_ready());
+    assert_eq!(svc.state(), CircuitState::HalfOpen);
+    assert_eq!(
+        mock.calls.load(Ordering::SeqCst),
+        3,
+        "nothing called while open"
+    );
+}
+
+/// Trips `svc` and waits out the open period.
+async fn trip_and_wait(svc: &mut CircuitBreaker<Mock>, mock: &Mock) {
+    mock.answer(Answer::Transient);
+    for _ in 0..3 {
+        let _ = send(svc).await;
+    }
+    assert_eq!(svc.state(), CircuitState::Open);
+    tokio::time::advance(OPEN_FOR).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn half_open_lets_the_probes_through_and_closes_when_they_succeed() {
+    let mock = Mock::new();
+    let mut a = breaker(three_in_a_row().with_half_open_probes(2), &mock);
+    let (mut b, mut c) = (a.clone(), a.clone());
+    trip_and_wait(&mut a, &mock).await;
+    mock.answer(Answer::Ok);
+
+    let (count, waker) = counter();
+    assert!(poll_ready(&mut a, &waker).is_ready(), "probe 1");
+    assert!(poll_ready(&mut b, &waker).is_ready(), "probe 2");
+    assert!(poll_ready(&mut c, &waker).is_pending(), "no third probe");
+    assert_eq!(a.state(), CircuitState::HalfOpen);
+
+    a.call(Message::new("1")).await.unwrap();
+    assert_eq!(a.state(), CircuitState::HalfOpen, "one probe is not enough");
+    assert!(poll_ready(&mut c, &waker).is_pending());
+    let before = wakes(&count);
+    b.call(Message::new("2")).await.unwrap();
+    assert_eq!(a.state(), CircuitState::Closed);
+    assert!(wakes(&count) > before, "the waiting caller is woken");
+    assert!(poll_ready(&mut c, &waker).is_ready());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_probe_opens_it_again() {
+    let mock = Mock::new();
+    let mut svc = breaker(three_in_a_row(), &mock);
+    trip_and_wait(&mut svc, &mock).await;
+    assert!(send(&mut svc).await.is_err(), "the probe fails");
+    assert_eq!(svc.state(), CircuitState::Open);
+    let (_, waker) = counter();
+    assert!(poll_ready(&mut svc, &waker).is_pending());
+    tokio::time::advance(OPEN_FOR).await;
+    mock.answer(Answer::Ok);
+    send(&mut svc).await.unwrap();
+    assert_eq!(svc.state(), CircuitState::Closed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dropped_or_permanent_probe_gives_its_slot_back() {
+    let mock = Mock::new();
+    let mut a = breaker(three_in_a_row(), &mock);
+    let mut b = a.clone();
+    trip_and_wait(&mut a, &mock).await;
+    let (_, waker) = counter();
+
+    // A probe slot taken by poll_ready, then dropped with its service.
+    let mut probe = a.clone();
+    assert!(poll_ready(&mut probe, &waker).is_ready());
+    assert!(poll_ready(&mut b, &waker).is_pending());
+    drop(probe);
+    // A probe whose call future is dropped unfinished.
+    assert!(poll_ready(&mut b, &waker).is_ready());
+    drop(b.call(Message::new("x")));
+    // A probe that ends with a permanent error.
+    mock.answer(Answer::Permanent);
+    assert!(send(&mut a).await.is_err());
+    assert_eq!(a.state(), CircuitState::HalfOpen);
+    // The slot is still there for a real probe.
+    mock.answer(Answer::Ok);
+    send(&mut a).await.unwrap();
+    assert_eq!(a.state(), CircuitState::Closed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn trips_on_a_failure_rate_over_the_window() {
+    let mock = Mock::new();
+    let reasons = Arc::new(Mutex::new(Vec::new()));
+    let record = reasons.clone();
+    let config = CircuitBreakerConfig::default()
+        .without_consecutive_failures()
+        .with_failure_rate(
+            FailureRate::new(0.5)
+                .with_min_calls(6)
+                .with_window(Duration::from_secs(10)),
+        );
+    let mut svc = CircuitBreakerLayer::new(config)
+        .unwrap()
+        .on_circuit_open(move |e: &CircuitOpen| record.lock().unwrap().push(e.reason))
+        .layer(mock.clone());
+    // 2 of 5 failed, and too few calls for the rate to count anyway.
+    for answer in [
+        Answer::Transient,
+        Answer::Ok,
+        Answer::Transient,
+        Answer::Ok,
+        Answer::Ok,
+    ] {
+        mock.answer(answer);
+        let _ = send(&mut svc).await;
+        assert_eq!(svc.state(), CircuitState::Closed);
+    }
+    mock.answer(Answer::Transient);
+    let _ = send(&mut svc).await;
+    assert_eq!(svc.state(), CircuitState::Open, "3 of 6 calls failed");
+    assert_eq!(
+        *reasons.lock().unwrap(),
+        [OpenReason::FailureRate {
+            rate: 0.5,
+            calls: 6
+        }]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn old_calls_leave_the_window() {
+    let mock = Mock::new();
+    let config = CircuitBreakerConfig::default()
+        .without_consecutive_failures()
+        .with_failure_rate(
+            FailureRate::new(0.5)
+                .with_min_calls(4)
+                .with_window(Duration::from_secs(10)),
+        );
+    let mut svc = breaker(config, &mock);
+    mock.answer(Answer::Transient);
+    for _ in 0..3 {
+        let _ = send(&mut svc).await;
+    }
+    // Those three failures age out; then one failure among four calls is 25 %.
+    tokio::time::advance(Duration::from_secs(11)).await;
+    for answer in [Answer::Ok, Answer::Ok, Answer::Ok, Answer::Transient] {
+        mock.answer(answer);
+        let _ = send(&mut svc).await;
+    }
+    assert_eq!(svc.state(), CircuitState::Closed);
+    // Two more failures: 3 of 6.
+    mock.answer(Answer::Transient);
+    let _ = send(&mut svc).await;
+    assert_eq!(svc.state(), CircuitState::Closed, "2 of 5 calls failed");
+    let _ = send(&mut svc).await;
+    assert_eq!(svc.state(), CircuitState::Open, "3 of 6 calls failed");
+}
+
+#[tokio::test(start_paused = true)]
+async fn state_changes_reach_the_hook_and_the_handle() {
+    #[derive(Clone, Default)]
+    struct Changes(Arc<Mutex<Vec<(CircuitState, CircuitState)>>>);
+    impl OnCircuitOpen for Changes {
+        fn on_circuit_open(&self, _: &CircuitOpen) {}
+        fn on_state_change(&self, from: CircuitState, to: CircuitState) {
+            self.0.lock().unwrap().push((from, to));
+        }
+    }
+    let changes = Changes::default();
+    let mock = Mock::new();
+    let layer = CircuitBreakerLayer::new(three_in_a_row())
+        .unwrap()
+        .on_circuit_open(changes.clone());
+    let handle = layer.handle();
+    let mut svc = layer.layer(mock.clone());
+    trip_and_wait(&mut svc, &mock).await;
+    assert_eq!(
+        handle.state(),
+        CircuitState::HalfOpen,
+        "period over: the next caller probes"
+    );
+    mock.answer(Answer::Ok);
+    send(&mut svc).await.unwrap();
+    assert_eq!(handle.state(), CircuitState::Closed);
+    use CircuitState::*;
+    assert_eq!(
+        *changes.0.lock().unwrap(),
+        [(Closed, Open), (Open, HalfOpen), (HalfOpen, Closed)]
+    );
+}
+
+#[test]
+fn invalid_configs_are_rejected_with_what_to_change() {
+    let cases = [
+        (
+            CircuitBreakerConfig::default().with_consecutive_failures(0),
+            "set it to 1",
+        ),
+        (
+            CircuitBreakerConfig::default().with_failure_rate(FailureRate::new(f64::NAN)),
+            "threshold is NaN",
+        ),
+        (
+            CircuitBreakerConfig::default().with_failure_rate(FailureRate::new(1.5)),
+            "at most 1.0",
+        ),
+        (
+            CircuitBreakerConfig::default()
+                .with_failure_rate(FailureRate::new(0.5).with_min_calls(0)),
+            "`min_calls` is 0",
+        ),
+        (
+            CircuitBreakerConfig::default().without_consecutive_failures(),
+            "nothing can trip",
+        ),
+        (
+            CircuitBreakerConfig::default().with_open_for(Duration::ZERO),
+            "`open_for` is 0",
+        ),
+        (
+            CircuitBreakerConfig::default().with_half_open_probes(0),
+            "never close",
+        ),
+    ];
+    for (config, want) in cases {
+        let err = CircuitBreakerLayer::new(config).unwrap_err().to_string();
+        assert!(err.contains(want), "{err:?} should contain {want:?}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_open_breaker_pauses_a_running_workers_intake() {
+    use redrive_core::memory::MemoryBroker;
+    use redrive_core::{OutgoingMessage, Publisher, Redelivery, Worker, handler};
+    use tokio::time::Instant;
+
+    let broker = MemoryBroker::new();
+    for i in 0..5 {
+        broker
+            .publish("orders", OutgoingMessage::new(format!("{i}")))
+            .await
+            .unwrap();
+    }
+    let t0 = Instant::now();
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let seen = calls.clone();
+    // The downstream is down for the first three calls.
+    let handler = handler::handler_fn(move |_m: Message| {
+        let mut calls = seen.lock().unwrap();
+        calls.push(t0.elapsed());
+        let failing = calls.len() <= 3;
+        async move {
+            if failing {
+                Err::<(), BoxError>("connection refused".into())
+            } else {
+                Ok(())
+            }
+        }
+    });
+    let layer = CircuitBreakerLayer::new(three_in_a_row()).unwrap();
+    let handle = layer.handle();
+    let worker = Worker::builder(broker.consumer("orders"), layer.layer(handler))
+        .concurrency(1)
+        .redelivery(Redelivery::constant(Duration::ZERO))
+        .build()
+        .unwrap();
+    let run = tokio::spawn(worker.run_until(tokio::time::sleep(Duration::from_secs(30))));
+
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(handle.state(), CircuitState::Open);
+    assert_eq!(calls.lock().unwrap().len(), 3, "no intake while open");
+    assert_eq!(broker.depth("orders"), 5, "the messages wait in the broker");
+
+    let report = run.await.unwrap();
+    assert_eq!(report.acked, 5);
+    assert_eq!(handle.state(), CircuitState::Closed);
+    let calls = calls.lock().unwrap();
+    assert!(
+        calls[..3].iter().all(|t| *t < Duration::from_secs(1)),
+        "{calls:?}"
+    );
+    assert!(calls[3..].iter().all(|t| *t >= OPEN_FOR), "{calls:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn results_of_calls_admitted_before_a_change_do_not_count() {
+    let inner = tower::service_fn(|msg: Message| async move {
+        match &msg.payload[..] {
+            b"slow" => {
+                tokio::time::sleep(Duration::from_secs(15)).await;
+                Err::<(), BoxError>("late failure".into())
+            }
+            b"fail" => Err("connection refused".into()),
+            _ => Ok(()),
+        }
+    });
+    let mut svc = CircuitBreakerLayer::new(three_in_a_row())
+        .unwrap()
+        .layer(inner);
+    // Admitted while closed; fails 15 s later.
+    let mut slow = svc.clone();
+    let late = tokio::spawn(slow.ready().await.unwrap().call(Message::new("slow")));
+    for _ in 0..3 {
+        let _ = svc.ready().await.unwrap().call(Message::new("fail")).await;
+    }
+    assert_eq!(svc.state(), CircuitState::Open);
+    tokio::time::advance(OPEN_FOR).await;
+    svc.ready().await.unwrap(); // takes the probe slot
+    assert_eq!(svc.state(), CircuitState::HalfOpen);
+    assert!(late.await.unwrap().is_err());
+    assert_eq!(
+        svc.state(),
+        CircuitState::HalfOpen,
+        "the late failure is not a probe"
+    );
+    svc.call(Message::new("ok")).await.unwrap();
+    assert_eq!(svc.state(), CircuitState::Closed);
+}
