@@ -1,5 +1,6 @@
-//! One message's life as a trace tree: produced, failing twice, dead-lettered on the
-//! third attempt, then consumed from the DLQ — all in one trace.
+//! One message's life as a trace tree: produced, failing on every try (two tries per
+//! delivery attempt), dead-lettered on the third attempt, then consumed from the DLQ —
+//! all in one trace.
 //!
 //! Run with `cargo run --example tracing`. Spans are exported to memory and printed to
 //! stdout as a tree when the run ends.
@@ -12,6 +13,7 @@ use opentelemetry::trace::{SpanId, TracerProvider as _};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
 use redrive::memory::MemoryBroker;
 use redrive::middleware::dead_letter::{DeadLetterConfig, DeadLetterLayer};
+use redrive::middleware::retry::{Backoff, RetryConfig, RetryLayer};
 use redrive::middleware::trace::{TraceLayer, TracedPublisher};
 use redrive::{BoxError, Message, OutgoingMessage, Publisher, Redelivery, Worker, handler_fn};
 use tower::ServiceBuilder;
@@ -46,6 +48,11 @@ async fn main() -> Result<(), BoxError> {
             DeadLetterConfig::default()
                 .with_max_attempts(3)
                 .with_consumer_name("payments-worker"),
+        )?)
+        .layer(RetryLayer::new(
+            RetryConfig::default()
+                .with_backoff(Backoff::constant(Duration::from_millis(5)))
+                .with_max_tries(2),
         )?)
         .service(handler_fn(|_m: Message| async {
             tracing::warn!("card processor timed out");
@@ -116,6 +123,7 @@ fn print_span(
     let took = s.end_time.duration_since(s.start_time).unwrap_or_default();
     let wanted = [
         "redrive.attempt",
+        "redrive.try",
         "redrive.outcome",
         "correlation_id",
         "error.type",

@@ -13,9 +13,14 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, criterion_group, criterion_main};
 use redrive_core::memory::MemoryBroker;
 use redrive_core::{BoxError, Message, Outcome, handler_fn};
+use redrive_middleware::Stack;
+use redrive_middleware::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer};
 use redrive_middleware::dead_letter::{DeadLetterConfig, DeadLetterLayer};
 use redrive_middleware::idempotency::{IdempotencyConfig, IdempotencyLayer, MemoryStore};
 use redrive_middleware::metrics::MetricsLayer;
+use redrive_middleware::rate_limit::{RateLimitConfig, RateLimitLayer};
+use redrive_middleware::retry::{RetryConfig, RetryLayer};
+use redrive_middleware::timeout::TimeoutLayer;
 use redrive_middleware::trace::TraceLayer;
 use tower::{Layer, Service, ServiceExt};
 
@@ -101,11 +106,32 @@ fn layers(c: &mut Criterion) {
     group.bench_function("idempotency_memory", |b| {
         b.iter_custom(|n| measure(&rt, &mut idempotency, n))
     });
-    let mut full = tower::ServiceBuilder::new()
-        .layer(TraceLayer::new())
-        .layer(MetricsLayer::new(&meter))
-        .layer(dlq())
-        .layer(idem())
+    let breaker = || CircuitBreakerLayer::new(CircuitBreakerConfig::default()).expect("config");
+    // A limit far above what the bench reaches: the cost of asking, not of waiting.
+    let limit = || RateLimitLayer::new(RateLimitConfig::per_second(1_000_000_000)).expect("config");
+    let retry = || RetryLayer::new(RetryConfig::default()).expect("config");
+    let timeout = || TimeoutLayer::new(Duration::from_secs(30)).expect("config");
+    let mut cb = breaker().layer(noop());
+    group.bench_function("circuit_breaker", |b| {
+        b.iter_custom(|n| measure(&rt, &mut cb, n))
+    });
+    let mut rl = limit().layer(noop());
+    group.bench_function("rate_limit", |b| {
+        b.iter_custom(|n| measure(&rt, &mut rl, n))
+    });
+    let mut re = retry().layer(noop());
+    group.bench_function("retry", |b| b.iter_custom(|n| measure(&rt, &mut re, n)));
+    let mut to = timeout().layer(noop());
+    group.bench_function("timeout", |b| b.iter_custom(|n| measure(&rt, &mut to, n)));
+    let mut full = Stack::new()
+        .trace(TraceLayer::new())
+        .metrics(MetricsLayer::new(&meter))
+        .dead_letter(dlq())
+        .idempotency(idem())
+        .circuit_breaker(breaker())
+        .rate_limit(limit())
+        .retry(retry())
+        .timeout(timeout())
         .service(noop());
     group.bench_function("full_stack", |b| {
         b.iter_custom(|n| measure(&rt, &mut full, n))

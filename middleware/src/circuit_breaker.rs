@@ -922,3 +922,21 @@ where
         Poll::Ready(result)
     }
 }
+
+impl crate::StackPart for CircuitBreakerLayer {
+    fn describe(&self) -> Option<String> {
+        let c = &self.core.config;
+        let mut trips = Vec::new();
+        if let Some(n) = c.consecutive_failures {
+            trips.push(format!("consecutive_failures={n}"));
+        }
+        if let Some(r) = &c.failure_rate {
+            trips.push(format!("failure_rate={}", r.threshold));
+        }
+        Some(format!(
+            "circuit_breaker({}, open_for={})",
+            trips.join(", "),
+            crate::stack::secs(c.open_for)
+        ))
+    }
+}

@@ -359,3 +359,11 @@ where
         })
     }
 }
+
+/// Give it to the retry layer: `RetryLayer::new(..)?.on_retry(metrics.retry_counter())`.
+#[cfg(feature = "retry")]
+impl crate::retry::OnRetry for RetryCounter {
+    fn on_retry(&self, event: &crate::retry::RetryEvent<'_>) {
+        self.record(event.message);
+    }
+}

@@ -600,3 +600,21 @@ where
         }
     }
 }
+
+impl RateLimitConfig {
+    fn describe(&self) -> String {
+        format!("{}/{}", self.limit, crate::stack::secs(self.per))
+    }
+}
+
+impl crate::StackPart for RateLimitLayer {
+    fn describe(&self) -> Option<String> {
+        Some(format!("rate_limit({})", self.config.describe()))
+    }
+}
+
+impl crate::StackPart for KeyedRateLimitLayer {
+    fn describe(&self) -> Option<String> {
+        Some(format!("rate_limit(per key, {})", self.config().describe()))
+    }
+}

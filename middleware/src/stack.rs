@@ -76,6 +76,7 @@ impl StackPart for Identity {
     }
 }
 
+#[allow(dead_code, reason = "unused when no layer with a duration is enabled")]
 pub(crate) fn secs(d: Duration) -> String {
     if d.subsec_nanos() == 0 {
         format!("{}s", d.as_secs())
@@ -195,7 +196,10 @@ impl<Tr, Me, Dl, Id, Cb, Rl, Re, To> Stack<Tr, Me, Dl, Id, Cb, Rl, Re, To> {
     /// Puts the circuit breaker in its place (fifth).
     #[cfg(feature = "circuit-breaker")]
     #[cfg_attr(docsrs, doc(cfg(feature = "circuit-breaker")))]
-    pub fn circuit_breaker<L>(self, layer: L) -> Stack<Tr, Me, Dl, Id, L, Rl, Re, To> {
+    pub fn circuit_breaker(
+        self,
+        layer: crate::circuit_breaker::CircuitBreakerLayer,
+    ) -> Stack<Tr, Me, Dl, Id, crate::circuit_breaker::CircuitBreakerLayer, Rl, Re, To> {
         Stack {
             trace: self.trace,
             metrics: self.metrics,
@@ -208,10 +212,12 @@ impl<Tr, Me, Dl, Id, Cb, Rl, Re, To> Stack<Tr, Me, Dl, Id, Cb, Rl, Re, To> {
         }
     }
 
-    /// Puts the rate limit in its place (sixth).
+    /// Puts a rate limit in its place (sixth): a
+    /// [`RateLimitLayer`](crate::rate_limit::RateLimitLayer) or a
+    /// [`KeyedRateLimitLayer`](crate::rate_limit::KeyedRateLimitLayer).
     #[cfg(feature = "rate-limit")]
     #[cfg_attr(docsrs, doc(cfg(feature = "rate-limit")))]
-    pub fn rate_limit<L>(self, layer: L) -> Stack<Tr, Me, Dl, Id, Cb, L, Re, To> {
+    pub fn rate_limit<L: StackPart>(self, layer: L) -> Stack<Tr, Me, Dl, Id, Cb, L, Re, To> {
         Stack {
             trace: self.trace,
             metrics: self.metrics,
@@ -227,7 +233,10 @@ impl<Tr, Me, Dl, Id, Cb, Rl, Re, To> Stack<Tr, Me, Dl, Id, Cb, Rl, Re, To> {
     /// Puts the retry layer in its place (seventh).
     #[cfg(feature = "retry")]
     #[cfg_attr(docsrs, doc(cfg(feature = "retry")))]
-    pub fn retry<L>(self, layer: L) -> Stack<Tr, Me, Dl, Id, Cb, Rl, L, To> {
+    pub fn retry<H>(
+        self,
+        layer: crate::retry::RetryLayer<H>,
+    ) -> Stack<Tr, Me, Dl, Id, Cb, Rl, crate::retry::RetryLayer<H>, To> {
         Stack {
             trace: self.trace,
             metrics: self.metrics,
@@ -243,7 +252,10 @@ impl<Tr, Me, Dl, Id, Cb, Rl, Re, To> Stack<Tr, Me, Dl, Id, Cb, Rl, Re, To> {
     /// Puts the per-try timeout in its place (last, closest to the handler).
     #[cfg(feature = "timeout")]
     #[cfg_attr(docsrs, doc(cfg(feature = "timeout")))]
-    pub fn timeout<L>(self, layer: L) -> Stack<Tr, Me, Dl, Id, Cb, Rl, Re, L> {
+    pub fn timeout(
+        self,
+        layer: crate::timeout::TimeoutLayer,
+    ) -> Stack<Tr, Me, Dl, Id, Cb, Rl, Re, crate::timeout::TimeoutLayer> {
         Stack {
             trace: self.trace,
             metrics: self.metrics,
@@ -375,5 +387,31 @@ impl<St: ?Sized> StackPart for crate::idempotency::IdempotencyLayer<St> {
             secs(c.lease),
             secs(c.ttl)
         ))
+    }
+}
+
+#[cfg(feature = "retry")]
+impl<H> StackPart for crate::retry::RetryLayer<H> {
+    fn describe(&self) -> Option<String> {
+        let c = self.config();
+        Some(format!(
+            "retry(max_tries={}, window={}{})",
+            c.max_tries,
+            secs(c.window()),
+            if c.budget.is_some() { ", budget" } else { "" }
+        ))
+    }
+
+    fn check(&self, caps: &Capabilities) -> Result<(), Error> {
+        self.config()
+            .check(caps)
+            .map_err(|e| Error::config("retry", e))
+    }
+}
+
+#[cfg(feature = "timeout")]
+impl StackPart for crate::timeout::TimeoutLayer {
+    fn describe(&self) -> Option<String> {
+        Some(format!("timeout({})", secs(self.timeout())))
     }
 }

@@ -1,6 +1,11 @@
 //! The metrics layer's counters after a known mix of successes, redeliveries,
 //! duplicates and dead letters, read through an in-memory metric exporter.
-#![cfg(all(feature = "metrics", feature = "dead-letter", feature = "idempotency"))]
+#![cfg(all(
+    feature = "metrics",
+    feature = "dead-letter",
+    feature = "idempotency",
+    feature = "retry"
+))]
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,6 +23,7 @@ use redrive_middleware::idempotency::{
     IDEMPOTENCY_KEY, IdempotencyConfig, IdempotencyLayer, MemoryStore,
 };
 use redrive_middleware::metrics::MetricsLayer;
+use redrive_middleware::retry::{Backoff, RetryConfig, RetryLayer, Try};
 use tower::ServiceBuilder;
 
 /// Every counter and histogram count, by name, for destination `orders`.
@@ -55,7 +61,7 @@ async fn counters_after_a_known_mix() {
 
     let broker = MemoryBroker::new();
     let mut bodies = vec!["ok"; 6];
-    bodies.extend(["flaky", "flaky", "poison"]);
+    bodies.extend(["flaky", "flaky", "poison", "retry-me", "retry-me"]);
     for body in bodies {
         broker
             .publish("orders", OutgoingMessage::new(body))
@@ -69,8 +75,17 @@ async fn counters_after_a_known_mix() {
         broker.publish("orders", dup).await.unwrap();
     }
 
+    let metrics = MetricsLayer::new(&meter);
+    let retry = RetryLayer::new(
+        RetryConfig::default()
+            .with_backoff(Backoff::constant(Duration::from_millis(1)))
+            .with_max_tries(2)
+            .without_budget(),
+    )
+    .unwrap()
+    .on_retry(metrics.retry_counter());
     let stack = ServiceBuilder::new()
-        .layer(MetricsLayer::new(&meter))
+        .layer(metrics)
         .layer(
             DeadLetterLayer::new(
                 Arc::new(broker.clone()),
@@ -82,10 +97,15 @@ async fn counters_after_a_known_mix() {
             IdempotencyLayer::new(Arc::new(MemoryStore::new()), IdempotencyConfig::default())
                 .unwrap(),
         )
+        .layer(retry)
         .service(handler_fn(|m: Message| async move {
-            match (&m.payload[..], m.attempt()) {
-                (b"poison", _) => Err(classify::permanent("schema violation")),
-                (b"flaky", 1) => Err::<(), BoxError>("downstream timeout".into()),
+            let try_number = m.extensions.get::<Try>().map_or(0, |t| t.number);
+            match (&m.payload[..], m.attempt(), try_number) {
+                (b"poison", _, _) => Err(classify::permanent("schema violation")),
+                // Fails both tries of its first delivery: one retry, then a nack.
+                (b"flaky", 1, _) => Err::<(), BoxError>("downstream timeout".into()),
+                // Fails its first try only: one retry, then success.
+                (b"retry-me", _, 1) => Err("blip".into()),
                 _ => Ok(()),
             }
         }));
@@ -108,18 +128,20 @@ async fn counters_after_a_known_mix() {
             report.dead_lettered,
             report.deduplicated
         ),
-        (9, 2, 1, 1),
+        (11, 2, 1, 1),
         "{report:?}"
     );
 
     provider.force_flush().unwrap();
     let m = read(&exporter);
     let get = |name: &str| *m.get(name).unwrap_or_else(|| panic!("no {name} in {m:?}"));
-    // 11 messages; the two flaky ones were delivered twice.
-    assert_eq!(get("messaging.client.consumed.messages"), 13);
-    assert_eq!(get("messaging.process.duration"), 13);
-    assert_eq!(get("redrive.message.age"), 13);
-    assert_eq!(get("redrive.messages.acked"), 11);
+    // 13 messages; the two flaky ones were delivered twice.
+    assert_eq!(get("messaging.client.consumed.messages"), 15);
+    assert_eq!(get("messaging.process.duration"), 15);
+    assert_eq!(get("redrive.message.age"), 15);
+    assert_eq!(get("redrive.messages.acked"), 13);
+    // One in-process retry for each flaky delivery that failed and each retry-me.
+    assert_eq!(get("redrive.messages.retried"), 4);
     assert_eq!(get("redrive.messages.nacked"), 2);
     assert_eq!(get("redrive.messages.dead_lettered"), 1);
     assert_eq!(get("redrive.messages.deduplicated"), 1);

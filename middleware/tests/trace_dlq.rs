@@ -1,6 +1,6 @@
 //! One message's life in one trace: produce → consume → two failed attempts → dead
 //! letter → consume from the DLQ.
-#![cfg(all(feature = "trace", feature = "dead-letter"))]
+#![cfg(all(feature = "trace", feature = "dead-letter", feature = "retry"))]
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,6 +11,7 @@ use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData
 use redrive_core::memory::MemoryBroker;
 use redrive_core::{BoxError, Message, OutgoingMessage, Publisher, Redelivery, Worker, handler_fn};
 use redrive_middleware::dead_letter::{self, DeadLetterConfig, DeadLetterLayer};
+use redrive_middleware::retry::{Backoff, RetryConfig, RetryLayer};
 use redrive_middleware::trace::{CORRELATION_ID, TraceLayer, TracedPublisher};
 use tower::ServiceBuilder;
 use tracing::Instrument;
@@ -65,7 +66,8 @@ async fn one_trace_from_producer_through_retries_and_the_dlq() {
         "no id outside a consumer: the consumer makes one"
     );
 
-    // Consume: every attempt fails; the third is dead-lettered.
+    // Consume: every try fails; each delivery attempt makes two tries, and the third
+    // attempt is dead-lettered.
     let dlq = DeadLetterLayer::new(
         Arc::new(TracedPublisher::new(broker.clone())),
         DeadLetterConfig::default().with_max_attempts(3),
@@ -74,6 +76,15 @@ async fn one_trace_from_producer_through_retries_and_the_dlq() {
     let stack = ServiceBuilder::new()
         .layer(TraceLayer::new())
         .layer(dlq)
+        .layer(
+            RetryLayer::new(
+                RetryConfig::default()
+                    .with_backoff(Backoff::constant(Duration::from_millis(2)))
+                    .with_max_tries(2)
+                    .without_budget(),
+            )
+            .unwrap(),
+        )
         .service(handler_fn(|_m: Message| async {
             Err::<(), BoxError>("payment service unavailable".into())
         }));
@@ -110,6 +121,10 @@ async fn one_trace_from_producer_through_retries_and_the_dlq() {
     let send_orders = by_name("send orders");
     let process_orders = by_name("process orders");
     let send_dlq = by_name("send orders.dlq");
+    let tries: Vec<&SpanData> = spans
+        .iter()
+        .filter(|s| s.name.starts_with("try "))
+        .collect();
     let process_dlq = by_name("process orders.dlq");
     assert_eq!(
         (
@@ -143,6 +158,20 @@ async fn one_trace_from_producer_through_retries_and_the_dlq() {
     );
     for s in process_orders.iter().chain(&process_dlq) {
         assert_eq!(s.parent_span_id, producer, "parent of {}", s.name);
+    }
+    // Two tries inside each attempt's span, tagged with both numbers.
+    assert_eq!(tries.len(), 6);
+    for attempt in &process_orders {
+        let mine: Vec<(Option<&Value>, Option<&Value>)> = tries
+            .iter()
+            .filter(|t| t.parent_span_id == attempt.span_context.span_id())
+            .map(|t| (attr(t, "redrive.attempt"), attr(t, "redrive.try")))
+            .collect();
+        let a = attr(attempt, "redrive.attempt");
+        assert_eq!(
+            mine,
+            vec![(a, Some(&Value::I64(1))), (a, Some(&Value::I64(2)))]
+        );
     }
     // The DLQ publish happened inside the last attempt's span.
     let mut attempts: Vec<&SpanData> = process_orders.clone();

@@ -48,7 +48,21 @@ pin_project_lite::pin_project! {
         previous: Duration,
         slept: Duration,
         last_error: Option<BoxError>,
+        span: tracing::Span,
     }
+}
+
+/// The span of one try: a child of the delivery attempt's span (the trace layer's),
+/// tagged with both numbers, so a trace shows every try and the delays between them.
+pub(crate) fn try_span(message: &Message, number: u32) -> tracing::Span {
+    tracing::info_span!(
+        "redrive.try",
+        otel.name = %format_args!("try {number}"),
+        redrive.attempt = i64::from(message.metadata.attempt),
+        redrive.try = i64::from(number),
+        otel.status_code = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+    )
 }
 
 impl<S, H> ResponseFuture<S, H>
@@ -60,8 +74,10 @@ where
         service: S,
         message: Message,
         shared: Arc<Shared<H>>,
+        span: tracing::Span,
     ) -> Self {
         ResponseFuture {
+            span,
             state: State::Calling { future },
             service,
             message,
@@ -111,13 +127,22 @@ where
         loop {
             match this.state.as_mut().project() {
                 StateProj::Calling { future } => {
-                    let error: BoxError = match ready!(future.poll(cx)) {
-                        Ok(response) => return Poll::Ready(Ok(response)),
+                    let result = {
+                        let _entered = this.span.enter();
+                        ready!(future.poll(cx))
+                    };
+                    let error: BoxError = match result {
+                        Ok(response) => {
+                            this.span.record("otel.status_code", "OK");
+                            return Poll::Ready(Ok(response));
+                        }
                         Err(e) => e.into(),
                     };
                     let shutdown = this.message.extensions.get::<Shutdown>();
                     let config = &this.shared.config;
                     let class = config.classifier.classify(&*error);
+                    this.span.record("otel.status_code", "ERROR");
+                    this.span.record("error.type", class.kind.as_str());
                     let elapsed = this.started.elapsed();
                     let next = *this.tries;
                     let delay = class
@@ -194,7 +219,11 @@ where
                     } else {
                         this.message.clone()
                     };
-                    let future = this.service.call(message);
+                    *this.span = try_span(&message, *this.tries);
+                    let future = {
+                        let _entered = this.span.enter();
+                        this.service.call(message)
+                    };
                     this.state.set(State::Calling { future });
                 }
             }

@@ -195,7 +195,12 @@ where
         let retries = self.inner.clone();
         msg.extensions.insert(Try { number: 1 });
         let copy = msg.clone();
-        ResponseFuture::new(self.inner.call(msg), retries, copy, self.shared.clone())
+        let span = future::try_span(&msg, 1);
+        let first = {
+            let _entered = span.enter();
+            self.inner.call(msg)
+        };
+        ResponseFuture::new(first, retries, copy, self.shared.clone(), span)
     }
 }
 

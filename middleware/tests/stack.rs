@@ -1,0 +1,166 @@
+//! The Stack builder: canonical order whatever the call order, start-up checks, and the
+//! whole stack under a Worker.
+#![cfg(all(
+    feature = "trace",
+    feature = "metrics",
+    feature = "dead-letter",
+    feature = "idempotency",
+    feature = "circuit-breaker",
+    feature = "rate-limit",
+    feature = "retry",
+    feature = "timeout"
+))]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use redrive_core::memory::{MemoryBroker, QueueConfig};
+use redrive_core::{
+    BoxError, Capabilities, Consumer, Message, OutgoingMessage, Publisher, Redelivery, Worker,
+    classify, handler_fn,
+};
+use redrive_middleware::Stack;
+use redrive_middleware::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer};
+use redrive_middleware::dead_letter::{self, DeadLetterConfig, DeadLetterLayer};
+use redrive_middleware::idempotency::{
+    IDEMPOTENCY_KEY, IdempotencyConfig, IdempotencyLayer, MemoryStore,
+};
+use redrive_middleware::metrics::MetricsLayer;
+use redrive_middleware::rate_limit::{RateLimitConfig, RateLimitLayer};
+use redrive_middleware::retry::{Backoff, RetryConfig, RetryLayer, Try};
+use redrive_middleware::timeout::TimeoutLayer;
+use redrive_middleware::trace::TraceLayer;
+
+fn retry(min: Duration, max: Duration) -> RetryLayer {
+    RetryLayer::new(
+        RetryConfig::default()
+            .with_backoff(Backoff::exponential(min, max))
+            .with_max_tries(3),
+    )
+    .unwrap()
+}
+
+#[test]
+fn any_call_order_builds_the_canonical_order() {
+    let broker = Arc::new(MemoryBroker::new());
+    let stack = Stack::new()
+        .timeout(TimeoutLayer::new(Duration::from_secs(5)).unwrap())
+        .retry(retry(Duration::from_millis(10), Duration::from_millis(100)))
+        .rate_limit(RateLimitLayer::new(RateLimitConfig::per_second(50)).unwrap())
+        .circuit_breaker(CircuitBreakerLayer::new(CircuitBreakerConfig::default()).unwrap())
+        .idempotency(
+            IdempotencyLayer::new(Arc::new(MemoryStore::new()), IdempotencyConfig::default())
+                .unwrap(),
+        )
+        .dead_letter(DeadLetterLayer::new(broker, DeadLetterConfig::default()).unwrap())
+        .metrics(MetricsLayer::global())
+        .trace(TraceLayer::new());
+    assert_eq!(
+        stack.describe(),
+        "trace -> metrics -> dead_letter(max_attempts=5, to=<source>.dlq) -> \
+         idempotency(lease=30s, ttl=86400s) -> \
+         circuit_breaker(consecutive_failures=5, open_for=30s) -> rate_limit(50/1s) -> \
+         retry(max_tries=3, window=30ms, budget) -> timeout(5s) -> handler"
+    );
+    assert_eq!(Stack::new().describe(), "handler");
+}
+
+#[test]
+fn check_rejects_a_retry_window_the_lease_cannot_hold() {
+    // Two retries after up to 5 s and 10 s: a 15 s window.
+    let stack = Stack::new().retry(retry(Duration::from_secs(5), Duration::from_secs(20)));
+    let fixed_lease = Capabilities::new().with_lease(Some(Duration::from_secs(10)), false);
+    let err = stack.check(&fixed_lease).unwrap_err().to_string();
+    assert!(err.starts_with("retry: "), "{err}");
+    assert!(err.contains("lease"), "{err}");
+    // The Worker keeps an extendable lease, so the same window is fine there.
+    let kept = Capabilities::new().with_lease(Some(Duration::from_secs(10)), true);
+    stack.check(&kept).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_whole_stack_under_a_worker() {
+    let broker = MemoryBroker::new();
+    broker.declare(
+        "jobs",
+        QueueConfig::default().with_lease(Duration::from_secs(5)),
+    );
+    for body in ["ok", "blip", "poison", "ok"] {
+        broker
+            .publish("jobs", OutgoingMessage::new(body))
+            .await
+            .unwrap();
+    }
+    for _ in 0..2 {
+        let twice = OutgoingMessage::new("ok")
+            .with_header(IDEMPOTENCY_KEY, "job-9")
+            .unwrap();
+        broker.publish("jobs", twice).await.unwrap();
+    }
+    let runs = Arc::new(AtomicU32::new(0));
+    let r = runs.clone();
+    let handler = handler_fn(move |m: Message| {
+        let runs = r.clone();
+        async move {
+            runs.fetch_add(1, Ordering::SeqCst);
+            let try_number = m.extensions.get::<Try>().map(|t| t.number);
+            match (&m.payload[..], try_number) {
+                (b"poison", _) => Err(classify::permanent("cannot parse")),
+                (b"blip", Some(1)) => Err::<(), BoxError>("blip".into()),
+                _ => Ok(()),
+            }
+        }
+    });
+    let consumer = broker.consumer("jobs");
+    let stack = Stack::new()
+        .trace(TraceLayer::new())
+        .metrics(MetricsLayer::global())
+        .dead_letter(
+            DeadLetterLayer::new(Arc::new(broker.clone()), DeadLetterConfig::default()).unwrap(),
+        )
+        .idempotency(
+            IdempotencyLayer::new(Arc::new(MemoryStore::new()), IdempotencyConfig::default())
+                .unwrap(),
+        )
+        .circuit_breaker(CircuitBreakerLayer::new(CircuitBreakerConfig::default()).unwrap())
+        .rate_limit(RateLimitLayer::new(RateLimitConfig::per_second(1000)).unwrap())
+        .retry(retry(Duration::from_millis(10), Duration::from_millis(50)))
+        .timeout(TimeoutLayer::new(Duration::from_secs(2)).unwrap());
+    stack.check(&consumer.capabilities()).unwrap();
+    let b = broker.clone();
+    // One at a time, so the two copies of job-9 do not race for the key (a race is
+    // correct too: the loser is redelivered after the winner's lease; idempotency's own
+    // tests cover it).
+    let report = Worker::builder(consumer, stack.service(handler))
+        .concurrency(1)
+        .redelivery(Redelivery::constant(Duration::from_millis(10)))
+        .build()
+        .unwrap()
+        .run_until(async move {
+            while b.depth("jobs") + b.in_flight("jobs") > 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+    // blip succeeded on its retry inside one delivery: no nack.
+    assert_eq!(
+        (
+            report.received,
+            report.processed,
+            report.dead_lettered,
+            report.deduplicated,
+            report.nacked
+        ),
+        (6, 4, 1, 1, 0),
+        "{report:?}"
+    );
+    // ok, ok, blip twice, poison once (permanent: no retry), job-9 once.
+    assert_eq!(runs.load(Ordering::SeqCst), 6);
+    let dead = broker.messages("jobs.dlq");
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        dead[0].headers.get_str(dead_letter::ERROR_KIND),
+        Some("permanent")
+    );
+}
