@@ -1,6 +1,7 @@
 //! Message headers: ordered, case-insensitive names, string or byte values, bounded.
 
 use std::fmt;
+use std::sync::Arc;
 
 use bytes::Bytes;
 
@@ -147,6 +148,7 @@ pub enum HeaderError {
 ///
 /// Names keep the case they were given (brokers show them as sent); lookups ignore ASCII
 /// case. Insertion order is kept, which matters for brokers and for readable DLQ envelopes.
+/// Cloning is cheap: clones share the entries until one of them is changed.
 ///
 /// ```
 /// use redrive_core::Headers;
@@ -158,7 +160,7 @@ pub enum HeaderError {
 /// ```
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct Headers {
-    entries: Vec<(String, HeaderValue)>,
+    entries: Arc<Vec<(String, HeaderValue)>>,
     size: usize,
     limits: HeaderLimits,
 }
@@ -172,7 +174,7 @@ impl Headers {
     /// Empty headers with the given limits.
     pub fn with_limits(limits: HeaderLimits) -> Self {
         Headers {
-            entries: Vec::new(),
+            entries: Arc::default(),
             size: 0,
             limits,
         }
@@ -280,21 +282,22 @@ impl Headers {
         )?;
         match self.position(&name) {
             Some(i) => {
-                let old = std::mem::replace(&mut self.entries[i], (name, value));
+                let entries = Arc::make_mut(&mut self.entries);
+                let old = std::mem::replace(&mut entries[i], (name, value));
                 let mut j = i + 1;
-                while j < self.entries.len() {
-                    if self.entries[j].0.eq_ignore_ascii_case(&old.0) {
-                        self.entries.remove(j);
+                while j < entries.len() {
+                    if entries[j].0.eq_ignore_ascii_case(&old.0) {
+                        entries.remove(j);
                     } else {
                         j += 1;
                     }
                 }
-                self.size = self.size - removed + self.entries[i].0.len() + self.entries[i].1.len();
+                self.size = self.size - removed + entries[i].0.len() + entries[i].1.len();
                 Ok(Some(old.1))
             }
             None => {
                 self.size += name.len() + value.len();
-                self.entries.push((name, value));
+                Arc::make_mut(&mut self.entries).push((name, value));
                 Ok(None)
             }
         }
@@ -310,15 +313,18 @@ impl Headers {
         let value = value.into();
         self.check(&name, name.len() + value.len(), 0, self.entries.len() + 1)?;
         self.size += name.len() + value.len();
-        self.entries.push((name, value));
+        Arc::make_mut(&mut self.entries).push((name, value));
         Ok(())
     }
 
     /// Removes every value of `name` and returns the first.
     pub fn remove(&mut self, name: &str) -> Option<HeaderValue> {
+        if !self.contains(name) {
+            return None;
+        }
         let mut first = None;
         let mut size = self.size;
-        self.entries.retain_mut(|(n, v)| {
+        Arc::make_mut(&mut self.entries).retain_mut(|(n, v)| {
             if n.eq_ignore_ascii_case(name) {
                 size -= n.len() + v.len();
                 if first.is_none() {
@@ -335,8 +341,11 @@ impl Headers {
 
     /// Removes every header whose name satisfies `f`.
     pub fn retain(&mut self, mut f: impl FnMut(&str, &HeaderValue) -> bool) {
+        if self.entries.iter().all(|(n, v)| f(n, v)) {
+            return;
+        }
         let mut size = self.size;
-        self.entries.retain(|(n, v)| {
+        Arc::make_mut(&mut self.entries).retain(|(n, v)| {
             let keep = f(n, v);
             if !keep {
                 size -= n.len() + v.len();
@@ -439,6 +448,19 @@ mod tests {
         h.insert("ab", "cdefgh").unwrap();
         assert_eq!(h.size(), 8);
         assert!(h.insert("", "x").is_err());
+    }
+
+    #[test]
+    fn clones_share_entries_until_changed() {
+        let mut a = Headers::new();
+        a.insert("x", "1").unwrap();
+        let mut b = a.clone();
+        assert!(Arc::ptr_eq(&a.entries, &b.entries));
+        b.insert("y", "2").unwrap();
+        assert_eq!((a.len(), b.len()), (1, 2));
+        b.remove("x");
+        assert_eq!(a.get_str("x"), Some("1"));
+        assert_eq!((b.get_str("x"), b.size()), (None, 2));
     }
 
     #[test]

@@ -1,7 +1,6 @@
 //! The message a handler sees: payload, headers, ordering key, metadata and extensions.
 
 use std::any::{Any, TypeId};
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -54,10 +53,11 @@ impl Default for Metadata {
 
 /// Typed values that layers hand each other, one per type.
 ///
-/// Values are shared, so cloning a message's extensions never copies them.
+/// Values are shared, so cloning a message's extensions never copies them. A message
+/// carries a handful at most, so they live in a small vector, not a hash map.
 #[derive(Clone, Default)]
 pub struct Extensions {
-    map: Option<HashMap<TypeId, Arc<dyn Any + Send + Sync>>>,
+    entries: Vec<(TypeId, Arc<dyn Any + Send + Sync>)>,
 }
 
 impl Extensions {
@@ -68,30 +68,40 @@ impl Extensions {
 
     /// Stores `value`, returning whether one of its type was replaced.
     pub fn insert<T: Send + Sync + 'static>(&mut self, value: T) -> bool {
-        self.map
-            .get_or_insert_with(HashMap::new)
-            .insert(TypeId::of::<T>(), Arc::new(value))
-            .is_some()
+        let id = TypeId::of::<T>();
+        let value: Arc<dyn Any + Send + Sync> = Arc::new(value);
+        match self.entries.iter_mut().find(|(t, _)| *t == id) {
+            Some(slot) => {
+                slot.1 = value;
+                true
+            }
+            None => {
+                self.entries.push((id, value));
+                false
+            }
+        }
     }
 
     /// The value of type `T`, if one is stored.
     pub fn get<T: Send + Sync + 'static>(&self) -> Option<&T> {
-        self.map
-            .as_ref()?
-            .get(&TypeId::of::<T>())
-            .and_then(|v| v.downcast_ref::<T>())
+        let id = TypeId::of::<T>();
+        self.entries
+            .iter()
+            .find(|(t, _)| *t == id)
+            .and_then(|(_, v)| v.downcast_ref::<T>())
     }
 
     /// Removes the value of type `T`; returns whether there was one.
     pub fn remove<T: Send + Sync + 'static>(&mut self) -> bool {
-        self.map
-            .as_mut()
-            .is_some_and(|m| m.remove(&TypeId::of::<T>()).is_some())
+        let id = TypeId::of::<T>();
+        let before = self.entries.len();
+        self.entries.retain(|(t, _)| *t != id);
+        self.entries.len() != before
     }
 
     /// Number of stored values.
     pub fn len(&self) -> usize {
-        self.map.as_ref().map_or(0, HashMap::len)
+        self.entries.len()
     }
 
     /// Whether nothing is stored.

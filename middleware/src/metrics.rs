@@ -19,17 +19,19 @@
 //!
 //! # Instruments
 //! Every instrument carries `messaging.system` and `messaging.destination.name`.
+//! Counts are kept in atomics and reported when the meter provider collects, so the
+//! per-message cost is two histogram recordings and a few relaxed atomic adds.
 //! Names follow the OpenTelemetry messaging conventions where they define one.
 //!
 //! | name | kind | unit | counts |
 //! |---|---|---|---|
-//! | `messaging.client.consumed.messages` | counter | `{message}` | deliveries handed to the stack |
+//! | `messaging.client.consumed.messages` | observable counter | `{message}` | deliveries handed to the stack |
 //! | `messaging.process.duration` | histogram | `s` | time in the stack per delivery |
-//! | `redrive.messages.acked` | counter | `{message}` | deliveries the stack finished (`Ok`), so the Worker acks |
-//! | `redrive.messages.nacked` | counter | `{message}` | deliveries that failed, so the Worker nacks or parks |
-//! | `redrive.messages.retried` | counter | `{message}` | in-process retries (through [`RetryCounter`]) |
-//! | `redrive.messages.dead_lettered` | counter | `{message}` | of the acked: dead-lettered |
-//! | `redrive.messages.deduplicated` | counter | `{message}` | of the acked: skipped duplicates |
+//! | `redrive.messages.acked` | observable counter | `{message}` | deliveries the stack finished (`Ok`), so the Worker acks |
+//! | `redrive.messages.nacked` | observable counter | `{message}` | deliveries that failed, so the Worker nacks or parks |
+//! | `redrive.messages.retried` | observable counter | `{message}` | in-process retries (through [`RetryCounter`]) |
+//! | `redrive.messages.dead_lettered` | observable counter | `{message}` | of the acked: dead-lettered |
+//! | `redrive.messages.deduplicated` | observable counter | `{message}` | of the acked: skipped duplicates |
 //! | `redrive.messages.in_flight` | observable up-down counter | `{message}` | deliveries in the stack now |
 //! | `redrive.message.age` | histogram | `s` | now − the broker's enqueue time, at receipt |
 //! | `redrive.circuit.state` | gauge | `1` | 0 closed, 1 half-open, 2 open ([`MetricsLayer::observe_circuit`]) |
@@ -41,13 +43,13 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime};
 
 use opentelemetry::KeyValue;
-use opentelemetry::metrics::{Counter, Histogram, Meter, ObservableUpDownCounter};
+use opentelemetry::metrics::{Histogram, Meter, ObservableCounter, ObservableUpDownCounter};
 use redrive_core::{BoxError, Message, Outcome};
 use tower::{Layer, Service};
 
@@ -56,77 +58,115 @@ pub const ATTR_SYSTEM: &str = "messaging.system";
 /// `messaging.destination.name`.
 pub const ATTR_DESTINATION: &str = "messaging.destination.name";
 
+/// The counters, in the order of [`COUNTERS`].
+#[derive(Clone, Copy)]
+enum Count {
+    Consumed,
+    Acked,
+    Nacked,
+    Retried,
+    DeadLettered,
+    Deduplicated,
+}
+
+const COUNTERS: [(&str, &str); 6] = [
+    (
+        "messaging.client.consumed.messages",
+        "Deliveries handed to the stack",
+    ),
+    ("redrive.messages.acked", "Deliveries finished, to be acked"),
+    (
+        "redrive.messages.nacked",
+        "Deliveries failed, to be nacked or parked",
+    ),
+    ("redrive.messages.retried", "In-process retries"),
+    ("redrive.messages.dead_lettered", "Deliveries dead-lettered"),
+    (
+        "redrive.messages.deduplicated",
+        "Duplicate deliveries skipped",
+    ),
+];
+
+/// Counts are kept in atomics per destination and reported by observable instruments
+/// when the meter provider collects: a relaxed atomic add per event instead of an
+/// attribute-set lookup in the SDK. Only the two histograms record per message.
 struct Instruments {
-    consumed: Counter<u64>,
     duration: Histogram<f64>,
-    acked: Counter<u64>,
-    nacked: Counter<u64>,
-    retried: Counter<u64>,
-    dead_lettered: Counter<u64>,
-    deduplicated: Counter<u64>,
     age: Histogram<f64>,
-    /// Per destination: its attributes, built once, and its in-flight count, read by
-    /// the `redrive.messages.in_flight` callback (cheaper than two recordings per message).
     destinations: Arc<RwLock<Vec<Arc<Destination>>>>,
-    _in_flight: ObservableUpDownCounter<i64>,
+    _observed: (Vec<ObservableCounter<u64>>, ObservableUpDownCounter<i64>),
 }
 
 struct Destination {
     system: &'static str,
     name: String,
     attrs: Box<[KeyValue]>,
+    counts: [AtomicU64; COUNTERS.len()],
     in_flight: AtomicI64,
+}
+
+impl Destination {
+    fn add(&self, c: Count) {
+        self.counts[c as usize].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+type Destinations = Arc<RwLock<Vec<Arc<Destination>>>>;
+
+fn each(destinations: &Destinations, mut f: impl FnMut(&Destination)) {
+    for d in destinations
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+    {
+        f(d);
+    }
 }
 
 impl Instruments {
     fn new(meter: &Meter) -> Self {
-        let msgs = |name: &'static str, desc: &'static str| {
-            meter
-                .u64_counter(name)
-                .with_unit("{message}")
-                .with_description(desc)
-                .build()
-        };
-        let destinations: Arc<RwLock<Vec<Arc<Destination>>>> = Arc::default();
+        let destinations: Destinations = Arc::default();
+        let counters = COUNTERS
+            .iter()
+            .enumerate()
+            .map(|(i, (name, description))| {
+                let observed = destinations.clone();
+                meter
+                    .u64_observable_counter(*name)
+                    .with_unit("{message}")
+                    .with_description(*description)
+                    .with_callback(move |observer| {
+                        each(&observed, |d| {
+                            observer.observe(d.counts[i].load(Ordering::Relaxed), &d.attrs);
+                        });
+                    })
+                    .build()
+            })
+            .collect();
         let observed = destinations.clone();
         let in_flight = meter
             .i64_observable_up_down_counter("redrive.messages.in_flight")
             .with_unit("{message}")
             .with_description("Deliveries in the stack now")
             .with_callback(move |observer| {
-                for d in observed.read().unwrap_or_else(|p| p.into_inner()).iter() {
+                each(&observed, |d| {
                     observer.observe(d.in_flight.load(Ordering::Relaxed), &d.attrs);
-                }
+                });
             })
             .build();
         Instruments {
-            consumed: msgs(
-                "messaging.client.consumed.messages",
-                "Deliveries handed to the stack",
-            ),
             duration: meter
                 .f64_histogram("messaging.process.duration")
                 .with_unit("s")
                 .with_description("Time in the stack per delivery")
                 .build(),
-            acked: msgs("redrive.messages.acked", "Deliveries finished, to be acked"),
-            nacked: msgs(
-                "redrive.messages.nacked",
-                "Deliveries failed, to be nacked or parked",
-            ),
-            retried: msgs("redrive.messages.retried", "In-process retries"),
-            dead_lettered: msgs("redrive.messages.dead_lettered", "Deliveries dead-lettered"),
-            deduplicated: msgs(
-                "redrive.messages.deduplicated",
-                "Duplicate deliveries skipped",
-            ),
             age: meter
                 .f64_histogram("redrive.message.age")
                 .with_unit("s")
                 .with_description("Time from the broker's enqueue to receipt")
                 .build(),
             destinations,
-            _in_flight: in_flight,
+            _observed: (counters, in_flight),
         }
     }
 
@@ -152,6 +192,7 @@ impl Instruments {
                 KeyValue::new(ATTR_SYSTEM, source.system),
                 KeyValue::new(ATTR_DESTINATION, source.destination.clone()),
             ]),
+            counts: Default::default(),
             in_flight: AtomicI64::new(0),
         });
         list.push(d.clone());
@@ -237,8 +278,7 @@ pub struct RetryCounter {
 impl RetryCounter {
     /// Counts one retry of `msg`.
     pub fn record(&self, msg: &Message) {
-        let d = self.instruments.destination(msg);
-        self.instruments.retried.add(1, &d.attrs);
+        self.instruments.destination(msg).add(Count::Retried);
     }
 }
 
@@ -280,7 +320,7 @@ where
     fn call(&mut self, msg: Message) -> Self::Future {
         let ins = &self.instruments;
         let dest = ins.destination(&msg);
-        ins.consumed.add(1, &dest.attrs);
+        dest.add(Count::Consumed);
         if let Some(age) = msg
             .metadata
             .enqueued_at
@@ -340,20 +380,20 @@ where
             Poll::Pending => return Poll::Pending,
             Poll::Ready(r) => r,
         };
-        let (ins, attrs) = (&this.guard.instruments, &*this.guard.dest.attrs);
+        let dest = &this.guard.dest;
         Poll::Ready(match result {
             Ok(r) => {
                 let outcome = r.into();
-                ins.acked.add(1, attrs);
+                dest.add(Count::Acked);
                 match outcome {
-                    Outcome::DeadLettered => ins.dead_lettered.add(1, attrs),
-                    Outcome::Deduplicated => ins.deduplicated.add(1, attrs),
+                    Outcome::DeadLettered => dest.add(Count::DeadLettered),
+                    Outcome::Deduplicated => dest.add(Count::Deduplicated),
                     _ => {}
                 }
                 Ok(outcome)
             }
             Err(e) => {
-                ins.nacked.add(1, attrs);
+                dest.add(Count::Nacked);
                 Err(e.into())
             }
         })
