@@ -16,3 +16,5 @@ pub const MESSAGE_ID: &str = "message-id";
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 /// The delivery attempt, maintained by adapters whose broker does not count deliveries.
 pub const ATTEMPT: &str = "x-redrive-attempt";
+/// The ordering key, carried as a header by adapters whose broker has no key of its own.
+pub const ORDERING_KEY: &str = "x-redrive-key";

@@ -36,8 +36,17 @@ impl Recording {
             .unwrap()
             .entry(self.id.clone())
             .or_default()
-            .push(e);
-        Box::pin(async { Ok(()) })
+            .push(e.clone());
+        // Messages named `refused…` have their acks refused, like a broker whose
+        // channel closed under them.
+        let refuse = e == Event::Ack && self.id.starts_with("refused");
+        Box::pin(async move {
+            if refuse {
+                Err(redrive_core::Error::broker("channel closed"))
+            } else {
+                Ok(())
+            }
+        })
     }
 }
 
@@ -373,6 +382,23 @@ async fn every_delivery_is_settled_exactly_once() {
         assert_eq!(settles, 1, "{id}: {events:?}");
     }
     assert_eq!((report.acked, report.nacked, report.panicked), (20, 40, 20));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_ack_is_counted_as_a_settle_error_not_an_ack() {
+    let (consumer, log) = Scripted::new(&["ok-1", "refused-1", "ok-2"], caps());
+    let handler = handler_fn(|_m: Message| async { Ok::<_, BoxError>(()) });
+    let report = Worker::builder(consumer, handler)
+        .build()
+        .unwrap()
+        .run_until(tokio::time::sleep(Duration::from_secs(1)))
+        .await;
+    assert_eq!(log.lock().unwrap().len(), 3, "every message was settled");
+    assert_eq!(
+        (report.processed, report.acked, report.settle_errors),
+        (3, 2, 1),
+        "{report:?}"
+    );
 }
 
 #[tokio::test(start_paused = true)]

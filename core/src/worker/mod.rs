@@ -72,15 +72,15 @@ use crate::{BoxError, Capabilities, Consumer, Delivery, Error, Message, Outcome,
 pub struct Report {
     /// Deliveries taken from the consumer.
     pub received: u64,
-    /// Deliveries acked.
+    /// Deliveries acked (and the ack accepted by the broker).
     pub acked: u64,
-    /// Of the acked: handled successfully.
+    /// Handled successfully (acked, or the ack failed and is in `settle_errors`).
     pub processed: u64,
-    /// Of the acked: dead-lettered by the stack.
+    /// Dead-lettered by the stack (counted like `processed`).
     pub dead_lettered: u64,
-    /// Of the acked: skipped as duplicates.
+    /// Skipped as duplicates (counted like `processed`).
     pub deduplicated: u64,
-    /// Of the acked: skipped deliberately by a layer.
+    /// Skipped deliberately by a layer (counted like `processed`).
     pub skipped: u64,
     /// Deliveries nacked after a failure.
     pub nacked: u64,
@@ -619,7 +619,9 @@ impl State {
                 self.report.settle_errors += u64::from(settle_error);
                 match settled {
                     Settled::Acked(o) => {
-                        self.report.acked += 1;
+                        // An ack the broker refused is counted in `settle_errors`: the
+                        // broker delivers that message again.
+                        self.report.acked += u64::from(!settle_error);
                         match o {
                             Outcome::DeadLettered => self.report.dead_lettered += 1,
                             Outcome::Deduplicated => self.report.deduplicated += 1,

@@ -1,0 +1,233 @@
+//! Consumes the same N small messages, with the same prefetch, with a bare lapin consumer
+//! and with redrive's Worker over the adapter, and prints both rates and their ratio.
+//!
+//! ```text
+//! cargo bench -p redrive-rabbitmq --bench throughput
+//! BENCH_N=200000 BENCH_PREFETCH=500 AMQP_URL=amqp://… cargo bench -p redrive-rabbitmq --bench throughput
+//! ```
+//!
+//! The redrive side runs the full middleware Stack (trace, metrics into an SDK meter
+//! provider, dead letter, idempotency with the in-memory store, circuit breaker, rate
+//! limit far above the rate reached, retry, timeout) around a no-op handler. Every
+//! message carries a message id, so the idempotency layer reserves and commits a key
+//! for each.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use redrive_core::{BoxError, Message, Outcome, Worker, handler_fn};
+use redrive_middleware::Stack;
+use redrive_middleware::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer};
+use redrive_middleware::dead_letter::{DeadLetterConfig, DeadLetterLayer};
+use redrive_middleware::idempotency::{IdempotencyConfig, IdempotencyLayer, MemoryStore};
+use redrive_middleware::metrics::MetricsLayer;
+use redrive_middleware::rate_limit::{RateLimitConfig, RateLimitLayer};
+use redrive_middleware::retry::{RetryConfig, RetryLayer};
+use redrive_middleware::timeout::TimeoutLayer;
+use redrive_middleware::trace::TraceLayer;
+use redrive_rabbitmq::lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeleteOptions,
+};
+use redrive_rabbitmq::lapin::types::FieldTable;
+use redrive_rabbitmq::lapin::{BasicProperties, Connection};
+use redrive_rabbitmq::{QueueKind, RabbitConsumer, RabbitPublisher, Topology};
+use tokio::sync::Notify;
+use tower::Service;
+
+/// The service the redrive side runs: the full Stack around a no-op handler.
+fn service(
+    dead_letters: RabbitPublisher,
+) -> impl Service<Message, Response = Outcome, Error = BoxError, Future: Send + 'static> + Send + 'static
+{
+    use opentelemetry::metrics::MeterProvider as _;
+    // Instruments aggregate as in production; the exporter keeps what it is given.
+    let provider = opentelemetry_sdk::metrics::SdkMeterProvider::builder()
+        .with_periodic_exporter(opentelemetry_sdk::metrics::InMemoryMetricExporter::default())
+        .build();
+    let meter = provider.meter("redrive-bench");
+    // The provider lives for the whole bench process.
+    std::mem::forget(provider);
+    Stack::new()
+        .trace(TraceLayer::new())
+        .metrics(MetricsLayer::new(&meter))
+        .dead_letter(
+            DeadLetterLayer::new(Arc::new(dead_letters), DeadLetterConfig::default())
+                .expect("dead-letter config"),
+        )
+        .idempotency(
+            IdempotencyLayer::new(Arc::new(MemoryStore::new()), IdempotencyConfig::default())
+                .expect("idempotency config"),
+        )
+        .circuit_breaker(
+            CircuitBreakerLayer::new(CircuitBreakerConfig::default()).expect("breaker config"),
+        )
+        .rate_limit(
+            RateLimitLayer::new(RateLimitConfig::per_second(1_000_000_000))
+                .expect("rate limit config"),
+        )
+        .retry(RetryLayer::new(RetryConfig::default()).expect("retry config"))
+        .timeout(TimeoutLayer::new(Duration::from_secs(30)).expect("timeout config"))
+        .service(handler_fn(|_m: Message| async { Ok::<_, BoxError>(()) }))
+}
+
+type AckFuture = std::pin::Pin<
+    Box<dyn std::future::Future<Output = redrive_rabbitmq::lapin::Result<bool>> + Send>,
+>;
+
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+async fn fill(conn: &Connection, queue: &str, n: usize) {
+    let ch = conn.create_channel().await.expect("channel");
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    let body = [b'x'; 64];
+    for i in 0..n {
+        let _confirm = ch
+            .basic_publish(
+                "",
+                queue,
+                BasicPublishOptions::default(),
+                &body,
+                BasicProperties::default()
+                    .with_delivery_mode(1)
+                    .with_message_id(format!("m{i}").into()),
+            )
+            .await
+            .expect("publish");
+        if i % 10_000 == 9_999 {
+            ch.wait_for_confirms().await.expect("confirms");
+        }
+    }
+    ch.wait_for_confirms().await.expect("confirms");
+    let _ = ch.close(200, "filled").await;
+}
+
+async fn bare_lapin(conn: &Connection, queue: &str, n: usize, prefetch: u16) -> Duration {
+    let ch = conn.create_channel().await.expect("channel");
+    ch.basic_qos(prefetch, BasicQosOptions::default())
+        .await
+        .expect("qos");
+    let mut consumer = ch
+        .basic_consume(
+            queue,
+            "bench-bare",
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    // Acks run concurrently (up to the prefetch), as the Worker's do.
+    let start = Instant::now();
+    let mut acks: FuturesUnordered<AckFuture> = FuturesUnordered::new();
+    let mut got = 0;
+    while got < n {
+        tokio::select! {
+            Some(r) = acks.next(), if !acks.is_empty() => {
+                r.expect("ack");
+            }
+            d = consumer.next() => {
+                let d = d.expect("stream open").expect("delivery");
+                acks.push(Box::pin(async move { d.acker.ack(BasicAckOptions::default()).await }));
+                got += 1;
+            }
+        }
+    }
+    while let Some(r) = acks.next().await {
+        r.expect("ack");
+    }
+    let took = start.elapsed();
+    drop(consumer);
+    let _ = ch.close(200, "done").await;
+    took
+}
+
+async fn redrive(url: &str, queue: &str, n: usize, prefetch: u16) -> Duration {
+    let consumer = RabbitConsumer::builder(url, Topology::new(queue).with_kind(QueueKind::Classic))
+        .connection_name("redrive-bench")
+        .prefetch(prefetch)
+        .connect()
+        .await
+        .expect("consumer");
+    let dead_letters = RabbitPublisher::connect(url).await.expect("publisher");
+    let count = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(Notify::new());
+    let (c, d) = (count.clone(), done.clone());
+    let counted = tower::ServiceBuilder::new()
+        .map_request(move |m: Message| {
+            if c.fetch_add(1, Ordering::Relaxed) + 1 == n {
+                d.notify_one();
+            }
+            m
+        })
+        .service(service(dead_letters));
+    let worker = Worker::builder(consumer, counted)
+        .concurrency(usize::from(prefetch))
+        .build()
+        .expect("worker");
+    let start = Instant::now();
+    let report = worker.run_until(async move { done.notified().await }).await;
+    let took = start.elapsed();
+    assert!(report.acked as usize >= n, "{report:?}");
+    took
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let url =
+            std::env::var("AMQP_URL").unwrap_or_else(|_| redrive_rabbitmq::DEFAULT_URL.into());
+        let n = env("BENCH_N", 100_000);
+        let prefetch = u16::try_from(env("BENCH_PREFETCH", 256)).expect("prefetch fits u16");
+        let conn = redrive_rabbitmq::connect(&url, "redrive-bench-setup")
+            .await
+            .unwrap_or_else(|e| panic!("start RabbitMQ with `rabbitmq-server -detached`: {e}"));
+        let queue = redrive_core::testkit::unique_name("redrive-bench");
+        Topology::new(&queue).declare(&conn).await.expect("declare");
+
+        fill(&conn, &queue, n).await;
+        let bare = bare_lapin(&conn, &queue, n, prefetch).await;
+        fill(&conn, &queue, n).await;
+        let ours = redrive(&url, &queue, n, prefetch).await;
+
+        let rate = |d: Duration| n as f64 / d.as_secs_f64();
+        println!();
+        println!(
+            "{n} messages of 64 bytes, prefetch {prefetch}, RabbitMQ at {}",
+            url.split('@').next_back().unwrap_or("")
+        );
+        println!("| consumer | seconds | messages/s |");
+        println!("|---|---:|---:|");
+        println!(
+            "| bare lapin (consume + concurrent acks) | {:.2} | {:.0} |",
+            bare.as_secs_f64(),
+            rate(bare)
+        );
+        println!(
+            "| redrive Worker + full Stack + no-op handler | {:.2} | {:.0} |",
+            ours.as_secs_f64(),
+            rate(ours)
+        );
+        println!(
+            "| ratio redrive / lapin | | {:.1} % |",
+            100.0 * rate(ours) / rate(bare)
+        );
+
+        let ch = conn.create_channel().await.expect("channel");
+        let _ = ch.queue_delete(&queue, QueueDeleteOptions::default()).await;
+        let _ = conn.close(200, "bench done").await;
+    });
+}

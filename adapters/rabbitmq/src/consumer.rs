@@ -1,0 +1,575 @@
+//! The consumer: a queue consumed with a prefetch and manual acks, reconnecting on loss.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection};
+use redrive_core::delivery::BoxFuture;
+use redrive_core::{Acker, Capabilities, Consumer, Delivery, OrderingScope};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::connection::{Reconnect, confirm_channel, connect, publish_confirmed};
+use crate::error::{Error, Result};
+use crate::mapping::{self, AmqpDelivery};
+use crate::topology::{QueueKind, Topology};
+
+/// Builds a [`RabbitConsumer`]; [`connect`](ConsumerBuilder::connect) checks the settings
+/// and opens the first connection.
+///
+/// | setting | default |
+/// |---|---|
+/// | `prefetch` (`basic.qos`) | 32 |
+/// | `connection_name` | `redrive:<queue>` |
+/// | `declare` (the [`Topology`], idempotently) | on |
+/// | `reconnect` | [`Reconnect::default`] (100 ms doubling to 30 s, jittered) |
+#[derive(Clone, Debug)]
+#[must_use]
+pub struct ConsumerBuilder {
+    url: String,
+    topology: Topology,
+    prefetch: u16,
+    name: Option<String>,
+    declare: bool,
+    reconnect: Reconnect,
+}
+
+impl ConsumerBuilder {
+    /// The most unacked deliveries the broker sends this consumer (at least 1).
+    pub fn prefetch(mut self, n: u16) -> Self {
+        self.prefetch = n;
+        self
+    }
+
+    /// The connection's name, shown by `rabbitmqctl list_connections name client_properties`
+    /// and the management UI.
+    pub fn connection_name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// Whether to declare the topology on every (re)connect. Off, the queues must exist:
+    /// a missing queue is an error at connect, a missing delay queue fails the nack.
+    pub fn declare(mut self, declare: bool) -> Self {
+        self.declare = declare;
+        self
+    }
+
+    /// The backoff between reconnect attempts.
+    pub fn reconnect(mut self, reconnect: Reconnect) -> Self {
+        self.reconnect = reconnect;
+        self
+    }
+
+    /// Checks the settings, connects, declares the topology (if asked) and starts consuming.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for settings that cannot work, [`Error::Connect`] when the
+    /// broker cannot be reached, [`Error::TopologyMismatch`] when a queue exists with other
+    /// arguments, [`Error::Amqp`] when the broker refuses to consume the queue.
+    pub async fn connect(self) -> Result<RabbitConsumer> {
+        self.topology.validate()?;
+        self.reconnect.validate()?;
+        if self.prefetch == 0 {
+            return Err(Error::Config(
+                "prefetch must be at least 1: with 0 the broker sends without limit".into(),
+            ));
+        }
+        let config = Arc::new(Config {
+            name: self
+                .name
+                .unwrap_or_else(|| format!("redrive:{}", self.topology.queue())),
+            url: self.url,
+            topology: self.topology,
+            prefetch: self.prefetch,
+            declare: self.declare,
+            reconnect: self.reconnect,
+            tags: AtomicU64::new(0),
+        });
+        let opened = Session::open(&config).await?;
+        let shared = Arc::new(Shared {
+            reconnects: AtomicU64::new(0),
+            connected: AtomicBool::new(true),
+            stale: AtomicU64::new(0),
+        });
+        let (tx, rx) = mpsc::channel(usize::from(config.prefetch));
+        let caps = capabilities(&config.topology);
+        let task = tokio::spawn(run(config, shared.clone(), tx, opened));
+        Ok(RabbitConsumer {
+            rx,
+            shared,
+            caps,
+            task: Some(task),
+        })
+    }
+}
+
+fn capabilities(topology: &Topology) -> Capabilities {
+    Capabilities::new()
+        .with_max_nack_delay(topology.max_delay())
+        .with_delivery_count(topology.kind() == QueueKind::Quorum)
+        // RabbitMQ keeps an unacked message for as long as its channel is open.
+        .with_lease(None, false)
+        .with_ordering(OrderingScope::Queue)
+}
+
+struct Config {
+    url: String,
+    topology: Topology,
+    prefetch: u16,
+    name: String,
+    declare: bool,
+    reconnect: Reconnect,
+    tags: AtomicU64,
+}
+
+struct Shared {
+    reconnects: AtomicU64,
+    connected: AtomicBool,
+    stale: AtomicU64,
+}
+
+/// Reads a consumer's connection state after the consumer moved into a Worker.
+#[derive(Clone)]
+pub struct ConnectionMonitor {
+    shared: Arc<Shared>,
+}
+
+impl ConnectionMonitor {
+    /// How many times the consumer reconnected after losing its connection.
+    pub fn reconnects(&self) -> u64 {
+        self.shared.reconnects.load(Ordering::Relaxed)
+    }
+
+    /// Whether the consumer is connected now.
+    pub fn is_connected(&self) -> bool {
+        self.shared.connected.load(Ordering::Relaxed)
+    }
+
+    /// Deliveries received on a connection that was lost before the Worker took them;
+    /// they were dropped unsettled and the broker delivers them again.
+    pub fn stale_dropped(&self) -> u64 {
+        self.shared.stale.load(Ordering::Relaxed)
+    }
+}
+
+impl fmt::Debug for ConnectionMonitor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConnectionMonitor")
+            .field("connected", &self.is_connected())
+            .field("reconnects", &self.reconnects())
+            .finish()
+    }
+}
+
+/// One connection with its consuming channel and its confirm channel for republishes.
+struct Session {
+    connection: Connection,
+    publish: tokio::sync::Mutex<Option<Channel>>,
+    declared: Mutex<HashSet<String>>,
+    alive: AtomicBool,
+    config: Arc<Config>,
+}
+
+/// A new session with its delivery stream and its connection's events.
+struct Opened {
+    session: Arc<Session>,
+    stream: lapin::Consumer,
+    events: BoxStream<'static, lapin::Event>,
+}
+
+impl Session {
+    async fn open(config: &Arc<Config>) -> Result<Opened> {
+        let connection = connect(&config.url, &config.name).await?;
+        if config.declare {
+            config.topology.declare(&connection).await?;
+        }
+        let events = connection.events_listener().boxed();
+        let channel = connection.create_channel().await?;
+        channel
+            .basic_qos(config.prefetch, BasicQosOptions::default())
+            .await?;
+        let tag = format!(
+            "{}-{}-{}",
+            config.name,
+            std::process::id(),
+            config.tags.fetch_add(1, Ordering::Relaxed)
+        );
+        let stream = channel
+            .basic_consume(
+                config.topology.queue(),
+                &tag,
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let publish = confirm_channel(&connection).await?;
+        Ok(Opened {
+            session: Arc::new(Session {
+                connection,
+                publish: tokio::sync::Mutex::new(Some(publish)),
+                declared: Mutex::new(HashSet::new()),
+                alive: AtomicBool::new(true),
+                config: config.clone(),
+            }),
+            stream,
+            events,
+        })
+    }
+
+    fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::Acquire) && self.connection.status().connected()
+    }
+
+    /// A confirm channel, opened again if the last one closed (a failed declare closes it).
+    async fn publish_channel(&self) -> Result<Channel> {
+        let mut slot = self.publish.lock().await;
+        if let Some(ch) = slot.as_ref().filter(|c| c.status().connected()) {
+            return Ok(ch.clone());
+        }
+        let ch = confirm_channel(&self.connection).await?;
+        *slot = Some(ch.clone());
+        Ok(ch)
+    }
+
+    async fn ensure_delay_queue(&self, name: &str) -> Result<()> {
+        if !self.config.declare || self.declared_contains(name) {
+            return Ok(());
+        }
+        self.config
+            .topology
+            .declare_delay_queue(&self.connection, name)
+            .await?;
+        self.declared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_owned());
+        Ok(())
+    }
+
+    fn declared_contains(&self, name: &str) -> bool {
+        self.declared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(name)
+    }
+
+    async fn shut(&self, why: &str) {
+        self.alive.store(false, Ordering::Release);
+        if self.connection.status().connected() {
+            if let Err(e) = self.connection.close(200, why).await {
+                tracing::debug!(error = %e, "closing the RabbitMQ connection failed");
+            }
+        }
+    }
+}
+
+/// Consumes one RabbitMQ queue. See the [crate docs](crate) for the guarantees.
+///
+/// Deliveries are read by a background task on the current tokio runtime and handed out
+/// one at a time by [`receive`](Consumer::receive), which is cancel-safe. Dropping the
+/// consumer closes its connection; unsettled messages go back to the queue.
+pub struct RabbitConsumer {
+    rx: mpsc::Receiver<Incoming>,
+    shared: Arc<Shared>,
+    caps: Capabilities,
+    task: Option<JoinHandle<()>>,
+}
+
+impl fmt::Debug for RabbitConsumer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RabbitConsumer")
+            .field("capabilities", &self.caps)
+            .field("connected", &self.shared.connected.load(Ordering::Relaxed))
+            .field(
+                "reconnects",
+                &self.shared.reconnects.load(Ordering::Relaxed),
+            )
+            .finish()
+    }
+}
+
+impl RabbitConsumer {
+    /// Starts building a consumer of `topology`'s queue at `url`
+    /// (`amqp://user:pass@host:5672/vhost`, or `amqps://` with the `tls` feature).
+    pub fn builder(url: impl Into<String>, topology: Topology) -> ConsumerBuilder {
+        ConsumerBuilder {
+            url: url.into(),
+            topology,
+            prefetch: 32,
+            name: None,
+            declare: true,
+            reconnect: Reconnect::default(),
+        }
+    }
+
+    /// How many times this consumer reconnected after losing its connection.
+    pub fn reconnects(&self) -> u64 {
+        self.shared.reconnects.load(Ordering::Relaxed)
+    }
+
+    /// A handle that reads the connection state after the consumer moved into a Worker.
+    pub fn monitor(&self) -> ConnectionMonitor {
+        ConnectionMonitor {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+struct Incoming {
+    delivery: Delivery,
+    session: Weak<Session>,
+}
+
+impl Consumer for RabbitConsumer {
+    async fn receive(&mut self) -> redrive_core::Result<Option<Delivery>> {
+        loop {
+            let Some(incoming) = self.rx.recv().await else {
+                return Ok(None);
+            };
+            if incoming.session.upgrade().is_some_and(|s| s.is_alive()) {
+                return Ok(Some(incoming.delivery));
+            }
+            // Its channel is gone: it cannot be settled, and the broker redelivers it.
+            self.shared.stale.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.caps
+    }
+
+    async fn close(&mut self) -> redrive_core::Result<()> {
+        self.rx.close();
+        while self.rx.recv().await.is_some() {}
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+        Ok(())
+    }
+}
+
+/// Forwards deliveries, and reconnects whenever the connection or the consumer is lost.
+async fn run(
+    config: Arc<Config>,
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<Incoming>,
+    mut opened: Opened,
+) {
+    let queue = config.topology.queue().to_owned();
+    loop {
+        let Opened {
+            session,
+            mut stream,
+            mut events,
+        } = opened;
+        let why = loop {
+            tokio::select! {
+                biased;
+                () = tx.closed() => {
+                    session.shut("consumer closed").await;
+                    return;
+                }
+                Some(event) = events.next() => match event {
+                    lapin::Event::Error(e) => break e.to_string(),
+                    lapin::Event::ConnectionBlocked(why) => {
+                        tracing::warn!(queue = %queue, reason = %why, "RabbitMQ blocked the connection (resource alarm)");
+                    }
+                    lapin::Event::ConnectionUnblocked => {
+                        tracing::info!(queue = %queue, "RabbitMQ unblocked the connection");
+                    }
+                    _ => {}
+                },
+                item = stream.next() => match item {
+                    Some(Ok(d)) => {
+                        let incoming = incoming(&session, &queue, d);
+                        if tx.send(incoming).await.is_err() {
+                            session.shut("consumer closed").await;
+                            return;
+                        }
+                    }
+                    Some(Err(e)) => break e.to_string(),
+                    None => break "the broker cancelled the consumer".to_owned(),
+                },
+            }
+        };
+        shared.connected.store(false, Ordering::Relaxed);
+        tracing::warn!(queue = %queue, reason = %why, "RabbitMQ consumer lost its connection; reconnecting");
+        session.shut("reconnecting").await;
+        drop((stream, events, session));
+        let mut n = 0u32;
+        opened = loop {
+            let wait = config.reconnect.delay(n);
+            tokio::select! {
+                () = tx.closed() => return,
+                () = tokio::time::sleep(wait) => {}
+            }
+            match Session::open(&config).await {
+                Ok(s) => break s,
+                Err(e) => {
+                    n = n.saturating_add(1);
+                    tracing::warn!(queue = %queue, attempt = n, error = %e, "RabbitMQ reconnect failed");
+                }
+            }
+        };
+        let total = shared.reconnects.fetch_add(1, Ordering::Relaxed) + 1;
+        shared.connected.store(true, Ordering::Relaxed);
+        tracing::info!(queue = %queue, reconnects = total, "RabbitMQ consumer reconnected and consuming again");
+    }
+}
+
+fn incoming(session: &Arc<Session>, queue: &str, d: lapin::message::Delivery) -> Incoming {
+    let lapin::message::Delivery {
+        exchange,
+        routing_key,
+        redelivered,
+        properties,
+        data,
+        acker,
+        ..
+    } = d;
+    let received = mapping::receive(&properties, redelivered);
+    let attempt = received.attempt;
+    let payload = Bytes::from(data);
+    let amqp = AmqpDelivery::new(
+        properties,
+        exchange.to_string(),
+        routing_key.to_string(),
+        redelivered,
+    );
+    let message = mapping::message(queue, payload.clone(), received, amqp.clone());
+    let session = Arc::downgrade(session);
+    Incoming {
+        delivery: Delivery::new(
+            message,
+            RabbitAcker {
+                session: session.clone(),
+                acker,
+                amqp,
+                payload,
+                attempt,
+            },
+        ),
+        session,
+    }
+}
+
+/// Settles one delivery on the channel it came on.
+struct RabbitAcker {
+    session: Weak<Session>,
+    acker: lapin::acker::Acker,
+    amqp: AmqpDelivery,
+    payload: Bytes,
+    attempt: u32,
+}
+
+impl RabbitAcker {
+    /// The delivery's session, if its connection is still the one it came on.
+    fn session(&self) -> Result<Arc<Session>> {
+        self.session
+            .upgrade()
+            .filter(|s| s.is_alive())
+            .ok_or(Error::ChannelClosed)
+    }
+
+    async fn do_ack(&self) -> Result<()> {
+        let _session = self.session()?;
+        match self.acker.ack(BasicAckOptions::default()).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(Error::ChannelClosed),
+            Err(e) => Err(self.closed_or(e)),
+        }
+    }
+
+    async fn requeue(&self) -> Result<()> {
+        let options = BasicNackOptions {
+            multiple: false,
+            requeue: true,
+        };
+        match self.acker.nack(options).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(Error::ChannelClosed),
+            Err(e) => Err(self.closed_or(e)),
+        }
+    }
+
+    fn closed_or(&self, e: lapin::Error) -> Error {
+        match self.session.upgrade() {
+            Some(s) if s.is_alive() => Error::Amqp(e),
+            _ => Error::ChannelClosed,
+        }
+    }
+
+    async fn do_nack(&self, delay: Duration) -> Result<()> {
+        let session = self.session()?;
+        let topology = &session.config.topology;
+        if delay.is_zero() && topology.kind() == QueueKind::Quorum {
+            // The quorum queue counts this redelivery itself.
+            return self.requeue().await;
+        }
+        let delay = if delay > topology.max_delay() {
+            tracing::warn!(requested = ?delay, max = ?topology.max_delay(), "nack delay above the topology's largest; using the largest");
+            topology.max_delay()
+        } else {
+            delay
+        };
+        let routing_key = if delay.is_zero() {
+            topology.queue().to_owned()
+        } else {
+            topology.delay_queue(delay)
+        };
+        let republished = async {
+            if !delay.is_zero() {
+                session.ensure_delay_queue(&routing_key).await?;
+            }
+            let properties = mapping::republish_properties(
+                self.amqp.properties(),
+                self.attempt.saturating_add(1),
+                (!delay.is_zero()).then_some(delay),
+            );
+            let channel = session.publish_channel().await?;
+            publish_confirmed(&channel, "", &routing_key, &self.payload, properties).await
+        }
+        .await;
+        match republished {
+            // The copy is confirmed: only now may the original go.
+            Ok(()) => match self.do_ack().await {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "the retry copy was published but the original could not be acked; it will be delivered twice");
+                    Err(e)
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, queue = %routing_key, "republishing for redelivery failed; handing the message back with basic.nack");
+                if let Err(e2) = self.requeue().await {
+                    tracing::warn!(error = %e2, "basic.nack failed too; the broker redelivers the message when the channel closes");
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Acker for RabbitAcker {
+    fn ack(&self) -> BoxFuture<'_, redrive_core::Result<()>> {
+        Box::pin(async { self.do_ack().await.map_err(Into::into) })
+    }
+
+    fn nack(&self, delay: Duration) -> BoxFuture<'_, redrive_core::Result<()>> {
+        Box::pin(async move { self.do_nack(delay).await.map_err(Into::into) })
+    }
+
+    fn extend(&self, _lease: Duration) -> BoxFuture<'_, redrive_core::Result<()>> {
+        // RabbitMQ holds an unacked message until its channel closes: nothing to extend.
+        Box::pin(std::future::ready(Ok(())))
+    }
+}

@@ -1,0 +1,154 @@
+//! The adapter's error type.
+
+use std::time::Duration;
+
+/// What can go wrong in the RabbitMQ adapter.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Configuration that cannot work; the message says what to change.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The broker could not be reached or refused the connection.
+    #[error(
+        "cannot connect to RabbitMQ at {url}: {source}; is the broker running (`rabbitmq-server -detached`) and the address right?"
+    )]
+    Connect {
+        /// The address, without its password.
+        url: String,
+        /// lapin's error.
+        #[source]
+        source: lapin::Error,
+    },
+    /// An existing queue was declared with different arguments.
+    #[error(
+        "queue `{queue}` exists with a different `{argument}` than this topology declares ({reply}); \
+         make the topology match the queue, or delete the queue so it can be declared again"
+    )]
+    TopologyMismatch {
+        /// The queue.
+        queue: String,
+        /// The argument that differs (`x-queue-type`, `x-dead-letter-exchange`, `durable`, …).
+        argument: String,
+        /// The broker's reply text.
+        reply: String,
+    },
+    /// The broker returned a mandatory message because no queue is bound to take it.
+    #[error(
+        "message to exchange `{exchange}` with routing key `{routing_key}` is unroutable ({reply}): no queue takes it"
+    )]
+    Unroutable {
+        /// The exchange (empty: the default exchange).
+        exchange: String,
+        /// The routing key (on the default exchange: the queue name).
+        routing_key: String,
+        /// The broker's reply text.
+        reply: String,
+    },
+    /// The broker nacked a publish (it could not take responsibility for the message).
+    #[error("the broker refused (nacked) the message published to `{routing_key}`")]
+    PublishNacked {
+        /// The routing key.
+        routing_key: String,
+    },
+    /// The channel a delivery came on is closed (connection lost, consumer closed): it can
+    /// no longer be settled, and the broker delivers the message again.
+    #[error(
+        "the channel this delivery came on is closed (the connection was lost or the consumer closed); \
+         it cannot be settled on another channel, and the broker will deliver it again"
+    )]
+    ChannelClosed,
+    /// A nack asked for a longer delay than the topology's delay queues support.
+    #[error("a nack delay of {requested:?} is above the largest supported delay of {max:?}")]
+    DelayTooLong {
+        /// The delay asked for.
+        requested: Duration,
+        /// The largest delay the topology supports.
+        max: Duration,
+    },
+    /// Any other error of the AMQP client.
+    #[error("AMQP error: {0}")]
+    Amqp(#[from] lapin::Error),
+}
+
+impl Error {
+    /// Whether this error means the broker will deliver the message again by itself.
+    pub fn is_redelivered_by_broker(&self) -> bool {
+        matches!(self, Error::ChannelClosed)
+    }
+}
+
+impl From<Error> for redrive_core::Error {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Config(msg) => redrive_core::Error::Config(msg),
+            Error::Unroutable {
+                ref exchange,
+                ref routing_key,
+                ..
+            } if exchange.is_empty() => {
+                redrive_core::Error::UnknownDestination(routing_key.clone())
+            }
+            other => redrive_core::Error::Broker(Box::new(other)),
+        }
+    }
+}
+
+/// `Result` with the adapter's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The address without its password, for messages and logs.
+pub(crate) fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.find(':') {
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme + 3],
+                    &userinfo[..colon],
+                    &url[at..]
+                ),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// The argument a `PRECONDITION_FAILED - inequivalent arg 'x' …` reply names.
+pub(crate) fn mismatch(queue: &str, err: lapin::Error) -> Error {
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    if let lapin::ErrorKind::ProtocolError(amqp) = err.kind() {
+        if matches!(
+            amqp.kind(),
+            AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)
+        ) {
+            let reply = amqp.get_message().to_string();
+            let argument = reply
+                .split_once("inequivalent arg '")
+                .and_then(|(_, rest)| rest.split_once('\''))
+                .map_or_else(|| "arguments".to_owned(), |(arg, _)| arg.to_owned());
+            return Error::TopologyMismatch {
+                queue: queue.to_owned(),
+                argument,
+                reply,
+            };
+        }
+    }
+    Error::Amqp(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_the_password() {
+        assert_eq!(
+            redact("amqp://guest:secret@localhost:5672/%2f"),
+            "amqp://guest:***@localhost:5672/%2f"
+        );
+        assert_eq!(redact("amqp://localhost"), "amqp://localhost");
+    }
+}

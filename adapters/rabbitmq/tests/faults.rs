@@ -1,0 +1,223 @@
+//! Fault tests against the local RabbitMQ: the broker restarted and a connection killed
+//! from the broker side, during consumption. They stop and start the broker's
+//! application, so they run one at a time (a file-level lock), and a guard restarts the
+//! application even when a test fails.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use redrive_core::{
+    BoxError, Consumer, Error as CoreError, Message, OutgoingMessage, Publisher, Redelivery,
+    Worker, handler_fn,
+};
+use redrive_rabbitmq::{ConnectionMonitor, QueueKind, RabbitConsumer};
+
+/// One fault test at a time: they stop the broker or kill its connections.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Starts the broker's application again when dropped, so a failing test leaves the
+/// broker running.
+struct RestartOnDrop;
+
+impl Drop for RestartOnDrop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .arg("start_app")
+            .output();
+    }
+}
+
+type Seen = Arc<Mutex<HashSet<String>>>;
+
+/// Publishes `n` messages, then runs a Worker over them until `fault` has run and every
+/// message was handled at least once.
+async fn survives<F, Fut>(kind: QueueKind, what: &str, fault: F)
+where
+    F: FnOnce(String, ConnectionMonitor) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let queue = common::unique(&format!("{what}-{}", kind.as_str()));
+    let topology = common::topology(&queue, kind);
+    common::declare(&topology).await;
+    let n = 300;
+    let p = common::publisher().await;
+    for i in 0..n {
+        p.publish(&queue, OutgoingMessage::new(format!("m{i}")))
+            .await
+            .expect("publish");
+    }
+    p.close().await;
+
+    // After 50 calls the handler waits until the fault happened, so the fault always
+    // comes mid-stream, with deliveries in flight.
+    let seen: Seen = Arc::default();
+    let handled = seen.clone();
+    let started = Arc::new(AtomicUsize::new(0));
+    let calls = started.clone();
+    let (open_gate, gate) = tokio::sync::watch::channel(false);
+    let handler = handler_fn(move |m: Message| {
+        let handled = handled.clone();
+        let mut gate = gate.clone();
+        let call = calls.fetch_add(1, Ordering::SeqCst);
+        async move {
+            if call >= 50 {
+                let _ = gate.wait_for(|open| *open).await;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            handled
+                .lock()
+                .unwrap()
+                .insert(String::from_utf8_lossy(&m.payload).into_owned());
+            Ok::<_, BoxError>(())
+        }
+    });
+    let name = common::unique(&format!("conn-{what}"));
+    let consumer = common::consumer(&topology, &name, 16).await;
+    let monitor = consumer.monitor();
+    let worker = Worker::builder(consumer, handler)
+        .concurrency(8)
+        .redelivery(Redelivery::constant(Duration::ZERO))
+        .build()
+        .expect("worker");
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let stopper = stop.clone();
+    let run = tokio::spawn(worker.run_until(async move { stopper.notified().await }));
+
+    wait_until(
+        "50 messages handled and 8 waiting",
+        Duration::from_secs(30),
+        || seen.lock().unwrap().len() >= 50 && started.load(Ordering::SeqCst) >= 58,
+    )
+    .await;
+    fault(name, monitor.clone()).await;
+    open_gate.send_replace(true);
+    wait_until(
+        "every message handled after the fault",
+        Duration::from_secs(90),
+        || seen.lock().unwrap().len() >= n,
+    )
+    .await;
+    assert!(
+        monitor.reconnects() >= 1,
+        "no reconnect counted: {monitor:?}"
+    );
+    assert!(monitor.is_connected(), "{monitor:?}");
+    stop.notify_one();
+    let report = run.await.expect("worker");
+    let handled: HashSet<String> = seen.lock().unwrap().clone();
+    for i in 0..n {
+        assert!(handled.contains(&format!("m{i}")), "m{i} was never handled");
+    }
+    eprintln!("{what} ({kind:?}): {report:?}, {monitor:?}");
+    common::cleanup(&[topology]).await;
+}
+
+async fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !f() {
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn restart_broker(_name: String, _monitor: ConnectionMonitor) {
+    let guard = RestartOnDrop;
+    common::rabbitmqctl(&["stop_app"]).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    common::rabbitmqctl(&["start_app"]).await;
+    drop(guard);
+    common::wait_for_broker().await;
+}
+
+/// Closes the connection named `name` (in its client properties) from the broker side:
+/// `rabbitmqctl list_connections pid client_properties`, then `close_connection <pid>`.
+async fn kill_connection(name: String, monitor: ConnectionMonitor) {
+    let mut killed = false;
+    for _ in 0..50 {
+        let list = common::rabbitmqctl(&[
+            "list_connections",
+            "pid",
+            "client_properties",
+            "--quiet",
+            "--no-table-headers",
+        ])
+        .await;
+        let pid = list
+            .lines()
+            .find(|line| line.contains(&format!("\"{name}\"")))
+            .and_then(|line| line.split('\t').next())
+            .map(str::to_owned);
+        if let Some(pid) = pid {
+            common::rabbitmqctl(&["close_connection", &pid, "redrive fault test"]).await;
+            killed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        killed,
+        "connection {name} not found in rabbitmqctl list_connections"
+    );
+    wait_until("the reconnect", Duration::from_secs(30), || {
+        monitor.reconnects() >= 1
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_restart_during_consumption_loses_nothing() {
+    let _serial = SERIAL.lock().await;
+    for kind in [QueueKind::Classic, QueueKind::Quorum] {
+        survives(kind, "restart", restart_broker).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_killed_by_the_broker_loses_nothing() {
+    let _serial = SERIAL.lock().await;
+    for kind in [QueueKind::Classic, QueueKind::Quorum] {
+        survives(kind, "kill", kill_connection).await;
+    }
+}
+
+/// A delivery from a connection that died cannot be acked on the new one: its acker
+/// fails with a clear error and the message comes back as a redelivery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_from_a_dead_connection_cannot_be_acked_and_comes_back() {
+    let _serial = SERIAL.lock().await;
+    let queue = common::unique("stale");
+    let topology = common::topology(&queue, QueueKind::Classic);
+    common::declare(&topology).await;
+    let p = common::publisher().await;
+    p.publish(&queue, OutgoingMessage::new("once"))
+        .await
+        .expect("publish");
+    let name = common::unique("conn-stale");
+    let mut c: RabbitConsumer = common::consumer(&topology, &name, 4).await;
+    let first = c.receive().await.expect("receive").expect("delivery");
+    assert_eq!(first.message.attempt(), 1);
+    kill_connection(name, c.monitor()).await;
+    let err = first.ack().await.expect_err("ack on a dead channel");
+    assert!(
+        matches!(&err, CoreError::Broker(e) if e.to_string().contains("channel this delivery came on is closed")),
+        "{err}"
+    );
+    let again = tokio::time::timeout(Duration::from_secs(30), c.receive())
+        .await
+        .expect("redelivered within 30 s")
+        .expect("receive")
+        .expect("delivery");
+    assert_eq!(&again.message.payload[..], b"once");
+    assert_eq!(
+        again.message.attempt(),
+        2,
+        "a redelivery counts as an attempt"
+    );
+    again.ack().await.expect("ack on the new connection");
+    drop(c);
+    common::cleanup(&[topology]).await;
+}
