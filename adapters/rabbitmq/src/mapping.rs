@@ -29,7 +29,7 @@
 //! [`AmqpDelivery`] extension of each message, and the adapter's own republishes (delayed
 //! and classic-queue retries) copy the original properties and table, so a retried message
 //! keeps every field and its type. A header that does not fit the message's
-//! [`HeaderLimits`](redrive_core::HeaderLimits) (4096 headers, 1 MiB) is left out of
+//! [`HeaderLimits`] (4096 headers, 1 MiB) is left out of
 //! [`Message::headers`] with a warning, and kept in [`AmqpDelivery`].
 //!
 //! # Attempt

@@ -1,0 +1,160 @@
+//! The adapter's error type.
+
+use std::sync::Arc;
+
+use aws_sdk_sqs::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+
+/// What can go wrong talking to SQS, or mapping a message onto it.
+///
+/// Converts into [`redrive_core::Error`]: a missing queue becomes
+/// [`UnknownDestination`](redrive_core::Error::UnknownDestination), a message no longer in
+/// flight becomes [`LeaseExpired`](redrive_core::Error::LeaseExpired), a configuration
+/// error stays one, everything else is a [`Broker`](redrive_core::Error::Broker) error
+/// with this one as its source.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An SQS API call failed (after the SDK's own retries).
+    #[error("SQS {operation} failed: {message}")]
+    Request {
+        /// The SQS operation, as `ReceiveMessage`.
+        operation: &'static str,
+        /// The error code SQS returned, if it returned one.
+        code: Option<String>,
+        /// What went wrong, with the SDK's context.
+        message: String,
+        /// The SDK's error.
+        #[source]
+        source: Arc<dyn std::error::Error + Send + Sync>,
+    },
+    /// The queue does not exist.
+    #[error("SQS queue `{0}` does not exist")]
+    QueueDoesNotExist(String),
+    /// The message is no longer in flight: its visibility timeout ran out (SQS delivers
+    /// it again), or it was deleted.
+    #[error(
+        "the message is no longer in flight (its visibility timeout ran out, or it was deleted); SQS will deliver it again"
+    )]
+    NotInFlight,
+    /// One entry of a batch call failed, after retries where SQS said it was its fault.
+    #[error("SQS {operation} failed for one message: {code}: {message}")]
+    BatchEntry {
+        /// The SQS operation, as `DeleteMessageBatch`.
+        operation: &'static str,
+        /// The error code SQS returned.
+        code: String,
+        /// SQS's explanation.
+        message: String,
+        /// Whether SQS blamed the request (not retried) rather than itself.
+        sender_fault: bool,
+    },
+    /// The headers need more message attributes than SQS allows, and packing is off.
+    #[error(
+        "the message needs {needed} SQS message attributes, above SQS's limit of {limit}; `{first_excess}` does not fit \
+         (turn on `HeaderOverflow::Pack`, or send fewer headers)"
+    )]
+    TooManyAttributes {
+        /// Attributes the message would need.
+        needed: usize,
+        /// How many it may have.
+        limit: usize,
+        /// The first header that did not fit.
+        first_excess: String,
+    },
+    /// A header cannot be an SQS message attribute, and packing is off.
+    #[error(
+        "header `{name}` cannot be an SQS message attribute: {reason} (turn on `HeaderOverflow::Pack` to carry it packed)"
+    )]
+    InvalidAttribute {
+        /// The header.
+        name: String,
+        /// Why not.
+        reason: &'static str,
+    },
+    /// The body and attributes are larger than the limit.
+    #[error(
+        "the message takes {size} bytes with its attributes, above the limit of {limit} bytes; send less, or raise \
+         `max_message_bytes` if the queue's MaximumMessageSize allows it"
+    )]
+    MessageTooLarge {
+        /// The size SQS would count.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// The message's key cannot be sent: as a FIFO message group id it must be 1 to 128
+    /// characters of ASCII letters, digits and punctuation.
+    #[error("the message key cannot be sent to SQS: {0}")]
+    InvalidKey(String),
+    /// Configuration that cannot work; the message says what to change.
+    #[error("invalid SQS adapter configuration: {0}")]
+    Config(String),
+}
+
+impl Error {
+    pub(crate) fn request<E, R>(operation: &'static str, err: SdkError<E, R>) -> Self
+    where
+        E: std::error::Error + ProvideErrorMetadata + Send + Sync + 'static,
+        R: std::fmt::Debug + Send + Sync + 'static,
+    {
+        let code = err.code().map(str::to_owned);
+        let message = match (err.code(), err.message()) {
+            (Some(code), Some(msg)) => format!("{code}: {msg}"),
+            (Some(code), None) => code.to_owned(),
+            _ => DisplayErrorContext(&err).to_string(),
+        };
+        Error::Request {
+            operation,
+            code,
+            message,
+            source: Arc::new(err),
+        }
+    }
+
+    /// The SQS error code, for a failed request or batch entry.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            Error::Request { code, .. } => code.as_deref(),
+            Error::BatchEntry { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+}
+
+/// Whether an SQS error code says the queue does not exist.
+pub(crate) fn is_missing_queue(code: Option<&str>) -> bool {
+    matches!(
+        code,
+        Some("AWS.SimpleQueueService.NonExistentQueue" | "QueueDoesNotExist")
+    )
+}
+
+/// Whether an SQS error says the receipt handle no longer names an in-flight message.
+///
+/// SQS answers a visibility change for a message whose timeout ran out with
+/// `InvalidParameterValue` naming the receipt handle, hence the look at the text.
+pub(crate) fn is_not_in_flight(code: Option<&str>, message: Option<&str>) -> bool {
+    match code {
+        Some(
+            "ReceiptHandleIsInvalid"
+            | "MessageNotInflight"
+            | "AWS.SimpleQueueService.MessageNotInflight",
+        ) => true,
+        Some("InvalidParameterValue") => message.is_some_and(|m| m.contains("ReceiptHandle")),
+        _ => false,
+    }
+}
+
+impl From<Error> for redrive_core::Error {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::QueueDoesNotExist(q) => redrive_core::Error::UnknownDestination(q),
+            Error::NotInFlight => redrive_core::Error::LeaseExpired,
+            Error::Config(m) => redrive_core::Error::Config(m),
+            other => redrive_core::Error::Broker(Box::new(other)),
+        }
+    }
+}
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
