@@ -32,7 +32,9 @@ pub use error::{Error, Result};
 pub use handler::{Outcome, handler_fn};
 pub use headers::{HeaderError, HeaderLimits, HeaderValue, Headers};
 pub use message::{Extensions, Message, Metadata, OutgoingMessage, Source};
-pub use worker::{LeaseKeeping, OrderingMode, Redelivery, Report, Shutdown, Worker, WorkerBuilder};
+pub use worker::{
+    Execution, LeaseKeeping, OrderingMode, Redelivery, Report, Shutdown, Worker, WorkerBuilder,
+};
 
 /// A boxed error, as handlers and layers pass them around.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

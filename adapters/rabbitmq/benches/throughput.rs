@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use redrive_core::{BoxError, Message, Outcome, Worker, handler_fn};
+use redrive_core::{BoxError, Execution, Message, Outcome, Worker, handler_fn};
 use redrive_middleware::Stack;
 use redrive_middleware::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer};
 use redrive_middleware::dead_letter::{DeadLetterConfig, DeadLetterLayer};
@@ -37,6 +37,7 @@ use redrive_rabbitmq::lapin::{BasicProperties, Connection};
 use redrive_rabbitmq::{QueueKind, RabbitConsumer, RabbitPublisher, Topology};
 use tokio::sync::Notify;
 use tower::Service;
+use tower::util::BoxService;
 
 /// The service the redrive side runs: the full Stack around a no-op handler.
 fn service(
@@ -151,7 +152,14 @@ async fn bare_lapin(conn: &Connection, queue: &str, n: usize, prefetch: u16) -> 
     took
 }
 
-async fn redrive(url: &str, queue: &str, n: usize, prefetch: u16) -> Duration {
+async fn redrive(
+    url: &str,
+    queue: &str,
+    n: usize,
+    prefetch: u16,
+    full: bool,
+    execution: Execution,
+) -> Duration {
     let consumer = RabbitConsumer::builder(url, Topology::new(queue).with_kind(QueueKind::Classic))
         .connection_name("redrive-bench")
         .prefetch(prefetch)
@@ -169,9 +177,14 @@ async fn redrive(url: &str, queue: &str, n: usize, prefetch: u16) -> Duration {
             }
             m
         })
-        .service(service(dead_letters));
+        .service(if full {
+            BoxService::new(service(dead_letters))
+        } else {
+            BoxService::new(handler_fn(|_m: Message| async { Ok::<_, BoxError>(()) }))
+        });
     let worker = Worker::builder(consumer, counted)
         .concurrency(usize::from(prefetch))
+        .execution(execution)
         .build()
         .expect("worker");
     let start = Instant::now();
@@ -181,9 +194,34 @@ async fn redrive(url: &str, queue: &str, n: usize, prefetch: u16) -> Duration {
     took
 }
 
+/// CPU time (user + system) of this process so far, from `/proc/self/stat`, at the
+/// kernel's clock-tick resolution (10 ms here). Zero where there is no procfs.
+fn cpu_time() -> Duration {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return Duration::ZERO;
+    };
+    // Fields after the command name (which may hold spaces) end at its closing paren.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    // utime and stime are fields 14 and 15 of the line: 12 and 13 after the name.
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i)?.parse::<u64>().ok())
+        .sum();
+    Duration::from_millis(ticks * 10)
+}
+
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(
+            std::env::var("BENCH_THREADS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(2),
+        )
         .enable_all()
         .build()
         .expect("runtime");
@@ -198,10 +236,46 @@ fn main() {
         let queue = redrive_core::testkit::unique_name("redrive-bench");
         Topology::new(&queue).declare(&conn).await.expect("declare");
 
+        let mut rows = Vec::new();
         fill(&conn, &queue, n).await;
+        let cpu = cpu_time();
         let bare = bare_lapin(&conn, &queue, n, prefetch).await;
-        fill(&conn, &queue, n).await;
-        let ours = redrive(&url, &queue, n, prefetch).await;
+        rows.push((
+            "bare lapin (consume + concurrent acks)",
+            bare,
+            cpu_time() - cpu,
+        ));
+        for (what, full, execution) in [
+            (
+                "redrive Worker (spawned) + no-op handler",
+                false,
+                Execution::Spawned,
+            ),
+            (
+                "redrive Worker (in task) + no-op handler",
+                false,
+                Execution::InTask,
+            ),
+            (
+                "redrive Worker (spawned) + full Stack + no-op handler",
+                true,
+                Execution::Spawned,
+            ),
+            (
+                "redrive Worker (in task) + full Stack + no-op handler",
+                true,
+                Execution::InTask,
+            ),
+        ] {
+            // BENCH_ONLY=<text> runs only the rows whose name holds the text (for profiling).
+            if std::env::var("BENCH_ONLY").is_ok_and(|only| !what.contains(&only)) {
+                continue;
+            }
+            fill(&conn, &queue, n).await;
+            let cpu = cpu_time();
+            let took = redrive(&url, &queue, n, prefetch, full, execution).await;
+            rows.push((what, took, cpu_time() - cpu));
+        }
 
         let rate = |d: Duration| n as f64 / d.as_secs_f64();
         println!();
@@ -209,22 +283,17 @@ fn main() {
             "{n} messages of 64 bytes, prefetch {prefetch}, RabbitMQ at {}",
             url.split('@').next_back().unwrap_or("")
         );
-        println!("| consumer | seconds | messages/s |");
-        println!("|---|---:|---:|");
-        println!(
-            "| bare lapin (consume + concurrent acks) | {:.2} | {:.0} |",
-            bare.as_secs_f64(),
-            rate(bare)
-        );
-        println!(
-            "| redrive Worker + full Stack + no-op handler | {:.2} | {:.0} |",
-            ours.as_secs_f64(),
-            rate(ours)
-        );
-        println!(
-            "| ratio redrive / lapin | | {:.1} % |",
-            100.0 * rate(ours) / rate(bare)
-        );
+        println!("| consumer | seconds | messages/s | vs bare lapin | CPU µs/msg (this process) |");
+        println!("|---|---:|---:|---:|---:|");
+        for (what, took, cpu) in rows {
+            println!(
+                "| {what} | {:.2} | {:.0} | {:.1} % | {:.1} |",
+                took.as_secs_f64(),
+                rate(took),
+                100.0 * rate(took) / rate(bare),
+                cpu.as_secs_f64() * 1e6 / n as f64
+            );
+        }
 
         let ch = conn.create_channel().await.expect("channel");
         let _ = ch.queue_delete(&queue, QueueDeleteOptions::default()).await;

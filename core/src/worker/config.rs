@@ -20,6 +20,23 @@ pub enum OrderingMode {
     PerPartition,
 }
 
+/// Where the Worker runs its handler calls.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Execution {
+    /// Each handler call on its own tokio task: calls run in parallel on every thread
+    /// of the runtime, and a handler that blocks its thread holds up only itself.
+    #[default]
+    Spawned,
+    /// Every handler call polled inside the Worker's own task, like a stream's
+    /// `buffer_unordered`: no task spawn and no cross-thread wake-up per message, so the
+    /// most throughput for handlers that mostly wait on I/O. Calls share one thread at a
+    /// time: a handler that blocks or computes for long stalls the others, and the lease
+    /// keeping of the messages beside it. Spawn CPU-heavy work from the handler
+    /// (`tokio::task::spawn_blocking`) in this mode.
+    InTask,
+}
+
 /// The delay before a failed message is delivered again, by attempt: exponential,
 /// with equal jitter unless turned off.
 ///
@@ -138,6 +155,7 @@ pub enum LeaseKeeping {
 pub(crate) struct Config {
     pub(crate) name: String,
     pub(crate) concurrency: usize,
+    pub(crate) execution: Execution,
     pub(crate) max_waiting: Option<usize>,
     pub(crate) ordering: OrderingMode,
     pub(crate) redelivery: Redelivery,
@@ -151,6 +169,7 @@ impl Default for Config {
         Config {
             name: "redrive".to_owned(),
             concurrency: 16,
+            execution: Execution::Spawned,
             max_waiting: None,
             ordering: OrderingMode::Unordered,
             redelivery: Redelivery::default(),

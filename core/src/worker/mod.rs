@@ -51,17 +51,19 @@ mod config;
 use std::collections::{HashMap, VecDeque};
 use std::future::{Future, poll_fn};
 use std::panic::AssertUnwindSafe;
-use std::pin::pin;
+use std::pin::{Pin, pin};
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::FutureExt;
+use futures_util::stream::{FuturesUnordered, StreamExt as _};
 use tokio::sync::watch;
-use tokio::task::JoinSet;
+use tokio::task::{JoinError, JoinHandle};
 use tower::Service;
 
 use config::Config;
-pub use config::{LeaseKeeping, OrderingMode, Redelivery};
+pub use config::{Execution, LeaseKeeping, OrderingMode, Redelivery};
 
 use crate::classify::{Classifier, ErrorKind};
 use crate::{BoxError, Capabilities, Consumer, Delivery, Error, Message, Outcome, Result, Settle};
@@ -102,6 +104,7 @@ pub struct Report {
 /// | setting | default |
 /// |---|---|
 /// | `concurrency` | 16 |
+/// | `execution` | [`Execution::Spawned`] |
 /// | `ordering` | [`OrderingMode::Unordered`] |
 /// | `max_waiting` (deliveries held for busy keys) | 4 × concurrency |
 /// | `redelivery` | [`Redelivery::default`] (1 s doubling to 5 min, jittered) |
@@ -124,6 +127,13 @@ impl<C, S> WorkerBuilder<C, S> {
     /// The most handler calls running at once (at least 1).
     pub fn concurrency(mut self, n: usize) -> Self {
         self.config.concurrency = n;
+        self
+    }
+
+    /// Where handler calls run: each on its own task (the default), or all inside the
+    /// Worker's task for throughput with I/O-bound handlers. See [`Execution`].
+    pub fn execution(mut self, execution: Execution) -> Self {
+        self.config.execution = execution;
         self
     }
 
@@ -429,7 +439,7 @@ where
                 busy: HashMap::new(),
                 waiting: 0,
                 runnable: VecDeque::new(),
-                tasks: JoinSet::new(),
+                tasks: Tasks::new(config.execution),
                 intake_open: true,
             };
             let ctx = TaskCtx {
@@ -468,7 +478,7 @@ where
                         state.intake_open = false;
                         continue;
                     }
-                    Some(done) = state.tasks.join_next(), if !state.tasks.is_empty() => {
+                    Some(done) = state.tasks.next(), if !state.tasks.is_empty() => {
                         state.handle_done(done, &ctx);
                         continue;
                     }
@@ -493,9 +503,12 @@ where
                     (d, true)
                 } else {
                     // Completions matter while waiting for the broker only when they can make
-                    // work runnable: a key released, a message parked or unparked.
-                    let listen =
-                        state.waiting > 0 || state.parked > 0 || (plan.park && state.running > 0);
+                    // work runnable: a key released, a message parked or unparked. Calls
+                    // polled in this task make progress only while it polls them.
+                    let listen = state.waiting > 0
+                        || state.parked > 0
+                        || (plan.park && state.running > 0)
+                        || (config.execution == Execution::InTask && !state.tasks.is_empty());
                     tokio::select! {
                         biased;
                         () = &mut shutdown, if state.intake_open => {
@@ -503,7 +516,7 @@ where
                             state.intake_open = false;
                             continue;
                         }
-                        Some(done) = state.tasks.join_next(), if listen => {
+                        Some(done) = state.tasks.next(), if listen => {
                             state.handle_done(done, &ctx);
                             continue;
                         }
@@ -589,16 +602,62 @@ struct State {
     waiting: usize,
     /// Messages whose key is reserved for them, ready to run.
     runnable: VecDeque<Delivery>,
-    tasks: JoinSet<Done>,
+    tasks: Tasks,
     intake_open: bool,
 }
 
+/// The Worker's running calls and timers, spawned or polled in place by [`Execution`].
+struct Tasks {
+    execution: Execution,
+    set: FuturesUnordered<TaskFuture>,
+}
+
+/// A call or timer as the Worker awaits it.
+type TaskFuture = Pin<Box<dyn Future<Output = std::result::Result<Done, JoinError>> + Send>>;
+
+impl Tasks {
+    fn new(execution: Execution) -> Self {
+        Tasks {
+            execution,
+            set: FuturesUnordered::new(),
+        }
+    }
+
+    fn spawn(&mut self, fut: impl Future<Output = Done> + Send + 'static) {
+        match self.execution {
+            Execution::InTask => self.set.push(Box::pin(fut.map(Ok))),
+            Execution::Spawned => self.set.push(Box::pin(AbortOnDrop(tokio::spawn(fut)))),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.set.is_empty()
+    }
+
+    async fn next(&mut self) -> Option<std::result::Result<Done, JoinError>> {
+        self.set.next().await
+    }
+}
+
+/// A spawned call, aborted if the Worker's future is dropped before it completes.
+struct AbortOnDrop(JoinHandle<Done>);
+
+impl Future for AbortOnDrop {
+    type Output = std::result::Result<Done, JoinError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0).poll(cx)
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 impl State {
-    fn handle_done(
-        &mut self,
-        done: std::result::Result<Done, tokio::task::JoinError>,
-        ctx: &TaskCtx,
-    ) {
+    fn handle_done(&mut self, done: std::result::Result<Done, JoinError>, ctx: &TaskCtx) {
         let done = match done {
             Ok(d) => d,
             Err(e) => {

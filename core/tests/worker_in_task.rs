@@ -1,0 +1,7 @@
+//! Worker behaviour with handler calls polled in the Worker's task ([`Execution::InTask`]).
+
+use redrive_core::Execution;
+
+const EXECUTION: Execution = Execution::InTask;
+
+include!("worker/cases.rs");
