@@ -1,7 +1,7 @@
 //! Throughput of the Worker over the in-memory broker with a no-op handler.
 //!
 //! `cargo bench -p redrive-core --bench worker` reports messages per second for each
-//! ordering mode. Publishing is set up outside the timed part.
+//! ordering mode and execution mode. Publishing is set up outside the timed part.
 // criterion's macros generate undocumented items.
 #![allow(missing_docs)]
 
@@ -10,12 +10,12 @@ use std::time::Duration;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use redrive_core::memory::MemoryBroker;
 use redrive_core::{
-    BoxError, Message, OrderingMode, OutgoingMessage, Publisher, Worker, handler_fn,
+    BoxError, Execution, Message, OrderingMode, OutgoingMessage, Publisher, Worker, handler_fn,
 };
 
 const N: usize = 20_000;
 
-async fn run(mode: OrderingMode, concurrency: usize) -> Duration {
+async fn run(mode: OrderingMode, execution: Execution, concurrency: usize) -> Duration {
     let broker = MemoryBroker::new();
     for i in 0..N {
         let msg = OutgoingMessage::new(&b"{}"[..]).with_key(format!("k{}", i % 64));
@@ -32,6 +32,7 @@ async fn run(mode: OrderingMode, concurrency: usize) -> Duration {
     let report = Worker::builder(broker.consumer("bench"), handler)
         .concurrency(concurrency)
         .ordering(mode)
+        .execution(execution)
         .build()
         .expect("config")
         .run_until(drained)
@@ -50,15 +51,21 @@ fn worker(c: &mut Criterion) {
     let mut group = c.benchmark_group("worker_memory_noop");
     group.throughput(Throughput::Elements(N as u64));
     group.sample_size(10);
-    for (name, mode) in [
-        ("unordered", OrderingMode::Unordered),
-        ("per_key", OrderingMode::PerKey),
+    for (name, mode, execution) in [
+        ("unordered", OrderingMode::Unordered, Execution::Spawned),
+        ("per_key", OrderingMode::PerKey, Execution::Spawned),
+        (
+            "unordered_in_task",
+            OrderingMode::Unordered,
+            Execution::InTask,
+        ),
+        ("per_key_in_task", OrderingMode::PerKey, Execution::InTask),
     ] {
         group.bench_with_input(BenchmarkId::new(name, 32), &mode, |bench, &mode| {
             bench.to_async(&rt).iter_custom(|iters| async move {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
-                    total += run(mode, 32).await;
+                    total += run(mode, execution, 32).await;
                 }
                 total
             });
