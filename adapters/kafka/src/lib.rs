@@ -1,1 +1,79 @@
-//! Kafka adapter for redrive (in progress).
+//! Kafka adapter for redrive, on rdkafka: a [`Consumer`](redrive_core::Consumer) whose
+//! committed offsets follow a per-partition watermark of completed records, and a
+//! [`Publisher`](redrive_core::Publisher) that waits for the broker's acknowledgement.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use redrive_core::{handler, BoxError, Message, OrderingMode, Worker};
+//! use redrive_kafka::KafkaConsumer;
+//!
+//! # #[tokio::main]
+//! # async fn main() -> Result<(), BoxError> {
+//! let consumer = KafkaConsumer::builder("127.0.0.1:9092", "billing", ["orders"]).build()?;
+//! let handler = handler::handler_fn(|msg: Message| async move {
+//!     println!("{:?} (attempt {})", msg.payload, msg.attempt());
+//!     Ok::<_, BoxError>(())
+//! });
+//! let report = Worker::builder(consumer, handler)
+//!     .concurrency(64)
+//!     .ordering(OrderingMode::PerKey) // keys of one partition in parallel, each in order
+//!     .redelivery(redrive_core::Redelivery::exponential(
+//!         Duration::from_millis(100),
+//!         Duration::from_secs(30),
+//!     ))
+//!     .build()?
+//!     .run_until(async { tokio::signal::ctrl_c().await.ok(); })
+//!     .await;
+//! println!("{report:?}");
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # How it works
+//! - **Ordering and parallelism**: the Worker's [`OrderingMode::PerKey`] runs records
+//!   with different keys in parallel, also within one partition, and records of one key
+//!   strictly in order; [`OrderingMode::PerPartition`] runs each partition in order.
+//!   With [`OrderingMode::Unordered`] records run in any order.
+//! - **Offset watermark**: per partition, the committed offset only moves to just past
+//!   the longest run of records whose deliveries were acked. A slow, parked or failed
+//!   record holds it; records after it that completed are not committed past it. After
+//!   a crash, consumption resumes at the first record not known complete: nothing is
+//!   lost, and duplicates are bounded by the work in flight. Watermarks are committed
+//!   every [`commit_interval`](KafkaConsumerBuilder::commit_interval), when partitions
+//!   are revoked, and on close. `enable.auto.commit` and `enable.auto.offset.store`
+//!   are off: the adapter commits explicit offsets and nothing else does.
+//! - **Retries by parking**: Kafka cannot hand back one record, so the consumer
+//!   declares `can_nack = false` and the Worker parks a failed record: it runs it again
+//!   after its redelivery delay as the next attempt, later records of its key wait,
+//!   other keys flow on. The attempt count lives in memory (Kafka keeps no delivery
+//!   count) and reaches the dead-letter envelope; a parked record holds its
+//!   partition's watermark until it succeeds or is dead-lettered.
+//! - **Rebalances**: on revoke, completed work of the revoked partitions is committed
+//!   synchronously; acks that arrive later for them are ignored (the new owner gets
+//!   those records again). On assign, tracking starts afresh.
+//! - **Shutdown**: the Worker hands back parked and waiting records (they stay
+//!   uncommitted), then calls [`close`](redrive_core::Consumer::close), which commits the
+//!   final watermarks and leaves the group off the runtime, each bounded by
+//!   [`close_timeout`](KafkaConsumerBuilder::close_timeout), so it cannot hang.
+//!   The adapter never calls `committed()` (whose use was seen to hang a later drop).
+//!
+//! [`OrderingMode::PerKey`]: redrive_core::OrderingMode::PerKey
+//! [`OrderingMode::PerPartition`]: redrive_core::OrderingMode::PerPartition
+//! [`OrderingMode::Unordered`]: redrive_core::OrderingMode::Unordered
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod consumer;
+mod error;
+pub mod mapping;
+mod publisher;
+mod watermark;
+
+pub use consumer::{KafkaConsumer, KafkaConsumerBuilder};
+pub use error::{Error, Result};
+pub use publisher::KafkaPublisher;
+
+/// Re-exported so applications can configure clients and use the mock cluster.
+pub use rdkafka;
+
+/// The value of `messaging.system` for Kafka (as OpenTelemetry names it).
+pub const SYSTEM: &str = "kafka";

@@ -1,0 +1,399 @@
+//! The consumer: a consumer-group member whose committed offsets follow the watermark.
+
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::error::KafkaResult;
+use rdkafka::{ClientConfig, ClientContext, Message as _, Offset, TopicPartitionList};
+use redrive_core::delivery::BoxFuture;
+use redrive_core::{Acker, Capabilities, Consumer, Delivery, OrderingScope};
+use tokio::task::JoinHandle;
+
+use crate::error::{Error, Result};
+use crate::mapping;
+use crate::watermark::{Tp, Watermarks};
+
+/// Settings the adapter owns; setting them through [`KafkaConsumerBuilder::set`] is an
+/// error, because offsets are committed from the watermark and nowhere else.
+const OWNED: &[(&str, &str)] = &[
+    ("enable.auto.commit", "false"),
+    ("enable.auto.offset.store", "false"),
+];
+
+/// Builds a [`KafkaConsumer`].
+///
+/// | setting | default |
+/// |---|---|
+/// | `commit_interval` (how often moved watermarks are committed) | 1 s |
+/// | `close_timeout` (the final commit and leaving the group, at most) | 10 s |
+/// | `auto.offset.reset` | `earliest` |
+/// | any other librdkafka setting | through [`set`](Self::set) |
+#[derive(Clone, Debug)]
+#[must_use]
+pub struct KafkaConsumerBuilder {
+    topics: Vec<String>,
+    config: ClientConfig,
+    commit_interval: Duration,
+    close_timeout: Duration,
+}
+
+impl KafkaConsumerBuilder {
+    /// Sets a librdkafka consumer setting (`session.timeout.ms`, `security.protocol`, …).
+    pub fn set(mut self, key: &str, value: impl Into<String>) -> Self {
+        self.config.set(key, value);
+        self
+    }
+
+    /// How often watermarks that moved are committed (at least 10 ms). The last ones
+    /// are committed by [`close`](Consumer::close) and when partitions are revoked.
+    pub fn commit_interval(mut self, interval: Duration) -> Self {
+        self.commit_interval = interval;
+        self
+    }
+
+    /// The longest [`close`](Consumer::close) waits for the final commit and for the
+    /// consumer to leave its group; past it, close returns and logs.
+    pub fn close_timeout(mut self, timeout: Duration) -> Self {
+        self.close_timeout = timeout;
+        self
+    }
+
+    /// Checks the settings, creates the consumer and subscribes it.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for settings that cannot work (an owned setting changed, no
+    /// topic, a commit interval under 10 ms), [`Error::Kafka`] if librdkafka refuses
+    /// the configuration or the subscription.
+    pub fn build(self) -> Result<KafkaConsumer> {
+        for (key, value) in OWNED {
+            if let Some(v) = self.config.get(key).filter(|v| v != value) {
+                return Err(Error::Config(format!(
+                    "`{key}={v}` is not supported: the adapter commits offsets itself, from the \
+                     watermark of completed records; leave `{key}` unset"
+                )));
+            }
+        }
+        if self.topics.is_empty() || self.topics.iter().any(String::is_empty) {
+            return Err(Error::Config("name at least one topic, none empty".into()));
+        }
+        if self.commit_interval < Duration::from_millis(10) {
+            return Err(Error::Config(format!(
+                "commit interval {:?} is under 10 ms; commits that often load the broker for nothing",
+                self.commit_interval
+            )));
+        }
+        if self.config.get("group.id").is_none_or(str::is_empty) {
+            return Err(Error::Config("a group id is required".into()));
+        }
+        let mut config = self.config;
+        for (key, value) in OWNED {
+            config.set(*key, *value);
+        }
+        let state = Arc::new(Mutex::new(Watermarks::default()));
+        let context = Context {
+            state: state.clone(),
+        };
+        let consumer: StreamConsumer<Context> = config.create_with_context(context)?;
+        let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&topics)?;
+        let consumer = Arc::new(consumer);
+        let committer = tokio::spawn(commit_every(
+            Arc::downgrade(&consumer),
+            state.clone(),
+            self.commit_interval,
+        ));
+        Ok(KafkaConsumer {
+            consumer: Some(consumer),
+            state,
+            committer: Some(committer),
+            close_timeout: self.close_timeout,
+            topics: self.topics,
+        })
+    }
+}
+
+/// A consumer-group member. See the [crate docs](crate) for the guarantees.
+///
+/// Offsets are committed from per-partition watermarks: just past the longest run of
+/// records whose deliveries were acked. Create it inside a tokio runtime (a task
+/// commits the watermarks every [`commit_interval`](KafkaConsumerBuilder::commit_interval)).
+pub struct KafkaConsumer {
+    consumer: Option<Arc<StreamConsumer<Context>>>,
+    state: Arc<Mutex<Watermarks>>,
+    committer: Option<JoinHandle<()>>,
+    close_timeout: Duration,
+    topics: Vec<String>,
+}
+
+impl fmt::Debug for KafkaConsumer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaConsumer")
+            .field("topics", &self.topics)
+            .field("closed", &self.consumer.is_none())
+            .finish()
+    }
+}
+
+impl KafkaConsumer {
+    /// Starts building a consumer in group `group_id` of `topics` at `brokers`
+    /// (`host:port,host:port`).
+    pub fn builder<T: Into<String>>(
+        brokers: &str,
+        group_id: &str,
+        topics: impl IntoIterator<Item = T>,
+    ) -> KafkaConsumerBuilder {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", brokers)
+            .set("group.id", group_id)
+            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "false");
+        KafkaConsumerBuilder {
+            topics: topics.into_iter().map(Into::into).collect(),
+            config,
+            commit_interval: Duration::from_secs(1),
+            close_timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// Commits every watermark that moved, and waits for the broker (up to the close
+    /// timeout). Called by `close`; useful before a planned pause.
+    ///
+    /// # Errors
+    /// [`Error::Kafka`] if the commit failed; the watermarks are offered again.
+    pub async fn commit_now(&self) -> Result<()> {
+        let Some(consumer) = self.consumer.clone() else {
+            return Err(Error::Closed);
+        };
+        let state = self.state.clone();
+        let work = off_runtime(move || commit(&*consumer, &state, CommitMode::Sync));
+        match tokio::time::timeout(self.close_timeout, work).await {
+            Ok(Some(result)) => result.map_err(Error::from),
+            Ok(None) => Err(Error::Config("the commit thread panicked".into())),
+            Err(_) => Err(Error::Config(format!(
+                "the commit did not finish within the close timeout ({:?}); the completed \
+                 records after the last commit will be delivered again",
+                self.close_timeout
+            ))),
+        }
+    }
+}
+
+/// Runs a blocking librdkafka call on a thread of its own and waits for it. Unlike
+/// `spawn_blocking`, a call that outlives its caller's timeout does not hold up the
+/// runtime's shutdown (or the process's exit).
+async fn off_runtime<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name("redrive-kafka-close".into())
+        .spawn(move || {
+            let _ = tx.send(f());
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "could not start a thread for a blocking kafka call");
+        return None;
+    }
+    rx.await.ok()
+}
+
+fn lock(state: &Mutex<Watermarks>) -> MutexGuard<'_, Watermarks> {
+    state.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Commits the watermarks that moved; on failure they are offered again.
+fn commit<C: rdkafka::consumer::Consumer<Context>>(
+    consumer: &C,
+    state: &Mutex<Watermarks>,
+    mode: CommitMode,
+) -> KafkaResult<()> {
+    let dirty = lock(state).take_dirty();
+    if dirty.is_empty() {
+        return Ok(());
+    }
+    let mut tpl = TopicPartitionList::with_capacity(dirty.len());
+    for ((topic, partition), offset) in &dirty {
+        tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset))?;
+    }
+    let result = consumer.commit(&tpl, mode);
+    if let Err(e) = &result {
+        tracing::warn!(error = %e, "offset commit failed; trying again with the next commit");
+        lock(state).commit_failed(&dirty);
+    } else {
+        tracing::trace!(?dirty, "offsets committed");
+    }
+    result
+}
+
+async fn commit_every(
+    consumer: Weak<StreamConsumer<Context>>,
+    state: Arc<Mutex<Watermarks>>,
+    interval: Duration,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(consumer) = consumer.upgrade() else {
+            return;
+        };
+        // Async: the request is queued, the result comes to `commit_callback`.
+        let _ = commit(&*consumer, &state, CommitMode::Async);
+    }
+}
+
+/// Tracks assignments and commit results for the watermarks.
+struct Context {
+    state: Arc<Mutex<Watermarks>>,
+}
+
+impl ClientContext for Context {}
+
+impl ConsumerContext for Context {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                let mut state = lock(&self.state);
+                for e in tpl.elements() {
+                    state.assign((e.topic().to_owned(), e.partition()));
+                }
+                tracing::info!(partitions = tpl.count(), "kafka partitions assigned");
+            }
+            Rebalance::Revoke(tpl) => {
+                // Commit what is complete before the partitions go to another member;
+                // acks that come later for them are ignored (those records are
+                // delivered again to the new owner).
+                let mut last = TopicPartitionList::new();
+                {
+                    let mut state = lock(&self.state);
+                    for e in tpl.elements() {
+                        let tp: Tp = (e.topic().to_owned(), e.partition());
+                        if let Some(w) = state.revoke(&tp).and_then(|p| p.uncommitted()) {
+                            let _ = last.add_partition_offset(&tp.0, tp.1, Offset::Offset(w));
+                        }
+                    }
+                }
+                if last.count() > 0 {
+                    if let Err(e) = consumer.commit(&last, CommitMode::Sync) {
+                        tracing::warn!(error = %e, "commit of revoked partitions failed; their completed records may be delivered again");
+                    }
+                }
+                tracing::info!(partitions = tpl.count(), "kafka partitions revoked");
+            }
+            Rebalance::Error(e) => tracing::warn!(error = %e, "kafka rebalance failed"),
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "offset commit failed; trying again with the next commit");
+            let failed: Vec<(Tp, i64)> = offsets
+                .elements()
+                .iter()
+                .filter_map(|e| match e.offset() {
+                    Offset::Offset(o) => Some(((e.topic().to_owned(), e.partition()), o)),
+                    _ => None,
+                })
+                .collect();
+            lock(&self.state).commit_failed(&failed);
+        }
+    }
+}
+
+fn capabilities() -> Capabilities {
+    Capabilities::new()
+        .with_max_nack_delay(Duration::ZERO)
+        .with_can_nack(false)
+        .with_delivery_count(false)
+        .with_lease(None, false)
+        .with_ordering(OrderingScope::Partition)
+}
+
+impl Consumer for KafkaConsumer {
+    async fn receive(&mut self) -> redrive_core::Result<Option<Delivery>> {
+        let Some(consumer) = &self.consumer else {
+            return Ok(None);
+        };
+        // `recv` takes a record from the queue only when it returns it: dropping this
+        // future loses nothing.
+        let record = consumer.recv().await.map_err(Error::from)?;
+        let message = mapping::message(&record);
+        let tp: Tp = (record.topic().to_owned(), record.partition());
+        let offset = record.offset();
+        let generation = lock(&self.state).received(&tp, offset);
+        if generation.is_none() {
+            tracing::warn!(topic = %tp.0, partition = tp.1, offset, "record of a partition not assigned to this consumer; it is handled, its offset is not committed");
+        }
+        Ok(Some(Delivery::new(
+            message,
+            KafkaAcker {
+                state: Arc::downgrade(&self.state),
+                tp,
+                generation,
+                offset,
+            },
+        )))
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        capabilities()
+    }
+
+    async fn close(&mut self) -> redrive_core::Result<()> {
+        if let Some(task) = self.committer.take() {
+            task.abort();
+        }
+        let result = self.commit_now().await;
+        if let Some(consumer) = self.consumer.take() {
+            // Leaving the group can wait on the broker: do it off the runtime, within
+            // the close timeout.
+            let leave = off_runtime(move || {
+                consumer.unsubscribe();
+                drop(consumer);
+            });
+            if tokio::time::timeout(self.close_timeout, leave)
+                .await
+                .is_err()
+            {
+                tracing::warn!(timeout = ?self.close_timeout, "the kafka consumer did not leave its group within the close timeout; the broker will expire its session");
+            }
+        }
+        result.map_err(Into::into)
+    }
+}
+
+/// Marks a record complete in its partition's watermark.
+struct KafkaAcker {
+    state: Weak<Mutex<Watermarks>>,
+    tp: Tp,
+    generation: Option<u64>,
+    offset: i64,
+}
+
+impl Acker for KafkaAcker {
+    fn ack(&self) -> BoxFuture<'_, redrive_core::Result<()>> {
+        if let (Some(state), Some(generation)) = (self.state.upgrade(), self.generation) {
+            if !lock(&state).complete(&self.tp, generation, self.offset) {
+                tracing::trace!(topic = %self.tp.0, partition = self.tp.1, offset = self.offset, "ack below an incomplete record, or of a revoked partition");
+            }
+        }
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn nack(&self, _delay: Duration) -> BoxFuture<'_, redrive_core::Result<()>> {
+        // Kafka cannot hand back one record. It stays incomplete and holds its
+        // partition's watermark, so it is delivered again after a restart or a
+        // rebalance. The Worker parks failures instead of nacking them; nacks come only
+        // from handing back at shutdown.
+        tracing::debug!(topic = %self.tp.0, partition = self.tp.1, offset = self.offset, "record handed back: it holds the watermark and is delivered again after a restart");
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn extend(&self, _lease: Duration) -> BoxFuture<'_, redrive_core::Result<()>> {
+        // Records have no lease: a consumer keeps its partitions while it polls.
+        Box::pin(std::future::ready(Ok(())))
+    }
+}

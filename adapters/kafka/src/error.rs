@@ -1,0 +1,39 @@
+//! The adapter's error type.
+
+use rdkafka::error::KafkaError;
+
+/// What can go wrong in the Kafka adapter.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Configuration that cannot work; the message says what to change.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The client could not be created, or the broker refused an operation.
+    #[error("kafka error: {0}")]
+    Kafka(#[from] KafkaError),
+    /// The producer did not get the broker's acknowledgement within its timeout.
+    #[error("kafka did not acknowledge the message to `{topic}`: {source}")]
+    Publish {
+        /// The topic.
+        topic: String,
+        /// rdkafka's error.
+        #[source]
+        source: KafkaError,
+    },
+    /// The consumer was closed.
+    #[error("the kafka consumer is closed")]
+    Closed,
+}
+
+/// The adapter's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl From<Error> for redrive_core::Error {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Config(msg) => redrive_core::Error::Config(msg),
+            other => redrive_core::Error::Broker(Box::new(other)),
+        }
+    }
+}

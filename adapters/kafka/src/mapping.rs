@@ -1,0 +1,79 @@
+//! Records to [`Message`]s.
+//!
+//! | Kafka | redrive |
+//! |---|---|
+//! | value | `payload` (an empty or null value is an empty payload) |
+//! | key | `key` (the ordering key) |
+//! | headers | `headers`, in order, repeats kept: UTF-8 values as strings, others as bytes, a null value as empty bytes |
+//! | topic, partition, offset | `metadata.source` |
+//! | the `message-id` header, else `<topic>-<partition>-<offset>` | `metadata.message_id` |
+//! | the `x-redrive-attempt` header, else 1 | `metadata.attempt` (the Worker counts parked retries on top) |
+//! | timestamp (create or log-append time) | `metadata.enqueued_at` |
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use rdkafka::Message as _;
+use rdkafka::message::{BorrowedMessage, Headers as _};
+use redrive_core::names::{ATTEMPT, MESSAGE_ID};
+use redrive_core::{HeaderValue, Headers, Message};
+
+use crate::SYSTEM;
+
+/// A [`Message`] holding a copy of the record's data.
+pub(crate) fn message(record: &BorrowedMessage<'_>) -> Message {
+    let mut headers = Headers::new();
+    if let Some(hs) = record.headers() {
+        for h in hs.iter() {
+            let value = match h.value {
+                None => HeaderValue::Bytes(Bytes::new()),
+                Some(v) => match std::str::from_utf8(v) {
+                    Ok(s) => HeaderValue::Str(s.to_owned()),
+                    Err(_) => HeaderValue::Bytes(Bytes::copy_from_slice(v)),
+                },
+            };
+            if let Err(e) = headers.append(h.key, value) {
+                tracing::warn!(
+                    topic = record.topic(),
+                    partition = record.partition(),
+                    offset = record.offset(),
+                    header = h.key,
+                    error = %e,
+                    "record headers beyond the header limits are left out"
+                );
+                break;
+            }
+        }
+    }
+    let mut msg = Message::new(Bytes::copy_from_slice(record.payload().unwrap_or_default()));
+    msg.key = record.key().map(Bytes::copy_from_slice);
+    let meta = &mut msg.metadata;
+    meta.message_id = Some(headers.get_str(MESSAGE_ID).map_or_else(
+        || {
+            format!(
+                "{}-{}-{}",
+                record.topic(),
+                record.partition(),
+                record.offset()
+            )
+        },
+        str::to_owned,
+    ));
+    meta.attempt = headers
+        .get_str(ATTEMPT)
+        .and_then(|a| a.parse().ok())
+        .filter(|&a| a >= 1)
+        .unwrap_or(1);
+    meta.enqueued_at = record
+        .timestamp()
+        .to_millis()
+        .and_then(|ms| u64::try_from(ms).ok())
+        .map(|ms| UNIX_EPOCH + Duration::from_millis(ms));
+    meta.received_at = SystemTime::now();
+    meta.source.system = SYSTEM;
+    meta.source.destination = record.topic().to_owned();
+    meta.source.partition = Some(record.partition());
+    meta.source.offset = Some(record.offset());
+    msg.headers = headers;
+    msg
+}

@@ -1,0 +1,212 @@
+//! Per-partition offset watermarks: the offset to commit is just past the longest run
+//! of completed records, so a slow, parked or failed record holds it.
+
+use std::collections::{HashMap, VecDeque};
+
+/// A topic and partition.
+pub(crate) type Tp = (String, i32);
+
+/// The records of one partition handed out and not yet behind the watermark, in offset
+/// order, with whether each is complete.
+#[derive(Debug, Default)]
+pub(crate) struct Partition {
+    /// Bumped on every assignment, so completions from an earlier assignment of the
+    /// same partition are ignored.
+    generation: u64,
+    /// Handed-out records from the oldest incomplete one on.
+    open: VecDeque<(i64, bool)>,
+    /// The offset to commit next (one past the last record of the complete run), once
+    /// any record completed.
+    watermark: Option<i64>,
+    /// The watermark last committed.
+    committed: Option<i64>,
+}
+
+impl Partition {
+    fn received(&mut self, offset: i64) {
+        if self.open.back().is_some_and(|&(last, _)| offset <= last) {
+            // A rewind (a seek, or a fetch after a failed commit): forget what was after.
+            self.open.retain(|&(o, _)| o < offset);
+        }
+        self.open.push_back((offset, false));
+    }
+
+    /// Marks `offset` complete and advances the watermark over the complete run.
+    /// Returns whether the watermark moved.
+    fn complete(&mut self, offset: i64) -> bool {
+        let Ok(i) = self.open.binary_search_by_key(&offset, |&(o, _)| o) else {
+            return false;
+        };
+        self.open[i].1 = true;
+        let mut moved = false;
+        while let Some(&(o, true)) = self.open.front() {
+            self.open.pop_front();
+            self.watermark = Some(o + 1);
+            moved = true;
+        }
+        moved
+    }
+}
+
+/// Every partition this consumer owns.
+#[derive(Debug, Default)]
+pub(crate) struct Watermarks {
+    partitions: HashMap<Tp, Partition>,
+    next_generation: u64,
+}
+
+impl Watermarks {
+    /// The partition was assigned: tracking starts afresh. Returns its generation.
+    pub(crate) fn assign(&mut self, tp: Tp) -> u64 {
+        self.next_generation += 1;
+        let generation = self.next_generation;
+        self.partitions.insert(
+            tp,
+            Partition {
+                generation,
+                ..Partition::default()
+            },
+        );
+        generation
+    }
+
+    /// The partition was revoked: its tracking ends; late completions are ignored.
+    pub(crate) fn revoke(&mut self, tp: &Tp) -> Option<Partition> {
+        self.partitions.remove(tp)
+    }
+
+    /// A record was handed out; returns its partition's generation, or `None` if the
+    /// partition is not assigned to this consumer.
+    pub(crate) fn received(&mut self, tp: &Tp, offset: i64) -> Option<u64> {
+        let p = self.partitions.get_mut(tp)?;
+        p.received(offset);
+        Some(p.generation)
+    }
+
+    /// A record completed. Ignored (returns false) if its partition was revoked or
+    /// reassigned since it was handed out.
+    pub(crate) fn complete(&mut self, tp: &Tp, generation: u64, offset: i64) -> bool {
+        match self.partitions.get_mut(tp) {
+            Some(p) if p.generation == generation => p.complete(offset),
+            _ => false,
+        }
+    }
+
+    /// Watermarks that moved since they were last taken, marked as committed.
+    pub(crate) fn take_dirty(&mut self) -> Vec<(Tp, i64)> {
+        let mut out = Vec::new();
+        for (tp, p) in &mut self.partitions {
+            if let Some(w) = p.watermark {
+                if p.committed != Some(w) {
+                    p.committed = Some(w);
+                    out.push((tp.clone(), w));
+                }
+            }
+        }
+        out
+    }
+
+    /// Puts back watermarks whose commit failed, so the next round tries again.
+    pub(crate) fn commit_failed(&mut self, offsets: &[(Tp, i64)]) {
+        for (tp, w) in offsets {
+            if let Some(p) = self.partitions.get_mut(tp) {
+                if p.committed == Some(*w) {
+                    p.committed = None;
+                }
+            }
+        }
+    }
+
+    /// The watermark of `tp`, if a record of it completed.
+    #[cfg(test)]
+    pub(crate) fn watermark(&self, tp: &Tp) -> Option<i64> {
+        self.partitions.get(tp).and_then(|p| p.watermark)
+    }
+}
+
+impl Partition {
+    /// The watermark to commit when this partition is given up, if it moved.
+    pub(crate) fn uncommitted(&self) -> Option<i64> {
+        self.watermark.filter(|w| self.committed != Some(*w))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tp(p: i32) -> Tp {
+        ("t".to_owned(), p)
+    }
+
+    #[test]
+    fn advances_only_over_the_complete_run() {
+        let mut w = Watermarks::default();
+        w.assign(tp(0));
+        let g = w.received(&tp(0), 10).unwrap();
+        for o in 11..15 {
+            w.received(&tp(0), o);
+        }
+        assert!(!w.complete(&tp(0), g, 12));
+        assert!(!w.complete(&tp(0), g, 11));
+        assert_eq!(w.watermark(&tp(0)), None, "10 holds it");
+        assert!(w.complete(&tp(0), g, 10));
+        assert_eq!(w.watermark(&tp(0)), Some(13));
+        assert!(w.complete(&tp(0), g, 13));
+        assert_eq!(w.watermark(&tp(0)), Some(14));
+        assert_eq!(w.take_dirty(), vec![(tp(0), 14)]);
+        assert_eq!(w.take_dirty(), vec![], "taken once");
+    }
+
+    #[test]
+    fn gaps_in_offsets_do_not_hold_it() {
+        // Compaction and transaction markers leave gaps.
+        let mut w = Watermarks::default();
+        w.assign(tp(0));
+        let g = w.received(&tp(0), 3).unwrap();
+        w.received(&tp(0), 7);
+        w.complete(&tp(0), g, 3);
+        w.complete(&tp(0), g, 7);
+        assert_eq!(w.watermark(&tp(0)), Some(8));
+    }
+
+    #[test]
+    fn completions_from_an_earlier_assignment_are_ignored() {
+        let mut w = Watermarks::default();
+        assert_eq!(w.received(&tp(1), 0), None, "not assigned");
+        w.assign(tp(1));
+        let old = w.received(&tp(1), 0).unwrap();
+        w.revoke(&tp(1));
+        assert!(!w.complete(&tp(1), old, 0));
+        let new = w.assign(tp(1));
+        w.received(&tp(1), 0);
+        assert!(!w.complete(&tp(1), old, 0), "old generation");
+        assert!(w.complete(&tp(1), new, 0));
+        assert_eq!(w.watermark(&tp(1)), Some(1));
+    }
+
+    #[test]
+    fn a_failed_commit_is_offered_again() {
+        let mut w = Watermarks::default();
+        w.assign(tp(0));
+        let g = w.received(&tp(0), 0).unwrap();
+        w.complete(&tp(0), g, 0);
+        let dirty = w.take_dirty();
+        w.commit_failed(&dirty);
+        assert_eq!(w.take_dirty(), dirty);
+    }
+
+    #[test]
+    fn a_rewind_forgets_what_came_after() {
+        let mut w = Watermarks::default();
+        w.assign(tp(0));
+        let g = w.received(&tp(0), 0).unwrap();
+        w.received(&tp(0), 1);
+        w.received(&tp(0), 2);
+        w.received(&tp(0), 1); // fetched again from 1
+        assert!(w.complete(&tp(0), g, 0));
+        assert!(!w.complete(&tp(0), g, 2), "2 is not handed out again yet");
+        assert!(w.complete(&tp(0), g, 1));
+        assert_eq!(w.watermark(&tp(0)), Some(2));
+    }
+}

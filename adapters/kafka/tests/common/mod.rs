@@ -1,0 +1,71 @@
+//! Shared helpers: the real broker (tansu) and librdkafka's mock cluster.
+#![allow(dead_code, unreachable_pub)]
+
+use std::time::Duration;
+
+use redrive_kafka::rdkafka::ClientConfig;
+use redrive_kafka::rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use redrive_kafka::rdkafka::client::DefaultClientContext;
+use redrive_kafka::rdkafka::consumer::{BaseConsumer, Consumer as _};
+use redrive_kafka::rdkafka::mocking::MockCluster;
+use redrive_kafka::rdkafka::producer::DefaultProducerContext;
+use redrive_kafka::{KafkaConsumer, KafkaPublisher};
+
+/// The real broker's address: `KAFKA_BROKERS`, else tansu's default.
+pub fn brokers() -> String {
+    std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".to_owned())
+}
+
+/// Fails with how to start the broker when it does not answer a metadata request.
+pub fn require_broker(brokers: &str) {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("client");
+    if let Err(e) = consumer.fetch_metadata(None, Duration::from_secs(10)) {
+        panic!(
+            "the Kafka broker at {brokers} did not answer ({e}); start it with \
+             `source scripts/kafka-broker` (or run `scripts/test`), or set KAFKA_BROKERS"
+        );
+    }
+}
+
+/// Creates `topic` with `partitions` on the real broker.
+pub async fn create_topic(brokers: &str, topic: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("admin client");
+    let results = admin
+        .create_topics(
+            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .expect("create topics");
+    for r in results {
+        r.unwrap_or_else(|(t, e)| panic!("create topic {t}: {e}"));
+    }
+}
+
+/// A one-broker mock cluster.
+pub fn mock() -> MockCluster<'static, DefaultProducerContext> {
+    MockCluster::new(1).expect("mock cluster")
+}
+
+/// A consumer with a fast commit interval and group timings for tests.
+pub fn consumer(brokers: &str, group: &str, topic: &str) -> KafkaConsumer {
+    KafkaConsumer::builder(brokers, group, [topic])
+        .commit_interval(Duration::from_millis(100))
+        .close_timeout(Duration::from_secs(5))
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "500")
+        .build()
+        .expect("consumer")
+}
+
+pub fn publisher(brokers: &str) -> KafkaPublisher {
+    KafkaPublisher::new(brokers)
+        .expect("publisher")
+        .with_timeout(Duration::from_secs(10))
+}

@@ -1,0 +1,44 @@
+//! The shared conformance suite against a real Kafka-protocol broker (tansu, started by
+//! `scripts/kafka-broker`). Kafka cannot nack one record, so the two raw-nack
+//! scenarios are skipped (logged) and the Worker's parking is checked instead.
+
+mod common;
+
+use redrive_core::testkit::{self, Backend};
+use redrive_kafka::{KafkaConsumer, KafkaPublisher};
+
+struct Kafka {
+    brokers: String,
+    publisher: KafkaPublisher,
+}
+
+impl Backend for Kafka {
+    type Consumer = KafkaConsumer;
+    type Publisher = KafkaPublisher;
+
+    async fn destination(&self) -> String {
+        let topic = testkit::unique_name("conformance");
+        common::create_topic(&self.brokers, &topic, 3).await;
+        topic
+    }
+
+    async fn consumer(&self, destination: &str) -> KafkaConsumer {
+        // One group per topic: consumers of a topic share its partitions.
+        common::consumer(&self.brokers, &format!("{destination}-group"), destination)
+    }
+
+    fn publisher(&self) -> KafkaPublisher {
+        self.publisher.clone()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_on_a_real_broker() {
+    let brokers = common::brokers();
+    common::require_broker(&brokers);
+    let backend = Kafka {
+        publisher: common::publisher(&brokers),
+        brokers,
+    };
+    testkit::run_all(&backend).await;
+}

@@ -1,0 +1,391 @@
+//! Kafka behaviour on librdkafka's mock cluster: per-key parallelism inside one
+//! partition, the watermark held by a parked record, resuming after a stop, poison
+//! records dead-lettered with their attempt count, headers, and a bounded close.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use redrive_core::testkit::unique_name;
+use redrive_core::{
+    BoxError, Consumer, HeaderValue, Message, OrderingMode, OutgoingMessage, Publisher, Redelivery,
+    Worker, handler_fn,
+};
+use redrive_kafka::{Error, KafkaConsumer};
+use redrive_middleware::dead_letter::{self, DeadLetterConfig, DeadLetterLayer};
+use tokio::sync::Notify;
+use tower::Layer;
+
+async fn publish(p: &impl Publisher, topic: &str, key: &str, body: &str) {
+    p.publish(
+        topic,
+        OutgoingMessage::new(body.to_owned()).with_key(key.to_owned()),
+    )
+    .await
+    .expect("publish");
+}
+
+fn text(m: &Message) -> String {
+    String::from_utf8_lossy(&m.payload).into_owned()
+}
+
+/// Offsets received by a fresh consumer of the group, until `n` arrived or 15 s passed.
+async fn offsets_seen_by_a_new_member(
+    brokers: &str,
+    group: &str,
+    topic: &str,
+    n: usize,
+) -> Vec<i64> {
+    let mut c = common::consumer(brokers, group, topic);
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while seen.len() < n && Instant::now() < deadline {
+        if let Ok(Ok(Some(d))) = tokio::time::timeout(Duration::from_secs(1), c.receive()).await {
+            seen.push(d.message.metadata.source.offset.expect("offset"));
+        }
+    }
+    c.close().await.expect("close");
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_of_one_partition_run_in_parallel_each_in_order() {
+    let cluster = common::mock();
+    let brokers = cluster.bootstrap_servers();
+    let topic = unique_name("per-key");
+    cluster.create_topic(&topic, 1, 1).expect("topic");
+    let p = common::publisher(&brokers);
+    for i in 0..40 {
+        publish(&p, &topic, &format!("k{}", i % 4), &format!("{i}")).await;
+    }
+    let running = Arc::new(AtomicUsize::new(0));
+    let max_running = Arc::new(AtomicUsize::new(0));
+    let order: Arc<Mutex<HashMap<String, Vec<u32>>>> = Arc::default();
+    let done = Arc::new(Notify::new());
+    let (r, mr, o, d) = (
+        running.clone(),
+        max_running.clone(),
+        order.clone(),
+        done.clone(),
+    );
+    let handler = handler_fn(move |m: Message| {
+        let (r, mr, o, d) = (r.clone(), mr.clone(), o.clone(), d.clone());
+        async move {
+            let now = r.fetch_add(1, Ordering::SeqCst) + 1;
+            mr.fetch_max(now, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            r.fetch_sub(1, Ordering::SeqCst);
+            let key = String::from_utf8_lossy(m.key.as_deref().unwrap_or_default()).into_owned();
+            let mut o = o.lock().unwrap();
+            o.entry(key).or_default().push(text(&m).parse().unwrap());
+            if o.values().map(Vec::len).sum::<usize>() == 40 {
+                d.notify_one();
+            }
+            Ok::<_, BoxError>(())
+        }
+    });
+    let report = Worker::builder(
+        common::consumer(&brokers, &unique_name("g"), &topic),
+        handler,
+    )
+    .concurrency(8)
+    .ordering(OrderingMode::PerKey)
+    .build()
+    .expect("worker")
+    .run_until(async move { done.notified().await })
+    .await;
+    assert_eq!(report.processed, 40, "{report:?}");
+    let max = max_running.load(Ordering::SeqCst);
+    assert!(
+        (2..=4).contains(&max),
+        "four keys in one partition ran {max} at a time; expected in parallel, one per key"
+    );
+    for (key, seen) in order.lock().unwrap().iter() {
+        let mut sorted = seen.clone();
+        sorted.sort_unstable();
+        assert_eq!(seen, &sorted, "key {key} out of order");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_record_holds_the_watermark_and_a_new_member_resumes_there() {
+    let cluster = common::mock();
+    let brokers = cluster.bootstrap_servers();
+    let topic = unique_name("watermark");
+    let group = unique_name("g");
+    cluster.create_topic(&topic, 1, 1).expect("topic");
+    let p = common::publisher(&brokers);
+    // Offsets 0..=4; the record at offset 2 (key a) always fails.
+    for (key, body) in [
+        ("b", "b0"),
+        ("c", "c0"),
+        ("a", "stuck"),
+        ("b", "b1"),
+        ("c", "c1"),
+    ] {
+        publish(&p, &topic, key, body).await;
+    }
+    let handled = Arc::new(Mutex::new(Vec::new()));
+    let others_done = Arc::new(Notify::new());
+    let (h, od) = (handled.clone(), others_done.clone());
+    let handler = handler_fn(move |m: Message| {
+        let (h, od) = (h.clone(), od.clone());
+        async move {
+            if m.payload == "stuck" {
+                return Err::<(), BoxError>("downstream refuses it".into());
+            }
+            let mut h = h.lock().unwrap();
+            h.push(text(&m));
+            if h.len() == 4 {
+                od.notify_one();
+            }
+            Ok(())
+        }
+    });
+    let report = Worker::builder(common::consumer(&brokers, &group, &topic), handler)
+        .concurrency(4)
+        .ordering(OrderingMode::PerKey)
+        .redelivery(Redelivery::constant(Duration::from_millis(50)))
+        .build()
+        .expect("worker")
+        .run_until(async move {
+            others_done.notified().await;
+            // Let the parked record fail a few more times and a commit round pass.
+            tokio::time::sleep(Duration::from_millis(400)).await;
+        })
+        .await;
+    assert_eq!(report.processed, 4, "other keys flowed on: {report:?}");
+    assert!(
+        report.parked >= 2,
+        "the failing record was parked: {report:?}"
+    );
+    assert_eq!(report.handed_back, 1, "handed back at shutdown: {report:?}");
+
+    // Committed: just past offset 1. The new member starts at the parked record and
+    // gets the completed records after it again (duplicates bounded by the work held).
+    let seen = offsets_seen_by_a_new_member(&brokers, &group, &topic, 3).await;
+    assert_eq!(seen, vec![2, 3, 4]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_completed_work_is_committed_on_close() {
+    let cluster = common::mock();
+    let brokers = cluster.bootstrap_servers();
+    let topic = unique_name("close-commit");
+    let group = unique_name("g");
+    cluster.create_topic(&topic, 2, 1).expect("topic");
+    let p = common::publisher(&brokers);
+    for i in 0..20 {
+        publish(&p, &topic, &format!("k{i}"), &format!("m{i}")).await;
+    }
+    let count = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(Notify::new());
+    let (c, d) = (count.clone(), done.clone());
+    let handler = handler_fn(move |_m: Message| {
+        let (c, d) = (c.clone(), d.clone());
+        async move {
+            if c.fetch_add(1, Ordering::SeqCst) + 1 == 20 {
+                d.notify_one();
+            }
+            Ok::<_, BoxError>(())
+        }
+    });
+    // A commit interval far longer than the run: only close can commit.
+    let consumer = KafkaConsumer::builder(&brokers, &group, [topic.as_str()])
+        .commit_interval(Duration::from_secs(3600))
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "500")
+        .build()
+        .expect("consumer");
+    let report = Worker::builder(consumer, handler)
+        .build()
+        .expect("worker")
+        .run_until(async move { done.notified().await })
+        .await;
+    assert_eq!(report.processed, 20, "{report:?}");
+    publish(&p, &topic, "k0", "after").await;
+    let mut c = common::consumer(&brokers, &group, &topic);
+    let d = tokio::time::timeout(Duration::from_secs(15), c.receive())
+        .await
+        .expect("a record within 15 s")
+        .expect("receive")
+        .expect("delivery");
+    assert_eq!(
+        text(&d.message),
+        "after",
+        "nothing completed was delivered again"
+    );
+    c.close().await.expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_record_is_dead_lettered_with_its_attempts_and_its_key_unblocks() {
+    let cluster = common::mock();
+    let brokers = cluster.bootstrap_servers();
+    let topic = unique_name("orders");
+    let dlq = format!("{topic}.dlq");
+    cluster.create_topic(&topic, 1, 1).expect("topic");
+    cluster.create_topic(&dlq, 1, 1).expect("dlq topic");
+    let p = common::publisher(&brokers);
+    publish(&p, &topic, "a", "poison").await;
+    publish(&p, &topic, "a", "after-poison").await;
+    publish(&p, &topic, "b", "other").await;
+
+    let handled = Arc::new(Mutex::new(Vec::new()));
+    let done = Arc::new(Notify::new());
+    let (h, d) = (handled.clone(), done.clone());
+    let handler = handler_fn(move |m: Message| {
+        let (h, d) = (h.clone(), d.clone());
+        async move {
+            if m.payload == "poison" {
+                return Err::<(), BoxError>("cannot parse order".into());
+            }
+            let mut h = h.lock().unwrap();
+            h.push(text(&m));
+            if h.len() == 2 {
+                d.notify_one();
+            }
+            Ok(())
+        }
+    });
+    let service = DeadLetterLayer::new(
+        Arc::new(p.clone()),
+        DeadLetterConfig::default()
+            .with_max_attempts(3)
+            .with_consumer_name("billing"),
+    )
+    .expect("dead-letter config")
+    .layer(handler);
+    let report = Worker::builder(
+        common::consumer(&brokers, &unique_name("g"), &topic),
+        service,
+    )
+    .ordering(OrderingMode::PerKey)
+    .redelivery(Redelivery::constant(Duration::from_millis(20)))
+    .build()
+    .expect("worker")
+    .run_until(async move { done.notified().await })
+    .await;
+    assert_eq!(
+        *handled.lock().unwrap(),
+        vec!["other".to_owned(), "after-poison".to_owned()],
+        "key a waited for its poison record, then went on"
+    );
+    assert_eq!((report.dead_lettered, report.parked), (1, 2), "{report:?}");
+
+    let mut c = common::consumer(&brokers, &unique_name("dlq-reader"), &dlq);
+    let d = tokio::time::timeout(Duration::from_secs(15), c.receive())
+        .await
+        .expect("the dead letter within 15 s")
+        .expect("receive")
+        .expect("delivery");
+    let h = &d.message.headers;
+    assert_eq!(text(&d.message), "poison");
+    assert_eq!(
+        d.message.key.as_deref(),
+        Some(&b"a"[..]),
+        "the key travels along"
+    );
+    assert_eq!(h.get_str(dead_letter::ATTEMPTS), Some("3"));
+    assert_eq!(h.get_str(dead_letter::ERROR_KIND), Some("exhausted"));
+    assert_eq!(
+        h.get_str(dead_letter::ORIGINAL_DESTINATION),
+        Some(topic.as_str())
+    );
+    assert_eq!(h.get_str(dead_letter::ORIGINAL_PARTITION), Some("0"));
+    assert_eq!(h.get_str(dead_letter::ORIGINAL_OFFSET), Some("0"));
+    c.close().await.expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_keep_their_order_repeats_and_bytes() {
+    let cluster = common::mock();
+    let brokers = cluster.bootstrap_servers();
+    let topic = unique_name("headers");
+    cluster.create_topic(&topic, 1, 1).expect("topic");
+    let mut msg = OutgoingMessage::new("h").with_key("k");
+    msg.headers.append("x-one", "1").unwrap();
+    msg.headers
+        .append("x-bin", HeaderValue::Bytes(vec![0xff, 0x00, 0xfe].into()))
+        .unwrap();
+    msg.headers.append("x-one", "2").unwrap();
+    msg.headers.append("message-id", "order-7").unwrap();
+    common::publisher(&brokers)
+        .publish(&topic, msg)
+        .await
+        .expect("publish");
+    let mut c = common::consumer(&brokers, &unique_name("g"), &topic);
+    let d = tokio::time::timeout(Duration::from_secs(15), c.receive())
+        .await
+        .expect("within 15 s")
+        .expect("receive")
+        .expect("delivery");
+    let h = &d.message.headers;
+    let all: Vec<(&str, &HeaderValue)> = h.iter().collect();
+    assert_eq!(all.len(), 4, "{all:?}");
+    assert_eq!(
+        h.get_all("x-one")
+            .map(HeaderValue::as_bytes)
+            .collect::<Vec<_>>(),
+        vec![&b"1"[..], &b"2"[..]]
+    );
+    assert_eq!(
+        h.get("x-bin"),
+        Some(&HeaderValue::Bytes(vec![0xff, 0x00, 0xfe].into())),
+        "bytes that are not UTF-8 stay bytes"
+    );
+    let meta = &d.message.metadata;
+    assert_eq!(meta.message_id.as_deref(), Some("order-7"));
+    assert_eq!(meta.attempt, 1);
+    assert_eq!(meta.source.system, "kafka");
+    assert!(meta.enqueued_at.is_some());
+    d.ack().await.expect("ack");
+    c.close().await.expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_returns_within_its_deadline_when_the_broker_is_gone() {
+    let cluster = common::mock();
+    let brokers = cluster.bootstrap_servers();
+    let topic = unique_name("gone");
+    cluster.create_topic(&topic, 1, 1).expect("topic");
+    publish(&common::publisher(&brokers), &topic, "k", "m").await;
+    let mut c = KafkaConsumer::builder(&brokers, &unique_name("g"), [topic.as_str()])
+        .close_timeout(Duration::from_secs(2))
+        .build()
+        .expect("consumer");
+    let d = tokio::time::timeout(Duration::from_secs(15), c.receive())
+        .await
+        .expect("within 15 s")
+        .expect("receive")
+        .expect("delivery");
+    d.ack().await.expect("ack");
+    drop(cluster);
+    let started = Instant::now();
+    let _ = c.close().await;
+    // Two bounded steps (the final commit, leaving the group) of 2 s each.
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "close took {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn settings_the_adapter_owns_are_refused() {
+    let err = KafkaConsumer::builder("127.0.0.1:9092", "g", ["t"])
+        .set("enable.auto.commit", "true")
+        .build()
+        .expect_err("auto commit is refused");
+    assert!(
+        matches!(err, Error::Config(ref m) if m.contains("enable.auto.commit")),
+        "{err}"
+    );
+    let err = KafkaConsumer::builder("127.0.0.1:9092", "g", Vec::<String>::new())
+        .build()
+        .expect_err("no topic");
+    assert!(matches!(err, Error::Config(_)), "{err}");
+}
