@@ -79,6 +79,13 @@ pub trait Backend: Send + Sync + 'static {
 
     /// A publisher whose messages reach `destination`'s consumers.
     fn publisher(&self) -> Self::Publisher;
+
+    /// How long new consumers of one destination take to share it (a consumer group's
+    /// rebalance, for Kafka). Scenarios that check sharing start their consumers, wait
+    /// this long, then publish. Zero by default.
+    fn settle_time(&self) -> Duration {
+        Duration::ZERO
+    }
 }
 
 /// A name unique within this process and across runs: `prefix-<pid>-<time>-<n>`.
@@ -459,7 +466,6 @@ pub async fn per_key_order<B: Backend>(b: &B) {
 pub async fn two_workers_share<B: Backend>(b: &B) {
     let dest = b.destination().await;
     let n = 200;
-    publish_n(&b.publisher(), &dest, n, 0).await;
     let (seen_a, seen_b): (Seen, Seen) = (Arc::default(), Arc::default());
     let stop = Arc::new(Notify::new());
     let d = Duration::from_millis(5);
@@ -479,6 +485,9 @@ pub async fn two_workers_share<B: Backend>(b: &B) {
         d,
         stop.clone(),
     ));
+    // Both consumers are up and sharing the destination before anything arrives.
+    tokio::time::sleep(b.settle_time()).await;
+    publish_n(&b.publisher(), &dest, n, 0).await;
     let all = |a: &Seen, b: &Seen| -> HashSet<usize> {
         let mut s: HashSet<usize> = a.lock().unwrap().iter().map(|x| x.1).collect();
         s.extend(b.lock().unwrap().iter().map(|x| x.1));

@@ -1,5 +1,6 @@
 //! The consumer: a consumer-group member whose committed offsets follow the watermark.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
@@ -8,9 +9,12 @@ use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance, StreamConsumer,
 };
 use rdkafka::error::KafkaResult;
+use rdkafka::message::BorrowedMessage;
 use rdkafka::{ClientConfig, ClientContext, Message as _, Offset, TopicPartitionList};
 use redrive_core::delivery::BoxFuture;
 use redrive_core::{Acker, Capabilities, Consumer, Delivery, OrderingScope};
+use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::task::JoinHandle;
 
 use crate::error::{Error, Result};
@@ -29,6 +33,7 @@ const OWNED: &[(&str, &str)] = &[
 /// | setting | default |
 /// |---|---|
 /// | `commit_interval` (how often moved watermarks are committed) | 1 s |
+/// | `buffer` (records polled ahead of the Worker before partitions pause) | 256 |
 /// | `close_timeout` (the final commit and leaving the group, at most) | 10 s |
 /// | `auto.offset.reset` | `earliest` |
 /// | any other librdkafka setting | through [`set`](Self::set) |
@@ -39,9 +44,19 @@ pub struct KafkaConsumerBuilder {
     config: ClientConfig,
     commit_interval: Duration,
     close_timeout: Duration,
+    buffer: usize,
 }
 
 impl KafkaConsumerBuilder {
+    /// How many records are polled ahead of the Worker (at least 1). When the buffer is
+    /// full, the assigned partitions are paused and polling goes on, so the consumer
+    /// keeps its group membership however long the Worker holds back
+    /// (`max.poll.interval.ms` is never exceeded); they resume when there is room.
+    pub fn buffer(mut self, records: usize) -> Self {
+        self.buffer = records;
+        self
+    }
+
     /// Sets a librdkafka consumer setting (`session.timeout.ms`, `security.protocol`, …).
     pub fn set(mut self, key: &str, value: impl Into<String>) -> Self {
         self.config.set(key, value);
@@ -86,6 +101,11 @@ impl KafkaConsumerBuilder {
                 self.commit_interval
             )));
         }
+        if self.buffer == 0 {
+            return Err(Error::Config(
+                "the buffer must hold at least 1 record".into(),
+            ));
+        }
         if self.config.get("group.id").is_none_or(str::is_empty) {
             return Err(Error::Config("a group id is required".into()));
         }
@@ -106,10 +126,13 @@ impl KafkaConsumerBuilder {
             state.clone(),
             self.commit_interval,
         ));
+        let (tx, rx) = mpsc::channel(self.buffer);
+        let poller = tokio::spawn(poll(consumer.clone(), state.clone(), tx));
         Ok(KafkaConsumer {
             consumer: Some(consumer),
+            rx,
             state,
-            committer: Some(committer),
+            tasks: vec![committer, poller],
             close_timeout: self.close_timeout,
             topics: self.topics,
         })
@@ -123,8 +146,9 @@ impl KafkaConsumerBuilder {
 /// commits the watermarks every [`commit_interval`](KafkaConsumerBuilder::commit_interval)).
 pub struct KafkaConsumer {
     consumer: Option<Arc<StreamConsumer<Context>>>,
+    rx: mpsc::Receiver<KafkaResult<Delivery>>,
     state: Arc<Mutex<Watermarks>>,
-    committer: Option<JoinHandle<()>>,
+    tasks: Vec<JoinHandle<()>>,
     close_timeout: Duration,
     topics: Vec<String>,
 }
@@ -157,6 +181,7 @@ impl KafkaConsumer {
             config,
             commit_interval: Duration::from_secs(1),
             close_timeout: Duration::from_secs(10),
+            buffer: 256,
         }
     }
 
@@ -245,6 +270,109 @@ async fn commit_every(
     }
 }
 
+/// Polls the consumer all the time and hands records to `receive` through `tx`. When
+/// `tx` is full the assigned partitions are paused (records already fetched are held
+/// here, in order) and polling continues, so rebalances are served and the consumer
+/// stays in its group; they resume once everything held is handed over.
+async fn poll(
+    consumer: Arc<StreamConsumer<Context>>,
+    state: Arc<Mutex<Watermarks>>,
+    tx: mpsc::Sender<KafkaResult<Delivery>>,
+) {
+    let mut held: VecDeque<KafkaResult<Delivery>> = VecDeque::new();
+    let mut paused = false;
+    loop {
+        while let Some(d) = held.pop_front() {
+            match tx.try_send(d) {
+                Ok(()) => {}
+                Err(TrySendError::Full(d)) => {
+                    held.push_front(d);
+                    break;
+                }
+                Err(TrySendError::Closed(_)) => return,
+            }
+        }
+        if held.is_empty() && paused {
+            paused = !set_paused(&consumer, false);
+        }
+        tokio::select! {
+            biased;
+            () = tx.closed() => return,
+            permit = tx.reserve(), if !held.is_empty() => match permit {
+                Ok(permit) => permit.send(held.pop_front().expect("held is not empty")),
+                Err(_) => return,
+            },
+            record = consumer.recv() => {
+                let item = match record {
+                    Ok(record) => Ok(delivery(&record, &state)),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "kafka poll failed");
+                        Err(e)
+                    }
+                };
+                let failed = item.is_err();
+                if held.is_empty() {
+                    match tx.try_send(item) {
+                        Ok(()) => {}
+                        Err(TrySendError::Full(item)) => held.push_back(item),
+                        Err(TrySendError::Closed(_)) => return,
+                    }
+                } else {
+                    held.push_back(item);
+                }
+                if !held.is_empty() {
+                    // Also pauses partitions assigned since the last pause.
+                    paused = set_paused(&consumer, true) || paused;
+                }
+                if failed {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}
+
+/// Pauses or resumes every assigned partition; returns whether that worked.
+fn set_paused(consumer: &StreamConsumer<Context>, pause: bool) -> bool {
+    let result = consumer.assignment().and_then(|tpl| {
+        if pause {
+            consumer.pause(&tpl)
+        } else {
+            consumer.resume(&tpl)
+        }
+    });
+    match result {
+        Ok(()) => {
+            tracing::debug!(pause, "kafka partitions paused or resumed for backpressure");
+            true
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, pause, "pausing or resuming kafka partitions failed");
+            false
+        }
+    }
+}
+
+/// A delivery of `record`, tracked in its partition's watermark.
+fn delivery(record: &BorrowedMessage<'_>, state: &Arc<Mutex<Watermarks>>) -> Delivery {
+    let message = mapping::message(record);
+    let tp: Tp = (record.topic().to_owned(), record.partition());
+    let offset = record.offset();
+    let generation = lock(state).received(&tp, offset);
+    if generation.is_none() {
+        tracing::warn!(topic = %tp.0, partition = tp.1, offset, "record of a partition not assigned to this consumer; it is handled, its offset is not committed");
+    }
+    Delivery::new(
+        message,
+        KafkaAcker {
+            state: Arc::downgrade(state),
+            tp,
+            generation,
+            offset,
+        },
+    )
+}
+
 /// Tracks assignments and commit results for the watermarks.
 struct Context {
     state: Arc<Mutex<Watermarks>>,
@@ -314,28 +442,12 @@ fn capabilities() -> Capabilities {
 
 impl Consumer for KafkaConsumer {
     async fn receive(&mut self) -> redrive_core::Result<Option<Delivery>> {
-        let Some(consumer) = &self.consumer else {
-            return Ok(None);
-        };
-        // `recv` takes a record from the queue only when it returns it: dropping this
-        // future loses nothing.
-        let record = consumer.recv().await.map_err(Error::from)?;
-        let message = mapping::message(&record);
-        let tp: Tp = (record.topic().to_owned(), record.partition());
-        let offset = record.offset();
-        let generation = lock(&self.state).received(&tp, offset);
-        if generation.is_none() {
-            tracing::warn!(topic = %tp.0, partition = tp.1, offset, "record of a partition not assigned to this consumer; it is handled, its offset is not committed");
+        // A channel receive: dropping this future loses nothing.
+        match self.rx.recv().await {
+            Some(Ok(d)) => Ok(Some(d)),
+            Some(Err(e)) => Err(Error::from(e).into()),
+            None => Ok(None),
         }
-        Ok(Some(Delivery::new(
-            message,
-            KafkaAcker {
-                state: Arc::downgrade(&self.state),
-                tp,
-                generation,
-                offset,
-            },
-        )))
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -343,9 +455,12 @@ impl Consumer for KafkaConsumer {
     }
 
     async fn close(&mut self) -> redrive_core::Result<()> {
-        if let Some(task) = self.committer.take() {
+        for task in self.tasks.drain(..) {
             task.abort();
         }
+        // Records polled and not taken stay incomplete: they hold their watermarks and
+        // are delivered again after a restart.
+        self.rx.close();
         let result = self.commit_now().await;
         if let Some(consumer) = self.consumer.take() {
             // Leaving the group can wait on the broker: do it off the runtime, within

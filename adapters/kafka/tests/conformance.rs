@@ -4,6 +4,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use redrive_core::testkit::{self, Backend};
 use redrive_kafka::{KafkaConsumer, KafkaPublisher};
 
@@ -29,6 +31,12 @@ impl Backend for Kafka {
 
     fn publisher(&self) -> KafkaPublisher {
         self.publisher.clone()
+    }
+
+    fn settle_time(&self) -> Duration {
+        // Two members joining one group: the first takes every partition, the
+        // second's join rebalances them (session and heartbeat timings in `common`).
+        Duration::from_secs(6)
     }
 }
 

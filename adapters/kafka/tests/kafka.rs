@@ -1,6 +1,9 @@
-//! Kafka behaviour on librdkafka's mock cluster: per-key parallelism inside one
-//! partition, the watermark held by a parked record, resuming after a stop, poison
-//! records dead-lettered with their attempt count, headers, and a bounded close.
+//! Kafka behaviour: per-key parallelism inside one partition, the watermark held by a
+//! parked record, resuming after a stop, poison records dead-lettered with their
+//! attempt count, headers, backpressure without leaving the group, and a bounded close.
+//!
+//! Each scenario runs twice: on librdkafka's mock cluster (`mock::…`) and on the real
+//! broker started by `scripts/kafka-broker` (`tansu::…`).
 
 mod common;
 
@@ -28,6 +31,75 @@ async fn publish(p: &impl Publisher, topic: &str, key: &str, body: &str) {
     .expect("publish");
 }
 
+/// Where a scenario runs: the mock cluster (kept alive here) or the real broker.
+struct Env {
+    brokers: String,
+    mock: Option<
+        redrive_kafka::rdkafka::mocking::MockCluster<
+            'static,
+            redrive_kafka::rdkafka::producer::DefaultProducerContext,
+        >,
+    >,
+}
+
+impl Env {
+    fn mock() -> Self {
+        let cluster = common::mock();
+        Env {
+            brokers: cluster.bootstrap_servers(),
+            mock: Some(cluster),
+        }
+    }
+
+    fn real() -> Self {
+        let brokers = common::brokers();
+        common::require_broker(&brokers);
+        Env {
+            brokers,
+            mock: None,
+        }
+    }
+
+    async fn create_topic(&self, topic: &str, partitions: i32) {
+        match &self.mock {
+            // The mock cluster has no CreateTopics API; it has its own call.
+            Some(cluster) => cluster.create_topic(topic, partitions, 1).expect("topic"),
+            None => common::create_topic(&self.brokers, topic, partitions).await,
+        }
+    }
+}
+
+/// Runs each scenario on the mock cluster and on the real broker.
+macro_rules! on_both {
+    ($($name:ident),* $(,)?) => {
+        mod mock {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(&super::Env::mock()).await;
+                }
+            )*
+        }
+        mod tansu {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(&super::Env::real()).await;
+                }
+            )*
+        }
+    };
+}
+
+on_both!(
+    keys_of_one_partition_run_in_parallel_each_in_order,
+    a_parked_record_holds_the_watermark_and_a_new_member_resumes_there,
+    all_completed_work_is_committed_on_close,
+    a_poison_record_is_dead_lettered_with_its_attempts_and_its_key_unblocks,
+    headers_keep_their_order_repeats_and_bytes,
+    a_worker_that_holds_back_keeps_the_group,
+);
+
 fn text(m: &Message) -> String {
     String::from_utf8_lossy(&m.payload).into_owned()
 }
@@ -51,15 +123,13 @@ async fn offsets_seen_by_a_new_member(
     seen
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn keys_of_one_partition_run_in_parallel_each_in_order() {
-    let cluster = common::mock();
-    let brokers = cluster.bootstrap_servers();
+async fn keys_of_one_partition_run_in_parallel_each_in_order(env: &Env) {
+    let brokers = env.brokers.clone();
     let topic = unique_name("per-key");
-    cluster.create_topic(&topic, 1, 1).expect("topic");
+    env.create_topic(&topic, 1).await;
     let p = common::publisher(&brokers);
-    for i in 0..40 {
-        publish(&p, &topic, &format!("k{}", i % 4), &format!("{i}")).await;
+    for i in 0..160 {
+        publish(&p, &topic, &format!("k{}", i % 16), &format!("{i}")).await;
     }
     let running = Arc::new(AtomicUsize::new(0));
     let max_running = Arc::new(AtomicUsize::new(0));
@@ -81,7 +151,7 @@ async fn keys_of_one_partition_run_in_parallel_each_in_order() {
             let key = String::from_utf8_lossy(m.key.as_deref().unwrap_or_default()).into_owned();
             let mut o = o.lock().unwrap();
             o.entry(key).or_default().push(text(&m).parse().unwrap());
-            if o.values().map(Vec::len).sum::<usize>() == 40 {
+            if o.values().map(Vec::len).sum::<usize>() == 160 {
                 d.notify_one();
             }
             Ok::<_, BoxError>(())
@@ -91,18 +161,19 @@ async fn keys_of_one_partition_run_in_parallel_each_in_order() {
         common::consumer(&brokers, &unique_name("g"), &topic),
         handler,
     )
-    .concurrency(8)
+    .concurrency(32)
     .ordering(OrderingMode::PerKey)
     .build()
     .expect("worker")
     .run_until(async move { done.notified().await })
     .await;
-    assert_eq!(report.processed, 40, "{report:?}");
+    assert_eq!(report.processed, 160, "{report:?}");
     let max = max_running.load(Ordering::SeqCst);
     assert!(
-        (2..=4).contains(&max),
-        "four keys in one partition ran {max} at a time; expected in parallel, one per key"
+        (4..=16).contains(&max),
+        "16 keys in one partition ran {max} at a time; expected in parallel, one per key"
     );
+    assert_eq!(order.lock().unwrap().len(), 16);
     for (key, seen) in order.lock().unwrap().iter() {
         let mut sorted = seen.clone();
         sorted.sort_unstable();
@@ -110,13 +181,11 @@ async fn keys_of_one_partition_run_in_parallel_each_in_order() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_parked_record_holds_the_watermark_and_a_new_member_resumes_there() {
-    let cluster = common::mock();
-    let brokers = cluster.bootstrap_servers();
+async fn a_parked_record_holds_the_watermark_and_a_new_member_resumes_there(env: &Env) {
+    let brokers = env.brokers.clone();
     let topic = unique_name("watermark");
     let group = unique_name("g");
-    cluster.create_topic(&topic, 1, 1).expect("topic");
+    env.create_topic(&topic, 1).await;
     let p = common::publisher(&brokers);
     // Offsets 0..=4; the record at offset 2 (key a) always fails.
     for (key, body) in [
@@ -170,13 +239,11 @@ async fn a_parked_record_holds_the_watermark_and_a_new_member_resumes_there() {
     assert_eq!(seen, vec![2, 3, 4]);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn all_completed_work_is_committed_on_close() {
-    let cluster = common::mock();
-    let brokers = cluster.bootstrap_servers();
+async fn all_completed_work_is_committed_on_close(env: &Env) {
+    let brokers = env.brokers.clone();
     let topic = unique_name("close-commit");
     let group = unique_name("g");
-    cluster.create_topic(&topic, 2, 1).expect("topic");
+    env.create_topic(&topic, 2).await;
     let p = common::publisher(&brokers);
     for i in 0..20 {
         publish(&p, &topic, &format!("k{i}"), &format!("m{i}")).await;
@@ -221,14 +288,12 @@ async fn all_completed_work_is_committed_on_close() {
     c.close().await.expect("close");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_poison_record_is_dead_lettered_with_its_attempts_and_its_key_unblocks() {
-    let cluster = common::mock();
-    let brokers = cluster.bootstrap_servers();
+async fn a_poison_record_is_dead_lettered_with_its_attempts_and_its_key_unblocks(env: &Env) {
+    let brokers = env.brokers.clone();
     let topic = unique_name("orders");
     let dlq = format!("{topic}.dlq");
-    cluster.create_topic(&topic, 1, 1).expect("topic");
-    cluster.create_topic(&dlq, 1, 1).expect("dlq topic");
+    env.create_topic(&topic, 1).await;
+    env.create_topic(&dlq, 1).await;
     let p = common::publisher(&brokers);
     publish(&p, &topic, "a", "poison").await;
     publish(&p, &topic, "a", "after-poison").await;
@@ -300,12 +365,10 @@ async fn a_poison_record_is_dead_lettered_with_its_attempts_and_its_key_unblocks
     c.close().await.expect("close");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn headers_keep_their_order_repeats_and_bytes() {
-    let cluster = common::mock();
-    let brokers = cluster.bootstrap_servers();
+async fn headers_keep_their_order_repeats_and_bytes(env: &Env) {
+    let brokers = env.brokers.clone();
     let topic = unique_name("headers");
-    cluster.create_topic(&topic, 1, 1).expect("topic");
+    env.create_topic(&topic, 1).await;
     let mut msg = OutgoingMessage::new("h").with_key("k");
     msg.headers.append("x-one", "1").unwrap();
     msg.headers
@@ -346,6 +409,7 @@ async fn headers_keep_their_order_repeats_and_bytes() {
     c.close().await.expect("close");
 }
 
+/// Mock cluster only: the broker goes away under the consumer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn close_returns_within_its_deadline_when_the_broker_is_gone() {
     let cluster = common::mock();
@@ -372,6 +436,62 @@ async fn close_returns_within_its_deadline_when_the_broker_is_gone() {
         "close took {:?}",
         started.elapsed()
     );
+}
+
+/// A Worker that holds back (one slot, a handler slower than `max.poll.interval.ms`)
+/// does not make the consumer leave its group: polling goes on with partitions paused,
+/// and every record is handled once.
+async fn a_worker_that_holds_back_keeps_the_group(env: &Env) {
+    let brokers = env.brokers.clone();
+    let topic = unique_name("slow");
+    env.create_topic(&topic, 1).await;
+    let p = common::publisher(&brokers);
+    for i in 0..6 {
+        publish(&p, &topic, "k", &format!("m{i}")).await;
+    }
+    let calls: Arc<Mutex<Vec<String>>> = Arc::default();
+    let done = Arc::new(Notify::new());
+    let (c, d) = (calls.clone(), done.clone());
+    let handler = handler_fn(move |m: Message| {
+        let (c, d) = (c.clone(), d.clone());
+        async move {
+            if m.payload == "m0" {
+                // Longer than max.poll.interval.ms below.
+                tokio::time::sleep(Duration::from_secs(9)).await;
+            }
+            let mut c = c.lock().unwrap();
+            c.push(text(&m));
+            if c.len() == 6 {
+                d.notify_one();
+            }
+            Ok::<_, BoxError>(())
+        }
+    });
+    let consumer = KafkaConsumer::builder(&brokers, &unique_name("g"), [topic.as_str()])
+        .buffer(1)
+        .commit_interval(Duration::from_millis(100))
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "500")
+        .set("max.poll.interval.ms", "7000")
+        .build()
+        .expect("consumer");
+    let report = Worker::builder(consumer, handler)
+        .concurrency(1)
+        .build()
+        .expect("worker")
+        .run_until(async move {
+            done.notified().await;
+            // A rebalance would bring records back: give one time to show.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        })
+        .await;
+    let calls = calls.lock().unwrap().clone();
+    assert_eq!(
+        calls,
+        ["m0", "m1", "m2", "m3", "m4", "m5"],
+        "each once, in order"
+    );
+    assert_eq!(report.processed, 6, "{report:?}");
 }
 
 #[test]

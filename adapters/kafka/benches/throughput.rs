@@ -1,0 +1,320 @@
+//! Consumer throughput on Kafka: the same N records read by a bare rdkafka consumer and
+//! by redrive's Worker with the full Stack around a no-op handler; then, with a handler
+//! that waits 1 ms, a sequential consumer of one partition against the Worker running
+//! that partition's keys in parallel (`PerKey`). Prints every rate and ratio.
+//!
+//! ```text
+//! cargo bench -p redrive-kafka --bench throughput                 # librdkafka's mock cluster
+//! KAFKA_BROKERS=127.0.0.1:9092 cargo bench -p redrive-kafka --bench throughput   # a real broker
+//! BENCH_N=200000 BENCH_SLOW_N=10000 cargo bench -p redrive-kafka --bench throughput
+//! ```
+//!
+//! Every run reads one topic of one partition from the start, as a fresh group.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use redrive_core::{BoxError, Message, OrderingMode, Outcome, Worker, handler_fn};
+use redrive_kafka::rdkafka::ClientConfig;
+use redrive_kafka::rdkafka::consumer::{Consumer as _, StreamConsumer};
+use redrive_kafka::rdkafka::mocking::MockCluster;
+use redrive_kafka::rdkafka::producer::{
+    DefaultProducerContext, FutureProducer, FutureRecord, Producer as _,
+};
+use redrive_kafka::{KafkaConsumer, KafkaPublisher};
+use redrive_middleware::Stack;
+use redrive_middleware::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer};
+use redrive_middleware::dead_letter::{DeadLetterConfig, DeadLetterLayer};
+use redrive_middleware::idempotency::{IdempotencyConfig, IdempotencyLayer, MemoryStore};
+use redrive_middleware::metrics::MetricsLayer;
+use redrive_middleware::rate_limit::{RateLimitConfig, RateLimitLayer};
+use redrive_middleware::retry::{RetryConfig, RetryLayer};
+use redrive_middleware::timeout::TimeoutLayer;
+use redrive_middleware::trace::TraceLayer;
+use tokio::sync::Notify;
+use tower::Service;
+use tower::util::BoxService;
+
+const KEYS: usize = 256;
+
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn unique(prefix: &str) -> String {
+    redrive_core::testkit::unique_name(prefix)
+}
+
+/// A topic of one partition holding `n` records of 64 bytes over [`KEYS`] keys.
+async fn fill(
+    brokers: &str,
+    mock: Option<&MockCluster<'static, DefaultProducerContext>>,
+    n: usize,
+) -> String {
+    let topic = unique("bench");
+    match mock {
+        Some(cluster) => cluster.create_topic(&topic, 1, 1).expect("topic"),
+        None => {
+            use redrive_kafka::rdkafka::admin::{
+                AdminClient, AdminOptions, NewTopic, TopicReplication,
+            };
+            let admin: AdminClient<_> = ClientConfig::new()
+                .set("bootstrap.servers", brokers)
+                .create()
+                .expect("admin");
+            for r in admin
+                .create_topics(
+                    &[NewTopic::new(&topic, 1, TopicReplication::Fixed(1))],
+                    &AdminOptions::new(),
+                )
+                .await
+                .expect("create topic")
+            {
+                r.expect("topic created");
+            }
+        }
+    }
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", "5")
+        .create()
+        .expect("producer");
+    let body = [b'x'; 64];
+    let mut pending = Vec::with_capacity(n);
+    for i in 0..n {
+        let key = format!("k{}", i % KEYS);
+        let record = FutureRecord::to(&topic)
+            .payload(&body[..])
+            .key(key.as_bytes());
+        pending.push(producer.send_result(record).expect("queue the record"));
+        if pending.len() == 10_000 {
+            for p in pending.drain(..) {
+                p.await.expect("delivery report").expect("delivered");
+            }
+        }
+    }
+    for p in pending {
+        p.await.expect("delivery report").expect("delivered");
+    }
+    producer.flush(Duration::from_secs(30)).expect("flush");
+    topic
+}
+
+fn stream_consumer(brokers: &str, topic: &str) -> StreamConsumer {
+    let c: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", unique("bare"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    c.subscribe(&[topic]).expect("subscribe");
+    c
+}
+
+/// A bare consumer: receive, optionally wait, count; commit once at the end.
+async fn bare(brokers: &str, topic: &str, n: usize, wait: Duration) -> Duration {
+    let c = stream_consumer(brokers, topic);
+    let first = c.recv().await.expect("first record");
+    drop(first);
+    let start = Instant::now();
+    for _ in 1..n {
+        let _record = c.recv().await.expect("record");
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+    }
+    c.commit_consumer_state(redrive_kafka::rdkafka::consumer::CommitMode::Async)
+        .expect("commit");
+    start.elapsed()
+}
+
+/// The full Stack around `handler`, dead-lettering through `publisher`.
+fn full_stack<S>(
+    publisher: KafkaPublisher,
+    handler: S,
+) -> impl Service<Message, Response = Outcome, Error = BoxError, Future: Send + 'static> + Send + 'static
+where
+    S: Service<Message, Response = Outcome, Error = BoxError> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    use opentelemetry::metrics::MeterProvider as _;
+    // Instruments aggregate as in production; the exporter keeps what it is given.
+    let provider = opentelemetry_sdk::metrics::SdkMeterProvider::builder()
+        .with_periodic_exporter(opentelemetry_sdk::metrics::InMemoryMetricExporter::default())
+        .build();
+    let meter = provider.meter("redrive-bench");
+    // The provider lives for the whole bench process.
+    std::mem::forget(provider);
+    Stack::new()
+        .trace(TraceLayer::new())
+        .metrics(MetricsLayer::new(&meter))
+        .dead_letter(
+            DeadLetterLayer::new(Arc::new(publisher), DeadLetterConfig::default())
+                .expect("dead-letter config"),
+        )
+        .idempotency(
+            IdempotencyLayer::new(Arc::new(MemoryStore::new()), IdempotencyConfig::default())
+                .expect("idempotency config"),
+        )
+        .circuit_breaker(
+            CircuitBreakerLayer::new(CircuitBreakerConfig::default()).expect("breaker config"),
+        )
+        .rate_limit(
+            RateLimitLayer::new(RateLimitConfig::per_second(1_000_000_000))
+                .expect("rate limit config"),
+        )
+        .retry(RetryLayer::new(RetryConfig::default()).expect("retry config"))
+        .timeout(TimeoutLayer::new(Duration::from_secs(30)).expect("timeout config"))
+        .service(handler)
+}
+
+/// The Worker over the adapter until `n` records were handled; from the first record.
+async fn redrive(
+    brokers: &str,
+    topic: &str,
+    n: usize,
+    wait: Duration,
+    full: bool,
+    ordering: OrderingMode,
+    concurrency: usize,
+) -> Duration {
+    let count = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(Notify::new());
+    let started = Arc::new(std::sync::OnceLock::new());
+    let (c, d, s) = (count.clone(), done.clone(), started.clone());
+    let handler = handler_fn(move |_m: Message| {
+        let (c, d, s) = (c.clone(), d.clone(), s.clone());
+        async move {
+            s.get_or_init(Instant::now);
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
+            if c.fetch_add(1, Ordering::Relaxed) + 1 == n {
+                d.notify_one();
+            }
+            Ok::<_, BoxError>(())
+        }
+    });
+    let service = if full {
+        let publisher = KafkaPublisher::new(brokers).expect("publisher");
+        BoxService::new(full_stack(publisher, handler))
+    } else {
+        BoxService::new(handler)
+    };
+    let consumer = KafkaConsumer::builder(brokers, &unique("redrive"), [topic])
+        .buffer(1024)
+        .build()
+        .expect("consumer");
+    let report = Worker::builder(consumer, service)
+        .concurrency(concurrency)
+        .ordering(ordering)
+        .build()
+        .expect("worker")
+        .run_until(async move { done.notified().await })
+        .await;
+    assert!(report.processed as usize >= n, "{report:?}");
+    started.get().expect("a record was handled").elapsed()
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let n = env("BENCH_N", 100_000);
+        let slow_n = env("BENCH_SLOW_N", 5_000);
+        let (mock, brokers) = match std::env::var("KAFKA_BROKERS") {
+            Ok(brokers) => (None, brokers),
+            Err(_) => {
+                let cluster = MockCluster::new(1).expect("mock cluster");
+                let brokers = cluster.bootstrap_servers();
+                (Some(cluster), brokers)
+            }
+        };
+        let on = if mock.is_some() {
+            "librdkafka's mock cluster".to_owned()
+        } else {
+            brokers.clone()
+        };
+        let rate = |n: usize, d: Duration| n as f64 / d.as_secs_f64();
+
+        let topic = fill(&brokers, mock.as_ref(), n).await;
+        let bare_fast = bare(&brokers, &topic, n, Duration::ZERO).await;
+        let worker = redrive(
+            &brokers,
+            &topic,
+            n,
+            Duration::ZERO,
+            false,
+            OrderingMode::PerKey,
+            64,
+        )
+        .await;
+        let full = redrive(
+            &brokers,
+            &topic,
+            n,
+            Duration::ZERO,
+            true,
+            OrderingMode::PerKey,
+            64,
+        )
+        .await;
+        println!();
+        println!("{n} records of 64 bytes, {KEYS} keys, one partition, on {on}");
+        println!("| consumer, no-op handler | seconds | records/s | vs bare |");
+        println!("|---|---:|---:|---:|");
+        for (what, took) in [
+            ("bare rdkafka StreamConsumer", bare_fast),
+            ("redrive Worker (PerKey, 64) + no-op handler", worker),
+            (
+                "redrive Worker (PerKey, 64) + full Stack + no-op handler",
+                full,
+            ),
+        ] {
+            println!(
+                "| {what} | {:.2} | {:.0} | {:.1} % |",
+                took.as_secs_f64(),
+                rate(n, took),
+                100.0 * rate(n, took) / rate(n, bare_fast)
+            );
+        }
+
+        let wait = Duration::from_millis(1);
+        let topic = fill(&brokers, mock.as_ref(), slow_n).await;
+        let sequential = bare(&brokers, &topic, slow_n, wait).await;
+        let parallel = redrive(
+            &brokers,
+            &topic,
+            slow_n,
+            wait,
+            true,
+            OrderingMode::PerKey,
+            64,
+        )
+        .await;
+        println!();
+        println!("{slow_n} records, a handler that waits 1 ms, {KEYS} keys, one partition");
+        println!("| consumer | seconds | records/s | vs sequential |");
+        println!("|---|---:|---:|---:|");
+        for (what, took) in [
+            ("sequential rdkafka consumer", sequential),
+            ("redrive Worker (PerKey, 64) + full Stack", parallel),
+        ] {
+            println!(
+                "| {what} | {:.2} | {:.0} | {:.1}× |",
+                took.as_secs_f64(),
+                rate(slow_n, took),
+                rate(slow_n, took) / rate(slow_n, sequential)
+            );
+        }
+        drop(mock);
+    });
+}

@@ -1,0 +1,139 @@
+//! A Worker on a Kafka topic with a dead-letter topic.
+//!
+//! ```text
+//! source scripts/kafka-broker     # installs (once) and starts tansu on 127.0.0.1:9092
+//! cargo run --example kafka --features kafka
+//! ```
+//!
+//! The full middleware Stack runs on it: tracing, metrics, dead-lettering, idempotency,
+//! a circuit breaker, in-process retries and a per-try timeout. Orders of three
+//! customers share one partition; the customer is the key. One order is poison: the
+//! Worker parks it (Kafka cannot hand one record back) and runs it again after a delay,
+//! while the other customers' orders flow on and the poison customer's later orders
+//! wait; after three attempts it goes to `<topic>.dlq` and that customer unblocks. The
+//! committed offset never passes the parked record until it is settled.
+//!
+//! `KAFKA_BROKERS` overrides the broker address.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use redrive::kafka::rdkafka::ClientConfig;
+use redrive::kafka::rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use redrive::kafka::rdkafka::client::DefaultClientContext;
+use redrive::kafka::rdkafka::types::RDKafkaErrorCode;
+use redrive::kafka::{KafkaConsumer, KafkaPublisher};
+use redrive::middleware::Stack;
+use redrive::middleware::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer};
+use redrive::middleware::dead_letter::{DeadLetterConfig, DeadLetterLayer};
+use redrive::middleware::idempotency::{IdempotencyConfig, IdempotencyLayer, MemoryStore};
+use redrive::middleware::metrics::MetricsLayer;
+use redrive::middleware::retry::{Backoff, RetryConfig, RetryLayer};
+use redrive::middleware::timeout::TimeoutLayer;
+use redrive::middleware::trace::TraceLayer;
+use redrive::{
+    BoxError, Consumer, Message, OrderingMode, OutgoingMessage, Publisher, Redelivery, Worker,
+    handler,
+};
+
+const TOPIC: &str = "redrive-example-orders";
+
+async fn create_topics(brokers: &str) -> Result<(), BoxError> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
+    let dlq = format!("{TOPIC}.dlq");
+    let topics = [
+        NewTopic::new(TOPIC, 1, TopicReplication::Fixed(1)),
+        NewTopic::new(&dlq, 1, TopicReplication::Fixed(1)),
+    ];
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let created = tokio::time::timeout(Duration::from_secs(15), admin.create_topics(&topics, &options))
+        .await
+        .map_err(|_| {
+            format!("no Kafka broker answers at {brokers}; start one with `source scripts/kafka-broker`, or set KAFKA_BROKERS")
+        })??;
+    for result in created {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, e)) => return Err(format!("creating {topic}: {e}").into()),
+        }
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<(), BoxError> {
+    let brokers = std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
+    create_topics(&brokers).await?;
+
+    let publisher = KafkaPublisher::new(&brokers)?;
+    for (customer, order) in [
+        ("alice", "order-1"),
+        ("bob", "poison"),
+        ("carol", "order-2"),
+        ("bob", "order-3"),
+        ("alice", "order-4"),
+    ] {
+        publisher
+            .publish(TOPIC, OutgoingMessage::new(order).with_key(customer))
+            .await?;
+    }
+
+    // A fresh group each run, reading from the start of the topic.
+    let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+    let group = format!("redrive-example-{}", started.as_millis());
+    let consumer = KafkaConsumer::builder(&brokers, &group, [TOPIC]).build()?;
+    // With no OpenTelemetry provider installed the meter records nothing; the tracing
+    // and metrics examples show how to install one.
+    let meter = opentelemetry::global::meter("kafka-example");
+    let stack = Stack::new()
+        .trace(TraceLayer::new())
+        .metrics(MetricsLayer::new(&meter))
+        .dead_letter(DeadLetterLayer::new(
+            Arc::new(publisher.clone()),
+            DeadLetterConfig::default()
+                .with_max_attempts(3)
+                .with_consumer_name("kafka-example"),
+        )?)
+        .idempotency(IdempotencyLayer::new(
+            Arc::new(MemoryStore::new()),
+            IdempotencyConfig::default(),
+        )?)
+        .circuit_breaker(CircuitBreakerLayer::new(CircuitBreakerConfig::default())?)
+        .retry(RetryLayer::new(
+            RetryConfig::default()
+                .with_backoff(Backoff::exponential(
+                    Duration::from_millis(20),
+                    Duration::from_millis(100),
+                ))
+                .with_max_tries(2),
+        )?)
+        .timeout(TimeoutLayer::new(Duration::from_secs(5))?);
+    stack.check(&consumer.capabilities())?;
+    println!("pipeline: {}", stack.describe());
+    let service = stack.service(handler::handler_fn(|msg: Message| async move {
+        let customer = String::from_utf8_lossy(msg.key.as_deref().unwrap_or_default()).into_owned();
+        let order = String::from_utf8_lossy(&msg.payload).into_owned();
+        if order == "poison" {
+            println!(
+                "attempt {} of {customer}'s poison order fails",
+                msg.attempt()
+            );
+            return Err::<(), BoxError>("cannot parse order".into());
+        }
+        println!("handled {customer}'s {order}");
+        Ok(())
+    }));
+
+    let report = Worker::builder(consumer, service)
+        .concurrency(8)
+        .ordering(OrderingMode::PerKey)
+        .redelivery(Redelivery::constant(Duration::from_millis(300)))
+        .build()?
+        .run_until(tokio::time::sleep(Duration::from_secs(8)))
+        .await;
+    println!("{report:?}");
+    println!("the poison order is in `{TOPIC}.dlq`");
+    Ok(())
+}
