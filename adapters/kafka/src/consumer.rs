@@ -480,6 +480,34 @@ impl Consumer for KafkaConsumer {
     }
 }
 
+impl Drop for KafkaConsumer {
+    /// A consumer dropped without [`close`](Consumer::close) (a crash, a panic) commits
+    /// nothing more: records after the last commit are delivered again. Its tasks stop,
+    /// and librdkafka is closed on a thread of its own, never on the runtime.
+    fn drop(&mut self) {
+        for task in self.tasks.drain(..) {
+            task.abort();
+        }
+        if let Some(consumer) = self.consumer.take() {
+            let spawned = std::thread::Builder::new()
+                .name("redrive-kafka-drop".into())
+                .spawn(move || {
+                    // The aborted poll task lets go of its handle at its next poll.
+                    for _ in 0..500 {
+                        if Arc::strong_count(&consumer) == 1 {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    drop(consumer);
+                });
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "could not start a thread to close the kafka consumer");
+            }
+        }
+    }
+}
+
 /// Marks a record complete in its partition's watermark.
 struct KafkaAcker {
     state: Weak<Mutex<Watermarks>>,

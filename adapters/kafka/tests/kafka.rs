@@ -98,6 +98,7 @@ on_both!(
     a_poison_record_is_dead_lettered_with_its_attempts_and_its_key_unblocks,
     headers_keep_their_order_repeats_and_bytes,
     a_worker_that_holds_back_keeps_the_group,
+    a_consumer_dropped_without_closing_loses_nothing,
 );
 
 fn text(m: &Message) -> String {
@@ -492,6 +493,51 @@ async fn a_worker_that_holds_back_keeps_the_group(env: &Env) {
         "each once, in order"
     );
     assert_eq!(report.processed, 6, "{report:?}");
+}
+
+/// A consumer that goes away without closing (a crash) loses nothing: the next member
+/// starts at the last committed watermark and gets everything not known complete.
+async fn a_consumer_dropped_without_closing_loses_nothing(env: &Env) {
+    let brokers = env.brokers.clone();
+    let topic = unique_name("crash");
+    let group = unique_name("g");
+    env.create_topic(&topic, 1).await;
+    let p = common::publisher(&brokers);
+    for i in 0..10 {
+        publish(&p, &topic, "k", &format!("m{i}")).await;
+    }
+    let mut first = common::consumer(&brokers, &group, &topic);
+    let mut handled = Vec::new();
+    for _ in 0..6 {
+        let d = tokio::time::timeout(Duration::from_secs(15), first.receive())
+            .await
+            .expect("within 15 s")
+            .expect("receive")
+            .expect("delivery");
+        handled.push(text(&d.message));
+        // The first four are acked; the fifth and sixth are in flight at the crash.
+        if handled.len() <= 4 {
+            d.ack().await.expect("ack");
+        }
+    }
+    // A commit round (every 100 ms here), then the crash.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(first);
+
+    let mut second = common::consumer(&brokers, &group, &topic);
+    let mut again = Vec::new();
+    while again.len() < 6 {
+        let d = tokio::time::timeout(Duration::from_secs(20), second.receive())
+            .await
+            .expect("the rest within 20 s")
+            .expect("receive")
+            .expect("delivery");
+        again.push(text(&d.message));
+        d.ack().await.expect("ack");
+    }
+    let expected: Vec<String> = (4..10).map(|i| format!("m{i}")).collect();
+    assert_eq!(again, expected, "resumed at the first record not acked");
+    second.close().await.expect("close");
 }
 
 #[test]
