@@ -22,6 +22,14 @@ pub trait Acker: Send + Sync + 'static {
     fn nack(&self, delay: Duration) -> BoxFuture<'_, Result<()>>;
     /// Keep the message invisible to other consumers for `lease` from now.
     fn extend(&self, lease: Duration) -> BoxFuture<'_, Result<()>>;
+
+    /// Whether this consumer may still handle the message. `false` once the broker gave
+    /// it to another consumer (a Kafka partition revoked in a rebalance): the Worker
+    /// then hands it back without running it, also when it was parked or waiting
+    /// behind its key. `true` by default.
+    fn is_current(&self) -> bool {
+        true
+    }
 }
 
 /// A message and its acker. Settlement happens once: a second `ack` or `nack` is a
@@ -72,6 +80,11 @@ impl Delivery {
     /// Whether the delivery was settled.
     pub fn is_settled(&self) -> bool {
         self.acker.is_settled()
+    }
+
+    /// Whether this consumer may still handle the message. See [`Acker::is_current`].
+    pub fn is_current(&self) -> bool {
+        self.acker.is_current()
     }
 }
 
@@ -131,6 +144,11 @@ impl Settle {
     /// Whether `ack` or `nack` was called.
     pub fn is_settled(&self) -> bool {
         self.settled.load(Ordering::Acquire)
+    }
+
+    /// Whether this consumer may still handle the message. See [`Acker::is_current`].
+    pub fn is_current(&self) -> bool {
+        self.acker.is_current()
     }
 }
 

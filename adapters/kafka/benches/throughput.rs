@@ -207,7 +207,12 @@ async fn redrive(
         BoxService::new(handler)
     };
     let consumer = KafkaConsumer::builder(brokers, &unique("redrive"), [topic])
-        .buffer(1024)
+        .buffer(
+            std::env::var("BENCH_BUFFER")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1024),
+        )
         .build()
         .expect("consumer");
     let report = Worker::builder(consumer, service)
@@ -245,7 +250,9 @@ fn main() {
         };
         let rate = |n: usize, d: Duration| n as f64 / d.as_secs_f64();
 
+        eprintln!("filling a topic with {n} records");
         let topic = fill(&brokers, mock.as_ref(), n).await;
+        eprintln!("bare consumer, then the Worker, then the Worker with the full Stack");
         let bare_fast = bare(&brokers, &topic, n, Duration::ZERO).await;
         let worker = redrive(
             &brokers,

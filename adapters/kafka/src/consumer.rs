@@ -48,8 +48,9 @@ pub struct KafkaConsumerBuilder {
 }
 
 impl KafkaConsumerBuilder {
-    /// How many records are polled ahead of the Worker (at least 1). When the buffer is
-    /// full, the assigned partitions are paused and polling goes on, so the consumer
+    /// How many records are polled ahead of the Worker (at least 1; up to twice this
+    /// many are held). When that stays full (for a third of `max.poll.interval.ms`, at
+    /// most 10 s), the assigned partitions are paused and polling goes on, so the consumer
     /// keeps its group membership however long the Worker holds back
     /// (`max.poll.interval.ms` is never exceeded); they resume when there is room.
     pub fn buffer(mut self, records: usize) -> Self {
@@ -109,6 +110,13 @@ impl KafkaConsumerBuilder {
         if self.config.get("group.id").is_none_or(str::is_empty) {
             return Err(Error::Config("a group id is required".into()));
         }
+        // librdkafka's default max.poll.interval.ms is 300 s.
+        let max_poll = self
+            .config
+            .get("max.poll.interval.ms")
+            .and_then(|v| v.parse::<u64>().ok())
+            .map_or(Duration::from_secs(300), Duration::from_millis);
+        let pause_after = (max_poll / 3).min(Duration::from_secs(10));
         let mut config = self.config;
         for (key, value) in OWNED {
             config.set(*key, *value);
@@ -127,7 +135,7 @@ impl KafkaConsumerBuilder {
             self.commit_interval,
         ));
         let (tx, rx) = mpsc::channel(self.buffer);
-        let poller = tokio::spawn(poll(consumer.clone(), state.clone(), tx));
+        let poller = tokio::spawn(poll(consumer.clone(), state.clone(), tx, pause_after));
         Ok(KafkaConsumer {
             consumer: Some(consumer),
             rx,
@@ -270,15 +278,20 @@ async fn commit_every(
     }
 }
 
-/// Polls the consumer all the time and hands records to `receive` through `tx`. When
-/// `tx` is full the assigned partitions are paused (records already fetched are held
-/// here, in order) and polling continues, so rebalances are served and the consumer
-/// stays in its group; they resume once everything held is handed over.
+/// Polls the consumer and hands records to `receive` through `tx`, holding up to
+/// another `tx`'s worth in order when it is full. When the hold stays full for
+/// `pause_after` (the Worker is stalled: keys parked, the breaker open), the assigned
+/// partitions are paused and polling goes on, so rebalances are served and the
+/// consumer never exceeds `max.poll.interval.ms`; they resume once everything held is
+/// handed over. Short stalls cost nothing: pausing drops librdkafka's prefetched
+/// records, and resuming fetches them again.
 async fn poll(
     consumer: Arc<StreamConsumer<Context>>,
     state: Arc<Mutex<Watermarks>>,
     tx: mpsc::Sender<KafkaResult<Delivery>>,
+    pause_after: Duration,
 ) {
+    let limit = tx.max_capacity();
     let mut held: VecDeque<KafkaResult<Delivery>> = VecDeque::new();
     let mut paused = false;
     loop {
@@ -294,6 +307,23 @@ async fn poll(
         }
         if held.is_empty() && paused {
             paused = !set_paused(&consumer, false);
+        }
+        if held.len() >= limit && !paused {
+            // Full: wait for room without polling, but not long enough to be dropped
+            // from the group.
+            tokio::select! {
+                biased;
+                () = tx.closed() => return,
+                permit = tx.reserve() => match permit {
+                    Ok(permit) => permit.send(held.pop_front().expect("held is not empty")),
+                    Err(_) => return,
+                },
+                () = tokio::time::sleep(pause_after) => {
+                    tracing::info!(held = held.len(), ?pause_after, "the worker is not taking records; pausing the partitions and polling on");
+                    paused = set_paused(&consumer, true);
+                }
+            }
+            continue;
         }
         tokio::select! {
             biased;
@@ -320,9 +350,9 @@ async fn poll(
                 } else {
                     held.push_back(item);
                 }
-                if !held.is_empty() {
-                    // Also pauses partitions assigned since the last pause.
-                    paused = set_paused(&consumer, true) || paused;
+                if paused && held.len() >= limit {
+                    // Records of partitions assigned since the pause: pause them too.
+                    set_paused(&consumer, true);
                 }
                 if failed {
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -538,5 +568,14 @@ impl Acker for KafkaAcker {
     fn extend(&self, _lease: Duration) -> BoxFuture<'_, redrive_core::Result<()>> {
         // Records have no lease: a consumer keeps its partitions while it polls.
         Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn is_current(&self) -> bool {
+        // After a revoke the record belongs to the partition's new owner: the Worker
+        // hands it back unrun, also when it was parked or waiting behind its key.
+        match (self.state.upgrade(), self.generation) {
+            (Some(state), Some(generation)) => lock(&state).is_current(&self.tp, generation),
+            _ => false,
+        }
     }
 }

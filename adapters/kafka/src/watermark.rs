@@ -92,6 +92,13 @@ impl Watermarks {
         }
     }
 
+    /// Whether `tp` is still assigned in `generation`.
+    pub(crate) fn is_current(&self, tp: &Tp, generation: u64) -> bool {
+        self.partitions
+            .get(tp)
+            .is_some_and(|p| p.generation == generation)
+    }
+
     /// Watermarks that moved since they were last taken, marked as committed.
     pub(crate) fn take_dirty(&mut self) -> Vec<(Tp, i64)> {
         let mut out = Vec::new();
@@ -178,7 +185,9 @@ mod tests {
         let old = w.received(&tp(1), 0).unwrap();
         w.revoke(&tp(1));
         assert!(!w.complete(&tp(1), old, 0));
+        assert!(!w.is_current(&tp(1), old));
         let new = w.assign(tp(1));
+        assert!(w.is_current(&tp(1), new) && !w.is_current(&tp(1), old));
         w.received(&tp(1), 0);
         assert!(!w.complete(&tp(1), old, 0), "old generation");
         assert!(w.complete(&tp(1), new, 0));

@@ -543,6 +543,22 @@ where
                 };
 
                 let key = order_key(config.ordering, &delivery.message);
+                if !delivery.is_current() {
+                    // The broker gave it to another consumer: hand it back unrun. A
+                    // runnable one holds its key; release it with the hand-back.
+                    tracing::info!(
+                        worker = name,
+                        message_id = delivery
+                            .message
+                            .metadata
+                            .message_id
+                            .as_deref()
+                            .unwrap_or(""),
+                        "delivery no longer this consumer's (partition revoked); handed back without running"
+                    );
+                    state.hand_back(delivery, if reserved { key } else { None });
+                    continue;
+                }
                 if let (Some(k), false) = (&key, reserved) {
                     if let Some(queue) = state.busy.get_mut(k) {
                         queue.push_back(delivery);
@@ -757,6 +773,20 @@ impl State {
                 self.busy.remove(&key);
             }
         }
+    }
+
+    /// Hands one delivery back to the broker without running it; releases `key` after.
+    fn hand_back(&mut self, delivery: Delivery, key: Option<Bytes>) {
+        self.tasks.spawn(async move {
+            let settle_errors =
+                u64::from(log_settle(delivery.nack(Duration::ZERO).await, "hand back"));
+            Done::HandedBack {
+                key,
+                parked: false,
+                count: 1,
+                settle_errors,
+            }
+        });
     }
 
     /// At shutdown, everything not yet started goes back to the broker.

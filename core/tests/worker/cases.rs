@@ -51,7 +51,14 @@ impl Recording {
     }
 }
 
+/// Set by the test that revokes messages named `revocable…` while they are parked.
+static REVOKED: AtomicBool = AtomicBool::new(false);
+
 impl Acker for Recording {
+    fn is_current(&self) -> bool {
+        !(self.id.starts_with("revocable") && REVOKED.load(Ordering::SeqCst))
+    }
+
     fn ack(&self) -> BoxFuture<'_, Result<()>> {
         self.push(Event::Ack)
     }
@@ -412,6 +419,61 @@ async fn a_refused_ack_is_counted_as_a_settle_error_not_an_ack() {
         (3, 2, 1),
         "{report:?}"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_delivery_given_to_another_consumer_is_handed_back_unrun() {
+    // revocable-1 fails and is parked; while it waits its partition is revoked, so
+    // neither it nor revocable-2 (waiting behind the same key) runs again. The other
+    // key is untouched.
+    let mut bodies: Vec<Message> = ["revocable-1", "revocable-2", "other-1"]
+        .iter()
+        .map(|b| {
+            let mut m = Message::new(b.to_string());
+            m.metadata.message_id = Some(b.to_string());
+            m.key = Some(b.split('-').next().unwrap().to_owned().into());
+            m
+        })
+        .collect();
+    let (mut consumer, log) = Scripted::new(&[], caps());
+    consumer.queue.extend(bodies.drain(..));
+    let runs = Arc::new(Mutex::new(Vec::new()));
+    let r = runs.clone();
+    let handler = handler_fn(move |m: Message| {
+        let r = r.clone();
+        async move {
+            let id = m.metadata.message_id.clone().unwrap();
+            r.lock().unwrap().push(id.clone());
+            if id == "revocable-1" {
+                REVOKED.store(true, Ordering::SeqCst);
+                return Err::<(), BoxError>("fails, then its partition is revoked".into());
+            }
+            Ok(())
+        }
+    });
+    let report = builder(consumer, handler)
+        .ordering(OrderingMode::PerKey)
+        .redelivery(Redelivery::constant(Duration::from_millis(100)))
+        .build()
+        .unwrap()
+        .run_until(tokio::time::sleep(Duration::from_secs(2)))
+        .await;
+    let mut runs = runs.lock().unwrap().clone();
+    runs.sort();
+    assert_eq!(
+        runs,
+        ["other-1", "revocable-1"],
+        "nothing revoked ran again"
+    );
+    assert_eq!(
+        (report.parked, report.handed_back, report.processed),
+        (1, 2, 1),
+        "{report:?}"
+    );
+    let log = log.lock().unwrap();
+    assert_eq!(log["revocable-1"], [Event::Nack(Duration::ZERO)]);
+    assert_eq!(log["revocable-2"], [Event::Nack(Duration::ZERO)]);
+    assert_eq!(log["other-1"], [Event::Ack]);
 }
 
 #[tokio::test(start_paused = true)]
