@@ -1,8 +1,9 @@
 //! [`MemoryStore`]: idempotency keys in this process's memory.
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::fmt;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -17,7 +18,8 @@ use super::{CommitStatus, IdempotencyStore, Reservation, StoreError, StoreFuture
 /// when more than one consumer process reads the queue.
 ///
 /// Leases and TTLs follow [`tokio::time`], so tests can run it under paused time.
-/// Expired keys are swept every 1024 reservations.
+/// Expired keys are swept as reservations come, in expiry order (a heap), so a sweep
+/// costs only the keys it removes.
 #[derive(Default)]
 pub struct MemoryStore {
     state: Mutex<State>,
@@ -25,8 +27,34 @@ pub struct MemoryStore {
 
 #[derive(Default)]
 struct State {
-    entries: HashMap<String, Entry>,
-    reserves: u32,
+    entries: HashMap<Arc<str>, Entry>,
+    /// Every expiry set, earliest first; an entry whose key has since a later expiry
+    /// (committed) or is gone is skipped when it comes up.
+    expiries: BinaryHeap<Reverse<(Instant, Arc<str>)>>,
+}
+
+impl State {
+    fn sweep(&mut self, now: Instant) {
+        while let Some(Reverse((at, _))) = self.expiries.peek() {
+            if *at > now {
+                break;
+            }
+            let Some(Reverse((at, key))) = self.expiries.pop() else {
+                break;
+            };
+            if self
+                .entries
+                .get(&key)
+                .is_some_and(|e| e.expires <= now && e.expires == at)
+            {
+                self.entries.remove(&key);
+            }
+        }
+    }
+
+    fn expire_at(&mut self, key: Arc<str>, at: Instant) {
+        self.expiries.push(Reverse((at, key)));
+    }
 }
 
 struct Entry {
@@ -63,10 +91,7 @@ impl MemoryStore {
     fn reserve_now(&self, key: &str, lease: Duration) -> Reservation {
         let now = Instant::now();
         let mut state = self.lock();
-        state.reserves = state.reserves.wrapping_add(1);
-        if state.reserves % 1024 == 0 {
-            state.entries.retain(|_, e| e.expires > now);
-        }
+        state.sweep(now);
         match state.entries.get(key) {
             Some(e) if e.expires > now && e.committed => Reservation::Committed,
             Some(e) if e.expires > now => Reservation::Reserved {
@@ -74,14 +99,17 @@ impl MemoryStore {
             },
             _ => {
                 let token = Token::random();
+                let key: Arc<str> = key.into();
+                let expires = now + lease;
                 state.entries.insert(
-                    key.to_owned(),
+                    key.clone(),
                     Entry {
                         token: token.clone(),
                         committed: false,
-                        expires: now + lease,
+                        expires,
                     },
                 );
+                state.expire_at(key, expires);
                 Reservation::Fresh(token)
             }
         }
@@ -95,17 +123,22 @@ impl MemoryStore {
     ) -> Result<CommitStatus, StoreError> {
         let now = Instant::now();
         let mut state = self.lock();
+        let expires = now + ttl;
+        let Some(shared) = state.entries.get_key_value(key).map(|(k, _)| k.clone()) else {
+            return Err(StoreError::lease_lost(key));
+        };
         match state.entries.get_mut(key) {
             Some(e) if e.token == *token && e.expires > now => {
                 if e.committed {
                     return Ok(CommitStatus::AlreadyCommitted);
                 }
                 e.committed = true;
-                e.expires = now + ttl;
-                Ok(CommitStatus::Committed)
+                e.expires = expires;
             }
-            _ => Err(StoreError::lease_lost(key)),
+            _ => return Err(StoreError::lease_lost(key)),
         }
+        state.expire_at(shared, expires);
+        Ok(CommitStatus::Committed)
     }
 
     fn release_now(&self, key: &str, token: &Token) -> Result<(), StoreError> {
@@ -172,13 +205,13 @@ mod tests {
         assert_eq!(store.len(), 1000);
         tokio::time::advance(Duration::from_secs(2)).await;
         assert!(store.is_empty());
-        for i in 0..24 {
-            store.reserve_now(&format!("j{i}"), Duration::from_secs(1));
-        }
+        store.reserve_now("j", Duration::from_secs(1));
+        let state = store.lock();
         assert_eq!(
-            store.lock().entries.len(),
-            24,
-            "the 1024th reservation swept the expired keys"
+            state.entries.len(),
+            1,
+            "the next reservation swept the expired keys"
         );
+        assert_eq!(state.expiries.len(), 1);
     }
 }
