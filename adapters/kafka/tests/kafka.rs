@@ -99,6 +99,7 @@ on_both!(
     headers_keep_their_order_repeats_and_bytes,
     a_worker_that_holds_back_keeps_the_group,
     a_consumer_dropped_without_closing_loses_nothing,
+    a_member_leaving_hands_its_partitions_over,
 );
 
 fn text(m: &Message) -> String {
@@ -538,6 +539,80 @@ async fn a_consumer_dropped_without_closing_loses_nothing(env: &Env) {
     let expected: Vec<String> = (4..10).map(|i| format!("m{i}")).collect();
     assert_eq!(again, expected, "resumed at the first record not acked");
     second.close().await.expect("close");
+}
+
+/// Two members share a topic; one leaves mid-stream and the other takes over its
+/// partitions: every record is handled (duplicates allowed, nothing lost).
+async fn a_member_leaving_hands_its_partitions_over(env: &Env) {
+    let brokers = env.brokers.clone();
+    let topic = unique_name("handover");
+    let group = unique_name("g");
+    env.create_topic(&topic, 4).await;
+    let seen: Arc<Mutex<Vec<(char, String)>>> = Arc::default();
+    let worker = |name: char, stop: Arc<Notify>| {
+        let seen = seen.clone();
+        let handler = handler_fn(move |m: Message| {
+            let seen = seen.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                seen.lock().unwrap().push((name, text(&m)));
+                Ok::<_, BoxError>(())
+            }
+        });
+        let consumer = common::consumer(&brokers, &group, &topic);
+        tokio::spawn(
+            Worker::builder(consumer, handler)
+                .concurrency(4)
+                .build()
+                .expect("worker")
+                .run_until(async move { stop.notified().await }),
+        )
+    };
+    let (stop_a, stop_b) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let a = worker('a', stop_a.clone());
+    let b = worker('b', stop_b.clone());
+    // Both members joined and the partitions are split before anything arrives.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let p = common::publisher(&brokers);
+    for i in 0..200 {
+        publish(&p, &topic, &format!("k{}", i % 50), &format!("m{i}")).await;
+    }
+    let count = |who: Option<char>| {
+        seen.lock()
+            .unwrap()
+            .iter()
+            .filter(|(w, _)| who.is_none_or(|c| *w == c))
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while count(None) < 40 {
+        assert!(Instant::now() < deadline, "no progress");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        count(Some('a')) > 0 && count(Some('b')) > 0,
+        "both members took part"
+    );
+    stop_a.notify_one();
+    let report_a = a.await.expect("worker a");
+    let distinct = || {
+        seen.lock()
+            .unwrap()
+            .iter()
+            .map(|(_, body)| body.clone())
+            .collect::<std::collections::HashSet<_>>()
+            .len()
+    };
+    while distinct() < 200 {
+        assert!(
+            Instant::now() < deadline,
+            "{} of 200 handled after member a left ({report_a:?})",
+            distinct()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop_b.notify_one();
+    b.await.expect("worker b");
 }
 
 #[test]
