@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use redrive_core::{BoxError, Message, OrderingMode, Outcome, Worker, handler_fn};
+use redrive_core::{BoxError, Message, OrderingMode, Worker, handler_fn};
 use redrive_kafka::rdkafka::ClientConfig;
 use redrive_kafka::rdkafka::consumer::{Consumer as _, StreamConsumer};
 use redrive_kafka::rdkafka::mocking::MockCluster;
@@ -27,18 +27,12 @@ use redrive_kafka::rdkafka::producer::{
     DefaultProducerContext, FutureProducer, FutureRecord, Producer as _,
 };
 use redrive_kafka::{KafkaConsumer, KafkaPublisher};
-use redrive_middleware::Stack;
-use redrive_middleware::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer};
-use redrive_middleware::dead_letter::{DeadLetterConfig, DeadLetterLayer};
-use redrive_middleware::idempotency::{IdempotencyConfig, IdempotencyLayer, MemoryStore};
-use redrive_middleware::metrics::MetricsLayer;
-use redrive_middleware::rate_limit::{RateLimitConfig, RateLimitLayer};
-use redrive_middleware::retry::{RetryConfig, RetryLayer};
-use redrive_middleware::timeout::TimeoutLayer;
-use redrive_middleware::trace::TraceLayer;
 use tokio::sync::Notify;
-use tower::Service;
 use tower::util::BoxService;
+
+#[path = "../../../benches/support/full_stack.rs"]
+mod support;
+use support::full_stack;
 
 const KEYS: usize = 256;
 
@@ -135,46 +129,6 @@ async fn bare(brokers: &str, topic: &str, n: usize, wait: Duration) -> Duration 
     c.commit_consumer_state(redrive_kafka::rdkafka::consumer::CommitMode::Async)
         .expect("commit");
     start.elapsed()
-}
-
-/// The full Stack around `handler`, dead-lettering through `publisher`.
-fn full_stack<S>(
-    publisher: KafkaPublisher,
-    handler: S,
-) -> impl Service<Message, Response = Outcome, Error = BoxError, Future: Send + 'static> + Send + 'static
-where
-    S: Service<Message, Response = Outcome, Error = BoxError> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-{
-    use opentelemetry::metrics::MeterProvider as _;
-    // Instruments aggregate as in production; the exporter keeps what it is given.
-    let provider = opentelemetry_sdk::metrics::SdkMeterProvider::builder()
-        .with_periodic_exporter(opentelemetry_sdk::metrics::InMemoryMetricExporter::default())
-        .build();
-    let meter = provider.meter("redrive-bench");
-    // The provider lives for the whole bench process.
-    std::mem::forget(provider);
-    Stack::new()
-        .trace(TraceLayer::new())
-        .metrics(MetricsLayer::new(&meter))
-        .dead_letter(
-            DeadLetterLayer::new(Arc::new(publisher), DeadLetterConfig::default())
-                .expect("dead-letter config"),
-        )
-        .idempotency(
-            IdempotencyLayer::new(Arc::new(MemoryStore::new()), IdempotencyConfig::default())
-                .expect("idempotency config"),
-        )
-        .circuit_breaker(
-            CircuitBreakerLayer::new(CircuitBreakerConfig::default()).expect("breaker config"),
-        )
-        .rate_limit(
-            RateLimitLayer::new(RateLimitConfig::per_second(1_000_000_000))
-                .expect("rate limit config"),
-        )
-        .retry(RetryLayer::new(RetryConfig::default()).expect("retry config"))
-        .timeout(TimeoutLayer::new(Duration::from_secs(30)).expect("timeout config"))
-        .service(handler)
 }
 
 /// The Worker over the adapter until `n` records were handled; from the first record.

@@ -18,16 +18,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use redrive_core::{BoxError, Execution, Message, Outcome, Worker, handler_fn};
-use redrive_middleware::Stack;
-use redrive_middleware::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer};
-use redrive_middleware::dead_letter::{DeadLetterConfig, DeadLetterLayer};
-use redrive_middleware::idempotency::{IdempotencyConfig, IdempotencyLayer, MemoryStore};
-use redrive_middleware::metrics::MetricsLayer;
-use redrive_middleware::rate_limit::{RateLimitConfig, RateLimitLayer};
-use redrive_middleware::retry::{RetryConfig, RetryLayer};
-use redrive_middleware::timeout::TimeoutLayer;
-use redrive_middleware::trace::TraceLayer;
+use redrive_core::{BoxError, Execution, Message, Worker, handler_fn};
 use redrive_rabbitmq::lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, QueueDeleteOptions,
@@ -36,44 +27,11 @@ use redrive_rabbitmq::lapin::types::FieldTable;
 use redrive_rabbitmq::lapin::{BasicProperties, Connection};
 use redrive_rabbitmq::{QueueKind, RabbitConsumer, RabbitPublisher, Topology};
 use tokio::sync::Notify;
-use tower::Service;
 use tower::util::BoxService;
 
-/// The service the redrive side runs: the full Stack around a no-op handler.
-fn service(
-    dead_letters: RabbitPublisher,
-) -> impl Service<Message, Response = Outcome, Error = BoxError, Future: Send + 'static> + Send + 'static
-{
-    use opentelemetry::metrics::MeterProvider as _;
-    // Instruments aggregate as in production; the exporter keeps what it is given.
-    let provider = opentelemetry_sdk::metrics::SdkMeterProvider::builder()
-        .with_periodic_exporter(opentelemetry_sdk::metrics::InMemoryMetricExporter::default())
-        .build();
-    let meter = provider.meter("redrive-bench");
-    // The provider lives for the whole bench process.
-    std::mem::forget(provider);
-    Stack::new()
-        .trace(TraceLayer::new())
-        .metrics(MetricsLayer::new(&meter))
-        .dead_letter(
-            DeadLetterLayer::new(Arc::new(dead_letters), DeadLetterConfig::default())
-                .expect("dead-letter config"),
-        )
-        .idempotency(
-            IdempotencyLayer::new(Arc::new(MemoryStore::new()), IdempotencyConfig::default())
-                .expect("idempotency config"),
-        )
-        .circuit_breaker(
-            CircuitBreakerLayer::new(CircuitBreakerConfig::default()).expect("breaker config"),
-        )
-        .rate_limit(
-            RateLimitLayer::new(RateLimitConfig::per_second(1_000_000_000))
-                .expect("rate limit config"),
-        )
-        .retry(RetryLayer::new(RetryConfig::default()).expect("retry config"))
-        .timeout(TimeoutLayer::new(Duration::from_secs(30)).expect("timeout config"))
-        .service(handler_fn(|_m: Message| async { Ok::<_, BoxError>(()) }))
-}
+#[path = "../../../benches/support/full_stack.rs"]
+mod support;
+use support::full_stack;
 
 type AckFuture = std::pin::Pin<
     Box<dyn std::future::Future<Output = redrive_rabbitmq::lapin::Result<bool>> + Send>,
@@ -178,7 +136,10 @@ async fn redrive(
             m
         })
         .service(if full {
-            BoxService::new(service(dead_letters))
+            BoxService::new(full_stack(
+                dead_letters,
+                handler_fn(|_m: Message| async { Ok::<_, BoxError>(()) }),
+            ))
         } else {
             BoxService::new(handler_fn(|_m: Message| async { Ok::<_, BoxError>(()) }))
         });

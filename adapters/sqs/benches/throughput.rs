@@ -18,23 +18,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use redrive_core::{BoxError, Message, Outcome, OutgoingMessage, Worker, handler_fn};
-use redrive_middleware::Stack;
-use redrive_middleware::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer};
-use redrive_middleware::dead_letter::{DeadLetterConfig, DeadLetterLayer};
-use redrive_middleware::idempotency::{IdempotencyConfig, IdempotencyLayer, MemoryStore};
-use redrive_middleware::metrics::MetricsLayer;
-use redrive_middleware::rate_limit::{RateLimitConfig, RateLimitLayer};
-use redrive_middleware::retry::{RetryConfig, RetryLayer};
-use redrive_middleware::timeout::TimeoutLayer;
-use redrive_middleware::trace::TraceLayer;
+use redrive_core::{BoxError, Message, OutgoingMessage, Worker, handler_fn};
 use redrive_sqs::Sqs;
 use redrive_sqs::aws_config::{self, BehaviorVersion, Region};
 use redrive_sqs::aws_sdk_sqs::config::Credentials;
 use redrive_sqs::aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, QueueAttributeName};
 use tokio::sync::Notify;
-use tower::Service;
 use tower::util::BoxService;
+
+#[path = "../../../benches/support/full_stack.rs"]
+mod support;
+use support::full_stack;
 
 async fn connect() -> Sqs {
     let endpoint =
@@ -133,46 +127,6 @@ async fn bare_loop(sqs: &Sqs, url: &str, n: usize) -> Duration {
     start.elapsed()
 }
 
-/// The full Stack around `handler`, dead-lettering through `sqs`.
-fn full_stack<S>(
-    sqs: &Sqs,
-    handler: S,
-) -> impl Service<Message, Response = Outcome, Error = BoxError, Future: Send + 'static> + Send + 'static
-where
-    S: Service<Message, Response = Outcome, Error = BoxError> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-{
-    use opentelemetry::metrics::MeterProvider as _;
-    // Instruments aggregate as in production; the exporter keeps what it is given.
-    let provider = opentelemetry_sdk::metrics::SdkMeterProvider::builder()
-        .with_periodic_exporter(opentelemetry_sdk::metrics::InMemoryMetricExporter::default())
-        .build();
-    let meter = provider.meter("redrive-bench");
-    // The provider lives for the whole bench process.
-    std::mem::forget(provider);
-    Stack::new()
-        .trace(TraceLayer::new())
-        .metrics(MetricsLayer::new(&meter))
-        .dead_letter(
-            DeadLetterLayer::new(Arc::new(sqs.publisher()), DeadLetterConfig::default())
-                .expect("dead-letter config"),
-        )
-        .idempotency(
-            IdempotencyLayer::new(Arc::new(MemoryStore::new()), IdempotencyConfig::default())
-                .expect("idempotency config"),
-        )
-        .circuit_breaker(
-            CircuitBreakerLayer::new(CircuitBreakerConfig::default()).expect("breaker config"),
-        )
-        .rate_limit(
-            RateLimitLayer::new(RateLimitConfig::per_second(1_000_000_000))
-                .expect("rate limit config"),
-        )
-        .retry(RetryLayer::new(RetryConfig::default()).expect("retry config"))
-        .timeout(TimeoutLayer::new(Duration::from_secs(30)).expect("timeout config"))
-        .service(handler)
-}
-
 async fn worker(
     sqs: &Sqs,
     queue: &str,
@@ -199,7 +153,7 @@ async fn worker(
         .await
         .expect("consumer");
     let service = if full {
-        BoxService::new(full_stack(sqs, handler))
+        BoxService::new(full_stack(sqs.publisher(), handler))
     } else {
         BoxService::new(handler)
     };
