@@ -173,13 +173,15 @@ async fn redrive(
         )
         .build()
         .expect("consumer");
-    let report = Worker::builder(consumer, service)
+    let worker = Worker::builder(consumer, service)
         .concurrency(concurrency)
         .ordering(ordering)
         .build()
-        .expect("worker")
-        .run_until(async move { done.notified().await })
-        .await;
+        .expect("worker");
+    // On the runtime, as an application runs it, not on the bench's main thread.
+    let report = tokio::spawn(worker.run_until(async move { done.notified().await }))
+        .await
+        .expect("worker task");
     assert!(report.processed as usize >= n, "{report:?}");
     started.get().expect("a record was handled").elapsed()
 }
