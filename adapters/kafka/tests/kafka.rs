@@ -100,6 +100,7 @@ on_both!(
     a_worker_that_holds_back_keeps_the_group,
     a_consumer_dropped_without_closing_loses_nothing,
     a_member_leaving_hands_its_partitions_over,
+    per_partition_runs_each_partition_in_order,
 );
 
 fn text(m: &Message) -> String {
@@ -539,6 +540,61 @@ async fn a_consumer_dropped_without_closing_loses_nothing(env: &Env) {
     let expected: Vec<String> = (4..10).map(|i| format!("m{i}")).collect();
     assert_eq!(again, expected, "resumed at the first record not acked");
     second.close().await.expect("close");
+}
+
+/// `PerPartition`: each partition runs one record at a time, in offset order. (Whether
+/// two partitions overlap depends on how the broker interleaves their fetches, so it
+/// is not asserted.)
+async fn per_partition_runs_each_partition_in_order(env: &Env) {
+    let brokers = env.brokers.clone();
+    let topic = unique_name("per-partition");
+    env.create_topic(&topic, 2).await;
+    let p = common::publisher(&brokers);
+    for i in 0..40 {
+        publish(&p, &topic, &format!("k{i}"), &format!("{i}")).await;
+    }
+    let running: Arc<Mutex<HashMap<i32, usize>>> = Arc::default();
+    let offsets: Arc<Mutex<HashMap<i32, Vec<i64>>>> = Arc::default();
+    let done = Arc::new(Notify::new());
+    let (r, o, d) = (running.clone(), offsets.clone(), done.clone());
+    let handler = handler_fn(move |m: Message| {
+        let (r, o, d) = (r.clone(), o.clone(), d.clone());
+        async move {
+            let partition = m.metadata.source.partition.expect("partition");
+            {
+                let mut r = r.lock().unwrap();
+                let mine = r.entry(partition).or_default();
+                *mine += 1;
+                assert_eq!(*mine, 1, "two records of partition {partition} at once");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            *r.lock().unwrap().get_mut(&partition).unwrap() -= 1;
+            let mut o = o.lock().unwrap();
+            o.entry(partition)
+                .or_default()
+                .push(m.metadata.source.offset.expect("offset"));
+            if o.values().map(Vec::len).sum::<usize>() == 40 {
+                d.notify_one();
+            }
+            Ok::<_, BoxError>(())
+        }
+    });
+    let report = Worker::builder(
+        common::consumer(&brokers, &unique_name("g"), &topic),
+        handler,
+    )
+    .concurrency(8)
+    .ordering(OrderingMode::PerPartition)
+    .build()
+    .expect("worker")
+    .run_until(async move { done.notified().await })
+    .await;
+    assert_eq!((report.processed, report.panicked), (40, 0), "{report:?}");
+    for (partition, seen) in offsets.lock().unwrap().iter() {
+        let mut sorted = seen.clone();
+        sorted.sort_unstable();
+        assert_eq!(seen, &sorted, "partition {partition} out of order");
+    }
 }
 
 /// Two members share a topic; one leaves mid-stream and the other takes over its
