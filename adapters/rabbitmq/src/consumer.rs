@@ -14,7 +14,7 @@ use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use redrive_core::delivery::BoxFuture;
 use redrive_core::{Acker, Capabilities, Consumer, Delivery, OrderingScope};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::connection::{Reconnect, confirm_channel, connect, publish_confirmed};
@@ -100,11 +100,20 @@ impl ConsumerBuilder {
             connected: AtomicBool::new(true),
             stale: AtomicU64::new(0),
         });
-        let (tx, rx) = mpsc::channel(usize::from(config.prefetch));
         let caps = capabilities(&config.topology);
-        let task = tokio::spawn(run(config, shared.clone(), tx, opened));
+        let queue = config.topology.queue().to_owned();
+        let first = Current {
+            session: opened.session.clone(),
+            stream: opened.stream.clone(),
+        };
+        let (tx, rx) = watch::channel(Some(first));
+        let (lost_tx, lost_rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(run(config, shared.clone(), tx, lost_rx, opened));
         Ok(RabbitConsumer {
-            rx,
+            current: Some(rx),
+            cached: None,
+            lost: lost_tx,
+            queue,
             shared,
             caps,
             task: Some(task),
@@ -274,14 +283,35 @@ impl Session {
 
 /// Consumes one RabbitMQ queue. See the [crate docs](crate) for the guarantees.
 ///
-/// Deliveries are read by a background task on the current tokio runtime and handed out
-/// one at a time by [`receive`](Consumer::receive), which is cancel-safe. Dropping the
-/// consumer closes its connection; unsettled messages go back to the queue.
+/// [`receive`](Consumer::receive) reads the current channel's deliveries itself, so a
+/// delivery crosses no task on its way to the Worker, and is cancel-safe. A background
+/// task on the current tokio runtime watches the connection and reconnects, also while
+/// the Worker is busy. Dropping the consumer closes its connection; unsettled messages
+/// go back to the queue.
 pub struct RabbitConsumer {
-    rx: mpsc::Receiver<Incoming>,
+    /// The channel being consumed, as the background task last opened it; `None` inside
+    /// while it reconnects. Taken by `close`.
+    current: Option<watch::Receiver<Option<Current>>>,
+    /// `receive`'s copy of the current channel.
+    cached: Option<Current>,
+    /// Tells the background task that a session's delivery stream ended.
+    lost: mpsc::UnboundedSender<usize>,
+    queue: String,
     shared: Arc<Shared>,
     caps: Capabilities,
     task: Option<JoinHandle<()>>,
+}
+
+/// A session and its delivery stream.
+#[derive(Clone)]
+struct Current {
+    session: Arc<Session>,
+    stream: lapin::Consumer,
+}
+
+/// Identifies a session in loss reports.
+fn session_id(session: &Arc<Session>) -> usize {
+    Arc::as_ptr(session) as usize
 }
 
 impl fmt::Debug for RabbitConsumer {
@@ -324,22 +354,55 @@ impl RabbitConsumer {
     }
 }
 
-struct Incoming {
-    delivery: Delivery,
-    session: Weak<Session>,
-}
-
 impl Consumer for RabbitConsumer {
     async fn receive(&mut self) -> redrive_core::Result<Option<Delivery>> {
         loop {
-            let Some(incoming) = self.rx.recv().await else {
+            let Some(current) = self.current.as_mut() else {
                 return Ok(None);
             };
-            if incoming.session.upgrade().is_some_and(|s| s.is_alive()) {
-                return Ok(Some(incoming.delivery));
+            match current.has_changed() {
+                Err(_) => return Ok(None),
+                Ok(true) => self.cached = current.borrow_and_update().clone(),
+                Ok(false) if self.cached.is_none() => {
+                    self.cached = current.borrow_and_update().clone();
+                }
+                Ok(false) => {}
             }
-            // Its channel is gone: it cannot be settled, and the broker redelivers it.
-            self.shared.stale.fetch_add(1, Ordering::Relaxed);
+            let Some(Current { session, stream }) = self.cached.as_mut() else {
+                // Reconnecting: wait for the next session (or the end).
+                if current.changed().await.is_err() {
+                    return Ok(None);
+                }
+                continue;
+            };
+            // Both branches are cancel-safe: a stream hands out a delivery only when it
+            // returns it.
+            tokio::select! {
+                biased;
+                item = stream.next() => match item {
+                    Some(Ok(d)) if session.is_alive() => {
+                        return Ok(Some(delivery(session, &self.queue, d)));
+                    }
+                    Some(Ok(_)) => {
+                        // Its channel is gone: it cannot be settled, and the broker
+                        // redelivers it.
+                        self.shared.stale.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Some(Err(_)) | None => {
+                        let _ = self.lost.send(session_id(session));
+                        self.cached = None;
+                        if current.changed().await.is_err() {
+                            return Ok(None);
+                        }
+                    }
+                },
+                changed = current.changed() => {
+                    if changed.is_err() {
+                        return Ok(None);
+                    }
+                    self.cached = current.borrow_and_update().clone();
+                }
+            }
         }
     }
 
@@ -348,8 +411,9 @@ impl Consumer for RabbitConsumer {
     }
 
     async fn close(&mut self) -> redrive_core::Result<()> {
-        self.rx.close();
-        while self.rx.recv().await.is_some() {}
+        // Dropping the receiver tells the background task to close the connection.
+        self.cached = None;
+        self.current = None;
         if let Some(task) = self.task.take() {
             let _ = task.await;
         }
@@ -357,20 +421,27 @@ impl Consumer for RabbitConsumer {
     }
 }
 
-/// Forwards deliveries, and reconnects whenever the connection or the consumer is lost.
+/// Watches the connection and reconnects whenever it or the consumer is lost,
+/// publishing each new session to `receive` through `tx`.
 async fn run(
     config: Arc<Config>,
     shared: Arc<Shared>,
-    tx: mpsc::Sender<Incoming>,
+    tx: watch::Sender<Option<Current>>,
+    mut lost: mpsc::UnboundedReceiver<usize>,
     mut opened: Opened,
 ) {
     let queue = config.topology.queue().to_owned();
     loop {
         let Opened {
             session,
-            mut stream,
+            stream,
             mut events,
         } = opened;
+        let id = session_id(&session);
+        tx.send_replace(Some(Current {
+            session: session.clone(),
+            stream,
+        }));
         let why = loop {
             tokio::select! {
                 biased;
@@ -388,23 +459,19 @@ async fn run(
                     }
                     _ => {}
                 },
-                item = stream.next() => match item {
-                    Some(Ok(d)) => {
-                        let incoming = incoming(&session, &queue, d);
-                        if tx.send(incoming).await.is_err() {
-                            session.shut("consumer closed").await;
-                            return;
-                        }
+                Some(ended) = lost.recv() => {
+                    // A report about an earlier session is stale.
+                    if ended == id {
+                        break "the delivery stream ended (the broker cancelled the consumer or closed the channel)".to_owned();
                     }
-                    Some(Err(e)) => break e.to_string(),
-                    None => break "the broker cancelled the consumer".to_owned(),
-                },
+                }
             }
         };
+        tx.send_replace(None);
         shared.connected.store(false, Ordering::Relaxed);
         tracing::warn!(queue = %queue, reason = %why, "RabbitMQ consumer lost its connection; reconnecting");
         session.shut("reconnecting").await;
-        drop((stream, events, session));
+        drop((events, session));
         let mut n = 0u32;
         opened = loop {
             let wait = config.reconnect.delay(n);
@@ -426,7 +493,7 @@ async fn run(
     }
 }
 
-fn incoming(session: &Arc<Session>, queue: &str, d: lapin::message::Delivery) -> Incoming {
+fn delivery(session: &Arc<Session>, queue: &str, d: lapin::message::Delivery) -> Delivery {
     let lapin::message::Delivery {
         exchange,
         routing_key,
@@ -446,20 +513,16 @@ fn incoming(session: &Arc<Session>, queue: &str, d: lapin::message::Delivery) ->
         redelivered,
     );
     let message = mapping::message(queue, payload.clone(), received, amqp.clone());
-    let session = Arc::downgrade(session);
-    Incoming {
-        delivery: Delivery::new(
-            message,
-            RabbitAcker {
-                session: session.clone(),
-                acker,
-                amqp,
-                payload,
-                attempt,
-            },
-        ),
-        session,
-    }
+    Delivery::new(
+        message,
+        RabbitAcker {
+            session: Arc::downgrade(session),
+            acker,
+            amqp,
+            payload,
+            attempt,
+        },
+    )
 }
 
 /// Settles one delivery on the channel it came on.
