@@ -485,8 +485,14 @@ impl Consumer for KafkaConsumer {
     }
 
     async fn close(&mut self) -> redrive_core::Result<()> {
-        for task in self.tasks.drain(..) {
+        let tasks: Vec<JoinHandle<()>> = self.tasks.drain(..).collect();
+        for task in &tasks {
             task.abort();
+        }
+        for task in tasks {
+            // Once it has ended it holds no handle on the consumer, so the last handle,
+            // dropped below off the runtime, is ours.
+            let _ = task.await;
         }
         // Records polled and not taken stay incomplete: they hold their watermarks and
         // are delivered again after a restart.
