@@ -20,54 +20,20 @@ use std::time::{Duration, Instant};
 
 use redrive_core::{BoxError, Message, OutgoingMessage, Worker, handler_fn};
 use redrive_sqs::Sqs;
-use redrive_sqs::aws_config::{self, BehaviorVersion, Region};
-use redrive_sqs::aws_sdk_sqs::config::Credentials;
-use redrive_sqs::aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, QueueAttributeName};
+use redrive_sqs::aws_sdk_sqs::types::DeleteMessageBatchRequestEntry;
 use tokio::sync::Notify;
 use tower::util::BoxService;
 
+#[path = "../tests/common/mod.rs"]
+mod common;
 #[path = "../../../benches/support/full_stack.rs"]
 mod support;
 use support::full_stack;
 
-async fn connect() -> Sqs {
-    let endpoint =
-        std::env::var("SQS_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:9324".to_owned());
-    let config = aws_config::defaults(BehaviorVersion::latest())
-        .region(Region::new("us-east-1"))
-        .credentials_provider(Credentials::new(
-            "test",
-            "test",
-            None,
-            None,
-            "redrive-bench",
-        ))
-        .endpoint_url(&endpoint)
-        .load()
-        .await;
-    let sqs = Sqs::from_sdk_config(&config);
-    if let Err(e) = sqs.client().list_queues().max_results(1).send().await {
-        panic!(
-            "the SQS emulator at {endpoint} did not answer ({e}); start it with `source scripts/sqs-emulator`"
-        );
-    }
-    sqs
-}
-
 /// A fresh queue holding `n` messages; returns its name and URL.
 async fn filled_queue(sqs: &Sqs, prefix: &str, n: usize) -> (String, String) {
     let name = redrive_core::testkit::unique_name(prefix);
-    let url = sqs
-        .client()
-        .create_queue()
-        .queue_name(&name)
-        .attributes(QueueAttributeName::VisibilityTimeout, "30")
-        .send()
-        .await
-        .expect("CreateQueue")
-        .queue_url()
-        .expect("url")
-        .to_owned();
+    let url = common::create_queue(sqs, &name, Duration::from_secs(30), &[]).await;
     let messages: Vec<_> = (0..n)
         .map(|i| {
             OutgoingMessage::new(format!("{{\"order\":{i}}}"))
@@ -178,10 +144,10 @@ fn main() {
         .build()
         .expect("runtime");
     rt.block_on(async {
-        let sqs = connect().await;
+        let sqs = common::sqs().await;
         println!(
             "SQS consumer throughput, {n} messages, batches of 10, against {}",
-            { std::env::var("SQS_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:9324".into()) }
+            common::endpoint()
         );
         let (_, url) = filled_queue(&sqs, "bench-bare", n).await;
         let bare = bare_loop(&sqs, &url, n).await;

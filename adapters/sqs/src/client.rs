@@ -7,10 +7,8 @@ use std::time::Duration;
 
 use aws_config::{BehaviorVersion, SdkConfig};
 use aws_sdk_sqs::Client;
-use aws_sdk_sqs::error::ProvideErrorMetadata;
 use aws_sdk_sqs::types::QueueAttributeName;
 
-use crate::error::is_missing_queue;
 use crate::{Error, Result, SqsConsumerBuilder, SqsPublisher};
 
 /// A handle on SQS: the `aws-sdk-sqs` client and a cache of queue URLs. Cheap to clone;
@@ -92,13 +90,7 @@ impl Sqs {
             .queue_name(queue)
             .send()
             .await
-            .map_err(|e| {
-                if is_missing_queue(e.code()) {
-                    Error::QueueDoesNotExist(queue.to_owned())
-                } else {
-                    Error::request("GetQueueUrl", e)
-                }
-            })?;
+            .map_err(|e| Error::for_queue(queue, "GetQueueUrl", e))?;
         let url = out
             .queue_url()
             .ok_or_else(|| Error::QueueDoesNotExist(queue.to_owned()))?
@@ -125,13 +117,7 @@ impl Sqs {
             .attribute_names(QueueAttributeName::All)
             .send()
             .await
-            .map_err(|e| {
-                if is_missing_queue(e.code()) {
-                    Error::QueueDoesNotExist(queue.to_owned())
-                } else {
-                    Error::request("GetQueueAttributes", e)
-                }
-            })?;
+            .map_err(|e| Error::for_queue(queue, "GetQueueAttributes", e))?;
         let attrs = out.attributes();
         let get = |name: QueueAttributeName| attrs.and_then(|a| a.get(&name)).map(String::as_str);
         let visibility = get(QueueAttributeName::VisibilityTimeout)

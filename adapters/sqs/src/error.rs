@@ -111,6 +111,20 @@ impl Error {
         }
     }
 
+    /// [`Error::QueueDoesNotExist`] when SQS says `queue` does not exist, else the
+    /// request's error.
+    pub(crate) fn for_queue<E, R>(queue: &str, operation: &'static str, err: SdkError<E, R>) -> Self
+    where
+        E: std::error::Error + ProvideErrorMetadata + Send + Sync + 'static,
+        R: std::fmt::Debug + Send + Sync + 'static,
+    {
+        if is_missing_queue(err.code()) {
+            Error::QueueDoesNotExist(queue.to_owned())
+        } else {
+            Error::request(operation, err)
+        }
+    }
+
     /// The SQS error code, for a failed request or batch entry.
     pub fn code(&self) -> Option<&str> {
         match self {

@@ -556,7 +556,7 @@ where
                             .unwrap_or(""),
                         "delivery no longer this consumer's (partition revoked); handed back without running"
                     );
-                    state.hand_back(delivery, if reserved { key } else { None });
+                    state.hand_back(vec![delivery], if reserved { key } else { None });
                     continue;
                 }
                 if let (Some(k), false) = (&key, reserved) {
@@ -775,15 +775,18 @@ impl State {
         }
     }
 
-    /// Hands one delivery back to the broker without running it; releases `key` after.
-    fn hand_back(&mut self, delivery: Delivery, key: Option<Bytes>) {
+    /// Hands deliveries back to the broker without running them; releases `key` after.
+    fn hand_back(&mut self, back: Vec<Delivery>, key: Option<Bytes>) {
         self.tasks.spawn(async move {
-            let settle_errors =
-                u64::from(log_settle(delivery.nack(Duration::ZERO).await, "hand back"));
+            let count = back.len() as u64;
+            let mut settle_errors = 0;
+            for d in back {
+                settle_errors += u64::from(log_settle(d.nack(Duration::ZERO).await, "hand back"));
+            }
             Done::HandedBack {
                 key,
                 parked: false,
-                count: 1,
+                count,
                 settle_errors,
             }
         });
@@ -796,22 +799,9 @@ impl State {
             back.extend(queue.drain(..));
         }
         self.waiting = 0;
-        if back.is_empty() {
-            return;
+        if !back.is_empty() {
+            self.hand_back(back, None);
         }
-        self.tasks.spawn(async move {
-            let count = back.len() as u64;
-            let mut settle_errors = 0;
-            for d in back {
-                settle_errors += u64::from(log_settle(d.nack(Duration::ZERO).await, "hand back"));
-            }
-            Done::HandedBack {
-                key: None,
-                parked: false,
-                count,
-                settle_errors,
-            }
-        });
     }
 }
 
