@@ -197,7 +197,9 @@ impl KafkaConsumer {
     /// timeout). Called by `close`; useful before a planned pause.
     ///
     /// # Errors
-    /// [`Error::Kafka`] if the commit failed; the watermarks are offered again.
+    /// [`Error::Kafka`] if the commit failed (the watermarks are offered again),
+    /// [`Error::Commit`] if it did not finish within the close timeout,
+    /// [`Error::Closed`] after `close`.
     pub async fn commit_now(&self) -> Result<()> {
         let Some(consumer) = self.consumer.clone() else {
             return Err(Error::Closed);
@@ -206,10 +208,10 @@ impl KafkaConsumer {
         let work = off_runtime(move || commit(&*consumer, &state, CommitMode::Sync));
         match tokio::time::timeout(self.close_timeout, work).await {
             Ok(Some(result)) => result.map_err(Error::from),
-            Ok(None) => Err(Error::Config("the commit thread panicked".into())),
-            Err(_) => Err(Error::Config(format!(
-                "the commit did not finish within the close timeout ({:?}); the completed \
-                 records after the last commit will be delivered again",
+            Ok(None) => Err(Error::Commit("the commit thread panicked".into())),
+            Err(_) => Err(Error::Commit(format!(
+                "it did not finish within the close timeout ({:?}); the completed records \
+                 after the last commit will be delivered again",
                 self.close_timeout
             ))),
         }
@@ -390,7 +392,7 @@ fn delivery(record: &BorrowedMessage<'_>, state: &Arc<Mutex<Watermarks>>) -> Del
     let offset = record.offset();
     let generation = lock(state).received(&tp, offset);
     if generation.is_none() {
-        tracing::warn!(topic = %tp.0, partition = tp.1, offset, "record of a partition not assigned to this consumer; it is handled, its offset is not committed");
+        tracing::warn!(topic = %tp.0, partition = tp.1, offset, "record of a partition not assigned to this consumer; the Worker hands it back unrun");
     }
     Delivery::new(
         message,

@@ -21,6 +21,9 @@ pub enum Error {
         #[source]
         source: KafkaError,
     },
+    /// A synchronous offset commit did not complete.
+    #[error("the offset commit did not complete: {0}")]
+    Commit(String),
     /// The consumer was closed.
     #[error("the kafka consumer is closed")]
     Closed,

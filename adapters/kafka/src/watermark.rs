@@ -23,6 +23,11 @@ pub(crate) struct Partition {
 }
 
 impl Partition {
+    /// The watermark to commit when this partition is given up, if it moved.
+    pub(crate) fn uncommitted(&self) -> Option<i64> {
+        self.watermark.filter(|w| self.committed != Some(*w))
+    }
+
     fn received(&mut self, offset: i64) {
         if self.open.back().is_some_and(|&(last, _)| offset <= last) {
             // A rewind (a seek, or a fetch after a failed commit): forget what was after.
@@ -128,13 +133,6 @@ impl Watermarks {
     #[cfg(test)]
     pub(crate) fn watermark(&self, tp: &Tp) -> Option<i64> {
         self.partitions.get(tp).and_then(|p| p.watermark)
-    }
-}
-
-impl Partition {
-    /// The watermark to commit when this partition is given up, if it moved.
-    pub(crate) fn uncommitted(&self) -> Option<i64> {
-        self.watermark.filter(|w| self.committed != Some(*w))
     }
 }
 
