@@ -94,7 +94,7 @@ impl QueueConfig {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct QueuedMessage {
     /// The broker's message id.
-    pub id: String,
+    pub id: Arc<str>,
     /// The body.
     pub payload: Bytes,
     /// The headers.
@@ -305,7 +305,7 @@ impl MemoryBroker {
         Stored {
             seq,
             msg: QueuedMessage {
-                id: format!("mem-{seq}"),
+                id: format!("mem-{seq}").into(),
                 payload: message.payload,
                 headers: message.headers,
                 key: message.key,
@@ -369,7 +369,7 @@ impl MemoryConsumer {
                     message_id: Some(stored.msg.id.clone()),
                     source: Source {
                         system: SYSTEM,
-                        destination: self.queue.name.to_string(),
+                        destination: self.queue.name.clone(),
                         partition: None,
                         offset: None,
                     },

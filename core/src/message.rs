@@ -16,7 +16,10 @@ pub struct Source {
     /// (`rabbitmq`, `aws_sqs`, `kafka`, `memory`).
     pub system: &'static str,
     /// The queue or topic the message was consumed from.
-    pub destination: String,
+    ///
+    /// Shared, so copying the metadata (for a retry, a dead-letter envelope) never
+    /// copies the name; adapters hand every message of a queue the same allocation.
+    pub destination: Arc<str>,
     /// The partition, for brokers that have them.
     pub partition: Option<i32>,
     /// The offset within the partition, for brokers that have them.
@@ -26,8 +29,9 @@ pub struct Source {
 /// What the broker and the framework know about a message.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Metadata {
-    /// The broker's or producer's message id, if there is one.
-    pub message_id: Option<String>,
+    /// The broker's or producer's message id, if there is one. Shared, like
+    /// [`Source::destination`], so copies of the metadata do not copy it.
+    pub message_id: Option<Arc<str>>,
     /// Where the message came from.
     pub source: Source,
     /// The delivery attempt, 1-based: the broker's own count where it keeps one, else a
@@ -53,12 +57,15 @@ impl Default for Metadata {
 
 /// Typed values that layers hand each other, one per type.
 ///
-/// Values are shared, so cloning a message's extensions never copies them. A message
-/// carries a handful at most, so they live in a small vector, not a hash map.
+/// Values are shared, and so is the set of them until a copy changes it: cloning a
+/// message's extensions is a reference count, never an allocation. A message carries a
+/// handful at most, so they live in a small vector, not a hash map.
 #[derive(Clone, Default)]
 pub struct Extensions {
-    entries: Vec<(TypeId, Arc<dyn Any + Send + Sync>)>,
+    entries: Option<Arc<Vec<Entry>>>,
 }
+
+type Entry = (TypeId, Arc<dyn Any + Send + Sync>);
 
 impl Extensions {
     /// No extensions.
@@ -66,17 +73,26 @@ impl Extensions {
         Self::default()
     }
 
+    fn entries(&self) -> &[Entry] {
+        self.entries.as_deref().map_or(&[], Vec::as_slice)
+    }
+
     /// Stores `value`, returning whether one of its type was replaced.
     pub fn insert<T: Send + Sync + 'static>(&mut self, value: T) -> bool {
         let id = TypeId::of::<T>();
         let value: Arc<dyn Any + Send + Sync> = Arc::new(value);
-        match self.entries.iter_mut().find(|(t, _)| *t == id) {
+        // Room for the few values a stack of layers adds, so inserts do not regrow it.
+        let entries = Arc::make_mut(
+            self.entries
+                .get_or_insert_with(|| Arc::new(Vec::with_capacity(4))),
+        );
+        match entries.iter_mut().find(|(t, _)| *t == id) {
             Some(slot) => {
                 slot.1 = value;
                 true
             }
             None => {
-                self.entries.push((id, value));
+                entries.push((id, value));
                 false
             }
         }
@@ -85,7 +101,7 @@ impl Extensions {
     /// The value of type `T`, if one is stored.
     pub fn get<T: Send + Sync + 'static>(&self) -> Option<&T> {
         let id = TypeId::of::<T>();
-        self.entries
+        self.entries()
             .iter()
             .find(|(t, _)| *t == id)
             .and_then(|(_, v)| v.downcast_ref::<T>())
@@ -94,14 +110,18 @@ impl Extensions {
     /// Removes the value of type `T`; returns whether there was one.
     pub fn remove<T: Send + Sync + 'static>(&mut self) -> bool {
         let id = TypeId::of::<T>();
-        let before = self.entries.len();
-        self.entries.retain(|(t, _)| *t != id);
-        self.entries.len() != before
+        if !self.entries().iter().any(|(t, _)| *t == id) {
+            return false;
+        }
+        if let Some(entries) = self.entries.as_mut() {
+            Arc::make_mut(entries).retain(|(t, _)| *t != id);
+        }
+        true
     }
 
     /// Number of stored values.
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.entries().len()
     }
 
     /// Whether nothing is stored.
@@ -236,5 +256,20 @@ mod tests {
         e.remove::<u32>();
         assert_eq!(e.len(), 1);
         assert_eq!(c.len(), 2);
+    }
+
+    #[test]
+    fn a_changed_copy_of_the_extensions_leaves_the_original_alone() {
+        let mut original = Extensions::new();
+        assert!(!original.remove::<u32>(), "nothing to remove");
+        original.insert(1u32);
+        let mut copy = original.clone();
+        assert!(copy.insert(2u32));
+        copy.insert(3u8);
+        assert_eq!(original.get::<u32>(), Some(&1));
+        assert_eq!(original.get::<u8>(), None);
+        assert!(copy.remove::<u32>());
+        assert_eq!((copy.len(), original.len()), (1, 1));
+        assert_eq!(original.get::<u32>(), Some(&1));
     }
 }

@@ -222,7 +222,7 @@ pub async fn round_trip<B: Backend>(b: &B) {
             );
         }
         assert_eq!(m.metadata.attempt, 1, "first delivery of {}", body(m));
-        assert_eq!(m.metadata.source.destination, dest);
+        assert_eq!(*m.metadata.source.destination, *dest);
         d.ack().await.expect("ack");
     }
     assert!(sent.is_empty(), "never received: {:?}", sent.keys());

@@ -51,7 +51,7 @@ where
         let start = Instant::now();
         for i in 0..iters {
             let mut m = base.clone();
-            m.metadata.message_id = Some(i.to_string());
+            m.metadata.message_id = Some(i.to_string().into());
             let svc = svc.ready().await.expect("ready");
             let out = svc.call(m).await.expect("call").into();
             debug_assert_eq!(out, Outcome::Processed);

@@ -587,9 +587,8 @@ impl Core {
             (Phase::Closed, Outcome::Ignored) | (Phase::Open { .. }, _) => None,
             (Phase::Closed, Outcome::Success) => {
                 inner.consecutive = 0;
-                let since = self.origin.elapsed();
                 if let Some(w) = &mut inner.window {
-                    w.record(since, false);
+                    w.record(self.origin.elapsed(), false);
                 }
                 None
             }

@@ -99,7 +99,7 @@ struct Instruments {
 
 struct Destination {
     system: &'static str,
-    name: String,
+    name: Arc<str>,
     attrs: Box<[KeyValue]>,
     counts: [AtomicU64; COUNTERS.len()],
     in_flight: AtomicI64,
@@ -175,7 +175,7 @@ impl Instruments {
         let source = &msg.metadata.source;
         let find = |list: &[Arc<Destination>]| {
             list.iter()
-                .find(|d| d.system == source.system && d.name == source.destination)
+                .find(|d| d.system == source.system && *d.name == *source.destination)
                 .cloned()
         };
         if let Some(d) = find(&self.destinations.read().unwrap_or_else(|p| p.into_inner())) {

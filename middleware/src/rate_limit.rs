@@ -365,7 +365,7 @@ impl KeyedRateLimitLayer {
     ///
     /// // Per destination queue.
     /// let layer = KeyedRateLimitLayer::new(RateLimitConfig::per_second(20), |msg| {
-    ///     Some(Bytes::from(msg.metadata.source.destination.clone()))
+    ///     Some(Bytes::copy_from_slice(msg.metadata.source.destination.as_bytes()))
     /// })?;
     /// # let _ = layer;
     /// # Ok::<(), redrive_middleware::rate_limit::ConfigError>(())

@@ -24,9 +24,11 @@
 //! ```
 //!
 //! # Guarantees
-//! - The deadline starts when the try is called and covers the whole try; when it
-//!   passes, the try's future is dropped (cancelling the handler at its next
-//!   `.await`) and the call fails with [`Elapsed`].
+//! - The deadline starts when the try first waits (its first poll that returns
+//!   pending, right after the call in the Worker) and covers the rest of the try; when
+//!   it passes, the try's future is dropped (cancelling the handler at its next
+//!   `.await`) and the call fails with [`Elapsed`]. A try that completes on its first
+//!   poll never sets a timer: a synchronous handler pays nothing for its deadline.
 //! - [`Elapsed`] carries no marker, so it is **transient**: the retry layer retries it
 //!   and the Worker redelivers it.
 //! - `poll_ready` is the inner service's: waiting for readiness is not part of the
@@ -179,7 +181,7 @@ where
     fn call(&mut self, msg: Message) -> Self::Future {
         ResponseFuture {
             inner: self.inner.call(msg),
-            sleep: tokio::time::sleep(self.timeout),
+            sleep: None,
             after: self.timeout,
         }
     }
@@ -191,7 +193,7 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: F,
         #[pin]
-        sleep: Sleep,
+        sleep: Option<Sleep>,
         after: Duration,
     }
 }
@@ -212,11 +214,15 @@ where
     type Output = Result<T, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
+        let mut this = self.project();
         if let Poll::Ready(result) = this.inner.poll(cx) {
             return Poll::Ready(result.map_err(Into::into));
         }
-        match this.sleep.poll(cx) {
+        if this.sleep.is_none() {
+            this.sleep.set(Some(tokio::time::sleep(*this.after)));
+        }
+        let sleep = this.sleep.as_pin_mut().expect("set above");
+        match sleep.poll(cx) {
             Poll::Ready(()) => Poll::Ready(Err(Box::new(Elapsed { after: *this.after }))),
             Poll::Pending => Poll::Pending,
         }

@@ -129,13 +129,9 @@ impl MakeCorrelationId for DefaultCorrelationId {
         {
             return CorrelationId::new(trace_id);
         }
-        if let Some(id) = msg
-            .metadata
-            .message_id
-            .as_deref()
-            .filter(|id| !id.is_empty())
-        {
-            return CorrelationId::new(id);
+        if let Some(id) = msg.metadata.message_id.as_ref().filter(|id| !id.is_empty()) {
+            // Shares the message id's allocation.
+            return CorrelationId(id.clone());
         }
         RandomCorrelationId.make_correlation_id(msg)
     }
@@ -417,7 +413,7 @@ fn consumer_span(msg: &Message, id: &CorrelationId) -> Span {
         span.record("messaging.kafka.offset", o);
     }
     if let Some(mid) = &msg.metadata.message_id {
-        span.record("messaging.message.id", mid.as_str());
+        span.record("messaging.message.id", &**mid);
     }
     span
 }

@@ -366,7 +366,7 @@ async fn destination_is_configurable_and_required() {
     assert_eq!(dlq.take()[0].0, "graveyard");
 
     let mut msg = message(1);
-    msg.metadata.source.destination.clear();
+    msg.metadata.source.destination = "".into();
     let svc = layer(dlq.clone(), config()).layer(failing(Arc::default(), permanent));
     let err = svc.oneshot(msg).await.unwrap_err();
     assert!(err.to_string().contains("with_destination"), "{err}");

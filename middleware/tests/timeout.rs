@@ -8,7 +8,7 @@ use std::time::Duration;
 use redrive_core::{BoxError, Classifier, Message, handler};
 use redrive_middleware::timeout::{Elapsed, TimeoutLayer};
 use tokio::time::Instant;
-use tower::{Layer, ServiceExt};
+use tower::{Layer, Service, ServiceExt};
 
 fn sleeper(
     d: Duration,
@@ -52,6 +52,29 @@ async fn a_fast_try_passes_through_with_its_result() {
         err.is::<std::io::Error>(),
         "the inner error goes up unchanged: {err}"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_deadline_runs_from_the_first_wait_and_a_synchronous_try_sets_none() {
+    let mut svc = TimeoutLayer::new(Duration::from_secs(2))
+        .unwrap()
+        .layer(sleeper(Duration::from_millis(1500)));
+    let call = svc.ready().await.unwrap().call(Message::new("x"));
+    // Queued behind other work for longer than the deadline before its first poll.
+    tokio::time::advance(Duration::from_secs(5)).await;
+    let t0 = Instant::now();
+    assert!(call.await.is_ok(), "the try ran 1.5 s of its 2 s");
+    assert_eq!(t0.elapsed(), Duration::from_millis(1500));
+
+    // A try that completes on its first poll is never timed, however late it is polled.
+    let mut sync = TimeoutLayer::new(Duration::from_secs(1))
+        .unwrap()
+        .layer(handler::handler_fn(|_m: Message| async {
+            Ok::<_, BoxError>(())
+        }));
+    let call = sync.ready().await.unwrap().call(Message::new("x"));
+    tokio::time::advance(Duration::from_secs(5)).await;
+    assert!(call.await.is_ok());
 }
 
 #[test]

@@ -387,10 +387,14 @@ fn set_paused(consumer: &StreamConsumer<Context>, pause: bool) -> bool {
 
 /// A delivery of `record`, tracked in its partition's watermark.
 fn delivery(record: &BorrowedMessage<'_>, state: &Arc<Mutex<Watermarks>>) -> Delivery {
-    let message = mapping::message(record);
-    let tp: Tp = (record.topic().to_owned(), record.partition());
     let offset = record.offset();
-    let generation = lock(state).received(&tp, offset);
+    let (tp, generation) = {
+        let mut state = lock(state);
+        let tp: Tp = (state.topic(record.topic()), record.partition());
+        let generation = state.received(&tp, offset);
+        (tp, generation)
+    };
+    let message = mapping::message(record, tp.0.clone());
     if generation.is_none() {
         tracing::warn!(topic = %tp.0, partition = tp.1, offset, "record of a partition not assigned to this consumer; the Worker hands it back unrun");
     }
@@ -418,7 +422,8 @@ impl ConsumerContext for Context {
             Rebalance::Assign(tpl) => {
                 let mut state = lock(&self.state);
                 for e in tpl.elements() {
-                    state.assign((e.topic().to_owned(), e.partition()));
+                    let topic = state.topic(e.topic());
+                    state.assign((topic, e.partition()));
                 }
                 tracing::info!(partitions = tpl.count(), "kafka partitions assigned");
             }
@@ -430,7 +435,7 @@ impl ConsumerContext for Context {
                 {
                     let mut state = lock(&self.state);
                     for e in tpl.elements() {
-                        let tp: Tp = (e.topic().to_owned(), e.partition());
+                        let tp: Tp = (state.topic(e.topic()), e.partition());
                         if let Some(w) = state.revoke(&tp).and_then(|p| p.uncommitted()) {
                             let _ = last.add_partition_offset(&tp.0, tp.1, Offset::Offset(w));
                         }
@@ -450,15 +455,16 @@ impl ConsumerContext for Context {
     fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
         if let Err(e) = result {
             tracing::warn!(error = %e, "offset commit failed; trying again with the next commit");
+            let mut state = lock(&self.state);
             let failed: Vec<(Tp, i64)> = offsets
                 .elements()
                 .iter()
                 .filter_map(|e| match e.offset() {
-                    Offset::Offset(o) => Some(((e.topic().to_owned(), e.partition()), o)),
+                    Offset::Offset(o) => Some(((state.topic(e.topic()), e.partition()), o)),
                     _ => None,
                 })
                 .collect();
-            lock(&self.state).commit_failed(&failed);
+            state.commit_failed(&failed);
         }
     }
 }

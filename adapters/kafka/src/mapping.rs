@@ -10,6 +10,7 @@
 //! | the `x-redrive-attempt` header, else 1 | `metadata.attempt` (the Worker counts parked retries on top) |
 //! | timestamp (create or log-append time) | `metadata.enqueued_at` |
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -21,7 +22,8 @@ use redrive_core::{HeaderValue, Headers, Message};
 use crate::SYSTEM;
 
 /// A [`Message`] holding a copy of the record's data.
-pub(crate) fn message(record: &BorrowedMessage<'_>) -> Message {
+/// The [`Message`] of `record`; `topic` is the record's topic name, shared.
+pub(crate) fn message(record: &BorrowedMessage<'_>, topic: Arc<str>) -> Message {
     let mut headers = Headers::new();
     if let Some(hs) = record.headers() {
         for h in hs.iter() {
@@ -50,14 +52,13 @@ pub(crate) fn message(record: &BorrowedMessage<'_>) -> Message {
     let meta = &mut msg.metadata;
     meta.message_id = Some(headers.get_str(MESSAGE_ID).map_or_else(
         || {
-            format!(
-                "{}-{}-{}",
-                record.topic(),
+            Arc::from(format!(
+                "{topic}-{}-{}",
                 record.partition(),
                 record.offset()
-            )
+            ))
         },
-        str::to_owned,
+        Arc::from,
     ));
     meta.attempt = headers
         .get_str(ATTEMPT)
@@ -71,7 +72,7 @@ pub(crate) fn message(record: &BorrowedMessage<'_>) -> Message {
         .map(|ms| UNIX_EPOCH + Duration::from_millis(ms));
     meta.received_at = SystemTime::now();
     meta.source.system = SYSTEM;
-    meta.source.destination = record.topic().to_owned();
+    meta.source.destination = topic;
     meta.source.partition = Some(record.partition());
     meta.source.offset = Some(record.offset());
     msg.headers = headers;

@@ -2,9 +2,11 @@
 //! of completed records, so a slow, parked or failed record holds it.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 
-/// A topic and partition.
-pub(crate) type Tp = (String, i32);
+/// A topic and partition. The topic's name is shared: every record of a topic, its
+/// acker and its message's `source.destination` hold the same allocation.
+pub(crate) type Tp = (Arc<str>, i32);
 
 /// The records of one partition handed out and not yet behind the watermark, in offset
 /// order, with whether each is complete.
@@ -57,10 +59,22 @@ impl Partition {
 #[derive(Debug, Default)]
 pub(crate) struct Watermarks {
     partitions: HashMap<Tp, Partition>,
+    /// Names of the topics seen, to share one allocation per topic.
+    topics: Vec<Arc<str>>,
     next_generation: u64,
 }
 
 impl Watermarks {
+    /// The shared name of `topic`.
+    pub(crate) fn topic(&mut self, topic: &str) -> Arc<str> {
+        if let Some(t) = self.topics.iter().find(|t| ***t == *topic) {
+            return t.clone();
+        }
+        let t: Arc<str> = topic.into();
+        self.topics.push(t.clone());
+        t
+    }
+
     /// The partition was assigned: tracking starts afresh. Returns its generation.
     pub(crate) fn assign(&mut self, tp: Tp) -> u64 {
         self.next_generation += 1;
@@ -141,7 +155,7 @@ mod tests {
     use super::*;
 
     fn tp(p: i32) -> Tp {
-        ("t".to_owned(), p)
+        ("t".into(), p)
     }
 
     #[test]

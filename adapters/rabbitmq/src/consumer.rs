@@ -101,7 +101,7 @@ impl ConsumerBuilder {
             stale: AtomicU64::new(0),
         });
         let caps = capabilities(&config.topology);
-        let queue = config.topology.queue().to_owned();
+        let queue: Arc<str> = config.topology.queue().into();
         let first = Current {
             session: opened.session.clone(),
             stream: opened.stream.clone(),
@@ -296,7 +296,8 @@ pub struct RabbitConsumer {
     cached: Option<Current>,
     /// Tells the background task that a session's delivery stream ended.
     lost: mpsc::UnboundedSender<usize>,
-    queue: String,
+    /// Shared with every message's `source.destination`.
+    queue: Arc<str>,
     shared: Arc<Shared>,
     caps: Capabilities,
     task: Option<JoinHandle<()>>,
@@ -430,7 +431,7 @@ async fn run(
     mut lost: mpsc::UnboundedReceiver<usize>,
     mut opened: Opened,
 ) {
-    let queue = config.topology.queue().to_owned();
+    let queue: Arc<str> = config.topology.queue().into();
     loop {
         let Opened {
             session,
@@ -493,7 +494,7 @@ async fn run(
     }
 }
 
-fn delivery(session: &Arc<Session>, queue: &str, d: lapin::message::Delivery) -> Delivery {
+fn delivery(session: &Arc<Session>, queue: &Arc<str>, d: lapin::message::Delivery) -> Delivery {
     let lapin::message::Delivery {
         exchange,
         routing_key,

@@ -270,7 +270,7 @@ pub(crate) struct Received {
     pub(crate) headers: Headers,
     pub(crate) key: Option<Bytes>,
     pub(crate) attempt: u32,
-    pub(crate) message_id: Option<String>,
+    pub(crate) message_id: Option<Arc<str>>,
     pub(crate) enqueued_at: Option<SystemTime>,
 }
 
@@ -328,6 +328,7 @@ pub(crate) fn receive(props: &BasicProperties, redelivered: bool) -> Received {
             put(&mut headers, MESSAGE_ID, HeaderValue::Str(id.clone()));
         }
     }
+    let message_id = message_id.map(Arc::from);
     if let Some(id) = text(props.correlation_id()) {
         if !headers.contains(CORRELATION_ID) {
             put(&mut headers, CORRELATION_ID, HeaderValue::Str(id));
@@ -441,7 +442,7 @@ pub(crate) fn republish_properties(
 
 /// Builds the [`Message`] of a delivery.
 pub(crate) fn message(
-    queue: &str,
+    queue: &Arc<str>,
     payload: Bytes,
     received: Received,
     amqp: AmqpDelivery,
@@ -454,7 +455,7 @@ pub(crate) fn message(
             message_id: received.message_id,
             source: redrive_core::Source {
                 system: crate::SYSTEM,
-                destination: queue.to_owned(),
+                destination: queue.clone(),
                 partition: None,
                 offset: None,
             },

@@ -175,7 +175,7 @@ async fn header_round_trip(kind: QueueKind) {
         Some(UNIX_EPOCH + Duration::from_secs(1_700_000_000))
     );
     assert_eq!(m.metadata.source.system, "rabbitmq");
-    assert_eq!(m.metadata.source.destination, queue);
+    assert_eq!(*m.metadata.source.destination, *queue);
     assert_eq!(m.attempt(), 1);
     assert_eq!(&m.payload[..], b"payload");
     let got = amqp(m).properties().headers().clone().expect("table");

@@ -128,7 +128,7 @@ impl Sqs {
             .map(RedrivePolicy::parse)
             .transpose()?;
         Ok(QueueInfo {
-            name: queue.to_owned(),
+            name: queue.into(),
             fifo: get(QueueAttributeName::FifoQueue) == Some("true") || is_fifo_name(&url),
             url,
             visibility_timeout: Duration::from_secs(visibility),
@@ -147,7 +147,7 @@ pub(crate) fn is_fifo_name(queue: &str) -> bool {
 #[non_exhaustive]
 pub struct QueueInfo {
     /// The queue as it was named (a name or a URL).
-    pub name: String,
+    pub name: Arc<str>,
     /// The queue's URL.
     pub url: String,
     /// Whether it is a FIFO queue.

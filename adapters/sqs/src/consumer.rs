@@ -289,7 +289,7 @@ impl SqsConsumer {
             headers: decoded.headers,
             key: decoded.key,
             metadata: Metadata {
-                message_id: m.message_id().map(str::to_owned),
+                message_id: m.message_id().map(Arc::from),
                 source: Source {
                     system: SYSTEM,
                     destination: self.info.name.clone(),

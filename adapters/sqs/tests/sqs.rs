@@ -262,7 +262,7 @@ async fn metadata_comes_from_system_attributes() {
     let meta = &d.message.metadata;
     assert_eq!(meta.attempt, 1);
     assert_eq!(meta.source.system, "aws_sqs");
-    assert_eq!(meta.source.destination, name);
+    assert_eq!(*meta.source.destination, *name);
     assert!(meta.message_id.is_some());
     let enqueued = meta.enqueued_at.expect("SentTimestamp");
     assert!(

@@ -84,7 +84,7 @@ impl Scripted {
             .iter()
             .map(|b| {
                 let mut m = Message::new(b.to_string());
-                m.metadata.message_id = Some(b.to_string());
+                m.metadata.message_id = Some((*b).into());
                 m
             })
             .collect();
@@ -103,7 +103,7 @@ impl Consumer for Scripted {
     async fn receive(&mut self) -> Result<Option<Delivery>> {
         match self.queue.pop_front() {
             Some(m) => {
-                let id = m.metadata.message_id.clone().unwrap();
+                let id = m.metadata.message_id.as_deref().unwrap().to_owned();
                 Ok(Some(Delivery::new(
                     m,
                     Recording {
@@ -430,7 +430,7 @@ async fn a_delivery_given_to_another_consumer_is_handed_back_unrun() {
         .iter()
         .map(|b| {
             let mut m = Message::new(b.to_string());
-            m.metadata.message_id = Some(b.to_string());
+            m.metadata.message_id = Some((*b).into());
             m.key = Some(b.split('-').next().unwrap().to_owned().into());
             m
         })
@@ -442,7 +442,7 @@ async fn a_delivery_given_to_another_consumer_is_handed_back_unrun() {
     let handler = handler_fn(move |m: Message| {
         let r = r.clone();
         async move {
-            let id = m.metadata.message_id.clone().unwrap();
+            let id = m.metadata.message_id.as_deref().unwrap().to_owned();
             r.lock().unwrap().push(id.clone());
             if id == "revocable-1" {
                 REVOKED.store(true, Ordering::SeqCst);

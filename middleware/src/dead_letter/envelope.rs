@@ -109,7 +109,7 @@ impl Envelope<'_> {
         if !meta.source.system.is_empty() {
             headers.insert(ORIGINAL_SYSTEM, meta.source.system)?;
         }
-        headers.insert(ORIGINAL_DESTINATION, meta.source.destination.as_str())?;
+        headers.insert(ORIGINAL_DESTINATION, &*meta.source.destination)?;
         if let Some(p) = meta.source.partition {
             headers.insert(ORIGINAL_PARTITION, p.to_string())?;
         }
@@ -117,7 +117,7 @@ impl Envelope<'_> {
             headers.insert(ORIGINAL_OFFSET, o.to_string())?;
         }
         if let Some(id) = &meta.message_id {
-            headers.insert(ORIGINAL_MESSAGE_ID, id.as_str())?;
+            headers.insert(ORIGINAL_MESSAGE_ID, &**id)?;
         }
         if let Some(t) = meta.enqueued_at {
             headers.insert(ORIGINAL_ENQUEUED_AT, format_rfc3339(t))?;

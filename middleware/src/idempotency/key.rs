@@ -43,7 +43,13 @@ impl MakeKey for DefaultKey {
             .filter_map(|name| msg.headers.get(name))
             .find(|v| !v.is_empty())
             .map(header_key)
-            .or_else(|| msg.metadata.message_id.clone().filter(|id| !id.is_empty()))
+            .or_else(|| {
+                msg.metadata
+                    .message_id
+                    .as_deref()
+                    .filter(|id| !id.is_empty())
+                    .map(str::to_owned)
+            })
     }
 }
 

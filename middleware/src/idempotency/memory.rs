@@ -1,7 +1,6 @@
 //! [`MemoryStore`]: idempotency keys in this process's memory.
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{HashMap, VecDeque, hash_map};
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -25,39 +24,65 @@ pub struct MemoryStore {
     state: Mutex<State>,
 }
 
+/// Keys in the order they expire, with when.
+type ExpiryQueue = VecDeque<(Instant, Arc<str>)>;
+
 #[derive(Default)]
 struct State {
     entries: HashMap<Arc<str>, Entry>,
-    /// Every expiry set, earliest first; an entry whose key has since a later expiry
-    /// (committed) or is gone is skipped when it comes up.
-    expiries: BinaryHeap<Reverse<(Instant, Arc<str>)>>,
+    /// When keys expire, one queue per lease or TTL length, each in the order the
+    /// expiries were set. For one length `d`, `now + d` only grows (`now` is read under
+    /// the lock), so every queue is sorted and sweeping pops from the fronts: O(1) per
+    /// key. A queue entry whose key has since been committed, released or reserved
+    /// again no longer matches the key's expiry and is dropped when it comes up.
+    expiries: Vec<(Duration, ExpiryQueue)>,
 }
 
 impl State {
     fn sweep(&mut self, now: Instant) {
-        while let Some(Reverse((at, _))) = self.expiries.peek() {
-            if *at > now {
-                break;
-            }
-            let Some(Reverse((at, key))) = self.expiries.pop() else {
-                break;
-            };
-            if self
-                .entries
-                .get(&key)
-                .is_some_and(|e| e.expires <= now && e.expires == at)
-            {
-                self.entries.remove(&key);
+        let State { entries, expiries } = self;
+        for (_, queue) in expiries.iter_mut() {
+            while let Some((at, _)) = queue.front() {
+                if *at > now {
+                    break;
+                }
+                let Some((at, key)) = queue.pop_front() else {
+                    break;
+                };
+                if let hash_map::Entry::Occupied(e) = entries.entry(key) {
+                    if e.get().expires == at {
+                        e.remove();
+                    }
+                }
             }
         }
+        // A caller that varies its lengths does not pile up empty queues; the usual
+        // two (one lease, one TTL) stay, so they are not allocated again and again.
+        if expiries.len() > KEPT_QUEUES {
+            expiries.retain(|(_, queue)| !queue.is_empty());
+        }
     }
+}
 
-    fn expire_at(&mut self, key: Arc<str>, at: Instant) {
-        self.expiries.push(Reverse((at, key)));
+/// Expiry queues kept even when empty.
+const KEPT_QUEUES: usize = 4;
+
+/// Queues `key`'s expiry at `at`, `after` from now, behind the others of that length.
+fn queue_expiry(
+    expiries: &mut Vec<(Duration, ExpiryQueue)>,
+    key: Arc<str>,
+    after: Duration,
+    at: Instant,
+) {
+    match expiries.iter_mut().find(|(d, _)| *d == after) {
+        Some((_, queue)) => queue.push_back((at, key)),
+        None => expiries.push((after, VecDeque::from([(at, key)]))),
     }
 }
 
 struct Entry {
+    /// The map's own key, shared, for the expiry queues.
+    key: Arc<str>,
     token: Token,
     committed: bool,
     expires: Instant,
@@ -89,30 +114,40 @@ impl MemoryStore {
     }
 
     fn reserve_now(&self, key: &str, lease: Duration) -> Reservation {
-        let now = Instant::now();
         let mut state = self.lock();
+        let now = Instant::now();
         state.sweep(now);
-        match state.entries.get(key) {
-            Some(e) if e.expires > now && e.committed => Reservation::Committed,
-            Some(e) if e.expires > now => Reservation::Reserved {
-                remaining: e.expires - now,
-            },
-            _ => {
-                let token = Token::random();
-                let key: Arc<str> = key.into();
-                let expires = now + lease;
-                state.entries.insert(
-                    key.clone(),
-                    Entry {
-                        token: token.clone(),
-                        committed: false,
-                        expires,
-                    },
-                );
-                state.expire_at(key, expires);
-                Reservation::Fresh(token)
+        let State { entries, expiries } = &mut *state;
+        let key: Arc<str> = key.into();
+        let expires = now + lease;
+        let token = Token::random();
+        let fresh = Entry {
+            key: key.clone(),
+            token: token.clone(),
+            committed: false,
+            expires,
+        };
+        match entries.entry(key.clone()) {
+            hash_map::Entry::Occupied(e) if e.get().expires > now => {
+                let e = e.get();
+                return if e.committed {
+                    Reservation::Committed
+                } else {
+                    Reservation::Reserved {
+                        remaining: e.expires - now,
+                    }
+                };
+            }
+            // Expired but not swept yet: taken afresh.
+            hash_map::Entry::Occupied(mut e) => {
+                e.insert(fresh);
+            }
+            hash_map::Entry::Vacant(e) => {
+                e.insert(fresh);
             }
         }
+        queue_expiry(expiries, key, lease, expires);
+        Reservation::Fresh(token)
     }
 
     fn commit_now(
@@ -121,29 +156,28 @@ impl MemoryStore {
         token: &Token,
         ttl: Duration,
     ) -> Result<CommitStatus, StoreError> {
-        let now = Instant::now();
         let mut state = self.lock();
+        let now = Instant::now();
+        let State { entries, expiries } = &mut *state;
         let expires = now + ttl;
-        let Some(shared) = state.entries.get_key_value(key).map(|(k, _)| k.clone()) else {
-            return Err(StoreError::lease_lost(key));
-        };
-        match state.entries.get_mut(key) {
+        let shared = match entries.get_mut(key) {
             Some(e) if e.token == *token && e.expires > now => {
                 if e.committed {
                     return Ok(CommitStatus::AlreadyCommitted);
                 }
                 e.committed = true;
                 e.expires = expires;
+                e.key.clone()
             }
             _ => return Err(StoreError::lease_lost(key)),
-        }
-        state.expire_at(shared, expires);
+        };
+        queue_expiry(expiries, shared, ttl, expires);
         Ok(CommitStatus::Committed)
     }
 
     fn release_now(&self, key: &str, token: &Token) -> Result<(), StoreError> {
-        let now = Instant::now();
         let mut state = self.lock();
+        let now = Instant::now();
         match state.entries.get(key) {
             Some(e) if e.token == *token && e.expires > now => {
                 if !e.committed {
@@ -188,7 +222,7 @@ mod tests {
     use std::time::Duration;
 
     use super::MemoryStore;
-    use crate::idempotency::contract;
+    use crate::idempotency::{Reservation, contract};
 
     #[tokio::test(start_paused = true)]
     async fn passes_the_store_contract() {
@@ -212,6 +246,47 @@ mod tests {
             1,
             "the next reservation swept the expired keys"
         );
-        assert_eq!(state.expiries.len(), 1);
+        let queued: usize = state.expiries.iter().map(|(_, q)| q.len()).sum();
+        assert_eq!(queued, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn committed_keys_go_at_their_ttl_whatever_their_lease() {
+        let store = MemoryStore::new();
+        let lease = Duration::from_secs(60);
+        for i in 0..100 {
+            let key = format!("k{i}");
+            let Reservation::Fresh(token) = store.reserve_now(&key, lease) else {
+                panic!("fresh key");
+            };
+            store
+                .commit_now(&key, &token, Duration::from_secs(1))
+                .unwrap();
+        }
+        tokio::time::advance(Duration::from_secs(2)).await;
+        store.reserve_now("j", lease);
+        assert_eq!(store.lock().entries.len(), 1, "only j is left");
+        assert!(matches!(
+            store.reserve_now("k7", lease),
+            Reservation::Fresh(_)
+        ));
+        tokio::time::advance(Duration::from_secs(61)).await;
+        store.reserve_now("z", Duration::from_secs(5));
+        let state = store.lock();
+        assert_eq!(state.entries.len(), 1, "only z is left");
+        let queued: usize = state.expiries.iter().map(|(_, q)| q.len()).sum();
+        assert_eq!(queued, 1, "the stale lease entries went with their lease");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn varying_lengths_leave_no_pile_of_empty_queues() {
+        let store = MemoryStore::new();
+        for i in 1..=20 {
+            store.reserve_now(&format!("k{i}"), Duration::from_secs(i));
+        }
+        assert_eq!(store.lock().expiries.len(), 20);
+        tokio::time::advance(Duration::from_secs(30)).await;
+        store.reserve_now("j", Duration::from_secs(1));
+        assert_eq!(store.lock().expiries.len(), 1, "only j's queue is left");
     }
 }

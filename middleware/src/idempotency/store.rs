@@ -1,6 +1,7 @@
 //! The [`IdempotencyStore`] trait and what it trades in.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use redrive_core::delivery::BoxFuture;
@@ -13,18 +14,27 @@ pub type StoreFuture<'a, T> = BoxFuture<'a, Result<T, StoreError>>;
 /// A random value that identifies one reservation of a key.
 ///
 /// Stores check it on commit and release, so a consumer whose lease expired cannot
-/// commit or release a reservation another consumer has taken since.
+/// commit or release a reservation another consumer has taken since. Cloning it is a
+/// reference count.
 #[derive(Clone, PartialEq, Eq, Hash)]
-pub struct Token(String);
+pub struct Token(Arc<str>);
 
 impl Token {
     /// A new random token (128 bits, as 32 hex digits).
     pub fn random() -> Self {
-        Token(format!("{:032x}", fastrand::u128(..)))
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut bits = fastrand::u128(..);
+        let mut digits = [0u8; 32];
+        for d in digits.iter_mut().rev() {
+            *d = HEX[(bits & 0xf) as usize];
+            bits >>= 4;
+        }
+        // Hex digits are ASCII.
+        Token(std::str::from_utf8(&digits).expect("hex digits").into())
     }
 
     /// A token with this value, as a store reads it back.
-    pub fn new(value: impl Into<String>) -> Self {
+    pub fn new(value: impl Into<Arc<str>>) -> Self {
         Token(value.into())
     }
 
@@ -110,4 +120,27 @@ pub trait IdempotencyStore: Send + Sync + 'static {
 pub(crate) fn millis_ceil(d: Duration) -> u64 {
     let ms = d.as_nanos().div_ceil(1_000_000);
     u64::try_from(ms).unwrap_or(u64::MAX).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Token;
+
+    #[test]
+    fn random_tokens_are_32_hex_digits_and_differ() {
+        let a = Token::random();
+        let b = Token::random();
+        assert_eq!(a.as_str().len(), 32);
+        assert!(
+            a.as_str()
+                .bytes()
+                .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)),
+            "{a}"
+        );
+        assert_ne!(a, b);
+        let leading = (0..64)
+            .map(|_| Token::random())
+            .any(|t| !t.as_str().starts_with('0'));
+        assert!(leading, "the high bits are used");
+    }
 }

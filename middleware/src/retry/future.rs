@@ -44,7 +44,9 @@ pin_project_lite::pin_project! {
         message: Message,
         shared: Arc<Shared<H>>,
         tries: u32,
-        started: Instant,
+        // When the first try started waiting or failed; read from the clock only then,
+        // so a try that succeeds on its first poll never reads it.
+        started: Option<Instant>,
         previous: Duration,
         slept: Duration,
         last_error: Option<BoxError>,
@@ -83,7 +85,7 @@ where
             message,
             shared,
             tries: 1,
-            started: Instant::now(),
+            started: None,
             previous: Duration::ZERO,
             slept: Duration::ZERO,
             last_error: None,
@@ -129,7 +131,13 @@ where
                 StateProj::Calling { future } => {
                     let result = {
                         let _entered = this.span.enter();
-                        ready!(future.poll(cx))
+                        match future.poll(cx) {
+                            Poll::Ready(result) => result,
+                            Poll::Pending => {
+                                this.started.get_or_insert_with(Instant::now);
+                                return Poll::Pending;
+                            }
+                        }
                     };
                     let error: BoxError = match result {
                         Ok(response) => {
@@ -143,7 +151,7 @@ where
                     let class = config.classifier.classify(&*error);
                     this.span.record("otel.status_code", "ERROR");
                     this.span.record("error.type", class.kind.as_str());
-                    let elapsed = this.started.elapsed();
+                    let elapsed = this.started.get_or_insert_with(Instant::now).elapsed();
                     let next = *this.tries;
                     let delay = class
                         .retry_after
