@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use redrive_core::{BoxError, Message, OrderingMode, Worker, handler_fn};
+use redrive_core::{BoxError, Execution, Message, OrderingMode, Worker, handler_fn};
 use redrive_kafka::rdkafka::ClientConfig;
 use redrive_kafka::rdkafka::consumer::{Consumer as _, StreamConsumer};
 use redrive_kafka::rdkafka::mocking::MockCluster;
@@ -140,6 +140,7 @@ async fn redrive(
     full: bool,
     ordering: OrderingMode,
     concurrency: usize,
+    execution: Execution,
 ) -> Duration {
     let count = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(Notify::new());
@@ -176,6 +177,7 @@ async fn redrive(
     let worker = Worker::builder(consumer, service)
         .concurrency(concurrency)
         .ordering(ordering)
+        .execution(execution)
         .build()
         .expect("worker");
     // On the runtime, as an application runs it, not on the bench's main thread.
@@ -223,40 +225,36 @@ fn main() {
 
         eprintln!("filling a topic with {n} records");
         let topic = fill(&brokers, mock.as_ref(), n).await;
-        eprintln!("bare consumer, then the Worker, then the Worker with the full Stack");
+        eprintln!(
+            "bare consumer, then the Worker alone and with the full Stack, spawned and in task"
+        );
         let bare_fast = bare(&brokers, &topic, n, Duration::ZERO).await;
-        let worker = redrive(
-            &brokers,
-            &topic,
-            n,
-            Duration::ZERO,
-            false,
-            OrderingMode::PerKey,
-            64,
-        )
-        .await;
-        let full = redrive(
-            &brokers,
-            &topic,
-            n,
-            Duration::ZERO,
-            true,
-            OrderingMode::PerKey,
-            64,
-        )
-        .await;
+        let mut rows = vec![("bare rdkafka StreamConsumer".to_owned(), bare_fast)];
+        for execution in [Execution::Spawned, Execution::InTask] {
+            for full in [false, true] {
+                let took = redrive(
+                    &brokers,
+                    &topic,
+                    n,
+                    Duration::ZERO,
+                    full,
+                    OrderingMode::PerKey,
+                    64,
+                    execution,
+                )
+                .await;
+                let stack = if full { " + full Stack" } else { "" };
+                rows.push((
+                    format!("redrive Worker (PerKey, 64, {execution:?}){stack} + no-op handler"),
+                    took,
+                ));
+            }
+        }
         println!();
         println!("{n} records of 64 bytes, {KEYS} keys, one partition, on {on}");
         println!("| consumer, no-op handler | seconds | records/s | vs bare |");
         println!("|---|---:|---:|---:|");
-        for (what, took) in [
-            ("bare rdkafka StreamConsumer", bare_fast),
-            ("redrive Worker (PerKey, 64) + no-op handler", worker),
-            (
-                "redrive Worker (PerKey, 64) + full Stack + no-op handler",
-                full,
-            ),
-        ] {
+        for (what, took) in rows {
             println!(
                 "| {what} | {:.2} | {:.0} | {:.1} % |",
                 took.as_secs_f64(),
@@ -276,6 +274,7 @@ fn main() {
             true,
             OrderingMode::PerKey,
             64,
+            Execution::Spawned,
         )
         .await;
         println!();

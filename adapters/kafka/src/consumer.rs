@@ -5,6 +5,8 @@ use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
+use futures_util::{FutureExt as _, StreamExt as _};
+
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance, StreamConsumer,
 };
@@ -296,6 +298,9 @@ async fn poll(
     let limit = tx.max_capacity();
     let mut held: VecDeque<KafkaResult<Delivery>> = VecDeque::new();
     let mut paused = false;
+    // One stream for the task's life: `recv()` would register and drop a waker slot
+    // (two lock round trips) per record.
+    let mut stream = consumer.stream();
     loop {
         while let Some(d) = held.pop_front() {
             match tx.try_send(d) {
@@ -327,41 +332,68 @@ async fn poll(
             }
             continue;
         }
-        tokio::select! {
+        let record = tokio::select! {
             biased;
             () = tx.closed() => return,
-            permit = tx.reserve(), if !held.is_empty() => match permit {
-                Ok(permit) => permit.send(held.pop_front().expect("held is not empty")),
-                Err(_) => return,
-            },
-            record = consumer.recv() => {
-                let item = match record {
-                    Ok(record) => Ok(delivery(&record, &state)),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "kafka poll failed");
-                        Err(e)
-                    }
-                };
-                let failed = item.is_err();
-                if held.is_empty() {
-                    match tx.try_send(item) {
-                        Ok(()) => {}
-                        Err(TrySendError::Full(item)) => held.push_back(item),
-                        Err(TrySendError::Closed(_)) => return,
-                    }
-                } else {
-                    held.push_back(item);
+            permit = tx.reserve(), if !held.is_empty() => {
+                match permit {
+                    Ok(permit) => permit.send(held.pop_front().expect("held is not empty")),
+                    Err(_) => return,
                 }
-                if paused && held.len() >= limit {
-                    // Records of partitions assigned since the pause: pause them too.
-                    set_paused(&consumer, true);
-                }
-                if failed {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
+                continue;
             }
+            record = stream.next() => record.expect("kafka streams never end"),
+        };
+        let mut failed = hand_over(record, &state, &tx, &mut held);
+        // Then what librdkafka already holds, without waiting and without a `select!`
+        // per record; each hand-over wakes the Worker only if it waits.
+        let mut drained = 0;
+        while !failed && drained < DRAIN && held.len() < limit {
+            let Some(Some(record)) = stream.next().now_or_never() else {
+                break;
+            };
+            failed = hand_over(record, &state, &tx, &mut held);
+            drained += 1;
+        }
+        if paused && held.len() >= limit {
+            // Records of partitions assigned since the pause: pause them too.
+            set_paused(&consumer, true);
+        }
+        if failed {
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+/// Records the poll task takes from librdkafka's queue in one go once one has arrived.
+const DRAIN: usize = 64;
+
+/// Hands `record` to the Worker, or holds it if the channel is full; returns whether it
+/// was a poll error.
+fn hand_over(
+    record: KafkaResult<BorrowedMessage<'_>>,
+    state: &Arc<Mutex<Watermarks>>,
+    tx: &mpsc::Sender<KafkaResult<Delivery>>,
+    held: &mut VecDeque<KafkaResult<Delivery>>,
+) -> bool {
+    let item = match record {
+        Ok(record) => Ok(delivery(&record, state)),
+        Err(e) => {
+            tracing::warn!(error = %e, "kafka poll failed");
+            Err(e)
+        }
+    };
+    let failed = item.is_err();
+    if held.is_empty() {
+        match tx.try_send(item) {
+            // A closed channel is seen at the top of the poll loop.
+            Ok(()) | Err(TrySendError::Closed(_)) => {}
+            Err(TrySendError::Full(item)) => held.push_back(item),
+        }
+    } else {
+        held.push_back(item);
+    }
+    failed
 }
 
 /// Pauses or resumes every assigned partition; returns whether that worked.
