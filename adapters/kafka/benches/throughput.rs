@@ -131,17 +131,20 @@ async fn bare(brokers: &str, topic: &str, n: usize, wait: Duration) -> Duration 
     start.elapsed()
 }
 
-/// The Worker over the adapter until `n` records were handled; from the first record.
-async fn redrive(
-    brokers: &str,
-    topic: &str,
-    n: usize,
-    wait: Duration,
+/// The Worker's concurrency in every run (`PerKey` ordering).
+const CONCURRENCY: usize = 64;
+
+/// What a Worker run puts around the no-op handler and how it runs calls.
+#[derive(Clone, Copy)]
+struct Setup {
+    /// The full Stack, or the handler alone.
     full: bool,
-    ordering: OrderingMode,
-    concurrency: usize,
     execution: Execution,
-) -> Duration {
+}
+
+/// The Worker over the adapter until `n` records were handled; from the first record.
+async fn redrive(brokers: &str, topic: &str, n: usize, wait: Duration, setup: Setup) -> Duration {
+    let Setup { full, execution } = setup;
     let count = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(Notify::new());
     let started = Arc::new(std::sync::OnceLock::new());
@@ -175,8 +178,8 @@ async fn redrive(
         .build()
         .expect("consumer");
     let worker = Worker::builder(consumer, service)
-        .concurrency(concurrency)
-        .ordering(ordering)
+        .concurrency(CONCURRENCY)
+        .ordering(OrderingMode::PerKey)
         .execution(execution)
         .build()
         .expect("worker");
@@ -237,10 +240,7 @@ fn main() {
                     &topic,
                     n,
                     Duration::ZERO,
-                    full,
-                    OrderingMode::PerKey,
-                    64,
-                    execution,
+                    Setup { full, execution },
                 )
                 .await;
                 let stack = if full { " + full Stack" } else { "" };
@@ -266,17 +266,11 @@ fn main() {
         let wait = Duration::from_millis(1);
         let topic = fill(&brokers, mock.as_ref(), slow_n).await;
         let sequential = bare(&brokers, &topic, slow_n, wait).await;
-        let parallel = redrive(
-            &brokers,
-            &topic,
-            slow_n,
-            wait,
-            true,
-            OrderingMode::PerKey,
-            64,
-            Execution::Spawned,
-        )
-        .await;
+        let setup = Setup {
+            full: true,
+            execution: Execution::Spawned,
+        };
+        let parallel = redrive(&brokers, &topic, slow_n, wait, setup).await;
         println!();
         println!("{slow_n} records, a handler that waits 1 ms, {KEYS} keys, one partition");
         println!("| consumer | seconds | records/s | vs sequential |");
