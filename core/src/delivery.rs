@@ -30,6 +30,14 @@ pub trait Acker: Send + Sync + 'static {
     fn is_current(&self) -> bool {
         true
     }
+
+    /// The Worker started running the message in its handler (`true`), or stopped
+    /// without settling it, parking it for a later attempt (`false`). An adapter that
+    /// waits for running work before it gives up a partition (Kafka, in a rebalance)
+    /// tracks this; it need not wait for parked or queued messages. A no-op by default.
+    fn running(&self, running: bool) {
+        let _ = running;
+    }
 }
 
 /// A message and its acker. Settlement happens once: a second `ack` or `nack` is a
@@ -85,6 +93,11 @@ impl Delivery {
     /// Whether this consumer may still handle the message. See [`Acker::is_current`].
     pub fn is_current(&self) -> bool {
         self.acker.is_current()
+    }
+
+    /// Tells the acker the message started or stopped running. See [`Acker::running`].
+    pub fn running(&self, running: bool) {
+        self.acker.running(running);
     }
 }
 
@@ -149,6 +162,11 @@ impl Settle {
     /// Whether this consumer may still handle the message. See [`Acker::is_current`].
     pub fn is_current(&self) -> bool {
         self.acker.is_current()
+    }
+
+    /// Tells the acker the message started or stopped running. See [`Acker::running`].
+    pub fn running(&self, running: bool) {
+        self.acker.running(running);
     }
 }
 

@@ -2,6 +2,7 @@
 
 use std::collections::VecDeque;
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -15,6 +16,7 @@ use rdkafka::message::BorrowedMessage;
 use rdkafka::{ClientConfig, ClientContext, Message as _, Offset, TopicPartitionList};
 use redrive_core::delivery::BoxFuture;
 use redrive_core::{Acker, Capabilities, Consumer, Delivery, OrderingScope};
+use tokio::runtime::RuntimeFlavor;
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::task::JoinHandle;
@@ -37,6 +39,7 @@ const OWNED: &[(&str, &str)] = &[
 /// | `commit_interval` (how often moved watermarks are committed) | 1 s |
 /// | `buffer` (records polled ahead of the Worker before partitions pause) | 256 |
 /// | `close_timeout` (the final commit and leaving the group, at most) | 10 s |
+/// | `revoke_timeout` (a revoke waits this long for running records) | 10 s |
 /// | `auto.offset.reset` | `earliest` |
 /// | any other librdkafka setting | through [`set`](Self::set) |
 #[derive(Clone, Debug)]
@@ -46,6 +49,7 @@ pub struct KafkaConsumerBuilder {
     config: ClientConfig,
     commit_interval: Duration,
     close_timeout: Duration,
+    revoke_timeout: Duration,
     buffer: usize,
 }
 
@@ -77,6 +81,20 @@ impl KafkaConsumerBuilder {
     /// consumer to leave its group; past it, close returns and logs.
     pub fn close_timeout(mut self, timeout: Duration) -> Self {
         self.close_timeout = timeout;
+        self
+    }
+
+    /// How long a rebalance that takes partitions away waits for their records that are
+    /// running in a handler (zero: not at all). Records of those partitions not yet
+    /// started are handed back unrun at once, parked ones are dropped; the running ones
+    /// complete, and the watermark committed for the new owner covers them, so they are
+    /// not processed twice. Past the deadline the rest is delivered again to the new
+    /// owner. Keep it well under `max.poll.interval.ms`: the poll waits with it.
+    ///
+    /// The wait needs a multi-thread tokio runtime (the Worker completes records while
+    /// the poll task waits); on a current-thread runtime the revoke does not wait.
+    pub fn revoke_timeout(mut self, timeout: Duration) -> Self {
+        self.revoke_timeout = timeout;
         self
     }
 
@@ -126,6 +144,7 @@ impl KafkaConsumerBuilder {
         let state = Arc::new(Mutex::new(Watermarks::default()));
         let context = Context {
             state: state.clone(),
+            revoke_timeout: self.revoke_timeout,
         };
         let consumer: StreamConsumer<Context> = config.create_with_context(context)?;
         let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
@@ -191,6 +210,7 @@ impl KafkaConsumer {
             config,
             commit_interval: Duration::from_secs(1),
             close_timeout: Duration::from_secs(10),
+            revoke_timeout: Duration::from_secs(10),
             buffer: 256,
         }
     }
@@ -437,13 +457,56 @@ fn delivery(record: &BorrowedMessage<'_>, state: &Arc<Mutex<Watermarks>>) -> Del
             tp,
             generation,
             offset,
+            running: AtomicBool::new(false),
         },
     )
+}
+
+/// Waits until no record of `tps` runs in a handler, or `timeout` passed.
+///
+/// Called from the rebalance callback, on the thread that polls: on a multi-thread
+/// runtime that worker thread is handed over (`block_in_place`) so the Worker's tasks run
+/// on; off the runtime (librdkafka closing) it just waits; on a current-thread runtime
+/// waiting would stop the very tasks it waits for, so it does not.
+fn wait_for_running(state: &Mutex<Watermarks>, tps: &[Tp], timeout: Duration) {
+    let running = || lock(state).running(tps);
+    if timeout.is_zero() || running() == 0 {
+        return;
+    }
+    let wait = || {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let n = running();
+            if n == 0 || std::time::Instant::now() >= deadline {
+                return n;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    };
+    let left = match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(wait),
+        Ok(_) => {
+            tracing::info!(
+                running = running(),
+                "partitions revoked on a current-thread runtime: not waiting for their running records, which are delivered again to the new owner"
+            );
+            return;
+        }
+        Err(_) => wait(),
+    };
+    if left > 0 {
+        tracing::warn!(
+            running = left,
+            ?timeout,
+            "revoke deadline passed with records still running; they are delivered again to the new owner"
+        );
+    }
 }
 
 /// Tracks assignments and commit results for the watermarks.
 struct Context {
     state: Arc<Mutex<Watermarks>>,
+    revoke_timeout: Duration,
 }
 
 impl ClientContext for Context {}
@@ -460,15 +523,27 @@ impl ConsumerContext for Context {
                 tracing::info!(partitions = tpl.count(), "kafka partitions assigned");
             }
             Rebalance::Revoke(tpl) => {
-                // Commit what is complete before the partitions go to another member;
-                // acks that come later for them are ignored (those records are
-                // delivered again to the new owner).
+                // Stop starting their records, let the running ones complete (up to the
+                // deadline), then commit what is complete before the partitions go to
+                // another member. Acks that come later are ignored: those records are
+                // delivered again to the new owner.
+                let tps: Vec<Tp> = {
+                    let mut state = lock(&self.state);
+                    tpl.elements()
+                        .iter()
+                        .map(|e| {
+                            let tp: Tp = (state.topic(e.topic()), e.partition());
+                            state.start_revoke(&tp);
+                            tp
+                        })
+                        .collect()
+                };
+                wait_for_running(&self.state, &tps, self.revoke_timeout);
                 let mut last = TopicPartitionList::new();
                 {
                     let mut state = lock(&self.state);
-                    for e in tpl.elements() {
-                        let tp: Tp = (state.topic(e.topic()), e.partition());
-                        if let Some(w) = state.revoke(&tp).and_then(|p| p.uncommitted()) {
+                    for tp in &tps {
+                        if let Some(w) = state.revoke(tp).and_then(|p| p.uncommitted()) {
                             let _ = last.add_partition_offset(&tp.0, tp.1, Offset::Offset(w));
                         }
                     }
@@ -590,10 +665,34 @@ struct KafkaAcker {
     tp: Tp,
     generation: Option<u64>,
     offset: i64,
+    /// Whether the record is in a handler, as the Worker last said.
+    running: AtomicBool,
+}
+
+impl KafkaAcker {
+    fn set_running(&self, running: bool) {
+        if self.running.swap(running, Ordering::AcqRel) == running {
+            return;
+        }
+        if let (Some(state), Some(generation)) = (self.state.upgrade(), self.generation) {
+            lock(&state).set_running(&self.tp, generation, self.offset, running);
+        }
+    }
+}
+
+impl Drop for KafkaAcker {
+    fn drop(&mut self) {
+        // A call aborted at the shutdown deadline ends without a settle: it runs no more.
+        if *self.running.get_mut() {
+            self.set_running(false);
+        }
+    }
 }
 
 impl Acker for KafkaAcker {
     fn ack(&self) -> BoxFuture<'_, redrive_core::Result<()>> {
+        // Completing it ends its run too.
+        self.running.store(false, Ordering::Release);
         if let (Some(state), Some(generation)) = (self.state.upgrade(), self.generation) {
             if !lock(&state).complete(&self.tp, generation, self.offset) {
                 tracing::trace!(topic = %self.tp.0, partition = self.tp.1, offset = self.offset, "ack below an incomplete record, or of a revoked partition");
@@ -603,6 +702,7 @@ impl Acker for KafkaAcker {
     }
 
     fn nack(&self, _delay: Duration) -> BoxFuture<'_, redrive_core::Result<()>> {
+        self.set_running(false);
         // Kafka cannot hand back one record. It stays incomplete and holds its
         // partition's watermark, so it is delivered again after a restart or a
         // rebalance. The Worker parks failures instead of nacking them; nacks come only
@@ -614,6 +714,10 @@ impl Acker for KafkaAcker {
     fn extend(&self, _lease: Duration) -> BoxFuture<'_, redrive_core::Result<()>> {
         // Records have no lease: a consumer keeps its partitions while it polls.
         Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn running(&self, running: bool) {
+        self.set_running(running);
     }
 
     fn is_current(&self) -> bool {

@@ -48,9 +48,14 @@
 //!   other keys flow on. The attempt count lives in memory (Kafka keeps no delivery
 //!   count) and reaches the dead-letter envelope; a parked record holds its
 //!   partition's watermark until it succeeds or is dead-lettered.
-//! - **Rebalances**: on revoke, completed work of the revoked partitions is committed
-//!   synchronously; acks that arrive later for them are ignored (the new owner gets
-//!   those records again). On assign, tracking starts afresh.
+//! - **Rebalances**: on revoke, records of the revoked partitions are no longer
+//!   started (the Worker hands back queued, waiting and parked ones unrun), the ones
+//!   running in a handler get up to
+//!   [`revoke_timeout`](KafkaConsumerBuilder::revoke_timeout) to complete (the Worker
+//!   tells the adapter through [`Acker::running`](redrive_core::Acker::running)), then
+//!   completed work is committed synchronously, so the new owner starts after it. Acks
+//!   that arrive later are ignored (the new owner gets those records again). On
+//!   assign, tracking starts afresh.
 //! - **Shutdown**: the Worker hands back parked and waiting records (they stay
 //!   uncommitted), then calls [`close`](redrive_core::Consumer::close), which commits the
 //!   final watermarks and leaves the group off the runtime, each bounded by

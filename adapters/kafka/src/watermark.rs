@@ -8,15 +8,29 @@ use std::sync::Arc;
 /// acker and its message's `source.destination` hold the same allocation.
 pub(crate) type Tp = (Arc<str>, i32);
 
+/// Where a handed-out record is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mark {
+    /// Queued, waiting behind its key, parked or handed back: not in a handler.
+    Open,
+    /// In a handler.
+    Running,
+    Complete,
+}
+
 /// The records of one partition handed out and not yet behind the watermark, in offset
-/// order, with whether each is complete.
+/// order, with where each is.
 #[derive(Debug, Default)]
 pub(crate) struct Partition {
     /// Bumped on every assignment, so completions from an earlier assignment of the
     /// same partition are ignored.
     generation: u64,
+    /// Set when a revoke begins: its records are no longer this consumer's to start.
+    revoking: bool,
     /// Handed-out records from the oldest incomplete one on.
-    open: VecDeque<(i64, bool)>,
+    open: VecDeque<(i64, Mark)>,
+    /// How many of `open` are running.
+    running: usize,
     /// The offset to commit next (one past the last record of the complete run), once
     /// any record completed.
     watermark: Option<i64>,
@@ -34,19 +48,47 @@ impl Partition {
         if self.open.back().is_some_and(|&(last, _)| offset <= last) {
             // A rewind (a seek, or a fetch after a failed commit): forget what was after.
             self.open.retain(|&(o, _)| o < offset);
+            self.running = self.open.iter().filter(|e| e.1 == Mark::Running).count();
         }
-        self.open.push_back((offset, false));
+        self.open.push_back((offset, Mark::Open));
+    }
+
+    fn mark(&mut self, offset: i64) -> Option<&mut Mark> {
+        let i = self.open.binary_search_by_key(&offset, |&(o, _)| o).ok()?;
+        Some(&mut self.open[i].1)
+    }
+
+    /// `offset` started (`true`) or stopped (`false`) running without completing.
+    fn set_running(&mut self, offset: i64, running: bool) {
+        let Some(mark) = self.mark(offset) else {
+            return;
+        };
+        match (*mark, running) {
+            (Mark::Open, true) => {
+                *mark = Mark::Running;
+                self.running += 1;
+            }
+            (Mark::Running, false) => {
+                *mark = Mark::Open;
+                self.running -= 1;
+            }
+            _ => {}
+        }
     }
 
     /// Marks `offset` complete and advances the watermark over the complete run.
     /// Returns whether the watermark moved.
     fn complete(&mut self, offset: i64) -> bool {
-        let Ok(i) = self.open.binary_search_by_key(&offset, |&(o, _)| o) else {
+        let Some(mark) = self.mark(offset) else {
             return false;
         };
-        self.open[i].1 = true;
+        let was_running = *mark == Mark::Running;
+        *mark = Mark::Complete;
+        if was_running {
+            self.running -= 1;
+        }
         let mut moved = false;
-        while let Some(&(o, true)) = self.open.front() {
+        while let Some(&(o, Mark::Complete)) = self.open.front() {
             self.open.pop_front();
             self.watermark = Some(o + 1);
             moved = true;
@@ -111,11 +153,39 @@ impl Watermarks {
         }
     }
 
-    /// Whether `tp` is still assigned in `generation`.
+    /// A record started or stopped running (see [`Acker::running`]). Ignored if its
+    /// partition was revoked or reassigned since it was handed out.
+    ///
+    /// [`Acker::running`]: redrive_core::Acker::running
+    pub(crate) fn set_running(&mut self, tp: &Tp, generation: u64, offset: i64, running: bool) {
+        if let Some(p) = self.partitions.get_mut(tp) {
+            if p.generation == generation {
+                p.set_running(offset, running);
+            }
+        }
+    }
+
+    /// A revoke of `tp` begins: its records are no longer this consumer's to start, and
+    /// those running may still complete.
+    pub(crate) fn start_revoke(&mut self, tp: &Tp) {
+        if let Some(p) = self.partitions.get_mut(tp) {
+            p.revoking = true;
+        }
+    }
+
+    /// How many records of `tps` are running.
+    pub(crate) fn running(&self, tps: &[Tp]) -> usize {
+        tps.iter()
+            .filter_map(|tp| self.partitions.get(tp))
+            .map(|p| p.running)
+            .sum()
+    }
+
+    /// Whether `tp` is still assigned in `generation` and not being revoked.
     pub(crate) fn is_current(&self, tp: &Tp, generation: u64) -> bool {
         self.partitions
             .get(tp)
-            .is_some_and(|p| p.generation == generation)
+            .is_some_and(|p| p.generation == generation && !p.revoking)
     }
 
     /// Watermarks that moved since they were last taken, marked as committed.
@@ -229,5 +299,27 @@ mod tests {
         assert!(!w.complete(&tp(0), g, 2), "2 is not handed out again yet");
         assert!(w.complete(&tp(0), g, 1));
         assert_eq!(w.watermark(&tp(0)), Some(2));
+    }
+
+    #[test]
+    fn running_records_are_counted_until_they_complete_or_stop() {
+        let mut w = Watermarks::default();
+        w.assign(tp(0));
+        let g = w.received(&tp(0), 0).unwrap();
+        w.received(&tp(0), 1);
+        w.received(&tp(0), 2);
+        w.set_running(&tp(0), g, 0, true);
+        w.set_running(&tp(0), g, 0, true); // said twice, counted once
+        w.set_running(&tp(0), g, 1, true);
+        assert_eq!(w.running(&[tp(0)]), 2);
+        w.set_running(&tp(0), g, 1, false); // parked
+        assert_eq!(w.running(&[tp(0)]), 1);
+        w.start_revoke(&tp(0));
+        assert!(!w.is_current(&tp(0), g), "not to be started while revoking");
+        assert!(w.complete(&tp(0), g, 0), "a running record still completes");
+        assert_eq!(w.running(&[tp(0)]), 0);
+        w.set_running(&tp(0), g, 0, false); // after its ack: nothing to undo
+        assert_eq!(w.running(&[tp(0), tp(1)]), 0);
+        assert_eq!(w.revoke(&tp(0)).and_then(|p| p.uncommitted()), Some(1));
     }
 }

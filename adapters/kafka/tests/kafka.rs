@@ -103,6 +103,13 @@ on_both!(
     per_partition_runs_each_partition_in_order,
 );
 
+/// On tansu only: librdkafka's mock cluster refuses the commit a revoke makes
+/// (`REBALANCE_IN_PROGRESS`) where Kafka accepts it from the generation being revoked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoke_waits_for_the_running_record_so_it_is_not_run_twice_on_tansu() {
+    a_revoke_waits_for_the_running_record_so_it_is_not_run_twice(&Env::real()).await;
+}
+
 fn text(m: &Message) -> String {
     String::from_utf8_lossy(&m.payload).into_owned()
 }
@@ -669,6 +676,74 @@ async fn a_member_leaving_hands_its_partitions_over(env: &Env) {
     }
     stop_b.notify_one();
     b.await.expect("worker b");
+}
+
+async fn a_revoke_waits_for_the_running_record_so_it_is_not_run_twice(env: &Env) {
+    // Member a runs a slow record when member b joins: the rebalance revokes a's
+    // partition mid-run. The revoke waits for the record, commits past it, and whoever
+    // owns the partition next starts after it.
+    let brokers = env.brokers.clone();
+    let topic = unique_name("revoke");
+    let group = unique_name("g");
+    env.create_topic(&topic, 1).await;
+    let runs: Arc<Mutex<Vec<(char, String)>>> = Arc::default();
+    let started = Arc::new(Notify::new());
+    let worker = |name: char, stop: Arc<Notify>| {
+        let (runs, started) = (runs.clone(), started.clone());
+        let handler = handler_fn(move |m: Message| {
+            let (runs, started) = (runs.clone(), started.clone());
+            async move {
+                runs.lock().unwrap().push((name, text(&m)));
+                if text(&m) == "slow" {
+                    started.notify_one();
+                    tokio::time::sleep(Duration::from_secs(6)).await;
+                }
+                Ok::<_, BoxError>(())
+            }
+        });
+        let consumer = KafkaConsumer::builder(&brokers, &group, [topic.as_str()])
+            // Only the revoke commits the slow record in time.
+            .commit_interval(Duration::from_secs(60))
+            .revoke_timeout(Duration::from_secs(20))
+            .close_timeout(Duration::from_secs(5))
+            .set("session.timeout.ms", "6000")
+            .set("heartbeat.interval.ms", "500")
+            .build()
+            .expect("consumer");
+        tokio::spawn(
+            Worker::builder(consumer, handler)
+                .build()
+                .expect("worker")
+                .run_until(async move { stop.notified().await }),
+        )
+    };
+    let (stop_a, stop_b) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let a = worker('a', stop_a.clone());
+    let p = common::publisher(&brokers);
+    publish(&p, &topic, "k", "slow").await;
+    tokio::time::timeout(Duration::from_secs(30), started.notified())
+        .await
+        .expect("member a started the slow record");
+    let b = worker('b', stop_b.clone());
+    // The rebalance, the wait and the new assignment; then one more record.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    publish(&p, &topic, "k", "after").await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let has = |body: &str| runs.lock().unwrap().iter().any(|(_, b)| b == body);
+    while !has("after") {
+        assert!(
+            Instant::now() < deadline,
+            "the record after was not handled"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop_a.notify_one();
+    stop_b.notify_one();
+    a.await.expect("worker a");
+    b.await.expect("worker b");
+    let runs = runs.lock().unwrap().clone();
+    let slow: Vec<_> = runs.iter().filter(|(_, b)| b == "slow").collect();
+    assert_eq!(slow, [&('a', "slow".to_owned())], "ran once: {runs:?}");
 }
 
 #[test]

@@ -568,6 +568,7 @@ where
                     state.busy.insert(k.clone(), VecDeque::new());
                 }
                 state.running += 1;
+                delivery.running(true);
                 state
                     .tasks
                     .spawn(run_one(&mut service, delivery, key, &ctx));
@@ -881,13 +882,16 @@ where
                     tracing::warn!(attempt, error = %err, ?delay, "handler failed");
                 }
                 match parked_copy {
-                    Some(message) => Done::Park {
-                        key,
-                        message,
-                        settle,
-                        delay,
-                        panicked,
-                    },
+                    Some(message) => {
+                        settle.running(false);
+                        Done::Park {
+                            key,
+                            message,
+                            settle,
+                            delay,
+                            panicked,
+                        }
+                    }
                     None => {
                         let delay = delay.min(max_nack_delay);
                         let settle_error = log_settle(settle.nack(delay).await, "nack");

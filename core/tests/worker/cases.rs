@@ -21,6 +21,8 @@ enum Event {
     Ack,
     Nack(Duration),
     Extend(Duration),
+    /// Recorded for messages named `tracked…` only.
+    Running(bool),
 }
 
 type Log = Arc<Mutex<HashMap<String, Vec<Event>>>>;
@@ -67,6 +69,11 @@ impl Acker for Recording {
     }
     fn extend(&self, lease: Duration) -> BoxFuture<'_, Result<()>> {
         self.push(Event::Extend(lease))
+    }
+    fn running(&self, running: bool) {
+        if self.id.starts_with("tracked") {
+            drop(self.push(Event::Running(running)));
+        }
     }
 }
 
@@ -650,4 +657,45 @@ fn configuration_the_broker_cannot_honour_fails_at_build() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("concurrency must be at least 1"), "{err}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_acker_hears_when_a_delivery_runs_and_when_it_is_parked() {
+    // Kept in order behind its key, so its failure is parked, not nacked.
+    let (mut consumer, log) = Scripted::new(&["tracked-1"], caps());
+    consumer.queue[0].key = Some("k".into());
+    let tries = Arc::new(AtomicUsize::new(0));
+    let t = tries.clone();
+    let handler = handler_fn(move |_m: Message| {
+        let t = t.clone();
+        async move {
+            if t.fetch_add(1, Ordering::SeqCst) == 0 {
+                return Err::<(), BoxError>("fails once".into());
+            }
+            Ok(())
+        }
+    });
+    let report = builder(consumer, handler)
+        .ordering(OrderingMode::PerKey)
+        .redelivery(Redelivery::constant(Duration::from_secs(1)))
+        .build()
+        .unwrap()
+        .run_until(tokio::time::sleep(Duration::from_secs(5)))
+        .await;
+    assert_eq!((report.parked, report.processed), (1, 1), "{report:?}");
+    let log = log.lock().unwrap();
+    let events: Vec<&Event> = log["tracked-1"]
+        .iter()
+        .filter(|e| !matches!(e, Event::Extend(_)))
+        .collect();
+    assert_eq!(
+        events,
+        [
+            &Event::Running(true),
+            &Event::Running(false),
+            &Event::Running(true),
+            &Event::Ack
+        ],
+        "runs, is parked (not running), runs again and is acked"
+    );
 }
