@@ -114,13 +114,14 @@ impl MemoryStore {
     }
 
     fn reserve_now(&self, key: &str, lease: Duration) -> Reservation {
+        // Made before taking the lock, which other consumers' calls wait on.
+        let key: Arc<str> = key.into();
+        let token = Token::random();
         let mut state = self.lock();
         let now = Instant::now();
         state.sweep(now);
         let State { entries, expiries } = &mut *state;
-        let key: Arc<str> = key.into();
         let expires = now + lease;
-        let token = Token::random();
         let fresh = Entry {
             key: key.clone(),
             token: token.clone(),
