@@ -175,7 +175,12 @@ impl Instruments {
         let source = &msg.metadata.source;
         let find = |list: &[Arc<Destination>]| {
             list.iter()
-                .find(|d| d.system == source.system && *d.name == *source.destination)
+                .find(|d| {
+                    // Adapters share one name per queue, so the pointers match first.
+                    d.system == source.system
+                        && (Arc::ptr_eq(&d.name, &source.destination)
+                            || *d.name == *source.destination)
+                })
                 .cloned()
         };
         if let Some(d) = find(&self.destinations.read().unwrap_or_else(|p| p.into_inner())) {

@@ -406,6 +406,9 @@ fn consumer_span(msg: &Message, id: &CorrelationId) -> Span {
         error.type = tracing::field::Empty,
         correlation_id = %id,
     );
+    if span.is_disabled() {
+        return span;
+    }
     if let Some(p) = source.partition {
         span.record("messaging.destination.partition.id", p.to_string().as_str());
     }
@@ -444,14 +447,17 @@ where
                 id
             }
         };
-        let parent = self
-            .layer
-            .propagator
-            .extract(&HeaderExtractor(&msg.headers));
         let span = consumer_span(&msg, &id);
-        // Fails only if the span is already started or tracing-opentelemetry is not
-        // installed; neither loses the message, and the span still carries its fields.
-        let _ = span.set_parent(parent);
+        // A span no subscriber records has no parent to link: skip reading the context.
+        if !span.is_disabled() {
+            let parent = self
+                .layer
+                .propagator
+                .extract(&HeaderExtractor(&msg.headers));
+            // Fails only if the span is already started or tracing-opentelemetry is not
+            // installed; neither loses the message, and the span still carries its fields.
+            let _ = span.set_parent(parent);
+        }
         msg.extensions.insert(id.clone());
         let inner = {
             let _entered = span.enter();
