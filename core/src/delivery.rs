@@ -31,10 +31,14 @@ pub trait Acker: Send + Sync + 'static {
         true
     }
 
-    /// The Worker started running the message in its handler (`true`), or stopped
-    /// without settling it, parking it for a later attempt (`false`). An adapter that
-    /// waits for running work before it gives up a partition (Kafka, in a rebalance)
-    /// tracks this; it need not wait for parked or queued messages. A no-op by default.
+    /// The Worker is about to run the message in its handler (`true`), or stopped
+    /// without settling it: it parked it for a later attempt, or found it no longer
+    /// current (`false`). The Worker says `true` before its last [`is_current`] check,
+    /// so an adapter that marks a partition revoked, then waits for its running
+    /// messages (Kafka, in a rebalance), either counts this one or has it handed back.
+    /// It need not wait for parked or queued messages. A no-op by default.
+    ///
+    /// [`is_current`]: Acker::is_current
     fn running(&self, running: bool) {
         let _ = running;
     }

@@ -543,9 +543,21 @@ where
                 };
 
                 let key = order_key(config.ordering, &delivery.message);
+                if let (Some(k), false) = (&key, reserved) {
+                    if let Some(queue) = state.busy.get_mut(k) {
+                        queue.push_back(delivery);
+                        state.waiting += 1;
+                        continue;
+                    }
+                    state.busy.insert(k.clone(), VecDeque::new());
+                }
+                // Marked running before the check: a revoke that begins in between
+                // either sees this run and waits for it, or is seen here.
+                delivery.running(true);
                 if !delivery.is_current() {
-                    // The broker gave it to another consumer: hand it back unrun. A
-                    // runnable one holds its key; release it with the hand-back.
+                    // The broker gave it to another consumer: hand it back unrun, and
+                    // its key with it.
+                    delivery.running(false);
                     tracing::info!(
                         worker = name,
                         message_id = delivery
@@ -556,19 +568,10 @@ where
                             .unwrap_or(""),
                         "delivery no longer this consumer's (partition revoked); handed back without running"
                     );
-                    state.hand_back(vec![delivery], if reserved { key } else { None });
+                    state.hand_back(vec![delivery], key);
                     continue;
                 }
-                if let (Some(k), false) = (&key, reserved) {
-                    if let Some(queue) = state.busy.get_mut(k) {
-                        queue.push_back(delivery);
-                        state.waiting += 1;
-                        continue;
-                    }
-                    state.busy.insert(k.clone(), VecDeque::new());
-                }
                 state.running += 1;
-                delivery.running(true);
                 state
                     .tasks
                     .spawn(run_one(&mut service, delivery, key, &ctx));
