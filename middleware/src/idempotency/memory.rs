@@ -113,7 +113,7 @@ impl MemoryStore {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn reserve_now(&self, key: &str, lease: Duration) -> Reservation {
+    fn reserve_sync(&self, key: &str, lease: Duration) -> Reservation {
         // Made before taking the lock, which other consumers' calls wait on.
         let key: Arc<str> = key.into();
         let token = Token::random();
@@ -151,7 +151,7 @@ impl MemoryStore {
         Reservation::Fresh(token)
     }
 
-    fn commit_now(
+    fn commit_sync(
         &self,
         key: &str,
         token: &Token,
@@ -176,7 +176,7 @@ impl MemoryStore {
         Ok(CommitStatus::Committed)
     }
 
-    fn release_now(&self, key: &str, token: &Token) -> Result<(), StoreError> {
+    fn release_sync(&self, key: &str, token: &Token) -> Result<(), StoreError> {
         let mut state = self.lock();
         let now = Instant::now();
         match state.entries.get(key) {
@@ -201,7 +201,7 @@ impl fmt::Debug for MemoryStore {
 
 impl IdempotencyStore for MemoryStore {
     fn reserve<'a>(&'a self, key: &'a str, lease: Duration) -> StoreFuture<'a, Reservation> {
-        Box::pin(async move { Ok(self.reserve_now(key, lease)) })
+        Box::pin(async move { Ok(self.reserve_sync(key, lease)) })
     }
 
     fn commit<'a>(
@@ -210,11 +210,24 @@ impl IdempotencyStore for MemoryStore {
         token: &'a Token,
         ttl: Duration,
     ) -> StoreFuture<'a, CommitStatus> {
-        Box::pin(async move { self.commit_now(key, token, ttl) })
+        Box::pin(async move { self.commit_sync(key, token, ttl) })
     }
 
     fn release<'a>(&'a self, key: &'a str, token: &'a Token) -> StoreFuture<'a, ()> {
-        Box::pin(async move { self.release_now(key, token) })
+        Box::pin(async move { self.release_sync(key, token) })
+    }
+
+    fn reserve_now(&self, key: &str, lease: Duration) -> Option<Result<Reservation, StoreError>> {
+        Some(Ok(self.reserve_sync(key, lease)))
+    }
+
+    fn commit_now(
+        &self,
+        key: &str,
+        token: &Token,
+        ttl: Duration,
+    ) -> Option<Result<CommitStatus, StoreError>> {
+        Some(self.commit_sync(key, token, ttl))
     }
 }
 
@@ -235,12 +248,12 @@ mod tests {
     async fn expired_keys_are_swept() {
         let store = MemoryStore::new();
         for i in 0..1000 {
-            store.reserve_now(&format!("k{i}"), Duration::from_secs(1));
+            store.reserve_sync(&format!("k{i}"), Duration::from_secs(1));
         }
         assert_eq!(store.len(), 1000);
         tokio::time::advance(Duration::from_secs(2)).await;
         assert!(store.is_empty());
-        store.reserve_now("j", Duration::from_secs(1));
+        store.reserve_sync("j", Duration::from_secs(1));
         let state = store.lock();
         assert_eq!(
             state.entries.len(),
@@ -257,22 +270,22 @@ mod tests {
         let lease = Duration::from_secs(60);
         for i in 0..100 {
             let key = format!("k{i}");
-            let Reservation::Fresh(token) = store.reserve_now(&key, lease) else {
+            let Reservation::Fresh(token) = store.reserve_sync(&key, lease) else {
                 panic!("fresh key");
             };
             store
-                .commit_now(&key, &token, Duration::from_secs(1))
+                .commit_sync(&key, &token, Duration::from_secs(1))
                 .unwrap();
         }
         tokio::time::advance(Duration::from_secs(2)).await;
-        store.reserve_now("j", lease);
+        store.reserve_sync("j", lease);
         assert_eq!(store.lock().entries.len(), 1, "only j is left");
         assert!(matches!(
-            store.reserve_now("k7", lease),
+            store.reserve_sync("k7", lease),
             Reservation::Fresh(_)
         ));
         tokio::time::advance(Duration::from_secs(61)).await;
-        store.reserve_now("z", Duration::from_secs(5));
+        store.reserve_sync("z", Duration::from_secs(5));
         let state = store.lock();
         assert_eq!(state.entries.len(), 1, "only z is left");
         let queued: usize = state.expiries.iter().map(|(_, q)| q.len()).sum();
@@ -283,11 +296,11 @@ mod tests {
     async fn varying_lengths_leave_no_pile_of_empty_queues() {
         let store = MemoryStore::new();
         for i in 1..=20 {
-            store.reserve_now(&format!("k{i}"), Duration::from_secs(i));
+            store.reserve_sync(&format!("k{i}"), Duration::from_secs(i));
         }
         assert_eq!(store.lock().expiries.len(), 20);
         tokio::time::advance(Duration::from_secs(30)).await;
-        store.reserve_now("j", Duration::from_secs(1));
+        store.reserve_sync("j", Duration::from_secs(1));
         assert_eq!(store.lock().expiries.len(), 1, "only j's queue is left");
     }
 }

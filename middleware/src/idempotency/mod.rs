@@ -110,6 +110,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use redrive_core::{BoxError, Message, Outcome, classify};
 use tower::Service;
@@ -259,6 +260,31 @@ where
     }
 }
 
+/// Reserves `key`: at once where the store can answer so, else through its future.
+async fn reserve_key<St: IdempotencyStore + ?Sized>(
+    store: &St,
+    key: &str,
+    lease: Duration,
+) -> Result<Reservation, StoreError> {
+    match store.reserve_now(key, lease) {
+        Some(answer) => answer,
+        None => store.reserve(key, lease).await,
+    }
+}
+
+/// Commits `key`: at once where the store can answer so, else through its future.
+async fn commit_key<St: IdempotencyStore + ?Sized>(
+    store: &St,
+    key: &str,
+    token: &Token,
+    ttl: Duration,
+) -> Result<CommitStatus, StoreError> {
+    match store.commit_now(key, token, ttl) {
+        Some(answer) => answer,
+        None => store.commit(key, token, ttl).await,
+    }
+}
+
 async fn process<S, St>(
     shared: Arc<Shared<St>>,
     mut inner: S,
@@ -273,7 +299,7 @@ where
 {
     let config = &shared.config;
     let counters = &shared.counters;
-    let token = match shared.store.reserve(&key, config.lease).await? {
+    let token = match reserve_key(&*shared.store, &key, config.lease).await? {
         Reservation::Fresh(token) => token,
         Reservation::Committed => {
             Counters::bump(&counters.deduplicated);
@@ -297,7 +323,7 @@ where
     let call = Box::pin(inner.call(msg));
     let result: Result<Outcome, BoxError> = call.await.map(Into::into).map_err(Into::into);
     match result {
-        Ok(outcome) => match shared.store.commit(&key, &token, config.ttl).await {
+        Ok(outcome) => match commit_key(&*shared.store, &key, &token, config.ttl).await {
             Ok(CommitStatus::Committed) => {
                 if config.commit_mode == CommitMode::Handler {
                     tracing::warn!(

@@ -113,6 +113,26 @@ pub trait IdempotencyStore: Send + Sync + 'static {
 
     /// Frees `key`, reserved with `token`, so the message can be processed again.
     fn release<'a>(&'a self, key: &'a str, token: &'a Token) -> StoreFuture<'a, ()>;
+
+    /// [`reserve`](Self::reserve), answered at once by a store that needs no I/O for
+    /// it (the in-memory store), so no future is boxed per message. `None`, the
+    /// default, sends the layer to `reserve`.
+    fn reserve_now(&self, key: &str, lease: Duration) -> Option<Result<Reservation, StoreError>> {
+        let _ = (key, lease);
+        None
+    }
+
+    /// [`commit`](Self::commit), answered at once by a store that needs no I/O for it;
+    /// `None`, the default, sends the layer to `commit`.
+    fn commit_now(
+        &self,
+        key: &str,
+        token: &Token,
+        ttl: Duration,
+    ) -> Option<Result<CommitStatus, StoreError>> {
+        let _ = (key, token, ttl);
+        None
+    }
 }
 
 /// `d` in whole milliseconds, rounded up, at least 1.
