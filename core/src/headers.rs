@@ -158,12 +158,23 @@ pub enum HeaderError {
 /// assert_eq!(headers.get_str("correlation-id"), Some("abc"));
 /// # Ok::<(), redrive_core::HeaderError>(())
 /// ```
-#[derive(Clone, Default, PartialEq, Eq)]
+#[derive(Clone, Default)]
 pub struct Headers {
-    entries: Arc<Vec<(String, HeaderValue)>>,
+    /// `None` until the first header: empty headers allocate nothing.
+    entries: Option<Arc<Vec<Entry>>>,
     size: usize,
     limits: HeaderLimits,
 }
+
+type Entry = (String, HeaderValue);
+
+impl PartialEq for Headers {
+    fn eq(&self, other: &Self) -> bool {
+        self.list() == other.list() && self.limits == other.limits
+    }
+}
+
+impl Eq for Headers {}
 
 impl Headers {
     /// Empty headers with the default limits.
@@ -174,10 +185,22 @@ impl Headers {
     /// Empty headers with the given limits.
     pub fn with_limits(limits: HeaderLimits) -> Self {
         Headers {
-            entries: Arc::default(),
+            entries: None,
             size: 0,
             limits,
         }
+    }
+
+    fn list(&self) -> &[Entry] {
+        self.entries.as_deref().map_or(&[], Vec::as_slice)
+    }
+
+    /// The entries to change, copied first if a clone shares them.
+    fn list_mut(&mut self) -> &mut Vec<Entry> {
+        Arc::make_mut(
+            self.entries
+                .get_or_insert_with(|| Arc::new(Vec::with_capacity(4))),
+        )
     }
 
     /// The limits these headers enforce.
@@ -187,12 +210,12 @@ impl Headers {
 
     /// Number of headers.
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.list().len()
     }
 
     /// Whether there are no headers.
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.list().is_empty()
     }
 
     /// Total size of names and values in bytes.
@@ -201,14 +224,14 @@ impl Headers {
     }
 
     fn position(&self, name: &str) -> Option<usize> {
-        self.entries
+        self.list()
             .iter()
             .position(|(n, _)| n.eq_ignore_ascii_case(name))
     }
 
     /// The first value of `name`.
     pub fn get(&self, name: &str) -> Option<&HeaderValue> {
-        self.position(name).map(|i| &self.entries[i].1)
+        self.position(name).map(|i| &self.list()[i].1)
     }
 
     /// The first value of `name`, if it is a string.
@@ -218,7 +241,7 @@ impl Headers {
 
     /// Every value of `name`, in order.
     pub fn get_all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a HeaderValue> + 'a {
-        self.entries
+        self.list()
             .iter()
             .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
             .map(|(_, v)| v)
@@ -268,7 +291,7 @@ impl Headers {
         let name = name.into();
         let value = value.into();
         let removed: usize = self
-            .entries
+            .list()
             .iter()
             .filter(|(n, _)| n.eq_ignore_ascii_case(&name))
             .map(|(n, v)| n.len() + v.len())
@@ -278,11 +301,11 @@ impl Headers {
             &name,
             name.len() + value.len(),
             removed,
-            self.entries.len() - present + 1,
+            self.list().len() - present + 1,
         )?;
         match self.position(&name) {
             Some(i) => {
-                let entries = Arc::make_mut(&mut self.entries);
+                let entries = self.list_mut();
                 let old = std::mem::replace(&mut entries[i], (name, value));
                 let mut j = i + 1;
                 while j < entries.len() {
@@ -292,12 +315,13 @@ impl Headers {
                         j += 1;
                     }
                 }
-                self.size = self.size - removed + entries[i].0.len() + entries[i].1.len();
+                let added = entries[i].0.len() + entries[i].1.len();
+                self.size = self.size - removed + added;
                 Ok(Some(old.1))
             }
             None => {
                 self.size += name.len() + value.len();
-                Arc::make_mut(&mut self.entries).push((name, value));
+                self.list_mut().push((name, value));
                 Ok(None)
             }
         }
@@ -311,9 +335,9 @@ impl Headers {
     ) -> Result<(), HeaderError> {
         let name = name.into();
         let value = value.into();
-        self.check(&name, name.len() + value.len(), 0, self.entries.len() + 1)?;
+        self.check(&name, name.len() + value.len(), 0, self.list().len() + 1)?;
         self.size += name.len() + value.len();
-        Arc::make_mut(&mut self.entries).push((name, value));
+        self.list_mut().push((name, value));
         Ok(())
     }
 
@@ -324,7 +348,7 @@ impl Headers {
         }
         let mut first = None;
         let mut size = self.size;
-        Arc::make_mut(&mut self.entries).retain_mut(|(n, v)| {
+        self.list_mut().retain_mut(|(n, v)| {
             if n.eq_ignore_ascii_case(name) {
                 size -= n.len() + v.len();
                 if first.is_none() {
@@ -341,11 +365,11 @@ impl Headers {
 
     /// Removes every header whose name satisfies `f`.
     pub fn retain(&mut self, mut f: impl FnMut(&str, &HeaderValue) -> bool) {
-        if self.entries.iter().all(|(n, v)| f(n, v)) {
+        if self.list().iter().all(|(n, v)| f(n, v)) {
             return;
         }
         let mut size = self.size;
-        Arc::make_mut(&mut self.entries).retain(|(n, v)| {
+        self.list_mut().retain(|(n, v)| {
             let keep = f(n, v);
             if !keep {
                 size -= n.len() + v.len();
@@ -357,7 +381,7 @@ impl Headers {
 
     /// The headers in order, as `(name, value)`.
     pub fn iter(&self) -> impl ExactSizeIterator<Item = (&str, &HeaderValue)> {
-        self.entries.iter().map(|(n, v)| (n.as_str(), v))
+        self.list().iter().map(|(n, v)| (n.as_str(), v))
     }
 }
 
@@ -375,7 +399,7 @@ impl<'a> IntoIterator for &'a Headers {
     >;
 
     fn into_iter(self) -> Self::IntoIter {
-        self.entries.iter().map(|(n, v)| (n.as_str(), v))
+        self.list().iter().map(|(n, v)| (n.as_str(), v))
     }
 }
 
@@ -451,11 +475,26 @@ mod tests {
     }
 
     #[test]
+    fn empty_headers_hold_nothing_and_equal_emptied_ones() {
+        let empty = Headers::new();
+        assert!(empty.entries.is_none(), "no allocation until the first header");
+        let mut emptied = Headers::new();
+        emptied.insert("x", "1").unwrap();
+        assert_ne!(emptied, empty);
+        emptied.remove("x");
+        assert_eq!(emptied, empty);
+        assert_eq!(emptied.size(), 0);
+    }
+
+    #[test]
     fn clones_share_entries_until_changed() {
         let mut a = Headers::new();
         a.insert("x", "1").unwrap();
         let mut b = a.clone();
-        assert!(Arc::ptr_eq(&a.entries, &b.entries));
+        assert!(Arc::ptr_eq(
+            a.entries.as_ref().unwrap(),
+            b.entries.as_ref().unwrap()
+        ));
         b.insert("y", "2").unwrap();
         assert_eq!((a.len(), b.len()), (1, 2));
         b.remove("x");
