@@ -477,7 +477,10 @@ mod tests {
     #[test]
     fn empty_headers_hold_nothing_and_equal_emptied_ones() {
         let empty = Headers::new();
-        assert!(empty.entries.is_none(), "no allocation until the first header");
+        assert!(
+            empty.entries.is_none(),
+            "no allocation until the first header"
+        );
         let mut emptied = Headers::new();
         emptied.insert("x", "1").unwrap();
         assert_ne!(emptied, empty);
