@@ -1,9 +1,10 @@
 //! Message headers: ordered, case-insensitive names, string or byte values, bounded.
 
 use std::fmt;
-use std::sync::Arc;
 
 use bytes::Bytes;
+
+use crate::cow_vec::CowVec;
 
 /// A header value: text, or bytes that are not (or need not be) UTF-8.
 ///
@@ -158,23 +159,14 @@ pub enum HeaderError {
 /// assert_eq!(headers.get_str("correlation-id"), Some("abc"));
 /// # Ok::<(), redrive_core::HeaderError>(())
 /// ```
-#[derive(Clone, Default)]
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct Headers {
-    /// `None` until the first header: empty headers allocate nothing.
-    entries: Option<Arc<Vec<Entry>>>,
+    entries: CowVec<Entry>,
     size: usize,
     limits: HeaderLimits,
 }
 
 type Entry = (String, HeaderValue);
-
-impl PartialEq for Headers {
-    fn eq(&self, other: &Self) -> bool {
-        self.list() == other.list() && self.limits == other.limits
-    }
-}
-
-impl Eq for Headers {}
 
 impl Headers {
     /// Empty headers with the default limits.
@@ -185,22 +177,10 @@ impl Headers {
     /// Empty headers with the given limits.
     pub fn with_limits(limits: HeaderLimits) -> Self {
         Headers {
-            entries: None,
+            entries: CowVec::default(),
             size: 0,
             limits,
         }
-    }
-
-    fn list(&self) -> &[Entry] {
-        self.entries.as_deref().map_or(&[], Vec::as_slice)
-    }
-
-    /// The entries to change, copied first if a clone shares them.
-    fn list_mut(&mut self) -> &mut Vec<Entry> {
-        Arc::make_mut(
-            self.entries
-                .get_or_insert_with(|| Arc::new(Vec::with_capacity(4))),
-        )
     }
 
     /// The limits these headers enforce.
@@ -210,12 +190,12 @@ impl Headers {
 
     /// Number of headers.
     pub fn len(&self) -> usize {
-        self.list().len()
+        self.entries.as_slice().len()
     }
 
     /// Whether there are no headers.
     pub fn is_empty(&self) -> bool {
-        self.list().is_empty()
+        self.entries.as_slice().is_empty()
     }
 
     /// Total size of names and values in bytes.
@@ -224,14 +204,15 @@ impl Headers {
     }
 
     fn position(&self, name: &str) -> Option<usize> {
-        self.list()
+        self.entries
+            .as_slice()
             .iter()
             .position(|(n, _)| n.eq_ignore_ascii_case(name))
     }
 
     /// The first value of `name`.
     pub fn get(&self, name: &str) -> Option<&HeaderValue> {
-        self.position(name).map(|i| &self.list()[i].1)
+        self.position(name).map(|i| &self.entries.as_slice()[i].1)
     }
 
     /// The first value of `name`, if it is a string.
@@ -241,7 +222,8 @@ impl Headers {
 
     /// Every value of `name`, in order.
     pub fn get_all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a HeaderValue> + 'a {
-        self.list()
+        self.entries
+            .as_slice()
             .iter()
             .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
             .map(|(_, v)| v)
@@ -291,7 +273,8 @@ impl Headers {
         let name = name.into();
         let value = value.into();
         let removed: usize = self
-            .list()
+            .entries
+            .as_slice()
             .iter()
             .filter(|(n, _)| n.eq_ignore_ascii_case(&name))
             .map(|(n, v)| n.len() + v.len())
@@ -301,11 +284,11 @@ impl Headers {
             &name,
             name.len() + value.len(),
             removed,
-            self.list().len() - present + 1,
+            self.entries.as_slice().len() - present + 1,
         )?;
         match self.position(&name) {
             Some(i) => {
-                let entries = self.list_mut();
+                let entries = self.entries.make_mut();
                 let old = std::mem::replace(&mut entries[i], (name, value));
                 let mut j = i + 1;
                 while j < entries.len() {
@@ -321,7 +304,7 @@ impl Headers {
             }
             None => {
                 self.size += name.len() + value.len();
-                self.list_mut().push((name, value));
+                self.entries.make_mut().push((name, value));
                 Ok(None)
             }
         }
@@ -335,9 +318,14 @@ impl Headers {
     ) -> Result<(), HeaderError> {
         let name = name.into();
         let value = value.into();
-        self.check(&name, name.len() + value.len(), 0, self.list().len() + 1)?;
+        self.check(
+            &name,
+            name.len() + value.len(),
+            0,
+            self.entries.as_slice().len() + 1,
+        )?;
         self.size += name.len() + value.len();
-        self.list_mut().push((name, value));
+        self.entries.make_mut().push((name, value));
         Ok(())
     }
 
@@ -348,7 +336,7 @@ impl Headers {
         }
         let mut first = None;
         let mut size = self.size;
-        self.list_mut().retain_mut(|(n, v)| {
+        self.entries.make_mut().retain_mut(|(n, v)| {
             if n.eq_ignore_ascii_case(name) {
                 size -= n.len() + v.len();
                 if first.is_none() {
@@ -365,11 +353,11 @@ impl Headers {
 
     /// Removes every header whose name satisfies `f`.
     pub fn retain(&mut self, mut f: impl FnMut(&str, &HeaderValue) -> bool) {
-        if self.list().iter().all(|(n, v)| f(n, v)) {
+        if self.entries.as_slice().iter().all(|(n, v)| f(n, v)) {
             return;
         }
         let mut size = self.size;
-        self.list_mut().retain(|(n, v)| {
+        self.entries.make_mut().retain(|(n, v)| {
             let keep = f(n, v);
             if !keep {
                 size -= n.len() + v.len();
@@ -381,7 +369,7 @@ impl Headers {
 
     /// The headers in order, as `(name, value)`.
     pub fn iter(&self) -> impl ExactSizeIterator<Item = (&str, &HeaderValue)> {
-        self.list().iter().map(|(n, v)| (n.as_str(), v))
+        self.entries.as_slice().iter().map(|(n, v)| (n.as_str(), v))
     }
 }
 
@@ -399,7 +387,7 @@ impl<'a> IntoIterator for &'a Headers {
     >;
 
     fn into_iter(self) -> Self::IntoIter {
-        self.list().iter().map(|(n, v)| (n.as_str(), v))
+        self.entries.as_slice().iter().map(|(n, v)| (n.as_str(), v))
     }
 }
 
@@ -478,7 +466,7 @@ mod tests {
     fn empty_headers_hold_nothing_and_equal_emptied_ones() {
         let empty = Headers::new();
         assert!(
-            empty.entries.is_none(),
+            empty.entries.is_unallocated(),
             "no allocation until the first header"
         );
         let mut emptied = Headers::new();
@@ -494,10 +482,7 @@ mod tests {
         let mut a = Headers::new();
         a.insert("x", "1").unwrap();
         let mut b = a.clone();
-        assert!(Arc::ptr_eq(
-            a.entries.as_ref().unwrap(),
-            b.entries.as_ref().unwrap()
-        ));
+        assert!(a.entries.shares_with(&b.entries));
         b.insert("y", "2").unwrap();
         assert_eq!((a.len(), b.len()), (1, 2));
         b.remove("x");

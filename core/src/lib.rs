@@ -9,6 +9,7 @@
 
 pub mod classify;
 mod consumer;
+mod cow_vec;
 pub mod delivery;
 mod error;
 pub mod handler;

@@ -7,6 +7,8 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 
+use crate::cow_vec::CowVec;
+
 use crate::Headers;
 
 /// Where a message came from.
@@ -62,7 +64,7 @@ impl Default for Metadata {
 /// handful at most, so they live in a small vector, not a hash map.
 #[derive(Clone, Default)]
 pub struct Extensions {
-    entries: Option<Arc<Vec<Entry>>>,
+    entries: CowVec<Entry>,
 }
 
 type Entry = (TypeId, Arc<dyn Any + Send + Sync>);
@@ -73,19 +75,11 @@ impl Extensions {
         Self::default()
     }
 
-    fn entries(&self) -> &[Entry] {
-        self.entries.as_deref().map_or(&[], Vec::as_slice)
-    }
-
     /// Stores `value`, returning whether one of its type was replaced.
     pub fn insert<T: Send + Sync + 'static>(&mut self, value: T) -> bool {
         let id = TypeId::of::<T>();
         let value: Arc<dyn Any + Send + Sync> = Arc::new(value);
-        // Room for the few values a stack of layers adds, so inserts do not regrow it.
-        let entries = Arc::make_mut(
-            self.entries
-                .get_or_insert_with(|| Arc::new(Vec::with_capacity(4))),
-        );
+        let entries = self.entries.make_mut();
         match entries.iter_mut().find(|(t, _)| *t == id) {
             Some(slot) => {
                 slot.1 = value;
@@ -101,7 +95,8 @@ impl Extensions {
     /// The value of type `T`, if one is stored.
     pub fn get<T: Send + Sync + 'static>(&self) -> Option<&T> {
         let id = TypeId::of::<T>();
-        self.entries()
+        self.entries
+            .as_slice()
             .iter()
             .find(|(t, _)| *t == id)
             .and_then(|(_, v)| v.downcast_ref::<T>())
@@ -110,18 +105,16 @@ impl Extensions {
     /// Removes the value of type `T`; returns whether there was one.
     pub fn remove<T: Send + Sync + 'static>(&mut self) -> bool {
         let id = TypeId::of::<T>();
-        if !self.entries().iter().any(|(t, _)| *t == id) {
+        if !self.entries.as_slice().iter().any(|(t, _)| *t == id) {
             return false;
         }
-        if let Some(entries) = self.entries.as_mut() {
-            Arc::make_mut(entries).retain(|(t, _)| *t != id);
-        }
+        self.entries.make_mut().retain(|(t, _)| *t != id);
         true
     }
 
     /// Number of stored values.
     pub fn len(&self) -> usize {
-        self.entries().len()
+        self.entries.as_slice().len()
     }
 
     /// Whether nothing is stored.
