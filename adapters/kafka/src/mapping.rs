@@ -21,8 +21,8 @@ use redrive_core::{HeaderValue, Headers, Message};
 
 use crate::SYSTEM;
 
-/// A [`Message`] holding a copy of the record's data.
-/// The [`Message`] of `record`; `topic` is the record's topic name, shared.
+/// A [`Message`] holding a copy of the record's data; `topic` is the record's topic
+/// name, shared.
 pub(crate) fn message(record: &BorrowedMessage<'_>, topic: Arc<str>) -> Message {
     let mut headers = Headers::new();
     if let Some(hs) = record.headers() {

@@ -29,8 +29,6 @@ pub(crate) struct Partition {
     revoking: bool,
     /// Handed-out records from the oldest incomplete one on.
     open: VecDeque<(i64, Mark)>,
-    /// How many of `open` are running.
-    running: usize,
     /// The offset to commit next (one past the last record of the complete run), once
     /// any record completed.
     watermark: Option<i64>,
@@ -48,7 +46,6 @@ impl Partition {
         if self.open.back().is_some_and(|&(last, _)| offset <= last) {
             // A rewind (a seek, or a fetch after a failed commit): forget what was after.
             self.open.retain(|&(o, _)| o < offset);
-            self.running = self.open.iter().filter(|e| e.1 == Mark::Running).count();
         }
         self.open.push_back((offset, Mark::Open));
     }
@@ -60,20 +57,14 @@ impl Partition {
 
     /// `offset` started (`true`) or stopped (`false`) running without completing.
     fn set_running(&mut self, offset: i64, running: bool) {
-        let Some(mark) = self.mark(offset) else {
-            return;
-        };
-        match (*mark, running) {
-            (Mark::Open, true) => {
-                *mark = Mark::Running;
-                self.running += 1;
-            }
-            (Mark::Running, false) => {
-                *mark = Mark::Open;
-                self.running -= 1;
-            }
-            _ => {}
+        if let Some(mark) = self.mark(offset).filter(|m| **m != Mark::Complete) {
+            *mark = if running { Mark::Running } else { Mark::Open };
         }
+    }
+
+    /// How many records are running; read only while a revoke waits.
+    fn running(&self) -> usize {
+        self.open.iter().filter(|e| e.1 == Mark::Running).count()
     }
 
     /// Marks `offset` complete and advances the watermark over the complete run.
@@ -82,11 +73,7 @@ impl Partition {
         let Some(mark) = self.mark(offset) else {
             return false;
         };
-        let was_running = *mark == Mark::Running;
         *mark = Mark::Complete;
-        if was_running {
-            self.running -= 1;
-        }
         let mut moved = false;
         while let Some(&(o, Mark::Complete)) = self.open.front() {
             self.open.pop_front();
@@ -177,7 +164,7 @@ impl Watermarks {
     pub(crate) fn running(&self, tps: &[Tp]) -> usize {
         tps.iter()
             .filter_map(|tp| self.partitions.get(tp))
-            .map(|p| p.running)
+            .map(Partition::running)
             .sum()
     }
 
