@@ -2,19 +2,26 @@
 
 use std::sync::Arc;
 
+use smallvec::SmallVec;
+
 /// A vector shared between clones until one changes it, allocating nothing while
 /// empty. Headers and extensions keep their entries in one, so cloning a message never
 /// copies them and a message without any costs no allocation.
+///
+/// The first [`INLINE`] entries live inside the shared allocation itself, so the first
+/// push allocates once, not twice (the `Arc` and then the vector's buffer).
 #[derive(Debug)]
-pub(crate) struct CowVec<T>(Option<Arc<Vec<T>>>);
+pub(crate) struct CowVec<T>(Option<Arc<Entries<T>>>);
 
-/// Room made at the first push: a message carries a handful of entries at most.
-const FIRST_CAPACITY: usize = 4;
+/// Entries kept in the `Arc`'s own allocation: a message carries a handful at most.
+const INLINE: usize = 4;
+
+pub(crate) type Entries<T> = SmallVec<[T; INLINE]>;
 
 impl<T> CowVec<T> {
     /// The entries.
     pub(crate) fn as_slice(&self) -> &[T] {
-        self.0.as_deref().map_or(&[], Vec::as_slice)
+        self.0.as_deref().map_or(&[], SmallVec::as_slice)
     }
 
     /// Whether nothing was ever allocated.
@@ -32,11 +39,8 @@ impl<T> CowVec<T> {
 
 impl<T: Clone> CowVec<T> {
     /// The entries to change, copied first if a clone shares them.
-    pub(crate) fn make_mut(&mut self) -> &mut Vec<T> {
-        Arc::make_mut(
-            self.0
-                .get_or_insert_with(|| Arc::new(Vec::with_capacity(FIRST_CAPACITY))),
-        )
+    pub(crate) fn make_mut(&mut self) -> &mut Entries<T> {
+        Arc::make_mut(self.0.get_or_insert_with(|| Arc::new(SmallVec::new())))
     }
 }
 

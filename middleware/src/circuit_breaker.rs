@@ -64,6 +64,7 @@ use std::error::Error as StdError;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -439,7 +440,6 @@ struct Inner {
     /// Bumped on every state change; results of calls admitted under an older
     /// generation no longer count.
     generation: u64,
-    consecutive: u32,
     window: Option<RateWindow>,
     /// Callers waiting for a half-open probe slot.
     waiters: Vec<Waker>,
@@ -458,7 +458,19 @@ struct Core {
     origin: Instant,
     hook: Box<dyn OnCircuitOpen>,
     inner: Mutex<Inner>,
+    /// The closed breaker's fast path, read without the lock: `generation << 1 |
+    /// CLOSED` while closed, the generation alone otherwise. Written under the lock at
+    /// every state change, so admitting a call and counting a success while closed
+    /// (every message, when the downstream is healthy) take no lock.
+    closed: AtomicU64,
+    /// Transient failures in a row. Failures count under the lock; a success resets
+    /// it without one, which at worst lets a success that raced a failure erase it,
+    /// as if it had come just after.
+    consecutive: AtomicU32,
 }
+
+/// The flag in [`Core::closed`] set while the breaker is closed.
+const CLOSED: u64 = 1;
 
 enum Admit {
     Closed(u64),
@@ -486,10 +498,11 @@ impl Core {
             inner: Mutex::new(Inner {
                 phase: Phase::Closed,
                 generation: 0,
-                consecutive: 0,
                 window,
                 waiters: Vec::new(),
             }),
+            closed: AtomicU64::new(CLOSED),
+            consecutive: AtomicU32::new(0),
         }
     }
 
@@ -519,7 +532,14 @@ impl Core {
         let from = inner.phase.state();
         inner.phase = to;
         inner.generation += 1;
-        inner.consecutive = 0;
+        let flag = if matches!(to, Phase::Closed) {
+            CLOSED
+        } else {
+            0
+        };
+        self.closed
+            .store(inner.generation << 1 | flag, Ordering::Release);
+        self.consecutive.store(0, Ordering::Relaxed);
         if let Some(w) = &mut inner.window {
             w.clear();
         }
@@ -557,6 +577,10 @@ impl Core {
     }
 
     fn admit(&self, waker: &Waker) -> Admit {
+        let word = self.closed.load(Ordering::Acquire);
+        if word & CLOSED != 0 {
+            return Admit::Closed(word >> 1);
+        }
         let mut inner = self.lock();
         let change = self.advance(&mut inner);
         let admit = match &mut inner.phase {
@@ -579,6 +603,21 @@ impl Core {
     }
 
     fn record(&self, generation: u64, outcome: Outcome) {
+        // Closed and still of this call's generation: a success (with no failure-rate
+        // window to count it in) only resets the run of failures, and a permanent error
+        // changes nothing.
+        if self.closed.load(Ordering::Acquire) == generation << 1 | CLOSED {
+            match outcome {
+                Outcome::Success if self.config.failure_rate.is_none() => {
+                    if self.consecutive.load(Ordering::Relaxed) != 0 {
+                        self.consecutive.store(0, Ordering::Relaxed);
+                    }
+                    return;
+                }
+                Outcome::Ignored => return,
+                Outcome::Success | Outcome::Failure => {}
+            }
+        }
         let mut inner = self.lock();
         if generation != inner.generation {
             return;
@@ -586,22 +625,22 @@ impl Core {
         let change = match (inner.phase, outcome) {
             (Phase::Closed, Outcome::Ignored) | (Phase::Open { .. }, _) => None,
             (Phase::Closed, Outcome::Success) => {
-                inner.consecutive = 0;
+                self.consecutive.store(0, Ordering::Relaxed);
                 if let Some(w) = &mut inner.window {
                     w.record(self.origin.elapsed(), false);
                 }
                 None
             }
             (Phase::Closed, Outcome::Failure) => {
-                inner.consecutive += 1;
+                let consecutive = self.consecutive.fetch_add(1, Ordering::Relaxed) + 1;
                 let since = self.origin.elapsed();
                 let counts = inner.window.as_mut().map(|w| w.record(since, true));
                 let reason = if self
                     .config
                     .consecutive_failures
-                    .is_some_and(|n| inner.consecutive >= n)
+                    .is_some_and(|n| consecutive >= n)
                 {
-                    Some(OpenReason::ConsecutiveFailures(inner.consecutive))
+                    Some(OpenReason::ConsecutiveFailures(consecutive))
                 } else {
                     match (counts, self.config.failure_rate) {
                         (Some((calls, failures)), Some(r)) if calls >= u64::from(r.min_calls) => {

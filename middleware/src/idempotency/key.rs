@@ -1,6 +1,7 @@
 //! Where an idempotency key comes from: [`MakeKey`] and [`DefaultKey`].
 
 use std::fmt::Write as _;
+use std::sync::Arc;
 
 use redrive_core::{HeaderValue, Message};
 
@@ -9,20 +10,25 @@ use redrive_core::{HeaderValue, Message};
 pub use redrive_core::names::{IDEMPOTENCY_KEY, MESSAGE_ID};
 
 /// Works out a message's idempotency key. Implemented for [`DefaultKey`] and for
-/// closures `Fn(&Message) -> Option<String>`.
+/// closures `Fn(&Message) -> Option<K>` where `K` is a `String`, a `&'static str` or an
+/// `Arc<str>`.
 ///
-/// `None` means the message has no key: the handler runs without deduplication.
+/// `None` means the message has no key: the handler runs without deduplication. The key
+/// is shared (`Arc<str>`) from here on: by the layer, the store and the handler's
+/// [`IdempotencyToken`](super::IdempotencyToken), so a key already held in an `Arc`,
+/// such as the broker's message id, is never copied.
 pub trait MakeKey: Send + Sync + 'static {
     /// The key of `msg`, if it has one.
-    fn make_key(&self, msg: &Message) -> Option<String>;
+    fn make_key(&self, msg: &Message) -> Option<Arc<str>>;
 }
 
-impl<F> MakeKey for F
+impl<F, K> MakeKey for F
 where
-    F: Fn(&Message) -> Option<String> + Send + Sync + 'static,
+    F: Fn(&Message) -> Option<K> + Send + Sync + 'static,
+    K: Into<Arc<str>>,
 {
-    fn make_key(&self, msg: &Message) -> Option<String> {
-        self(msg)
+    fn make_key(&self, msg: &Message) -> Option<Arc<str>> {
+        self(msg).map(Into::into)
     }
 }
 
@@ -37,7 +43,7 @@ where
 pub struct DefaultKey;
 
 impl MakeKey for DefaultKey {
-    fn make_key(&self, msg: &Message) -> Option<String> {
+    fn make_key(&self, msg: &Message) -> Option<Arc<str>> {
         [IDEMPOTENCY_KEY, MESSAGE_ID]
             .into_iter()
             .filter_map(|name| msg.headers.get(name))
@@ -46,16 +52,16 @@ impl MakeKey for DefaultKey {
             .or_else(|| {
                 msg.metadata
                     .message_id
-                    .as_deref()
+                    .as_ref()
                     .filter(|id| !id.is_empty())
-                    .map(str::to_owned)
+                    .cloned()
             })
     }
 }
 
-fn header_key(value: &HeaderValue) -> String {
+fn header_key(value: &HeaderValue) -> Arc<str> {
     match value.as_str() {
-        Some(s) => s.to_owned(),
+        Some(s) => s.into(),
         None => {
             let bytes = value.as_bytes();
             let mut s = String::with_capacity(2 + 2 * bytes.len());
@@ -63,7 +69,7 @@ fn header_key(value: &HeaderValue) -> String {
             for b in bytes {
                 let _ = write!(s, "{b:02x}");
             }
-            s
+            s.into()
         }
     }
 }

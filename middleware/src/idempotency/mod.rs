@@ -137,13 +137,13 @@ use layer::{Counters, Shared};
 /// `msg.extensions.get::<IdempotencyToken>()`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IdempotencyToken {
-    key: String,
+    key: Arc<str>,
     token: Token,
 }
 
 impl IdempotencyToken {
     /// The reservation of `key` under `token`.
-    pub fn new(key: impl Into<String>, token: Token) -> Self {
+    pub fn new(key: impl Into<Arc<str>>, token: Token) -> Self {
         IdempotencyToken {
             key: key.into(),
             token,
@@ -263,7 +263,7 @@ where
 /// Reserves `key`: at once where the store can answer so, else through its future.
 async fn reserve_key<St: IdempotencyStore + ?Sized>(
     store: &St,
-    key: &str,
+    key: &Arc<str>,
     lease: Duration,
 ) -> Result<Reservation, StoreError> {
     match store.reserve_now(key, lease) {
@@ -288,7 +288,7 @@ async fn commit_key<St: IdempotencyStore + ?Sized>(
 async fn process<S, St>(
     shared: Arc<Shared<St>>,
     mut inner: S,
-    key: String,
+    key: Arc<str>,
     mut msg: Message,
 ) -> Result<Outcome, BoxError>
 where
@@ -310,7 +310,10 @@ where
             Counters::bump(&counters.reserved_elsewhere);
             tracing::debug!(idempotency_key = %key, ?remaining, "key reserved by another consumer");
             return Err(classify::retry_after(
-                KeyReserved { key, remaining },
+                KeyReserved {
+                    key: key.to_string(),
+                    remaining,
+                },
                 remaining,
             ));
         }
@@ -337,7 +340,10 @@ where
             Ok(CommitStatus::AlreadyCommitted) => Ok(outcome),
             Err(source) => {
                 Counters::bump(&counters.commit_failures);
-                let err = CommitFailed { key, source };
+                let err = CommitFailed {
+                    key: key.to_string(),
+                    source,
+                };
                 tracing::error!(error = %err, "idempotency commit failed");
                 Err(Box::new(err))
             }

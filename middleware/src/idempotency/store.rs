@@ -14,10 +14,19 @@ pub type StoreFuture<'a, T> = BoxFuture<'a, Result<T, StoreError>>;
 /// A random value that identifies one reservation of a key.
 ///
 /// Stores check it on commit and release, so a consumer whose lease expired cannot
-/// commit or release a reservation another consumer has taken since. Cloning it is a
-/// reference count.
-#[derive(Clone, PartialEq, Eq, Hash)]
-pub struct Token(Arc<str>);
+/// commit or release a reservation another consumer has taken since. A random token is
+/// kept inline (no allocation); one read back from a store is shared. Either way,
+/// cloning it is cheap, and tokens compare by their text.
+#[derive(Clone)]
+pub struct Token(Repr);
+
+#[derive(Clone)]
+enum Repr {
+    /// 128 random bits as 32 lowercase hex digits (ASCII).
+    Hex([u8; 32]),
+    /// A value read back from a store.
+    Shared(Arc<str>),
+}
 
 impl Token {
     /// A new random token (128 bits, as 32 hex digits).
@@ -29,30 +38,56 @@ impl Token {
             *d = HEX[(bits & 0xf) as usize];
             bits >>= 4;
         }
-        // Hex digits are ASCII.
-        Token(std::str::from_utf8(&digits).expect("hex digits").into())
+        Token(Repr::Hex(digits))
     }
 
     /// A token with this value, as a store reads it back.
     pub fn new(value: impl Into<Arc<str>>) -> Self {
-        Token(value.into())
+        Token(Repr::Shared(value.into()))
+    }
+
+    /// The token's text, as bytes: what tokens are compared and hashed by, without
+    /// checking UTF-8 again on every commit.
+    fn as_bytes(&self) -> &[u8] {
+        match &self.0 {
+            Repr::Hex(digits) => digits,
+            Repr::Shared(s) => s.as_bytes(),
+        }
     }
 
     /// The token's value.
     pub fn as_str(&self) -> &str {
-        &self.0
+        match &self.0 {
+            // Only `random` makes this variant, from ASCII hex digits.
+            Repr::Hex(digits) => std::str::from_utf8(digits).unwrap_or_default(),
+            Repr::Shared(s) => s,
+        }
+    }
+}
+
+impl PartialEq for Token {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl Eq for Token {}
+
+impl std::hash::Hash for Token {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_bytes().hash(state);
     }
 }
 
 impl fmt::Debug for Token {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Token({})", self.0)
+        write!(f, "Token({})", self.as_str())
     }
 }
 
 impl fmt::Display for Token {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(self.as_str())
     }
 }
 
@@ -116,8 +151,13 @@ pub trait IdempotencyStore: Send + Sync + 'static {
 
     /// [`reserve`](Self::reserve), answered at once by a store that needs no I/O for
     /// it (the in-memory store), so no future is boxed per message. `None`, the
-    /// default, sends the layer to `reserve`.
-    fn reserve_now(&self, key: &str, lease: Duration) -> Option<Result<Reservation, StoreError>> {
+    /// default, sends the layer to `reserve`. The key comes shared, so a store that
+    /// keeps it can keep this `Arc` instead of copying it.
+    fn reserve_now(
+        &self,
+        key: &Arc<str>,
+        lease: Duration,
+    ) -> Option<Result<Reservation, StoreError>> {
         let _ = (key, lease);
         None
     }
@@ -162,5 +202,21 @@ mod tests {
             .map(|_| Token::random())
             .any(|t| !t.as_str().starts_with('0'));
         assert!(leading, "the high bits are used");
+    }
+
+    #[test]
+    fn a_token_read_back_equals_the_random_one_it_was_written_from() {
+        use std::collections::hash_map::DefaultHasher;
+        use std::hash::{Hash, Hasher};
+        let hash = |t: &Token| {
+            let mut h = DefaultHasher::new();
+            t.hash(&mut h);
+            h.finish()
+        };
+        let issued = Token::random();
+        let read = Token::new(issued.to_string());
+        assert_eq!(issued, read);
+        assert_eq!(hash(&issued), hash(&read));
+        assert_ne!(read, Token::new("other"));
     }
 }

@@ -1,5 +1,6 @@
 //! [`Budget`]: a cap on retries, shared by every clone of a [`RetryLayer`](super::RetryLayer).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
@@ -100,20 +101,31 @@ impl Budget {
 const MIN_WINDOW: Duration = Duration::from_millis(10);
 const BUCKETS: usize = 10;
 
-#[derive(Clone, Copy, Default)]
+/// One bucket's counts. `slot` says which bucket length they belong to; counts of a
+/// slot that has left the window are stale.
+#[derive(Default)]
 struct Bucket {
-    slot: u64,
-    first_tries: u64,
-    retries: u64,
+    slot: AtomicU64,
+    first_tries: AtomicU64,
+    retries: AtomicU64,
 }
 
 /// The budget's counters: a ring of `BUCKETS` buckets, each a tenth of the window.
+///
+/// Every message deposits a first try, so deposits take no lock: an atomic add into
+/// the current bucket. The lock is taken to reuse a bucket for a new slot (once per
+/// bucket length) and to withdraw (only on a retry), so two retries cannot both take
+/// the last unit of budget. A deposit that raced the reuse of its bucket a whole window
+/// later may land one slot off; the budget is a rate, and one first try more or less
+/// does not change it.
 pub(crate) struct SharedBudget {
     origin: Instant,
     bucket_len: Duration,
     reserve: f64,
     ratio: f64,
-    buckets: Mutex<[Bucket; BUCKETS]>,
+    buckets: [Bucket; BUCKETS],
+    /// Held to reuse a bucket and to withdraw.
+    lock: Mutex<()>,
 }
 
 impl SharedBudget {
@@ -123,7 +135,8 @@ impl SharedBudget {
             bucket_len: budget.window / BUCKETS as u32,
             reserve: f64::from(budget.min_per_second) * budget.window.as_secs_f64(),
             ratio: budget.ratio,
-            buckets: Mutex::new([Bucket::default(); BUCKETS]),
+            buckets: Default::default(),
+            lock: Mutex::new(()),
         }
     }
 
@@ -134,39 +147,51 @@ impl SharedBudget {
         u64::try_from(since).unwrap_or(u64::MAX - 1) + 1
     }
 
-    fn with_current<R>(&self, f: impl FnOnce(&mut [Bucket; BUCKETS], usize, u64) -> R) -> R {
-        let mut buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
-        // Read under the lock, so slots only grow as seen by the buckets.
-        let slot = self.slot();
-        let i = (slot % BUCKETS as u64) as usize;
-        if buckets[i].slot != slot {
-            buckets[i] = Bucket {
-                slot,
-                ..Bucket::default()
-            };
+    /// The bucket of `slot`, emptied first if it still holds an older slot's counts.
+    fn bucket(&self, slot: u64) -> &Bucket {
+        let b = &self.buckets[(slot % BUCKETS as u64) as usize];
+        if b.slot.load(Ordering::Acquire) != slot {
+            let _reuse = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+            // Only forwards: a caller that read the clock before a newer slot took the
+            // bucket counts into the newer slot rather than wiping it.
+            if b.slot.load(Ordering::Relaxed) < slot {
+                b.first_tries.store(0, Ordering::Relaxed);
+                b.retries.store(0, Ordering::Relaxed);
+                b.slot.store(slot, Ordering::Release);
+            }
         }
-        f(&mut buckets, i, slot)
+        b
     }
 
     /// Counts a first try.
     pub(crate) fn deposit(&self) {
-        self.with_current(|b, i, _| b[i].first_tries += 1);
+        self.bucket(self.slot())
+            .first_tries
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     /// Takes one retry from the budget; `false` when it is spent.
     pub(crate) fn withdraw(&self) -> bool {
-        self.with_current(|b, i, slot| {
-            let live = b.iter().filter(|b| slot - b.slot < BUCKETS as u64);
-            let (first, retries) =
-                live.fold((0, 0), |(f, r), b| (f + b.first_tries, r + b.retries));
-            let allowed = self.reserve + self.ratio * first as f64;
-            if (retries as f64) < allowed.floor() {
-                b[i].retries += 1;
-                true
-            } else {
-                false
-            }
-        })
+        let slot = self.slot();
+        let current = self.bucket(slot);
+        let _withdraw = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let (first, retries) = self
+            .buckets
+            .iter()
+            .filter(|b| slot.saturating_sub(b.slot.load(Ordering::Acquire)) < BUCKETS as u64)
+            .fold((0, 0), |(f, r), b| {
+                (
+                    f + b.first_tries.load(Ordering::Relaxed),
+                    r + b.retries.load(Ordering::Relaxed),
+                )
+            });
+        let allowed = self.reserve + self.ratio * first as f64;
+        if (retries as f64) < allowed.floor() {
+            current.retries.fetch_add(1, Ordering::Relaxed);
+            true
+        } else {
+            false
+        }
     }
 }
 
@@ -191,6 +216,22 @@ mod tests {
         tokio::time::advance(Duration::from_millis(600)).await;
         // The first tries and retries have left the window; only the reserve is back.
         assert_eq!((0..10).filter(|_| shared.withdraw()).count(), 2);
+    }
+
+    #[test]
+    fn deposits_from_many_threads_all_count() {
+        let budget = Budget::default()
+            .with_window(Duration::from_secs(60))
+            .with_ratio(0.1)
+            .with_min_per_second(0);
+        let shared = SharedBudget::new(&budget);
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| (0..5_000).for_each(|_| shared.deposit()));
+            }
+        });
+        // A tenth of 20,000 first tries, not one more.
+        assert_eq!((0..3_000).filter(|_| shared.withdraw()).count(), 2_000);
     }
 
     #[test]
