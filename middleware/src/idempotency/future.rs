@@ -3,37 +3,133 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use redrive_core::delivery::BoxFuture;
 use redrive_core::{BoxError, Outcome};
 
-/// The future of [`Idempotency`](super::Idempotency): reserve, call, commit or release.
-///
-/// Boxed: every step but the call awaits the store.
-pub struct ResponseFuture {
-    inner: BoxFuture<'static, Result<Outcome, BoxError>>,
+use super::layer::Shared;
+use super::{IdempotencyStore, Token, commit_key, committed, release};
+
+pin_project_lite::pin_project! {
+    /// The future of [`Idempotency`](super::Idempotency): the inner call, then the
+    /// key's commit or release.
+    ///
+    /// With a store that answers at once (the in-memory store), the key is reserved
+    /// before this future exists and committed as the inner call completes, so nothing
+    /// is boxed. The store's own futures, and a release after a failure, are boxed.
+    pub struct ResponseFuture<F, St: ?Sized> {
+        #[pin]
+        state: State<F, St>,
+    }
 }
 
-impl ResponseFuture {
-    pub(crate) fn new(
+pin_project_lite::pin_project! {
+    #[project = StateProj]
+    enum State<F, St: ?Sized> {
+        /// The inner call; `reserved` is `None` for a message without a key.
+        Calling {
+            #[pin]
+            fut: F,
+            reserved: Option<Reserved<St>>,
+        },
+        /// An answer known without running the inner service (a duplicate, a key held
+        /// elsewhere), taken by the first poll.
+        Ready { answer: Option<Result<Outcome, BoxError>> },
+        /// A step that awaits the store.
+        Boxed { fut: BoxFuture<'static, Result<Outcome, BoxError>> },
+    }
+}
+
+/// A key this call reserved, to commit or release when the inner call ends.
+pub(crate) struct Reserved<St: ?Sized> {
+    pub(crate) shared: Arc<Shared<St>>,
+    pub(crate) key: Arc<str>,
+    pub(crate) token: Token,
+}
+
+impl<F, St: ?Sized> ResponseFuture<F, St> {
+    /// The inner call, finished by committing or releasing `reserved`.
+    pub(crate) fn calling(fut: F, reserved: Option<Reserved<St>>) -> Self {
+        ResponseFuture {
+            state: State::Calling { fut, reserved },
+        }
+    }
+
+    /// An answer given without calling the inner service.
+    pub(crate) fn ready(answer: Result<Outcome, BoxError>) -> Self {
+        ResponseFuture {
+            state: State::Ready {
+                answer: Some(answer),
+            },
+        }
+    }
+
+    /// Every step through the store's futures.
+    pub(crate) fn boxed(
         fut: impl Future<Output = Result<Outcome, BoxError>> + Send + 'static,
     ) -> Self {
         ResponseFuture {
-            inner: Box::pin(fut),
+            state: State::Boxed { fut: Box::pin(fut) },
         }
     }
 }
 
-impl Future for ResponseFuture {
+impl<F, T, E, St> Future for ResponseFuture<F, St>
+where
+    F: Future<Output = Result<T, E>>,
+    T: Into<Outcome>,
+    E: Into<BoxError>,
+    St: IdempotencyStore + ?Sized,
+{
     type Output = Result<Outcome, BoxError>;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.inner.as_mut().poll(cx)
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut state = self.project().state;
+        loop {
+            let finish: BoxFuture<'static, Result<Outcome, BoxError>> =
+                match state.as_mut().project() {
+                    StateProj::Calling { fut, reserved } => {
+                        let result = std::task::ready!(fut.poll(cx))
+                            .map(Into::into)
+                            .map_err(Into::into);
+                        let Some(Reserved { shared, key, token }) = reserved.take() else {
+                            return Poll::Ready(result);
+                        };
+                        match result {
+                            Ok(outcome) => {
+                                let ttl = shared.config.ttl;
+                                if let Some(status) = shared.store.commit_now(&key, &token, ttl) {
+                                    return Poll::Ready(committed(&shared, key, status, outcome));
+                                }
+                                Box::pin(async move {
+                                    let status =
+                                        commit_key(&*shared.store, &key, &token, ttl).await;
+                                    committed(&shared, key, status, outcome)
+                                })
+                            }
+                            Err(err) => Box::pin(async move {
+                                release(&shared, &key, &token).await;
+                                Err(err)
+                            }),
+                        }
+                    }
+                    StateProj::Ready { answer } => {
+                        return Poll::Ready(
+                            answer
+                                .take()
+                                .expect("idempotency ResponseFuture polled after it completed"),
+                        );
+                    }
+                    StateProj::Boxed { fut } => return fut.as_mut().poll(cx),
+                };
+            state.set(State::Boxed { fut: finish });
+        }
     }
 }
 
-impl fmt::Debug for ResponseFuture {
+impl<F, St: ?Sized> fmt::Debug for ResponseFuture<F, St> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture").finish_non_exhaustive()
     }

@@ -127,7 +127,7 @@ pub use postgres::PostgresStore;
 pub use redis::RedisStore;
 pub use store::{CommitStatus, IdempotencyStore, Reservation, StoreFuture, Token};
 
-use future::ResponseFuture;
+use future::{Reserved, ResponseFuture};
 use layer::{Counters, Shared};
 
 /// The reservation a message is processed under, put into its
@@ -231,13 +231,13 @@ where
 {
     type Response = Outcome;
     type Error = BoxError;
-    type Future = ResponseFuture;
+    type Future = ResponseFuture<S::Future, St>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, msg: Message) -> Self::Future {
+    fn call(&mut self, mut msg: Message) -> Self::Future {
         let Some(key) = self.shared.config.key.make_key(&msg) else {
             let counters = &self.shared.counters;
             Counters::bump(&counters.unkeyed);
@@ -247,16 +247,62 @@ where
                      (logged once; see the `unkeyed` count)"
                 );
             }
-            let fut = self.inner.call(msg);
-            return ResponseFuture::new(
-                async move { fut.await.map(Into::into).map_err(Into::into) },
-            );
+            return ResponseFuture::calling(self.inner.call(msg), None);
         };
-        // The clone takes the place of the service that was driven to readiness, which
-        // runs the message once the key is reserved.
-        let clone = self.inner.clone();
-        let ready = std::mem::replace(&mut self.inner, clone);
-        ResponseFuture::new(process(self.shared.clone(), ready, key, msg))
+        let shared = &self.shared;
+        match shared.store.reserve_now(&key, shared.config.lease) {
+            // The store answered at once: the inner service, ready, runs the message now.
+            Some(Ok(reservation)) => match fresh(shared, &key, reservation) {
+                Ok(token) => {
+                    msg.extensions
+                        .insert(IdempotencyToken::new(key.clone(), token.clone()));
+                    let reserved = Reserved {
+                        shared: shared.clone(),
+                        key,
+                        token,
+                    };
+                    ResponseFuture::calling(self.inner.call(msg), Some(reserved))
+                }
+                Err(answer) => ResponseFuture::ready(answer),
+            },
+            Some(Err(err)) => ResponseFuture::ready(Err(err.into())),
+            None => {
+                // The clone takes the place of the service that was driven to
+                // readiness, which runs the message once the store has reserved the key.
+                let clone = self.inner.clone();
+                let ready = std::mem::replace(&mut self.inner, clone);
+                ResponseFuture::boxed(process(shared.clone(), ready, key, msg))
+            }
+        }
+    }
+}
+
+/// The token of a fresh reservation of `key`, or the call's answer when the key is
+/// taken: a skipped duplicate, or a transient error while another consumer holds it.
+fn fresh<St: ?Sized>(
+    shared: &Shared<St>,
+    key: &Arc<str>,
+    reservation: Reservation,
+) -> Result<Token, Result<Outcome, BoxError>> {
+    let counters = &shared.counters;
+    match reservation {
+        Reservation::Fresh(token) => Ok(token),
+        Reservation::Committed => {
+            Counters::bump(&counters.deduplicated);
+            tracing::info!(idempotency_key = %key, "duplicate skipped: key already committed");
+            Err(Ok(Outcome::Deduplicated))
+        }
+        Reservation::Reserved { remaining } => {
+            Counters::bump(&counters.reserved_elsewhere);
+            tracing::debug!(idempotency_key = %key, ?remaining, "key reserved by another consumer");
+            Err(Err(classify::retry_after(
+                KeyReserved {
+                    key: key.to_string(),
+                    remaining,
+                },
+                remaining,
+            )))
+        }
     }
 }
 
@@ -285,6 +331,50 @@ async fn commit_key<St: IdempotencyStore + ?Sized>(
     }
 }
 
+/// The call's answer once the inner service succeeded with `outcome` and the commit of
+/// `key` came back with `status`.
+fn committed<St: ?Sized>(
+    shared: &Shared<St>,
+    key: Arc<str>,
+    status: Result<CommitStatus, StoreError>,
+    outcome: Outcome,
+) -> Result<Outcome, BoxError> {
+    match status {
+        Ok(CommitStatus::Committed) => {
+            if shared.config.commit_mode == CommitMode::Handler {
+                tracing::warn!(
+                    idempotency_key = %key,
+                    "the handler succeeded without committing the idempotency key in its \
+                     transaction; committed it afterwards, so effect and key were not atomic"
+                );
+            }
+            Ok(outcome)
+        }
+        Ok(CommitStatus::AlreadyCommitted) => Ok(outcome),
+        Err(source) => {
+            Counters::bump(&shared.counters.commit_failures);
+            let err = CommitFailed {
+                key: key.to_string(),
+                source,
+            };
+            tracing::error!(error = %err, "idempotency commit failed");
+            Err(Box::new(err))
+        }
+    }
+}
+
+/// Frees `key` after the inner service failed, so a redelivery can try again.
+async fn release<St: IdempotencyStore + ?Sized>(shared: &Shared<St>, key: &str, token: &Token) {
+    if let Err(release) = shared.store.release(key, token).await {
+        tracing::warn!(
+            idempotency_key = %key,
+            error = %release,
+            "could not release the idempotency key; it stays reserved until its lease expires"
+        );
+    }
+}
+
+/// Every step through the store's futures, for a store that does not answer at once.
 async fn process<S, St>(
     shared: Arc<Shared<St>>,
     mut inner: S,
@@ -297,26 +387,10 @@ where
     S::Error: Into<BoxError>,
     St: IdempotencyStore + ?Sized,
 {
-    let config = &shared.config;
-    let counters = &shared.counters;
-    let token = match reserve_key(&*shared.store, &key, config.lease).await? {
-        Reservation::Fresh(token) => token,
-        Reservation::Committed => {
-            Counters::bump(&counters.deduplicated);
-            tracing::info!(idempotency_key = %key, "duplicate skipped: key already committed");
-            return Ok(Outcome::Deduplicated);
-        }
-        Reservation::Reserved { remaining } => {
-            Counters::bump(&counters.reserved_elsewhere);
-            tracing::debug!(idempotency_key = %key, ?remaining, "key reserved by another consumer");
-            return Err(classify::retry_after(
-                KeyReserved {
-                    key: key.to_string(),
-                    remaining,
-                },
-                remaining,
-            ));
-        }
+    let reservation = reserve_key(&*shared.store, &key, shared.config.lease).await?;
+    let token = match fresh(&shared, &key, reservation) {
+        Ok(token) => token,
+        Err(answer) => return answer,
     };
     msg.extensions
         .insert(IdempotencyToken::new(key.clone(), token.clone()));
@@ -324,38 +398,13 @@ where
     // allocator's per-thread cache (about 1 KiB with glibc), and each message then takes
     // the slow path of malloc and free; two smaller boxes stay on the fast one.
     let call = Box::pin(inner.call(msg));
-    let result: Result<Outcome, BoxError> = call.await.map(Into::into).map_err(Into::into);
-    match result {
-        Ok(outcome) => match commit_key(&*shared.store, &key, &token, config.ttl).await {
-            Ok(CommitStatus::Committed) => {
-                if config.commit_mode == CommitMode::Handler {
-                    tracing::warn!(
-                        idempotency_key = %key,
-                        "the handler succeeded without committing the idempotency key in its \
-                         transaction; committed it afterwards, so effect and key were not atomic"
-                    );
-                }
-                Ok(outcome)
-            }
-            Ok(CommitStatus::AlreadyCommitted) => Ok(outcome),
-            Err(source) => {
-                Counters::bump(&counters.commit_failures);
-                let err = CommitFailed {
-                    key: key.to_string(),
-                    source,
-                };
-                tracing::error!(error = %err, "idempotency commit failed");
-                Err(Box::new(err))
-            }
-        },
+    match call.await.map(Into::into).map_err(Into::into) {
+        Ok(outcome) => {
+            let status = commit_key(&*shared.store, &key, &token, shared.config.ttl).await;
+            committed(&shared, key, status, outcome)
+        }
         Err(err) => {
-            if let Err(release) = shared.store.release(&key, &token).await {
-                tracing::warn!(
-                    idempotency_key = %key,
-                    error = %release,
-                    "could not release the idempotency key; it stays reserved until its lease expires"
-                );
-            }
+            release(&shared, &key, &token).await;
             Err(err)
         }
     }
