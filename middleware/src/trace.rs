@@ -59,10 +59,9 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use redrive_core::{
     BoxError, Classifier, ErrorKind, Headers, Message, Outcome, OutgoingMessage, Publisher,
 };
-use tokio::task::futures::TaskLocalFuture;
 use tower::{Layer, Service};
 use tracing::Span;
-use tracing::instrument::{Instrument, Instrumented};
+use tracing::instrument::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 pub use redrive_core::names::{CORRELATION_ID, CORRELATION_ID_ALIASES, TRACEPARENT, TRACESTATE};
@@ -464,17 +463,23 @@ where
             self.inner.call(msg)
         };
         ResponseFuture {
-            inner: CURRENT.scope(id, inner).instrument(span),
+            inner,
+            span,
+            id,
             classifier: self.layer.classifier.clone(),
         }
     }
 }
 
 pin_project_lite::pin_project! {
-    /// The future of [`Trace`].
+    /// The future of [`Trace`]. Each poll of the inner future runs inside the
+    /// consumer span and with the correlation id set for the task (one future, not a
+    /// span wrapper around a task-local wrapper, so the future is moved fewer times).
     pub struct ResponseFuture<F> {
         #[pin]
-        inner: Instrumented<TaskLocalFuture<CorrelationId, F>>,
+        inner: F,
+        span: Span,
+        id: CorrelationId,
         classifier: Classifier,
     }
 }
@@ -488,12 +493,16 @@ where
     type Output = Result<Outcome, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
-        let result = match this.inner.as_mut().poll(cx) {
-            Poll::Pending => return Poll::Pending,
-            Poll::Ready(r) => r,
+        let this = self.project();
+        let span = &*this.span;
+        let result = {
+            let _entered = span.enter();
+            let inner = this.inner;
+            match CURRENT.sync_scope(this.id.clone(), || inner.poll(cx)) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(r) => r,
+            }
         };
-        let span = this.inner.as_ref().get_ref().span();
         Poll::Ready(match result {
             Ok(r) => {
                 let outcome = r.into();
