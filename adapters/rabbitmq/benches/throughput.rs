@@ -4,7 +4,12 @@
 //! ```text
 //! cargo bench -p redrive-rabbitmq --bench throughput
 //! BENCH_N=200000 BENCH_PREFETCH=500 AMQP_URL=amqp://… cargo bench -p redrive-rabbitmq --bench throughput
+//! BENCH_ROUNDS=5 BENCH_ONLY="full Stack" cargo bench -p redrive-rabbitmq --bench throughput
 //! ```
+//!
+//! The broker runs on the same machine and its pace drifts from run to run, so the bench
+//! runs `BENCH_ROUNDS` rounds (3 by default), each a bare run and then every redrive
+//! row, and prints each row's ratio to the bare run of the same round, and the medians.
 //!
 //! The redrive side runs the full middleware Stack (trace, metrics into an SDK meter
 //! provider, dead letter, idempotency with the in-memory store, circuit breaker, rate
@@ -200,62 +205,89 @@ fn main() {
         let queue = redrive_core::testkit::unique_name("redrive-bench");
         Topology::new(&queue).declare(&conn).await.expect("declare");
 
-        let mut rows = Vec::new();
-        fill(&conn, &queue, n).await;
-        let cpu = cpu_time();
-        let bare = bare_lapin(&conn, &queue, n, prefetch).await;
-        rows.push((
-            "bare lapin (consume + concurrent acks)",
-            bare,
-            cpu_time() - cpu,
-        ));
-        for (what, full, execution) in [
+        let rounds = env("BENCH_ROUNDS", 3).max(1);
+        let rows = [
+            ("bare lapin (consume + concurrent acks)", None),
             (
                 "redrive Worker (spawned) + no-op handler",
-                false,
-                Execution::Spawned,
+                Some((false, Execution::Spawned)),
             ),
             (
                 "redrive Worker (in task) + no-op handler",
-                false,
-                Execution::InTask,
+                Some((false, Execution::InTask)),
             ),
             (
                 "redrive Worker (spawned) + full Stack + no-op handler",
-                true,
-                Execution::Spawned,
+                Some((true, Execution::Spawned)),
             ),
             (
                 "redrive Worker (in task) + full Stack + no-op handler",
-                true,
-                Execution::InTask,
+                Some((true, Execution::InTask)),
             ),
-        ] {
-            // BENCH_ONLY=<text> runs only the rows whose name holds the text (for profiling).
-            if std::env::var("BENCH_ONLY").is_ok_and(|only| !what.contains(&only)) {
-                continue;
+        ];
+        // BENCH_ONLY=<text> runs only the rows whose name holds the text (and bare).
+        let only = std::env::var("BENCH_ONLY").ok();
+        let rows: Vec<_> = rows
+            .into_iter()
+            .filter(|(what, run)| {
+                run.is_none() || only.as_deref().is_none_or(|only| what.contains(only))
+            })
+            .collect();
+        // Each round runs every row once, bare first, so a row is compared with the bare
+        // run of its own round: the broker shares this machine, and its speed drifts.
+        let mut results: Vec<Vec<(Duration, Duration)>> = vec![Vec::new(); rows.len()];
+        for round in 1..=rounds {
+            eprintln!("round {round} of {rounds}");
+            for (i, (_, run)) in rows.iter().enumerate() {
+                fill(&conn, &queue, n).await;
+                let cpu = cpu_time();
+                let took = match *run {
+                    None => bare_lapin(&conn, &queue, n, prefetch).await,
+                    Some((full, execution)) => {
+                        redrive(&url, &queue, n, prefetch, full, execution).await
+                    }
+                };
+                results[i].push((took, cpu_time() - cpu));
             }
-            fill(&conn, &queue, n).await;
-            let cpu = cpu_time();
-            let took = redrive(&url, &queue, n, prefetch, full, execution).await;
-            rows.push((what, took, cpu_time() - cpu));
         }
 
         let rate = |d: Duration| n as f64 / d.as_secs_f64();
+        let median = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
         println!();
         println!(
-            "{n} messages of 64 bytes, prefetch {prefetch}, RabbitMQ at {}",
+            "{n} messages of 64 bytes, prefetch {prefetch}, RabbitMQ at {}; \
+             medians of {rounds} rounds",
             url.split('@').next_back().unwrap_or("")
         );
-        println!("| consumer | seconds | messages/s | vs bare lapin | CPU µs/msg (this process) |");
-        println!("|---|---:|---:|---:|---:|");
-        for (what, took, cpu) in rows {
+        println!(
+            "| consumer | messages/s | vs bare lapin (per round) | vs bare lapin, median | \
+             CPU µs/msg (this process) |"
+        );
+        println!("|---|---:|---|---:|---:|");
+        let bare = &results[0];
+        for ((what, _), runs) in rows.iter().zip(&results) {
+            let ratios: Vec<f64> = runs
+                .iter()
+                .zip(bare)
+                .map(|((took, _), (bare, _))| 100.0 * rate(*took) / rate(*bare))
+                .collect();
+            let per_round = ratios
+                .iter()
+                .map(|r| format!("{r:.0} %"))
+                .collect::<Vec<_>>()
+                .join(", ");
             println!(
-                "| {what} | {:.2} | {:.0} | {:.1} % | {:.1} |",
-                took.as_secs_f64(),
-                rate(took),
-                100.0 * rate(took) / rate(bare),
-                cpu.as_secs_f64() * 1e6 / n as f64
+                "| {what} | {:.0} | {per_round} | {:.1} % | {:.1} |",
+                median(runs.iter().map(|(took, _)| rate(*took)).collect()),
+                median(ratios),
+                median(
+                    runs.iter()
+                        .map(|(_, cpu)| cpu.as_secs_f64() * 1e6 / n as f64)
+                        .collect()
+                ),
             );
         }
 

@@ -436,7 +436,7 @@ where
                 report: Report::default(),
                 running: 0,
                 parked: 0,
-                busy: HashMap::new(),
+                busy: HashMap::default(),
                 waiting: 0,
                 runnable: VecDeque::new(),
                 tasks: Tasks::new(config.execution),
@@ -617,7 +617,9 @@ struct State {
     /// Messages parked by the Worker.
     parked: usize,
     /// Keys with a message running or parked; the queue holds later messages of the key.
-    busy: HashMap<Bytes, VecDeque<Delivery>>,
+    /// Hashed with foldhash (randomly seeded): a fraction of SipHash's cost per
+    /// delivery, still keyed, so producers cannot choose colliding keys.
+    busy: HashMap<Bytes, VecDeque<Delivery>, foldhash::fast::RandomState>,
     /// Messages in `busy`'s queues.
     waiting: usize,
     /// Messages whose key is reserved for them, ready to run.
