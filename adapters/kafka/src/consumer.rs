@@ -23,7 +23,7 @@ use tokio::task::JoinHandle;
 
 use crate::error::{Error, Result};
 use crate::mapping;
-use crate::watermark::{Tp, Watermarks};
+use crate::watermark::{Assigned, Tp, Watermarks};
 
 /// Settings the adapter owns; setting them through [`KafkaConsumerBuilder::set`] is an
 /// error, because offsets are committed from the watermark and nowhere else.
@@ -318,6 +318,7 @@ async fn poll(
     let limit = tx.max_capacity();
     let mut held: VecDeque<KafkaResult<Delivery>> = VecDeque::new();
     let mut paused = false;
+    let mut last = None;
     // One stream for the task's life: `recv()` would register and drop a waker slot
     // (two lock round trips) per record.
     let mut stream = consumer.stream();
@@ -364,7 +365,7 @@ async fn poll(
             }
             record = stream.next() => record.expect("kafka streams never end"),
         };
-        let mut failed = hand_over(record, &state, &tx, &mut held);
+        let mut failed = hand_over(record, &state, &mut last, &tx, &mut held);
         // Then what librdkafka already holds, without waiting and without a `select!`
         // per record; each hand-over wakes the Worker only if it waits.
         let mut drained = 0;
@@ -372,7 +373,7 @@ async fn poll(
             let Some(Some(record)) = stream.next().now_or_never() else {
                 break;
             };
-            failed = hand_over(record, &state, &tx, &mut held);
+            failed = hand_over(record, &state, &mut last, &tx, &mut held);
             drained += 1;
         }
         if paused && held.len() >= limit {
@@ -392,12 +393,13 @@ const DRAIN: usize = 64;
 /// was a poll error.
 fn hand_over(
     record: KafkaResult<BorrowedMessage<'_>>,
-    state: &Arc<Mutex<Watermarks>>,
+    state: &Mutex<Watermarks>,
+    last: &mut Option<(Tp, Arc<Assigned>)>,
     tx: &mpsc::Sender<KafkaResult<Delivery>>,
     held: &mut VecDeque<KafkaResult<Delivery>>,
 ) -> bool {
     let item = match record {
-        Ok(record) => Ok(delivery(&record, state)),
+        Ok(record) => Ok(delivery(&record, state, last)),
         Err(e) => {
             tracing::warn!(error = %e, "kafka poll failed");
             Err(e)
@@ -438,24 +440,44 @@ fn set_paused(consumer: &StreamConsumer<Context>, pause: bool) -> bool {
 }
 
 /// A delivery of `record`, tracked in its partition's watermark.
-fn delivery(record: &BorrowedMessage<'_>, state: &Arc<Mutex<Watermarks>>) -> Delivery {
+///
+/// `last` is the partition of the record before: records come in runs of one
+/// partition, so most find theirs there without the lock every partition shares.
+/// Rebalances run inside the poll, on this task, so no revoke comes between the check
+/// that `last` is current and the record's arrival in it.
+fn delivery(
+    record: &BorrowedMessage<'_>,
+    state: &Mutex<Watermarks>,
+    last: &mut Option<(Tp, Arc<Assigned>)>,
+) -> Delivery {
     let offset = record.offset();
-    let (tp, generation) = {
-        let mut state = lock(state);
-        let tp: Tp = (state.topic(record.topic()), record.partition());
-        let generation = state.received(&tp, offset);
-        (tp, generation)
+    let cached = last.as_ref().filter(|(tp, assigned)| {
+        tp.1 == record.partition() && *tp.0 == *record.topic() && assigned.is_current()
+    });
+    let (tp, assigned) = match cached {
+        Some((tp, assigned)) => (tp.clone(), Some(assigned.clone())),
+        None => {
+            let mut state = lock(state);
+            let tp: Tp = (state.topic(record.topic()), record.partition());
+            let assigned = state.get(&tp);
+            if let Some(a) = &assigned {
+                *last = Some((tp.clone(), a.clone()));
+            }
+            (tp, assigned)
+        }
     };
-    let message = mapping::message(record, tp.0.clone());
-    if generation.is_none() {
-        tracing::warn!(topic = %tp.0, partition = tp.1, offset, "record of a partition not assigned to this consumer; the Worker hands it back unrun");
+    match &assigned {
+        Some(a) => a.received(offset),
+        None => {
+            tracing::warn!(topic = %tp.0, partition = tp.1, offset, "record of a partition not assigned to this consumer; the Worker hands it back unrun");
+        }
     }
+    let message = mapping::message(record, tp.0.clone());
     Delivery::new(
         message,
         KafkaAcker {
-            state: Arc::downgrade(state),
+            assigned,
             tp,
-            generation,
             offset,
             running: AtomicBool::new(false),
         },
@@ -543,7 +565,7 @@ impl ConsumerContext for Context {
                 {
                     let mut state = lock(&self.state);
                     for tp in &tps {
-                        if let Some(w) = state.revoke(tp).and_then(|p| p.uncommitted()) {
+                        if let Some(w) = state.revoke(tp) {
                             let _ = last.add_partition_offset(&tp.0, tp.1, Offset::Offset(w));
                         }
                     }
@@ -661,9 +683,9 @@ impl Drop for KafkaConsumer {
 
 /// Marks a record complete in its partition's watermark.
 struct KafkaAcker {
-    state: Weak<Mutex<Watermarks>>,
+    /// The record's partition, as assigned when it was polled; `None` if it was not.
+    assigned: Option<Arc<Assigned>>,
     tp: Tp,
-    generation: Option<u64>,
     offset: i64,
     /// Whether the record is in a handler, as the Worker last said.
     running: AtomicBool,
@@ -674,8 +696,8 @@ impl KafkaAcker {
         if self.running.swap(running, Ordering::AcqRel) == running {
             return;
         }
-        if let (Some(state), Some(generation)) = (self.state.upgrade(), self.generation) {
-            lock(&state).set_running(&self.tp, generation, self.offset, running);
+        if let Some(assigned) = &self.assigned {
+            assigned.set_running(self.offset, running);
         }
     }
 }
@@ -693,8 +715,8 @@ impl Acker for KafkaAcker {
     fn ack(&self) -> BoxFuture<'_, redrive_core::Result<()>> {
         // Completing it ends its run too.
         self.running.store(false, Ordering::Release);
-        if let (Some(state), Some(generation)) = (self.state.upgrade(), self.generation) {
-            if !lock(&state).complete(&self.tp, generation, self.offset) {
+        if let Some(assigned) = &self.assigned {
+            if !assigned.complete(self.offset) {
                 tracing::trace!(topic = %self.tp.0, partition = self.tp.1, offset = self.offset, "ack below an incomplete record, or of a revoked partition");
             }
         }
@@ -723,9 +745,6 @@ impl Acker for KafkaAcker {
     fn is_current(&self) -> bool {
         // After a revoke the record belongs to the partition's new owner: the Worker
         // hands it back unrun, also when it was parked or waiting behind its key.
-        match (self.state.upgrade(), self.generation) {
-            (Some(state), Some(generation)) => lock(&state).is_current(&self.tp, generation),
-            _ => false,
-        }
+        self.assigned.as_ref().is_some_and(|a| a.is_current())
     }
 }

@@ -2,7 +2,8 @@
 //! of completed records, so a slow, parked or failed record holds it.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 /// A topic and partition. The topic's name is shared: every record of a topic, its
 /// acker and its message's `source.destination` hold the same allocation.
@@ -21,12 +22,7 @@ enum Mark {
 /// The records of one partition handed out and not yet behind the watermark, in offset
 /// order, with where each is.
 #[derive(Debug, Default)]
-pub(crate) struct Partition {
-    /// Bumped on every assignment, so completions from an earlier assignment of the
-    /// same partition are ignored.
-    generation: u64,
-    /// Set when a revoke begins: its records are no longer this consumer's to start.
-    revoking: bool,
+struct Partition {
     /// Handed-out records from the oldest incomplete one on.
     open: VecDeque<(i64, Mark)>,
     /// The offset to commit next (one past the last record of the complete run), once
@@ -38,7 +34,7 @@ pub(crate) struct Partition {
 
 impl Partition {
     /// The watermark to commit when this partition is given up, if it moved.
-    pub(crate) fn uncommitted(&self) -> Option<i64> {
+    fn uncommitted(&self) -> Option<i64> {
         self.watermark.filter(|w| self.committed != Some(*w))
     }
 
@@ -84,13 +80,68 @@ impl Partition {
     }
 }
 
+/// One assignment of one partition: its marks, and whether its records may still
+/// start.
+///
+/// Every record's acker holds its own partition's, so settling a record touches that
+/// partition alone: no lookup, no lock shared with other partitions. A new assignment
+/// of the same partition gets a new one; acks of records from an earlier assignment
+/// land in that one's, which nobody commits any more.
+#[derive(Debug)]
+pub(crate) struct Assigned {
+    /// Cleared when a revoke begins: its records are no longer this consumer's to start.
+    current: AtomicBool,
+    marks: Mutex<Partition>,
+}
+
+impl Assigned {
+    fn new() -> Self {
+        Assigned {
+            current: AtomicBool::new(true),
+            marks: Mutex::new(Partition::default()),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Partition> {
+        self.marks.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether the partition is still assigned in this assignment and not being
+    /// revoked.
+    pub(crate) fn is_current(&self) -> bool {
+        self.current.load(Ordering::Acquire)
+    }
+
+    /// A record was handed out.
+    pub(crate) fn received(&self, offset: i64) {
+        self.lock().received(offset);
+    }
+
+    /// A record completed; returns whether the watermark moved.
+    pub(crate) fn complete(&self, offset: i64) -> bool {
+        self.lock().complete(offset)
+    }
+
+    /// A record started or stopped running (see [`Acker::running`]).
+    ///
+    /// [`Acker::running`]: redrive_core::Acker::running
+    pub(crate) fn set_running(&self, offset: i64, running: bool) {
+        self.lock().set_running(offset, running);
+    }
+
+    /// The watermark, if a record completed.
+    #[cfg(test)]
+    fn watermark(&self) -> Option<i64> {
+        self.lock().watermark
+    }
+}
+
 /// Every partition this consumer owns.
 #[derive(Debug, Default)]
 pub(crate) struct Watermarks {
-    partitions: HashMap<Tp, Partition>,
+    partitions: HashMap<Tp, Arc<Assigned>>,
     /// Names of the topics seen, to share one allocation per topic.
     topics: Vec<Arc<str>>,
-    next_generation: u64,
 }
 
 impl Watermarks {
@@ -104,59 +155,33 @@ impl Watermarks {
         t
     }
 
-    /// The partition was assigned: tracking starts afresh. Returns its generation.
-    pub(crate) fn assign(&mut self, tp: Tp) -> u64 {
-        self.next_generation += 1;
-        let generation = self.next_generation;
-        self.partitions.insert(
-            tp,
-            Partition {
-                generation,
-                ..Partition::default()
-            },
-        );
-        generation
-    }
-
-    /// The partition was revoked: its tracking ends; late completions are ignored.
-    pub(crate) fn revoke(&mut self, tp: &Tp) -> Option<Partition> {
-        self.partitions.remove(tp)
-    }
-
-    /// A record was handed out; returns its partition's generation, or `None` if the
-    /// partition is not assigned to this consumer.
-    pub(crate) fn received(&mut self, tp: &Tp, offset: i64) -> Option<u64> {
-        let p = self.partitions.get_mut(tp)?;
-        p.received(offset);
-        Some(p.generation)
-    }
-
-    /// A record completed. Ignored (returns false) if its partition was revoked or
-    /// reassigned since it was handed out.
-    pub(crate) fn complete(&mut self, tp: &Tp, generation: u64, offset: i64) -> bool {
-        match self.partitions.get_mut(tp) {
-            Some(p) if p.generation == generation => p.complete(offset),
-            _ => false,
+    /// The partition was assigned: tracking starts afresh.
+    pub(crate) fn assign(&mut self, tp: Tp) -> Arc<Assigned> {
+        let assigned = Arc::new(Assigned::new());
+        if let Some(old) = self.partitions.insert(tp, assigned.clone()) {
+            old.current.store(false, Ordering::Release);
         }
+        assigned
     }
 
-    /// A record started or stopped running (see [`Acker::running`]). Ignored if its
-    /// partition was revoked or reassigned since it was handed out.
-    ///
-    /// [`Acker::running`]: redrive_core::Acker::running
-    pub(crate) fn set_running(&mut self, tp: &Tp, generation: u64, offset: i64, running: bool) {
-        if let Some(p) = self.partitions.get_mut(tp) {
-            if p.generation == generation {
-                p.set_running(offset, running);
-            }
-        }
+    /// The partition was revoked: its tracking ends, and late completions go nowhere.
+    /// Returns its watermark if it moved since the last commit.
+    pub(crate) fn revoke(&mut self, tp: &Tp) -> Option<i64> {
+        let assigned = self.partitions.remove(tp)?;
+        assigned.current.store(false, Ordering::Release);
+        assigned.lock().uncommitted()
+    }
+
+    /// The partition's current assignment, if this consumer owns it.
+    pub(crate) fn get(&self, tp: &Tp) -> Option<Arc<Assigned>> {
+        self.partitions.get(tp).cloned()
     }
 
     /// A revoke of `tp` begins: its records are no longer this consumer's to start, and
     /// those running may still complete.
     pub(crate) fn start_revoke(&mut self, tp: &Tp) {
-        if let Some(p) = self.partitions.get_mut(tp) {
-            p.revoking = true;
+        if let Some(a) = self.partitions.get(tp) {
+            a.current.store(false, Ordering::Release);
         }
     }
 
@@ -164,21 +189,15 @@ impl Watermarks {
     pub(crate) fn running(&self, tps: &[Tp]) -> usize {
         tps.iter()
             .filter_map(|tp| self.partitions.get(tp))
-            .map(Partition::running)
+            .map(|a| a.lock().running())
             .sum()
-    }
-
-    /// Whether `tp` is still assigned in `generation` and not being revoked.
-    pub(crate) fn is_current(&self, tp: &Tp, generation: u64) -> bool {
-        self.partitions
-            .get(tp)
-            .is_some_and(|p| p.generation == generation && !p.revoking)
     }
 
     /// Watermarks that moved since they were last taken, marked as committed.
     pub(crate) fn take_dirty(&mut self) -> Vec<(Tp, i64)> {
         let mut out = Vec::new();
-        for (tp, p) in &mut self.partitions {
+        for (tp, a) in &self.partitions {
+            let mut p = a.lock();
             if let Some(w) = p.watermark {
                 if p.committed != Some(w) {
                     p.committed = Some(w);
@@ -192,18 +211,13 @@ impl Watermarks {
     /// Puts back watermarks whose commit failed, so the next round tries again.
     pub(crate) fn commit_failed(&mut self, offsets: &[(Tp, i64)]) {
         for (tp, w) in offsets {
-            if let Some(p) = self.partitions.get_mut(tp) {
+            if let Some(a) = self.partitions.get(tp) {
+                let mut p = a.lock();
                 if p.committed == Some(*w) {
                     p.committed = None;
                 }
             }
         }
-    }
-
-    /// The watermark of `tp`, if a record of it completed.
-    #[cfg(test)]
-    pub(crate) fn watermark(&self, tp: &Tp) -> Option<i64> {
-        self.partitions.get(tp).and_then(|p| p.watermark)
     }
 }
 
@@ -218,18 +232,17 @@ mod tests {
     #[test]
     fn advances_only_over_the_complete_run() {
         let mut w = Watermarks::default();
-        w.assign(tp(0));
-        let g = w.received(&tp(0), 10).unwrap();
-        for o in 11..15 {
-            w.received(&tp(0), o);
+        let a = w.assign(tp(0));
+        for o in 10..15 {
+            a.received(o);
         }
-        assert!(!w.complete(&tp(0), g, 12));
-        assert!(!w.complete(&tp(0), g, 11));
-        assert_eq!(w.watermark(&tp(0)), None, "10 holds it");
-        assert!(w.complete(&tp(0), g, 10));
-        assert_eq!(w.watermark(&tp(0)), Some(13));
-        assert!(w.complete(&tp(0), g, 13));
-        assert_eq!(w.watermark(&tp(0)), Some(14));
+        assert!(!a.complete(12));
+        assert!(!a.complete(11));
+        assert_eq!(a.watermark(), None, "10 holds it");
+        assert!(a.complete(10));
+        assert_eq!(a.watermark(), Some(13));
+        assert!(a.complete(13));
+        assert_eq!(a.watermark(), Some(14));
         assert_eq!(w.take_dirty(), vec![(tp(0), 14)]);
         assert_eq!(w.take_dirty(), vec![], "taken once");
     }
@@ -238,37 +251,50 @@ mod tests {
     fn gaps_in_offsets_do_not_hold_it() {
         // Compaction and transaction markers leave gaps.
         let mut w = Watermarks::default();
-        w.assign(tp(0));
-        let g = w.received(&tp(0), 3).unwrap();
-        w.received(&tp(0), 7);
-        w.complete(&tp(0), g, 3);
-        w.complete(&tp(0), g, 7);
-        assert_eq!(w.watermark(&tp(0)), Some(8));
+        let a = w.assign(tp(0));
+        a.received(3);
+        a.received(7);
+        a.complete(3);
+        a.complete(7);
+        assert_eq!(a.watermark(), Some(8));
     }
 
     #[test]
     fn completions_from_an_earlier_assignment_are_ignored() {
         let mut w = Watermarks::default();
-        assert_eq!(w.received(&tp(1), 0), None, "not assigned");
-        w.assign(tp(1));
-        let old = w.received(&tp(1), 0).unwrap();
-        w.revoke(&tp(1));
-        assert!(!w.complete(&tp(1), old, 0));
-        assert!(!w.is_current(&tp(1), old));
+        assert!(w.get(&tp(1)).is_none(), "not assigned");
+        let old = w.assign(tp(1));
+        old.received(0);
+        assert_eq!(w.revoke(&tp(1)), None, "nothing completed");
+        assert!(!old.is_current());
         let new = w.assign(tp(1));
-        assert!(w.is_current(&tp(1), new) && !w.is_current(&tp(1), old));
-        w.received(&tp(1), 0);
-        assert!(!w.complete(&tp(1), old, 0), "old generation");
-        assert!(w.complete(&tp(1), new, 0));
-        assert_eq!(w.watermark(&tp(1)), Some(1));
+        assert!(new.is_current() && !old.is_current());
+        new.received(0);
+        old.complete(0);
+        assert_eq!(
+            w.take_dirty(),
+            vec![],
+            "the old assignment's ack is not committed"
+        );
+        assert!(new.complete(0));
+        assert_eq!(w.take_dirty(), vec![(tp(1), 1)]);
+    }
+
+    #[test]
+    fn an_assignment_replaced_without_a_revoke_is_no_longer_current() {
+        let mut w = Watermarks::default();
+        let old = w.assign(tp(0));
+        let new = w.assign(tp(0));
+        assert!(!old.is_current() && new.is_current());
+        assert!(Arc::ptr_eq(&w.get(&tp(0)).unwrap(), &new));
     }
 
     #[test]
     fn a_failed_commit_is_offered_again() {
         let mut w = Watermarks::default();
-        w.assign(tp(0));
-        let g = w.received(&tp(0), 0).unwrap();
-        w.complete(&tp(0), g, 0);
+        let a = w.assign(tp(0));
+        a.received(0);
+        a.complete(0);
         let dirty = w.take_dirty();
         w.commit_failed(&dirty);
         assert_eq!(w.take_dirty(), dirty);
@@ -277,36 +303,36 @@ mod tests {
     #[test]
     fn a_rewind_forgets_what_came_after() {
         let mut w = Watermarks::default();
-        w.assign(tp(0));
-        let g = w.received(&tp(0), 0).unwrap();
-        w.received(&tp(0), 1);
-        w.received(&tp(0), 2);
-        w.received(&tp(0), 1); // fetched again from 1
-        assert!(w.complete(&tp(0), g, 0));
-        assert!(!w.complete(&tp(0), g, 2), "2 is not handed out again yet");
-        assert!(w.complete(&tp(0), g, 1));
-        assert_eq!(w.watermark(&tp(0)), Some(2));
+        let a = w.assign(tp(0));
+        a.received(0);
+        a.received(1);
+        a.received(2);
+        a.received(1); // fetched again from 1
+        assert!(a.complete(0));
+        assert!(!a.complete(2), "2 is not handed out again yet");
+        assert!(a.complete(1));
+        assert_eq!(a.watermark(), Some(2));
     }
 
     #[test]
     fn running_records_are_counted_until_they_complete_or_stop() {
         let mut w = Watermarks::default();
-        w.assign(tp(0));
-        let g = w.received(&tp(0), 0).unwrap();
-        w.received(&tp(0), 1);
-        w.received(&tp(0), 2);
-        w.set_running(&tp(0), g, 0, true);
-        w.set_running(&tp(0), g, 0, true); // said twice, counted once
-        w.set_running(&tp(0), g, 1, true);
+        let a = w.assign(tp(0));
+        a.received(0);
+        a.received(1);
+        a.received(2);
+        a.set_running(0, true);
+        a.set_running(0, true); // said twice, counted once
+        a.set_running(1, true);
         assert_eq!(w.running(&[tp(0)]), 2);
-        w.set_running(&tp(0), g, 1, false); // parked
+        a.set_running(1, false); // parked
         assert_eq!(w.running(&[tp(0)]), 1);
         w.start_revoke(&tp(0));
-        assert!(!w.is_current(&tp(0), g), "not to be started while revoking");
-        assert!(w.complete(&tp(0), g, 0), "a running record still completes");
+        assert!(!a.is_current(), "not to be started while revoking");
+        assert!(a.complete(0), "a running record still completes");
         assert_eq!(w.running(&[tp(0)]), 0);
-        w.set_running(&tp(0), g, 0, false); // after its ack: nothing to undo
+        a.set_running(0, false); // after its ack: nothing to undo
         assert_eq!(w.running(&[tp(0), tp(1)]), 0);
-        assert_eq!(w.revoke(&tp(0)).and_then(|p| p.uncommitted()), Some(1));
+        assert_eq!(w.revoke(&tp(0)), Some(1));
     }
 }
