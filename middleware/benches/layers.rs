@@ -3,7 +3,9 @@
 //!
 //! `cargo bench -p redrive-middleware --bench layers`; each benchmark's time is one
 //! message (`ready` + `call` + awaiting the response), including the same message
-//! clone the bare handler pays for. Subtract `bare` to get a layer's overhead.
+//! clone the bare handler pays for. Subtract `bare` to get a layer's overhead. With
+//! `--features metrics-bound`, the metrics layer binds its histograms
+//! (`MetricsLayer::with_bound_histograms`).
 // criterion's macros generate undocumented items.
 #![allow(missing_docs)]
 
@@ -72,6 +74,14 @@ fn meter() -> opentelemetry::metrics::Meter {
     meter
 }
 
+/// The metrics layer; with the feature `metrics-bound`, with bound histograms.
+fn metrics_layer(meter: &opentelemetry::metrics::Meter) -> MetricsLayer {
+    let layer = MetricsLayer::new(meter);
+    #[cfg(feature = "metrics-bound")]
+    let layer = layer.with_bound_histograms();
+    layer
+}
+
 fn layers(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -94,7 +104,7 @@ fn layers(c: &mut Criterion) {
     group.bench_function("bare", |b| b.iter_custom(|n| measure(&rt, &mut bare, n)));
     let mut trace = TraceLayer::new().layer(noop());
     group.bench_function("trace", |b| b.iter_custom(|n| measure(&rt, &mut trace, n)));
-    let mut metrics = MetricsLayer::new(&meter).layer(noop());
+    let mut metrics = metrics_layer(&meter).layer(noop());
     group.bench_function("metrics", |b| {
         b.iter_custom(|n| measure(&rt, &mut metrics, n))
     });
@@ -125,7 +135,7 @@ fn layers(c: &mut Criterion) {
     group.bench_function("timeout", |b| b.iter_custom(|n| measure(&rt, &mut to, n)));
     let mut full = Stack::new()
         .trace(TraceLayer::new())
-        .metrics(MetricsLayer::new(&meter))
+        .metrics(metrics_layer(&meter))
         .dead_letter(dlq())
         .idempotency(idem())
         .circuit_breaker(breaker())

@@ -464,8 +464,9 @@ struct Core {
     /// (every message, when the downstream is healthy) take no lock.
     closed: AtomicU64,
     /// Transient failures in a row. Failures count under the lock; a success resets
-    /// it without one, which at worst lets a success that raced a failure erase it,
-    /// as if it had come just after.
+    /// it without one. A success that raced a failure may erase it, as if it had come
+    /// just after; one held up across state changes may clear failures of a later
+    /// closed period. Either way a trip comes at most one run of failures later.
     consecutive: AtomicU32,
 }
 

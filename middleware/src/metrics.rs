@@ -22,15 +22,6 @@
 //! Counts are kept in atomics and reported when the meter provider collects, so the
 //! per-message cost is two histogram recordings and a few relaxed atomic adds.
 //!
-//! # Bound histograms (feature `metrics-bound`)
-//! A histogram recording looks its attribute set up in the SDK each time (hashing every
-//! attribute); that is most of this layer's cost per message. With the feature
-//! `metrics-bound`, each destination's histograms are bound to its attributes once,
-//! through OpenTelemetry's bound instruments (`experimental_metrics_bound_instruments`,
-//! turned on in `opentelemetry` and `opentelemetry_sdk` 0.33), and recording skips the
-//! lookup. The SDK's meter provider implements binding; a meter provider of your own
-//! must implement `SyncInstrument::bind` too, or what it binds records nothing. That is
-//! why the feature is not on by default.
 //! Names follow the OpenTelemetry messaging conventions where they define one.
 //!
 //! | name | kind | unit | counts |
@@ -45,6 +36,18 @@
 //! | `redrive.messages.in_flight` | observable up-down counter | `{message}` | deliveries in the stack now |
 //! | `redrive.message.age` | histogram | `s` | now − the broker's enqueue time, at receipt |
 //! | `redrive.circuit.state` | gauge | `1` | 0 closed, 1 half-open, 2 open ([`MetricsLayer::observe_circuit`]) |
+//!
+//! # Bound histograms (feature `metrics-bound`)
+//! A histogram recording looks its attribute set up in the SDK each time (hashing every
+//! attribute); that is most of this layer's cost per message. The feature
+//! `metrics-bound` adds [`MetricsLayer::with_bound_histograms`], which binds each
+//! destination's histograms to its attributes once, through OpenTelemetry's bound
+//! instruments (`experimental_metrics_bound_instruments`, which the feature turns on
+//! in `opentelemetry` and `opentelemetry_sdk` 0.33), so a recording skips the lookup.
+//! The SDK's meter provider implements binding; a meter provider of your own must
+//! implement `SyncInstrument::bind` too, or the histograms it binds record nothing.
+//! That is why binding is asked for, not the default, and the feature alone changes
+//! nothing.
 //!
 //! # Order
 //! Second from the outside, under `trace`: it times the dead-letter publish,
@@ -103,6 +106,9 @@ const COUNTERS: [(&str, &str); 6] = [
 struct Instruments {
     duration: Histogram<f64>,
     age: Histogram<f64>,
+    /// Whether destinations bind their histograms ([`MetricsLayer::with_bound_histograms`]).
+    #[cfg(feature = "metrics-bound")]
+    bind: std::sync::atomic::AtomicBool,
     destinations: Arc<RwLock<Vec<Arc<Destination>>>>,
     _observed: (Vec<ObservableCounter<u64>>, ObservableUpDownCounter<i64>),
 }
@@ -117,39 +123,31 @@ struct Destination {
     in_flight: AtomicI64,
 }
 
-/// One histogram of one destination: bound to its attributes with the feature
-/// `metrics-bound`, else recorded with them.
-struct DestinationHistogram {
+/// One histogram of one destination: recorded with its attributes, or bound to them
+/// ([`MetricsLayer::with_bound_histograms`]).
+enum DestinationHistogram {
+    Unbound(Histogram<f64>),
     #[cfg(feature = "metrics-bound")]
-    bound: opentelemetry::metrics::BoundHistogram<f64>,
-    #[cfg(not(feature = "metrics-bound"))]
-    histogram: Histogram<f64>,
+    Bound(opentelemetry::metrics::BoundHistogram<f64>),
 }
 
 impl DestinationHistogram {
-    fn new(histogram: &Histogram<f64>, attrs: &[KeyValue]) -> Self {
+    fn new(histogram: &Histogram<f64>, attrs: &[KeyValue], bind: bool) -> Self {
         #[cfg(feature = "metrics-bound")]
-        return DestinationHistogram {
-            bound: histogram.bind(attrs),
-        };
-        #[cfg(not(feature = "metrics-bound"))]
-        {
-            let _ = attrs;
-            DestinationHistogram {
-                histogram: histogram.clone(),
-            }
+        if bind {
+            return DestinationHistogram::Bound(histogram.bind(attrs));
         }
+        let _ = (attrs, bind);
+        DestinationHistogram::Unbound(histogram.clone())
     }
 
     /// Records `value` with `attrs`, the attributes it was made with.
     fn record(&self, value: f64, attrs: &[KeyValue]) {
-        #[cfg(feature = "metrics-bound")]
-        {
-            let _ = attrs;
-            self.bound.record(value);
+        match self {
+            DestinationHistogram::Unbound(h) => h.record(value, attrs),
+            #[cfg(feature = "metrics-bound")]
+            DestinationHistogram::Bound(h) => h.record(value),
         }
-        #[cfg(not(feature = "metrics-bound"))]
-        self.histogram.record(value, attrs);
     }
 }
 
@@ -214,11 +212,20 @@ impl Instruments {
                 .with_description("Time from the broker's enqueue to receipt")
                 .build(),
             destinations,
+            #[cfg(feature = "metrics-bound")]
+            bind: std::sync::atomic::AtomicBool::new(false),
             _observed: (counters, in_flight),
         }
     }
 
     /// The destination `msg` came from, created on first sight.
+    fn binds(&self) -> bool {
+        #[cfg(feature = "metrics-bound")]
+        return self.bind.load(Ordering::Relaxed);
+        #[cfg(not(feature = "metrics-bound"))]
+        false
+    }
+
     fn destination(&self, msg: &Message) -> Arc<Destination> {
         let source = &msg.metadata.source;
         let find = |list: &[Arc<Destination>]| {
@@ -245,8 +252,8 @@ impl Instruments {
         let d = Arc::new(Destination {
             system: source.system,
             name: source.destination.clone(),
-            duration: DestinationHistogram::new(&self.duration, &attrs),
-            age: DestinationHistogram::new(&self.age, &attrs),
+            duration: DestinationHistogram::new(&self.duration, &attrs, self.binds()),
+            age: DestinationHistogram::new(&self.age, &attrs, self.binds()),
             attrs,
             counts: Default::default(),
             in_flight: AtomicI64::new(0),
@@ -276,6 +283,20 @@ impl MetricsLayer {
             meter: meter.clone(),
             instruments: Arc::new(Instruments::new(meter)),
         }
+    }
+
+    /// Binds each destination's histograms to its attributes once, so recording a
+    /// duration or an age skips the SDK's attribute lookup (see [the module
+    /// docs](self#bound-histograms-feature-metrics-bound)). Only for a meter provider
+    /// that implements binding, as `opentelemetry_sdk`'s does: with one that does not,
+    /// the histograms record nothing. Call it before the layer handles messages;
+    /// destinations seen before keep recording unbound.
+    #[cfg(feature = "metrics-bound")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "metrics-bound")))]
+    #[must_use]
+    pub fn with_bound_histograms(self) -> Self {
+        self.instruments.bind.store(true, Ordering::Relaxed);
+        self
     }
 
     /// Instruments on the global meter provider's `redrive` meter.

@@ -59,6 +59,7 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use redrive_core::{
     BoxError, Classifier, ErrorKind, Headers, Message, Outcome, OutgoingMessage, Publisher,
 };
+use tokio::task::futures::TaskLocalFuture;
 use tower::{Layer, Service};
 use tracing::Span;
 use tracing::instrument::Instrument;
@@ -463,24 +464,35 @@ where
             self.inner.call(msg)
         };
         ResponseFuture {
-            inner,
+            inner: Some(CURRENT.scope(id, inner)),
             span,
-            id,
             classifier: self.layer.classifier.clone(),
         }
     }
 }
 
 pin_project_lite::pin_project! {
-    /// The future of [`Trace`]. Each poll of the inner future runs inside the
-    /// consumer span and with the correlation id set for the task (one future, not a
-    /// span wrapper around a task-local wrapper, so the future is moved fewer times).
+    /// The future of [`Trace`]. The inner future is polled, and dropped, inside the
+    /// consumer span and with the correlation id set for the task.
     pub struct ResponseFuture<F> {
+        // `None` once it completed, so a drop after that has nothing to do.
         #[pin]
-        inner: F,
+        inner: Option<TaskLocalFuture<CorrelationId, F>>,
         span: Span,
-        id: CorrelationId,
         classifier: Classifier,
+    }
+
+    impl<F> PinnedDrop for ResponseFuture<F> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if this.inner.is_some() {
+                // A call dropped before it completed (a shutdown deadline, an outer
+                // timeout): what its destructors log belongs to the delivery's span.
+                let _entered = this.span.enter();
+                let mut inner = this.inner;
+                inner.set(None);
+            }
+        }
     }
 }
 
@@ -493,15 +505,18 @@ where
     type Output = Result<Outcome, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
+        let mut this = self.project();
         let span = &*this.span;
         let result = {
             let _entered = span.enter();
-            let inner = this.inner;
-            match CURRENT.sync_scope(this.id.clone(), || inner.poll(cx)) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(r) => r,
-            }
+            let inner = this
+                .inner
+                .as_mut()
+                .as_pin_mut()
+                .expect("trace ResponseFuture polled after it completed");
+            let result = std::task::ready!(inner.poll(cx));
+            this.inner.set(None);
+            result
         };
         Poll::Ready(match result {
             Ok(r) => {

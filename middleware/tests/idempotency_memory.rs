@@ -430,3 +430,36 @@ fn configuration_is_checked() {
     }
     assert!(IdempotencyLayer::new(store, IdempotencyConfig::default()).is_ok());
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_call_dropped_before_it_completes_frees_its_key() {
+    let store = Arc::new(MemoryStore::new());
+    let handler = Handler {
+        work: Duration::from_secs(5),
+        ..Handler::default()
+    };
+    let mut svc = layer(store.clone()).layer(handler.service());
+
+    // Dropped before its first poll: the key was reserved in `call`.
+    let never_polled = svc.ready().await.unwrap().call(keyed("k1"));
+    assert!(matches!(
+        store.reserve("k1", Duration::from_secs(1)).await.unwrap(),
+        Reservation::Reserved { .. }
+    ));
+    drop(never_polled);
+    let Reservation::Fresh(token) = store.reserve("k1", Duration::from_secs(1)).await.unwrap()
+    else {
+        panic!("the dropped call's reservation was not released");
+    };
+    store.release("k1", &token).await.unwrap();
+
+    // Dropped while the handler runs (a shutdown deadline).
+    let call = svc.ready().await.unwrap().call(keyed("k1"));
+    let timed_out = tokio::time::timeout(Duration::from_secs(1), call).await;
+    assert!(timed_out.is_err(), "the handler takes 5 s");
+    assert_eq!(handler.calls(), 1);
+    assert!(matches!(
+        store.reserve("k1", Duration::from_secs(1)).await.unwrap(),
+        Reservation::Fresh(_)
+    ));
+}

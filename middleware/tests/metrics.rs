@@ -53,6 +53,18 @@ fn read(exporter: &InMemoryMetricExporter) -> HashMap<String, i64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn counters_after_a_known_mix() {
+    known_mix(MetricsLayer::new).await;
+}
+
+#[cfg(feature = "metrics-bound")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bound_histograms_count_the_same_mix() {
+    known_mix(|meter| MetricsLayer::new(meter).with_bound_histograms()).await;
+}
+
+/// Runs a known mix of messages through a stack with the metrics layer `make` builds,
+/// and checks every count.
+async fn known_mix(make: impl Fn(&opentelemetry::metrics::Meter) -> MetricsLayer) {
     let exporter = InMemoryMetricExporter::default();
     let provider = SdkMeterProvider::builder()
         .with_periodic_exporter(exporter.clone())
@@ -75,7 +87,7 @@ async fn counters_after_a_known_mix() {
         broker.publish("orders", dup).await.unwrap();
     }
 
-    let metrics = MetricsLayer::new(&meter);
+    let metrics = make(&meter);
     let retry = RetryLayer::new(
         RetryConfig::default()
             .with_backoff(Backoff::constant(Duration::from_millis(1)))

@@ -617,8 +617,9 @@ struct State {
     /// Messages parked by the Worker.
     parked: usize,
     /// Keys with a message running or parked; the queue holds later messages of the key.
-    /// Hashed with foldhash (randomly seeded): a fraction of SipHash's cost per
-    /// delivery, still keyed, so producers cannot choose colliding keys.
+    /// Hashed with foldhash, randomly seeded: a fraction of SipHash's cost per
+    /// delivery. The map holds only keys in flight or parked and the messages waiting
+    /// behind them (at most `max_waiting`), so even chosen collisions slow a bounded set.
     busy: HashMap<Bytes, VecDeque<Delivery>, foldhash::fast::RandomState>,
     /// Messages in `busy`'s queues.
     waiting: usize,

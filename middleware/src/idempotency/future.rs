@@ -19,9 +19,36 @@ pin_project_lite::pin_project! {
     /// With a store that answers at once (the in-memory store), the key is reserved
     /// before this future exists and committed as the inner call completes, so nothing
     /// is boxed. The store's own futures, and a release after a failure, are boxed.
-    pub struct ResponseFuture<F, St: ?Sized> {
+    pub struct ResponseFuture<F, St>
+    where
+        St: ?Sized,
+        St: IdempotencyStore,
+    {
         #[pin]
         state: State<F, St>,
+    }
+
+    impl<F, St> PinnedDrop for ResponseFuture<F, St>
+    where
+        St: ?Sized,
+        St: IdempotencyStore,
+    {
+        fn drop(this: Pin<&mut Self>) {
+            // Dropped before the inner call completed (a shutdown deadline): free the
+            // key now where the store can, so a redelivery need not wait out the lease.
+            if let StateProj::Calling { reserved, .. } = this.project().state.project() {
+                if let Some(Reserved { shared, key, token }) = reserved.take() {
+                    match shared.store.release_now(&key, &token) {
+                        Some(Err(e)) => tracing::debug!(
+                            idempotency_key = %key, error = %e,
+                            "call dropped; its idempotency key could not be released and stays reserved until its lease expires"
+                        ),
+                        Some(Ok(())) => tracing::debug!(idempotency_key = %key, "call dropped; its idempotency key was released"),
+                        None => tracing::debug!(idempotency_key = %key, "call dropped; its idempotency key stays reserved until its lease expires"),
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -49,7 +76,7 @@ pub(crate) struct Reserved<St: ?Sized> {
     pub(crate) token: Token,
 }
 
-impl<F, St: ?Sized> ResponseFuture<F, St> {
+impl<F, St: IdempotencyStore + ?Sized> ResponseFuture<F, St> {
     /// The inner call, finished by committing or releasing `reserved`.
     pub(crate) fn calling(fut: F, reserved: Option<Reserved<St>>) -> Self {
         ResponseFuture {
@@ -129,7 +156,7 @@ where
     }
 }
 
-impl<F, St: ?Sized> fmt::Debug for ResponseFuture<F, St> {
+impl<F, St: IdempotencyStore + ?Sized> fmt::Debug for ResponseFuture<F, St> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture").finish_non_exhaustive()
     }

@@ -28,8 +28,9 @@ pub struct MemoryStore {
 type ExpiryQueue = VecDeque<(Instant, Arc<str>)>;
 
 /// Keys hashed with foldhash, seeded at random per map: several times faster than the
-/// standard library's SipHash on short keys, and still keyed, so message senders cannot
-/// choose keys that collide.
+/// standard library's SipHash on short keys. Its seeding makes colliding keys hard to
+/// choose without seeing the process's hashes, though it resists a determined attacker
+/// less than SipHash does; the store is for one trusted process (see above).
 type Entries = HashMap<Arc<str>, Entry, foldhash::fast::RandomState>;
 
 #[derive(Default)]
@@ -236,6 +237,10 @@ impl IdempotencyStore for MemoryStore {
         ttl: Duration,
     ) -> Option<Result<CommitStatus, StoreError>> {
         Some(self.commit_sync(key, token, ttl))
+    }
+
+    fn release_now(&self, key: &str, token: &Token) -> Option<Result<(), StoreError>> {
+        Some(self.release_sync(key, token))
     }
 }
 

@@ -68,8 +68,16 @@
 //! [`IdempotencyToken`] the layer puts into the message's extensions. Then the effect
 //! happens exactly once.
 //!
-//! If the call is dropped mid-way (the Worker's shutdown deadline), the reservation is
-//! left to expire with its lease.
+//! If the call is dropped before it completes (the Worker's shutdown deadline), a store
+//! that answers at once (the in-memory store) has the key released, so a redelivery
+//! can run it again; with other stores the reservation is left to expire with its
+//! lease.
+//!
+//! A message answered without running the inner service (a duplicate, a key held
+//! elsewhere, a failed reservation) leaves that service as `poll_ready` left it: with a
+//! store that answers at once, whatever readiness holds (a rate-limit permit, a
+//! half-open breaker's probe slot) goes to the next message; with other stores the
+//! ready service is dropped with the call, and what it held with it.
 //!
 //! # Stores
 //! [`MemoryStore`] (one process only), `RedisStore` (feature `redis`) and

@@ -173,6 +173,14 @@ pub trait IdempotencyStore: Send + Sync + 'static {
         let _ = (key, token, ttl);
         None
     }
+
+    /// [`release`](Self::release), answered at once by a store that needs no I/O for
+    /// it; `None`, the default, when it cannot. The layer calls it when a call holding a
+    /// reservation is dropped before it completes, where no future can be awaited.
+    fn release_now(&self, key: &str, token: &Token) -> Option<Result<(), StoreError>> {
+        let _ = (key, token);
+        None
+    }
 }
 
 /// `d` in whole milliseconds, rounded up, at least 1.

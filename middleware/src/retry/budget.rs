@@ -115,9 +115,10 @@ struct Bucket {
 /// Every message deposits a first try, so deposits take no lock: an atomic add into
 /// the current bucket. The lock is taken to reuse a bucket for a new slot (once per
 /// bucket length) and to withdraw (only on a retry), so two retries cannot both take
-/// the last unit of budget. A deposit that raced the reuse of its bucket a whole window
-/// later may land one slot off; the budget is a rate, and one first try more or less
-/// does not change it.
+/// the last unit of budget. A deposit held up for most of a window between reading the
+/// clock and adding may be counted in a later round of its bucket, or wiped by that
+/// round's reset; the budget is a rate, and one first try more or less does not change
+/// it.
 pub(crate) struct SharedBudget {
     origin: Instant,
     bucket_len: Duration,
