@@ -8,6 +8,7 @@
 //! cargo bench -p redrive-kafka --bench throughput   # KAFKA_BROKERS, default 127.0.0.1:9092
 //! BENCH_N=200000 BENCH_SLOW_N=10000 cargo bench -p redrive-kafka --bench throughput
 //! BENCH_MOCK=1 BENCH_N=50000 cargo bench -p redrive-kafka --bench throughput
+//! BENCH_ONLY="InTask) + no-op" BENCH_SLOW_N=100 cargo bench -p redrive-kafka --bench throughput
 //! ```
 //!
 //! Every run reads one topic of one partition from the start, as a fresh group; rates
@@ -233,8 +234,16 @@ fn main() {
         );
         let bare_fast = bare(&brokers, &topic, n, Duration::ZERO).await;
         let mut rows = vec![("bare rdkafka StreamConsumer".to_owned(), bare_fast)];
+        // BENCH_ONLY=<text> runs only the Worker rows whose name holds the text (and bare).
+        let only = std::env::var("BENCH_ONLY").ok();
         for execution in [Execution::Spawned, Execution::InTask] {
             for full in [false, true] {
+                let stack = if full { " + full Stack" } else { "" };
+                let what =
+                    format!("redrive Worker (PerKey, 64, {execution:?}){stack} + no-op handler");
+                if only.as_deref().is_some_and(|only| !what.contains(only)) {
+                    continue;
+                }
                 let took = redrive(
                     &brokers,
                     &topic,
@@ -243,11 +252,7 @@ fn main() {
                     Setup { full, execution },
                 )
                 .await;
-                let stack = if full { " + full Stack" } else { "" };
-                rows.push((
-                    format!("redrive Worker (PerKey, 64, {execution:?}){stack} + no-op handler"),
-                    took,
-                ));
+                rows.push((what, took));
             }
         }
         println!();

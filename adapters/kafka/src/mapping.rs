@@ -11,7 +11,7 @@
 //! | timestamp (create or log-append time) | `metadata.enqueued_at` |
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::Bytes;
 use rdkafka::Message as _;
@@ -22,7 +22,7 @@ use redrive_core::{HeaderValue, Headers, Message};
 use crate::SYSTEM;
 
 /// A [`Message`] holding a copy of the record's data; `topic` is the record's topic
-/// name, shared.
+/// name, shared. Its `received_at` is when it was made (by [`Message::new`]).
 pub(crate) fn message(record: &BorrowedMessage<'_>, topic: Arc<str>) -> Message {
     let mut headers = Headers::new();
     if let Some(hs) = record.headers() {
@@ -51,13 +51,7 @@ pub(crate) fn message(record: &BorrowedMessage<'_>, topic: Arc<str>) -> Message 
     msg.key = record.key().map(Bytes::copy_from_slice);
     let meta = &mut msg.metadata;
     meta.message_id = Some(headers.get_str(MESSAGE_ID).map_or_else(
-        || {
-            Arc::from(format!(
-                "{topic}-{}-{}",
-                record.partition(),
-                record.offset()
-            ))
-        },
+        || record_id(&topic, record.partition(), record.offset()),
         Arc::from,
     ));
     meta.attempt = headers
@@ -70,11 +64,44 @@ pub(crate) fn message(record: &BorrowedMessage<'_>, topic: Arc<str>) -> Message 
         .to_millis()
         .and_then(|ms| u64::try_from(ms).ok())
         .map(|ms| UNIX_EPOCH + Duration::from_millis(ms));
-    meta.received_at = SystemTime::now();
     meta.source.system = SYSTEM;
     meta.source.destination = topic;
     meta.source.partition = Some(record.partition());
     meta.source.offset = Some(record.offset());
     msg.headers = headers;
     msg
+}
+
+/// `<topic>-<partition>-<offset>`, written on the stack and copied into one allocation
+/// (topic names are at most 249 bytes, so the buffer always holds it).
+fn record_id(topic: &str, partition: i32, offset: i64) -> Arc<str> {
+    use std::io::Write as _;
+    let mut buf = [0u8; 320];
+    let mut cursor = std::io::Cursor::new(&mut buf[..]);
+    if write!(cursor, "{topic}-{partition}-{offset}").is_ok() {
+        let len = usize::try_from(cursor.position()).unwrap_or(0);
+        if let Ok(id) = std::str::from_utf8(&buf[..len]) {
+            return Arc::from(id);
+        }
+    }
+    Arc::from(format!("{topic}-{partition}-{offset}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::record_id;
+
+    #[test]
+    fn record_ids_name_topic_partition_and_offset() {
+        assert_eq!(&*record_id("orders", 3, 42), "orders-3-42");
+        assert_eq!(&*record_id("t", -1, i64::MIN), format!("t--1-{}", i64::MIN));
+        let longest = "x".repeat(249);
+        assert_eq!(
+            &*record_id(&longest, i32::MAX, i64::MAX),
+            format!("{longest}-{}-{}", i32::MAX, i64::MAX)
+        );
+        // Longer than any Kafka topic name: built on the heap instead.
+        let long = "y".repeat(400);
+        assert_eq!(&*record_id(&long, 0, 1), format!("{long}-0-1"));
+    }
 }
