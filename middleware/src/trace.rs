@@ -48,6 +48,7 @@
 //!   `deduplicated`, `skipped`, `retried` (a transient failure the broker or the Worker
 //!   will redeliver) or `failed` (a permanent error no layer took out of the queue).
 
+use std::cell::RefCell;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -59,7 +60,6 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use redrive_core::{
     BoxError, Classifier, ErrorKind, Headers, Message, Outcome, OutgoingMessage, Publisher,
 };
-use tokio::task::futures::TaskLocalFuture;
 use tower::{Layer, Service};
 use tracing::Span;
 use tracing::instrument::Instrument;
@@ -67,8 +67,44 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 pub use redrive_core::names::{CORRELATION_ID, CORRELATION_ID_ALIASES, TRACEPARENT, TRACESTATE};
 
-tokio::task_local! {
-    static CURRENT: CorrelationId;
+thread_local! {
+    /// The correlation id of the call being polled on this thread: set by
+    /// [`ResponseFuture`] around each poll of its inner future (and its drop), and put
+    /// back as it was afterwards, so it follows the call from thread to thread the way
+    /// a task-local does.
+    static CURRENT: RefCell<Option<CorrelationId>> = const { RefCell::new(None) };
+}
+
+/// Makes `id` the current correlation id until dropped, then restores the one before.
+struct Scope<'a> {
+    slot: &'a mut Option<CorrelationId>,
+}
+
+impl<'a> Scope<'a> {
+    /// `None` if the thread's locals are gone (the thread is exiting) or the current id
+    /// is being read: then the call runs without one rather than panicking.
+    fn enter(slot: &'a mut Option<CorrelationId>) -> Option<Self> {
+        CURRENT
+            .try_with(|current| {
+                current
+                    .try_borrow_mut()
+                    .map(|mut current| std::mem::swap(slot, &mut *current))
+                    .is_ok()
+            })
+            .ok()
+            .filter(|swapped| *swapped)
+            .map(|_| Scope { slot })
+    }
+}
+
+impl Drop for Scope<'_> {
+    fn drop(&mut self) {
+        let _ = CURRENT.try_with(|current| {
+            if let Ok(mut current) = current.try_borrow_mut() {
+                std::mem::swap(self.slot, &mut *current);
+            }
+        });
+    }
 }
 
 /// A message's correlation id, in its [`extensions`](Message::extensions) and, while
@@ -89,7 +125,10 @@ impl CorrelationId {
 
     /// The id of the message being handled by the current task, if any.
     pub fn current() -> Option<CorrelationId> {
-        CURRENT.try_with(Clone::clone).ok()
+        CURRENT
+            .try_with(|current| current.try_borrow().ok().and_then(|c| c.clone()))
+            .ok()
+            .flatten()
     }
 }
 
@@ -464,7 +503,8 @@ where
             self.inner.call(msg)
         };
         ResponseFuture {
-            inner: Some(CURRENT.scope(id, inner)),
+            inner: Some(inner),
+            id: Some(id),
             span,
             classifier: self.layer.classifier.clone(),
         }
@@ -477,7 +517,9 @@ pin_project_lite::pin_project! {
     pub struct ResponseFuture<F> {
         // `None` once it completed, so a drop after that has nothing to do.
         #[pin]
-        inner: Option<TaskLocalFuture<CorrelationId, F>>,
+        inner: Option<F>,
+        // The correlation id, lent to the thread while the inner future is polled.
+        id: Option<CorrelationId>,
         span: Span,
         classifier: Classifier,
     }
@@ -489,6 +531,7 @@ pin_project_lite::pin_project! {
                 // A call dropped before it completed (a shutdown deadline, an outer
                 // timeout): what its destructors log belongs to the delivery's span.
                 let _entered = this.span.enter();
+                let _scope = Scope::enter(this.id);
                 let mut inner = this.inner;
                 inner.set(None);
             }
@@ -509,6 +552,7 @@ where
         let span = &*this.span;
         let result = {
             let _entered = span.enter();
+            let scope = Scope::enter(this.id);
             let inner = this
                 .inner
                 .as_mut()
@@ -516,6 +560,7 @@ where
                 .expect("trace ResponseFuture polled after it completed");
             let result = std::task::ready!(inner.poll(cx));
             this.inner.set(None);
+            drop(scope);
             result
         };
         Poll::Ready(match result {

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use redrive_core::{BoxError, Headers, Message, handler_fn};
 use redrive_middleware::trace::{CORRELATION_ID, CorrelationId, TraceLayer, inject};
-use tower::{Service, ServiceBuilder, ServiceExt};
+use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 use tracing_subscriber::fmt::MakeWriter;
 
 #[derive(Clone, Default)]
@@ -147,4 +147,45 @@ async fn an_existing_id_is_never_overwritten_and_a_generated_one_is_written_once
     let seen = seen.lock().unwrap();
     assert_eq!(seen[0], (Some("kept".into()), "kept".into()));
     assert_eq!(seen[1], (Some("made".into()), "made".into()));
+}
+
+/// Runs `msg` through a trace layer around a handler that records the current id
+/// before and after yielding once; returns what it saw and the current id before and
+/// after the call, in the calling task.
+async fn traced_call(
+    msg: Message,
+) -> (
+    Vec<Option<CorrelationId>>,
+    Option<CorrelationId>,
+    Option<CorrelationId>,
+) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let record = seen.clone();
+    let handler = handler_fn(move |_msg: Message| {
+        let seen = record.clone();
+        async move {
+            seen.lock().unwrap().push(CorrelationId::current());
+            // Pending once: the id must be lent again on the next poll.
+            tokio::task::yield_now().await;
+            seen.lock().unwrap().push(CorrelationId::current());
+            Ok::<_, BoxError>(())
+        }
+    });
+    let before = CorrelationId::current();
+    TraceLayer::new().layer(handler).oneshot(msg).await.unwrap();
+    let after = CorrelationId::current();
+    let seen = seen.lock().unwrap().clone();
+    (seen, before, after)
+}
+
+#[tokio::test]
+async fn the_id_is_current_while_the_call_runs_across_polls_and_only_then() {
+    let mut headers = Headers::new();
+    headers.insert(CORRELATION_ID, "order-7").unwrap();
+    let msg = Message::new("x").with_headers(headers);
+    let (seen, before, after) = traced_call(msg).await;
+    assert_eq!(before, None);
+    assert_eq!(after, None, "put back once the call completed");
+    let id = Some(CorrelationId::new("order-7"));
+    assert_eq!(seen, vec![id.clone(), id]);
 }

@@ -32,11 +32,11 @@ impl Token {
     /// A new random token (128 bits, as 32 hex digits).
     pub fn random() -> Self {
         const HEX: &[u8; 16] = b"0123456789abcdef";
-        let mut bits = fastrand::u128(..);
+        let bytes = fastrand::u128(..).to_be_bytes();
         let mut digits = [0u8; 32];
-        for d in digits.iter_mut().rev() {
-            *d = HEX[(bits & 0xf) as usize];
-            bits >>= 4;
+        for (pair, byte) in digits.chunks_exact_mut(2).zip(bytes) {
+            pair[0] = HEX[usize::from(byte >> 4)];
+            pair[1] = HEX[usize::from(byte & 0xf)];
         }
         Token(Repr::Hex(digits))
     }
