@@ -77,8 +77,15 @@ impl Extensions {
 
     /// Stores `value`, returning whether one of its type was replaced.
     pub fn insert<T: Send + Sync + 'static>(&mut self, value: T) -> bool {
+        self.insert_shared(Arc::new(value))
+    }
+
+    /// Stores a value already shared, without allocating for it: a value every
+    /// message carries (the Worker's [`Shutdown`](crate::Shutdown) signal, say) is made
+    /// once and handed to each. Returns whether one of its type was replaced.
+    pub fn insert_shared<T: Send + Sync + 'static>(&mut self, value: Arc<T>) -> bool {
         let id = TypeId::of::<T>();
-        let value: Arc<dyn Any + Send + Sync> = Arc::new(value);
+        let value: Arc<dyn Any + Send + Sync> = value;
         let entries = self.entries.make_mut();
         match entries.iter_mut().find(|(t, _)| *t == id) {
             Some(slot) => {
@@ -264,5 +271,19 @@ mod tests {
         assert!(copy.remove::<u32>());
         assert_eq!((copy.len(), original.len()), (1, 1));
         assert_eq!(original.get::<u32>(), Some(&1));
+    }
+
+    #[test]
+    fn a_shared_value_is_stored_as_it_is_not_copied() {
+        let shared = Arc::new(String::from("signal"));
+        let (mut a, mut b) = (Extensions::new(), Extensions::new());
+        assert!(!a.insert_shared(shared.clone()));
+        b.insert_shared(shared.clone());
+        assert!(std::ptr::eq(a.get::<String>().unwrap(), &*shared));
+        assert!(std::ptr::eq(b.get::<String>().unwrap(), &*shared));
+        assert_eq!(Arc::strong_count(&shared), 3);
+        assert!(a.insert(String::from("own")), "replaces the shared one");
+        assert_eq!(a.get::<String>().map(String::as_str), Some("own"));
+        assert_eq!(Arc::strong_count(&shared), 2);
     }
 }

@@ -52,6 +52,7 @@ use std::collections::{HashMap, VecDeque};
 use std::future::{Future, poll_fn};
 use std::panic::AssertUnwindSafe;
 use std::pin::{Pin, pin};
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
@@ -449,6 +450,9 @@ where
                 park: plan.park,
                 redelivery: config.redelivery,
                 classifier: config.classifier.clone(),
+                shutdown: Arc::new(Shutdown {
+                    rx: stop_rx.clone(),
+                }),
                 stop: stop_rx,
             };
             let mut receive_errors = 0u32;
@@ -608,6 +612,8 @@ struct TaskCtx {
     redelivery: Redelivery,
     classifier: Classifier,
     stop: watch::Receiver<Stop>,
+    /// The signal every message carries, made once and shared.
+    shutdown: Arc<Shutdown>,
 }
 
 struct State {
@@ -825,11 +831,12 @@ where
     S::Future: Send + 'static,
 {
     let (mut message, settle) = delivery.into_parts();
-    message.extensions.insert(Shutdown {
-        rx: ctx.stop.clone(),
-    });
-    let attempt = message.metadata.attempt;
+    // Copied before the signal goes in: a message from the broker has no extensions,
+    // so the copy shares none, and what the service adds is not copied on write.
+    // Run again after parking, the copy gets the signal then.
     let parked_copy = ctx.park.then(|| message.clone());
+    message.extensions.insert_shared(ctx.shutdown.clone());
+    let attempt = message.metadata.attempt;
     let call = std::panic::catch_unwind(AssertUnwindSafe(|| service.call(message)));
     let renew_every = ctx.renew_every;
     let lease = ctx.lease;
