@@ -1,5 +1,6 @@
 //! Message headers: ordered, case-insensitive names, string or byte values, bounded.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use bytes::Bytes;
@@ -166,7 +167,11 @@ pub struct Headers {
     limits: HeaderLimits,
 }
 
-type Entry = (String, HeaderValue);
+/// A name as given: borrowed when it is a `&'static str` (the [`names`](crate::names)
+/// constants), so setting a well-known header copies nothing.
+type Name = Cow<'static, str>;
+
+type Entry = (Name, HeaderValue);
 
 impl Headers {
     /// Empty headers with the default limits.
@@ -270,8 +275,24 @@ impl Headers {
         name: impl Into<String>,
         value: impl Into<HeaderValue>,
     ) -> Result<Option<HeaderValue>, HeaderError> {
-        let name = name.into();
-        let value = value.into();
+        self.insert_name(Cow::Owned(name.into()), value.into())
+    }
+
+    /// [`insert`](Self::insert) with a name known at compile time, such as the
+    /// [`names`](crate::names) constants: the name is kept as it is, not copied.
+    pub fn insert_static(
+        &mut self,
+        name: &'static str,
+        value: impl Into<HeaderValue>,
+    ) -> Result<Option<HeaderValue>, HeaderError> {
+        self.insert_name(Cow::Borrowed(name), value.into())
+    }
+
+    fn insert_name(
+        &mut self,
+        name: Name,
+        value: HeaderValue,
+    ) -> Result<Option<HeaderValue>, HeaderError> {
         let removed: usize = self
             .entries
             .as_slice()
@@ -316,7 +337,7 @@ impl Headers {
         name: impl Into<String>,
         value: impl Into<HeaderValue>,
     ) -> Result<(), HeaderError> {
-        let name = name.into();
+        let name: Name = Cow::Owned(name.into());
         let value = value.into();
         self.check(
             &name,
@@ -369,7 +390,7 @@ impl Headers {
 
     /// The headers in order, as `(name, value)`.
     pub fn iter(&self) -> impl ExactSizeIterator<Item = (&str, &HeaderValue)> {
-        self.entries.as_slice().iter().map(|(n, v)| (n.as_str(), v))
+        self.entries.as_slice().iter().map(|(n, v)| (&**n, v))
     }
 }
 
@@ -382,18 +403,43 @@ impl fmt::Debug for Headers {
 impl<'a> IntoIterator for &'a Headers {
     type Item = (&'a str, &'a HeaderValue);
     type IntoIter = std::iter::Map<
-        std::slice::Iter<'a, (String, HeaderValue)>,
-        fn(&'a (String, HeaderValue)) -> (&'a str, &'a HeaderValue),
+        std::slice::Iter<'a, (Cow<'static, str>, HeaderValue)>,
+        fn(&'a (Cow<'static, str>, HeaderValue)) -> (&'a str, &'a HeaderValue),
     >;
 
     fn into_iter(self) -> Self::IntoIter {
-        self.entries.as_slice().iter().map(|(n, v)| (n.as_str(), v))
+        self.entries.as_slice().iter().map(|(n, v)| (&**n, v))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_static_name_is_one_header_with_its_owned_spelling() {
+        let mut h = Headers::new();
+        h.insert("Correlation-Id", "a").unwrap();
+        let old = h.insert_static("correlation-id", "b").unwrap();
+        assert_eq!(old, Some(HeaderValue::from("a")));
+        assert_eq!(h.len(), 1);
+        assert_eq!(h.iter().next().unwrap().0, "correlation-id");
+        assert_eq!(h.size(), "correlation-id".len() + 1);
+        let tight = HeaderLimits {
+            max_count: 1,
+            ..HeaderLimits::default()
+        };
+        let mut h = Headers::with_limits(tight);
+        h.insert_static("x", "1").unwrap();
+        assert!(
+            h.clone().append("y", "2").is_err(),
+            "limits hold for static names"
+        );
+        assert_eq!(
+            h.insert_static("X", "2").unwrap(),
+            Some(HeaderValue::from("1"))
+        );
+    }
 
     #[test]
     fn names_are_case_insensitive_and_keep_their_case() {

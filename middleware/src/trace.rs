@@ -254,7 +254,7 @@ fn inject_with(propagator: &dyn TextMapPropagator, headers: &mut Headers) {
     }
     if find_correlation_id(headers, &[]).is_none() {
         if let Some(id) = CorrelationId::current() {
-            if let Err(e) = headers.insert(CORRELATION_ID, id.as_str()) {
+            if let Err(e) = headers.insert_static(CORRELATION_ID, id.as_str()) {
                 tracing::warn!(error = %e, "correlation id not propagated");
             }
         }
@@ -480,7 +480,7 @@ where
             Some(id) => id,
             None => {
                 let id = self.layer.make_id.make_correlation_id(&msg);
-                if let Err(e) = msg.headers.insert(CORRELATION_ID, id.as_str()) {
+                if let Err(e) = msg.headers.insert_static(CORRELATION_ID, id.as_str()) {
                     tracing::warn!(error = %e, "generated correlation id not added to the headers");
                 }
                 id

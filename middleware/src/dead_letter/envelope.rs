@@ -107,31 +107,31 @@ impl Envelope<'_> {
 
         let meta = self.metadata;
         if !meta.source.system.is_empty() {
-            headers.insert(ORIGINAL_SYSTEM, meta.source.system)?;
+            headers.insert_static(ORIGINAL_SYSTEM, meta.source.system)?;
         }
-        headers.insert(ORIGINAL_DESTINATION, &*meta.source.destination)?;
+        headers.insert_static(ORIGINAL_DESTINATION, &*meta.source.destination)?;
         if let Some(p) = meta.source.partition {
-            headers.insert(ORIGINAL_PARTITION, p.to_string())?;
+            headers.insert_static(ORIGINAL_PARTITION, p.to_string())?;
         }
         if let Some(o) = meta.source.offset {
-            headers.insert(ORIGINAL_OFFSET, o.to_string())?;
+            headers.insert_static(ORIGINAL_OFFSET, o.to_string())?;
         }
         if let Some(id) = &meta.message_id {
-            headers.insert(ORIGINAL_MESSAGE_ID, &**id)?;
+            headers.insert_static(ORIGINAL_MESSAGE_ID, &**id)?;
         }
         if let Some(t) = meta.enqueued_at {
-            headers.insert(ORIGINAL_ENQUEUED_AT, format_rfc3339(t))?;
+            headers.insert_static(ORIGINAL_ENQUEUED_AT, format_rfc3339(t))?;
         }
-        headers.insert(ATTEMPTS, meta.attempt.to_string())?;
-        headers.insert(FIRST_FAILURE_AT, format_rfc3339(first))?;
-        headers.insert(LAST_FAILURE_AT, format_rfc3339(self.now))?;
-        headers.insert(ERROR_KIND, self.reason.as_str())?;
-        headers.insert(
+        headers.insert_static(ATTEMPTS, meta.attempt.to_string())?;
+        headers.insert_static(FIRST_FAILURE_AT, format_rfc3339(first))?;
+        headers.insert_static(LAST_FAILURE_AT, format_rfc3339(self.now))?;
+        headers.insert_static(ERROR_KIND, self.reason.as_str())?;
+        headers.insert_static(
             ERROR_MESSAGE,
             truncate(self.error, self.max_error_len).into_owned(),
         )?;
         if let Some(c) = self.consumer {
-            headers.insert(CONSUMER, c)?;
+            headers.insert_static(CONSUMER, c)?;
         }
         Ok(())
     }

@@ -16,6 +16,8 @@ pub(crate) struct Shared<H> {
     pub(crate) window: Duration,
     pub(crate) budget: Option<Arc<SharedBudget>>,
     pub(crate) hook: H,
+    /// The first try's number, made once: every message carries it.
+    pub(crate) first_try: Arc<super::Try>,
 }
 
 /// Wraps a service in [`Retry`]. Clones share the settings, the hook and the
@@ -43,6 +45,7 @@ impl RetryLayer {
                 config,
                 budget,
                 hook: (),
+                first_try: Arc::new(super::Try::new(1)),
             }),
         })
     }
@@ -58,6 +61,7 @@ impl<H> RetryLayer<H> {
                 window: self.shared.window,
                 budget: self.shared.budget.clone(),
                 hook,
+                first_try: self.shared.first_try.clone(),
             }),
         }
     }

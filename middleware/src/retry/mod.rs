@@ -193,7 +193,7 @@ where
         }
         // The clone serves the retries; `self.inner` is the one made ready.
         let retries = self.inner.clone();
-        msg.extensions.insert(Try { number: 1 });
+        msg.extensions.insert_shared(self.shared.first_try.clone());
         let copy = msg.clone();
         let span = future::try_span(&msg, 1);
         let first = {
