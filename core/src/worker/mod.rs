@@ -450,10 +450,7 @@ where
                 park: plan.park,
                 redelivery: config.redelivery,
                 classifier: config.classifier.clone(),
-                shutdown: Arc::new(Shutdown {
-                    rx: stop_rx.clone(),
-                }),
-                stop: stop_rx,
+                shutdown: Arc::new(Shutdown { rx: stop_rx }),
             };
             let mut receive_errors = 0u32;
             tracing::debug!(worker = name, ?caps, ?plan, "worker started");
@@ -611,8 +608,8 @@ struct TaskCtx {
     park: bool,
     redelivery: Redelivery,
     classifier: Classifier,
-    stop: watch::Receiver<Stop>,
-    /// The signal every message carries, made once and shared.
+    /// The signal every message carries, made once and shared; its receiver is also
+    /// the one calls and parked messages watch.
     shutdown: Arc<Shutdown>,
 }
 
@@ -740,7 +737,7 @@ impl State {
                     delay,
                     ctx.renew_every,
                     ctx.lease,
-                    ctx.stop.clone(),
+                    ctx.shutdown.rx.clone(),
                 ));
             }
             Done::Unpark {
@@ -843,7 +840,7 @@ where
     let max_nack_delay = ctx.max_nack_delay;
     let redelivery = ctx.redelivery;
     let classifier = ctx.classifier.clone();
-    let mut stop = ctx.stop.clone();
+    let mut stop = ctx.shutdown.rx.clone();
 
     async move {
         let result: Option<std::result::Result<Outcome, (BoxError, bool)>> = match call {

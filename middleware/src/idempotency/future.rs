@@ -10,7 +10,7 @@ use redrive_core::delivery::BoxFuture;
 use redrive_core::{BoxError, Outcome};
 
 use super::layer::Shared;
-use super::{IdempotencyStore, Token, commit_key, committed, release};
+use super::{IdempotencyStore, Token, committed, release};
 
 pin_project_lite::pin_project! {
     /// The future of [`Idempotency`](super::Idempotency): the inner call, then the
@@ -130,9 +130,9 @@ where
                                 if let Some(status) = shared.store.commit_now(&key, &token, ttl) {
                                     return Poll::Ready(committed(&shared, key, status, outcome));
                                 }
+                                // `commit_now` said no: straight to the store's future.
                                 Box::pin(async move {
-                                    let status =
-                                        commit_key(&*shared.store, &key, &token, ttl).await;
+                                    let status = shared.store.commit(&key, &token, ttl).await;
                                     committed(&shared, key, status, outcome)
                                 })
                             }
