@@ -192,8 +192,10 @@ pin_project_lite::pin_project! {
     pub struct ResponseFuture<F> {
         #[pin]
         inner: F,
-        #[pin]
-        sleep: Option<Sleep>,
+        // Boxed, and only once the try waits: a timer is over a hundred bytes, which
+        // every enclosing layer's future would otherwise carry and move, and a try that
+        // completes on its first poll never needs one.
+        sleep: Option<Pin<Box<Sleep>>>,
         after: Duration,
     }
 }
@@ -214,15 +216,14 @@ where
     type Output = Result<T, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
+        let this = self.project();
         if let Poll::Ready(result) = this.inner.poll(cx) {
             return Poll::Ready(result.map_err(Into::into));
         }
-        if this.sleep.is_none() {
-            this.sleep.set(Some(tokio::time::sleep(*this.after)));
-        }
-        let sleep = this.sleep.as_pin_mut().expect("set above");
-        match sleep.poll(cx) {
+        let sleep = this
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(*this.after)));
+        match sleep.as_mut().poll(cx) {
             Poll::Ready(()) => Poll::Ready(Err(Box::new(Elapsed { after: *this.after }))),
             Poll::Pending => Poll::Pending,
         }

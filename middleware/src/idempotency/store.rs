@@ -28,15 +28,25 @@ enum Repr {
     Shared(Arc<str>),
 }
 
+/// Each byte's two lowercase hex digits, so a token is written a byte at a time.
+const HEX_PAIRS: [[u8; 2]; 256] = {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut pairs = [[0u8; 2]; 256];
+    let mut i = 0;
+    while i < 256 {
+        pairs[i] = [HEX[i >> 4], HEX[i & 0xf]];
+        i += 1;
+    }
+    pairs
+};
+
 impl Token {
     /// A new random token (128 bits, as 32 hex digits).
     pub fn random() -> Self {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
         let bytes = fastrand::u128(..).to_be_bytes();
         let mut digits = [0u8; 32];
         for (pair, byte) in digits.chunks_exact_mut(2).zip(bytes) {
-            pair[0] = HEX[usize::from(byte >> 4)];
-            pair[1] = HEX[usize::from(byte & 0xf)];
+            pair.copy_from_slice(&HEX_PAIRS[usize::from(byte)]);
         }
         Token(Repr::Hex(digits))
     }
@@ -192,7 +202,14 @@ pub(crate) fn millis_ceil(d: Duration) -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use super::Token;
+    use super::{HEX_PAIRS, Token};
+
+    #[test]
+    fn hex_pairs_spell_every_byte() {
+        for (byte, pair) in HEX_PAIRS.iter().enumerate() {
+            assert_eq!(pair, format!("{byte:02x}").as_bytes());
+        }
+    }
 
     #[test]
     fn random_tokens_are_32_hex_digits_and_differ() {

@@ -121,7 +121,9 @@ struct Bucket {
 /// it.
 pub(crate) struct SharedBudget {
     origin: Instant,
-    bucket_len: Duration,
+    /// A bucket's length in nanoseconds (at least 1), so finding the current bucket
+    /// divides 64-bit integers, not 128-bit ones.
+    bucket_nanos: u64,
     reserve: f64,
     ratio: f64,
     buckets: [Bucket; BUCKETS],
@@ -133,7 +135,9 @@ impl SharedBudget {
     pub(crate) fn new(budget: &Budget) -> Self {
         SharedBudget {
             origin: Instant::now(),
-            bucket_len: budget.window / BUCKETS as u32,
+            bucket_nanos: u64::try_from((budget.window / BUCKETS as u32).as_nanos())
+                .unwrap_or(u64::MAX)
+                .max(1),
             reserve: f64::from(budget.min_per_second) * budget.window.as_secs_f64(),
             ratio: budget.ratio,
             buckets: Default::default(),
@@ -144,8 +148,9 @@ impl SharedBudget {
     /// The current bucket slot (a count of bucket lengths since `origin`); slot 0 is
     /// never current, so zeroed buckets read as stale.
     fn slot(&self) -> u64 {
-        let since = self.origin.elapsed().as_nanos() / self.bucket_len.as_nanos();
-        u64::try_from(since).unwrap_or(u64::MAX - 1) + 1
+        // 2^64 ns is 584 years: the saturation is never reached in practice.
+        let since = u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        (since / self.bucket_nanos).saturating_add(1)
     }
 
     /// The bucket of `slot`, emptied first if it still holds an older slot's counts.
