@@ -12,7 +12,9 @@
 //! ```
 //!
 //! Every run reads one topic of one partition from the start, as a fresh group; rates
-//! are counted from the first record handled. `BENCH_MOCK=1` uses librdkafka's mock
+//! are counted from the first record handled. Each no-op row also prints the CPU time
+//! spent per record, by this process and by the whole machine (the broker included),
+//! counted over the whole run. `BENCH_MOCK=1` uses librdkafka's mock
 //! cluster instead of a broker; there a bare consumer stalled past about 50,000
 //! records in one partition, so keep `BENCH_N` at or under that with it.
 
@@ -31,8 +33,11 @@ use redrive_kafka::{KafkaConsumer, KafkaPublisher};
 use tokio::sync::Notify;
 use tower::util::BoxService;
 
+#[path = "../../../benches/support/cpu.rs"]
+mod cpu;
 #[path = "../../../benches/support/full_stack.rs"]
 mod support;
+use cpu::{CpuTimes, CpuUsed};
 use support::full_stack;
 
 const KEYS: usize = 256;
@@ -232,8 +237,13 @@ fn main() {
         eprintln!(
             "bare consumer, then the Worker alone and with the full Stack, spawned and in task"
         );
+        let cpu = CpuTimes::now();
         let bare_fast = bare(&brokers, &topic, n, Duration::ZERO).await;
-        let mut rows = vec![("bare rdkafka StreamConsumer".to_owned(), bare_fast)];
+        let mut rows = vec![(
+            "bare rdkafka StreamConsumer".to_owned(),
+            bare_fast,
+            cpu.since(),
+        )];
         // BENCH_ONLY=<text> runs only the Worker rows whose name holds the text (and bare).
         let only = std::env::var("BENCH_ONLY").ok();
         for execution in [Execution::Spawned, Execution::InTask] {
@@ -244,6 +254,7 @@ fn main() {
                 if only.as_deref().is_some_and(|only| !what.contains(only)) {
                     continue;
                 }
+                let cpu = CpuTimes::now();
                 let took = redrive(
                     &brokers,
                     &topic,
@@ -252,19 +263,25 @@ fn main() {
                     Setup { full, execution },
                 )
                 .await;
-                rows.push((what, took));
+                rows.push((what, took, cpu.since()));
             }
         }
         println!();
         println!("{n} records of 64 bytes, {KEYS} keys, one partition, on {on}");
-        println!("| consumer, no-op handler | seconds | records/s | vs bare |");
-        println!("|---|---:|---:|---:|");
-        for (what, took) in rows {
+        println!(
+            "| consumer, no-op handler | seconds | records/s | vs bare | \
+             CPU µs/record, this process | CPU µs/record, whole machine |"
+        );
+        println!("|---|---:|---:|---:|---:|---:|");
+        let per_record = |d: Duration| d.as_secs_f64() * 1e6 / n as f64;
+        for (what, took, CpuUsed { process, machine }) in rows {
             println!(
-                "| {what} | {:.2} | {:.0} | {:.1} % |",
+                "| {what} | {:.2} | {:.0} | {:.1} % | {:.2} | {:.2} |",
                 took.as_secs_f64(),
                 rate(n, took),
-                100.0 * rate(n, took) / rate(n, bare_fast)
+                100.0 * rate(n, took) / rate(n, bare_fast),
+                per_record(process),
+                per_record(machine),
             );
         }
 

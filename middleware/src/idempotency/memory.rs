@@ -1,10 +1,13 @@
 //! [`MemoryStore`]: idempotency keys in this process's memory.
 
-use std::collections::{HashMap, VecDeque, hash_map};
+use std::collections::VecDeque;
 use std::fmt;
+use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use hashbrown::HashTable;
+use hashbrown::hash_table::Entry as Slot;
 use tokio::time::Instant;
 
 use super::{CommitStatus, IdempotencyStore, Reservation, StoreError, StoreFuture, Token};
@@ -24,41 +27,42 @@ pub struct MemoryStore {
     state: Mutex<State>,
 }
 
-/// Keys in the order they expire, with when.
-type ExpiryQueue = VecDeque<(Instant, Arc<str>)>;
-
-/// Keys hashed with foldhash, seeded at random per map: several times faster than the
-/// standard library's SipHash on short keys. Its seeding makes colliding keys hard to
-/// choose without seeing the process's hashes, though it resists a determined attacker
-/// less than SipHash does; the store is for one trusted process (see above).
-type Entries = HashMap<Arc<str>, Entry, foldhash::fast::RandomState>;
+/// Keys in the order they expire: when, and the key's hash.
+type ExpiryQueue = VecDeque<(Instant, u64)>;
 
 #[derive(Default)]
 struct State {
-    entries: Entries,
+    /// Keys by their hash. Each entry keeps its hash, so growing the table reads no key.
+    entries: HashTable<Entry>,
+    /// foldhash, seeded at random per store: several times faster than the standard
+    /// library's SipHash on short keys. Its seeding makes colliding keys hard to choose
+    /// without seeing the process's hashes, though it resists a determined attacker
+    /// less than SipHash does; the store is for one trusted process (see above).
+    hasher: foldhash::fast::RandomState,
     /// When keys expire, one queue per lease or TTL length, each in the order the
     /// expiries were set. For one length `d`, `now + d` only grows (`now` is read under
     /// the lock), so every queue is sorted and sweeping pops from the fronts: O(1) per
-    /// key. A queue entry whose key has since been committed, released or reserved
-    /// again no longer matches the key's expiry and is dropped when it comes up.
+    /// key. A queue entry names its key by hash and expiry: one whose key has since been
+    /// committed, released or reserved again matches no entry and is dropped when it
+    /// comes up.
     expiries: Vec<(Duration, ExpiryQueue)>,
 }
 
 impl State {
     fn sweep(&mut self, now: Instant) {
-        let State { entries, expiries } = self;
+        let State {
+            entries, expiries, ..
+        } = self;
         for (_, queue) in expiries.iter_mut() {
-            while let Some((at, _)) = queue.front() {
-                if *at > now {
+            while let Some(&(at, hash)) = queue.front() {
+                if at > now {
                     break;
                 }
-                let Some((at, key)) = queue.pop_front() else {
-                    break;
-                };
-                if let hash_map::Entry::Occupied(e) = entries.entry(key) {
-                    if e.get().expires == at {
-                        e.remove();
-                    }
+                queue.pop_front();
+                // Two keys with one hash and one expiry each have a queue entry: each
+                // removes one of them.
+                if let Ok(e) = entries.find_entry(hash, |e| e.hash == hash && e.expires == at) {
+                    e.remove();
                 }
             }
         }
@@ -73,22 +77,23 @@ impl State {
 /// Expiry queues kept even when empty.
 const KEPT_QUEUES: usize = 4;
 
-/// Queues `key`'s expiry at `at`, `after` from now, behind the others of that length.
+/// Queues the expiry at `at` of the key hashed `hash`, `after` from now, behind the
+/// others of that length.
 fn queue_expiry(
     expiries: &mut Vec<(Duration, ExpiryQueue)>,
-    key: Arc<str>,
+    hash: u64,
     after: Duration,
     at: Instant,
 ) {
     match expiries.iter_mut().find(|(d, _)| *d == after) {
-        Some((_, queue)) => queue.push_back((at, key)),
-        None => expiries.push((after, VecDeque::from([(at, key)]))),
+        Some((_, queue)) => queue.push_back((at, hash)),
+        None => expiries.push((after, VecDeque::from([(at, hash)]))),
     }
 }
 
 struct Entry {
-    /// The map's own key, shared, for the expiry queues.
     key: Arc<str>,
+    hash: u64,
     token: Token,
     committed: bool,
     expires: Instant,
@@ -105,7 +110,7 @@ impl MemoryStore {
         let now = Instant::now();
         self.lock()
             .entries
-            .values()
+            .iter()
             .filter(|e| e.expires > now)
             .count()
     }
@@ -119,22 +124,21 @@ impl MemoryStore {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn reserve_sync(&self, key: Arc<str>, lease: Duration) -> Reservation {
+    fn reserve_sync(&self, key: &Arc<str>, lease: Duration) -> Reservation {
         // Made before taking the lock, which other consumers' calls wait on.
         let token = Token::random();
         let mut state = self.lock();
         let now = Instant::now();
         state.sweep(now);
-        let State { entries, expiries } = &mut *state;
+        let State {
+            entries,
+            hasher,
+            expiries,
+        } = &mut *state;
+        let hash = hasher.hash_one(&**key);
         let expires = now + lease;
-        let fresh = Entry {
-            key: key.clone(),
-            token: token.clone(),
-            committed: false,
-            expires,
-        };
-        match entries.entry(key.clone()) {
-            hash_map::Entry::Occupied(e) if e.get().expires > now => {
+        match entries.entry(hash, |e| *e.key == **key, |e| e.hash) {
+            Slot::Occupied(e) if e.get().expires > now => {
                 let e = e.get();
                 return if e.committed {
                     Reservation::Committed
@@ -145,14 +149,23 @@ impl MemoryStore {
                 };
             }
             // Expired but not swept yet: taken afresh.
-            hash_map::Entry::Occupied(mut e) => {
-                e.insert(fresh);
+            Slot::Occupied(mut e) => {
+                let e = e.get_mut();
+                e.token = token.clone();
+                e.committed = false;
+                e.expires = expires;
             }
-            hash_map::Entry::Vacant(e) => {
-                e.insert(fresh);
+            Slot::Vacant(e) => {
+                e.insert(Entry {
+                    key: key.clone(),
+                    hash,
+                    token: token.clone(),
+                    committed: false,
+                    expires,
+                });
             }
         }
-        queue_expiry(expiries, key, lease, expires);
+        queue_expiry(expiries, hash, lease, expires);
         Reservation::Fresh(token)
     }
 
@@ -164,30 +177,35 @@ impl MemoryStore {
     ) -> Result<CommitStatus, StoreError> {
         let mut state = self.lock();
         let now = Instant::now();
-        let State { entries, expiries } = &mut *state;
+        let State {
+            entries,
+            hasher,
+            expiries,
+        } = &mut *state;
+        let hash = hasher.hash_one(key);
         let expires = now + ttl;
-        let shared = match entries.get_mut(key) {
+        match entries.find_mut(hash, |e| *e.key == *key) {
             Some(e) if e.token == *token && e.expires > now => {
                 if e.committed {
                     return Ok(CommitStatus::AlreadyCommitted);
                 }
                 e.committed = true;
                 e.expires = expires;
-                e.key.clone()
             }
             _ => return Err(StoreError::lease_lost(key)),
-        };
-        queue_expiry(expiries, shared, ttl, expires);
+        }
+        queue_expiry(expiries, hash, ttl, expires);
         Ok(CommitStatus::Committed)
     }
 
     fn release_sync(&self, key: &str, token: &Token) -> Result<(), StoreError> {
         let mut state = self.lock();
         let now = Instant::now();
-        match state.entries.get(key) {
-            Some(e) if e.token == *token && e.expires > now => {
-                if !e.committed {
-                    state.entries.remove(key);
+        let hash = state.hasher.hash_one(key);
+        match state.entries.find_entry(hash, |e| *e.key == *key) {
+            Ok(e) if e.get().token == *token && e.get().expires > now => {
+                if !e.get().committed {
+                    e.remove();
                 }
                 Ok(())
             }
@@ -206,7 +224,7 @@ impl fmt::Debug for MemoryStore {
 
 impl IdempotencyStore for MemoryStore {
     fn reserve<'a>(&'a self, key: &'a str, lease: Duration) -> StoreFuture<'a, Reservation> {
-        Box::pin(async move { Ok(self.reserve_sync(key.into(), lease)) })
+        Box::pin(async move { Ok(self.reserve_sync(&key.into(), lease)) })
     }
 
     fn commit<'a>(
@@ -227,7 +245,7 @@ impl IdempotencyStore for MemoryStore {
         key: &Arc<str>,
         lease: Duration,
     ) -> Option<Result<Reservation, StoreError>> {
-        Some(Ok(self.reserve_sync(key.clone(), lease)))
+        Some(Ok(self.reserve_sync(key, lease)))
     }
 
     fn commit_now(
@@ -261,12 +279,12 @@ mod tests {
     async fn expired_keys_are_swept() {
         let store = MemoryStore::new();
         for i in 0..1000 {
-            store.reserve_sync(format!("k{i}").into(), Duration::from_secs(1));
+            store.reserve_sync(&format!("k{i}").into(), Duration::from_secs(1));
         }
         assert_eq!(store.len(), 1000);
         tokio::time::advance(Duration::from_secs(2)).await;
         assert!(store.is_empty());
-        store.reserve_sync("j".into(), Duration::from_secs(1));
+        store.reserve_sync(&"j".into(), Duration::from_secs(1));
         let state = store.lock();
         assert_eq!(
             state.entries.len(),
@@ -283,7 +301,7 @@ mod tests {
         let lease = Duration::from_secs(60);
         for i in 0..100 {
             let key = format!("k{i}");
-            let Reservation::Fresh(token) = store.reserve_sync(key.as_str().into(), lease) else {
+            let Reservation::Fresh(token) = store.reserve_sync(&key.as_str().into(), lease) else {
                 panic!("fresh key");
             };
             store
@@ -291,14 +309,14 @@ mod tests {
                 .unwrap();
         }
         tokio::time::advance(Duration::from_secs(2)).await;
-        store.reserve_sync("j".into(), lease);
+        store.reserve_sync(&"j".into(), lease);
         assert_eq!(store.lock().entries.len(), 1, "only j is left");
         assert!(matches!(
-            store.reserve_sync("k7".into(), lease),
+            store.reserve_sync(&"k7".into(), lease),
             Reservation::Fresh(_)
         ));
         tokio::time::advance(Duration::from_secs(61)).await;
-        store.reserve_sync("z".into(), Duration::from_secs(5));
+        store.reserve_sync(&"z".into(), Duration::from_secs(5));
         let state = store.lock();
         assert_eq!(state.entries.len(), 1, "only z is left");
         let queued: usize = state.expiries.iter().map(|(_, q)| q.len()).sum();
@@ -309,11 +327,11 @@ mod tests {
     async fn varying_lengths_leave_no_pile_of_empty_queues() {
         let store = MemoryStore::new();
         for i in 1..=20 {
-            store.reserve_sync(format!("k{i}").into(), Duration::from_secs(i));
+            store.reserve_sync(&format!("k{i}").into(), Duration::from_secs(i));
         }
         assert_eq!(store.lock().expiries.len(), 20);
         tokio::time::advance(Duration::from_secs(30)).await;
-        store.reserve_sync("j".into(), Duration::from_secs(1));
+        store.reserve_sync(&"j".into(), Duration::from_secs(1));
         assert_eq!(store.lock().expiries.len(), 1, "only j's queue is left");
     }
 }
