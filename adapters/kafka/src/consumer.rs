@@ -54,8 +54,8 @@ pub struct KafkaConsumerBuilder {
 }
 
 impl KafkaConsumerBuilder {
-    /// How many records are polled ahead of the Worker (at least 1; up to twice this
-    /// many are held). When that stays full (for a third of `max.poll.interval.ms`, at
+    /// How many records are polled ahead of the Worker (at least 1; rounded up to whole
+    /// batches of up to 64 records, one batch per poll; up to twice this many are held). When that stays full (for a third of `max.poll.interval.ms`, at
     /// most 10 s), the assigned partitions are paused and polling goes on, so the consumer
     /// keeps its group membership however long the Worker holds back
     /// (`max.poll.interval.ms` is never exceeded); they resume when there is room.
@@ -155,11 +155,22 @@ impl KafkaConsumerBuilder {
             state.clone(),
             self.commit_interval,
         ));
-        let (tx, rx) = mpsc::channel(self.buffer);
-        let poller = tokio::spawn(poll(consumer.clone(), state.clone(), tx, pause_after));
+        // Records travel in batches of what one poll found, so the channel's costs are
+        // paid per batch; a batch holds at most the buffer, so the buffer still bounds
+        // what is polled ahead (rounded up to whole batches).
+        let batch_max = self.buffer.min(BATCH);
+        let (tx, rx) = mpsc::channel(self.buffer.div_ceil(batch_max));
+        let poller = tokio::spawn(poll(
+            consumer.clone(),
+            state.clone(),
+            tx,
+            batch_max,
+            pause_after,
+        ));
         Ok(KafkaConsumer {
             consumer: Some(consumer),
             rx,
+            ready: Vec::new().into_iter(),
             state,
             tasks: vec![committer, poller],
             close_timeout: self.close_timeout,
@@ -175,7 +186,9 @@ impl KafkaConsumerBuilder {
 /// commits the watermarks every [`commit_interval`](KafkaConsumerBuilder::commit_interval)).
 pub struct KafkaConsumer {
     consumer: Option<Arc<StreamConsumer<Context>>>,
-    rx: mpsc::Receiver<KafkaResult<Delivery>>,
+    rx: mpsc::Receiver<Batch>,
+    /// The rest of the batch last received, handed out before the next is taken.
+    ready: std::vec::IntoIter<KafkaResult<Delivery>>,
     state: Arc<Mutex<Watermarks>>,
     tasks: Vec<JoinHandle<()>>,
     close_timeout: Duration,
@@ -302,32 +315,34 @@ async fn commit_every(
     }
 }
 
-/// Polls the consumer and hands records to `receive` through `tx`, holding up to
-/// another `tx`'s worth in order when it is full. When the hold stays full for
-/// `pause_after` (the Worker is stalled: keys parked, the breaker open), the assigned
-/// partitions are paused and polling goes on, so rebalances are served and the
-/// consumer never exceeds `max.poll.interval.ms`; they resume once everything held is
-/// handed over. Short stalls cost nothing: pausing drops librdkafka's prefetched
-/// records, and resuming fetches them again.
+/// Polls the consumer and hands records to `receive` through `tx`, in batches of what
+/// one poll found (at most `batch_max`), holding up to another `tx`'s worth in order
+/// when it is full. When the hold stays full for `pause_after` (the Worker is stalled:
+/// keys parked, the breaker open), the assigned partitions are paused and polling goes
+/// on, so rebalances are served and the consumer never exceeds
+/// `max.poll.interval.ms`; they resume once everything held is handed over. Short
+/// stalls cost nothing: pausing drops librdkafka's prefetched records, and resuming
+/// fetches them again.
 async fn poll(
     consumer: Arc<StreamConsumer<Context>>,
     state: Arc<Mutex<Watermarks>>,
-    tx: mpsc::Sender<KafkaResult<Delivery>>,
+    tx: mpsc::Sender<Batch>,
+    batch_max: usize,
     pause_after: Duration,
 ) {
     let limit = tx.max_capacity();
-    let mut held: VecDeque<KafkaResult<Delivery>> = VecDeque::new();
+    let mut held: VecDeque<Batch> = VecDeque::new();
     let mut paused = false;
     let mut last = None;
     // One stream for the task's life: `recv()` would register and drop a waker slot
     // (two lock round trips) per record.
     let mut stream = consumer.stream();
     loop {
-        while let Some(d) = held.pop_front() {
-            match tx.try_send(d) {
+        while let Some(batch) = held.pop_front() {
+            match tx.try_send(batch) {
                 Ok(()) => {}
-                Err(TrySendError::Full(d)) => {
-                    held.push_front(d);
+                Err(TrySendError::Full(batch)) => {
+                    held.push_front(batch);
                     break;
                 }
                 Err(TrySendError::Closed(_)) => return,
@@ -365,16 +380,24 @@ async fn poll(
             }
             record = stream.next() => record.expect("kafka streams never end"),
         };
-        let mut failed = hand_over(record, &state, &mut last, &tx, &mut held);
+        let mut batch = Vec::with_capacity(batch_max);
+        let mut failed = take(record, &state, &mut last, &mut batch);
         // Then what librdkafka already holds, without waiting and without a `select!`
-        // per record; each hand-over wakes the Worker only if it waits.
-        let mut drained = 0;
-        while !failed && drained < DRAIN && held.len() < limit {
+        // per record.
+        while !failed && batch.len() < batch_max {
             let Some(Some(record)) = stream.next().now_or_never() else {
                 break;
             };
-            failed = hand_over(record, &state, &mut last, &tx, &mut held);
-            drained += 1;
+            failed = take(record, &state, &mut last, &mut batch);
+        }
+        if held.is_empty() {
+            match tx.try_send(batch) {
+                // A closed channel is seen at the top of the poll loop.
+                Ok(()) | Err(TrySendError::Closed(_)) => {}
+                Err(TrySendError::Full(batch)) => held.push_back(batch),
+            }
+        } else {
+            held.push_back(batch);
         }
         if paused && held.len() >= limit {
             // Records of partitions assigned since the pause: pause them too.
@@ -386,36 +409,32 @@ async fn poll(
     }
 }
 
-/// Records the poll task takes from librdkafka's queue in one go once one has arrived.
-const DRAIN: usize = 64;
+/// Records polled together, handed to `receive` in one channel send.
+type Batch = Vec<KafkaResult<Delivery>>;
 
-/// Hands `record` to the Worker, or holds it if the channel is full; returns whether it
-/// was a poll error.
-fn hand_over(
+/// The most records in one batch: what the poll task takes from librdkafka's queue in
+/// one go once one has arrived.
+const BATCH: usize = 64;
+
+/// Adds `record` to `batch` as a delivery (or as the poll error it is); returns whether
+/// it was an error.
+fn take(
     record: KafkaResult<BorrowedMessage<'_>>,
     state: &Mutex<Watermarks>,
     last: &mut Option<(Tp, Arc<Assigned>)>,
-    tx: &mpsc::Sender<KafkaResult<Delivery>>,
-    held: &mut VecDeque<KafkaResult<Delivery>>,
+    batch: &mut Batch,
 ) -> bool {
-    let item = match record {
-        Ok(record) => Ok(delivery(&record, state, last)),
+    match record {
+        Ok(record) => {
+            batch.push(Ok(delivery(&record, state, last)));
+            false
+        }
         Err(e) => {
             tracing::warn!(error = %e, "kafka poll failed");
-            Err(e)
+            batch.push(Err(e));
+            true
         }
-    };
-    let failed = item.is_err();
-    if held.is_empty() {
-        match tx.try_send(item) {
-            // A closed channel is seen at the top of the poll loop.
-            Ok(()) | Err(TrySendError::Closed(_)) => {}
-            Err(TrySendError::Full(item)) => held.push_back(item),
-        }
-    } else {
-        held.push_back(item);
     }
-    failed
 }
 
 /// Pauses or resumes every assigned partition; returns whether that worked.
@@ -609,11 +628,18 @@ fn capabilities() -> Capabilities {
 
 impl Consumer for KafkaConsumer {
     async fn receive(&mut self) -> redrive_core::Result<Option<Delivery>> {
-        // A channel receive: dropping this future loses nothing.
-        match self.rx.recv().await {
-            Some(Ok(d)) => Ok(Some(d)),
-            Some(Err(e)) => Err(Error::from(e).into()),
-            None => Ok(None),
+        loop {
+            match self.ready.next() {
+                Some(Ok(d)) => return Ok(Some(d)),
+                Some(Err(e)) => return Err(Error::from(e).into()),
+                None => {}
+            }
+            // A channel receive, and the batch is stored before anything else can
+            // happen: dropping this future loses nothing.
+            match self.rx.recv().await {
+                Some(batch) => self.ready = batch.into_iter(),
+                None => return Ok(None),
+            }
         }
     }
 
@@ -634,6 +660,7 @@ impl Consumer for KafkaConsumer {
         // Records polled and not taken stay incomplete: they hold their watermarks and
         // are delivered again after a restart.
         self.rx.close();
+        self.ready = Vec::new().into_iter();
         let result = self.commit_now().await;
         if let Some(consumer) = self.consumer.take() {
             // Leaving the group can wait on the broker: do it off the runtime, within

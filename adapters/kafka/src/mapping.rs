@@ -72,19 +72,33 @@ pub(crate) fn message(record: &BorrowedMessage<'_>, topic: Arc<str>) -> Message 
     msg
 }
 
-/// `<topic>-<partition>-<offset>`, written on the stack and copied into one allocation
-/// (topic names are at most 249 bytes, so the buffer always holds it).
+/// `<topic>-<partition>-<offset>`, written on the stack (numbers by `itoa`, without the
+/// formatting machinery) and copied into one allocation. Topic names are at most 249
+/// bytes, so the buffer always holds a real one; a longer name is built on the heap.
 fn record_id(topic: &str, partition: i32, offset: i64) -> Arc<str> {
-    use std::io::Write as _;
+    let mut partition_digits = itoa::Buffer::new();
+    let mut offset_digits = itoa::Buffer::new();
+    let parts = [
+        topic,
+        "-",
+        partition_digits.format(partition),
+        "-",
+        offset_digits.format(offset),
+    ];
     let mut buf = [0u8; 320];
-    let mut cursor = std::io::Cursor::new(&mut buf[..]);
-    if write!(cursor, "{topic}-{partition}-{offset}").is_ok() {
-        let len = usize::try_from(cursor.position()).unwrap_or(0);
-        if let Ok(id) = std::str::from_utf8(&buf[..len]) {
-            return Arc::from(id);
-        }
+    let mut len = 0;
+    for part in parts {
+        let Some(slot) = buf.get_mut(len..len + part.len()) else {
+            return Arc::from(parts.concat());
+        };
+        slot.copy_from_slice(part.as_bytes());
+        len += part.len();
     }
-    Arc::from(format!("{topic}-{partition}-{offset}"))
+    // Whole `str`s were copied, so this is UTF-8.
+    match std::str::from_utf8(&buf[..len]) {
+        Ok(id) => Arc::from(id),
+        Err(_) => Arc::from(parts.concat()),
+    }
 }
 
 #[cfg(test)]

@@ -430,7 +430,10 @@ where
             } = self;
             let name = config.name.as_str();
             let (stop_tx, stop_rx) = watch::channel(Stop::Running);
-            let mut shutdown = pin!(shutdown.fuse());
+            // Polled only when it has woken, not on every turn of the loop: a shutdown
+            // signal built on a `Notify` (a `CancellationToken`, say) takes a lock each
+            // time it is polled.
+            let mut shutdown = FuturesUnordered::from_iter([shutdown]);
             let mut deadline = pin!(tokio::time::sleep(Duration::MAX));
             let mut deadline_armed = false;
             let mut state = State {
@@ -474,7 +477,7 @@ where
                 }
                 tokio::select! {
                     biased;
-                    () = &mut shutdown, if state.intake_open => {
+                    Some(()) = shutdown.next(), if state.intake_open => {
                         tracing::info!(worker = name, "shutdown requested; intake stopped");
                         state.intake_open = false;
                         continue;
@@ -512,7 +515,7 @@ where
                         || (config.execution == Execution::InTask && !state.tasks.is_empty());
                     tokio::select! {
                         biased;
-                        () = &mut shutdown, if state.intake_open => {
+                        Some(()) = shutdown.next(), if state.intake_open => {
                             tracing::info!(worker = name, "shutdown requested; intake stopped");
                             state.intake_open = false;
                             continue;
