@@ -381,15 +381,18 @@ async fn poll(
             record = stream.next() => record.expect("kafka streams never end"),
         };
         let mut batch = Vec::with_capacity(batch_max);
-        let mut failed = take(record, &state, &mut last, &mut batch);
+        let mut received = Received::default();
+        let mut failed = take(record, &state, &mut last, &mut batch, &mut received);
         // Then what librdkafka already holds, without waiting and without a `select!`
         // per record.
         while !failed && batch.len() < batch_max {
             let Some(Some(record)) = stream.next().now_or_never() else {
                 break;
             };
-            failed = take(record, &state, &mut last, &mut batch);
+            failed = take(record, &state, &mut last, &mut batch, &mut received);
         }
+        // Recorded before the Worker can see them, so none completes unrecorded.
+        received.record();
         if held.is_empty() {
             match tx.try_send(batch) {
                 // A closed channel is seen at the top of the poll loop.
@@ -423,10 +426,11 @@ fn take(
     state: &Mutex<Watermarks>,
     last: &mut Option<(Tp, Arc<Assigned>)>,
     batch: &mut Batch,
+    received: &mut Received,
 ) -> bool {
     match record {
         Ok(record) => {
-            batch.push(Ok(delivery(&record, state, last)));
+            batch.push(Ok(delivery(&record, state, last, received)));
             false
         }
         Err(e) => {
@@ -434,6 +438,36 @@ fn take(
             batch.push(Err(e));
             true
         }
+    }
+}
+
+/// Offsets of a batch's records, to be recorded in their partitions' marks with one
+/// lock per run of records of one partition.
+#[derive(Default)]
+struct Received {
+    assigned: Option<Arc<Assigned>>,
+    offsets: Vec<i64>,
+}
+
+impl Received {
+    fn add(&mut self, assigned: &Arc<Assigned>, offset: i64) {
+        if !self
+            .assigned
+            .as_ref()
+            .is_some_and(|a| Arc::ptr_eq(a, assigned))
+        {
+            self.record();
+            self.assigned = Some(assigned.clone());
+        }
+        self.offsets.push(offset);
+    }
+
+    /// Records the offsets added since the last call.
+    fn record(&mut self) {
+        if let Some(assigned) = &self.assigned {
+            assigned.received(&self.offsets);
+        }
+        self.offsets.clear();
     }
 }
 
@@ -468,6 +502,7 @@ fn delivery(
     record: &BorrowedMessage<'_>,
     state: &Mutex<Watermarks>,
     last: &mut Option<(Tp, Arc<Assigned>)>,
+    received: &mut Received,
 ) -> Delivery {
     let offset = record.offset();
     let cached = last.as_ref().filter(|(tp, assigned)| {
@@ -486,7 +521,7 @@ fn delivery(
         }
     };
     match &assigned {
-        Some(a) => a.received(offset),
+        Some(a) => received.add(a, offset),
         None => {
             tracing::warn!(topic = %tp.0, partition = tp.1, offset, "record of a partition not assigned to this consumer; the Worker hands it back unrun");
         }
@@ -724,7 +759,11 @@ impl KafkaAcker {
             return;
         }
         if let Some(assigned) = &self.assigned {
-            assigned.set_running(self.offset, running);
+            if running {
+                assigned.started();
+            } else {
+                assigned.stopped();
+            }
         }
     }
 }
@@ -740,13 +779,14 @@ impl Drop for KafkaAcker {
 
 impl Acker for KafkaAcker {
     fn ack(&self) -> BoxFuture<'_, redrive_core::Result<()>> {
-        // Completing it ends its run too.
-        self.running.store(false, Ordering::Release);
         if let Some(assigned) = &self.assigned {
             if !assigned.complete(self.offset) {
                 tracing::trace!(topic = %self.tp.0, partition = self.tp.1, offset = self.offset, "ack below an incomplete record, or of a revoked partition");
             }
         }
+        // Its run ends after its completion is marked: a revoke that waits for the
+        // partition's runs to end then commits a watermark that counts it.
+        self.set_running(false);
         Box::pin(std::future::ready(Ok(())))
     }
 
@@ -773,5 +813,49 @@ impl Acker for KafkaAcker {
         // After a revoke the record belongs to the partition's new owner: the Worker
         // hands it back unrun, also when it was parked or waiting behind its key.
         self.assigned.as_ref().is_some_and(|a| a.is_current())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn acker(assigned: &Arc<Assigned>, offset: i64) -> KafkaAcker {
+        KafkaAcker {
+            assigned: Some(assigned.clone()),
+            tp: ("t".into(), 0),
+            offset,
+            running: AtomicBool::new(false),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_acker_counts_its_record_running_once_until_it_settles_or_drops() {
+        let mut w = Watermarks::default();
+        let tp: Tp = ("t".into(), 0);
+        let assigned = w.assign(tp.clone());
+        assigned.received(&[0, 1, 2]);
+        let (a0, a1, a2) = (
+            acker(&assigned, 0),
+            acker(&assigned, 1),
+            acker(&assigned, 2),
+        );
+        a0.running(true);
+        a0.running(true);
+        a1.running(true);
+        a2.running(true);
+        assert_eq!(w.running(&[tp.clone()]), 3, "said twice, counted once");
+        a1.running(false);
+        a1.running(false);
+        assert_eq!(w.running(&[tp.clone()]), 2, "parked");
+        a0.ack().await.unwrap();
+        assert_eq!(w.running(&[tp.clone()]), 1, "acked");
+        a0.running(false);
+        assert_eq!(w.running(&[tp.clone()]), 1, "nothing to undo after the ack");
+        drop(a2);
+        assert_eq!(w.running(&[tp.clone()]), 0, "dropped mid-run");
+        a1.nack(Duration::ZERO).await.unwrap();
+        assert_eq!(w.running(&[tp.clone()]), 0);
+        assert_eq!(w.revoke(&tp), Some(1));
     }
 }

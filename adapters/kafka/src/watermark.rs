@@ -2,29 +2,19 @@
 //! of completed records, so a slow, parked or failed record holds it.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 /// A topic and partition. The topic's name is shared: every record of a topic, its
 /// acker and its message's `source.destination` hold the same allocation.
 pub(crate) type Tp = (Arc<str>, i32);
 
-/// Where a handed-out record is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Mark {
-    /// Queued, waiting behind its key, parked or handed back: not in a handler.
-    Open,
-    /// In a handler.
-    Running,
-    Complete,
-}
-
 /// The records of one partition handed out and not yet behind the watermark, in offset
-/// order, with where each is.
+/// order, with whether each completed.
 #[derive(Debug, Default)]
 struct Partition {
-    /// Handed-out records from the oldest incomplete one on.
-    open: VecDeque<(i64, Mark)>,
+    /// Handed-out records from the oldest incomplete one on, and whether each completed.
+    open: VecDeque<(i64, bool)>,
     /// The offset to commit next (one past the last record of the complete run), once
     /// any record completed.
     watermark: Option<i64>,
@@ -43,35 +33,18 @@ impl Partition {
             // A rewind (a seek, or a fetch after a failed commit): forget what was after.
             self.open.retain(|&(o, _)| o < offset);
         }
-        self.open.push_back((offset, Mark::Open));
-    }
-
-    fn mark(&mut self, offset: i64) -> Option<&mut Mark> {
-        let i = self.open.binary_search_by_key(&offset, |&(o, _)| o).ok()?;
-        Some(&mut self.open[i].1)
-    }
-
-    /// `offset` started (`true`) or stopped (`false`) running without completing.
-    fn set_running(&mut self, offset: i64, running: bool) {
-        if let Some(mark) = self.mark(offset).filter(|m| **m != Mark::Complete) {
-            *mark = if running { Mark::Running } else { Mark::Open };
-        }
-    }
-
-    /// How many records are running; read only while a revoke waits.
-    fn running(&self) -> usize {
-        self.open.iter().filter(|e| e.1 == Mark::Running).count()
+        self.open.push_back((offset, false));
     }
 
     /// Marks `offset` complete and advances the watermark over the complete run.
     /// Returns whether the watermark moved.
     fn complete(&mut self, offset: i64) -> bool {
-        let Some(mark) = self.mark(offset) else {
+        let Ok(i) = self.open.binary_search_by_key(&offset, |&(o, _)| o) else {
             return false;
         };
-        *mark = Mark::Complete;
+        self.open[i].1 = true;
         let mut moved = false;
-        while let Some(&(o, Mark::Complete)) = self.open.front() {
+        while let Some(&(o, true)) = self.open.front() {
             self.open.pop_front();
             self.watermark = Some(o + 1);
             moved = true;
@@ -91,6 +64,9 @@ impl Partition {
 pub(crate) struct Assigned {
     /// Cleared when a revoke begins: its records are no longer this consumer's to start.
     current: AtomicBool,
+    /// Records in a handler, counted by their ackers (each counts its record once), so
+    /// starting and stopping a run takes no lock; read while a revoke waits.
+    running: AtomicUsize,
     marks: Mutex<Partition>,
 }
 
@@ -98,6 +74,7 @@ impl Assigned {
     fn new() -> Self {
         Assigned {
             current: AtomicBool::new(true),
+            running: AtomicUsize::new(0),
             marks: Mutex::new(Partition::default()),
         }
     }
@@ -112,9 +89,12 @@ impl Assigned {
         self.current.load(Ordering::Acquire)
     }
 
-    /// A record was handed out.
-    pub(crate) fn received(&self, offset: i64) {
-        self.lock().received(offset);
+    /// Records were handed out, in this order; one lock for all of them.
+    pub(crate) fn received(&self, offsets: &[i64]) {
+        let mut marks = self.lock();
+        for &offset in offsets {
+            marks.received(offset);
+        }
     }
 
     /// A record completed; returns whether the watermark moved.
@@ -122,11 +102,22 @@ impl Assigned {
         self.lock().complete(offset)
     }
 
-    /// A record started or stopped running (see [`Acker::running`]).
+    /// A record started running in a handler (see [`Acker::running`]). The caller
+    /// counts each record once: [`stopped`](Self::stopped) undoes it.
     ///
     /// [`Acker::running`]: redrive_core::Acker::running
-    pub(crate) fn set_running(&self, offset: i64, running: bool) {
-        self.lock().set_running(offset, running);
+    pub(crate) fn started(&self) {
+        self.running.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// A record counted by [`started`](Self::started) ended its run.
+    pub(crate) fn stopped(&self) {
+        self.running.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// How many records are running.
+    fn running(&self) -> usize {
+        self.running.load(Ordering::Acquire)
     }
 
     /// The watermark, if a record completed.
@@ -189,7 +180,7 @@ impl Watermarks {
     pub(crate) fn running(&self, tps: &[Tp]) -> usize {
         tps.iter()
             .filter_map(|tp| self.partitions.get(tp))
-            .map(|a| a.lock().running())
+            .map(|a| a.running())
             .sum()
     }
 
@@ -234,7 +225,7 @@ mod tests {
         let mut w = Watermarks::default();
         let a = w.assign(tp(0));
         for o in 10..15 {
-            a.received(o);
+            a.received(&[o]);
         }
         assert!(!a.complete(12));
         assert!(!a.complete(11));
@@ -252,8 +243,8 @@ mod tests {
         // Compaction and transaction markers leave gaps.
         let mut w = Watermarks::default();
         let a = w.assign(tp(0));
-        a.received(3);
-        a.received(7);
+        a.received(&[3]);
+        a.received(&[7]);
         a.complete(3);
         a.complete(7);
         assert_eq!(a.watermark(), Some(8));
@@ -264,12 +255,12 @@ mod tests {
         let mut w = Watermarks::default();
         assert!(w.get(&tp(1)).is_none(), "not assigned");
         let old = w.assign(tp(1));
-        old.received(0);
+        old.received(&[0]);
         assert_eq!(w.revoke(&tp(1)), None, "nothing completed");
         assert!(!old.is_current());
         let new = w.assign(tp(1));
         assert!(new.is_current() && !old.is_current());
-        new.received(0);
+        new.received(&[0]);
         old.complete(0);
         assert_eq!(
             w.take_dirty(),
@@ -293,7 +284,7 @@ mod tests {
     fn a_failed_commit_is_offered_again() {
         let mut w = Watermarks::default();
         let a = w.assign(tp(0));
-        a.received(0);
+        a.received(&[0]);
         a.complete(0);
         let dirty = w.take_dirty();
         w.commit_failed(&dirty);
@@ -304,10 +295,10 @@ mod tests {
     fn a_rewind_forgets_what_came_after() {
         let mut w = Watermarks::default();
         let a = w.assign(tp(0));
-        a.received(0);
-        a.received(1);
-        a.received(2);
-        a.received(1); // fetched again from 1
+        a.received(&[0]);
+        a.received(&[1]);
+        a.received(&[2]);
+        a.received(&[1]); // fetched again from 1
         assert!(a.complete(0));
         assert!(!a.complete(2), "2 is not handed out again yet");
         assert!(a.complete(1));
@@ -315,24 +306,32 @@ mod tests {
     }
 
     #[test]
-    fn running_records_are_counted_until_they_complete_or_stop() {
+    fn running_records_are_counted_until_they_stop() {
         let mut w = Watermarks::default();
         let a = w.assign(tp(0));
-        a.received(0);
-        a.received(1);
-        a.received(2);
-        a.set_running(0, true);
-        a.set_running(0, true); // said twice, counted once
-        a.set_running(1, true);
+        a.received(&[0, 1, 2]);
+        a.started();
+        a.started();
         assert_eq!(w.running(&[tp(0)]), 2);
-        a.set_running(1, false); // parked
+        a.stopped(); // parked
         assert_eq!(w.running(&[tp(0)]), 1);
         w.start_revoke(&tp(0));
         assert!(!a.is_current(), "not to be started while revoking");
         assert!(a.complete(0), "a running record still completes");
-        assert_eq!(w.running(&[tp(0)]), 0);
-        a.set_running(0, false); // after its ack: nothing to undo
+        a.stopped();
         assert_eq!(w.running(&[tp(0), tp(1)]), 0);
         assert_eq!(w.revoke(&tp(0)), Some(1));
+    }
+
+    #[test]
+    fn records_received_together_are_marked_in_order() {
+        let mut w = Watermarks::default();
+        let a = w.assign(tp(0));
+        a.received(&[5, 6, 7]);
+        a.received(&[6, 7]); // fetched again from 6
+        assert!(!a.complete(7));
+        assert!(a.complete(5));
+        assert!(a.complete(6));
+        assert_eq!(a.watermark(), Some(8));
     }
 }

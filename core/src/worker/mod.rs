@@ -53,14 +53,12 @@ use std::future::{Future, poll_fn};
 use std::panic::AssertUnwindSafe;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::FutureExt;
 use futures_util::stream::{FuturesUnordered, StreamExt as _};
-use tokio::sync::watch;
-use tokio::task::{JoinError, JoinHandle};
+use tokio::sync::{mpsc, watch};
 use tower::Service;
 
 use config::Config;
@@ -636,65 +634,75 @@ struct State {
 }
 
 /// The Worker's running calls and timers, spawned or polled in place by [`Execution`].
+///
+/// Spawned ones report back through a channel rather than through their join handles:
+/// a join handle in a `FuturesUnordered` costs two allocations and two wake-ups per
+/// call, a channel send none of either. They are not aborted when the Worker's future
+/// is dropped: they watch the Worker's stop signal, whose sender goes with it, and
+/// each then ends like a call at the shutdown deadline (the handler future dropped,
+/// the message handed back) or a parked message at shutdown (handed back).
 struct Tasks {
     execution: Execution,
-    set: FuturesUnordered<TaskFuture>,
+    /// Polled in the Worker's task ([`Execution::InTask`]).
+    local: FuturesUnordered<LocalTask>,
+    /// Spawned and not yet reported back.
+    spawned: usize,
+    done_tx: mpsc::UnboundedSender<Done>,
+    done_rx: mpsc::UnboundedReceiver<Done>,
 }
 
-/// A call or timer as the Worker awaits it.
-type TaskFuture = Pin<Box<dyn Future<Output = std::result::Result<Done, JoinError>> + Send>>;
+/// A call or timer polled in the Worker's task.
+type LocalTask = Pin<Box<dyn Future<Output = Done> + Send>>;
 
 impl Tasks {
     fn new(execution: Execution) -> Self {
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
         Tasks {
             execution,
-            set: FuturesUnordered::new(),
+            local: FuturesUnordered::new(),
+            spawned: 0,
+            done_tx,
+            done_rx,
         }
     }
 
     fn spawn(&mut self, fut: impl Future<Output = Done> + Send + 'static) {
         match self.execution {
-            Execution::InTask => self.set.push(Box::pin(fut.map(Ok))),
-            Execution::Spawned => self.set.push(Box::pin(AbortOnDrop(tokio::spawn(fut)))),
+            Execution::InTask => self.local.push(Box::pin(fut)),
+            Execution::Spawned => {
+                let done = self.done_tx.clone();
+                self.spawned += 1;
+                // The receiver lives as long as the Worker; a send after it is gone
+                // has no one to tell.
+                tokio::spawn(async move {
+                    let _ = done.send(fut.await);
+                });
+            }
         }
     }
 
     fn is_empty(&self) -> bool {
-        self.set.is_empty()
+        self.local.is_empty() && self.spawned == 0
     }
 
-    async fn next(&mut self) -> Option<std::result::Result<Done, JoinError>> {
-        self.set.next().await
-    }
-}
-
-/// A spawned call, aborted if the Worker's future is dropped before it completes.
-struct AbortOnDrop(JoinHandle<Done>);
-
-impl Future for AbortOnDrop {
-    type Output = std::result::Result<Done, JoinError>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
-        Pin::new(&mut self.0).poll(cx)
-    }
-}
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
+    /// The next task to end; cancel-safe. `None` when none is running.
+    async fn next(&mut self) -> Option<Done> {
+        if self.spawned == 0 {
+            return self.local.next().await;
+        }
+        tokio::select! {
+            Some(done) = self.local.next(), if !self.local.is_empty() => Some(done),
+            // Never `None`: the Worker holds a sender.
+            Some(done) = self.done_rx.recv() => {
+                self.spawned -= 1;
+                Some(done)
+            }
+        }
     }
 }
 
 impl State {
-    fn handle_done(&mut self, done: std::result::Result<Done, JoinError>, ctx: &TaskCtx) {
-        let done = match done {
-            Ok(d) => d,
-            Err(e) => {
-                // Tasks catch handler panics themselves; reaching this is a Worker bug.
-                tracing::error!(error = %e, "worker task failed");
-                return;
-            }
-        };
+    fn handle_done(&mut self, done: Done, ctx: &TaskCtx) {
         match done {
             Done::Settled {
                 key,
@@ -851,7 +859,11 @@ where
             Ok(fut) => {
                 let fut = AssertUnwindSafe(fut).catch_unwind();
                 let keeper = keep_lease(&settle, renew_every, lease);
+                // The call first: one that completes on its first poll never sets up
+                // the lease timer or the abort watch (which takes the watch's lock to
+                // register, and again to deregister).
                 tokio::select! {
+                    biased;
                     r = fut => Some(match r {
                         Ok(Ok(resp)) => Ok(resp.into()),
                         Ok(Err(e)) => Err((e.into(), false)),

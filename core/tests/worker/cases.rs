@@ -699,3 +699,41 @@ async fn the_acker_hears_when_a_delivery_runs_and_when_it_is_parked() {
         "runs, is parked (not running), runs again and is acked"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn dropping_the_worker_ends_its_calls() {
+    struct Flag(Arc<AtomicBool>);
+    impl Drop for Flag {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+    let broker = MemoryBroker::new();
+    publish(&broker, "q", "stuck", None).await;
+    let (started, dropped) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+    let (s, d) = (started.clone(), dropped.clone());
+    let handler = handler_fn(move |_m: Message| {
+        s.store(true, Ordering::SeqCst);
+        let flag = Flag(d.clone());
+        async move {
+            let _flag = flag;
+            std::future::pending::<()>().await;
+            Ok::<_, BoxError>(())
+        }
+    });
+    let worker = builder(broker.consumer("q"), handler).build().unwrap();
+    // The timeout drops the Worker's future while the call hangs.
+    let ran = tokio::time::timeout(Duration::from_millis(100), worker.run()).await;
+    assert!(ran.is_err(), "the Worker was still running");
+    assert!(started.load(Ordering::SeqCst));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert!(
+        dropped.load(Ordering::SeqCst),
+        "the handler's future went with the Worker"
+    );
+    if EXECUTION == redrive_core::Execution::Spawned {
+        // A spawned call ends like one at the shutdown deadline: handed back.
+        assert_eq!(broker.depth("q"), 1, "the message is back in the queue");
+        assert_eq!(broker.in_flight("q"), 0);
+    }
+}
