@@ -844,18 +844,26 @@ mod tests {
         a0.running(true);
         a1.running(true);
         a2.running(true);
-        assert_eq!(w.running(&[tp.clone()]), 3, "said twice, counted once");
+        assert_eq!(
+            w.running(std::slice::from_ref(&tp)),
+            3,
+            "said twice, counted once"
+        );
         a1.running(false);
         a1.running(false);
-        assert_eq!(w.running(&[tp.clone()]), 2, "parked");
+        assert_eq!(w.running(std::slice::from_ref(&tp)), 2, "parked");
         a0.ack().await.unwrap();
-        assert_eq!(w.running(&[tp.clone()]), 1, "acked");
+        assert_eq!(w.running(std::slice::from_ref(&tp)), 1, "acked");
         a0.running(false);
-        assert_eq!(w.running(&[tp.clone()]), 1, "nothing to undo after the ack");
+        assert_eq!(
+            w.running(std::slice::from_ref(&tp)),
+            1,
+            "nothing to undo after the ack"
+        );
         drop(a2);
-        assert_eq!(w.running(&[tp.clone()]), 0, "dropped mid-run");
+        assert_eq!(w.running(std::slice::from_ref(&tp)), 0, "dropped mid-run");
         a1.nack(Duration::ZERO).await.unwrap();
-        assert_eq!(w.running(&[tp.clone()]), 0);
+        assert_eq!(w.running(std::slice::from_ref(&tp)), 0);
         assert_eq!(w.revoke(&tp), Some(1));
     }
 }
