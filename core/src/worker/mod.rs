@@ -574,9 +574,10 @@ where
                     continue;
                 }
                 state.running += 1;
-                state
-                    .tasks
-                    .spawn(run_one(&mut service, delivery, key, &ctx));
+                let call = run_one(&mut service, delivery, key, &ctx);
+                if let Some(done) = state.tasks.start(call) {
+                    state.handle_done(done, &ctx);
+                }
             }
 
             if let Err(e) = consumer.close().await {
@@ -677,6 +678,26 @@ impl Tasks {
                 tokio::spawn(async move {
                     let _ = done.send(fut.await);
                 });
+            }
+        }
+    }
+
+    /// Starts a call. In [`Execution::InTask`] it is polled once at once, and one that
+    /// completes there (a handler with nothing to wait for, an ack the broker takes
+    /// synchronously) is returned without ever entering the set.
+    fn start(&mut self, call: impl Future<Output = Done> + Send + 'static) -> Option<Done> {
+        if self.execution == Execution::Spawned {
+            self.spawn(call);
+            return None;
+        }
+        let mut call: LocalTask = Box::pin(call);
+        // Polled with a waker that does nothing: a call still pending is pushed into
+        // the set, which polls it again before it waits, with its own waker.
+        match call.as_mut().now_or_never() {
+            Some(done) => Some(done),
+            None => {
+                self.local.push(call);
+                None
             }
         }
     }
