@@ -356,6 +356,9 @@ enum Done {
     },
     /// A parked message's delay passed.
     Unpark { message: Message, settle: Settle },
+    /// A spawned task panicked outside the handler: a Worker or adapter bug. Its
+    /// message is not settled here; the broker redelivers it.
+    Crashed(BoxError),
     /// Messages were handed back unprocessed at shutdown: one parked message (which
     /// held `key`), or a batch of waiting ones.
     HandedBack {
@@ -674,9 +677,12 @@ impl Tasks {
                 let done = self.done_tx.clone();
                 self.spawned += 1;
                 // The receiver lives as long as the Worker; a send after it is gone
-                // has no one to tell.
+                // has no one to tell. A panic outside the handler (the handler's own
+                // are caught in the call) still reports back, so the Worker never
+                // waits for a task that is gone.
                 tokio::spawn(async move {
-                    let _ = done.send(fut.await);
+                    let result = AssertUnwindSafe(fut).catch_unwind().await;
+                    let _ = done.send(result.unwrap_or_else(|p| Done::Crashed(panic_error(p))));
                 });
             }
         }
@@ -725,6 +731,9 @@ impl Tasks {
 impl State {
     fn handle_done(&mut self, done: Done, ctx: &TaskCtx) {
         match done {
+            Done::Crashed(e) => {
+                tracing::error!(error = %e, "worker task failed");
+            }
             Done::Settled {
                 key,
                 settled,
