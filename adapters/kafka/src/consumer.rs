@@ -55,8 +55,9 @@ pub struct KafkaConsumerBuilder {
 
 impl KafkaConsumerBuilder {
     /// How many records are polled ahead of the Worker (at least 1; rounded up to whole
-    /// batches of up to 64 records, one batch per poll; up to twice this many are held). When that stays full (for a third of `max.poll.interval.ms`, at
-    /// most 10 s), the assigned partitions are paused and polling goes on, so the consumer
+    /// batches of up to 64 records, one batch per poll; up to about twice this many are
+    /// held). When that stays full (for a third of `max.poll.interval.ms`, at most
+    /// 10 s), the assigned partitions are paused and polling goes on, so the consumer
     /// keeps its group membership however long the Worker holds back
     /// (`max.poll.interval.ms` is never exceeded); they resume when there is room.
     pub fn buffer(mut self, records: usize) -> Self {
