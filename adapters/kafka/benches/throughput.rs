@@ -9,14 +9,15 @@
 //! BENCH_N=200000 BENCH_SLOW_N=10000 cargo bench -p redrive-kafka --bench throughput
 //! BENCH_MOCK=1 BENCH_N=50000 cargo bench -p redrive-kafka --bench throughput
 //! BENCH_ONLY="InTask) + no-op" BENCH_SLOW_N=100 cargo bench -p redrive-kafka --bench throughput
+//! BENCH_THREADS=1 cargo bench -p redrive-kafka --bench throughput  # runtime threads, default 2
 //! ```
 //!
 //! Every run reads one topic of one partition from the start, as a fresh group; rates
 //! are counted from the first record handled. Each no-op row also prints the CPU time
 //! spent per record, by this process and by the whole machine (the broker included),
-//! counted over the whole run. `BENCH_MOCK=1` uses librdkafka's mock
-//! cluster instead of a broker; there a bare consumer stalled past about 50,000
-//! records in one partition, so keep `BENCH_N` at or under that with it.
+//! counted over the whole run. `BENCH_MOCK=1` uses librdkafka's mock cluster instead
+//! of a broker; there a bare consumer stalled past about 50,000 records in one
+//! partition, so keep `BENCH_N` at or under that with it.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -199,7 +200,12 @@ async fn redrive(brokers: &str, topic: &str, n: usize, wait: Duration, setup: Se
 
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(
+            std::env::var("BENCH_THREADS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(2),
+        )
         .enable_all()
         .build()
         .expect("runtime");
