@@ -45,10 +45,11 @@
 //! - **Shutdown** ([`Worker::run_until`]): intake stops, parked and waiting messages
 //!   are handed back to the broker, in-flight messages get until the deadline to
 //!   finish, then are handed back; the returned [`Report`] says what happened.
-//! - **Dropping** the Worker's future instead ends its calls at once: spawned calls and
-//!   parked messages are handed back, as at the shutdown deadline; calls polled in its
-//!   task go with it unsettled, and the broker delivers them again once their lease
-//!   runs out or the consumer's connection closes.
+//! - **Dropping** the Worker's future instead ends its calls at once. With
+//!   [`Execution::Spawned`], calls and parked messages are handed back, as at the
+//!   shutdown deadline; with [`Execution::InTask`] they go with the future unsettled,
+//!   and the broker delivers them again once their lease runs out or the consumer's
+//!   connection closes.
 
 mod config;
 
