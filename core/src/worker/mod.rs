@@ -361,9 +361,10 @@ enum Done {
     },
     /// A parked message's delay passed.
     Unpark { message: Message, settle: Settle },
-    /// A spawned task panicked outside the handler: a Worker or adapter bug. Its
-    /// message is not settled here; the broker redelivers it.
-    Crashed(BoxError),
+    /// A spawned task panicked outside the handler (a Worker or adapter bug): a call
+    /// (`call`), or a parked message or hand-back. Its message is not settled here; the
+    /// broker delivers it again.
+    Crashed { error: BoxError, call: bool },
     /// Messages were handed back unprocessed at shutdown: one parked message (which
     /// held `key`), or a batch of waiting ones.
     HandedBack {
@@ -676,6 +677,10 @@ impl Tasks {
     }
 
     fn spawn(&mut self, fut: impl Future<Output = Done> + Send + 'static) {
+        self.spawn_task(fut, false);
+    }
+
+    fn spawn_task(&mut self, fut: impl Future<Output = Done> + Send + 'static, call: bool) {
         match self.execution {
             Execution::InTask => self.local.push(Box::pin(fut)),
             Execution::Spawned => {
@@ -687,7 +692,10 @@ impl Tasks {
                 // waits for a task that is gone.
                 tokio::spawn(async move {
                     let result = AssertUnwindSafe(fut).catch_unwind().await;
-                    let _ = done.send(result.unwrap_or_else(|p| Done::Crashed(panic_error(p))));
+                    let _ = done.send(result.unwrap_or_else(|p| Done::Crashed {
+                        error: panic_error(p),
+                        call,
+                    }));
                 });
             }
         }
@@ -698,7 +706,7 @@ impl Tasks {
     /// synchronously) is returned without ever entering the set.
     fn start(&mut self, call: impl Future<Output = Done> + Send + 'static) -> Option<Done> {
         if self.execution == Execution::Spawned {
-            self.spawn(call);
+            self.spawn_task(call, true);
             return None;
         }
         let mut call: LocalTask = Box::pin(call);
@@ -736,8 +744,10 @@ impl Tasks {
 impl State {
     fn handle_done(&mut self, done: Done, ctx: &TaskCtx) {
         match done {
-            Done::Crashed(e) => {
-                tracing::error!(error = %e, "worker task failed");
+            Done::Crashed { error, call } => {
+                tracing::error!(%error, call, "worker task failed; its message is left to the broker to deliver again");
+                // Its slot is free again; a key it held stays held.
+                self.running -= usize::from(call);
             }
             Done::Settled {
                 key,

@@ -43,6 +43,12 @@ impl Recording {
         // Messages named `refused…` have their acks refused, like a broker whose
         // channel closed under them.
         let refuse = e == Event::Ack && self.id.starts_with("refused");
+        // Messages named `exploding…` panic in their ack, like an adapter with a bug.
+        assert!(
+            !(e == Event::Ack && self.id.starts_with("exploding")),
+            "the ack of {} exploded",
+            self.id
+        );
         Box::pin(async move {
             if refuse {
                 Err(redrive_core::Error::broker("channel closed"))
@@ -736,4 +742,27 @@ async fn dropping_the_worker_ends_its_calls() {
         assert_eq!(broker.depth("q"), 1, "the message is back in the queue");
         assert_eq!(broker.in_flight("q"), 0);
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_spawned_call_that_panics_outside_the_handler_frees_its_slot() {
+    if EXECUTION != redrive_core::Execution::Spawned {
+        // In the Worker's task such a panic unwinds the Worker itself.
+        return;
+    }
+    let (consumer, log) = Scripted::new(&["exploding-1", "ok-1", "ok-2"], caps());
+    let handler = handler_fn(|_m: Message| async { Ok::<_, BoxError>(()) });
+    let report = builder(consumer, handler)
+        .concurrency(1)
+        .build()
+        .unwrap()
+        .run_until(tokio::time::sleep(Duration::from_secs(1)))
+        .await;
+    let log = log.lock().unwrap();
+    assert_eq!(
+        (log.get("ok-1"), log.get("ok-2")),
+        (Some(&vec![Event::Ack]), Some(&vec![Event::Ack])),
+        "with its one slot freed, the Worker went on: {log:?}"
+    );
+    assert_eq!((report.processed, report.acked), (2, 2), "{report:?}");
 }
