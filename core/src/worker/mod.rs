@@ -647,10 +647,11 @@ struct State {
 ///
 /// Spawned ones report back through a channel rather than through their join handles:
 /// a join handle in a `FuturesUnordered` costs two allocations and two wake-ups per
-/// call, a channel send none of either. They are not aborted when the Worker's future
-/// is dropped: they watch the Worker's stop signal, whose sender goes with it, and
-/// each then ends like a call at the shutdown deadline (the handler future dropped,
-/// the message handed back) or a parked message at shutdown (handed back).
+/// call, a channel send one wake-up and at most an allocation per 32 calls. They are
+/// not aborted when the Worker's future is dropped: they watch the Worker's stop
+/// signal, whose sender goes with it, and each then ends like a call at the shutdown
+/// deadline (the handler future dropped, the message handed back) or a parked message
+/// at shutdown (handed back).
 struct Tasks {
     execution: Execution,
     /// Polled in the Worker's task ([`Execution::InTask`]).
