@@ -172,12 +172,7 @@ async fn redrive(
 
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(
-            std::env::var("BENCH_THREADS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(2),
-        )
+        .worker_threads(env("BENCH_THREADS", 2))
         .enable_all()
         .build()
         .expect("runtime");
