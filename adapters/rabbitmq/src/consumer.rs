@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::options::{BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use redrive_core::delivery::BoxFuture;
@@ -20,6 +20,7 @@ use tokio::task::JoinHandle;
 use crate::connection::{Reconnect, confirm_channel, connect, publish_confirmed};
 use crate::error::{Error, Result};
 use crate::mapping::{self, AmqpDelivery};
+use crate::settle::{Counters, Settler};
 use crate::topology::{QueueKind, Topology};
 
 /// Builds a [`RabbitConsumer`]; [`connect`](ConsumerBuilder::connect) checks the settings
@@ -93,12 +94,14 @@ impl ConsumerBuilder {
             declare: self.declare,
             reconnect: self.reconnect,
             tags: AtomicU64::new(0),
+            settlement: Arc::default(),
         });
         let opened = Session::open(&config).await?;
         let shared = Arc::new(Shared {
             reconnects: AtomicU64::new(0),
             connected: AtomicBool::new(true),
             stale: AtomicU64::new(0),
+            settlement: config.settlement.clone(),
         });
         let caps = capabilities(&config.topology);
         let queue: Arc<str> = config.topology.queue().into();
@@ -138,12 +141,14 @@ struct Config {
     declare: bool,
     reconnect: Reconnect,
     tags: AtomicU64,
+    settlement: Arc<Counters>,
 }
 
 struct Shared {
     reconnects: AtomicU64,
     connected: AtomicBool,
     stale: AtomicU64,
+    settlement: Arc<Counters>,
 }
 
 /// Reads a consumer's connection state after the consumer moved into a Worker.
@@ -168,6 +173,18 @@ impl ConnectionMonitor {
     pub fn stale_dropped(&self) -> u64 {
         self.shared.stale.load(Ordering::Relaxed)
     }
+
+    /// Deliveries settled by `basic.ack` and `basic.nack` frames on the consuming
+    /// channels. Acks that end close together share one frame (see the
+    /// [crate docs](crate)), so this is at least [`settle_frames`](Self::settle_frames).
+    pub fn settled(&self) -> u64 {
+        self.shared.settlement.settled.load(Ordering::Relaxed)
+    }
+
+    /// `basic.ack` and `basic.nack` frames written on the consuming channels.
+    pub fn settle_frames(&self) -> u64 {
+        self.shared.settlement.frames.load(Ordering::Relaxed)
+    }
 }
 
 impl fmt::Debug for ConnectionMonitor {
@@ -175,6 +192,8 @@ impl fmt::Debug for ConnectionMonitor {
         f.debug_struct("ConnectionMonitor")
             .field("connected", &self.is_connected())
             .field("reconnects", &self.reconnects())
+            .field("settled", &self.settled())
+            .field("settle_frames", &self.settle_frames())
             .finish()
     }
 }
@@ -182,6 +201,8 @@ impl fmt::Debug for ConnectionMonitor {
 /// One connection with its consuming channel and its confirm channel for republishes.
 struct Session {
     connection: Connection,
+    /// Settles the consuming channel's deliveries.
+    settler: Settler,
     publish: tokio::sync::Mutex<Option<Channel>>,
     declared: Mutex<HashSet<String>>,
     alive: AtomicBool,
@@ -224,6 +245,7 @@ impl Session {
         Ok(Opened {
             session: Arc::new(Session {
                 connection,
+                settler: Settler::new(channel, config.settlement.clone()),
                 publish: tokio::sync::Mutex::new(Some(publish)),
                 declared: Mutex::new(HashSet::new()),
                 alive: AtomicBool::new(true),
@@ -501,9 +523,10 @@ fn delivery(session: &Arc<Session>, queue: &Arc<str>, d: lapin::message::Deliver
         redelivered,
         properties,
         data,
-        acker,
+        delivery_tag,
         ..
     } = d;
+    session.settler.deliver(delivery_tag);
     let received = mapping::receive(&properties, redelivered);
     let attempt = received.attempt;
     let payload = Bytes::from(data);
@@ -518,7 +541,7 @@ fn delivery(session: &Arc<Session>, queue: &Arc<str>, d: lapin::message::Deliver
         message,
         RabbitAcker {
             session: Arc::downgrade(session),
-            acker,
+            tag: delivery_tag,
             amqp,
             payload,
             attempt,
@@ -529,7 +552,8 @@ fn delivery(session: &Arc<Session>, queue: &Arc<str>, d: lapin::message::Deliver
 /// Settles one delivery on the channel it came on.
 struct RabbitAcker {
     session: Weak<Session>,
-    acker: lapin::acker::Acker,
+    /// The delivery tag on the session's consuming channel.
+    tag: u64,
     amqp: AmqpDelivery,
     payload: Bytes,
     attempt: u32,
@@ -544,31 +568,23 @@ impl RabbitAcker {
             .ok_or(Error::ChannelClosed)
     }
 
+    /// `basic.ack`, coalesced with its neighbours' where the [`Settler`] can.
     async fn do_ack(&self) -> Result<()> {
-        let _session = self.session()?;
-        match self.acker.ack(BasicAckOptions::default()).await {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(Error::ChannelClosed),
-            Err(e) => Err(self.closed_or(e)),
+        let session = self.session()?;
+        if session.settler.ack(self.tag).await {
+            Ok(())
+        } else {
+            Err(Error::ChannelClosed)
         }
     }
 
+    /// `basic.nack` with requeue.
     async fn requeue(&self) -> Result<()> {
-        let options = BasicNackOptions {
-            multiple: false,
-            requeue: true,
-        };
-        match self.acker.nack(options).await {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(Error::ChannelClosed),
-            Err(e) => Err(self.closed_or(e)),
-        }
-    }
-
-    fn closed_or(&self, e: lapin::Error) -> Error {
-        match self.session.upgrade() {
-            Some(s) if s.is_alive() => Error::Amqp(e),
-            _ => Error::ChannelClosed,
+        let session = self.session()?;
+        if session.settler.requeue(self.tag).await {
+            Ok(())
+        } else {
+            Err(Error::ChannelClosed)
         }
     }
 

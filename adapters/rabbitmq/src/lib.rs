@@ -39,6 +39,14 @@
 //! - **Acks**: a message leaves the queue only by `basic.ack` on the channel it came on.
 //!   A delivery whose connection was lost cannot be settled (its acker fails with
 //!   [`Error::ChannelClosed`]); the broker delivers it again, as a redelivery.
+//! - **Coalesced acks**: acks that end while an earlier settlement frame is being
+//!   written share one `basic.ack` with `multiple` set, which the broker handles as one
+//!   unit of work instead of one per message. The adapter keeps every delivery's state by
+//!   delivery tag, so a multiple ack is sent only when every delivery it covers was
+//!   acked; a delivery still running, or one handed back with `basic.nack`, ends the run,
+//!   and the acks behind it go one by one. A lone ack is written at once: nothing waits
+//!   for company. [`ConnectionMonitor::settled`] and
+//!   [`ConnectionMonitor::settle_frames`] show how many frames the acks took.
 //! - **Attempt**: from the quorum queue's `x-delivery-count` where the queue keeps one,
 //!   plus the [`ATTEMPT`] header the adapter writes on every republish
 //!   ([`mapping`] has the formula).
@@ -74,6 +82,7 @@ mod consumer;
 mod error;
 pub mod mapping;
 mod publisher;
+mod settle;
 pub mod topology;
 
 pub use connection::{DEFAULT_URL, Reconnect, connect};

@@ -1,0 +1,492 @@
+//! Settles a consuming channel's deliveries in delivery-tag order, coalescing acks.
+//!
+//! The broker handles every `basic.ack` frame as a unit of work, about as costly as the
+//! delivery it settles. With many deliveries in flight, their calls end close together,
+//! so the acks that end while an earlier frame is being written go out together as one
+//! `basic.ack` with `multiple` set, which settles every unsettled delivery up to its tag.
+//! Under light load nothing waits: a lone ack is written at once, as a single ack.
+//!
+//! A multiple ack is only safe where it settles nothing it should not, so:
+//! - the [`Ledger`] knows every delivery handed to the Worker, by tag, and a multiple
+//!   ack of tag T is sent only when every delivery at or below T was either acked by its
+//!   call or already settled by an earlier frame;
+//! - one sender at a time pushes a channel's frames, in the order the ledger decided
+//!   them, so a `basic.nack` decided earlier is always on the wire before an ack that
+//!   covers later tags;
+//! - a delivery still running (a slow handler) ends the run: the acks behind it go out
+//!   one by one, as they would without coalescing, so no call waits for another.
+
+use std::collections::VecDeque;
+use std::future::{Future, poll_fn};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Poll;
+
+use lapin::Channel;
+use lapin::options::{BasicAckOptions, BasicNackOptions};
+use tokio::sync::Notify;
+
+/// Where one delivery is in its settlement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Slot {
+    /// Handed to the Worker; its call has not settled it yet.
+    Open,
+    /// Its call acked it; no frame is on the way yet.
+    Ack,
+    /// Its call handed it back (`basic.nack` with requeue); no frame is on the way yet.
+    Requeue,
+    /// Its frame is being pushed by the current sender.
+    Sending,
+    /// Settled on the wire.
+    Done,
+    /// Its frame failed: the channel is gone, and the broker delivers it again.
+    Failed,
+}
+
+/// A frame the ledger decided to send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Frame {
+    /// `basic.ack`; with `multiple`, of every unsettled delivery up to `tag`.
+    Ack {
+        /// The delivery tag.
+        tag: u64,
+        /// Whether the ack settles every unsettled delivery up to `tag`.
+        multiple: bool,
+    },
+    /// `basic.nack` with requeue, of `tag` alone.
+    Requeue {
+        /// The delivery tag.
+        tag: u64,
+    },
+}
+
+/// The settlement state of every delivery from the oldest unsettled one on.
+#[derive(Debug, Default)]
+pub(crate) struct Ledger {
+    /// The tag of `slots[0]`; every tag below it is settled.
+    first: u64,
+    slots: VecDeque<Slot>,
+    /// Whether a sender is pushing a batch now.
+    sending: bool,
+}
+
+impl Ledger {
+    /// Records a delivery handed to the Worker. Tags arrive in increasing order.
+    pub(crate) fn deliver(&mut self, tag: u64) {
+        if self.slots.is_empty() {
+            self.first = tag;
+        }
+        let next = self.first + self.slots.len() as u64;
+        debug_assert!(tag >= next, "delivery tag {tag} after {next}");
+        // A tag the consumer never saw cannot be known settled: it stays open, so no
+        // multiple ack ever covers it.
+        while self.first + (self.slots.len() as u64) < tag {
+            self.slots.push_back(Slot::Open);
+        }
+        if tag >= next {
+            self.slots.push_back(Slot::Open);
+        }
+    }
+
+    fn index(&self, tag: u64) -> Option<usize> {
+        let i = usize::try_from(tag.checked_sub(self.first)?).ok()?;
+        (i < self.slots.len()).then_some(i)
+    }
+
+    /// Records that a call settled `tag` (`Slot::Ack` or `Slot::Requeue`). A tag that is
+    /// not open (settled before) keeps its state.
+    fn mark(&mut self, tag: u64, how: Slot) {
+        if let Some(i) = self.index(tag) {
+            if self.slots[i] == Slot::Open {
+                self.slots[i] = how;
+            }
+        }
+    }
+
+    /// `Some(true)` once `tag` is settled on the wire, `Some(false)` if its frame failed,
+    /// `None` while it waits.
+    fn outcome(&self, tag: u64) -> Option<bool> {
+        if tag < self.first {
+            return Some(true);
+        }
+        match self.index(tag).map(|i| self.slots[i]) {
+            Some(Slot::Done) => Some(true),
+            Some(Slot::Failed) => Some(false),
+            Some(_) => None,
+            // Never delivered on this channel: nothing to wait for.
+            None => Some(false),
+        }
+    }
+
+    /// The frames that settle every call-settled delivery, in the order they must be
+    /// sent; their slots become `Sending`.
+    pub(crate) fn take(&mut self) -> Vec<Frame> {
+        let mut frames = Vec::new();
+        // The run at the front: acked or settled deliveries, up to the first one that is
+        // open or handed back. One multiple ack settles all of its acks.
+        let mut last_ack = None;
+        let mut acks = 0usize;
+        let mut run = 0;
+        while let Some(slot) = self.slots.get(run) {
+            match slot {
+                Slot::Ack => {
+                    last_ack = Some(run);
+                    acks += 1;
+                }
+                Slot::Done => {}
+                _ => break,
+            }
+            run += 1;
+        }
+        if let Some(last) = last_ack {
+            frames.push(Frame::Ack {
+                tag: self.first + last as u64,
+                multiple: acks > 1,
+            });
+            for slot in self.slots.range_mut(..=last) {
+                if *slot == Slot::Ack {
+                    *slot = Slot::Sending;
+                }
+            }
+        }
+        // Behind the run, each settled delivery goes alone.
+        for (i, slot) in self.slots.iter_mut().enumerate().skip(run) {
+            let tag = self.first + i as u64;
+            match slot {
+                Slot::Ack => frames.push(Frame::Ack {
+                    tag,
+                    multiple: false,
+                }),
+                Slot::Requeue => frames.push(Frame::Requeue { tag }),
+                _ => continue,
+            }
+            *slot = Slot::Sending;
+        }
+        frames
+    }
+
+    /// Records how the frames of [`take`](Self::take) went (`ok[i]` for `frames[i]`),
+    /// forgets the settled deliveries at the front, and returns how many deliveries the
+    /// written frames settled.
+    pub(crate) fn finish(&mut self, frames: &[Frame], ok: &[bool]) -> u64 {
+        let mut settled = 0;
+        for (frame, &ok) in frames.iter().zip(ok) {
+            let to = if ok { Slot::Done } else { Slot::Failed };
+            let range = match *frame {
+                Frame::Ack {
+                    tag,
+                    multiple: true,
+                } => 0..self.index(tag).map_or(0, |i| i + 1),
+                Frame::Ack { tag, .. } | Frame::Requeue { tag } => {
+                    self.index(tag).map_or(0..0, |i| i..i + 1)
+                }
+            };
+            for slot in self.slots.range_mut(range) {
+                if *slot == Slot::Sending {
+                    *slot = to;
+                    settled += u64::from(ok);
+                }
+            }
+        }
+        while self.slots.front() == Some(&Slot::Done) {
+            self.slots.pop_front();
+            self.first += 1;
+        }
+        settled
+    }
+}
+
+/// Counts a consumer's settlement frames, over all its channels.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    /// `basic.ack` and `basic.nack` frames written.
+    pub(crate) frames: AtomicU64,
+    /// Deliveries those frames settled.
+    pub(crate) settled: AtomicU64,
+}
+
+/// A consuming channel's ledger and the channel its frames go on.
+pub(crate) struct Settler {
+    channel: Channel,
+    ledger: Mutex<Ledger>,
+    /// Wakes the calls waiting for their frames when a batch was sent.
+    sent: Notify,
+    counters: Arc<Counters>,
+}
+
+impl Settler {
+    pub(crate) fn new(channel: Channel, counters: Arc<Counters>) -> Self {
+        Self {
+            channel,
+            ledger: Mutex::new(Ledger::default()),
+            sent: Notify::new(),
+            counters,
+        }
+    }
+
+    fn ledger(&self) -> MutexGuard<'_, Ledger> {
+        self.ledger.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a delivery handed to the Worker.
+    pub(crate) fn deliver(&self, tag: u64) {
+        self.ledger().deliver(tag);
+    }
+
+    /// Acks `tag`; returns once the frame that settles it was written: `true`, or `false`
+    /// when the channel could not take it (the broker then delivers the message again).
+    pub(crate) async fn ack(&self, tag: u64) -> bool {
+        self.settle(tag, Slot::Ack).await
+    }
+
+    /// Hands `tag` back (`basic.nack` with requeue); returns as [`ack`](Self::ack) does.
+    pub(crate) async fn requeue(&self, tag: u64) -> bool {
+        self.settle(tag, Slot::Requeue).await
+    }
+
+    async fn settle(&self, tag: u64, how: Slot) -> bool {
+        self.ledger().mark(tag, how);
+        loop {
+            let (frames, wait) = {
+                let mut ledger = self.ledger();
+                if let Some(written) = ledger.outcome(tag) {
+                    return written;
+                }
+                if ledger.sending {
+                    // Created under the lock, so the sender's wake-up cannot be missed.
+                    (Vec::new(), Some(self.sent.notified()))
+                } else {
+                    ledger.sending = true;
+                    (ledger.take(), None)
+                }
+            };
+            match wait {
+                Some(sent) => sent.await,
+                None => self.send(frames).await,
+            }
+        }
+    }
+
+    /// Pushes `frames` in order and waits until each is written. Only one call sends at
+    /// a time (the ledger's `sending`).
+    async fn send(&self, frames: Vec<Frame>) {
+        let mut guard = Sending {
+            settler: self,
+            frames,
+            ok: Vec::new(),
+        };
+        let mut writes: Vec<Pin<Box<dyn Future<Output = lapin::Result<()>> + Send + '_>>> = guard
+            .frames
+            .iter()
+            .map(|frame| self.write(*frame))
+            .collect();
+        let mut ok: Vec<Option<bool>> = vec![None; writes.len()];
+        // Each write queues its frame on its first poll, and this polls them in order:
+        // after the first poll every frame is queued, in the ledger's order.
+        poll_fn(|cx| {
+            let mut waiting = false;
+            for (write, ok) in writes.iter_mut().zip(ok.iter_mut()) {
+                if ok.is_none() {
+                    match write.as_mut().poll(cx) {
+                        Poll::Ready(Ok(())) => *ok = Some(true),
+                        Poll::Ready(Err(e)) => {
+                            tracing::debug!(error = %e, "a settlement frame could not be written");
+                            *ok = Some(false);
+                        }
+                        Poll::Pending => waiting = true,
+                    }
+                }
+            }
+            if waiting {
+                Poll::Pending
+            } else {
+                Poll::Ready(())
+            }
+        })
+        .await;
+        guard.ok = ok.into_iter().map(|ok| ok.unwrap_or(false)).collect();
+    }
+
+    fn write(&self, frame: Frame) -> Pin<Box<dyn Future<Output = lapin::Result<()>> + Send + '_>> {
+        match frame {
+            Frame::Ack { tag, multiple } => {
+                Box::pin(self.channel.basic_ack(tag, BasicAckOptions { multiple }))
+            }
+            Frame::Requeue { tag } => Box::pin(self.channel.basic_nack(
+                tag,
+                BasicNackOptions {
+                    multiple: false,
+                    requeue: true,
+                },
+            )),
+        }
+    }
+}
+
+/// Ends a send: records its outcome (all written if the sending call was dropped
+/// part-way, since every frame was queued on the first poll), lets the next sender in
+/// and wakes the waiting calls.
+struct Sending<'a> {
+    settler: &'a Settler,
+    frames: Vec<Frame>,
+    /// Per frame, whether it was written; empty if the send did not finish.
+    ok: Vec<bool>,
+}
+
+impl Drop for Sending<'_> {
+    fn drop(&mut self) {
+        if self.ok.len() != self.frames.len() {
+            self.ok = vec![true; self.frames.len()];
+        }
+        let mut ledger = self.settler.ledger();
+        let settled = ledger.finish(&self.frames, &self.ok);
+        ledger.sending = false;
+        drop(ledger);
+        let written = self.ok.iter().filter(|ok| **ok).count() as u64;
+        let counters = &self.settler.counters;
+        counters.frames.fetch_add(written, Ordering::Relaxed);
+        counters.settled.fetch_add(settled, Ordering::Relaxed);
+        // Every waiter looks again: its frame was written, or one of them sends next.
+        self.settler.sent.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ledger(tags: std::ops::RangeInclusive<u64>) -> Ledger {
+        let mut l = Ledger::default();
+        for t in tags {
+            l.deliver(t);
+        }
+        l
+    }
+
+    fn ack(tag: u64, multiple: bool) -> Frame {
+        Frame::Ack { tag, multiple }
+    }
+
+    #[test]
+    fn acks_at_the_front_go_as_one_multiple_ack() {
+        let mut l = ledger(1..=5);
+        for t in [3, 1, 2] {
+            l.mark(t, Slot::Ack);
+        }
+        let frames = l.take();
+        assert_eq!(frames, [ack(3, true)]);
+        assert_eq!(l.finish(&frames, &[true]), 3);
+        assert_eq!(l.first, 4);
+        assert_eq!(l.outcome(2), Some(true));
+        assert_eq!(l.outcome(4), None);
+    }
+
+    #[test]
+    fn a_lone_ack_is_a_single_ack() {
+        let mut l = ledger(1..=3);
+        l.mark(1, Slot::Ack);
+        assert_eq!(l.take(), [ack(1, false)]);
+    }
+
+    #[test]
+    fn acks_behind_an_open_delivery_go_one_by_one() {
+        let mut l = ledger(1..=4);
+        l.mark(2, Slot::Ack);
+        l.mark(4, Slot::Ack);
+        let frames = l.take();
+        assert_eq!(frames, [ack(2, false), ack(4, false)]);
+        l.finish(&frames, &[true, true]);
+        // Tag 1 still runs: nothing is forgotten yet.
+        assert_eq!(l.first, 1);
+        assert_eq!(l.outcome(4), Some(true));
+        // When 1 ends, one ack settles it; the multiple flag would add nothing.
+        l.mark(1, Slot::Ack);
+        let frames = l.take();
+        assert_eq!(frames, [ack(1, false)]);
+        l.finish(&frames, &[true]);
+        assert_eq!(l.first, 3);
+        // 3 then covers itself only: 4 is settled already.
+        l.mark(3, Slot::Ack);
+        assert_eq!(l.take(), [ack(3, false)]);
+    }
+
+    #[test]
+    fn a_settled_delivery_inside_the_run_is_covered_without_harm() {
+        let mut l = ledger(1..=4);
+        l.mark(2, Slot::Ack);
+        let frames = l.take();
+        l.finish(&frames, &[true]);
+        for t in [1, 3] {
+            l.mark(t, Slot::Ack);
+        }
+        // 2 is settled: a multiple ack of 3 settles 1 and 3.
+        assert_eq!(l.take(), [ack(3, true)]);
+    }
+
+    #[test]
+    fn no_multiple_ack_covers_a_requeue() {
+        let mut l = ledger(1..=4);
+        l.mark(1, Slot::Ack);
+        l.mark(2, Slot::Requeue);
+        l.mark(3, Slot::Ack);
+        l.mark(4, Slot::Ack);
+        let frames = l.take();
+        // The requeue is on the wire before any ack of a later tag.
+        assert_eq!(
+            frames,
+            [
+                ack(1, false),
+                Frame::Requeue { tag: 2 },
+                ack(3, false),
+                ack(4, false)
+            ]
+        );
+        l.finish(&frames, &[true; 4]);
+        assert_eq!(l.first, 5);
+        assert!(l.slots.is_empty());
+    }
+
+    #[test]
+    fn a_sending_delivery_ends_the_run() {
+        let mut l = ledger(1..=3);
+        l.mark(1, Slot::Ack);
+        let first = l.take();
+        // While the ack of 1 is on its way, 2 and 3 end.
+        l.mark(2, Slot::Ack);
+        l.mark(3, Slot::Ack);
+        assert_eq!(l.take(), [ack(2, false), ack(3, false)]);
+        l.finish(&first, &[true]);
+        assert_eq!(l.first, 2);
+    }
+
+    #[test]
+    fn a_failed_frame_fails_its_deliveries() {
+        let mut l = ledger(1..=3);
+        l.mark(1, Slot::Ack);
+        l.mark(2, Slot::Ack);
+        let frames = l.take();
+        assert_eq!(l.finish(&frames, &[false]), 0);
+        assert_eq!(l.outcome(1), Some(false));
+        assert_eq!(l.outcome(2), Some(false));
+        assert_eq!(l.outcome(3), None);
+    }
+
+    #[test]
+    fn tags_start_anywhere_and_a_gap_stays_open() {
+        let mut l = Ledger::default();
+        l.deliver(7);
+        l.deliver(9);
+        l.mark(7, Slot::Ack);
+        l.mark(9, Slot::Ack);
+        // 8 was never seen here, so it cannot be covered.
+        assert_eq!(l.take(), [ack(7, false), ack(9, false)]);
+    }
+
+    #[test]
+    fn a_tag_never_delivered_is_not_waited_for() {
+        let l = ledger(1..=2);
+        assert_eq!(l.outcome(5), Some(false));
+        assert_eq!(l.outcome(0), Some(true));
+    }
+}

@@ -1,0 +1,130 @@
+//! Coalesced acks against the local RabbitMQ: calls that end out of order, some handed
+//! back, none settled wrongly.
+//!
+//! A multiple ack that covered a running or handed-back delivery would either lose that
+//! message (it would never come back) or, for a tag the broker does not know, close the
+//! channel (a reconnect). This test fails on either, and checks that acks did share
+//! frames.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use redrive_core::{BoxError, Message, OutgoingMessage, Publisher, Redelivery, Worker, handler_fn};
+use redrive_rabbitmq::QueueKind;
+use redrive_rabbitmq::lapin::options::QueueDeclareOptions;
+use redrive_rabbitmq::lapin::types::FieldTable;
+
+async fn out_of_order_settlement(kind: QueueKind) {
+    let queue = common::unique(&format!("coalesce-{}", kind.as_str()));
+    let topology = common::topology(&queue, kind);
+    common::declare(&topology).await;
+    let n = 3000usize;
+    let p = common::publisher().await;
+    for i in 0..n {
+        p.publish(&queue, OutgoingMessage::new(format!("{i}")))
+            .await
+            .expect("publish");
+    }
+    p.close().await;
+
+    // Per message: how many calls succeeded, and on which attempt.
+    let done: Arc<Mutex<HashMap<usize, Vec<u32>>>> = Arc::default();
+    let handled = done.clone();
+    let handler = handler_fn(move |m: Message| {
+        let handled = handled.clone();
+        async move {
+            let i: usize = std::str::from_utf8(&m.payload)?.parse()?;
+            // Calls end out of order: 0 to 3 ms, by a spread of the index.
+            tokio::time::sleep(Duration::from_millis((i * 7919 % 4) as u64)).await;
+            // Every tenth message is handed back once (quorum: `basic.nack` with
+            // requeue; classic: a republish, then an ack).
+            if i % 10 == 3 && m.attempt() == 1 {
+                return Err::<(), BoxError>("handed back once".into());
+            }
+            handled
+                .lock()
+                .unwrap()
+                .entry(i)
+                .or_default()
+                .push(m.attempt());
+            Ok(())
+        }
+    });
+    let consumer = common::consumer(&topology, &common::unique("conn-coalesce"), 64).await;
+    let monitor = consumer.monitor();
+    let worker = Worker::builder(consumer, handler)
+        .concurrency(64)
+        .redelivery(Redelivery::constant(Duration::ZERO))
+        .build()
+        .expect("worker");
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let stopper = stop.clone();
+    let run = tokio::spawn(worker.run_until(async move { stopper.notified().await }));
+    let start = std::time::Instant::now();
+    while done.lock().unwrap().len() < n {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "only {} of {n} messages succeeded within 60 s: a settlement went wrong ({monitor:?})",
+            done.lock().unwrap().len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.notify_one();
+    let report = run.await.expect("worker");
+    eprintln!("{kind:?}: {report:?}, {monitor:?}");
+
+    let done = done.lock().unwrap().clone();
+    for i in 0..n {
+        let want: &[u32] = if i % 10 == 3 { &[2] } else { &[1] };
+        assert_eq!(
+            done.get(&i).map(Vec::as_slice),
+            Some(want),
+            "message {i}: the attempts that succeeded"
+        );
+    }
+    assert_eq!(
+        monitor.reconnects(),
+        0,
+        "the channel closed: the broker refused a settlement"
+    );
+    assert_eq!(
+        monitor.settled(),
+        (n + n / 10) as u64,
+        "every delivery settled once"
+    );
+    assert!(
+        monitor.settle_frames() < monitor.settled(),
+        "no two acks shared a frame: {monitor:?}"
+    );
+
+    // Nothing is left in the queue, unacked or ready.
+    let conn = common::connection("redrive-test-coalesce-check").await;
+    let ch = conn.create_channel().await.expect("channel");
+    let q = ch
+        .queue_declare(
+            &queue,
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("passive declare");
+    assert_eq!(q.message_count(), 0, "messages left in the queue");
+    let _ = conn.close(200, "done").await;
+    common::cleanup(&[topology]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_share_frames_and_settle_nothing_wrongly_classic() {
+    out_of_order_settlement(QueueKind::Classic).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_share_frames_and_settle_nothing_wrongly_quorum() {
+    out_of_order_settlement(QueueKind::Quorum).await;
+}
