@@ -639,6 +639,16 @@ impl RabbitAcker {
     }
 }
 
+impl Drop for RabbitAcker {
+    fn drop(&mut self) {
+        // Settled: nothing happens. Unsettled (its call ended without settling it): it is
+        // handed back, so it cannot stop later acks from sharing frames.
+        if let Some(session) = self.session.upgrade() {
+            session.settler.abandon(self.tag);
+        }
+    }
+}
+
 impl Acker for RabbitAcker {
     fn ack(&self) -> BoxFuture<'_, redrive_core::Result<()>> {
         Box::pin(async { self.do_ack().await.map_err(Into::into) })

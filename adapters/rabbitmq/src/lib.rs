@@ -43,9 +43,10 @@
 //!   written share one `basic.ack` with `multiple` set, which the broker handles as one
 //!   unit of work instead of one per message. The adapter keeps every delivery's state by
 //!   delivery tag, so a multiple ack is sent only when every delivery it covers was
-//!   acked; a delivery still running, or one handed back with `basic.nack`, ends the run,
-//!   and the acks behind it go one by one. A lone ack is written at once: nothing waits
-//!   for company. [`ConnectionMonitor::settled`] and
+//!   acked (a `basic.nack` goes on the wire before any ack that spans its tag); a
+//!   delivery still running ends the run, and the acks behind it go one by one. A lone
+//!   ack is written at once: nothing waits for company. A delivery whose acker is dropped
+//!   unsettled is handed back with `basic.nack`. [`ConnectionMonitor::settled`] and
 //!   [`ConnectionMonitor::settle_frames`] show how many frames the acks took.
 //! - **Attempt**: from the quorum queue's `x-delivery-count` where the queue keeps one,
 //!   plus the [`ATTEMPT`] header the adapter writes on every republish

@@ -8,13 +8,15 @@
 //!
 //! A multiple ack is only safe where it settles nothing it should not, so:
 //! - the [`Ledger`] knows every delivery handed to the Worker, by tag, and a multiple
-//!   ack of tag T is sent only when every delivery at or below T was either acked by its
-//!   call or already settled by an earlier frame;
+//!   ack of tag T is sent only when every delivery at or below T was acked by its call,
+//!   or settled by an earlier frame;
 //! - one sender at a time pushes a channel's frames, in the order the ledger decided
-//!   them, so a `basic.nack` decided earlier is always on the wire before an ack that
-//!   covers later tags;
+//!   them; a batch's `basic.nack` frames go first, so the broker has taken those
+//!   deliveries back before an ack that spans their tags arrives, and covers none;
 //! - a delivery still running (a slow handler) ends the run: the acks behind it go out
-//!   one by one, as they would without coalescing, so no call waits for another.
+//!   one by one, as they would without coalescing, so no call waits for another;
+//! - a delivery whose acker is dropped unsettled is handed back with the next frames,
+//!   so it cannot end every run for as long as the channel lives.
 
 use std::collections::VecDeque;
 use std::future::{Future, poll_fn};
@@ -104,6 +106,13 @@ impl Ledger {
         }
     }
 
+    /// Hands back a delivery whose acker was dropped unsettled (its call ended without
+    /// settling it, as a task that panicked does): it would stop every later multiple
+    /// ack for as long as the channel lives, so it is requeued with the next frames.
+    fn abandon(&mut self, tag: u64) {
+        self.mark(tag, Slot::Requeue);
+    }
+
     /// `Some(true)` once `tag` is settled on the wire, `Some(false)` if its frame failed,
     /// `None` while it waits.
     fn outcome(&self, tag: u64) -> Option<bool> {
@@ -120,11 +129,22 @@ impl Ledger {
     }
 
     /// The frames that settle every call-settled delivery, in the order they must be
-    /// sent; their slots become `Sending`.
+    /// sent; their slots become `Sending`. Called by the one sender, so no slot is
+    /// `Sending` before.
     pub(crate) fn take(&mut self) -> Vec<Frame> {
         let mut frames = Vec::new();
-        // The run at the front: acked or settled deliveries, up to the first one that is
-        // open or handed back. One multiple ack settles all of its acks.
+        // Hand-backs go first: once one is on the wire, the broker no longer counts its
+        // delivery as unacked, so an ack sent after it cannot cover it.
+        for (i, slot) in self.slots.iter_mut().enumerate() {
+            if *slot == Slot::Requeue {
+                frames.push(Frame::Requeue {
+                    tag: self.first + i as u64,
+                });
+                *slot = Slot::Sending;
+            }
+        }
+        // The run at the front: acked, settled or just handed back, up to the first
+        // delivery still open. One multiple ack settles all of its acks.
         let mut last_ack = None;
         let mut acks = 0usize;
         let mut run = 0;
@@ -134,7 +154,7 @@ impl Ledger {
                     last_ack = Some(run);
                     acks += 1;
                 }
-                Slot::Done => {}
+                Slot::Done | Slot::Sending => {}
                 _ => break,
             }
             run += 1;
@@ -150,18 +170,15 @@ impl Ledger {
                 }
             }
         }
-        // Behind the run, each settled delivery goes alone.
+        // Behind the run, each acked delivery goes alone.
         for (i, slot) in self.slots.iter_mut().enumerate().skip(run) {
-            let tag = self.first + i as u64;
-            match slot {
-                Slot::Ack => frames.push(Frame::Ack {
-                    tag,
+            if *slot == Slot::Ack {
+                frames.push(Frame::Ack {
+                    tag: self.first + i as u64,
                     multiple: false,
-                }),
-                Slot::Requeue => frames.push(Frame::Requeue { tag }),
-                _ => continue,
+                });
+                *slot = Slot::Sending;
             }
-            *slot = Slot::Sending;
         }
         frames
     }
@@ -232,6 +249,12 @@ impl Settler {
     /// Records a delivery handed to the Worker.
     pub(crate) fn deliver(&self, tag: u64) {
         self.ledger().deliver(tag);
+    }
+
+    /// Hands `tag` back with the next frames sent, if nothing settled it: for an acker
+    /// dropped unsettled. Without a next frame, closing the channel hands it back.
+    pub(crate) fn abandon(&self, tag: u64) {
+        self.ledger().abandon(tag);
     }
 
     /// Acks `tag`; returns once the frame that settles it was written: `true`, or `false`
@@ -432,32 +455,11 @@ mod tests {
         l.mark(3, Slot::Ack);
         l.mark(4, Slot::Ack);
         let frames = l.take();
-        // The requeue is on the wire before any ack of a later tag.
-        assert_eq!(
-            frames,
-            [
-                ack(1, false),
-                Frame::Requeue { tag: 2 },
-                ack(3, false),
-                ack(4, false)
-            ]
-        );
-        l.finish(&frames, &[true; 4]);
+        // The requeue is on the wire before the ack that would otherwise cover it.
+        assert_eq!(frames, [Frame::Requeue { tag: 2 }, ack(4, true)]);
+        assert_eq!(l.finish(&frames, &[true; 2]), 4);
         assert_eq!(l.first, 5);
         assert!(l.slots.is_empty());
-    }
-
-    #[test]
-    fn a_sending_delivery_ends_the_run() {
-        let mut l = ledger(1..=3);
-        l.mark(1, Slot::Ack);
-        let first = l.take();
-        // While the ack of 1 is on its way, 2 and 3 end.
-        l.mark(2, Slot::Ack);
-        l.mark(3, Slot::Ack);
-        assert_eq!(l.take(), [ack(2, false), ack(3, false)]);
-        l.finish(&first, &[true]);
-        assert_eq!(l.first, 2);
     }
 
     #[test]
@@ -481,6 +483,25 @@ mod tests {
         l.mark(9, Slot::Ack);
         // 8 was never seen here, so it cannot be covered.
         assert_eq!(l.take(), [ack(7, false), ack(9, false)]);
+    }
+
+    #[test]
+    fn an_abandoned_delivery_is_handed_back_and_unblocks_the_run() {
+        let mut l = ledger(1..=4);
+        l.mark(2, Slot::Ack);
+        l.mark(3, Slot::Ack);
+        // 1's acker is dropped unsettled; 4 ends after.
+        l.abandon(1);
+        l.mark(4, Slot::Ack);
+        let frames = l.take();
+        assert_eq!(frames, [Frame::Requeue { tag: 1 }, ack(4, true)]);
+        l.finish(&frames, &[true; 2]);
+        assert!(l.slots.is_empty());
+        // Abandoning a settled delivery changes nothing.
+        let mut l = ledger(1..=2);
+        l.mark(1, Slot::Ack);
+        l.abandon(1);
+        assert_eq!(l.take(), [ack(1, false)]);
     }
 
     #[test]

@@ -12,8 +12,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use redrive_core::{BoxError, Message, OutgoingMessage, Publisher, Redelivery, Worker, handler_fn};
+use redrive_core::{
+    BoxError, Consumer, Delivery, Message, OutgoingMessage, Publisher, Redelivery, Worker,
+    handler_fn,
+};
 use redrive_rabbitmq::QueueKind;
+use redrive_rabbitmq::RabbitConsumer;
 use redrive_rabbitmq::lapin::options::QueueDeclareOptions;
 use redrive_rabbitmq::lapin::types::FieldTable;
 
@@ -127,4 +131,49 @@ async fn acks_share_frames_and_settle_nothing_wrongly_classic() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acks_share_frames_and_settle_nothing_wrongly_quorum() {
     out_of_order_settlement(QueueKind::Quorum).await;
+}
+
+async fn next(c: &mut RabbitConsumer, within: Duration) -> Option<Delivery> {
+    tokio::time::timeout(within, c.receive())
+        .await
+        .ok()
+        .map(|r| r.expect("receive").expect("consumer open"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_dropped_unsettled_comes_back_and_blocks_no_settlement() {
+    let queue = common::unique("coalesce-dropped");
+    let topology = common::topology(&queue, QueueKind::Quorum);
+    common::declare(&topology).await;
+    let p = common::publisher().await;
+    for i in 0..3 {
+        p.publish(&queue, OutgoingMessage::new(format!("{i}")))
+            .await
+            .expect("publish");
+    }
+    p.close().await;
+
+    let mut consumer = common::consumer(&topology, &common::unique("conn-dropped"), 8).await;
+    let monitor = consumer.monitor();
+    let within = Duration::from_secs(10);
+    let first = next(&mut consumer, within).await.expect("first delivery");
+    let second = next(&mut consumer, within).await.expect("second delivery");
+    let third = next(&mut consumer, within).await.expect("third delivery");
+    assert_eq!(&first.message.payload[..], b"0");
+    // Its call ended without settling it (as a task that panicked does).
+    drop(first);
+    second.ack().await.expect("ack");
+    third.ack().await.expect("ack");
+    // The first is handed back with the frames of the second's ack, at once, not when
+    // the channel closes.
+    let again = next(&mut consumer, within)
+        .await
+        .expect("the dropped delivery comes back");
+    assert_eq!(&again.message.payload[..], b"0");
+    assert_eq!(again.message.attempt(), 2, "a redelivery");
+    again.ack().await.expect("ack");
+    assert_eq!(monitor.reconnects(), 0, "{monitor:?}");
+    assert_eq!(monitor.settled(), 4, "{monitor:?}");
+    consumer.close().await.expect("close");
+    common::cleanup(&[topology]).await;
 }
