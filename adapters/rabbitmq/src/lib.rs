@@ -40,12 +40,13 @@
 //!   A delivery whose connection was lost cannot be settled (its acker fails with
 //!   [`Error::ChannelClosed`]); the broker delivers it again, as a redelivery.
 //! - **Coalesced acks**: acks that end while an earlier settlement frame is being
-//!   written share one `basic.ack` with `multiple` set, which the broker handles as one
-//!   unit of work instead of one per message. The adapter keeps every delivery's state by
+//!   written (or in the same turn of the scheduler) share one `basic.ack` with
+//!   `multiple` set, which the broker handles as one unit of work instead of one per
+//!   message. The adapter keeps every delivery's state by
 //!   delivery tag, so a multiple ack is sent only when every delivery it covers was
 //!   acked (a `basic.nack` goes on the wire before any ack that spans its tag); a
 //!   delivery still running ends the run, and the acks behind it go one by one. A lone
-//!   ack is written at once: nothing waits for company. A delivery whose acker is dropped
+//!   ack waits one turn of the scheduler, never for company. A delivery whose acker is dropped
 //!   unsettled is handed back with `basic.nack`. [`ConnectionMonitor::settled`] and
 //!   [`ConnectionMonitor::settle_frames`] show how many frames the acks took.
 //! - **Attempt**: from the quorum queue's `x-delivery-count` where the queue keeps one,

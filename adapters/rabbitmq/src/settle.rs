@@ -2,9 +2,10 @@
 //!
 //! The broker handles every `basic.ack` frame as a unit of work, about as costly as the
 //! delivery it settles. With many deliveries in flight, their calls end close together,
-//! so the acks that end while an earlier frame is being written go out together as one
-//! `basic.ack` with `multiple` set, which settles every unsettled delivery up to its tag.
-//! Under light load nothing waits: a lone ack is written at once, as a single ack.
+//! so the acks that end while an earlier frame is being written, or while the sender
+//! yields once to the calls already woken, go out together as one `basic.ack` with
+//! `multiple` set, which settles every unsettled delivery up to its tag. Under light
+//! load a lone ack waits one turn of the scheduler and goes out as a single ack.
 //!
 //! A multiple ack is only safe where it settles nothing it should not, so:
 //! - the [`Ledger`] knows every delivery handed to the Worker, by tag, and a multiple
@@ -271,34 +272,39 @@ impl Settler {
     async fn settle(&self, tag: u64, how: Slot) -> bool {
         self.ledger().mark(tag, how);
         loop {
-            let (frames, wait) = {
+            let wait = {
                 let mut ledger = self.ledger();
                 if let Some(written) = ledger.outcome(tag) {
                     return written;
                 }
                 if ledger.sending {
                     // Created under the lock, so the sender's wake-up cannot be missed.
-                    (Vec::new(), Some(self.sent.notified()))
+                    Some(self.sent.notified())
                 } else {
                     ledger.sending = true;
-                    (ledger.take(), None)
+                    None
                 }
             };
             match wait {
                 Some(sent) => sent.await,
-                None => self.send(frames).await,
+                None => self.send().await,
             }
         }
     }
 
-    /// Pushes `frames` in order and waits until each is written. Only one call sends at
-    /// a time (the ledger's `sending`).
-    async fn send(&self, frames: Vec<Frame>) {
+    /// Takes the ledger's frames, pushes them in order and waits until each is written.
+    /// Called by the one sender (the ledger's `sending` is set).
+    async fn send(&self) {
         let mut guard = Sending {
             settler: self,
-            frames,
+            frames: Vec::new(),
             ok: Vec::new(),
         };
+        // The calls already woken on this runtime run first, and the acks they end with
+        // join this batch: under load, frames carry several acks each; idle, the wait is
+        // one turn of the scheduler.
+        tokio::task::yield_now().await;
+        guard.frames = self.ledger().take();
         let mut writes: Vec<Pin<Box<dyn Future<Output = lapin::Result<()>> + Send + '_>>> = guard
             .frames
             .iter()
@@ -347,9 +353,10 @@ impl Settler {
     }
 }
 
-/// Ends a send: records its outcome (all written if the sending call was dropped
-/// part-way, since every frame was queued on the first poll), lets the next sender in
-/// and wakes the waiting calls.
+/// Ends a send: records its outcome, lets the next sender in and wakes the waiting
+/// calls. A send dropped part-way took no frames yet (it was yielding), or queued every
+/// frame it took (taking and queueing happen in one poll), so its frames count as
+/// written.
 struct Sending<'a> {
     settler: &'a Settler,
     frames: Vec<Frame>,
