@@ -47,8 +47,9 @@ pub(crate) fn message(record: &BorrowedMessage<'_>, topic: Arc<str>) -> Message 
             }
         }
     }
-    let mut msg = Message::new(Bytes::copy_from_slice(record.payload().unwrap_or_default()));
-    msg.key = record.key().map(Bytes::copy_from_slice);
+    let (payload, key) = payload_and_key(record.payload().unwrap_or_default(), record.key());
+    let mut msg = Message::new(payload);
+    msg.key = key;
     let meta = &mut msg.metadata;
     meta.message_id = Some(headers.get_str(MESSAGE_ID).map_or_else(
         || record_id(&topic, record.partition(), record.offset()),
@@ -70,6 +71,23 @@ pub(crate) fn message(record: &BorrowedMessage<'_>, topic: Arc<str>) -> Message 
     meta.source.offset = Some(record.offset());
     msg.headers = headers;
     msg
+}
+
+/// The payload and the key, copied into one shared allocation: the Worker copies a
+/// message it may park, and a copy of a shared `Bytes` counts a reference where a copy
+/// of a freshly built one allocates (once for each).
+fn payload_and_key(payload: &[u8], key: Option<&[u8]>) -> (Bytes, Option<Bytes>) {
+    let Some(key) = key else {
+        return (Bytes::copy_from_slice(payload), None);
+    };
+    let mut both = Vec::with_capacity(payload.len() + key.len());
+    both.extend_from_slice(payload);
+    both.extend_from_slice(key);
+    let both = Bytes::from(both);
+    (
+        both.slice(..payload.len()),
+        Some(both.slice(payload.len()..)),
+    )
 }
 
 /// `<topic>-<partition>-<offset>`, written on the stack (numbers by `itoa`, without the
@@ -103,7 +121,21 @@ fn record_id(topic: &str, partition: i32, offset: i64) -> Arc<str> {
 
 #[cfg(test)]
 mod tests {
-    use super::record_id;
+    use super::{payload_and_key, record_id};
+
+    #[test]
+    fn payload_and_key_share_one_buffer_and_keep_their_bytes() {
+        let (payload, key) = payload_and_key(b"{\"id\":1}", Some(b"order-7"));
+        assert_eq!(&payload[..], b"{\"id\":1}");
+        let key = key.expect("a key");
+        assert_eq!(&key[..], b"order-7");
+        // One allocation: the key starts where the payload ends.
+        assert_eq!(payload.as_ptr().wrapping_add(payload.len()), key.as_ptr());
+        let (payload, key) = payload_and_key(b"", Some(b""));
+        assert!(payload.is_empty() && key.is_some_and(|k| k.is_empty()));
+        let (payload, key) = payload_and_key(b"body", None);
+        assert_eq!((&payload[..], key), (&b"body"[..], None));
+    }
 
     #[test]
     fn record_ids_name_topic_partition_and_offset() {

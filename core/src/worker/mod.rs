@@ -55,12 +55,12 @@ mod config;
 
 use std::collections::{HashMap, VecDeque};
 use std::future::{Future, poll_fn};
+use std::hash::BuildHasher;
 use std::panic::AssertUnwindSafe;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures_util::FutureExt;
 use futures_util::stream::{FuturesUnordered, StreamExt as _};
 use tokio::sync::{mpsc, watch};
@@ -70,7 +70,9 @@ use config::Config;
 pub use config::{Execution, LeaseKeeping, OrderingMode, Redelivery};
 
 use crate::classify::{Classifier, ErrorKind};
-use crate::{BoxError, Capabilities, Consumer, Delivery, Error, Message, Outcome, Result, Settle};
+use crate::{
+    BoxError, Capabilities, Consumer, Delivery, Error, Extensions, Message, Outcome, Result, Settle,
+};
 
 /// What a Worker did, returned when it stops.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -346,14 +348,14 @@ enum Stop {
 enum Done {
     /// A handler call ended and its delivery was settled.
     Settled {
-        key: Option<Bytes>,
+        key: Option<KeyId>,
         settled: Settled,
         panicked: bool,
         settle_error: bool,
     },
     /// A handler call failed; the message is to be parked for `delay`.
     Park {
-        key: Option<Bytes>,
+        key: Option<KeyId>,
         message: Message,
         settle: Settle,
         delay: Duration,
@@ -368,7 +370,7 @@ enum Done {
     /// Messages were handed back unprocessed at shutdown: one parked message (which
     /// held `key`), or a batch of waiting ones.
     HandedBack {
-        key: Option<Bytes>,
+        key: Option<KeyId>,
         parked: bool,
         count: u64,
         settle_errors: u64,
@@ -453,7 +455,7 @@ where
                 tasks: Tasks::new(config.execution),
                 intake_open: true,
             };
-            let ctx = TaskCtx {
+            let mut ctx = TaskCtx {
                 renew_every: plan.renew_every,
                 lease: caps.lease,
                 max_nack_delay: caps.max_nack_delay,
@@ -461,7 +463,9 @@ where
                 redelivery: config.redelivery,
                 classifier: config.classifier.clone(),
                 shutdown: Arc::new(Shutdown { rx: stop_rx }),
+                signal: Extensions::new(),
             };
+            ctx.signal.insert_shared(ctx.shutdown.clone());
             let mut receive_errors = 0u32;
             tracing::debug!(worker = name, ?caps, ?plan, "worker started");
 
@@ -553,14 +557,14 @@ where
                     }
                 };
 
-                let key = order_key(config.ordering, &delivery.message);
-                if let (Some(k), false) = (&key, reserved) {
-                    if let Some(queue) = state.busy.get_mut(k) {
+                let key = order_key(config.ordering, &delivery.message, state.busy.hasher());
+                if let (Some(k), false) = (key, reserved) {
+                    if let Some(queue) = state.busy.get_mut(&k) {
                         queue.push_back(delivery);
                         state.waiting += 1;
                         continue;
                     }
-                    state.busy.insert(k.clone(), VecDeque::new());
+                    state.busy.insert(k, VecDeque::new());
                 }
                 // Marked running before the check: a revoke that begins in between
                 // either sees this run and waits for it, or is seen here.
@@ -598,16 +602,23 @@ where
     }
 }
 
-fn order_key(mode: OrderingMode, msg: &Message) -> Option<Bytes> {
+/// A message's ordering key as the Worker tracks it: the key's 64-bit hash. Keys that
+/// share a hash share one order, which is safe (an order only gets stricter) and, with
+/// the map's random seed, rare; tracking hashes copies and compares no key bytes, and
+/// a partition's key is never built as text.
+type KeyId = u64;
+
+fn order_key(
+    mode: OrderingMode,
+    msg: &Message,
+    hasher: &foldhash::fast::RandomState,
+) -> Option<KeyId> {
     match mode {
         OrderingMode::Unordered => None,
-        OrderingMode::PerKey => msg.key.clone(),
+        OrderingMode::PerKey => msg.key.as_deref().map(|k| hasher.hash_one(k)),
         OrderingMode::PerPartition => {
-            let p = msg.metadata.source.partition.unwrap_or(-1);
-            Some(Bytes::from(format!(
-                "{}\0{p}",
-                msg.metadata.source.destination
-            )))
+            let source = &msg.metadata.source;
+            Some(hasher.hash_one((&*source.destination, source.partition.unwrap_or(-1))))
         }
     }
 }
@@ -622,6 +633,9 @@ struct TaskCtx {
     /// The signal every message carries, made once and shared; its receiver is also
     /// the one calls and parked messages watch.
     shutdown: Arc<Shutdown>,
+    /// Extensions holding only `shutdown`, shared by every message that arrives without
+    /// extensions of its own, so handing a message the signal allocates nothing.
+    signal: Extensions,
 }
 
 struct State {
@@ -630,11 +644,12 @@ struct State {
     running: usize,
     /// Messages parked by the Worker.
     parked: usize,
-    /// Keys with a message running or parked; the queue holds later messages of the key.
-    /// Hashed with foldhash, randomly seeded: a fraction of SipHash's cost per
-    /// delivery. The map holds only keys in flight or parked and the messages waiting
-    /// behind them (at most `max_waiting`), so even chosen collisions slow a bounded set.
-    busy: HashMap<Bytes, VecDeque<Delivery>, foldhash::fast::RandomState>,
+    /// Keys (as [`KeyId`]s) with a message running or parked; the queue holds later
+    /// messages of the key. Its hasher, foldhash randomly seeded, also makes the key ids:
+    /// a fraction of SipHash's cost per delivery. The map holds only keys in flight or
+    /// parked and the messages waiting behind them (at most `max_waiting`), so even
+    /// chosen collisions slow a bounded set.
+    busy: HashMap<KeyId, VecDeque<Delivery>, foldhash::fast::RandomState>,
     /// Messages in `busy`'s queues.
     waiting: usize,
     /// Messages whose key is reserved for them, ready to run.
@@ -826,7 +841,7 @@ impl State {
     }
 
     /// Frees `key`, or makes its next waiting message runnable.
-    fn release_key(&mut self, key: Option<Bytes>) {
+    fn release_key(&mut self, key: Option<KeyId>) {
         let Some(key) = key else { return };
         let Some(queue) = self.busy.get_mut(&key) else {
             return;
@@ -843,7 +858,7 @@ impl State {
     }
 
     /// Hands deliveries back to the broker without running them; releases `key` after.
-    fn hand_back(&mut self, back: Vec<Delivery>, key: Option<Bytes>) {
+    fn hand_back(&mut self, back: Vec<Delivery>, key: Option<KeyId>) {
         self.tasks.spawn(async move {
             let count = back.len() as u64;
             let mut settle_errors = 0;
@@ -875,7 +890,7 @@ impl State {
 fn run_one<S>(
     service: &mut S,
     delivery: Delivery,
-    key: Option<Bytes>,
+    key: Option<KeyId>,
     ctx: &TaskCtx,
 ) -> impl Future<Output = Done> + Send + 'static
 where
@@ -889,7 +904,12 @@ where
     // so the copy shares none, and what the service adds is not copied on write.
     // Run again after parking, the copy gets the signal then.
     let parked_copy = ctx.park.then(|| message.clone());
-    message.extensions.insert_shared(ctx.shutdown.clone());
+    if message.extensions.is_empty() {
+        // A layer that adds an extension copies the shared list first.
+        message.extensions = ctx.signal.clone();
+    } else {
+        message.extensions.insert_shared(ctx.shutdown.clone());
+    }
     let attempt = message.metadata.attempt;
     let call = std::panic::catch_unwind(AssertUnwindSafe(|| service.call(message)));
     let renew_every = ctx.renew_every;
@@ -995,7 +1015,7 @@ async fn keep_lease(settle: &Settle, every: Option<Duration>, lease: Option<Dura
 async fn park(
     message: Message,
     settle: Settle,
-    key: Option<Bytes>,
+    key: Option<KeyId>,
     delay: Duration,
     renew_every: Option<Duration>,
     lease: Option<Duration>,
