@@ -48,11 +48,15 @@ fn subscriber(capture: &Capture) -> impl tracing::Subscriber + Send + Sync {
 }
 
 // One test function: a thread-local subscriber and tracing's global callsite cache do
-// not mix well with tests running in parallel in one binary.
+// not mix well with tests running in parallel in one binary. A second test that
+// created the same spans with no subscriber on its thread, at the same time, was seen
+// to leave them disabled for the subscriber here, so every check of this file runs
+// in this one function, one after the other.
 #[tokio::test]
 async fn correlation_ids() {
     every_log_line_inside_the_handler_carries_the_correlation_id().await;
     an_existing_id_is_never_overwritten_and_a_generated_one_is_written_once().await;
+    the_id_is_current_while_the_call_runs_across_polls_and_only_then().await;
 }
 
 async fn every_log_line_inside_the_handler_carries_the_correlation_id() {
@@ -178,7 +182,6 @@ async fn traced_call(
     (seen, before, after)
 }
 
-#[tokio::test]
 async fn the_id_is_current_while_the_call_runs_across_polls_and_only_then() {
     let mut headers = Headers::new();
     headers.insert(CORRELATION_ID, "order-7").unwrap();
