@@ -13,7 +13,9 @@ pub enum OrderingMode {
     Unordered,
     /// Messages with the same [`key`](crate::Message::key) run one at a time, in the
     /// order received; different keys run in parallel. A failed message **parks** its
-    /// key. Messages without a key run unordered.
+    /// key. Messages without a key run unordered. The Worker tracks keys by a randomly
+    /// seeded 64-bit hash: two keys that share one (about one chance in 2^64 per pair)
+    /// run in one order, never out of order.
     PerKey,
     /// Messages of the same partition (Kafka) run one at a time, in order; a failed
     /// message parks its partition.
