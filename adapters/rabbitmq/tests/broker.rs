@@ -8,21 +8,14 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use redrive_core::{
-    BoxError, Consumer, Delivery, Error as CoreError, HeaderValue, Message, OutgoingMessage,
-    Publisher, Redelivery, Worker, handler_fn,
+    BoxError, Error as CoreError, HeaderValue, Message, OutgoingMessage, Publisher, Redelivery,
+    Worker, handler_fn,
 };
 use redrive_middleware::dead_letter::{self, DeadLetterConfig, DeadLetterLayer};
 use redrive_rabbitmq::lapin::BasicProperties;
 use redrive_rabbitmq::lapin::types::{AMQPValue, ByteArray, DecimalValue, FieldArray, FieldTable};
 use redrive_rabbitmq::mapping;
 use redrive_rabbitmq::{AmqpDelivery, Error, QueueKind, RabbitConsumer, Topology};
-
-async fn next(c: &mut RabbitConsumer, within: Duration) -> Option<Delivery> {
-    tokio::time::timeout(within, c.receive())
-        .await
-        .ok()
-        .map(|r| r.expect("receive").expect("consumer open"))
-}
 
 fn amqp(m: &Message) -> &AmqpDelivery {
     m.extensions
@@ -141,7 +134,7 @@ async fn header_round_trip(kind: QueueKind) {
         .expect("publish");
 
     let mut c = common::consumer(&topology, "redrive-test-headers", 8).await;
-    let d = next(&mut c, Duration::from_secs(10))
+    let d = common::next(&mut c, Duration::from_secs(10))
         .await
         .expect("delivery");
     let m = &d.message;
@@ -185,7 +178,7 @@ async fn header_round_trip(kind: QueueKind) {
     // The adapter's republish (a classic queue's redelivery, or a delay) keeps every
     // property and typed value.
     d.nack(Duration::ZERO).await.expect("nack");
-    let d = next(&mut c, Duration::from_secs(10))
+    let d = common::next(&mut c, Duration::from_secs(10))
         .await
         .expect("redelivery");
     assert_eq!(d.message.attempt(), 2);
@@ -200,7 +193,7 @@ async fn header_round_trip(kind: QueueKind) {
     d.nack(Duration::from_millis(300))
         .await
         .expect("delayed nack");
-    let d = next(&mut c, Duration::from_secs(10))
+    let d = common::next(&mut c, Duration::from_secs(10))
         .await
         .expect("delayed redelivery");
     assert_eq!(d.message.attempt(), 3);
@@ -241,15 +234,19 @@ async fn delayed_retry(kind: QueueKind) {
             .expect("publish");
     }
     let mut c = common::consumer(&topology, "redrive-test-delay", 8).await;
-    let long = next(&mut c, Duration::from_secs(10)).await.expect("first");
-    let short = next(&mut c, Duration::from_secs(10)).await.expect("second");
+    let long = common::next(&mut c, Duration::from_secs(10))
+        .await
+        .expect("first");
+    let short = common::next(&mut c, Duration::from_secs(10))
+        .await
+        .expect("second");
     assert_eq!(&long.message.payload[..], b"long");
     let start = Instant::now();
     long.nack(Duration::from_secs(6)).await.expect("nack 6 s");
     short.nack(Duration::from_secs(1)).await.expect("nack 1 s");
 
     // The short delay is not held behind the long one: they sit in different buckets.
-    let d = next(&mut c, Duration::from_secs(4))
+    let d = common::next(&mut c, Duration::from_secs(4))
         .await
         .expect("the 1 s retry");
     let at = start.elapsed();
@@ -261,7 +258,7 @@ async fn delayed_retry(kind: QueueKind) {
     assert_eq!(d.message.attempt(), 2);
     d.ack().await.expect("ack");
 
-    let early = next(
+    let early = common::next(
         &mut c,
         Duration::from_secs(6).saturating_sub(start.elapsed()) - Duration::from_millis(200),
     )
@@ -271,7 +268,7 @@ async fn delayed_retry(kind: QueueKind) {
         "the 6 s retry came back early, after {:?}",
         start.elapsed()
     );
-    let d = next(&mut c, Duration::from_secs(10))
+    let d = common::next(&mut c, Duration::from_secs(10))
         .await
         .expect("the 6 s retry");
     let at = start.elapsed();
@@ -346,7 +343,7 @@ async fn poison_to_dlq(kind: QueueKind, redelivery: Duration) {
         8,
     )
     .await;
-    let d = next(&mut c, Duration::from_secs(30))
+    let d = common::next(&mut c, Duration::from_secs(30))
         .await
         .expect("the poison message in the DLQ");
     stop.notify_one();
@@ -391,7 +388,7 @@ async fn poison_to_dlq(kind: QueueKind, redelivery: Duration) {
     assert_eq!(m.attempt(), 1, "the DLQ copy starts its own count");
     d.ack().await.expect("ack");
     assert!(
-        next(&mut c, Duration::from_secs(1)).await.is_none(),
+        common::next(&mut c, Duration::from_secs(1)).await.is_none(),
         "one DLQ message"
     );
     drop(c);

@@ -12,12 +12,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use redrive_core::{
-    BoxError, Consumer, Delivery, Message, OutgoingMessage, Publisher, Redelivery, Worker,
-    handler_fn,
-};
+use redrive_core::{BoxError, Consumer, Message, OutgoingMessage, Publisher, handler_fn};
 use redrive_rabbitmq::QueueKind;
-use redrive_rabbitmq::RabbitConsumer;
 use redrive_rabbitmq::lapin::options::QueueDeclareOptions;
 use redrive_rabbitmq::lapin::types::FieldTable;
 
@@ -59,14 +55,7 @@ async fn out_of_order_settlement(kind: QueueKind) {
     });
     let consumer = common::consumer(&topology, &common::unique("conn-coalesce"), 64).await;
     let monitor = consumer.monitor();
-    let worker = Worker::builder(consumer, handler)
-        .concurrency(64)
-        .redelivery(Redelivery::constant(Duration::ZERO))
-        .build()
-        .expect("worker");
-    let stop = Arc::new(tokio::sync::Notify::new());
-    let stopper = stop.clone();
-    let run = tokio::spawn(worker.run_until(async move { stopper.notified().await }));
+    let worker = common::RunningWorker::spawn(consumer, handler, 64);
     let start = std::time::Instant::now();
     while done.lock().unwrap().len() < n {
         assert!(
@@ -76,8 +65,7 @@ async fn out_of_order_settlement(kind: QueueKind) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    stop.notify_one();
-    let report = run.await.expect("worker");
+    let report = worker.stop().await;
     eprintln!("{kind:?}: {report:?}, {monitor:?}");
 
     let done = done.lock().unwrap().clone();
@@ -133,13 +121,6 @@ async fn acks_share_frames_and_settle_nothing_wrongly_quorum() {
     out_of_order_settlement(QueueKind::Quorum).await;
 }
 
-async fn next(c: &mut RabbitConsumer, within: Duration) -> Option<Delivery> {
-    tokio::time::timeout(within, c.receive())
-        .await
-        .ok()
-        .map(|r| r.expect("receive").expect("consumer open"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delivery_dropped_unsettled_comes_back_and_blocks_no_settlement() {
     let queue = common::unique("coalesce-dropped");
@@ -156,9 +137,15 @@ async fn a_delivery_dropped_unsettled_comes_back_and_blocks_no_settlement() {
     let mut consumer = common::consumer(&topology, &common::unique("conn-dropped"), 8).await;
     let monitor = consumer.monitor();
     let within = Duration::from_secs(10);
-    let first = next(&mut consumer, within).await.expect("first delivery");
-    let second = next(&mut consumer, within).await.expect("second delivery");
-    let third = next(&mut consumer, within).await.expect("third delivery");
+    let first = common::next(&mut consumer, within)
+        .await
+        .expect("first delivery");
+    let second = common::next(&mut consumer, within)
+        .await
+        .expect("second delivery");
+    let third = common::next(&mut consumer, within)
+        .await
+        .expect("third delivery");
     assert_eq!(&first.message.payload[..], b"0");
     // Its call ended without settling it (as a task that panicked does).
     drop(first);
@@ -166,7 +153,7 @@ async fn a_delivery_dropped_unsettled_comes_back_and_blocks_no_settlement() {
     third.ack().await.expect("ack");
     // The first is handed back with the frames of the second's ack, at once, not when
     // the channel closes.
-    let again = next(&mut consumer, within)
+    let again = common::next(&mut consumer, within)
         .await
         .expect("the dropped delivery comes back");
     assert_eq!(&again.message.payload[..], b"0");

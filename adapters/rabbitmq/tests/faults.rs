@@ -11,8 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redrive_core::{
-    BoxError, Consumer, Error as CoreError, Message, OutgoingMessage, Publisher, Redelivery,
-    Worker, handler_fn,
+    BoxError, Consumer, Error as CoreError, Message, OutgoingMessage, Publisher, handler_fn,
 };
 use redrive_rabbitmq::{ConnectionMonitor, QueueKind, RabbitConsumer};
 
@@ -78,14 +77,7 @@ where
     let name = common::unique(&format!("conn-{what}"));
     let consumer = common::consumer(&topology, &name, 16).await;
     let monitor = consumer.monitor();
-    let worker = Worker::builder(consumer, handler)
-        .concurrency(8)
-        .redelivery(Redelivery::constant(Duration::ZERO))
-        .build()
-        .expect("worker");
-    let stop = Arc::new(tokio::sync::Notify::new());
-    let stopper = stop.clone();
-    let run = tokio::spawn(worker.run_until(async move { stopper.notified().await }));
+    let worker = common::RunningWorker::spawn(consumer, handler, 8);
 
     wait_until(
         "50 messages handled and 8 waiting",
@@ -106,8 +98,7 @@ where
         "no reconnect counted: {monitor:?}"
     );
     assert!(monitor.is_connected(), "{monitor:?}");
-    stop.notify_one();
-    let report = run.await.expect("worker");
+    let report = worker.stop().await;
     let handled: HashSet<String> = seen.lock().unwrap().clone();
     for i in 0..n {
         assert!(handled.contains(&format!("m{i}")), "m{i} was never handled");

@@ -1,7 +1,12 @@
 //! Helpers shared by the tests against the local RabbitMQ.
 #![allow(dead_code, unreachable_pub)]
 
+use std::sync::Arc;
 use std::time::Duration;
+
+use redrive_core::{BoxError, Consumer, Delivery, Message, Outcome, Redelivery, Report, Worker};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
 
 use redrive_rabbitmq::lapin::Connection;
 use redrive_rabbitmq::lapin::options::QueueDeleteOptions;
@@ -107,5 +112,46 @@ pub async fn wait_for_broker() {
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
         }
+    }
+}
+
+/// The consumer's next delivery, or `None` if none comes `within`.
+pub async fn next(c: &mut RabbitConsumer, within: Duration) -> Option<Delivery> {
+    tokio::time::timeout(within, c.receive())
+        .await
+        .ok()
+        .map(|r| r.expect("receive").expect("consumer open"))
+}
+
+/// A Worker running `handler` over `consumer` on its own task, with `concurrency` calls
+/// and failed messages nacked for redelivery at once.
+pub struct RunningWorker {
+    stop: Arc<Notify>,
+    run: JoinHandle<Report>,
+}
+
+impl RunningWorker {
+    pub fn spawn<S>(consumer: RabbitConsumer, handler: S, concurrency: usize) -> Self
+    where
+        S: tower::Service<Message> + Send + 'static,
+        S::Response: Into<Outcome> + Send + 'static,
+        S::Error: Into<BoxError> + Send + 'static,
+        S::Future: Send + 'static,
+    {
+        let worker = Worker::builder(consumer, handler)
+            .concurrency(concurrency)
+            .redelivery(Redelivery::constant(Duration::ZERO))
+            .build()
+            .expect("worker");
+        let stop = Arc::new(Notify::new());
+        let stopper = stop.clone();
+        let run = tokio::spawn(worker.run_until(async move { stopper.notified().await }));
+        RunningWorker { stop, run }
+    }
+
+    /// Stops the Worker and returns its report.
+    pub async fn stop(self) -> Report {
+        self.stop.notify_one();
+        self.run.await.expect("worker task")
     }
 }
