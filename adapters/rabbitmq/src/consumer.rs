@@ -542,6 +542,7 @@ fn delivery(session: &Arc<Session>, queue: &Arc<str>, d: lapin::message::Deliver
         RabbitAcker {
             session: Arc::downgrade(session),
             tag: delivery_tag,
+            settling: AtomicBool::new(false),
             amqp,
             payload,
             attempt,
@@ -554,6 +555,9 @@ struct RabbitAcker {
     session: Weak<Session>,
     /// The delivery tag on the session's consuming channel.
     tag: u64,
+    /// Set once an ack or a requeue reached the settler: dropping the acker after that
+    /// has nothing to hand back, and takes no lock to find that out.
+    settling: AtomicBool,
     amqp: AmqpDelivery,
     payload: Bytes,
     attempt: u32,
@@ -571,6 +575,7 @@ impl RabbitAcker {
     /// `basic.ack`, coalesced with its neighbours' where the [`Settler`] can.
     async fn do_ack(&self) -> Result<()> {
         let session = self.session()?;
+        self.settling.store(true, Ordering::Relaxed);
         if session.settler.ack(self.tag).await {
             Ok(())
         } else {
@@ -581,6 +586,7 @@ impl RabbitAcker {
     /// `basic.nack` with requeue.
     async fn requeue(&self) -> Result<()> {
         let session = self.session()?;
+        self.settling.store(true, Ordering::Relaxed);
         if session.settler.requeue(self.tag).await {
             Ok(())
         } else {
@@ -643,6 +649,9 @@ impl Drop for RabbitAcker {
     fn drop(&mut self) {
         // Settled: nothing happens. Unsettled (its call ended without settling it): it is
         // handed back, so it cannot stop later acks from sharing frames.
+        if *self.settling.get_mut() {
+            return;
+        }
         if let Some(session) = self.session.upgrade() {
             session.settler.abandon(self.tag);
         }
