@@ -65,7 +65,7 @@ pub(crate) enum Frame {
 }
 
 /// The settlement state of every delivery from the oldest unsettled one on.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Ledger {
     /// The tag of `slots[0]`; every tag below it is settled.
     first: u64,
@@ -74,22 +74,42 @@ pub(crate) struct Ledger {
     sending: bool,
 }
 
+impl Default for Ledger {
+    /// A new channel's ledger: its first delivery has tag 1.
+    fn default() -> Self {
+        Ledger {
+            first: 1,
+            slots: VecDeque::new(),
+            sending: false,
+        }
+    }
+}
+
 impl Ledger {
     /// Records a delivery handed to the Worker. Tags arrive in increasing order.
     pub(crate) fn deliver(&mut self, tag: u64) {
-        if self.slots.is_empty() {
-            self.first = tag;
-        }
         let next = self.first + self.slots.len() as u64;
-        debug_assert!(tag >= next, "delivery tag {tag} after {next}");
-        // A tag the consumer never saw cannot be known settled: it stays open, so no
-        // multiple ack ever covers it.
-        while self.first + (self.slots.len() as u64) < tag {
-            self.slots.push_back(Slot::Open);
+        if tag < next {
+            // Tags only grow on a channel; one seen again is left as it is.
+            tracing::warn!(
+                tag,
+                expected = next,
+                "a delivery tag came again or out of order"
+            );
+            return;
         }
-        if tag >= next {
-            self.slots.push_back(Slot::Open);
+        if tag > next {
+            // A tag the consumer never saw cannot be known settled: it stays open, so no
+            // multiple ack ever covers it (acks behind it go one by one).
+            tracing::warn!(
+                tag,
+                expected = next,
+                "a delivery tag was skipped; acks on this channel stop sharing frames"
+            );
+            self.slots
+                .resize(self.slots.len() + (tag - next) as usize, Slot::Open);
         }
+        self.slots.push_back(Slot::Open);
     }
 
     fn index(&self, tag: u64) -> Option<usize> {
@@ -482,14 +502,23 @@ mod tests {
     }
 
     #[test]
-    fn tags_start_anywhere_and_a_gap_stays_open() {
+    fn a_tag_never_seen_stays_open_and_is_never_covered() {
         let mut l = Ledger::default();
-        l.deliver(7);
-        l.deliver(9);
-        l.mark(7, Slot::Ack);
-        l.mark(9, Slot::Ack);
-        // 8 was never seen here, so it cannot be covered.
-        assert_eq!(l.take(), [ack(7, false), ack(9, false)]);
+        for t in [1, 2, 4] {
+            l.deliver(t);
+        }
+        for t in [1, 2, 4] {
+            l.mark(t, Slot::Ack);
+        }
+        // 3 was never seen here, so no ack may cover it: 4 goes alone.
+        let frames = l.take();
+        assert_eq!(frames, [ack(2, true), ack(4, false)]);
+        l.finish(&frames, &[true; 2]);
+        assert_eq!(l.first, 3);
+        // Even once nothing else is open, a later ack does not cover it.
+        l.deliver(5);
+        l.mark(5, Slot::Ack);
+        assert_eq!(l.take(), [ack(5, false)]);
     }
 
     #[test]
