@@ -10,12 +10,15 @@
 //! BENCH_MOCK=1 BENCH_N=50000 cargo bench -p redrive-kafka --bench throughput
 //! BENCH_ONLY="InTask) + no-op" BENCH_SLOW_N=100 cargo bench -p redrive-kafka --bench throughput
 //! BENCH_THREADS=1 cargo bench -p redrive-kafka --bench throughput  # runtime threads, default 2
+//! BENCH_ROUNDS=5 cargo bench -p redrive-kafka --bench throughput   # rounds, default 3
 //! ```
 //!
 //! Every run reads one topic of one partition from the start, as a fresh group; rates
-//! are counted from the first record handled. Each no-op row also prints the CPU time
-//! spent per record, by this process and by the whole machine (the broker included),
-//! counted over the whole run. `BENCH_MOCK=1` uses librdkafka's mock cluster instead
+//! are counted from the first record handled. The no-op rows run `BENCH_ROUNDS` rounds,
+//! each the bare consumer first, and print each row's ratio to the bare run of the same
+//! round and the medians. Each no-op row also prints the CPU time spent per record, by
+//! this process and by the whole machine (the broker included), counted over the whole
+//! run. `BENCH_MOCK=1` uses librdkafka's mock cluster instead
 //! of a broker; there a bare consumer stalled past about 50,000 records in one
 //! partition, so keep `BENCH_N` at or under that with it.
 
@@ -235,54 +238,78 @@ fn main() {
 
         eprintln!("filling a topic with {n} records");
         let topic = fill(&brokers, mock.as_ref(), n).await;
-        eprintln!(
-            "bare consumer, then the Worker alone and with the full Stack, spawned and in task"
-        );
-        let cpu = CpuTimes::now();
-        let bare_fast = bare(&brokers, &topic, n, Duration::ZERO).await;
-        let mut rows = vec![(
-            "bare rdkafka StreamConsumer".to_owned(),
-            bare_fast,
-            cpu.since(),
-        )];
         // BENCH_ONLY=<text> runs only the Worker rows whose name holds the text (and bare).
         let only = std::env::var("BENCH_ONLY").ok();
+        let mut rows: Vec<(String, Option<Setup>)> =
+            vec![("bare rdkafka StreamConsumer".to_owned(), None)];
         for execution in [Execution::Spawned, Execution::InTask] {
             for full in [false, true] {
                 let stack = if full { " + full Stack" } else { "" };
                 let what =
                     format!("redrive Worker (PerKey, 64, {execution:?}){stack} + no-op handler");
-                if only.as_deref().is_some_and(|only| !what.contains(only)) {
-                    continue;
+                if only.as_deref().is_none_or(|only| what.contains(only)) {
+                    rows.push((what, Some(Setup { full, execution })));
                 }
-                let cpu = CpuTimes::now();
-                let took = redrive(
-                    &brokers,
-                    &topic,
-                    n,
-                    Duration::ZERO,
-                    Setup { full, execution },
-                )
-                .await;
-                rows.push((what, took, cpu.since()));
             }
         }
+        // Each round reads the topic once per row, bare first, so a row is compared
+        // with the bare run of its own round: the broker shares this machine.
+        let rounds = env("BENCH_ROUNDS", 3).max(1);
+        let mut results: Vec<Vec<(Duration, CpuUsed)>> = vec![Vec::new(); rows.len()];
+        for round in 1..=rounds {
+            eprintln!(
+                "round {round} of {rounds}: bare consumer, then the Worker alone and with the \
+                 full Stack, spawned and in task"
+            );
+            for (i, (_, setup)) in rows.iter().enumerate() {
+                let cpu = CpuTimes::now();
+                let took = match *setup {
+                    None => bare(&brokers, &topic, n, Duration::ZERO).await,
+                    Some(setup) => redrive(&brokers, &topic, n, Duration::ZERO, setup).await,
+                };
+                results[i].push((took, cpu.since()));
+            }
+        }
+        let median = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
         println!();
-        println!("{n} records of 64 bytes, {KEYS} keys, one partition, on {on}");
         println!(
-            "| consumer, no-op handler | seconds | records/s | vs bare | \
+            "{n} records of 64 bytes, {KEYS} keys, one partition, on {on}; \
+             medians of {rounds} rounds"
+        );
+        println!(
+            "| consumer, no-op handler | records/s | vs bare (per round) | vs bare, median | \
              CPU µs/record, this process | CPU µs/record, whole machine |"
         );
-        println!("|---|---:|---:|---:|---:|---:|");
+        println!("|---|---:|---|---:|---:|---:|");
         let per_record = |d: Duration| d.as_secs_f64() * 1e6 / n as f64;
-        for (what, took, CpuUsed { process, machine }) in rows {
+        for ((what, _), runs) in rows.iter().zip(&results) {
+            let ratios: Vec<f64> = runs
+                .iter()
+                .zip(&results[0])
+                .map(|((took, _), (bare, _))| 100.0 * rate(n, *took) / rate(n, *bare))
+                .collect();
+            let per_round = ratios
+                .iter()
+                .map(|r| format!("{r:.0} %"))
+                .collect::<Vec<_>>()
+                .join(", ");
             println!(
-                "| {what} | {:.2} | {:.0} | {:.1} % | {:.2} | {:.2} |",
-                took.as_secs_f64(),
-                rate(n, took),
-                100.0 * rate(n, took) / rate(n, bare_fast),
-                per_record(process),
-                per_record(machine),
+                "| {what} | {:.0} | {per_round} | {:.1} % | {:.2} | {:.2} |",
+                median(runs.iter().map(|(took, _)| rate(n, *took)).collect()),
+                median(ratios),
+                median(
+                    runs.iter()
+                        .map(|(_, cpu)| per_record(cpu.process))
+                        .collect()
+                ),
+                median(
+                    runs.iter()
+                        .map(|(_, cpu)| per_record(cpu.machine))
+                        .collect()
+                ),
             );
         }
 
