@@ -14,7 +14,9 @@
 //! ```
 //!
 //! Every run reads one topic of one partition from the start, as a fresh group; rates
-//! are counted from the first record handled. The no-op rows run `BENCH_ROUNDS` rounds,
+//! are counted from the first record handled to the last, so neither the bare
+//! consumer's close nor the Worker's shutdown (its final commit, leaving the group) is
+//! counted. The no-op rows run `BENCH_ROUNDS` rounds,
 //! each the bare consumer first, and print each row's ratio to the bare run of the same
 //! round and the medians. Each no-op row also prints the CPU time spent per record, by
 //! this process and by the whole machine (the broker included), counted over the whole
@@ -152,21 +154,26 @@ struct Setup {
     execution: Execution,
 }
 
-/// The Worker over the adapter until `n` records were handled; from the first record.
+/// The Worker over the adapter until `n` records were handled: the time from the first
+/// record handled to the last, as the bare consumer counts it. The Worker's shutdown
+/// (the final commit, leaving the group) comes after and is not counted, as the bare
+/// consumer's is not.
 async fn redrive(brokers: &str, topic: &str, n: usize, wait: Duration, setup: Setup) -> Duration {
     let Setup { full, execution } = setup;
     let count = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(Notify::new());
     let started = Arc::new(std::sync::OnceLock::new());
-    let (c, d, s) = (count.clone(), done.clone(), started.clone());
+    let ended = Arc::new(std::sync::OnceLock::new());
+    let (c, d, s, e) = (count.clone(), done.clone(), started.clone(), ended.clone());
     let handler = handler_fn(move |_m: Message| {
-        let (c, d, s) = (c.clone(), d.clone(), s.clone());
+        let (c, d, s, e) = (c.clone(), d.clone(), s.clone(), e.clone());
         async move {
             s.get_or_init(Instant::now);
             if !wait.is_zero() {
                 tokio::time::sleep(wait).await;
             }
             if c.fetch_add(1, Ordering::Relaxed) + 1 == n {
+                e.get_or_init(Instant::now);
                 d.notify_one();
             }
             Ok::<_, BoxError>(())
@@ -198,7 +205,8 @@ async fn redrive(brokers: &str, topic: &str, n: usize, wait: Duration, setup: Se
         .await
         .expect("worker task");
     assert!(report.processed as usize >= n, "{report:?}");
-    started.get().expect("a record was handled").elapsed()
+    let started = *started.get().expect("a record was handled");
+    *ended.get().expect("the last record was handled") - started
 }
 
 fn main() {
