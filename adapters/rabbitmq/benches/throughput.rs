@@ -112,13 +112,15 @@ enum BareAcks {
     MultiplePer64,
 }
 
+/// Consumes `n` messages; returns the time until the last ack completed and how many
+/// deliveries an ack frame settled on average.
 async fn bare_lapin(
     conn: &Connection,
     queue: &str,
     n: usize,
     prefetch: u16,
     acks: BareAcks,
-) -> Duration {
+) -> (Duration, f64) {
     let ch = conn.create_channel().await.expect("channel");
     ch.basic_qos(prefetch, BasicQosOptions::default())
         .await
@@ -136,6 +138,7 @@ async fn bare_lapin(
     let start = Instant::now();
     let mut pending: FuturesUnordered<AckFuture> = FuturesUnordered::new();
     let mut got = 0;
+    let mut frames = 0usize;
     while got < n {
         tokio::select! {
             Some(r) = pending.next(), if !pending.is_empty() => {
@@ -156,8 +159,9 @@ async fn bare_lapin(
                                 .map(|()| true)
                         }));
                     }
-                    BareAcks::MultiplePer64 => {}
+                    BareAcks::MultiplePer64 => continue,
                 }
+                frames += 1;
             }
         }
     }
@@ -167,7 +171,7 @@ async fn bare_lapin(
     let took = start.elapsed();
     drop(consumer);
     let _ = ch.close(200, "done").await;
-    took
+    (took, n as f64 / frames.max(1) as f64)
 }
 
 async fn redrive(
@@ -298,14 +302,7 @@ fn main() {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 let cpu = CpuTimes::now();
                 let (took, acks_per_frame) = match *run {
-                    Row::Bare(BareAcks::EachConcurrently) => (
-                        bare_lapin(&conn, &queue, n, prefetch, BareAcks::EachConcurrently).await,
-                        1.0,
-                    ),
-                    Row::Bare(BareAcks::MultiplePer64) => (
-                        bare_lapin(&conn, &queue, n, prefetch, BareAcks::MultiplePer64).await,
-                        64.0,
-                    ),
+                    Row::Bare(acks) => bare_lapin(&conn, &queue, n, prefetch, acks).await,
                     Row::Redrive(full, execution) => {
                         redrive(&url, &queue, n, prefetch, full, execution).await
                     }

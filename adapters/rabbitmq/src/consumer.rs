@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 use crate::connection::{Reconnect, confirm_channel, connect, publish_confirmed};
 use crate::error::{Error, Result};
 use crate::mapping::{self, AmqpDelivery};
-use crate::settle::{Counters, Settler};
+use crate::settle::{Counters, Settlement, Settler};
 use crate::topology::{QueueKind, Topology};
 
 /// Builds a [`RabbitConsumer`]; [`connect`](ConsumerBuilder::connect) checks the settings
@@ -572,26 +572,23 @@ impl RabbitAcker {
             .ok_or(Error::ChannelClosed)
     }
 
-    /// `basic.ack`, coalesced with its neighbours' where the [`Settler`] can.
-    async fn do_ack(&self) -> Result<()> {
+    /// Settles the delivery through its channel's [`Settler`].
+    async fn settle(&self, how: Settlement) -> Result<()> {
         let session = self.session()?;
         self.settling.store(true, Ordering::Relaxed);
-        if session.settler.ack(self.tag).await {
+        if session.settler.settle(self.tag, how).await {
             Ok(())
         } else {
             Err(Error::ChannelClosed)
         }
     }
 
-    /// `basic.nack` with requeue.
+    async fn do_ack(&self) -> Result<()> {
+        self.settle(Settlement::Ack).await
+    }
+
     async fn requeue(&self) -> Result<()> {
-        let session = self.session()?;
-        self.settling.store(true, Ordering::Relaxed);
-        if session.settler.requeue(self.tag).await {
-            Ok(())
-        } else {
-            Err(Error::ChannelClosed)
-        }
+        self.settle(Settlement::Requeue).await
     }
 
     async fn do_nack(&self, delay: Duration) -> Result<()> {

@@ -47,6 +47,15 @@ enum Slot {
     Failed,
 }
 
+/// How a call settles its delivery.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Settlement {
+    /// `basic.ack`, coalesced with its neighbours' where the ledger allows.
+    Ack,
+    /// `basic.nack` with requeue: the broker delivers it again.
+    Requeue,
+}
+
 /// A frame the ledger decided to send.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Frame {
@@ -278,19 +287,15 @@ impl Settler {
         self.ledger().abandon(tag);
     }
 
-    /// Acks `tag`; returns once the frame that settles it was written: `true`, or `false`
-    /// when the channel could not take it (the broker then delivers the message again).
-    pub(crate) async fn ack(&self, tag: u64) -> bool {
-        self.settle(tag, Slot::Ack).await
-    }
-
-    /// Hands `tag` back (`basic.nack` with requeue); returns as [`ack`](Self::ack) does.
-    pub(crate) async fn requeue(&self, tag: u64) -> bool {
-        self.settle(tag, Slot::Requeue).await
-    }
-
-    async fn settle(&self, tag: u64, how: Slot) -> bool {
-        self.ledger().mark(tag, how);
+    /// Settles `tag`; returns once the frame that settles it was written: `true`, or
+    /// `false` when the channel could not take it (the broker then delivers the message
+    /// again).
+    pub(crate) async fn settle(&self, tag: u64, how: Settlement) -> bool {
+        let slot = match how {
+            Settlement::Ack => Slot::Ack,
+            Settlement::Requeue => Slot::Requeue,
+        };
+        self.ledger().mark(tag, slot);
         loop {
             let wait = {
                 let mut ledger = self.ledger();
