@@ -4,12 +4,81 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use crate::{Message, Result};
 
-/// A boxed, sendable future, as the object-safe [`Acker`] returns.
+/// A boxed, sendable future.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What an [`Acker`]'s `ack`, `nack` and `extend` return: an answer known at once, or
+/// a boxed future to await.
+///
+/// An acker that settles by bookkeeping alone (Kafka's offset watermark, the in-memory
+/// broker) answers with [`SettleFuture::ready`], which allocates nothing; one that
+/// talks to the broker returns [`SettleFuture::new`] around its future.
+///
+/// ```
+/// use redrive_core::delivery::SettleFuture;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// assert!(SettleFuture::ready(Ok(())).await.is_ok());
+/// assert!(SettleFuture::new(async { Ok(()) }).await.is_ok());
+/// # }
+/// ```
+#[must_use = "a settlement does nothing more until it is awaited"]
+pub struct SettleFuture<'a>(SettleState<'a>);
+
+enum SettleState<'a> {
+    /// `None` once taken by the poll that completed.
+    Ready(Option<Result<()>>),
+    Boxed(BoxFuture<'a, Result<()>>),
+}
+
+impl<'a> SettleFuture<'a> {
+    /// The settlement is done, with this result.
+    pub fn ready(result: Result<()>) -> Self {
+        SettleFuture(SettleState::Ready(Some(result)))
+    }
+
+    /// The settlement finishes when `future` does; it is boxed.
+    pub fn new(future: impl Future<Output = Result<()>> + Send + 'a) -> Self {
+        SettleFuture(SettleState::Boxed(Box::pin(future)))
+    }
+}
+
+impl<'a> From<BoxFuture<'a, Result<()>>> for SettleFuture<'a> {
+    fn from(future: BoxFuture<'a, Result<()>>) -> Self {
+        SettleFuture(SettleState::Boxed(future))
+    }
+}
+
+impl Future for SettleFuture<'_> {
+    type Output = Result<()>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        match &mut self.get_mut().0 {
+            SettleState::Ready(result) => Poll::Ready(
+                result
+                    .take()
+                    .expect("SettleFuture polled after it completed"),
+            ),
+            SettleState::Boxed(future) => future.as_mut().poll(cx),
+        }
+    }
+}
+
+impl fmt::Debug for SettleFuture<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &self.0 {
+            SettleState::Ready(_) => "ready",
+            SettleState::Boxed(_) => "boxed",
+        };
+        f.debug_tuple("SettleFuture").field(&state).finish()
+    }
+}
 
 /// Settles one delivery with the broker. Adapters implement it; the Worker calls it.
 ///
@@ -17,11 +86,11 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// is called at most once for `ack`/`nack`.
 pub trait Acker: Send + Sync + 'static {
     /// The message was handled: remove it from the broker.
-    fn ack(&self) -> BoxFuture<'_, Result<()>>;
+    fn ack(&self) -> SettleFuture<'_>;
     /// The message was not handled: deliver it again after `delay` (zero: at once).
-    fn nack(&self, delay: Duration) -> BoxFuture<'_, Result<()>>;
+    fn nack(&self, delay: Duration) -> SettleFuture<'_>;
     /// Keep the message invisible to other consumers for `lease` from now.
-    fn extend(&self, lease: Duration) -> BoxFuture<'_, Result<()>>;
+    fn extend(&self, lease: Duration) -> SettleFuture<'_>;
 
     /// Whether this consumer may still handle the message. `false` once the broker gave
     /// it to another consumer (a Kafka partition revoked in a rebalance): the Worker
@@ -192,16 +261,16 @@ mod tests {
     struct Counting(Arc<AtomicUsize>);
 
     impl Acker for Counting {
-        fn ack(&self) -> BoxFuture<'_, Result<()>> {
+        fn ack(&self) -> SettleFuture<'_> {
             self.0.fetch_add(1, Ordering::SeqCst);
-            Box::pin(async { Ok(()) })
+            SettleFuture::ready(Ok(()))
         }
-        fn nack(&self, _: Duration) -> BoxFuture<'_, Result<()>> {
+        fn nack(&self, _: Duration) -> SettleFuture<'_> {
             self.0.fetch_add(1, Ordering::SeqCst);
-            Box::pin(async { Ok(()) })
+            SettleFuture::new(async { Ok(()) })
         }
-        fn extend(&self, _: Duration) -> BoxFuture<'_, Result<()>> {
-            Box::pin(async { Ok(()) })
+        fn extend(&self, _: Duration) -> SettleFuture<'_> {
+            SettleFuture::ready(Ok(()))
         }
     }
 

@@ -40,7 +40,7 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::delivery::BoxFuture;
+use crate::delivery::SettleFuture;
 use crate::{
     Acker, Capabilities, Consumer, Delivery, Error, Headers, Message, Metadata, OrderingScope,
     OutgoingMessage, Publisher, Result, Source,
@@ -446,12 +446,12 @@ impl MemoryAcker {
 }
 
 impl Acker for MemoryAcker {
-    fn ack(&self) -> BoxFuture<'_, Result<()>> {
+    fn ack(&self) -> SettleFuture<'_> {
         let r = self.take(&mut self.queue.lock()).map(drop);
-        Box::pin(std::future::ready(r))
+        SettleFuture::ready(r)
     }
 
-    fn nack(&self, delay: Duration) -> BoxFuture<'_, Result<()>> {
+    fn nack(&self, delay: Duration) -> SettleFuture<'_> {
         let r = {
             let mut s = self.queue.lock();
             self.take(&mut s).map(|stored| {
@@ -465,10 +465,10 @@ impl Acker for MemoryAcker {
         };
         // Wake a receiver: the message is visible now, or its wake-up time changed.
         self.queue.notify.notify_one();
-        Box::pin(std::future::ready(r))
+        SettleFuture::ready(r)
     }
 
-    fn extend(&self, lease: Duration) -> BoxFuture<'_, Result<()>> {
+    fn extend(&self, lease: Duration) -> SettleFuture<'_> {
         let r = {
             let mut s = self.queue.lock();
             match s.in_flight.get_mut(&self.seq) {
@@ -479,7 +479,7 @@ impl Acker for MemoryAcker {
                 _ => Err(Error::LeaseExpired),
             }
         };
-        Box::pin(std::future::ready(r))
+        SettleFuture::ready(r)
     }
 }
 

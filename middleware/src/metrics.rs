@@ -34,7 +34,7 @@
 //! | `redrive.messages.dead_lettered` | observable counter | `{message}` | of the acked: dead-lettered |
 //! | `redrive.messages.deduplicated` | observable counter | `{message}` | of the acked: skipped duplicates |
 //! | `redrive.messages.in_flight` | observable up-down counter | `{message}` | deliveries in the stack now |
-//! | `redrive.message.age` | histogram | `s` | now − the broker's enqueue time, at receipt |
+//! | `redrive.message.age` | histogram | `s` | the delivery's receipt (`received_at`) − the broker's enqueue time |
 //! | `redrive.circuit.state` | gauge | `1` | 0 closed, 1 half-open, 2 open ([`MetricsLayer::observe_circuit`]) |
 //!
 //! # Bound histograms (feature `metrics-bound`)
@@ -59,7 +59,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Histogram, Meter, ObservableCounter, ObservableUpDownCounter};
@@ -398,10 +398,11 @@ where
         let ins = &self.instruments;
         let dest = ins.destination(&msg);
         dest.add(Count::Consumed);
-        if let Some(age) = msg
-            .metadata
+        // The age at receipt, from the adapter's own clock reading: no second one here.
+        let meta = &msg.metadata;
+        if let Some(age) = meta
             .enqueued_at
-            .and_then(|t| SystemTime::now().duration_since(t).ok())
+            .and_then(|t| meta.received_at.duration_since(t).ok())
         {
             dest.age.record(age.as_secs_f64(), &dest.attrs);
         }

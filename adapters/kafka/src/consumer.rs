@@ -14,7 +14,7 @@ use rdkafka::consumer::{
 use rdkafka::error::KafkaResult;
 use rdkafka::message::BorrowedMessage;
 use rdkafka::{ClientConfig, ClientContext, Message as _, Offset, TopicPartitionList};
-use redrive_core::delivery::BoxFuture;
+use redrive_core::delivery::SettleFuture;
 use redrive_core::{Acker, Capabilities, Consumer, Delivery, OrderingScope};
 use tokio::runtime::RuntimeFlavor;
 use tokio::sync::mpsc;
@@ -779,7 +779,7 @@ impl Drop for KafkaAcker {
 }
 
 impl Acker for KafkaAcker {
-    fn ack(&self) -> BoxFuture<'_, redrive_core::Result<()>> {
+    fn ack(&self) -> SettleFuture<'_> {
         if let Some(assigned) = &self.assigned {
             if !assigned.complete(self.offset) {
                 tracing::trace!(topic = %self.tp.0, partition = self.tp.1, offset = self.offset, "ack below an incomplete record, or of a revoked partition");
@@ -788,22 +788,22 @@ impl Acker for KafkaAcker {
         // Its run ends after its completion is marked: a revoke that waits for the
         // partition's runs to end then commits a watermark that counts it.
         self.set_running(false);
-        Box::pin(std::future::ready(Ok(())))
+        SettleFuture::ready(Ok(()))
     }
 
-    fn nack(&self, _delay: Duration) -> BoxFuture<'_, redrive_core::Result<()>> {
+    fn nack(&self, _delay: Duration) -> SettleFuture<'_> {
         self.set_running(false);
         // Kafka cannot hand back one record. It stays incomplete and holds its
         // partition's watermark, so it is delivered again after a restart or a
         // rebalance. The Worker parks failures instead of nacking them; nacks come only
         // from handing back at shutdown.
         tracing::debug!(topic = %self.tp.0, partition = self.tp.1, offset = self.offset, "record handed back: it holds the watermark and is delivered again after a restart");
-        Box::pin(std::future::ready(Ok(())))
+        SettleFuture::ready(Ok(()))
     }
 
-    fn extend(&self, _lease: Duration) -> BoxFuture<'_, redrive_core::Result<()>> {
+    fn extend(&self, _lease: Duration) -> SettleFuture<'_> {
         // Records have no lease: a consumer keeps its partitions while it polls.
-        Box::pin(std::future::ready(Ok(())))
+        SettleFuture::ready(Ok(()))
     }
 
     fn running(&self, running: bool) {

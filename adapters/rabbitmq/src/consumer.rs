@@ -12,7 +12,7 @@ use futures_util::stream::BoxStream;
 use lapin::options::{BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
-use redrive_core::delivery::BoxFuture;
+use redrive_core::delivery::SettleFuture;
 use redrive_core::{Acker, Capabilities, Consumer, Delivery, OrderingScope};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -656,16 +656,16 @@ impl Drop for RabbitAcker {
 }
 
 impl Acker for RabbitAcker {
-    fn ack(&self) -> BoxFuture<'_, redrive_core::Result<()>> {
-        Box::pin(async { self.do_ack().await.map_err(Into::into) })
+    fn ack(&self) -> SettleFuture<'_> {
+        SettleFuture::new(async { self.do_ack().await.map_err(Into::into) })
     }
 
-    fn nack(&self, delay: Duration) -> BoxFuture<'_, redrive_core::Result<()>> {
-        Box::pin(async move { self.do_nack(delay).await.map_err(Into::into) })
+    fn nack(&self, delay: Duration) -> SettleFuture<'_> {
+        SettleFuture::new(async move { self.do_nack(delay).await.map_err(Into::into) })
     }
 
-    fn extend(&self, _lease: Duration) -> BoxFuture<'_, redrive_core::Result<()>> {
+    fn extend(&self, _lease: Duration) -> SettleFuture<'_> {
         // RabbitMQ holds an unacked message until its channel closes: nothing to extend.
-        Box::pin(std::future::ready(Ok(())))
+        SettleFuture::ready(Ok(()))
     }
 }

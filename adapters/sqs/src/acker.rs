@@ -10,7 +10,7 @@ use aws_sdk_sqs::types::{
     ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry,
 };
 use redrive_core::Acker;
-use redrive_core::delivery::BoxFuture;
+use redrive_core::delivery::SettleFuture;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 
@@ -136,8 +136,8 @@ pub(crate) struct SqsAcker {
 }
 
 impl Acker for SqsAcker {
-    fn ack(&self) -> BoxFuture<'_, redrive_core::Result<()>> {
-        Box::pin(async move {
+    fn ack(&self) -> SettleFuture<'_> {
+        SettleFuture::new(async move {
             let (done, rx) = oneshot::channel();
             let request = AckRequest {
                 receipt: self.receipt.clone(),
@@ -155,8 +155,8 @@ impl Acker for SqsAcker {
         })
     }
 
-    fn nack(&self, delay: Duration) -> BoxFuture<'_, redrive_core::Result<()>> {
-        Box::pin(async move {
+    fn nack(&self, delay: Duration) -> SettleFuture<'_> {
+        SettleFuture::new(async move {
             self.settler
                 .change_visibility(&self.receipt, delay)
                 .await
@@ -164,8 +164,8 @@ impl Acker for SqsAcker {
         })
     }
 
-    fn extend(&self, lease: Duration) -> BoxFuture<'_, redrive_core::Result<()>> {
-        Box::pin(async move {
+    fn extend(&self, lease: Duration) -> SettleFuture<'_> {
+        SettleFuture::new(async move {
             self.settler
                 .change_visibility(&self.receipt, lease)
                 .await

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use redrive_core::delivery::BoxFuture;
+use redrive_core::delivery::SettleFuture;
 use redrive_core::memory::{MemoryBroker, QueueConfig};
 use redrive_core::{
     Acker, BoxError, Capabilities, Consumer, Delivery, LeaseKeeping, Message, OrderingMode,
@@ -33,7 +33,7 @@ struct Recording {
 }
 
 impl Recording {
-    fn push(&self, e: Event) -> BoxFuture<'_, Result<()>> {
+    fn push(&self, e: Event) -> SettleFuture<'_> {
         self.log
             .lock()
             .unwrap()
@@ -49,7 +49,7 @@ impl Recording {
             "the ack of {} exploded",
             self.id
         );
-        Box::pin(async move {
+        SettleFuture::new(async move {
             if refuse {
                 Err(redrive_core::Error::broker("channel closed"))
             } else {
@@ -67,13 +67,13 @@ impl Acker for Recording {
         !(self.id.starts_with("revocable") && REVOKED.load(Ordering::SeqCst))
     }
 
-    fn ack(&self) -> BoxFuture<'_, Result<()>> {
+    fn ack(&self) -> SettleFuture<'_> {
         self.push(Event::Ack)
     }
-    fn nack(&self, delay: Duration) -> BoxFuture<'_, Result<()>> {
+    fn nack(&self, delay: Duration) -> SettleFuture<'_> {
         self.push(Event::Nack(delay))
     }
-    fn extend(&self, lease: Duration) -> BoxFuture<'_, Result<()>> {
+    fn extend(&self, lease: Duration) -> SettleFuture<'_> {
         self.push(Event::Extend(lease))
     }
     fn running(&self, running: bool) {
