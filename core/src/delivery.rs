@@ -17,7 +17,8 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 ///
 /// An acker that settles by bookkeeping alone (Kafka's offset watermark, the in-memory
 /// broker) answers with [`SettleFuture::ready`], which allocates nothing; one that
-/// talks to the broker returns [`SettleFuture::new`] around its future.
+/// talks to the broker returns [`SettleFuture::new`] around its future. Like most
+/// futures, it panics if polled again after it completed.
 ///
 /// ```
 /// use redrive_core::delivery::SettleFuture;

@@ -28,7 +28,7 @@ pub mod testkit;
 
 pub use classify::{Classification, Classifier, ErrorKind};
 pub use consumer::{Capabilities, Consumer, OrderingScope, Publisher};
-pub use delivery::{Acker, Delivery, Settle};
+pub use delivery::{Acker, Delivery, Settle, SettleFuture};
 pub use error::{Error, Result};
 pub use handler::{Outcome, handler_fn};
 pub use headers::{HeaderError, HeaderLimits, HeaderValue, Headers};
