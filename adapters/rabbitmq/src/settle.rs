@@ -79,6 +79,10 @@ pub(crate) struct Ledger {
     /// The tag of `slots[0]`; every tag below it is settled.
     first: u64,
     slots: VecDeque<Slot>,
+    /// The tags calls settled since the last [`take`](Self::take), so a batch looks at
+    /// its own deliveries, not at every slot behind a delivery still running: a slow
+    /// handler among fast ones leaves a long tail of settled slots.
+    pending: Vec<u64>,
     /// Whether a sender is pushing a batch now.
     sending: bool,
 }
@@ -89,6 +93,7 @@ impl Default for Ledger {
         Ledger {
             first: 1,
             slots: VecDeque::new(),
+            pending: Vec::new(),
             sending: false,
         }
     }
@@ -132,6 +137,7 @@ impl Ledger {
         if let Some(i) = self.index(tag) {
             if self.slots[i] == Slot::Open {
                 self.slots[i] = how;
+                self.pending.push(tag);
             }
         }
     }
@@ -161,16 +167,22 @@ impl Ledger {
     /// The frames that settle every call-settled delivery, in the order they must be
     /// sent; their slots become `Sending`. Called by the one sender, so no slot is
     /// `Sending` before.
+    ///
+    /// It looks at the deliveries settled since the last batch and at the run at the
+    /// front, never at the settled tail behind a delivery still running.
     pub(crate) fn take(&mut self) -> Vec<Frame> {
+        let mut pending = std::mem::take(&mut self.pending);
+        // Frames go in tag order, whatever order the calls ended in.
+        pending.sort_unstable();
         let mut frames = Vec::new();
         // Hand-backs go first: once one is on the wire, the broker no longer counts its
         // delivery as unacked, so an ack sent after it cannot cover it.
-        for (i, slot) in self.slots.iter_mut().enumerate() {
-            if *slot == Slot::Requeue {
-                frames.push(Frame::Requeue {
-                    tag: self.first + i as u64,
-                });
-                *slot = Slot::Sending;
+        for &tag in &pending {
+            if let Some(i) = self.index(tag) {
+                if self.slots[i] == Slot::Requeue {
+                    frames.push(Frame::Requeue { tag });
+                    self.slots[i] = Slot::Sending;
+                }
             }
         }
         // The run at the front: acked, settled or just handed back, up to the first
@@ -200,16 +212,21 @@ impl Ledger {
                 }
             }
         }
-        // Behind the run, each acked delivery goes alone.
-        for (i, slot) in self.slots.iter_mut().enumerate().skip(run) {
-            if *slot == Slot::Ack {
-                frames.push(Frame::Ack {
-                    tag: self.first + i as u64,
-                    multiple: false,
-                });
-                *slot = Slot::Sending;
+        // Behind the run, each acked delivery goes alone: the run's acks are sending now.
+        for &tag in &pending {
+            if let Some(i) = self.index(tag) {
+                if self.slots[i] == Slot::Ack {
+                    frames.push(Frame::Ack {
+                        tag,
+                        multiple: false,
+                    });
+                    self.slots[i] = Slot::Sending;
+                }
             }
         }
+        // Kept for its capacity.
+        pending.clear();
+        self.pending = pending;
         frames
     }
 
@@ -464,6 +481,36 @@ mod tests {
         // 3 then covers itself only: 4 is settled already.
         l.mark(3, Slot::Ack);
         assert_eq!(l.take(), [ack(3, false)]);
+    }
+
+    #[test]
+    fn a_long_settled_tail_behind_a_running_delivery_is_acked_once_it_ends() {
+        // One slow call (tag 1) while 10,000 fast ones behind it end, a few per batch.
+        let mut l = ledger(1..=10_001);
+        for chunk in (2..=10_001u64).collect::<Vec<_>>().chunks(7) {
+            for &t in chunk.iter().rev() {
+                l.mark(t, Slot::Ack);
+            }
+            let frames = l.take();
+            let singles: Vec<Frame> = chunk.iter().map(|&t| ack(t, false)).collect();
+            assert_eq!(frames, singles, "in tag order, one by one");
+            l.finish(&frames, &vec![true; frames.len()]);
+            assert!(l.pending.is_empty());
+        }
+        assert_eq!((l.first, l.slots.len()), (1, 10_001));
+        // Nothing settled waits; only the slow one is open.
+        assert_eq!(l.take(), []);
+        l.mark(1, Slot::Ack);
+        let frames = l.take();
+        assert_eq!(frames, [ack(1, false)]);
+        assert_eq!(l.finish(&frames, &[true]), 1);
+        // The whole tail is forgotten with it, and the next delivery starts a new run.
+        assert_eq!((l.first, l.slots.len()), (10_002, 0));
+        l.deliver(10_002);
+        l.deliver(10_003);
+        l.mark(10_003, Slot::Ack);
+        l.mark(10_002, Slot::Ack);
+        assert_eq!(l.take(), [ack(10_003, true)]);
     }
 
     #[test]
