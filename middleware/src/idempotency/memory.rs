@@ -20,25 +20,43 @@ use super::{CommitStatus, IdempotencyStore, Reservation, StoreError, StoreFuture
 /// when more than one consumer process reads the queue.
 ///
 /// Leases and TTLs follow [`tokio::time`], so tests can run it under paused time.
-/// Expired keys are swept as reservations come, in expiry order (one queue per lease or
+/// Keys live in shards chosen by their hash, each behind its own lock, so calls for
+/// different keys on several cores at once seldom wait for each other. Expired keys are
+/// swept as reservations come to their shard, in expiry order (one queue per lease or
 /// TTL length), so a sweep costs only the keys it removes.
-#[derive(Default)]
 pub struct MemoryStore {
-    state: Mutex<State>,
-}
-
-/// Keys in the order they expire: when, and the key's hash.
-type ExpiryQueue = VecDeque<(Instant, u64)>;
-
-#[derive(Default)]
-struct State {
-    /// Keys by their hash. Each entry keeps its hash, so growing the table reads no key.
-    entries: HashTable<Entry>,
     /// foldhash, seeded at random per store: several times faster than the standard
     /// library's SipHash on short keys. Its seeding makes colliding keys hard to choose
     /// without seeing the process's hashes, though it resists a determined attacker
     /// less than SipHash does; the store is for one trusted process (see above).
     hasher: foldhash::fast::RandomState,
+    /// A power of two of them.
+    shards: Box<[Mutex<State>]>,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::with_shards(default_shards())
+    }
+}
+
+/// Four shards per core the machine has, as a power of two, at most 64.
+fn default_shards() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, std::num::NonZeroUsize::get)
+        .saturating_mul(4)
+        .next_power_of_two()
+        .min(64)
+}
+
+/// Keys in the order they expire: when, and the key's hash.
+type ExpiryQueue = VecDeque<(Instant, u64)>;
+
+/// One shard's keys.
+#[derive(Default)]
+struct State {
+    /// Keys by their hash. Each entry keeps its hash, so growing the table reads no key.
+    entries: HashTable<Entry>,
     /// When keys expire, one queue per lease or TTL length, each in the order the
     /// expiries were set. For one length `d`, `now + d` only grows (`now` is read under
     /// the lock), so every queue is sorted and sweeping pops from the fronts: O(1) per
@@ -105,14 +123,29 @@ impl MemoryStore {
         Self::default()
     }
 
+    /// An empty store of `shards` shards (rounded up to a power of two, at least 1),
+    /// instead of four per core.
+    pub fn with_shards(shards: usize) -> Self {
+        MemoryStore {
+            hasher: foldhash::fast::RandomState::default(),
+            shards: (0..shards.max(1).next_power_of_two())
+                .map(|_| Mutex::default())
+                .collect(),
+        }
+    }
+
     /// Number of keys reserved or committed right now.
     pub fn len(&self) -> usize {
         let now = Instant::now();
-        self.lock()
-            .entries
-            .iter()
-            .filter(|e| e.expires > now)
-            .count()
+        (0..self.shards.len())
+            .map(|i| {
+                self.lock(i)
+                    .entries
+                    .iter()
+                    .filter(|e| e.expires > now)
+                    .count()
+            })
+            .sum()
     }
 
     /// Whether no key is reserved or committed.
@@ -120,22 +153,27 @@ impl MemoryStore {
         self.len() == 0
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self, shard: usize) -> MutexGuard<'_, State> {
+        self.shards[shard].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The hash of `key` and the index of its shard.
+    fn place(&self, key: &str) -> (u64, usize) {
+        let hash = self.hasher.hash_one(key);
+        // Bits the tables use for neither their buckets (the low ones) nor their tags
+        // (the top seven), so a shard's keys still spread over its table.
+        let shard = (hash >> 40) as usize & (self.shards.len() - 1);
+        (hash, shard)
     }
 
     fn reserve_sync(&self, key: &Arc<str>, lease: Duration) -> Reservation {
-        // Made before taking the lock, which other consumers' calls wait on.
+        // Made before taking the lock, which other calls wait on.
         let token = Token::random();
-        let mut state = self.lock();
+        let (hash, shard) = self.place(key);
+        let mut state = self.lock(shard);
         let now = Instant::now();
         state.sweep(now);
-        let State {
-            entries,
-            hasher,
-            expiries,
-        } = &mut *state;
-        let hash = hasher.hash_one(&**key);
+        let State { entries, expiries } = &mut *state;
         let expires = now + lease;
         match entries.entry(hash, |e| *e.key == **key, |e| e.hash) {
             Slot::Occupied(e) if e.get().expires > now => {
@@ -175,14 +213,10 @@ impl MemoryStore {
         token: &Token,
         ttl: Duration,
     ) -> Result<CommitStatus, StoreError> {
-        let mut state = self.lock();
+        let (hash, shard) = self.place(key);
+        let mut state = self.lock(shard);
         let now = Instant::now();
-        let State {
-            entries,
-            hasher,
-            expiries,
-        } = &mut *state;
-        let hash = hasher.hash_one(key);
+        let State { entries, expiries } = &mut *state;
         let expires = now + ttl;
         match entries.find_mut(hash, |e| *e.key == *key) {
             Some(e) if e.token == *token && e.expires > now => {
@@ -199,9 +233,9 @@ impl MemoryStore {
     }
 
     fn release_sync(&self, key: &str, token: &Token) -> Result<(), StoreError> {
-        let mut state = self.lock();
+        let (hash, shard) = self.place(key);
+        let mut state = self.lock(shard);
         let now = Instant::now();
-        let hash = state.hasher.hash_one(key);
         match state.entries.find_entry(hash, |e| *e.key == *key) {
             Ok(e) if e.get().token == *token && e.get().expires > now => {
                 if !e.get().committed {
@@ -276,8 +310,23 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_store_of_many_shards_passes_the_contract_and_counts_every_shard() {
+        let store = MemoryStore::with_shards(64);
+        contract::run_all(&store, Duration::from_secs(1)).await;
+        for i in 0..1000 {
+            store.reserve_sync(&format!("n{i}").into(), Duration::from_secs(10));
+        }
+        assert!(store.len() >= 1000);
+        let used = (0..64)
+            .filter(|&s| !store.lock(s).entries.is_empty())
+            .count();
+        assert!(used > 32, "keys spread over the shards: {used} of 64 used");
+    }
+
+    // The sweeping tests use one shard: a reservation sweeps its own shard.
+    #[tokio::test(start_paused = true)]
     async fn expired_keys_are_swept() {
-        let store = MemoryStore::new();
+        let store = MemoryStore::with_shards(1);
         for i in 0..1000 {
             store.reserve_sync(&format!("k{i}").into(), Duration::from_secs(1));
         }
@@ -285,7 +334,7 @@ mod tests {
         tokio::time::advance(Duration::from_secs(2)).await;
         assert!(store.is_empty());
         store.reserve_sync(&"j".into(), Duration::from_secs(1));
-        let state = store.lock();
+        let state = store.lock(0);
         assert_eq!(
             state.entries.len(),
             1,
@@ -297,7 +346,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn committed_keys_go_at_their_ttl_whatever_their_lease() {
-        let store = MemoryStore::new();
+        let store = MemoryStore::with_shards(1);
         let lease = Duration::from_secs(60);
         for i in 0..100 {
             let key = format!("k{i}");
@@ -310,14 +359,14 @@ mod tests {
         }
         tokio::time::advance(Duration::from_secs(2)).await;
         store.reserve_sync(&"j".into(), lease);
-        assert_eq!(store.lock().entries.len(), 1, "only j is left");
+        assert_eq!(store.lock(0).entries.len(), 1, "only j is left");
         assert!(matches!(
             store.reserve_sync(&"k7".into(), lease),
             Reservation::Fresh(_)
         ));
         tokio::time::advance(Duration::from_secs(61)).await;
         store.reserve_sync(&"z".into(), Duration::from_secs(5));
-        let state = store.lock();
+        let state = store.lock(0);
         assert_eq!(state.entries.len(), 1, "only z is left");
         let queued: usize = state.expiries.iter().map(|(_, q)| q.len()).sum();
         assert_eq!(queued, 1, "the stale lease entries went with their lease");
@@ -325,13 +374,13 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn varying_lengths_leave_no_pile_of_empty_queues() {
-        let store = MemoryStore::new();
+        let store = MemoryStore::with_shards(1);
         for i in 1..=20 {
             store.reserve_sync(&format!("k{i}").into(), Duration::from_secs(i));
         }
-        assert_eq!(store.lock().expiries.len(), 20);
+        assert_eq!(store.lock(0).expiries.len(), 20);
         tokio::time::advance(Duration::from_secs(30)).await;
         store.reserve_sync(&"j".into(), Duration::from_secs(1));
-        assert_eq!(store.lock().expiries.len(), 1, "only j's queue is left");
+        assert_eq!(store.lock(0).expiries.len(), 1, "only j's queue is left");
     }
 }
