@@ -31,6 +31,8 @@ pub mod rate_limit;
 #[cfg(feature = "retry")]
 #[cfg_attr(docsrs, doc(cfg(feature = "retry")))]
 pub mod retry;
+#[cfg(any(feature = "metrics", feature = "retry"))]
+mod shard;
 #[cfg(feature = "timeout")]
 #[cfg_attr(docsrs, doc(cfg(feature = "timeout")))]
 pub mod timeout;

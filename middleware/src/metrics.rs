@@ -59,8 +59,8 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -149,13 +149,14 @@ struct Shard {
 impl Counts {
     fn new() -> Self {
         Counts {
-            shards: (0..shard_count()).map(|_| Shard::default()).collect(),
+            shards: (0..crate::shard::count())
+                .map(|_| Shard::default())
+                .collect(),
         }
     }
 
     fn shard(&self) -> &Shard {
-        // The count is a power of two.
-        &self.shards[shard_index() & (self.shards.len() - 1)]
+        &self.shards[crate::shard::index(self.shards.len())]
     }
 
     fn add(&self, c: Count) {
@@ -177,28 +178,6 @@ impl Counts {
             sum.wrapping_add(s.in_flight.load(Ordering::Relaxed))
         })
     }
-}
-
-/// Shards per destination: the machine's parallelism rounded up to a power of two, at
-/// most 64.
-fn shard_count() -> usize {
-    static COUNT: OnceLock<usize> = OnceLock::new();
-    *COUNT.get_or_init(|| {
-        std::thread::available_parallelism()
-            .map_or(1, std::num::NonZeroUsize::get)
-            .next_power_of_two()
-            .min(64)
-    })
-}
-
-/// This thread's shard, handed out in turn as threads first count something.
-fn shard_index() -> usize {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    thread_local! {
-        static SHARD: usize = NEXT.fetch_add(1, Ordering::Relaxed);
-    }
-    // A thread whose locals are gone (it is exiting) counts into the first shard.
-    SHARD.try_with(|s| *s).unwrap_or(0)
 }
 
 /// One histogram of one destination: recorded with its attributes, or bound to them

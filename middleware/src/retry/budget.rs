@@ -7,6 +7,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::ConfigError;
+use crate::shard::Counter;
 
 /// How many retries a layer may make, as a share of the traffic it sees: retries in
 /// the last `window` may number at most `min_per_second · window + ratio · first tries`
@@ -103,17 +104,28 @@ const BUCKETS: usize = 10;
 
 /// One bucket's counts. `slot` says which bucket length they belong to; counts of a
 /// slot that has left the window are stale.
-#[derive(Default)]
 struct Bucket {
     slot: AtomicU64,
-    first_tries: AtomicU64,
+    /// Added to by every message, so kept in per-thread shards: calls on several cores
+    /// do not pass its cache line back and forth.
+    first_tries: Counter,
     retries: AtomicU64,
+}
+
+impl Default for Bucket {
+    fn default() -> Self {
+        Bucket {
+            slot: AtomicU64::new(0),
+            first_tries: Counter::new(),
+            retries: AtomicU64::new(0),
+        }
+    }
 }
 
 /// The budget's counters: a ring of `BUCKETS` buckets, each a tenth of the window.
 ///
 /// Every message deposits a first try, so deposits take no lock: an atomic add into
-/// the current bucket. The lock is taken to reuse a bucket for a new slot (once per
+/// the current bucket's shard for this thread. The lock is taken to reuse a bucket for a new slot (once per
 /// bucket length) and to withdraw (only on a retry), so two retries cannot both take
 /// the last unit of budget. A deposit held up for most of a window between reading the
 /// clock and adding may be counted in a later round of its bucket, or wiped by that
@@ -161,7 +173,7 @@ impl SharedBudget {
             // Only forwards: a caller that read the clock before a newer slot took the
             // bucket counts into the newer slot rather than wiping it.
             if b.slot.load(Ordering::Relaxed) < slot {
-                b.first_tries.store(0, Ordering::Relaxed);
+                b.first_tries.reset();
                 b.retries.store(0, Ordering::Relaxed);
                 b.slot.store(slot, Ordering::Release);
             }
@@ -171,9 +183,7 @@ impl SharedBudget {
 
     /// Counts a first try.
     pub(crate) fn deposit(&self) {
-        self.bucket(self.slot())
-            .first_tries
-            .fetch_add(1, Ordering::Relaxed);
+        self.bucket(self.slot()).first_tries.add(1);
     }
 
     /// Takes one retry from the budget; `false` when it is spent.
@@ -187,7 +197,7 @@ impl SharedBudget {
             .filter(|b| slot.saturating_sub(b.slot.load(Ordering::Acquire)) < BUCKETS as u64)
             .fold((0, 0), |(f, r), b| {
                 (
-                    f + b.first_tries.load(Ordering::Relaxed),
+                    f + b.first_tries.sum(),
                     r + b.retries.load(Ordering::Relaxed),
                 )
             });
