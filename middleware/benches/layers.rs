@@ -9,36 +9,15 @@
 // criterion's macros generate undocumented items.
 #![allow(missing_docs)]
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use redrive_core::memory::MemoryBroker;
-use redrive_core::{BoxError, Message, Outcome, handler_fn};
-use redrive_middleware::Stack;
-use redrive_middleware::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer};
-use redrive_middleware::dead_letter::{DeadLetterConfig, DeadLetterLayer};
-use redrive_middleware::idempotency::{IdempotencyConfig, IdempotencyLayer, MemoryStore};
-use redrive_middleware::metrics::MetricsLayer;
-use redrive_middleware::rate_limit::{RateLimitConfig, RateLimitLayer};
-use redrive_middleware::retry::{RetryConfig, RetryLayer};
-use redrive_middleware::timeout::TimeoutLayer;
+use redrive_core::{Message, Outcome};
 use redrive_middleware::trace::TraceLayer;
 use tower::{Layer, Service, ServiceExt};
 
-type Handler =
-    redrive_core::handler::HandlerFn<fn(Message) -> std::future::Ready<Result<(), BoxError>>>;
-
-fn noop() -> Handler {
-    handler_fn(|_m: Message| std::future::ready(Ok(())))
-}
-
-fn message() -> Message {
-    let mut m = Message::new(&b"{\"id\":1}"[..]);
-    m.metadata.source.system = "memory";
-    m.metadata.source.destination = "bench".into();
-    m
-}
+mod common;
+use common::{Layers, message, noop};
 
 /// Times `iters` messages through `svc`; each gets a fresh message id (so idempotency
 /// sees a new key every time).
@@ -62,87 +41,43 @@ where
     })
 }
 
-fn meter() -> opentelemetry::metrics::Meter {
-    use opentelemetry::metrics::MeterProvider as _;
-    let reader = opentelemetry_sdk::metrics::InMemoryMetricExporter::default();
-    let provider = opentelemetry_sdk::metrics::SdkMeterProvider::builder()
-        .with_periodic_exporter(reader)
-        .build();
-    let meter = provider.meter("bench");
-    // Keep the provider alive for the process.
-    std::mem::forget(provider);
-    meter
-}
-
-/// The metrics layer; with the feature `metrics-bound`, with bound histograms.
-fn metrics_layer(meter: &opentelemetry::metrics::Meter) -> MetricsLayer {
-    let layer = MetricsLayer::new(meter);
-    #[cfg(feature = "metrics-bound")]
-    let layer = layer.with_bound_histograms();
-    layer
-}
-
 fn layers(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
     let mut group = c.benchmark_group("layer_overhead_per_message");
-    let broker = Arc::new(MemoryBroker::new());
-    let store = Arc::new(MemoryStore::new());
-    let idem = || {
-        IdempotencyLayer::new(
-            store.clone(),
-            IdempotencyConfig::default().with_ttl(Duration::from_millis(1)),
-        )
-        .expect("config")
-    };
-    let dlq = || DeadLetterLayer::new(broker.clone(), DeadLetterConfig::default()).expect("config");
-    let meter = meter();
+    let layers = Layers::new();
 
     let mut bare = noop();
     group.bench_function("bare", |b| b.iter_custom(|n| measure(&rt, &mut bare, n)));
     let mut trace = TraceLayer::new().layer(noop());
     group.bench_function("trace", |b| b.iter_custom(|n| measure(&rt, &mut trace, n)));
-    let mut metrics = metrics_layer(&meter).layer(noop());
+    let mut metrics = layers.metrics().layer(noop());
     group.bench_function("metrics", |b| {
         b.iter_custom(|n| measure(&rt, &mut metrics, n))
     });
-    let mut dead_letter = dlq().layer(noop());
+    let mut dead_letter = layers.dead_letter().layer(noop());
     group.bench_function("dead_letter", |b| {
         b.iter_custom(|n| measure(&rt, &mut dead_letter, n))
     });
-    let mut idempotency = idem().layer(noop());
+    let mut idempotency = layers.idempotency().layer(noop());
     group.bench_function("idempotency_memory", |b| {
         b.iter_custom(|n| measure(&rt, &mut idempotency, n))
     });
-    let breaker = || CircuitBreakerLayer::new(CircuitBreakerConfig::default()).expect("config");
-    // A limit far above what the bench reaches: the cost of asking, not of waiting.
-    let limit = || RateLimitLayer::new(RateLimitConfig::per_second(1_000_000_000)).expect("config");
-    let retry = || RetryLayer::new(RetryConfig::default()).expect("config");
-    let timeout = || TimeoutLayer::new(Duration::from_secs(30)).expect("config");
-    let mut cb = breaker().layer(noop());
+    let mut cb = layers.circuit_breaker().layer(noop());
     group.bench_function("circuit_breaker", |b| {
         b.iter_custom(|n| measure(&rt, &mut cb, n))
     });
-    let mut rl = limit().layer(noop());
+    let mut rl = layers.rate_limit().layer(noop());
     group.bench_function("rate_limit", |b| {
         b.iter_custom(|n| measure(&rt, &mut rl, n))
     });
-    let mut re = retry().layer(noop());
+    let mut re = layers.retry().layer(noop());
     group.bench_function("retry", |b| b.iter_custom(|n| measure(&rt, &mut re, n)));
-    let mut to = timeout().layer(noop());
+    let mut to = layers.timeout().layer(noop());
     group.bench_function("timeout", |b| b.iter_custom(|n| measure(&rt, &mut to, n)));
-    let mut full = Stack::new()
-        .trace(TraceLayer::new())
-        .metrics(metrics_layer(&meter))
-        .dead_letter(dlq())
-        .idempotency(idem())
-        .circuit_breaker(breaker())
-        .rate_limit(limit())
-        .retry(retry())
-        .timeout(timeout())
-        .service(noop());
+    let mut full = layers.full_stack();
     group.bench_function("full_stack", |b| {
         b.iter_custom(|n| measure(&rt, &mut full, n))
     });

@@ -15,28 +15,14 @@
 //! down when calls run in parallel.
 
 use std::fmt::Debug;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use redrive_core::memory::MemoryBroker;
-use redrive_core::{BoxError, Message, handler_fn};
-use redrive_middleware::Stack;
-use redrive_middleware::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer};
-use redrive_middleware::dead_letter::{DeadLetterConfig, DeadLetterLayer};
-use redrive_middleware::idempotency::{IdempotencyConfig, IdempotencyLayer, MemoryStore};
-use redrive_middleware::metrics::MetricsLayer;
-use redrive_middleware::rate_limit::{RateLimitConfig, RateLimitLayer};
-use redrive_middleware::retry::{RetryConfig, RetryLayer};
-use redrive_middleware::timeout::TimeoutLayer;
+use redrive_core::Message;
 use redrive_middleware::trace::TraceLayer;
 use tower::{Layer, Service, ServiceExt};
 
-type Handler =
-    redrive_core::handler::HandlerFn<fn(Message) -> std::future::Ready<Result<(), BoxError>>>;
-
-fn noop() -> Handler {
-    handler_fn(|_m: Message| std::future::ready(Ok(())))
-}
+mod common;
+use common::{Layers, message, noop};
 
 fn env(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -62,9 +48,7 @@ where
                     .build()
                     .expect("runtime");
                 rt.block_on(async {
-                    let mut base = Message::new(&b"{\"id\":1}"[..]);
-                    base.metadata.source.system = "memory";
-                    base.metadata.source.destination = "bench".into();
+                    let base = message();
                     for i in 0..n {
                         let mut m = base.clone();
                         // A fresh idempotency key per message and thread.
@@ -97,31 +81,9 @@ where
 }
 
 fn main() {
-    use opentelemetry::metrics::MeterProvider as _;
     let n = env("BENCH_N", 200_000);
     let threads = env("BENCH_THREADS", 2);
-    // Instruments aggregate as in production; the exporter keeps what it is given.
-    let provider = opentelemetry_sdk::metrics::SdkMeterProvider::builder()
-        .with_periodic_exporter(opentelemetry_sdk::metrics::InMemoryMetricExporter::default())
-        .build();
-    let meter = provider.meter("bench");
-    let broker = Arc::new(MemoryBroker::new());
-    let store = Arc::new(MemoryStore::new());
-    let idempotency = || {
-        IdempotencyLayer::new(
-            store.clone(),
-            IdempotencyConfig::default().with_ttl(Duration::from_millis(1)),
-        )
-        .expect("config")
-    };
-    let dead_letter =
-        || DeadLetterLayer::new(broker.clone(), DeadLetterConfig::default()).expect("config");
-    let breaker = || CircuitBreakerLayer::new(CircuitBreakerConfig::default()).expect("config");
-    // A limit far above what the bench reaches: the cost of asking, not of waiting.
-    let limit = || RateLimitLayer::new(RateLimitConfig::per_second(1_000_000_000)).expect("config");
-    let retry = || RetryLayer::new(RetryConfig::default()).expect("config");
-    let timeout = || TimeoutLayer::new(Duration::from_secs(30)).expect("config");
-
+    let layers = Layers::new();
     println!("{n} messages per thread, on the success path around a no-op handler");
     println!(
         "| service | 1 thread, ns/message | {threads} threads, ns/message per thread | {threads} threads vs 1 |"
@@ -129,32 +91,27 @@ fn main() {
     println!("|---|---:|---:|---:|");
     row("bare handler", noop(), threads, n);
     row("trace", TraceLayer::new().layer(noop()), threads, n);
+    row("metrics", layers.metrics().layer(noop()), threads, n);
     row(
-        "metrics",
-        MetricsLayer::new(&meter).layer(noop()),
+        "dead_letter",
+        layers.dead_letter().layer(noop()),
         threads,
         n,
     );
-    row("dead_letter", dead_letter().layer(noop()), threads, n);
     row(
         "idempotency (memory)",
-        idempotency().layer(noop()),
+        layers.idempotency().layer(noop()),
         threads,
         n,
     );
-    row("circuit_breaker", breaker().layer(noop()), threads, n);
-    row("rate_limit", limit().layer(noop()), threads, n);
-    row("retry", retry().layer(noop()), threads, n);
-    row("timeout", timeout().layer(noop()), threads, n);
-    let full = Stack::new()
-        .trace(TraceLayer::new())
-        .metrics(MetricsLayer::new(&meter))
-        .dead_letter(dead_letter())
-        .idempotency(idempotency())
-        .circuit_breaker(breaker())
-        .rate_limit(limit())
-        .retry(retry())
-        .timeout(timeout())
-        .service(noop());
-    row("full Stack", full, threads, n);
+    row(
+        "circuit_breaker",
+        layers.circuit_breaker().layer(noop()),
+        threads,
+        n,
+    );
+    row("rate_limit", layers.rate_limit().layer(noop()), threads, n);
+    row("retry", layers.retry().layer(noop()), threads, n);
+    row("timeout", layers.timeout().layer(noop()), threads, n);
+    row("full Stack", layers.full_stack(), threads, n);
 }
