@@ -37,7 +37,7 @@
 //! | `redrive.messages.dead_lettered` | observable counter | `{message}` | of the acked: dead-lettered |
 //! | `redrive.messages.deduplicated` | observable counter | `{message}` | of the acked: skipped duplicates |
 //! | `redrive.messages.in_flight` | observable up-down counter | `{message}` | deliveries in the stack now |
-//! | `redrive.message.age` | histogram | `s` | the delivery's receipt (`received_at`) − the broker's enqueue time |
+//! | `redrive.message.age` | histogram | `s` | the broker's enqueue time to when the delivery enters the stack (each attempt, waits in this process included) |
 //! | `redrive.circuit.state` | gauge | `1` | 0 closed, 1 half-open, 2 open ([`MetricsLayer::observe_circuit`]) |
 //!
 //! # Bound histograms (feature `metrics-bound`)
@@ -62,7 +62,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Histogram, Meter, ObservableCounter, ObservableUpDownCounter};
@@ -173,10 +173,16 @@ impl Counts {
         })
     }
 
+    /// The shards are read one after another while calls go on, so the sum is the
+    /// count at no single moment: a call that began and ended during the read may show
+    /// only its end. It is never reported below zero.
     fn in_flight(&self) -> i64 {
-        self.shards.iter().fold(0, |sum, s| {
-            sum.wrapping_add(s.in_flight.load(Ordering::Relaxed))
-        })
+        self.shards
+            .iter()
+            .fold(0i64, |sum, s| {
+                sum.wrapping_add(s.in_flight.load(Ordering::Relaxed))
+            })
+            .max(0)
     }
 }
 
@@ -274,7 +280,7 @@ impl Instruments {
             age: meter
                 .f64_histogram("redrive.message.age")
                 .with_unit("s")
-                .with_description("Time from the broker's enqueue to receipt")
+                .with_description("Time from the broker's enqueue to the stack")
                 .build(),
             destinations,
             #[cfg(feature = "metrics-bound")]
@@ -463,11 +469,10 @@ where
             }
         };
         dest.add(Count::Consumed);
-        // The age at receipt, from the adapter's own clock reading: no second one here.
-        let meta = &msg.metadata;
-        if let Some(age) = meta
+        if let Some(age) = msg
+            .metadata
             .enqueued_at
-            .and_then(|t| meta.received_at.duration_since(t).ok())
+            .and_then(|t| SystemTime::now().duration_since(t).ok())
         {
             dest.age.record(age.as_secs_f64(), &dest.attrs);
         }

@@ -40,6 +40,9 @@ impl Default for MemoryStore {
     }
 }
 
+/// The most shards a store has: the shard is chosen by hash bits 40 to 49.
+const MAX_SHARDS: usize = 1 << 10;
+
 /// Four shards per core the machine has, as a power of two, at most 64.
 fn default_shards() -> usize {
     std::thread::available_parallelism()
@@ -123,12 +126,12 @@ impl MemoryStore {
         Self::default()
     }
 
-    /// An empty store of `shards` shards (rounded up to a power of two, at least 1),
-    /// instead of four per core.
+    /// An empty store of `shards` shards (rounded up to a power of two, from 1 to
+    /// 1,024), instead of four per core.
     pub fn with_shards(shards: usize) -> Self {
         MemoryStore {
             hasher: foldhash::fast::RandomState::default(),
-            shards: (0..shards.max(1).next_power_of_two())
+            shards: (0..shards.clamp(1, MAX_SHARDS).next_power_of_two())
                 .map(|_| Mutex::default())
                 .collect(),
         }
@@ -160,8 +163,9 @@ impl MemoryStore {
     /// The hash of `key` and the index of its shard.
     fn place(&self, key: &str) -> (u64, usize) {
         let hash = self.hasher.hash_one(key);
-        // Bits the tables use for neither their buckets (the low ones) nor their tags
-        // (the top seven), so a shard's keys still spread over its table.
+        // Bits 40 to 49: the tables use them for neither their buckets (the low bits, up
+        // to 2^40 buckets) nor their tags (the top seven), so a shard's keys still
+        // spread over its table.
         let shard = (hash >> 40) as usize & (self.shards.len() - 1);
         (hash, shard)
     }
