@@ -159,3 +159,76 @@ async fn known_mix(make: impl Fn(&opentelemetry::metrics::Meter) -> MetricsLayer
     assert_eq!(get("redrive.messages.deduplicated"), 1);
     assert_eq!(get("redrive.messages.in_flight"), 0);
 }
+
+/// The consumed count and the duration histogram's count per destination.
+fn per_destination(exporter: &InMemoryMetricExporter) -> HashMap<(String, String), i64> {
+    let mut out = HashMap::new();
+    for rm in exporter.get_finished_metrics().unwrap() {
+        for sm in rm.scope_metrics() {
+            for m in sm.metrics() {
+                let points: Vec<(Vec<opentelemetry::KeyValue>, i64)> = match m.data() {
+                    AggregatedMetrics::U64(MetricData::Sum(s))
+                        if m.name() == "messaging.client.consumed.messages" =>
+                    {
+                        s.data_points()
+                            .map(|p| (p.attributes().cloned().collect(), p.value() as i64))
+                            .collect()
+                    }
+                    AggregatedMetrics::F64(MetricData::Histogram(h))
+                        if m.name() == "messaging.process.duration" =>
+                    {
+                        h.data_points()
+                            .map(|p| (p.attributes().cloned().collect(), p.count() as i64))
+                            .collect()
+                    }
+                    _ => continue,
+                };
+                for (attrs, v) in points {
+                    let destination = attrs
+                        .iter()
+                        .find(|kv| kv.key.as_str() == "messaging.destination.name")
+                        .map(|kv| kv.value.to_string())
+                        .expect("a destination attribute");
+                    *out.entry((m.name().to_owned(), destination)).or_default() += v;
+                }
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn one_service_counts_each_destination_apart_however_they_alternate() {
+    use tower::{Layer, Service, ServiceExt};
+    let exporter = InMemoryMetricExporter::default();
+    let provider = SdkMeterProvider::builder()
+        .with_periodic_exporter(exporter.clone())
+        .build();
+    let meter = provider.meter("test");
+    let mut svc =
+        MetricsLayer::new(&meter).layer(handler_fn(|_m: Message| async { Ok::<_, BoxError>(()) }));
+    // The service remembers the last destination: switch back and forth, and come
+    // back to names it saw before through a fresh allocation of the same text.
+    for destination in [
+        "orders", "payments", "payments", "orders", "refunds", "orders",
+    ] {
+        let mut m = Message::new("x");
+        m.metadata.source.system = "memory";
+        m.metadata.source.destination = destination.into();
+        svc.ready().await.unwrap().call(m).await.unwrap();
+    }
+    provider.force_flush().unwrap();
+    let counts = per_destination(&exporter);
+    for (destination, n) in [("orders", 3), ("payments", 2), ("refunds", 1)] {
+        for name in [
+            "messaging.client.consumed.messages",
+            "messaging.process.duration",
+        ] {
+            assert_eq!(
+                counts.get(&(name.to_owned(), destination.to_owned())),
+                Some(&n),
+                "{name} of {destination} in {counts:?}"
+            );
+        }
+    }
+}
