@@ -1,4 +1,5 @@
 //! Worker behaviour with each handler call on its own task ([`Execution::Spawned`]).
+#![cfg(feature = "memory")]
 
 use redrive_core::Execution;
 

@@ -1,4 +1,5 @@
 //! Worker behaviour with handler calls polled in the Worker's task ([`Execution::InTask`]).
+#![cfg(feature = "memory")]
 
 use redrive_core::Execution;
 

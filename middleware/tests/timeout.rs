@@ -1,8 +1,6 @@
 //! The per-try timeout, on paused tokio time.
 #![cfg(feature = "timeout")]
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use redrive_core::{BoxError, Classifier, Message, handler};
@@ -87,6 +85,9 @@ fn a_zero_timeout_is_rejected() {
 #[cfg(feature = "retry")]
 #[tokio::test(start_paused = true)]
 async fn inside_retry_each_try_gets_its_own_deadline() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
     use redrive_middleware::retry::{Backoff, RetryConfig, RetryLayer};
 
     let tries = Arc::new(AtomicU32::new(0));
