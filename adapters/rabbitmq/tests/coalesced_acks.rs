@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use redrive_core::{BoxError, Consumer, Message, OutgoingMessage, Publisher, handler_fn};
+use redrive_core::{BoxError, Consumer, Message, handler_fn};
 use redrive_rabbitmq::QueueKind;
 use redrive_rabbitmq::lapin::options::QueueDeclareOptions;
 use redrive_rabbitmq::lapin::types::FieldTable;
@@ -22,13 +22,7 @@ async fn out_of_order_settlement(kind: QueueKind) {
     let topology = common::topology(&queue, kind);
     common::declare(&topology).await;
     let n = 3000usize;
-    let p = common::publisher().await;
-    for i in 0..n {
-        p.publish(&queue, OutgoingMessage::new(format!("{i}")))
-            .await
-            .expect("publish");
-    }
-    p.close().await;
+    common::publish_numbered(&queue, n, "").await;
 
     // Per message: how many calls succeeded, and on which attempt.
     let done: Arc<Mutex<HashMap<usize, Vec<u32>>>> = Arc::default();
@@ -126,13 +120,7 @@ async fn a_delivery_dropped_unsettled_comes_back_and_blocks_no_settlement() {
     let queue = common::unique("coalesce-dropped");
     let topology = common::topology(&queue, QueueKind::Quorum);
     common::declare(&topology).await;
-    let p = common::publisher().await;
-    for i in 0..3 {
-        p.publish(&queue, OutgoingMessage::new(format!("{i}")))
-            .await
-            .expect("publish");
-    }
-    p.close().await;
+    common::publish_numbered(&queue, 3, "").await;
 
     let mut consumer = common::consumer(&topology, &common::unique("conn-dropped"), 8).await;
     let monitor = consumer.monitor();

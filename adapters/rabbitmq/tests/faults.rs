@@ -43,13 +43,7 @@ where
     let topology = common::topology(&queue, kind);
     common::declare(&topology).await;
     let n = 300;
-    let p = common::publisher().await;
-    for i in 0..n {
-        p.publish(&queue, OutgoingMessage::new(format!("m{i}")))
-            .await
-            .expect("publish");
-    }
-    p.close().await;
+    common::publish_numbered(&queue, n, "m").await;
 
     // After 50 calls the handler waits until the fault happened, so the fault always
     // comes mid-stream, with deliveries in flight.

@@ -4,7 +4,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use redrive_core::{BoxError, Consumer, Delivery, Message, Outcome, Redelivery, Report, Worker};
+use redrive_core::{
+    BoxError, Consumer, Delivery, Message, Outcome, OutgoingMessage, Publisher, Redelivery, Report,
+    Worker,
+};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
@@ -32,6 +35,18 @@ pub async fn publisher() -> RabbitPublisher {
     RabbitPublisher::connect(url())
         .await
         .unwrap_or_else(|e| panic!("{HOW_TO_START}: {e}"))
+}
+
+/// Publishes `n` messages to `queue`, bodies `{prefix}0` to `{prefix}{n-1}`, each
+/// confirmed, and closes the publisher.
+pub async fn publish_numbered(queue: &str, n: usize, prefix: &str) {
+    let p = publisher().await;
+    for i in 0..n {
+        p.publish(queue, OutgoingMessage::new(format!("{prefix}{i}")))
+            .await
+            .expect("publish");
+    }
+    p.close().await;
 }
 
 /// A unique queue name for one test.
