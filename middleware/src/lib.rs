@@ -31,7 +31,7 @@ pub mod rate_limit;
 #[cfg(feature = "retry")]
 #[cfg_attr(docsrs, doc(cfg(feature = "retry")))]
 pub mod retry;
-#[cfg(any(feature = "metrics", feature = "retry"))]
+#[cfg(any(feature = "metrics", feature = "retry", feature = "idempotency"))]
 mod shard;
 #[cfg(feature = "timeout")]
 #[cfg_attr(docsrs, doc(cfg(feature = "timeout")))]

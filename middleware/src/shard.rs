@@ -5,10 +5,11 @@
 use std::sync::OnceLock;
 #[cfg(feature = "retry")]
 use std::sync::atomic::AtomicU64;
+#[cfg(any(feature = "metrics", feature = "retry"))]
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-/// Shards per counter: the machine's parallelism rounded up to a power of two, at most
-/// 64.
+/// Shards per counter, and the unit the in-memory idempotency store sizes its own by:
+/// the machine's parallelism rounded up to a power of two, at most 64.
 pub(crate) fn count() -> usize {
     static COUNT: OnceLock<usize> = OnceLock::new();
     *COUNT.get_or_init(|| {
@@ -21,6 +22,7 @@ pub(crate) fn count() -> usize {
 
 /// This thread's shard among `shards` (a power of two), handed out in turn as threads
 /// first count something.
+#[cfg(any(feature = "metrics", feature = "retry"))]
 pub(crate) fn index(shards: usize) -> usize {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     thread_local! {

@@ -43,13 +43,9 @@ impl Default for MemoryStore {
 /// The most shards a store has: the shard is chosen by hash bits 40 to 49.
 const MAX_SHARDS: usize = 1 << 10;
 
-/// Four shards per core the machine has, as a power of two, at most 64.
+/// Four shards per core the machine has (counted as the thread shards are), at most 64.
 fn default_shards() -> usize {
-    std::thread::available_parallelism()
-        .map_or(1, std::num::NonZeroUsize::get)
-        .saturating_mul(4)
-        .next_power_of_two()
-        .min(64)
+    (crate::shard::count() * 4).min(64)
 }
 
 /// Keys in the order they expire: when, and the key's hash.
