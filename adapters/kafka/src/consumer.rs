@@ -3,7 +3,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
 use futures_util::{FutureExt as _, StreamExt as _};
@@ -161,17 +161,20 @@ impl KafkaConsumerBuilder {
         // what is polled ahead (rounded up to whole batches).
         let batch_max = self.buffer.min(BATCH);
         let (tx, rx) = mpsc::channel(self.buffer.div_ceil(batch_max));
+        let spare = Arc::new(Spare::new(tx.max_capacity()));
         let poller = tokio::spawn(poll(
             consumer.clone(),
             state.clone(),
             tx,
+            spare.clone(),
             batch_max,
             pause_after,
         ));
         Ok(KafkaConsumer {
             consumer: Some(consumer),
             rx,
-            ready: Vec::new().into_iter(),
+            ready: Batch::new(),
+            spare,
             state,
             tasks: vec![committer, poller],
             close_timeout: self.close_timeout,
@@ -189,7 +192,9 @@ pub struct KafkaConsumer {
     consumer: Option<Arc<StreamConsumer<Context>>>,
     rx: mpsc::Receiver<Batch>,
     /// The rest of the batch last received, handed out before the next is taken.
-    ready: std::vec::IntoIter<KafkaResult<Delivery>>,
+    ready: Batch,
+    /// Emptied batches, handed back to the poll task to fill again.
+    spare: Arc<Spare>,
     state: Arc<Mutex<Watermarks>>,
     tasks: Vec<JoinHandle<()>>,
     close_timeout: Duration,
@@ -328,10 +333,12 @@ async fn poll(
     consumer: Arc<StreamConsumer<Context>>,
     state: Arc<Mutex<Watermarks>>,
     tx: mpsc::Sender<Batch>,
+    spare: Arc<Spare>,
     batch_max: usize,
     pause_after: Duration,
 ) {
     let limit = tx.max_capacity();
+    let refill = limit.div_ceil(2);
     let mut held: VecDeque<Batch> = VecDeque::new();
     let mut paused = false;
     let mut last = None;
@@ -354,12 +361,18 @@ async fn poll(
         }
         if held.len() >= limit && !paused {
             // Full: wait for room without polling, but not long enough to be dropped
-            // from the group.
+            // from the group. Woken once half the channel is free rather than for each
+            // batch taken: the wake-up is paid by the Worker's thread (a system call
+            // when this task's thread sleeps), once per `refill` batches.
             tokio::select! {
                 biased;
                 () = tx.closed() => return,
-                permit = tx.reserve() => match permit {
-                    Ok(permit) => permit.send(held.pop_front().expect("held is not empty")),
+                permits = tx.reserve_many(refill) => match permits {
+                    Ok(permits) => {
+                        for (permit, batch) in permits.zip(held.drain(..refill)) {
+                            permit.send(batch);
+                        }
+                    }
                     Err(_) => return,
                 },
                 () = tokio::time::sleep(pause_after) => {
@@ -381,7 +394,7 @@ async fn poll(
             }
             record = stream.next() => record.expect("kafka streams never end"),
         };
-        let mut batch = Vec::with_capacity(batch_max);
+        let mut batch = spare.take(batch_max);
         let mut received = Received::default();
         let mut failed = take(record, &state, &mut last, &mut batch, &mut received);
         // Then what librdkafka already holds, without waiting and without a `select!`
@@ -414,7 +427,44 @@ async fn poll(
 }
 
 /// Records polled together, handed to `receive` in one channel send.
-type Batch = Vec<KafkaResult<Delivery>>;
+type Batch = VecDeque<KafkaResult<Delivery>>;
+
+/// Batches `receive` has emptied, kept for the poll task to fill again: a batch of 64
+/// deliveries is about 15 KiB, and allocating that for every poll (and freeing it on
+/// the thread that received it) costs the allocator more than the channel does.
+struct Spare {
+    batches: Mutex<Vec<Batch>>,
+    /// The most kept: as many as can be on their way at once.
+    max: usize,
+}
+
+impl Spare {
+    fn new(max: usize) -> Self {
+        Spare {
+            batches: Mutex::new(Vec::with_capacity(max)),
+            max,
+        }
+    }
+
+    /// An empty batch with room for `capacity` deliveries, reused if one is kept.
+    fn take(&self, capacity: usize) -> Batch {
+        let kept = self
+            .batches
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop();
+        kept.unwrap_or_else(|| Batch::with_capacity(capacity))
+    }
+
+    /// Keeps `batch`, emptied, unless enough are kept.
+    fn put(&self, batch: Batch) {
+        debug_assert!(batch.is_empty());
+        let mut batches = self.batches.lock().unwrap_or_else(PoisonError::into_inner);
+        if batches.len() < self.max && batch.capacity() > 0 {
+            batches.push(batch);
+        }
+    }
+}
 
 /// The most records in one batch: what the poll task takes from librdkafka's queue in
 /// one go once one has arrived.
@@ -431,12 +481,12 @@ fn take(
 ) -> bool {
     match record {
         Ok(record) => {
-            batch.push(Ok(delivery(&record, state, last, received)));
+            batch.push_back(Ok(delivery(&record, state, last, received)));
             false
         }
         Err(e) => {
             tracing::warn!(error = %e, "kafka poll failed");
-            batch.push(Err(e));
+            batch.push_back(Err(e));
             true
         }
     }
@@ -665,7 +715,7 @@ fn capabilities() -> Capabilities {
 impl Consumer for KafkaConsumer {
     async fn receive(&mut self) -> redrive_core::Result<Option<Delivery>> {
         loop {
-            match self.ready.next() {
+            match self.ready.pop_front() {
                 Some(Ok(d)) => return Ok(Some(d)),
                 Some(Err(e)) => return Err(Error::from(e).into()),
                 None => {}
@@ -673,7 +723,7 @@ impl Consumer for KafkaConsumer {
             // A channel receive, and the batch is stored before anything else can
             // happen: dropping this future loses nothing.
             match self.rx.recv().await {
-                Some(batch) => self.ready = batch.into_iter(),
+                Some(batch) => self.spare.put(std::mem::replace(&mut self.ready, batch)),
                 None => return Ok(None),
             }
         }
@@ -696,7 +746,7 @@ impl Consumer for KafkaConsumer {
         // Records polled and not taken stay incomplete: they hold their watermarks and
         // are delivered again after a restart.
         self.rx.close();
-        self.ready = Vec::new().into_iter();
+        self.ready = Batch::new();
         let result = self.commit_now().await;
         if let Some(consumer) = self.consumer.take() {
             // Leaving the group can wait on the broker: do it off the runtime, within
