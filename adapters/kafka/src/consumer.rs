@@ -342,6 +342,8 @@ async fn poll(
     let mut held: VecDeque<Batch> = VecDeque::new();
     let mut paused = false;
     let mut last = None;
+    // Kept across polls, so its list of offsets is allocated once.
+    let mut received = Received::default();
     // One stream for the task's life: `recv()` would register and drop a waker slot
     // (two lock round trips) per record.
     let mut stream = consumer.stream();
@@ -395,7 +397,6 @@ async fn poll(
             record = stream.next() => record.expect("kafka streams never end"),
         };
         let mut batch = spare.take(batch_max);
-        let mut received = Received::default();
         let mut failed = take(record, &state, &mut last, &mut batch, &mut received);
         // Then what librdkafka already holds, without waiting and without a `select!`
         // per record.
@@ -515,7 +516,7 @@ impl Received {
 
     /// Records the offsets added since the last call.
     fn record(&mut self) {
-        if let Some(assigned) = &self.assigned {
+        if let Some(assigned) = self.assigned.as_ref().filter(|_| !self.offsets.is_empty()) {
             assigned.received(&self.offsets);
         }
         self.offsets.clear();
