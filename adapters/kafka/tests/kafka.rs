@@ -1,6 +1,7 @@
 //! Kafka behaviour: per-key parallelism inside one partition, the watermark held by a
 //! parked record, resuming after a stop, poison records dead-lettered with their
-//! attempt count, headers, backpressure without leaving the group, and a bounded close.
+//! attempt count, headers, backpressure without leaving the group, order kept behind a full
+//! buffer, and a bounded close.
 //!
 //! Each scenario runs twice: on librdkafka's mock cluster (`mock::…`) and on the real
 //! broker started by `scripts/kafka-broker` (`tansu::…`).
@@ -101,6 +102,7 @@ on_both!(
     a_consumer_dropped_without_closing_loses_nothing,
     a_member_leaving_hands_its_partitions_over,
     per_partition_runs_each_partition_in_order,
+    a_worker_behind_a_full_buffer_gets_every_record_in_order,
 );
 
 /// On tansu only: librdkafka's mock cluster refuses the commit a revoke makes
@@ -602,6 +604,63 @@ async fn per_partition_runs_each_partition_in_order(env: &Env) {
         sorted.sort_unstable();
         assert_eq!(seen, &sorted, "partition {partition} out of order");
     }
+}
+
+/// A Worker slower than the poll task, with records enough to fill the hand-over
+/// channel (four batches of 64) and the batches held behind it many times over: the poll
+/// task waits for room and refills several batches at a time, and every record of the
+/// one key still arrives once, in offset order.
+async fn a_worker_behind_a_full_buffer_gets_every_record_in_order(env: &Env) {
+    const N: usize = 2_000;
+    let brokers = env.brokers.clone();
+    let topic = unique_name("full-buffer");
+    env.create_topic(&topic, 1).await;
+    let p = common::publisher(&brokers);
+    let bodies: Vec<String> = (0..N).map(|i| i.to_string()).collect();
+    for chunk in bodies.chunks(250) {
+        // Polled in order, so produced in order: one partition keeps that order.
+        futures_util::future::join_all(chunk.iter().map(|b| publish(&p, &topic, "k", b))).await;
+    }
+    let offsets: Arc<Mutex<Vec<i64>>> = Arc::default();
+    let done = Arc::new(Notify::new());
+    let (o, d) = (offsets.clone(), done.clone());
+    let handler = handler_fn(move |m: Message| {
+        let (o, d) = (o.clone(), d.clone());
+        async move {
+            // Slower than polling, so the poll task outruns the Worker.
+            std::thread::sleep(Duration::from_micros(200));
+            let mut o = o.lock().unwrap();
+            o.push(m.metadata.source.offset.expect("offset"));
+            if o.len() == N {
+                d.notify_one();
+            }
+            Ok::<_, BoxError>(())
+        }
+    });
+    let consumer = KafkaConsumer::builder(&brokers, &unique_name("g"), [&topic])
+        .buffer(256)
+        .close_timeout(Duration::from_secs(5))
+        .build()
+        .expect("consumer");
+    let report = Worker::builder(consumer, handler)
+        .concurrency(4)
+        .max_waiting(16)
+        .ordering(OrderingMode::PerKey)
+        .build()
+        .expect("worker")
+        .run_until(async move { done.notified().await })
+        .await;
+    assert_eq!(
+        (report.processed, report.panicked),
+        (N as u64, 0),
+        "{report:?}"
+    );
+    let seen = offsets.lock().unwrap();
+    assert_eq!(seen.len(), N);
+    assert!(
+        seen.windows(2).all(|w| w[0] < w[1]),
+        "records out of offset order or repeated"
+    );
 }
 
 /// Two members share a topic; one leaves mid-stream and the other takes over its
