@@ -244,6 +244,7 @@ fn main() {
         };
         let rate = |n: usize, d: Duration| n as f64 / d.as_secs_f64();
 
+        let round_trip_before = cpu::describe_core_round_trip();
         eprintln!("filling a topic with {n} records");
         let topic = fill(&brokers, mock.as_ref(), n).await;
         // BENCH_ONLY=<text> runs only the Worker rows whose name holds the text (and bare).
@@ -283,6 +284,11 @@ fn main() {
             v[v.len() / 2]
         };
         println!();
+        println!(
+            "cross-core round trip (see benches/support/cpu.rs): {round_trip_before} before \
+             the runs, {} after",
+            cpu::describe_core_round_trip()
+        );
         println!(
             "{n} records of 64 bytes, {KEYS} keys, one partition, on {on}; \
              medians of {rounds} rounds"

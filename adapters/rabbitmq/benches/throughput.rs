@@ -291,6 +291,7 @@ fn main() {
             .collect();
         // Each round runs every row once, bare first, so a row is compared with the bare
         // run of its own round: the broker shares this machine, and its speed drifts.
+        let round_trip_before = cpu::describe_core_round_trip();
         let mut results: Vec<Vec<(Duration, CpuUsed)>> = vec![Vec::new(); rows.len()];
         let mut acks_per_frame_of: Vec<Vec<f64>> = vec![Vec::new(); rows.len()];
         for round in 1..=rounds {
@@ -318,6 +319,11 @@ fn main() {
             v[v.len() / 2]
         };
         println!();
+        println!(
+            "cross-core round trip (see benches/support/cpu.rs): {round_trip_before} before \
+             the runs, {} after",
+            cpu::describe_core_round_trip()
+        );
         println!(
             "{n} messages of 64 bytes, prefetch {prefetch}, RabbitMQ at {}; \
              medians of {rounds} rounds",
