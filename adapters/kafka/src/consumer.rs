@@ -378,6 +378,11 @@ async fn poll(
                     Err(_) => return,
                 },
                 () = tokio::time::sleep(pause_after) => {
+                    // Room for fewer than `refill` batches: the Worker is slow, not
+                    // stalled. Hand over what fits (at the top of the loop) and wait again.
+                    if tx.capacity() > 0 {
+                        continue;
+                    }
                     tracing::info!(held = held.len(), ?pause_after, "the worker is not taking records; pausing the partitions and polling on");
                     paused = set_paused(&consumer, true);
                 }
