@@ -115,7 +115,8 @@ fn find(index: &HashTable<u32>, entries: &[Entry], hash: u64, key: &str) -> Opti
 }
 
 /// Adds `entry`, a key not yet in the shard. Returns `false`, adding nothing, if the
-/// shard already holds `u32::MAX` keys (hundreds of gigabytes of them).
+/// shard already holds 2^32 keys (hundreds of gigabytes of them), more than a `u32`
+/// position can name.
 fn insert(index: &mut HashTable<u32>, entries: &mut Vec<Entry>, entry: Entry) -> bool {
     let Ok(at) = u32::try_from(entries.len()) else {
         return false;
