@@ -13,7 +13,7 @@
 //! Prints wall-clock nanoseconds per message per thread with one thread and with
 //! `BENCH_THREADS` (default 2), and their ratio: 1.0× is a layer that does not slow
 //! down when calls run in parallel. Last, the time a cache line takes to go between two
-//! cores and back, before and after the runs: the ratios grow with it (on one virtual
+//! cores and back, read before the runs: the ratios grow with it (on one virtual
 //! machine, the full Stack's went from 1.2× to 2.8× as that time went from about 100 ns
 //! to about 420 ns).
 
@@ -126,7 +126,7 @@ fn main() {
     row("timeout", layers.timeout().layer(noop()), threads, n);
     row("full Stack", layers.full_stack(), threads, n);
     println!(
-        "cross-core round trip (see benches/support/cpu.rs): {round_trip_before} before, {} after",
-        cpu::describe_core_round_trip()
+        "cross-core round trip, read before the runs (see benches/support/cpu.rs): \
+         {round_trip_before}"
     );
 }

@@ -320,9 +320,8 @@ fn main() {
         };
         println!();
         println!(
-            "cross-core round trip (see benches/support/cpu.rs): {round_trip_before} before \
-             the runs, {} after",
-            cpu::describe_core_round_trip()
+            "cross-core round trip, read before the runs (see benches/support/cpu.rs): \
+             {round_trip_before}"
         );
         println!(
             "{n} messages of 64 bytes, prefetch {prefetch}, RabbitMQ at {}; \
