@@ -87,12 +87,8 @@ impl State {
                 queue.pop_front();
                 // Two keys with one hash and one expiry each have a queue entry: each
                 // removes one of them.
-                let found = index.find(hash, |&i| {
-                    let e = &entries[i as usize];
-                    e.hash == hash && e.expires == at
-                });
-                if let Some(&pos) = found {
-                    remove(index, entries, pos as usize);
+                if let Some(pos) = find(index, entries, hash, |e| e.expires == at) {
+                    remove(index, entries, pos);
                 }
             }
         }
@@ -104,14 +100,24 @@ impl State {
     }
 }
 
-/// The position of `key` (hashed `hash`) in `entries`.
-fn find(index: &HashTable<u32>, entries: &[Entry], hash: u64, key: &str) -> Option<usize> {
+/// The position in `entries` of an entry hashed `hash` for which `is` holds.
+fn find(
+    index: &HashTable<u32>,
+    entries: &[Entry],
+    hash: u64,
+    is: impl Fn(&Entry) -> bool,
+) -> Option<usize> {
     index
         .find(hash, |&i| {
             let e = &entries[i as usize];
-            e.hash == hash && *e.key == *key
+            e.hash == hash && is(e)
         })
         .map(|&i| i as usize)
+}
+
+/// The position of `key` (hashed `hash`) in `entries`.
+fn find_key(index: &HashTable<u32>, entries: &[Entry], hash: u64, key: &str) -> Option<usize> {
+    find(index, entries, hash, |e| *e.key == *key)
 }
 
 /// Adds `entry`, a key not yet in the shard. Returns `false`, adding nothing, if the
@@ -233,7 +239,7 @@ impl MemoryStore {
             expiries,
         } = &mut *state;
         let expires = now + lease;
-        match find(index, entries, hash, key) {
+        match find_key(index, entries, hash, key) {
             Some(at) if entries[at].expires > now => {
                 let e = &entries[at];
                 return if e.committed {
@@ -289,7 +295,7 @@ impl MemoryStore {
             expiries,
         } = &mut *state;
         let expires = now + ttl;
-        match find(index, entries, hash, key).map(|at| &mut entries[at]) {
+        match find_key(index, entries, hash, key).map(|at| &mut entries[at]) {
             Some(e) if e.token == *token && e.expires > now => {
                 if e.committed {
                     return Ok(CommitStatus::AlreadyCommitted);
@@ -308,7 +314,7 @@ impl MemoryStore {
         let mut state = self.lock(shard);
         let now = Instant::now();
         let State { index, entries, .. } = &mut *state;
-        match find(index, entries, hash, key) {
+        match find_key(index, entries, hash, key) {
             Some(at) if entries[at].token == *token && entries[at].expires > now => {
                 if !entries[at].committed {
                     remove(index, entries, at);
