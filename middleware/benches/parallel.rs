@@ -27,10 +27,8 @@ use tower::{Layer, Service, ServiceExt};
 mod common;
 use common::{Layers, message, noop};
 
-// Only the cross-core round trip is used here.
-#[allow(dead_code)]
-#[path = "../../benches/support/cpu.rs"]
-mod cpu;
+#[path = "../../benches/support/cores.rs"]
+mod cores;
 
 fn env(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -93,8 +91,8 @@ fn main() {
     let threads = env("BENCH_THREADS", 2);
     let layers = Layers::new();
     // How far apart the cores are decides much of what sharing costs: see
-    // benches/support/cpu.rs.
-    let round_trip_before = cpu::describe_core_round_trip();
+    // benches/support/cores.rs.
+    let round_trip_before = cores::describe_core_round_trip();
     println!("{n} messages per thread, on the success path around a no-op handler");
     println!(
         "| service | 1 thread, ns/message | {threads} threads, ns/message per thread | {threads} threads vs 1 |"
@@ -126,7 +124,7 @@ fn main() {
     row("timeout", layers.timeout().layer(noop()), threads, n);
     row("full Stack", layers.full_stack(), threads, n);
     println!(
-        "cross-core round trip, read before the runs (see benches/support/cpu.rs): \
+        "cross-core round trip, read before the runs (see benches/support/cores.rs): \
          {round_trip_before}"
     );
 }

@@ -39,6 +39,8 @@ use redrive_kafka::{KafkaConsumer, KafkaPublisher};
 use tokio::sync::Notify;
 use tower::util::BoxService;
 
+#[path = "../../../benches/support/cores.rs"]
+mod cores;
 #[path = "../../../benches/support/cpu.rs"]
 mod cpu;
 #[path = "../../../benches/support/full_stack.rs"]
@@ -244,7 +246,7 @@ fn main() {
         };
         let rate = |n: usize, d: Duration| n as f64 / d.as_secs_f64();
 
-        let round_trip_before = cpu::describe_core_round_trip();
+        let round_trip_before = cores::describe_core_round_trip();
         eprintln!("filling a topic with {n} records");
         let topic = fill(&brokers, mock.as_ref(), n).await;
         // BENCH_ONLY=<text> runs only the Worker rows whose name holds the text (and bare).
@@ -285,7 +287,7 @@ fn main() {
         };
         println!();
         println!(
-            "cross-core round trip, read before the runs (see benches/support/cpu.rs): \
+            "cross-core round trip, read before the runs (see benches/support/cores.rs): \
              {round_trip_before}"
         );
         println!(

@@ -48,6 +48,8 @@ use redrive_rabbitmq::{QueueKind, RabbitConsumer, RabbitPublisher, Topology};
 use tokio::sync::Notify;
 use tower::util::BoxService;
 
+#[path = "../../../benches/support/cores.rs"]
+mod cores;
 #[path = "../../../benches/support/cpu.rs"]
 mod cpu;
 #[path = "../../../benches/support/full_stack.rs"]
@@ -291,7 +293,7 @@ fn main() {
             .collect();
         // Each round runs every row once, bare first, so a row is compared with the bare
         // run of its own round: the broker shares this machine, and its speed drifts.
-        let round_trip_before = cpu::describe_core_round_trip();
+        let round_trip_before = cores::describe_core_round_trip();
         let mut results: Vec<Vec<(Duration, CpuUsed)>> = vec![Vec::new(); rows.len()];
         let mut acks_per_frame_of: Vec<Vec<f64>> = vec![Vec::new(); rows.len()];
         for round in 1..=rounds {
@@ -320,7 +322,7 @@ fn main() {
         };
         println!();
         println!(
-            "cross-core round trip, read before the runs (see benches/support/cpu.rs): \
+            "cross-core round trip, read before the runs (see benches/support/cores.rs): \
              {round_trip_before}"
         );
         println!(
