@@ -353,16 +353,10 @@ enum Done {
         panicked: bool,
         settle_error: bool,
     },
-    /// A handler call failed; the message is to be parked for `delay`.
-    Park {
-        key: Option<KeyId>,
-        message: Message,
-        settle: Settle,
-        delay: Duration,
-        panicked: bool,
-    },
+    /// A handler call failed; the message is to be parked.
+    Park(Box<Parking>),
     /// A parked message's delay passed.
-    Unpark { message: Message, settle: Settle },
+    Unpark(Box<(Message, Settle)>),
     /// A spawned task panicked outside the handler (a Worker or adapter bug): a call
     /// (`call`), or a parked message or hand-back. Its message is not settled here; the
     /// broker delivers it again.
@@ -375,6 +369,17 @@ enum Done {
         count: u64,
         settle_errors: u64,
     },
+}
+
+/// A message to park for `delay`, boxed in [`Done::Park`]: failures are rare, and every
+/// call's [`Done`] (in spawned calls, a task's output and a channel slot) is as large
+/// as its largest variant.
+struct Parking {
+    key: Option<KeyId>,
+    message: Message,
+    settle: Settle,
+    delay: Duration,
+    panicked: bool,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -791,13 +796,14 @@ impl State {
                 }
                 self.release_key(key);
             }
-            Done::Park {
-                key,
-                message,
-                settle,
-                delay,
-                panicked,
-            } => {
+            Done::Park(parking) => {
+                let Parking {
+                    key,
+                    message,
+                    settle,
+                    delay,
+                    panicked,
+                } = *parking;
                 self.running -= 1;
                 self.parked += 1;
                 self.report.parked += 1;
@@ -812,10 +818,8 @@ impl State {
                     ctx.shutdown.rx.clone(),
                 ));
             }
-            Done::Unpark {
-                mut message,
-                settle,
-            } => {
+            Done::Unpark(unparked) => {
+                let (mut message, settle) = *unparked;
                 self.parked -= 1;
                 message.metadata.attempt = message.metadata.attempt.saturating_add(1);
                 self.runnable
@@ -975,13 +979,13 @@ where
                 match parked_copy {
                     Some(message) => {
                         settle.running(false);
-                        Done::Park {
+                        Done::Park(Box::new(Parking {
                             key,
                             message,
                             settle,
                             delay,
                             panicked,
-                        }
+                        }))
                     }
                     None => {
                         let delay = delay.min(max_nack_delay);
@@ -1036,7 +1040,7 @@ async fn park(
             settle_errors,
         }
     } else {
-        Done::Unpark { message, settle }
+        Done::Unpark(Box::new((message, settle)))
     }
 }
 
