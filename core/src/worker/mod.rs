@@ -711,6 +711,12 @@ impl Tasks {
                 // has no one to tell. A panic outside the handler (the handler's own
                 // are caught in the call) still reports back, so the Worker never
                 // waits for a task that is gone.
+                //
+                // The call is boxed: tokio moves a task's future by value several times
+                // as it spawns and runs it, and a call's is several hundred bytes, which
+                // would also put the task's allocation on glibc's slower path for large
+                // blocks.
+                let fut = Box::pin(fut);
                 tokio::spawn(async move {
                     let result = AssertUnwindSafe(fut).catch_unwind().await;
                     let _ = done.send(result.unwrap_or_else(|p| Done::Crashed {
