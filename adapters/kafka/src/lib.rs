@@ -64,11 +64,11 @@
 //! - **Throughput**: records are polled by a task of their own and handed to the Worker
 //!   in batches. For handlers that do little per record, run calls in the Worker's task
 //!   ([`Execution::InTask`]): on a 2-core machine, with the full middleware Stack around
-//!   a no-op handler, a record took about 4.3 µs of CPU there and 6.4 to 7.6 µs with a
+//!   a no-op handler, a record took about 4 µs of CPU there and 6.3 to 7.6 µs with a
 //!   task per call, the default, which kept up with the broker on the same machine in
-//!   only about half of the rounds where the in-task Worker kept up in all
-//!   (`cargo bench -p redrive-kafka`, in the repository). A task per call spreads
-//!   handlers that compute over the runtime's threads.
+//!   13 of 22 rounds where the in-task Worker kept up in all (`cargo bench -p
+//!   redrive-kafka`, in the repository). A task per call spreads handlers that compute
+//!   over the runtime's threads.
 //!
 //! [`OrderingMode::PerKey`]: redrive_core::OrderingMode::PerKey
 //! [`OrderingMode::PerPartition`]: redrive_core::OrderingMode::PerPartition
