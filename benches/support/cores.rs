@@ -89,6 +89,6 @@ pub(crate) fn core_round_trip() -> Option<Duration> {
 pub(crate) fn describe_core_round_trip() -> String {
     match core_round_trip() {
         Some(d) => format!("{} ns", d.as_nanos()),
-        None => "not measured (one CPU)".to_owned(),
+        None => "not measured (fewer than two cores, or threads could not be pinned)".to_owned(),
     }
 }

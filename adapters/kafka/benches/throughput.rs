@@ -55,9 +55,12 @@ use tower::util::BoxService;
 mod cores;
 #[path = "../../../benches/support/cpu.rs"]
 mod cpu;
+#[path = "../../../benches/support/rounds.rs"]
+mod rounds;
 #[path = "../../../benches/support/full_stack.rs"]
 mod support;
 use cpu::{CpuTimes, CpuUsed};
+use rounds::{median, per_round, ratios};
 use support::full_stack;
 
 const KEYS: usize = 256;
@@ -305,11 +308,6 @@ fn rate(n: usize, d: Duration) -> f64 {
     n as f64 / d.as_secs_f64()
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 /// Prints one table of [`measure`]'s results: rates, ratios to bare, CPU per record.
 fn print_table(rows: &[(String, Option<Setup>)], results: &[Vec<(Duration, CpuUsed)>], n: usize) {
     println!(
@@ -319,20 +317,12 @@ fn print_table(rows: &[(String, Option<Setup>)], results: &[Vec<(Duration, CpuUs
     println!("|---|---:|---|---:|---:|---:|");
     let per_record = |d: Duration| d.as_secs_f64() * 1e6 / n as f64;
     for ((what, _), runs) in rows.iter().zip(results) {
-        let ratios: Vec<f64> = runs
-            .iter()
-            .zip(&results[0])
-            .map(|((took, _), (bare, _))| 100.0 * rate(n, *took) / rate(n, *bare))
-            .collect();
-        let per_round = ratios
-            .iter()
-            .map(|r| format!("{r:.0} %"))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let vs_bare = ratios(runs, &results[0]);
         println!(
-            "| {what} | {:.0} | {per_round} | {:.1} % | {:.2} | {:.2} |",
+            "| {what} | {:.0} | {} | {:.1} % | {:.2} | {:.2} |",
             median(runs.iter().map(|(took, _)| rate(n, *took)).collect()),
-            median(ratios),
+            per_round(&vs_bare),
+            median(vs_bare),
             median(
                 runs.iter()
                     .map(|(_, cpu)| per_record(cpu.process))

@@ -52,9 +52,12 @@ use tower::util::BoxService;
 mod cores;
 #[path = "../../../benches/support/cpu.rs"]
 mod cpu;
+#[path = "../../../benches/support/rounds.rs"]
+mod rounds;
 #[path = "../../../benches/support/full_stack.rs"]
 mod support;
 use cpu::{CpuTimes, CpuUsed};
+use rounds::{median, per_round, ratios};
 use support::full_stack;
 
 type AckFuture = std::pin::Pin<
@@ -316,10 +319,6 @@ fn main() {
         }
 
         let rate = |d: Duration| n as f64 / d.as_secs_f64();
-        let median = |mut v: Vec<f64>| {
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        };
         println!();
         println!(
             "cross-core round trip, read before the runs (see benches/support/cores.rs): \
@@ -337,25 +336,15 @@ fn main() {
         );
         println!("|---|---:|---|---:|---:|---:|---:|---:|");
         let per_msg = |d: Duration| d.as_secs_f64() * 1e6 / n as f64;
-        let ratios_to = |runs: &[(Duration, CpuUsed)], bare: &[(Duration, CpuUsed)]| -> Vec<f64> {
-            runs.iter()
-                .zip(bare)
-                .map(|((took, _), (bare, _))| 100.0 * rate(*took) / rate(*bare))
-                .collect()
-        };
         for (((what, _), runs), acks_per_frame) in rows.iter().zip(&results).zip(acks_per_frame_of)
         {
-            let ratios = ratios_to(runs, &results[0]);
-            let tuned = median(ratios_to(runs, &results[1]));
-            let per_round = ratios
-                .iter()
-                .map(|r| format!("{r:.0} %"))
-                .collect::<Vec<_>>()
-                .join(", ");
+            let tuned = median(ratios(runs, &results[1]));
+            let vs_bare = ratios(runs, &results[0]);
             println!(
-                "| {what} | {:.0} | {per_round} | {:.1} % | {tuned:.1} % | {:.1} | {:.1} | {:.1} |",
+                "| {what} | {:.0} | {} | {:.1} % | {tuned:.1} % | {:.1} | {:.1} | {:.1} |",
                 median(runs.iter().map(|(took, _)| rate(*took)).collect()),
-                median(ratios),
+                per_round(&vs_bare),
+                median(vs_bare),
                 median(acks_per_frame),
                 median(runs.iter().map(|(_, cpu)| per_msg(cpu.process)).collect()),
                 median(runs.iter().map(|(_, cpu)| per_msg(cpu.machine)).collect()),
