@@ -22,10 +22,21 @@
 //!
 //! A payload that fails to decode is a [`permanent`](crate::classify::Permanent) error
 //! naming the type and the decode error: retrying cannot fix it.
+//!
+//! # Panics
+//! A handler that panics fails like one that returns an error: the handlers made here
+//! catch the panic and return [`Panicked`] (transient), so every layer sees the
+//! failure, the retry layer retries it and the dead-letter layer counts it toward its
+//! limit and puts the panic's message in the envelope. For a hand-written service, put
+//! [`CatchPanicLayer`] innermost (the middleware's `Stack` does). A decoder that panics
+//! on a payload gives a permanent [`DecodeError`]. The Worker catches whatever still
+//! escapes, as a last resort.
 
+use std::any::Any;
 use std::fmt;
 use std::future::Future;
 use std::marker::PhantomData;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -135,10 +146,157 @@ where
     type Output = Result<Outcome, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.project()
-            .inner
-            .poll(cx)
-            .map(|r| r.map(Into::into).map_err(Into::into))
+        let inner = self.project().inner;
+        match std::panic::catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(poll) => poll.map(|r| r.map(Into::into).map_err(Into::into)),
+            // Not polled again: the caller has its result.
+            Err(panic) => Poll::Ready(Err(Panicked::from_payload(panic).into())),
+        }
+    }
+}
+
+/// A handler (or a service inside the stack) panicked: the panic as an error, so that
+/// every layer sees it as a failure. Transient by default.
+///
+/// ```
+/// use redrive_core::Panicked;
+///
+/// let err = Panicked::from_payload(Box::new("index out of bounds"));
+/// assert_eq!(err.to_string(), "handler panicked: index out of bounds");
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("handler panicked: {message}")]
+pub struct Panicked {
+    message: String,
+}
+
+impl Panicked {
+    /// The most bytes of a panic's message kept (a panic can quote a payload).
+    pub const MAX_MESSAGE_LEN: usize = 1024;
+
+    /// From what [`std::panic::catch_unwind`] returns: the message of a `&str` or
+    /// `String` payload, cut to [`MAX_MESSAGE_LEN`](Self::MAX_MESSAGE_LEN) bytes.
+    pub fn from_payload(payload: Box<dyn Any + Send>) -> Self {
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| crate::text::truncate(s, Self::MAX_MESSAGE_LEN).into_owned())
+            .or_else(|| {
+                payload
+                    .downcast_ref::<String>()
+                    .map(|s| crate::text::truncate(s, Self::MAX_MESSAGE_LEN).into_owned())
+            })
+            .unwrap_or_else(|| "a panic with a payload that is not text".to_owned());
+        Panicked { message }
+    }
+
+    /// The panic's message.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+/// Turns a panic in the inner service's `call` or future into a [`Panicked`] error.
+/// See [`CatchPanicLayer`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CatchPanic<S> {
+    inner: S,
+}
+
+impl<S> CatchPanic<S> {
+    /// Wraps `inner`.
+    pub fn new(inner: S) -> Self {
+        CatchPanic { inner }
+    }
+}
+
+/// Puts [`CatchPanic`] around a service: innermost, right around the handler, so a
+/// panic is an error that every layer sees (the retry layer retries it, the dead-letter
+/// layer dead-letters it at the limit).
+///
+/// ```
+/// use redrive_core::{BoxError, CatchPanicLayer, Message, Panicked};
+/// use tower::{Layer, ServiceExt, service_fn};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let svc = CatchPanicLayer.layer(service_fn(|_m: Message| async {
+///     if true { panic!("bug") }
+///     Ok::<(), BoxError>(())
+/// }));
+/// let err = svc.oneshot(Message::new("x")).await.unwrap_err();
+/// assert!(err.is::<Panicked>());
+/// # }
+/// ```
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CatchPanicLayer;
+
+impl<S> tower::Layer<S> for CatchPanicLayer {
+    type Service = CatchPanic<S>;
+
+    fn layer(&self, inner: S) -> CatchPanic<S> {
+        CatchPanic::new(inner)
+    }
+}
+
+impl<S> Service<Message> for CatchPanic<S>
+where
+    S: Service<Message>,
+    S::Error: Into<BoxError>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = CatchPanicFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, msg: Message) -> Self::Future {
+        let inner = &mut self.inner;
+        match std::panic::catch_unwind(AssertUnwindSafe(|| inner.call(msg))) {
+            Ok(fut) => CatchPanicFuture {
+                inner: Some(fut),
+                panicked: None,
+            },
+            Err(panic) => CatchPanicFuture {
+                inner: None,
+                panicked: Some(Panicked::from_payload(panic)),
+            },
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of [`CatchPanic`].
+    pub struct CatchPanicFuture<F> {
+        #[pin]
+        inner: Option<F>,
+        panicked: Option<Panicked>,
+    }
+}
+
+impl<F, R, E> Future for CatchPanicFuture<F>
+where
+    F: Future<Output = Result<R, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<R, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        if let Some(p) = this.panicked.take() {
+            return Poll::Ready(Err(p.into()));
+        }
+        let Some(inner) = this.inner.as_mut().as_pin_mut() else {
+            panic!("CatchPanicFuture polled after completion");
+        };
+        match std::panic::catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(poll) => poll.map(|r| r.map_err(Into::into)),
+            Err(panic) => {
+                this.inner.set(None);
+                Poll::Ready(Err(Panicked::from_payload(panic).into()))
+            }
+        }
     }
 }
 
@@ -240,7 +398,10 @@ where
     }
 
     fn call(&mut self, msg: Message) -> Self::Future {
-        match D::decode(&msg.payload) {
+        // A decoder that panics on these bytes panics on them every time.
+        let decoded = std::panic::catch_unwind(|| D::decode(&msg.payload))
+            .unwrap_or_else(|panic| Err(Panicked::from_payload(panic).into()));
+        match decoded {
             Ok(value) => Either::Right(HandlerFuture {
                 inner: (self.f)(value, msg),
             }),
@@ -282,6 +443,41 @@ mod tests {
         });
         let msg = Message::new(r#"{"id":7}"#).with_key("k");
         assert_eq!(svc.oneshot(msg).await.unwrap(), Outcome::Processed);
+    }
+
+    #[tokio::test]
+    async fn a_handler_that_panics_returns_a_transient_panicked_error() {
+        let svc = handler_fn(|m: Message| async move {
+            assert!(m.payload.is_empty(), "payload {:?}", m.payload);
+            Ok::<_, BoxError>(())
+        });
+        let err = svc.oneshot(Message::new("x")).await.unwrap_err();
+        let p = err.downcast_ref::<Panicked>().expect("a Panicked error");
+        assert!(p.message().contains("payload"), "{p}");
+        assert!(!Classifier::default().classify(&*err).is_permanent());
+    }
+
+    #[tokio::test]
+    async fn a_panic_message_is_bounded() {
+        let long = "x".repeat(10_000);
+        let p = Panicked::from_payload(Box::new(long));
+        assert!(p.message().len() <= Panicked::MAX_MESSAGE_LEN);
+    }
+
+    #[tokio::test]
+    async fn a_decoder_that_panics_gives_a_permanent_decode_error() {
+        struct Explosive;
+        impl Decode<u8> for Explosive {
+            const FORMAT: &'static str = "explosive";
+            fn decode(_: &[u8]) -> Result<u8, BoxError> {
+                panic!("decoder bug")
+            }
+        }
+        let svc =
+            typed::<Explosive, u8, _, _>(|_v: u8, _m: Message| async { Ok::<_, BoxError>(()) });
+        let err = svc.oneshot(Message::new("x")).await.unwrap_err();
+        assert!(Classifier::default().classify(&*err).is_permanent());
+        assert!(err.to_string().contains("decoder bug"), "{err}");
     }
 
     #[tokio::test]

@@ -16,6 +16,7 @@ pub mod handler;
 mod headers;
 mod message;
 pub mod names;
+pub mod text;
 pub mod worker;
 
 #[cfg(feature = "memory")]
@@ -30,7 +31,7 @@ pub use classify::{Classification, Classifier, ErrorKind};
 pub use consumer::{Capabilities, Consumer, OrderingScope, Publisher};
 pub use delivery::{Acker, Delivery, Settle, SettleFuture};
 pub use error::{Error, Result};
-pub use handler::{Outcome, handler_fn};
+pub use handler::{CatchPanic, CatchPanicLayer, Outcome, Panicked, handler_fn};
 pub use headers::{HeaderError, HeaderLimits, HeaderValue, Headers};
 pub use message::{Extensions, Message, Metadata, OutgoingMessage, Source};
 pub use worker::{

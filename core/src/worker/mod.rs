@@ -69,7 +69,8 @@ use tower::Service;
 use config::Config;
 pub use config::{Execution, LeaseKeeping, OrderingMode, Redelivery};
 
-use crate::classify::{Classifier, ErrorKind};
+use crate::classify::{Classification, Classifier, ErrorKind};
+use crate::handler::Panicked;
 use crate::{
     BoxError, Capabilities, Consumer, Delivery, Error, Extensions, Message, Outcome, Result, Settle,
 };
@@ -96,6 +97,10 @@ pub struct Report {
     pub parked: u64,
     /// Handler calls that panicked.
     pub panicked: u64,
+    /// Worker tasks that panicked outside the handler (a user's classifier or error
+    /// `Display`, an adapter's acker): their slot and ordering key were freed and their
+    /// message left to the broker to deliver again.
+    pub crashed: u64,
     /// Deliveries handed back unprocessed at shutdown (waiting or parked).
     pub handed_back: u64,
     /// Deliveries still running at the shutdown deadline, handed back.
@@ -357,10 +362,10 @@ enum Done {
     Park(Box<Parking>),
     /// A parked message's delay passed.
     Unpark(Box<(Message, Settle)>),
-    /// A spawned task panicked outside the handler (a Worker or adapter bug): a call
-    /// (`call`), or a parked message or hand-back. Its message is not settled here; the
-    /// broker delivers it again.
-    Crashed { error: BoxError, call: bool },
+    /// A task panicked outside the handler (a Worker or adapter bug, a user's hook).
+    /// Its message is not settled here (its acker is gone); the broker delivers it
+    /// again. What the task held is freed.
+    Crashed { panic: String, held: Held },
     /// Messages were handed back unprocessed at shutdown: one parked message (which
     /// held `key`), or a batch of waiting ones.
     HandedBack {
@@ -369,6 +374,17 @@ enum Done {
         count: u64,
         settle_errors: u64,
     },
+}
+
+/// What a task holds while it runs, freed by the Worker if the task panics.
+#[derive(Clone, Copy, Debug)]
+struct Held {
+    /// A concurrency slot (a handler call).
+    call: bool,
+    /// A place among the parked messages.
+    parked: bool,
+    /// An ordering key.
+    key: Option<KeyId>,
 }
 
 /// A message to park for `delay`, boxed in [`Done::Park`]: failures are rare, and every
@@ -472,6 +488,10 @@ where
             };
             ctx.signal.insert_shared(ctx.shutdown.clone());
             let mut receive_errors = 0u32;
+            // After a failed receive, the broker is asked again only once this passes;
+            // meanwhile the loop goes on reaping calls and watching for shutdown.
+            let mut receive_pause = pin!(tokio::time::sleep(Duration::ZERO));
+            let mut receive_paused = false;
             tracing::debug!(worker = name, ?caps, ?plan, "worker started");
 
             loop {
@@ -510,7 +530,7 @@ where
                     ready = poll_fn(|cx| service.poll_ready(cx)), if want => {
                         if let Err(e) = ready {
                             let e: BoxError = e.into();
-                            tracing::error!(worker = name, error = %e, "service failed; stopping intake");
+                            tracing::error!(worker = name, error = %DisplayBounded(&e), "service failed; stopping intake");
                             state.intake_open = false;
                             continue;
                         }
@@ -528,7 +548,8 @@ where
                     let listen = state.waiting > 0
                         || state.parked > 0
                         || (plan.park && state.running > 0)
-                        || (config.execution == Execution::InTask && !state.tasks.is_empty());
+                        || (config.execution == Execution::InTask && !state.tasks.is_empty())
+                        || (receive_paused && !state.tasks.is_empty());
                     tokio::select! {
                         biased;
                         Some(()) = shutdown.next(), if state.intake_open => {
@@ -540,7 +561,11 @@ where
                             state.handle_done(done, &ctx);
                             continue;
                         }
-                        received = consumer.receive() => match received {
+                        () = &mut receive_pause, if receive_paused => {
+                            receive_paused = false;
+                            continue;
+                        }
+                        received = consumer.receive(), if !receive_paused => match received {
                             Ok(Some(d)) => {
                                 receive_errors = 0;
                                 state.report.received += 1;
@@ -554,8 +579,9 @@ where
                             Err(e) => {
                                 receive_errors += 1;
                                 let pause = Duration::from_millis(50 << receive_errors.min(7));
-                                tracing::warn!(worker = name, error = %e, ?pause, "receive failed; trying again");
-                                tokio::time::sleep(pause).await;
+                                tracing::warn!(worker = name, error = %DisplayBounded(&e), ?pause, "receive failed; trying again");
+                                receive_pause.as_mut().reset(tokio::time::Instant::now() + pause);
+                                receive_paused = true;
                                 continue;
                             }
                         }
@@ -593,7 +619,7 @@ where
                 }
                 state.running += 1;
                 let call = run_one(&mut service, delivery, key, &ctx);
-                if let Some(done) = state.tasks.start(call) {
+                if let Some(done) = state.tasks.start(call, key) {
                     state.handle_done(done, &ctx);
                 }
             }
@@ -697,20 +723,18 @@ impl Tasks {
         }
     }
 
-    fn spawn(&mut self, fut: impl Future<Output = Done> + Send + 'static) {
-        self.spawn_task(fut, false);
-    }
-
-    fn spawn_task(&mut self, fut: impl Future<Output = Done> + Send + 'static, call: bool) {
+    /// Runs a task that holds `held`; a panic in it (the handler's own are caught in
+    /// the call) still reports back, as [`Done::Crashed`], in either execution mode, so
+    /// the Worker never waits for a task that is gone nor keeps what it held.
+    fn spawn(&mut self, fut: impl Future<Output = Done> + Send + 'static, held: Held) {
+        let fut = guarded(fut, held);
         match self.execution {
             Execution::InTask => self.local.push(Box::pin(fut)),
             Execution::Spawned => {
                 let done = self.done_tx.clone();
                 self.spawned += 1;
                 // The receiver lives as long as the Worker; a send after it is gone
-                // has no one to tell. A panic outside the handler (the handler's own
-                // are caught in the call) still reports back, so the Worker never
-                // waits for a task that is gone.
+                // has no one to tell.
                 //
                 // The call is boxed: tokio moves a task's future by value several times
                 // as it spawns and runs it, and a call's is several hundred bytes, which
@@ -718,25 +742,30 @@ impl Tasks {
                 // blocks.
                 let fut = Box::pin(fut);
                 tokio::spawn(async move {
-                    let result = AssertUnwindSafe(fut).catch_unwind().await;
-                    let _ = done.send(result.unwrap_or_else(|p| Done::Crashed {
-                        error: panic_error(p),
-                        call,
-                    }));
+                    let _ = done.send(fut.await);
                 });
             }
         }
     }
 
-    /// Starts a call. In [`Execution::InTask`] it is polled once at once, and one that
-    /// completes there (a handler with nothing to wait for, an ack the broker takes
-    /// synchronously) is returned without ever entering the set.
-    fn start(&mut self, call: impl Future<Output = Done> + Send + 'static) -> Option<Done> {
+    /// Starts a call that holds `key`. In [`Execution::InTask`] it is polled once at
+    /// once, and one that completes there (a handler with nothing to wait for, an ack
+    /// the broker takes synchronously) is returned without ever entering the set.
+    fn start(
+        &mut self,
+        call: impl Future<Output = Done> + Send + 'static,
+        key: Option<KeyId>,
+    ) -> Option<Done> {
+        let held = Held {
+            call: true,
+            parked: false,
+            key,
+        };
         if self.execution == Execution::Spawned {
-            self.spawn_task(call, true);
+            self.spawn(call, held);
             return None;
         }
-        let mut call: LocalTask = Box::pin(call);
+        let mut call: LocalTask = Box::pin(guarded(call, held));
         // Polled with a waker that does nothing: a call still pending is pushed into
         // the set, which polls it again before it waits, with its own waker.
         match call.as_mut().now_or_never() {
@@ -771,10 +800,17 @@ impl Tasks {
 impl State {
     fn handle_done(&mut self, done: Done, ctx: &TaskCtx) {
         match done {
-            Done::Crashed { error, call } => {
-                tracing::error!(%error, call, "worker task failed; its message is left to the broker to deliver again");
-                // Its slot is free again; a key it held stays held.
-                self.running -= usize::from(call);
+            Done::Crashed { panic, held } => {
+                tracing::error!(
+                    panic = %panic, call = held.call, parked = held.parked,
+                    "a worker task panicked outside the handler; its message is left to the broker to deliver again"
+                );
+                // What it held is free again: a key kept by a task that is gone would
+                // hold back its key's (or partition's) messages for good.
+                self.report.crashed += 1;
+                self.running -= usize::from(held.call);
+                self.parked -= usize::from(held.parked);
+                self.release_key(held.key);
             }
             Done::Settled {
                 key,
@@ -814,15 +850,22 @@ impl State {
                 self.parked += 1;
                 self.report.parked += 1;
                 self.report.panicked += u64::from(panicked);
-                self.tasks.spawn(park(
-                    message,
-                    settle,
-                    key,
-                    delay,
-                    ctx.renew_every,
-                    ctx.lease,
-                    ctx.shutdown.rx.clone(),
-                ));
+                self.tasks.spawn(
+                    park(
+                        message,
+                        settle,
+                        key,
+                        delay,
+                        ctx.renew_every,
+                        ctx.lease,
+                        ctx.shutdown.rx.clone(),
+                    ),
+                    Held {
+                        call: false,
+                        parked: true,
+                        key,
+                    },
+                );
             }
             Done::Unpark(unparked) => {
                 let (mut message, settle) = *unparked;
@@ -869,19 +912,28 @@ impl State {
 
     /// Hands deliveries back to the broker without running them; releases `key` after.
     fn hand_back(&mut self, back: Vec<Delivery>, key: Option<KeyId>) {
-        self.tasks.spawn(async move {
-            let count = back.len() as u64;
-            let mut settle_errors = 0;
-            for d in back {
-                settle_errors += u64::from(log_settle(d.nack(Duration::ZERO).await, "hand back"));
-            }
-            Done::HandedBack {
-                key,
-                parked: false,
-                count,
-                settle_errors,
-            }
-        });
+        let held = Held {
+            call: false,
+            parked: false,
+            key,
+        };
+        self.tasks.spawn(
+            async move {
+                let count = back.len() as u64;
+                let mut settle_errors = 0;
+                for d in back {
+                    settle_errors +=
+                        u64::from(log_settle(d.nack(Duration::ZERO).await, "hand back"));
+                }
+                Done::HandedBack {
+                    key,
+                    parked: false,
+                    count,
+                    settle_errors,
+                }
+            },
+            held,
+        );
     }
 
     /// At shutdown, everything not yet started goes back to the broker.
@@ -931,9 +983,11 @@ where
 
     async move {
         let result: Option<std::result::Result<Outcome, (BoxError, bool)>> = match call {
-            Err(panic) => Some(Err((panic_error(panic), true))),
+            Err(panic) => Some(Err((Panicked::from_payload(panic).into(), true))),
             Ok(fut) => {
-                let fut = AssertUnwindSafe(fut).catch_unwind();
+                // The response's conversion runs inside the catch too: it is user code.
+                let fut = AssertUnwindSafe(fut.map(|r| r.map(Into::into).map_err(Into::into)))
+                    .catch_unwind();
                 let keeper = keep_lease(&settle, renew_every, lease);
                 // The call first: one that completes on its first poll never sets up
                 // the lease timer or the abort watch (which takes the watch's lock to
@@ -941,9 +995,14 @@ where
                 tokio::select! {
                     biased;
                     r = fut => Some(match r {
-                        Ok(Ok(resp)) => Ok(resp.into()),
-                        Ok(Err(e)) => Err((e.into(), false)),
-                        Err(panic) => Err((panic_error(panic), true)),
+                        Ok(Ok(outcome)) => Ok(outcome),
+                        // A panic the stack caught (and turned into an error every layer
+                        // saw) is counted as one all the same.
+                        Ok(Err(e)) => {
+                            let panicked = is_panic(&*e);
+                            Err((e, panicked))
+                        }
+                        Err(panic) => Err((Panicked::from_payload(panic).into(), true)),
                     }),
                     () = keeper => unreachable!("lease keeping never ends"),
                     _ = stop.wait_for(|s| *s == Stop::Abort) => None,
@@ -970,17 +1029,28 @@ where
                 }
             }
             Some(Err((err, panicked))) => {
-                let class = classifier.classify(&*err);
+                // The classifier and the error's `Display` are user code: a panic in
+                // either must not take the message's fate with it.
+                let class =
+                    std::panic::catch_unwind(AssertUnwindSafe(|| classifier.classify(&*err)))
+                        .unwrap_or_else(|panic| {
+                            tracing::error!(
+                                attempt, panic = %DisplayBounded(&Panicked::from_payload(panic)),
+                                "the classifier panicked; the failure is taken as transient"
+                            );
+                            Classification::TRANSIENT
+                        });
                 let delay = class
                     .retry_after
                     .unwrap_or_else(|| redelivery.delay(attempt));
+                let error = DisplayBounded(&*err);
                 if class.kind == ErrorKind::Permanent {
                     tracing::error!(
-                        attempt, error = %err,
+                        attempt, error = %error,
                         "permanent error reached the Worker; add a dead-letter layer to take such messages out of the queue"
                     );
                 } else {
-                    tracing::warn!(attempt, error = %err, ?delay, "handler failed");
+                    tracing::warn!(attempt, error = %error, ?delay, "handler failed");
                 }
                 match parked_copy {
                     Some(message) => {
@@ -1060,11 +1130,44 @@ fn log_settle(r: Result<()>, what: &str) -> bool {
     }
 }
 
-fn panic_error(panic: Box<dyn std::any::Any + Send>) -> BoxError {
-    let text = panic
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "non-string panic payload".to_owned());
-    format!("handler panicked: {text}").into()
+/// `future`, with a panic inside it turned into [`Done::Crashed`] for what it `held`.
+fn guarded(
+    future: impl Future<Output = Done> + Send + 'static,
+    held: Held,
+) -> impl Future<Output = Done> + Send + 'static {
+    AssertUnwindSafe(future).catch_unwind().map(move |r| {
+        r.unwrap_or_else(|panic| Done::Crashed {
+            panic: Panicked::from_payload(panic).message().to_owned(),
+            held,
+        })
+    })
+}
+
+/// Whether `err` or one of its sources is a caught panic.
+fn is_panic(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(err);
+    while let Some(e) = next {
+        if e.is::<Panicked>() {
+            return true;
+        }
+        next = e.source();
+    }
+    false
+}
+
+/// An error for a log line: its `Display` cut to [`MAX_LOGGED_ERROR`] bytes, and a
+/// `Display` that panics (user code) written as such instead of unwinding the caller.
+/// Error text can quote a payload (a decoder's "invalid value" quotes the value), so
+/// it is bounded before it reaches a log.
+struct DisplayBounded<'a, E: ?Sized>(&'a E);
+
+/// The most bytes of an error's text a Worker log line carries.
+const MAX_LOGGED_ERROR: usize = 1024;
+
+impl<E: std::fmt::Display + ?Sized> std::fmt::Display for DisplayBounded<'_, E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let text = std::panic::catch_unwind(AssertUnwindSafe(|| self.0.to_string()))
+            .unwrap_or_else(|_| "<the error's Display panicked>".to_owned());
+        f.write_str(crate::text::truncate(&text, MAX_LOGGED_ERROR).as_ref())
+    }
 }

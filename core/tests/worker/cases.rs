@@ -745,15 +745,14 @@ async fn dropping_the_worker_ends_its_calls() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_spawned_call_that_panics_outside_the_handler_frees_its_slot() {
-    if EXECUTION != redrive_core::Execution::Spawned {
-        // In the Worker's task such a panic unwinds the Worker itself.
-        return;
-    }
+async fn a_call_that_panics_outside_the_handler_frees_its_slot_and_its_key() {
+    // One partition, one slot: a call whose ack panics (an adapter bug) must neither
+    // unwind the Worker (in its task) nor keep the partition's key (spawned).
     let (consumer, log) = Scripted::new(&["exploding-1", "ok-1", "ok-2"], caps());
     let handler = handler_fn(|_m: Message| async { Ok::<_, BoxError>(()) });
     let report = builder(consumer, handler)
         .concurrency(1)
+        .ordering(OrderingMode::PerPartition)
         .build()
         .unwrap()
         .run_until(tokio::time::sleep(Duration::from_secs(1)))
@@ -765,4 +764,101 @@ async fn a_spawned_call_that_panics_outside_the_handler_frees_its_slot() {
         "with its one slot freed, the Worker went on: {log:?}"
     );
     assert_eq!((report.processed, report.acked), (2, 2), "{report:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_classifier_that_panics_still_gives_the_message_a_fate() {
+    // The user's classifier panics on one error: the message is still nacked (as a
+    // transient failure), and the Worker goes on.
+    let (consumer, log) = Scripted::new(&["bad-1", "ok-1", "ok-2"], caps());
+    let handler = handler_fn(|m: Message| async move {
+        if body(&m) == "bad-1" {
+            return Err::<(), BoxError>("classify me".into());
+        }
+        Ok(())
+    });
+    let classifier = classify::Classifier::new().with_hook(|e| {
+        assert!(e.to_string() != "classify me", "classifier bug");
+        None
+    });
+    let report = builder(consumer, handler)
+        .concurrency(1)
+        .redelivery(Redelivery::constant(Duration::from_secs(30)))
+        .classifier(classifier)
+        .build()
+        .unwrap()
+        .run_until(tokio::time::sleep(Duration::from_secs(1)))
+        .await;
+    let log = log.lock().unwrap();
+    assert_eq!(
+        log.get("bad-1").map(Vec::as_slice),
+        Some(&[Event::Nack(Duration::from_secs(30))][..]),
+        "the failed message was nacked with its redelivery delay: {log:?}"
+    );
+    assert_eq!(
+        (log.get("ok-1"), log.get("ok-2")),
+        (Some(&vec![Event::Ack]), Some(&vec![Event::Ack])),
+        "the Worker went on: {log:?}"
+    );
+    assert_eq!((report.processed, report.nacked), (2, 1), "{report:?}");
+}
+
+/// Hands out one message, then fails every receive.
+struct Failing {
+    first: Option<Message>,
+    log: Log,
+}
+
+impl Consumer for Failing {
+    async fn receive(&mut self) -> Result<Option<Delivery>> {
+        match self.first.take() {
+            Some(m) => Ok(Some(Delivery::new(
+                m,
+                Recording {
+                    id: "first".into(),
+                    log: self.log.clone(),
+                },
+            ))),
+            None => Err(redrive_core::Error::broker("connection refused")),
+        }
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        caps()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_receive_backs_off_without_stopping_calls_or_shutdown() {
+    let log = Log::default();
+    let consumer = Failing {
+        first: Some(Message::new("first")),
+        log: log.clone(),
+    };
+    let acked_at = Arc::new(Mutex::new(None));
+    let at = acked_at.clone();
+    let start = Instant::now();
+    let handler = handler_fn(move |_m: Message| {
+        let at = at.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(4000)).await;
+            *at.lock().unwrap() = Some(Instant::now());
+            Ok::<_, BoxError>(())
+        }
+    });
+    let report = builder(consumer, handler)
+        .build()
+        .unwrap()
+        .run_until(tokio::time::sleep(Duration::from_secs(10)))
+        .await;
+    let stopped = start.elapsed();
+    assert_eq!(report.acked, 1, "{report:?}");
+    assert_eq!(log.lock().unwrap().get("first"), Some(&vec![Event::Ack]));
+    // The receive back-off reaches 6.4 s; neither the call nor shutdown waits for it.
+    let done = acked_at.lock().unwrap().unwrap() - start;
+    assert!(done < Duration::from_millis(4100), "the call ended at {done:?}");
+    assert!(
+        stopped < Duration::from_millis(10_100),
+        "shutdown asked at 10 s, the Worker stopped at {stopped:?}"
+    );
 }
