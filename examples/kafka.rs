@@ -10,7 +10,7 @@
 //! customers share one partition; the customer is the key. One order is poison: the
 //! Worker parks it (Kafka cannot hand one record back) and runs it again after a delay,
 //! while the other customers' orders flow on and the poison customer's later orders
-//! wait; after three attempts it goes to `<topic>.dlq` and that customer unblocks. The
+//! wait; after three attempts it goes to `<topic>-dlq` and that customer unblocks. The
 //! committed offset never passes the parked record until it is settled.
 //!
 //! `KAFKA_BROKERS` overrides the broker address.
@@ -42,7 +42,7 @@ async fn create_topics(brokers: &str) -> Result<(), BoxError> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .create()?;
-    let dlq = format!("{TOPIC}.dlq");
+    let dlq = format!("{TOPIC}-dlq");
     let topics = [
         NewTopic::new(TOPIC, 1, TopicReplication::Fixed(1)),
         NewTopic::new(&dlq, 1, TopicReplication::Fixed(1)),
@@ -134,6 +134,6 @@ async fn main() -> Result<(), BoxError> {
         .run_until(tokio::time::sleep(Duration::from_secs(8)))
         .await;
     println!("{report:?}");
-    println!("the poison order is in `{TOPIC}.dlq`");
+    println!("the poison order is in `{TOPIC}-dlq`");
     Ok(())
 }

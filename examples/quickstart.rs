@@ -128,7 +128,7 @@ async fn main() -> Result<(), BoxError> {
         }
     };
     let report = worker.run_until(idle).await;
-    let dlq = broker.messages("orders.dlq");
+    let dlq = broker.messages("orders-dlq");
 
     println!(
         "\nredrive quickstart: {} messages in {:.0?}",
@@ -178,7 +178,7 @@ async fn main() -> Result<(), BoxError> {
     );
     assert_eq!(dlq.len(), 1, "the poison message is dead-lettered");
     println!(
-        "\nevery order handled exactly once, duplicates skipped, the poison message in orders.dlq: nothing lost."
+        "\nevery order handled exactly once, duplicates skipped, the poison message in orders-dlq: nothing lost."
     );
     Ok(())
 }

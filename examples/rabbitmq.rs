@@ -9,7 +9,7 @@
 //! a circuit breaker, in-process retries and a per-try timeout. A few orders are
 //! published, one of them twice and one poison; the duplicate is skipped, the poison
 //! message is retried in process, then through the broker with a delay, and after three
-//! deliveries the dead-letter layer moves it to `redrive-example-orders.dlq` with an
+//! deliveries the dead-letter layer moves it to `redrive-example-orders-dlq` with an
 //! envelope saying why.
 
 use std::sync::Arc;
@@ -36,7 +36,7 @@ async fn main() -> Result<(), BoxError> {
     let queue = "redrive-example-orders";
     let topology = Topology::new(queue)
         .with_kind(QueueKind::Quorum)
-        .with_dead_letter_queue(format!("{queue}.dlq"));
+        .with_dead_letter_queue(format!("{queue}-dlq"));
 
     let consumer = RabbitConsumer::builder(&url, topology.clone())
         .prefetch(32)

@@ -67,9 +67,9 @@ async fn main() -> Result<(), BoxError> {
     let replay = ServiceBuilder::new()
         .layer(TraceLayer::new())
         .service(handler_fn(|_m: Message| async { Ok::<_, BoxError>(()) }));
-    Worker::builder(broker.consumer("payments.dlq"), replay)
+    Worker::builder(broker.consumer("payments-dlq"), replay)
         .build()?
-        .run_until(until_empty(&broker, "payments.dlq"))
+        .run_until(until_empty(&broker, "payments-dlq"))
         .await;
 
     provider.force_flush()?;

@@ -8,7 +8,7 @@
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), redrive_core::Error> {
 //! let broker = MemoryBroker::new();
-//! broker.declare("jobs", QueueConfig::default().with_dead_letter(3, "jobs.dlq"));
+//! broker.declare("jobs", QueueConfig::default().with_dead_letter(3, "jobs-dlq"));
 //! broker.publish("jobs", OutgoingMessage::new("hi").with_key("user-1")).await?;
 //! assert_eq!(broker.depth("jobs"), 1);
 //!

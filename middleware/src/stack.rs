@@ -20,7 +20,7 @@
 //! stack.check(&consumer.capabilities())?;
 //! assert_eq!(
 //!     stack.describe(),
-//!     "trace -> dead_letter(max_attempts=5, to=<source>.dlq) -> idempotency(lease=30s, ttl=86400s) -> handler"
+//!     "trace -> dead_letter(max_attempts=5, to=<source>-dlq) -> idempotency(lease=30s, ttl=86400s) -> handler"
 //! );
 //! let service = stack.service(handler_fn(|_m: Message| async { Ok::<_, BoxError>(()) }));
 //! let worker = Worker::builder(consumer, service).build()?;
@@ -43,12 +43,14 @@
 //! | 7 | `retry` | in-process tries with backoff |
 //! | 8 | `timeout` | a deadline per try |
 //!
-//! Omitted layers are left out at no cost (`tower::layer::util::Identity`).
+//! Omitted layers are left out at no cost (`tower::layer::util::Identity`). The handler
+//! itself is wrapped in [`CatchPanic`](redrive_core::CatchPanic), so a panic is an
+//! error every layer sees: retried, counted toward the dead-letter limit, dead-lettered.
 
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use redrive_core::Capabilities;
+use redrive_core::{Capabilities, CatchPanic};
 use tower::Layer;
 use tower::layer::util::Identity;
 
@@ -323,7 +325,7 @@ where
 
 impl<S, Tr, Me, Dl, Id, Cb, Rl, Re, To> Layer<S> for Stack<Tr, Me, Dl, Id, Cb, Rl, Re, To>
 where
-    To: Layer<S>,
+    To: Layer<CatchPanic<S>>,
     Re: Layer<To::Service>,
     Rl: Layer<Re::Service>,
     Cb: Layer<Rl::Service>,
@@ -335,7 +337,8 @@ where
     type Service = Tr::Service;
 
     fn layer(&self, handler: S) -> Self::Service {
-        let s = self.timeout.layer(handler);
+        // Innermost: a panic in the handler is an error every layer sees.
+        let s = self.timeout.layer(CatchPanic::new(handler));
         let s = self.retry.layer(s);
         let s = self.rate_limit.layer(s);
         let s = self.circuit_breaker.layer(s);
@@ -364,7 +367,7 @@ impl StackPart for crate::metrics::MetricsLayer {
 impl<P, H> StackPart for crate::dead_letter::DeadLetterLayer<P, H> {
     fn describe(&self) -> Option<String> {
         let c = self.config();
-        let to = c.destination.as_deref().unwrap_or("<source>.dlq");
+        let to = c.destination.as_deref().unwrap_or("<source>-dlq");
         Some(format!(
             "dead_letter(max_attempts={}, to={to})",
             c.max_attempts

@@ -127,7 +127,7 @@ async fn permanent_error_is_dead_lettered_with_a_complete_envelope() {
     let mut published = dlq.take();
     assert_eq!(published.len(), 1);
     let (destination, out) = published.remove(0);
-    assert_eq!(destination, "orders.dlq");
+    assert_eq!(destination, "orders-dlq");
     assert_eq!(&out.payload[..], br#"{"id":1}"#);
     assert_eq!(out.key.as_deref(), Some(&b"user-1"[..]));
 
@@ -162,7 +162,9 @@ async fn permanent_error_is_dead_lettered_with_a_complete_envelope() {
     assert_eq!(get(dead_letter::TRACESTATE), "vendor=abc");
     assert_eq!(get(dead_letter::CORRELATION_ID), "corr-7");
     assert_eq!(get("content-type"), "application/json");
-    assert_eq!(h.len(), 4 + dead_letter::ENVELOPE_HEADERS.len());
+    // Every envelope header but the one only a trimmed dead letter carries.
+    assert_eq!(h.len(), 4 + dead_letter::ENVELOPE_HEADERS.len() - 1);
+    assert!(h.get_str(dead_letter::DROPPED_HEADERS).is_none());
 }
 
 #[tokio::test(start_paused = true)]
@@ -184,7 +186,8 @@ async fn transient_errors_go_up_unchanged_until_the_last_attempt() {
         "nothing dead-lettered before the limit"
     );
 
-    for attempt in [3, 4] {
+    {
+        let attempt = 3;
         let outcome = layer
             .layer(failing(calls.clone(), transient))
             .oneshot(message(attempt))
@@ -204,7 +207,7 @@ async fn transient_errors_go_up_unchanged_until_the_last_attempt() {
             Some("downstream unavailable")
         );
     }
-    assert_eq!(calls.load(Ordering::SeqCst), 4);
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
 }
 
 #[tokio::test(start_paused = true)]
@@ -217,7 +220,7 @@ async fn success_passes_through_untouched() {
     let svc = layer(dlq.clone(), config()).layer(handler::handler_fn(|_m: Message| async {
         Ok::<_, BoxError>(())
     }));
-    assert_eq!(svc.oneshot(message(9)).await.unwrap(), Outcome::Processed);
+    assert_eq!(svc.oneshot(message(3)).await.unwrap(), Outcome::Processed);
     assert!(dlq.take().is_empty());
 }
 
@@ -274,7 +277,7 @@ async fn an_earlier_envelope_is_replaced_not_piled_up() {
         h.get_str(dead_letter::LAST_FAILURE_AT),
         Some("2020-01-03T00:00:00.000Z")
     );
-    assert_eq!(h.len(), 4 + dead_letter::ENVELOPE_HEADERS.len() - 2);
+    assert_eq!(h.len(), 4 + dead_letter::ENVELOPE_HEADERS.len() - 3);
 }
 
 #[tokio::test(start_paused = true)]
@@ -305,11 +308,11 @@ async fn failed_publish_is_a_transient_error_and_nothing_is_acked() {
         .downcast_ref::<DeadLetterError>()
         .unwrap_or_else(|| panic!("not a DeadLetterError: {err}"));
     assert!(dl.is_publish());
-    assert_eq!(dl.destination(), "orders.dlq");
+    assert_eq!(dl.destination(), "orders-dlq");
     assert_eq!(dl.handler_error(), "missing field `id`");
     let text = err.to_string();
     assert!(
-        text.contains("orders.dlq") && text.contains("missing field `id`"),
+        text.contains("orders-dlq") && text.contains("missing field `id`"),
         "{text}"
     );
     // Transient, so the Worker nacks with backoff, although the handler's error was permanent.
@@ -320,25 +323,140 @@ async fn failed_publish_is_a_transient_error_and_nothing_is_acked() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn an_envelope_over_the_header_limits_is_an_error() {
+async fn an_envelope_over_the_header_limits_is_trimmed_to_fit() {
+    // Kafka-like limits, nearly filled by the producer's own headers: the full envelope
+    // cannot fit, so the dead letter keeps the trace context, the correlation and
+    // message ids and the envelope, and says how many headers it dropped.
     let dlq = Arc::new(Recorder::default());
     let mut msg = message(1);
     let mut headers = Headers::with_limits(HeaderLimits {
-        max_count: 8,
+        max_count: 16,
         max_bytes: 4096,
     });
     for (n, v) in msg.headers.iter() {
         headers.insert(n, v.clone()).unwrap();
     }
+    for i in 0..12 {
+        headers.insert(format!("app-{i}"), "v").unwrap();
+    }
     msg.headers = headers;
     let svc = layer(dlq.clone(), config()).layer(failing(Arc::default(), permanent));
-    let err = svc.oneshot(msg).await.unwrap_err();
-    let dl = err
-        .downcast_ref::<DeadLetterError>()
-        .expect("a DeadLetterError");
-    assert!(dl.is_envelope(), "{err}");
-    assert!(err.to_string().contains("header limits"), "{err}");
-    assert!(dlq.take().is_empty());
+    assert_eq!(svc.oneshot(msg).await.unwrap(), Outcome::DeadLettered);
+    let (to, out) = dlq.take().remove(0);
+    assert_eq!(to, "orders-dlq");
+    let h = &out.headers;
+    assert_eq!(h.get_str(dead_letter::TRACEPARENT), Some(TRACEPARENT));
+    assert_eq!(h.get_str(dead_letter::CORRELATION_ID), Some("corr-7"));
+    assert_eq!(h.get_str(dead_letter::ERROR_KIND), Some("permanent"));
+    assert_eq!(h.get_str(dead_letter::ORIGINAL_DESTINATION), Some("orders"));
+    assert_eq!(h.get_str(dead_letter::ORIGINAL_MESSAGE_ID), Some("m-1"));
+    assert_eq!(h.get_str(dead_letter::DROPPED_HEADERS), Some("13"));
+    assert!(h.get_str("app-0").is_none());
+}
+
+/// Refuses every publish for good, as a broker refuses an invalid name or a message too
+/// large; counts what it was offered.
+#[derive(Default)]
+struct Refusing {
+    offered: Mutex<Vec<OutgoingMessage>>,
+}
+
+impl Publisher for Refusing {
+    async fn publish(&self, _: &str, message: OutgoingMessage) -> redrive_core::Result<()> {
+        self.offered.lock().unwrap().push(message);
+        Err(redrive_core::Error::rejected("message too large"))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dead_letter_the_broker_refuses_is_trimmed_then_delayed_loudly() {
+    let dlq = Arc::new(Refusing::default());
+    let svc = layer(dlq.clone(), config()).layer(failing(Arc::default(), permanent));
+    let err = svc.oneshot(message(1)).await.unwrap_err();
+    // Offered once whole, once trimmed.
+    let offered = dlq.offered.lock().unwrap();
+    assert_eq!(offered.len(), 2);
+    assert!(offered[1].headers.get_str("content-type").is_none());
+    // Not lost, not retried at the Worker's pace: redelivered after a long delay.
+    let class = Classifier::default().classify(&*err);
+    assert_eq!(class.kind, ErrorKind::Transient);
+    assert_eq!(class.retry_after, Some(Duration::from_secs(600)));
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&*err);
+    let mut found = None;
+    while let Some(e) = source {
+        if let Some(dl) = e.downcast_ref::<DeadLetterError>() {
+            found = Some(dl);
+        }
+        source = e.source();
+    }
+    let dl = found.expect("a DeadLetterError in the chain");
+    assert!(dl.is_rejected(), "{err}");
+    assert!(err.to_string().contains("refused"), "{err}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_message_past_its_attempt_limit_is_dead_lettered_without_running() {
+    // Delivery 6 of a message whose limit is 5: earlier deliveries ended without a
+    // result (the process died), so running it again would only die again.
+    let dlq = Arc::new(Recorder::default());
+    let calls = Arc::new(AtomicU32::new(0));
+    let svc = layer(dlq.clone(), config()).layer(failing(calls.clone(), transient));
+    assert_eq!(
+        svc.oneshot(message(6)).await.unwrap(),
+        Outcome::DeadLettered
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 0, "the handler must not run");
+    let (_, out) = dlq.take().remove(0);
+    assert_eq!(
+        out.headers.get_str(dead_letter::ERROR_KIND),
+        Some("abandoned")
+    );
+    assert_eq!(out.headers.get_str(dead_letter::ATTEMPTS), Some("6"));
+    let text = out.headers.get_str(dead_letter::ERROR_MESSAGE).unwrap();
+    assert!(text.contains("without a result"), "{text}");
+}
+
+#[test]
+fn the_default_destination_is_a_name_every_broker_accepts() {
+    assert_eq!(dead_letter::default_destination("orders"), "orders-dlq");
+    assert_eq!(
+        dead_letter::default_destination("orders.fifo"),
+        "orders-dlq.fifo"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn in_a_worker_a_handler_that_always_panics_is_dead_lettered() {
+    let broker = MemoryBroker::new();
+    broker
+        .publish("jobs", OutgoingMessage::new("explosive"))
+        .await
+        .unwrap();
+    let handler = handler::handler_fn(|_m: Message| async {
+        if true {
+            panic!("index out of bounds");
+        }
+        Ok::<(), BoxError>(())
+    });
+    let service = layer(Arc::new(broker.clone()), config().with_max_attempts(3)).layer(handler);
+    let report = Worker::builder(broker.consumer("jobs"), service)
+        .redelivery(redrive_core::Redelivery::constant(Duration::from_millis(
+            10,
+        )))
+        .build()
+        .unwrap()
+        .run_until(tokio::time::sleep(Duration::from_secs(5)))
+        .await;
+    assert_eq!(
+        (report.dead_lettered, report.panicked, report.nacked),
+        (1, 2, 2),
+        "{report:?}"
+    );
+    let dead = broker.messages("jobs-dlq");
+    assert_eq!(dead.len(), 1);
+    let text = dead[0].headers.get_str(dead_letter::ERROR_MESSAGE).unwrap();
+    assert!(text.contains("index out of bounds"), "{text}");
+    assert_eq!(dead[0].headers.get_str(dead_letter::ATTEMPTS), Some("3"));
 }
 
 #[tokio::test(start_paused = true)]
@@ -453,7 +571,7 @@ async fn the_hook_sees_each_confirmed_dead_letter() {
     assert_eq!(
         *events.lock().unwrap(),
         vec![(
-            "orders.dlq".to_owned(),
+            "orders-dlq".to_owned(),
             Reason::Exhausted,
             "downstream unavailable".to_owned(),
             3,
@@ -519,7 +637,7 @@ async fn in_a_worker_a_poison_message_ends_in_the_dlq_and_the_original_is_acked(
         "{report:?}"
     );
     assert_eq!(broker.depth("jobs") + broker.in_flight("jobs"), 0);
-    let dead = broker.messages("jobs.dlq");
+    let dead = broker.messages("jobs-dlq");
     assert_eq!(dead.len(), 1);
     assert_eq!(&dead[0].payload[..], b"poison");
     assert_eq!(
@@ -558,5 +676,5 @@ async fn in_a_worker_a_failed_dlq_publish_leads_to_a_nack_and_the_message_stays(
     assert!(report.nacked >= 1, "{report:?}");
     assert_eq!(report.acked, 0, "{report:?}");
     assert_eq!(broker.messages("jobs").len(), 1, "the message was lost");
-    assert!(broker.messages("jobs.dlq").is_empty());
+    assert!(broker.messages("jobs-dlq").is_empty());
 }

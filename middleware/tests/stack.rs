@@ -58,7 +58,7 @@ fn any_call_order_builds_the_canonical_order() {
         .trace(TraceLayer::new());
     assert_eq!(
         stack.describe(),
-        "trace -> metrics -> dead_letter(max_attempts=5, to=<source>.dlq) -> \
+        "trace -> metrics -> dead_letter(max_attempts=5, to=<source>-dlq) -> \
          idempotency(lease=30s, ttl=86400s) -> \
          circuit_breaker(consecutive_failures=5, open_for=30s) -> rate_limit(50/1s) -> \
          retry(max_tries=3, window=30ms, budget) -> timeout(5s) -> handler"
@@ -157,7 +157,7 @@ async fn the_whole_stack_under_a_worker() {
     );
     // ok, ok, blip twice, poison once (permanent: no retry), job-9 once.
     assert_eq!(runs.load(Ordering::SeqCst), 6);
-    let dead = broker.messages("jobs.dlq");
+    let dead = broker.messages("jobs-dlq");
     assert_eq!(dead.len(), 1);
     assert_eq!(
         dead[0].headers.get_str(dead_letter::ERROR_KIND),

@@ -97,7 +97,7 @@ async fn one_trace_from_producer_through_retries_and_the_dlq() {
     assert_eq!((report.nacked, report.dead_lettered), (2, 1), "{report:?}");
 
     // The DLQ copy carries the original trace context and a correlation id.
-    let dead = broker.messages("orders.dlq");
+    let dead = broker.messages("orders-dlq");
     assert_eq!(dead.len(), 1);
     let dlq_correlation = dead[0].headers.get_str(CORRELATION_ID).unwrap().to_owned();
     assert_eq!(dead[0].headers.get_str(dead_letter::ATTEMPTS), Some("3"));
@@ -106,10 +106,10 @@ async fn one_trace_from_producer_through_retries_and_the_dlq() {
     let replay = ServiceBuilder::new()
         .layer(TraceLayer::new())
         .service(handler_fn(|_m: Message| async { Ok::<_, BoxError>(()) }));
-    let report = Worker::builder(broker.consumer("orders.dlq"), replay)
+    let report = Worker::builder(broker.consumer("orders-dlq"), replay)
         .build()
         .unwrap()
-        .run_until(drained(&broker, "orders.dlq"))
+        .run_until(drained(&broker, "orders-dlq"))
         .await;
     assert_eq!(report.processed, 1);
 
@@ -120,12 +120,12 @@ async fn one_trace_from_producer_through_retries_and_the_dlq() {
     let checkout = by_name("checkout");
     let send_orders = by_name("send orders");
     let process_orders = by_name("process orders");
-    let send_dlq = by_name("send orders.dlq");
+    let send_dlq = by_name("send orders-dlq");
     let tries: Vec<&SpanData> = spans
         .iter()
         .filter(|s| s.name.starts_with("try "))
         .collect();
-    let process_dlq = by_name("process orders.dlq");
+    let process_dlq = by_name("process orders-dlq");
     assert_eq!(
         (
             checkout.len(),
@@ -200,7 +200,7 @@ async fn one_trace_from_producer_through_retries_and_the_dlq() {
     assert_eq!(outcome(process_dlq[0]).as_deref(), Some("processed"));
     assert_eq!(
         attr(process_dlq[0], "messaging.destination.name").map(|v| v.as_str().into_owned()),
-        Some("orders.dlq".into())
+        Some("orders-dlq".into())
     );
 
     // The message had no correlation id: each attempt derived the same one from the

@@ -3,6 +3,7 @@
 use std::error::Error as StdError;
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use redrive_core::{Capabilities, Classification, Classifier};
 
@@ -14,8 +15,9 @@ pub(crate) type Filter = dyn Fn(&(dyn StdError + 'static), &Classification) -> b
 ///
 /// | setting | default |
 /// |---|---|
-/// | `destination` | `<source destination>.dlq` |
+/// | `destination` | [`default_destination`]: `<source destination>-dlq` (`orders.fifo` → `orders-dlq.fifo`) |
 /// | `max_attempts` | 5 delivery attempts |
+/// | `rejected_delay` | 10 min: how long a message whose dead letter the broker refuses for good waits before it comes back |
 /// | `max_error_len` | 1024 bytes |
 /// | `consumer_name` | none (the [`CONSUMER`](super::CONSUMER) header is left out) |
 /// | `classifier` | [`Classifier::default`] (markers only) |
@@ -25,6 +27,7 @@ pub struct DeadLetterConfig {
     pub(crate) destination: Option<String>,
     pub(crate) max_attempts: u32,
     pub(crate) max_error_len: usize,
+    pub(crate) rejected_delay: Duration,
     pub(crate) consumer_name: Option<String>,
     pub(crate) classifier: Classifier,
     pub(crate) filter: Option<Arc<Filter>>,
@@ -36,6 +39,7 @@ impl Default for DeadLetterConfig {
             destination: None,
             max_attempts: 5,
             max_error_len: 1024,
+            rejected_delay: Duration::from_secs(600),
             consumer_name: None,
             classifier: Classifier::default(),
             filter: None,
@@ -49,6 +53,7 @@ impl fmt::Debug for DeadLetterConfig {
             .field("destination", &self.destination)
             .field("max_attempts", &self.max_attempts)
             .field("max_error_len", &self.max_error_len)
+            .field("rejected_delay", &self.rejected_delay)
             .field("consumer_name", &self.consumer_name)
             .field("classifier", &self.classifier)
             .field("filter", &self.filter.is_some())
@@ -57,7 +62,7 @@ impl fmt::Debug for DeadLetterConfig {
 }
 
 impl DeadLetterConfig {
-    /// Publishes to `destination` instead of `<source destination>.dlq`.
+    /// Publishes to `destination` instead of [`default_destination`].
     #[must_use]
     pub fn with_destination(mut self, destination: impl Into<String>) -> Self {
         self.destination = Some(destination.into());
@@ -69,6 +74,17 @@ impl DeadLetterConfig {
     #[must_use]
     pub fn with_max_attempts(mut self, n: u32) -> Self {
         self.max_attempts = n;
+        self
+    }
+
+    /// How long a message waits before it comes back when the broker refuses its dead
+    /// letter for good, whole and trimmed (an invalid destination name, a message over
+    /// the broker's limits). The message is never dropped; this only keeps it from
+    /// cycling at the Worker's redelivery pace while a person fixes the destination.
+    /// The Worker caps it at the broker's largest nack delay.
+    #[must_use]
+    pub fn with_rejected_delay(mut self, delay: Duration) -> Self {
+        self.rejected_delay = delay;
         self
     }
 
@@ -117,7 +133,7 @@ impl DeadLetterConfig {
         if self.destination.as_deref() == Some("") {
             return Err(ConfigError(
                 "the destination is empty; name a queue or topic, or leave it unset for \
-                 `<source destination>.dlq`"
+                 `<source destination>-dlq`"
                     .into(),
             ));
         }
@@ -148,5 +164,24 @@ impl DeadLetterConfig {
             );
         }
         Ok(())
+    }
+}
+
+/// The dead-letter destination of messages from `source` when none is configured:
+/// `<source>-dlq`, or `<stem>-dlq.fifo` for a source named `<stem>.fifo` (an SQS FIFO
+/// queue's dead-letter queue must be FIFO too). Letters, digits, `-` and `_` are all
+/// SQS allows in a queue name, so the suffix is `-dlq` (a name with a dot in it is
+/// refused by SQS); RabbitMQ and Kafka accept it as well.
+///
+/// ```
+/// use redrive_middleware::dead_letter::default_destination;
+///
+/// assert_eq!(default_destination("orders"), "orders-dlq");
+/// assert_eq!(default_destination("orders.fifo"), "orders-dlq.fifo");
+/// ```
+pub fn default_destination(source: &str) -> String {
+    match source.strip_suffix(".fifo") {
+        Some(stem) => format!("{stem}-dlq.fifo"),
+        None => format!("{source}-dlq"),
     }
 }

@@ -1,6 +1,5 @@
 //! The dead-letter envelope: header names, and building the message that goes to the DLQ.
 
-use std::borrow::Cow;
 use std::error::Error as StdError;
 use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -34,10 +33,15 @@ pub const ERROR_KIND: &str = "x-redrive-error-kind";
 pub const ERROR_MESSAGE: &str = "x-redrive-error-message";
 /// The consumer that dead-lettered the message (only when one is configured).
 pub const CONSUMER: &str = "x-redrive-consumer";
+/// How many of the message's own headers were left out so the dead letter could be
+/// published (only on a trimmed dead letter: the full one did not fit the broker's
+/// header limits or the broker refused it). The trace context, the correlation id, the
+/// message id and the idempotency key are always kept.
+pub const DROPPED_HEADERS: &str = "x-redrive-dropped-headers";
 
 /// Every envelope header. Headers of these names from an earlier dead-lettering are
 /// removed before the new envelope is written, so envelopes never pile up.
-pub const ENVELOPE_HEADERS: [&str; 12] = [
+pub const ENVELOPE_HEADERS: [&str; 13] = [
     ORIGINAL_SYSTEM,
     ORIGINAL_DESTINATION,
     ORIGINAL_PARTITION,
@@ -50,7 +54,21 @@ pub const ENVELOPE_HEADERS: [&str; 12] = [
     ERROR_KIND,
     ERROR_MESSAGE,
     CONSUMER,
+    DROPPED_HEADERS,
 ];
+
+/// The message's own headers a trimmed dead letter keeps: what follows the message
+/// through a trace and through deduplication.
+const KEPT_WHEN_TRIMMED: [&str; 5] = [
+    redrive_core::names::TRACEPARENT,
+    redrive_core::names::TRACESTATE,
+    redrive_core::names::CORRELATION_ID,
+    redrive_core::names::MESSAGE_ID,
+    redrive_core::names::IDEMPOTENCY_KEY,
+];
+
+/// The most bytes of the error text a trimmed dead letter carries.
+const TRIMMED_ERROR_LEN: usize = 256;
 
 /// The trace context and correlation id headers: the dead-letter message carries them
 /// exactly as they came in; the envelope never writes them.
@@ -64,14 +82,19 @@ pub enum Reason {
     Permanent,
     /// The message reached the configured maximum number of delivery attempts.
     Exhausted,
+    /// The message came back past the maximum number of delivery attempts: earlier
+    /// deliveries ended without a result (the process or its connection died while
+    /// handling it), so it is dead-lettered without running again.
+    Abandoned,
 }
 
 impl Reason {
-    /// `"permanent"` or `"exhausted"`.
+    /// `"permanent"`, `"exhausted"` or `"abandoned"`.
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::Permanent => "permanent",
             Reason::Exhausted => "exhausted",
+            Reason::Abandoned => "abandoned",
         }
     }
 }
@@ -83,6 +106,7 @@ impl fmt::Display for Reason {
 }
 
 /// What goes into one envelope besides the message itself.
+#[derive(Clone, Copy)]
 pub(crate) struct Envelope<'a> {
     pub(crate) metadata: &'a Metadata,
     pub(crate) reason: Reason,
@@ -93,6 +117,32 @@ pub(crate) struct Envelope<'a> {
 }
 
 impl Envelope<'_> {
+    /// The trimmed form of [`write`](Self::write): of the message's own headers only
+    /// the trace context, the correlation id, the message id and the idempotency key
+    /// stay, the error text is cut shorter, and [`DROPPED_HEADERS`] says how many
+    /// headers went.
+    ///
+    /// On error `message` may hold part of the envelope; callers drop it.
+    pub(crate) fn write_trimmed(&self, message: &mut OutgoingMessage) -> Result<(), HeaderError> {
+        let before = message.headers.len();
+        message.headers.retain(|name, _| {
+            is_envelope_header(name)
+                || KEPT_WHEN_TRIMMED
+                    .iter()
+                    .any(|k| k.eq_ignore_ascii_case(name))
+        });
+        let dropped = before - message.headers.len();
+        let trimmed = Envelope {
+            max_error_len: self.max_error_len.min(TRIMMED_ERROR_LEN),
+            ..*self
+        };
+        trimmed.write(message)?;
+        message
+            .headers
+            .insert_static(DROPPED_HEADERS, dropped.to_string())?;
+        Ok(())
+    }
+
     /// Replaces any earlier envelope on `message` with this one.
     ///
     /// On error `message` may hold part of the envelope; callers drop it.
@@ -160,26 +210,8 @@ pub(crate) fn error_text(err: &(dyn StdError + 'static)) -> String {
     text
 }
 
-const ELLIPSIS: &str = "\u{2026}";
-
 /// `s` cut to at most `max` bytes on a character boundary, ending in `…` when cut.
-pub(crate) fn truncate(s: &str, max: usize) -> Cow<'_, str> {
-    if s.len() <= max {
-        return Cow::Borrowed(s);
-    }
-    if max < ELLIPSIS.len() {
-        return Cow::Borrowed(&s[..floor_char_boundary(s, max)]);
-    }
-    let cut = floor_char_boundary(s, max - ELLIPSIS.len());
-    Cow::Owned(format!("{}{ELLIPSIS}", &s[..cut]))
-}
-
-fn floor_char_boundary(s: &str, mut i: usize) -> usize {
-    while !s.is_char_boundary(i) {
-        i -= 1;
-    }
-    i
-}
+pub(crate) use redrive_core::text::truncate;
 
 /// `t` as RFC 3339 UTC with milliseconds: `2024-02-29T12:34:56.789Z`.
 pub(crate) fn format_rfc3339(t: SystemTime) -> String {

@@ -22,6 +22,19 @@ pub(crate) enum Kind {
     NoDestination,
     Envelope(HeaderError),
     Publish(redrive_core::Error),
+    /// Refused for good, whole and trimmed: the last refusal.
+    Rejected(redrive_core::Error),
+}
+
+impl Kind {
+    /// Whether the same dead letter would fail the same way again.
+    pub(crate) fn is_deterministic(&self) -> bool {
+        match self {
+            Kind::Envelope(_) | Kind::Rejected(_) => true,
+            Kind::Publish(e) => e.is_deterministic(),
+            Kind::NoDestination => false,
+        }
+    }
 }
 
 /// A message should have been dead-lettered but was not: the Worker nacks it, so it
@@ -58,6 +71,14 @@ impl DeadLetterError {
     pub fn is_envelope(&self) -> bool {
         matches!(self.kind, Kind::Envelope(_))
     }
+
+    /// Whether the broker refused the dead letter for good, whole and trimmed (an
+    /// invalid destination, a message over its limits). The message stays in its queue
+    /// and comes back after [`DeadLetterConfig::with_rejected_delay`](super::DeadLetterConfig::with_rejected_delay);
+    /// this needs a person: fix the destination or take the message out by hand.
+    pub fn is_rejected(&self) -> bool {
+        matches!(self.kind, Kind::Rejected(_))
+    }
 }
 
 impl fmt::Display for DeadLetterError {
@@ -65,7 +86,7 @@ impl fmt::Display for DeadLetterError {
         match &self.kind {
             Kind::NoDestination => f.write_str(
                 "cannot dead-letter: the message has no source destination to derive \
-                 `<destination>.dlq` from; set one with `DeadLetterConfig::with_destination`",
+                 `<destination>-dlq` from; set one with `DeadLetterConfig::with_destination`",
             )?,
             Kind::Envelope(_) => write!(
                 f,
@@ -78,6 +99,13 @@ impl fmt::Display for DeadLetterError {
                 "publishing to dead-letter destination `{}` failed; the message will be redelivered",
                 self.destination
             )?,
+            Kind::Rejected(e) => write!(
+                f,
+                "dead-letter destination `{}` refused the message for good, whole and trimmed ({e}); \
+                 it stays in its queue and comes back after the rejected delay: fix the destination \
+                 or remove the message by hand",
+                self.destination
+            )?,
         }
         write!(f, " (handler error: {})", self.handler_error)
     }
@@ -88,7 +116,7 @@ impl StdError for DeadLetterError {
         match &self.kind {
             Kind::NoDestination => None,
             Kind::Envelope(e) => Some(e),
-            Kind::Publish(e) => Some(e),
+            Kind::Publish(e) | Kind::Rejected(e) => Some(e),
         }
     }
 }

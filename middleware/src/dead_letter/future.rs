@@ -8,7 +8,7 @@ use std::task::{Context, Poll, ready};
 use std::time::SystemTime;
 
 use redrive_core::delivery::BoxFuture;
-use redrive_core::{BoxError, Metadata, Outcome, OutgoingMessage, Publisher};
+use redrive_core::{BoxError, Metadata, Outcome, OutgoingMessage, Publisher, classify};
 
 use super::envelope::{self, Envelope};
 use super::error::Kind;
@@ -57,6 +57,52 @@ impl<F, P, H> ResponseFuture<F, P, H> {
         }
     }
 }
+
+impl<F, P: Publisher, H: OnDeadLetter> ResponseFuture<F, P, H> {
+    /// A message back past its attempt limit: dead-lettered without running.
+    pub(crate) fn abandoned(
+        shared: Arc<Shared<P, H>>,
+        message: OutgoingMessage,
+        metadata: Metadata,
+        max_attempts: u32,
+    ) -> Self {
+        let err: BoxError = Box::new(Abandoned {
+            attempt: metadata.attempt,
+            max_attempts,
+        });
+        let pending = Pending {
+            shared,
+            message,
+            metadata,
+        };
+        ResponseFuture {
+            state: State::DeadLettering {
+                fut: Box::pin(pending.dead_letter(err, Reason::Abandoned)),
+            },
+            pending: None,
+        }
+    }
+}
+
+/// Why a message back past its attempt limit is dead-lettered without running.
+#[derive(Debug)]
+struct Abandoned {
+    attempt: u32,
+    max_attempts: u32,
+}
+
+impl fmt::Display for Abandoned {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "delivery attempt {} is past the limit of {}: earlier deliveries ended without a result \
+             (the process or its connection died while handling the message), so it was not run again",
+            self.attempt, self.max_attempts
+        )
+    }
+}
+
+impl std::error::Error for Abandoned {}
 
 impl<F, P, H> fmt::Debug for ResponseFuture<F, P, H> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -129,7 +175,7 @@ impl<P: Publisher, H: OnDeadLetter> Pending<P, H> {
     async fn dead_letter(self, err: BoxError, reason: Reason) -> Result<Outcome, BoxError> {
         let Pending {
             shared,
-            mut message,
+            message,
             metadata,
         } = self;
         let config = &shared.config;
@@ -148,7 +194,7 @@ impl<P: Publisher, H: OnDeadLetter> Pending<P, H> {
             None if metadata.source.destination.is_empty() => {
                 return Err(fail(Kind::NoDestination, String::new(), handler_error));
             }
-            None => format!("{}.dlq", metadata.source.destination),
+            None => super::default_destination(&metadata.source.destination),
         };
         let envelope = Envelope {
             metadata: &metadata,
@@ -158,27 +204,92 @@ impl<P: Publisher, H: OnDeadLetter> Pending<P, H> {
             consumer: config.consumer_name.as_deref(),
             now: SystemTime::now(),
         };
-        if let Err(e) = envelope.write(&mut message) {
-            return Err(fail(Kind::Envelope(e), destination, handler_error));
+        let mut whole = message.clone();
+        let first = match envelope.write(&mut whole) {
+            Err(e) => Kind::Envelope(e),
+            Ok(()) => match shared.publisher.publish(&destination, whole.clone()).await {
+                Ok(()) => {
+                    return Ok(confirmed(
+                        &shared,
+                        &err,
+                        &handler_error,
+                        reason,
+                        &metadata,
+                        &destination,
+                        &whole,
+                    ));
+                }
+                Err(e) => Kind::Publish(e),
+            },
+        };
+        if !first.is_deterministic() {
+            return Err(fail(first, destination, handler_error));
         }
-        let published = message.clone();
-        if let Err(e) = shared.publisher.publish(&destination, message).await {
-            return Err(fail(Kind::Publish(e), destination, handler_error));
-        }
+        // The same dead letter would fail the same way: publish it trimmed instead.
         tracing::warn!(
             destination = %destination,
-            %reason,
-            attempt = metadata.attempt,
-            error = %envelope::truncate(&handler_error, config.max_error_len),
-            "message dead-lettered"
+            cause = ?first,
+            "the dead letter cannot be published whole; publishing it trimmed"
         );
-        shared.hook.on_dead_letter(&DeadLetterEvent {
-            destination: &destination,
-            reason,
-            error: &*err,
-            metadata: &metadata,
-            message: &published,
-        });
-        Ok(Outcome::DeadLettered)
+        let mut trimmed = message;
+        let second = match envelope.write_trimmed(&mut trimmed) {
+            Err(e) => Kind::Rejected(redrive_core::Error::Header(e)),
+            Ok(()) => match shared
+                .publisher
+                .publish(&destination, trimmed.clone())
+                .await
+            {
+                Ok(()) => {
+                    return Ok(confirmed(
+                        &shared,
+                        &err,
+                        &handler_error,
+                        reason,
+                        &metadata,
+                        &destination,
+                        &trimmed,
+                    ));
+                }
+                Err(e) if e.is_deterministic() => Kind::Rejected(e),
+                Err(e) => Kind::Publish(e),
+            },
+        };
+        let rejected = matches!(second, Kind::Rejected(_));
+        let e = fail(second, destination, handler_error);
+        Err(if rejected {
+            // Needs a person; until then the message waits in its queue, coming back
+            // at this pace rather than the Worker's.
+            classify::retry_after(e, config.rejected_delay)
+        } else {
+            e
+        })
     }
+}
+
+/// Logs and reports a confirmed dead letter.
+fn confirmed<P, H: OnDeadLetter>(
+    shared: &Shared<P, H>,
+    err: &BoxError,
+    handler_error: &str,
+    reason: Reason,
+    metadata: &Metadata,
+    destination: &str,
+    published: &OutgoingMessage,
+) -> Outcome {
+    let config = &shared.config;
+    tracing::warn!(
+        destination = %destination,
+        %reason,
+        attempt = metadata.attempt,
+        error = %envelope::truncate(handler_error, config.max_error_len),
+        "message dead-lettered"
+    );
+    shared.hook.on_dead_letter(&DeadLetterEvent {
+        destination,
+        reason,
+        error: &**err,
+        metadata,
+        message: published,
+    });
+    Outcome::DeadLettered
 }

@@ -25,7 +25,7 @@
 //! msg.metadata.source.destination = "orders".into();
 //! assert_eq!(service.oneshot(msg).await?, Outcome::DeadLettered);
 //!
-//! let dead = broker.messages("orders.dlq");
+//! let dead = broker.messages("orders-dlq");
 //! assert_eq!(dead[0].headers.get_str(dead_letter::ERROR_KIND), Some("permanent"));
 //! assert_eq!(dead[0].headers.get_str(dead_letter::ERROR_MESSAGE), Some("missing field `id`"));
 //! assert_eq!(dead[0].headers.get_str(dead_letter::CONSUMER), Some("billing"));
@@ -36,15 +36,34 @@
 //! # Guarantees
 //! - **Nothing is lost.** The layer answers `Ok(`[`Outcome::DeadLettered`]`)` (and the
 //!   Worker acks the original) only after the [`Publisher`] confirmed the dead-letter
-//!   message. If the publish fails, if no destination can be worked out, or if the
-//!   envelope does not fit the message's [`HeaderLimits`](redrive_core::HeaderLimits),
-//!   the call fails with a transient [`DeadLetterError`]; the Worker nacks, the message
-//!   comes back, and dead-lettering is tried again.
+//!   message. If the publish fails, or if no destination can be worked out, the call
+//!   fails with a transient [`DeadLetterError`]; the Worker nacks, the message comes
+//!   back, and dead-lettering is tried again.
+//! - **A dead letter that cannot be published whole is trimmed.** When the envelope
+//!   does not fit the message's [`HeaderLimits`](redrive_core::HeaderLimits), or the
+//!   broker refuses the publish for good ([`redrive_core::Error::is_deterministic`]: an
+//!   invalid name, a message over its limits), the layer publishes a trimmed dead
+//!   letter: of the message's own headers only the trace context, the correlation id,
+//!   the message id and the idempotency key stay, the error text is cut to 256 bytes,
+//!   and [`DROPPED_HEADERS`] counts what went. If the broker refuses that too, the call
+//!   fails with a [`DeadLetterError`] that [`is_rejected`](DeadLetterError::is_rejected),
+//!   logged at `error`, marked to come back only after the configured rejected delay
+//!   (10 min by default): the message stays in its queue, and it does not cycle at the
+//!   Worker's pace while someone fixes the destination.
 //! - **When**: the inner service's error is permanent (by the configured
 //!   [`Classifier`](redrive_core::Classifier)), or the message's
 //!   [`attempt`](redrive_core::Metadata::attempt) has reached `max_attempts`, and the
 //!   optional filter agrees. Any other error goes up unchanged; successes pass through.
-//! - **Where**: the configured destination, else `<source destination>.dlq`.
+//! - **A message that kills its consumer still gets here.** A message whose `attempt`
+//!   is already above `max_attempts` had deliveries that ended without a result (the
+//!   process, or its connection, died while handling it): it is dead-lettered at once,
+//!   without running, with the reason [`Reason::Abandoned`]. This needs an attempt
+//!   count that survives crashes: the broker's own (SQS, RabbitMQ quorum queues) or the
+//!   adapter's durable one. A panic is a failure like any other (see
+//!   [`redrive_core::handler`]): it counts toward the limit and its message is in the
+//!   envelope.
+//! - **Where**: the configured destination, else [`default_destination`]
+//!   (`<source destination>-dlq`).
 //! - **What**: the payload, key and every header as they came in, including the trace
 //!   context ([`TRACEPARENT`], [`TRACESTATE`], [`CORRELATION_ID`]), which the layer never
 //!   writes; plus the envelope below. Envelope headers from an earlier dead-lettering
@@ -64,9 +83,10 @@
 //! | [`ATTEMPTS`] | the delivery attempt that failed last |
 //! | [`FIRST_FAILURE_AT`] | the earliest known failure (below) |
 //! | [`LAST_FAILURE_AT`] | now: the failure that dead-lettered it |
-//! | [`ERROR_KIND`] | `permanent` or `exhausted` ([`Reason`]) |
+//! | [`ERROR_KIND`] | `permanent`, `exhausted` or `abandoned` ([`Reason`]) |
 //! | [`ERROR_MESSAGE`] | the error and its sources, truncated to `max_error_len` |
 //! | [`CONSUMER`] | the configured consumer name, if any |
+//! | [`DROPPED_HEADERS`] | on a trimmed dead letter only: how many of its own headers were left out |
 //!
 //! Times are RFC 3339 in UTC with milliseconds (`2024-02-29T12:34:56.789Z`).
 //!
@@ -102,9 +122,10 @@ use redrive_core::{BoxError, Message, Metadata, Outcome, OutgoingMessage, Publis
 use tower::Service;
 
 pub use config::DeadLetterConfig;
+pub use config::default_destination;
 pub use envelope::{
-    ATTEMPTS, CONSUMER, CORRELATION_ID, ENVELOPE_HEADERS, ERROR_KIND, ERROR_MESSAGE,
-    FIRST_FAILURE_AT, LAST_FAILURE_AT, ORIGINAL_DESTINATION, ORIGINAL_ENQUEUED_AT,
+    ATTEMPTS, CONSUMER, CORRELATION_ID, DROPPED_HEADERS, ENVELOPE_HEADERS, ERROR_KIND,
+    ERROR_MESSAGE, FIRST_FAILURE_AT, LAST_FAILURE_AT, ORIGINAL_DESTINATION, ORIGINAL_ENQUEUED_AT,
     ORIGINAL_MESSAGE_ID, ORIGINAL_OFFSET, ORIGINAL_PARTITION, ORIGINAL_SYSTEM, Reason, TRACEPARENT,
     TRACESTATE,
 };
@@ -175,6 +196,10 @@ where
     fn call(&mut self, msg: Message) -> Self::Future {
         let message = msg.to_outgoing();
         let metadata = msg.metadata.clone();
+        let max_attempts = self.shared.config.max_attempts;
+        if metadata.attempt > max_attempts {
+            return ResponseFuture::abandoned(self.shared.clone(), message, metadata, max_attempts);
+        }
         ResponseFuture::new(self.inner.call(msg), self.shared.clone(), message, metadata)
     }
 }
