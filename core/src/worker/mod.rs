@@ -118,6 +118,7 @@ pub struct Report {
 /// | `execution` | [`Execution::Spawned`] |
 /// | `ordering` | [`OrderingMode::Unordered`] |
 /// | `max_waiting` (deliveries held for busy keys) | 4 × concurrency |
+/// | `max_parked` (failed messages the Worker holds for redelivery) | 1024 |
 /// | `redelivery` | [`Redelivery::default`] (1 s doubling to 5 min, jittered) |
 /// | `lease_keeping` | [`LeaseKeeping::Auto`] |
 /// | `shutdown_timeout` | 30 s |
@@ -157,6 +158,15 @@ impl<C, S> WorkerBuilder<C, S> {
     /// The most deliveries held back behind a busy key before intake pauses.
     pub fn max_waiting(mut self, n: usize) -> Self {
         self.config.max_waiting = Some(n);
+        self
+    }
+
+    /// The most failed messages the Worker parks at once (at least 1). At the bound
+    /// intake pauses, leaving messages in the broker, until a parked message runs again:
+    /// a downstream outage on a broker that cannot nack one message (Kafka) fills the
+    /// Worker up to here, not up to the backlog.
+    pub fn max_parked(mut self, n: usize) -> Self {
+        self.config.max_parked = n;
         self
     }
 
@@ -217,6 +227,9 @@ impl Plan {
     fn new(config: &Config, caps: &Capabilities) -> std::result::Result<Self, String> {
         if config.concurrency == 0 {
             return Err("concurrency must be at least 1".into());
+        }
+        if config.max_parked == 0 {
+            return Err("max_parked must be at least 1".into());
         }
         config.redelivery.validate()?;
         let park = config.ordering != OrderingMode::Unordered || !caps.can_nack;
@@ -492,6 +505,7 @@ where
             // meanwhile the loop goes on reaping calls and watching for shutdown.
             let mut receive_pause = pin!(tokio::time::sleep(Duration::ZERO));
             let mut receive_paused = false;
+            let mut parked_full_logged = false;
             tracing::debug!(worker = name, ?caps, ?plan, "worker started");
 
             loop {
@@ -505,9 +519,18 @@ where
                     state.hand_back_waiting();
                 }
                 // Phase A: reap finished tasks; wait for a free slot and a ready service.
+                let parked_full = state.parked >= config.max_parked;
+                if parked_full && !parked_full_logged {
+                    tracing::warn!(
+                        worker = name,
+                        parked = state.parked,
+                        "the Worker holds max_parked failed messages; intake paused until one runs again"
+                    );
+                }
+                parked_full_logged = parked_full;
                 let want = state.running < config.concurrency
                     && (!state.runnable.is_empty()
-                        || (state.intake_open && state.waiting < plan.max_waiting));
+                        || (state.intake_open && state.waiting < plan.max_waiting && !parked_full));
                 if !want && state.tasks.is_empty() {
                     break;
                 }

@@ -862,3 +862,28 @@ async fn a_failing_receive_backs_off_without_stopping_calls_or_shutdown() {
         "shutdown asked at 10 s, the Worker stopped at {stopped:?}"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn parked_messages_are_bounded_and_intake_waits_at_the_bound() {
+    // A broker that cannot nack one message: every failure parks. With a bound of 4,
+    // intake stops once 4 are parked (plus what was running), and the rest stay in
+    // the broker.
+    let bodies: Vec<String> = (0..20).map(|i| format!("m{i}")).collect();
+    let refs: Vec<&str> = bodies.iter().map(String::as_str).collect();
+    let (consumer, log) = Scripted::new(&refs, caps().with_can_nack(false));
+    let handler = handler_fn(|_m: Message| async { Err::<(), BoxError>("downstream down".into()) });
+    let report = builder(consumer, handler)
+        .concurrency(2)
+        .max_parked(4)
+        .redelivery(Redelivery::constant(Duration::from_secs(3600)))
+        .build()
+        .unwrap()
+        .run_until(tokio::time::sleep(Duration::from_secs(1)))
+        .await;
+    assert!(
+        (4..=6).contains(&report.received),
+        "intake went on past the bound: {report:?}"
+    );
+    assert_eq!(report.parked, report.received, "{report:?}");
+    assert_eq!(log.lock().unwrap().len() as u64, report.received);
+}
