@@ -57,6 +57,7 @@ use std::task::{Context, Poll};
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
+use redrive_core::text::truncate;
 use redrive_core::{
     BoxError, Classifier, ErrorKind, Headers, Message, Outcome, OutgoingMessage, Publisher,
 };
@@ -106,6 +107,15 @@ impl Drop for Scope<'_> {
         });
     }
 }
+
+/// The most bytes of a correlation id recorded on a span (and so on every log line
+/// inside it). The id a producer chose is kept whole in the message; only what is
+/// recorded is cut, so a hostile header cannot bloat every log line.
+const MAX_RECORDED_ID: usize = 128;
+
+/// The most bytes of an error's text recorded as a span's status description (error
+/// text can quote a payload).
+const MAX_RECORDED_ERROR: usize = 1024;
 
 /// A message's correlation id, in its [`extensions`](Message::extensions) and, while
 /// the handler runs, in [`CorrelationId::current`].
@@ -306,7 +316,7 @@ impl<P: Publisher> Publisher for TracedPublisher<P> {
             let _entered = span.enter();
             inject(&mut message.headers);
             if let Some(id) = find_correlation_id(&message.headers, &[]) {
-                span.record("correlation_id", id.as_str());
+                span.record("correlation_id", &*truncate(id.as_str(), MAX_RECORDED_ID));
             }
         }
         self.inner
@@ -438,12 +448,12 @@ fn consumer_span(msg: &Message, id: &CorrelationId) -> Span {
         messaging.destination.partition.id = tracing::field::Empty,
         messaging.kafka.offset = tracing::field::Empty,
         messaging.message.id = tracing::field::Empty,
-        messaging.message.conversation_id = %id,
+        messaging.message.conversation_id = %truncate(id.as_str(), MAX_RECORDED_ID),
         messaging.message.body.size = msg.payload.len() as i64,
         redrive.attempt = i64::from(msg.metadata.attempt),
         redrive.outcome = tracing::field::Empty,
         error.type = tracing::field::Empty,
-        correlation_id = %id,
+        correlation_id = %truncate(id.as_str(), MAX_RECORDED_ID),
     );
     if span.is_disabled() {
         return span;
@@ -580,7 +590,10 @@ where
                 span.record("redrive.outcome", outcome);
                 span.record("error.type", kind.as_str());
                 span.record("otel.status_code", "ERROR");
-                span.record("otel.status_description", e.to_string().as_str());
+                span.record(
+                    "otel.status_description",
+                    &*truncate(&e.to_string(), MAX_RECORDED_ERROR),
+                );
                 Err(e)
             }
         })

@@ -297,12 +297,12 @@ fn fresh<St: ?Sized>(
         Reservation::Fresh(token) => Ok(token),
         Reservation::Committed => {
             Counters::bump(&counters.deduplicated);
-            tracing::info!(idempotency_key = %key, "duplicate skipped: key already committed");
+            tracing::info!(idempotency_key = %redrive_core::text::truncate(&key[..], 128), "duplicate skipped: key already committed");
             Err(Ok(Outcome::Deduplicated))
         }
         Reservation::Reserved { remaining } => {
             Counters::bump(&counters.reserved_elsewhere);
-            tracing::debug!(idempotency_key = %key, ?remaining, "key reserved by another consumer");
+            tracing::debug!(idempotency_key = %redrive_core::text::truncate(&key[..], 128), ?remaining, "key reserved by another consumer");
             Err(Err(classify::retry_after(
                 KeyReserved {
                     key: key.to_string(),
@@ -351,7 +351,7 @@ fn committed<St: ?Sized>(
         Ok(CommitStatus::Committed) => {
             if shared.config.commit_mode == CommitMode::Handler {
                 tracing::warn!(
-                    idempotency_key = %key,
+                    idempotency_key = %redrive_core::text::truncate(&key[..], 128),
                     "the handler succeeded without committing the idempotency key in its \
                      transaction; committed it afterwards, so effect and key were not atomic"
                 );
@@ -375,7 +375,7 @@ fn committed<St: ?Sized>(
 async fn release<St: IdempotencyStore + ?Sized>(shared: &Shared<St>, key: &str, token: &Token) {
     if let Err(release) = shared.store.release(key, token).await {
         tracing::warn!(
-            idempotency_key = %key,
+            idempotency_key = %redrive_core::text::truncate(&key[..], 128),
             error = %release,
             "could not release the idempotency key; it stays reserved until its lease expires"
         );
