@@ -375,7 +375,7 @@ fn committed<St: ?Sized>(
 async fn release<St: IdempotencyStore + ?Sized>(shared: &Shared<St>, key: &str, token: &Token) {
     if let Err(release) = shared.store.release(key, token).await {
         tracing::warn!(
-            idempotency_key = %redrive_core::text::truncate(&key[..], 128),
+            idempotency_key = %redrive_core::text::truncate(key, 128),
             error = %release,
             "could not release the idempotency key; it stays reserved until its lease expires"
         );
