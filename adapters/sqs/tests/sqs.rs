@@ -865,3 +865,47 @@ async fn a_missing_queue_is_an_unknown_destination() {
     );
     assert!(err.is_deterministic());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_with_characters_sqs_refuses_travels_packed_in_text_sqs_accepts() {
+    let sqs = common::sqs().await;
+    let name = common::queue_name("odd-chars", false);
+    let url = common::create_queue(&sqs, &name, Duration::from_secs(10), &[]).await;
+    // SQS takes in a string attribute only the characters XML allows: #x9, #xA, #xD,
+    // #x20 to #xD7FF, #xE000 to #xFFFD, #x10000 to #x10FFFF. The emulator takes more.
+    let sqs_accepts = |s: &str| {
+        s.chars().all(|c| {
+            matches!(c, '\u{9}' | '\u{A}' | '\u{D}' | '\u{20}'..='\u{D7FF}' | '\u{E000}'..='\u{FFFD}' | '\u{10000}'..)
+        })
+    };
+    let msg = OutgoingMessage::new("x")
+        .with_header("x-odd", "a\u{fffe}b\u{ffff}\u{1}")
+        .expect("header");
+    sqs.publisher()
+        .publish(&name, msg.clone())
+        .await
+        .expect("publish");
+
+    let raw = sqs
+        .client()
+        .receive_message()
+        .queue_url(&url)
+        .message_attribute_names("All")
+        .visibility_timeout(0)
+        .send()
+        .await
+        .expect("raw receive");
+    let attrs = raw.messages()[0].message_attributes().expect("attributes");
+    for (n, v) in attrs {
+        let s = v.string_value().unwrap_or_default();
+        assert!(
+            sqs_accepts(s),
+            "attribute {n} = {s:?} holds characters SQS refuses"
+        );
+    }
+
+    let mut c = consumer(&sqs, &name).await;
+    let d = c.receive().await.expect("receive").expect("delivery");
+    assert_eq!(d.message.headers.get("x-odd"), msg.headers.get("x-odd"));
+    d.ack().await.expect("ack");
+}
