@@ -1,6 +1,6 @@
 //! The connection to SQS: the SDK client, queue URLs and queue attributes.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -19,6 +19,8 @@ use crate::{Error, Result, SqsConsumerBuilder, SqsPublisher};
 pub struct Sqs {
     client: Client,
     urls: Arc<Mutex<HashMap<String, String>>>,
+    /// Queue URLs already warned about for having no redrive policy.
+    unguarded: Arc<Mutex<HashSet<String>>>,
 }
 
 impl fmt::Debug for Sqs {
@@ -55,6 +57,7 @@ impl Sqs {
         Sqs {
             client,
             urls: Arc::default(),
+            unguarded: Arc::default(),
         }
     }
 
@@ -73,14 +76,18 @@ impl Sqs {
         SqsPublisher::new(self.clone())
     }
 
-    /// The URL of `queue`: a URL is taken as it is, a name is looked up once and cached.
+    /// The URL of `queue`: a URL is taken as it is, a name is checked against SQS's
+    /// naming rules ([`validate_queue_name`](crate::validate_queue_name)), then looked
+    /// up once and cached.
     ///
     /// # Errors
-    /// [`Error::QueueDoesNotExist`], or the request's error.
+    /// [`Error::InvalidQueueName`] (before any request), [`Error::QueueDoesNotExist`],
+    /// or the request's error.
     pub async fn queue_url(&self, queue: &str) -> Result<String> {
-        if queue.starts_with("https://") || queue.starts_with("http://") {
+        if is_url(queue) {
             return Ok(queue.to_owned());
         }
+        crate::validate_queue_name(queue)?;
         if let Some(url) = self.lock().get(queue) {
             return Ok(url.clone());
         }
@@ -101,6 +108,14 @@ impl Sqs {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
         self.urls.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether this is the first time `url` is found without a redrive policy.
+    pub(crate) fn first_unguarded(&self, url: &str) -> bool {
+        self.unguarded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(url.to_owned())
     }
 
     /// What redrive needs to know about `queue`: its visibility timeout, whether it is
@@ -129,12 +144,43 @@ impl Sqs {
             .transpose()?;
         Ok(QueueInfo {
             name: queue.into(),
+            arn: get(QueueAttributeName::QueueArn).map(str::to_owned),
             fifo: get(QueueAttributeName::FifoQueue) == Some("true") || is_fifo_name(&url),
             url,
             visibility_timeout: Duration::from_secs(visibility),
             redrive_policy,
         })
     }
+}
+
+impl QueueInfo {
+    /// The `RedrivePolicy` value to set on this queue: its dead-letter queue named
+    /// `<queue>-dlq` (`<stem>-dlq.fifo` for a FIFO queue, whose dead-letter queue must be
+    /// FIFO too), moved to after `max_receive_count` receives.
+    pub fn suggested_redrive_policy(&self, max_receive_count: u32) -> String {
+        let (prefix, name) = match &self.arn {
+            Some(arn) => match arn.rsplit_once(':') {
+                Some((prefix, name)) => (prefix.to_owned(), name.to_owned()),
+                None => ("arn:aws:sqs:<region>:<account>".to_owned(), arn.clone()),
+            },
+            None => (
+                "arn:aws:sqs:<region>:<account>".to_owned(),
+                self.url.rsplit('/').next().unwrap_or_default().to_owned(),
+            ),
+        };
+        let dlq = match name.strip_suffix(crate::FIFO_SUFFIX) {
+            Some(stem) => format!("{stem}-dlq{}", crate::FIFO_SUFFIX),
+            None => format!("{name}-dlq"),
+        };
+        format!(
+            r#"{{"deadLetterTargetArn":"{prefix}:{dlq}","maxReceiveCount":"{max_receive_count}"}}"#
+        )
+    }
+}
+
+/// Whether `queue` is a queue URL rather than a name.
+pub(crate) fn is_url(queue: &str) -> bool {
+    queue.starts_with("https://") || queue.starts_with("http://")
 }
 
 /// Whether a queue name or URL names a FIFO queue (SQS requires the `.fifo` suffix).
@@ -150,6 +196,8 @@ pub struct QueueInfo {
     pub name: Arc<str>,
     /// The queue's URL.
     pub url: String,
+    /// The queue's ARN, if SQS gave it.
+    pub arn: Option<String>,
     /// Whether it is a FIFO queue.
     pub fifo: bool,
     /// Its default visibility timeout.
@@ -227,5 +275,38 @@ mod tests {
             .unwrap();
         assert!(p.backstops(6) && !p.backstops(7));
         assert!(RedrivePolicy::parse("{}").is_err());
+    }
+
+    fn info(name: &str, arn: Option<&str>) -> QueueInfo {
+        QueueInfo {
+            name: name.into(),
+            url: format!("https://sqs.eu-west-1.amazonaws.com/123456789012/{name}"),
+            arn: arn.map(str::to_owned),
+            fifo: is_fifo_name(name),
+            visibility_timeout: Duration::from_secs(30),
+            redrive_policy: None,
+        }
+    }
+
+    #[test]
+    fn the_suggested_policy_names_the_dash_dlq_queue() {
+        let i = info("orders", Some("arn:aws:sqs:eu-west-1:123456789012:orders"));
+        assert_eq!(
+            i.suggested_redrive_policy(10),
+            r#"{"deadLetterTargetArn":"arn:aws:sqs:eu-west-1:123456789012:orders-dlq","maxReceiveCount":"10"}"#
+        );
+        let i = info(
+            "orders.fifo",
+            Some("arn:aws:sqs:eu-west-1:123456789012:orders.fifo"),
+        );
+        assert!(
+            i.suggested_redrive_policy(10)
+                .contains(r#""arn:aws:sqs:eu-west-1:123456789012:orders-dlq.fifo""#)
+        );
+        let i = info("orders", None);
+        assert!(
+            i.suggested_redrive_policy(4)
+                .contains(r#""arn:aws:sqs:<region>:<account>:orders-dlq","maxReceiveCount":"4""#)
+        );
     }
 }

@@ -11,10 +11,15 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::acker::{MAX_BATCH, MAX_VISIBILITY_TIMEOUT, Settler, SqsAcker};
-use crate::{Error, QueueInfo, Result, SYSTEM, Sqs, attributes};
+use crate::{Error, QueueInfo, RedrivePolicy, Result, SYSTEM, Sqs, attributes};
 
 /// The longest long poll SQS allows.
 const MAX_WAIT_TIME: Duration = Duration::from_secs(20);
+
+/// The `maxReceiveCount` the warning about a missing redrive policy suggests: above the
+/// dead-letter layer's default limit of 5 attempts, with headroom for receives that
+/// never reach the handler.
+const SUGGESTED_MAX_RECEIVE_COUNT: u32 = 10;
 
 /// Configures an [`SqsConsumer`]; made by [`Sqs::consumer`].
 ///
@@ -97,7 +102,13 @@ impl SqsConsumerBuilder {
 
     /// Reads the queue's attributes and starts the consumer's delete batcher.
     ///
+    /// A queue without a `RedrivePolicy` is logged once per queue and [`Sqs`] handle as
+    /// a warning that gives the attribute to set: without one, nothing on SQS's side
+    /// ends the deliveries of a message redrive never settles (see [`RedrivePolicy`]).
+    /// The policy read is [`SqsConsumer::redrive_policy`].
+    ///
     /// # Errors
+    /// [`Error::InvalidQueueName`] for a name SQS does not accept (before any request),
     /// [`Error::QueueDoesNotExist`], a failed request, or [`Error::Config`] when a
     /// setting is out of range (the message says what to change).
     pub async fn build(self) -> Result<SqsConsumer> {
@@ -129,12 +140,26 @@ impl SqsConsumerBuilder {
                 lease / 2
             )));
         }
-        if let Some(policy) = &info.redrive_policy {
-            tracing::debug!(
+        match &info.redrive_policy {
+            Some(policy) => tracing::debug!(
                 queue = %self.queue,
                 max_receive_count = policy.max_receive_count,
+                dead_letter_target_arn = %policy.dead_letter_target_arn,
                 "queue has a native redrive policy; keep maxReceiveCount above redrive's dead-letter limit"
-            );
+            ),
+            None if self.sqs.first_unguarded(&info.url) => tracing::warn!(
+                queue = %self.queue,
+                set = %format_args!(
+                    "RedrivePolicy = {}",
+                    info.suggested_redrive_policy(SUGGESTED_MAX_RECEIVE_COUNT)
+                ),
+                "queue has no RedrivePolicy: nothing on SQS's side ends the deliveries of a message \
+                 that never gets a fate (no dead-letter layer, a dead-letter publish that keeps failing, \
+                 a process that dies before the dead-letter layer sees it), so it is received again \
+                 forever; set the queue attribute RedrivePolicy (an existing dead-letter queue, and \
+                 maxReceiveCount above the dead-letter layer's max_attempts)"
+            ),
+            None => {}
         }
         let settler = Settler::start(
             self.sqs.client().clone(),
@@ -223,6 +248,13 @@ impl SqsConsumer {
     /// The queue's attributes, as read at start-up.
     pub fn queue(&self) -> &QueueInfo {
         &self.info
+    }
+
+    /// The queue's native dead-letter policy, as read at start-up: what ends the
+    /// deliveries of a message redrive never settles. `None`: the queue has none (the
+    /// consumer warned about it when built).
+    pub fn redrive_policy(&self) -> Option<&RedrivePolicy> {
+        self.info.redrive_policy.as_ref()
     }
 
     fn start_fetch(&mut self) {

@@ -9,8 +9,11 @@ use aws_sdk_sqs::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 /// Converts into [`redrive_core::Error`]: a missing queue becomes
 /// [`UnknownDestination`](redrive_core::Error::UnknownDestination), a message no longer in
 /// flight becomes [`LeaseExpired`](redrive_core::Error::LeaseExpired), a configuration
-/// error stays one, everything else is a [`Broker`](redrive_core::Error::Broker) error
-/// with this one as its source.
+/// error stays one, a send that must fail again the same way
+/// ([`is_rejection`](Error::is_rejection)) is
+/// [`Rejected`](redrive_core::Error::Rejected), everything else is a
+/// [`Broker`](redrive_core::Error::Broker) error; the last two keep this one as their
+/// source.
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -86,6 +89,20 @@ pub enum Error {
     /// characters of ASCII letters, digits and punctuation.
     #[error("the message key cannot be sent to SQS: {0}")]
     InvalidKey(String),
+    /// The queue name breaks SQS's naming rules (see
+    /// [`validate_queue_name`](crate::validate_queue_name)); nothing was sent.
+    #[error(
+        "`{name}` is not a valid SQS queue name: {reason}{}",
+        suggestion.as_ref().map(|s| format!("; use `{s}`")).unwrap_or_default()
+    )]
+    InvalidQueueName {
+        /// The name as given.
+        name: String,
+        /// The rule it breaks.
+        reason: String,
+        /// A valid name to use instead, where there is one.
+        suggestion: Option<String>,
+    },
     /// Configuration that cannot work; the message says what to change.
     #[error("invalid SQS adapter configuration: {0}")]
     Config(String),
@@ -133,6 +150,57 @@ impl Error {
             _ => None,
         }
     }
+
+    /// Whether sending the same message the same way must fail the same way: a queue
+    /// name SQS does not accept, a message that does not fit SQS's limits or has a
+    /// header or key SQS cannot take (all found before any request), or a send SQS
+    /// refused for what was sent (an invalid parameter, attribute or body, a batch entry
+    /// it blamed on the request). Such an error converts into
+    /// [`redrive_core::Error::Rejected`].
+    ///
+    /// Throttling, KMS, credential and network errors are not: they may pass.
+    pub fn is_rejection(&self) -> bool {
+        match self {
+            Error::InvalidQueueName { .. }
+            | Error::TooManyAttributes { .. }
+            | Error::InvalidAttribute { .. }
+            | Error::MessageTooLarge { .. }
+            | Error::InvalidKey(_) => true,
+            Error::Request {
+                operation, code, ..
+            } => is_send(operation) && code.as_deref().is_some_and(is_rejected_send),
+            Error::BatchEntry {
+                operation,
+                sender_fault,
+                ..
+            } => is_send(operation) && *sender_fault,
+            Error::QueueDoesNotExist(_) | Error::NotInFlight | Error::Config(_) => false,
+        }
+    }
+}
+
+fn is_send(operation: &str) -> bool {
+    matches!(operation, "SendMessage" | "SendMessageBatch")
+}
+
+/// Whether an SQS error code of a send says the request itself is wrong: sent again the
+/// same way, it is refused again.
+fn is_rejected_send(code: &str) -> bool {
+    let code = code.strip_prefix("AWS.SimpleQueueService.").unwrap_or(code);
+    matches!(
+        code,
+        "InvalidParameterValue"
+            | "InvalidMessageContents"
+            | "InvalidAttributeName"
+            | "InvalidAttributeValue"
+            | "MissingParameter"
+            | "UnsupportedOperation"
+            | "BatchRequestTooLong"
+            | "BatchEntryIdsNotDistinct"
+            | "InvalidBatchEntryId"
+            | "TooManyEntriesInBatchRequest"
+            | "EmptyBatchRequest"
+    )
 }
 
 /// Whether an SQS error code says the queue does not exist.
@@ -165,6 +233,7 @@ impl From<Error> for redrive_core::Error {
             Error::QueueDoesNotExist(q) => redrive_core::Error::UnknownDestination(q),
             Error::NotInFlight => redrive_core::Error::LeaseExpired,
             Error::Config(m) => redrive_core::Error::Config(m),
+            e if e.is_rejection() => redrive_core::Error::Rejected(Box::new(e)),
             other => redrive_core::Error::Broker(Box::new(other)),
         }
     }
@@ -172,3 +241,82 @@ impl From<Error> for redrive_core::Error {
 
 /// `Result` with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(operation: &'static str, code: &str) -> Error {
+        Error::Request {
+            operation,
+            code: Some(code.to_owned()),
+            message: code.to_owned(),
+            source: Arc::new(std::io::Error::other(code.to_owned())),
+        }
+    }
+
+    #[test]
+    fn sends_sqs_refuses_for_what_was_sent_are_rejected() {
+        for code in [
+            "InvalidParameterValue",
+            "AWS.SimpleQueueService.InvalidParameterValue",
+            "InvalidMessageContents",
+            "InvalidAttributeName",
+            "AWS.SimpleQueueService.BatchRequestTooLong",
+        ] {
+            let e = request("SendMessage", code);
+            assert!(e.is_rejection(), "{code}");
+            assert!(
+                matches!(
+                    redrive_core::Error::from(e),
+                    redrive_core::Error::Rejected(_)
+                ),
+                "{code}"
+            );
+        }
+    }
+
+    #[test]
+    fn outages_and_other_operations_are_not_rejections() {
+        for code in [
+            "RequestThrottled",
+            "KmsThrottled",
+            "KmsDisabled",
+            "InternalError",
+        ] {
+            let e = request("SendMessage", code);
+            assert!(!e.is_rejection(), "{code}");
+            assert!(
+                matches!(redrive_core::Error::from(e), redrive_core::Error::Broker(_)),
+                "{code}"
+            );
+        }
+        // The same code on a receive says nothing about a message sent.
+        assert!(!request("ReceiveMessage", "InvalidParameterValue").is_rejection());
+        let entry = |sender_fault| Error::BatchEntry {
+            operation: "SendMessageBatch",
+            code: "InternalError".into(),
+            message: String::new(),
+            sender_fault,
+        };
+        assert!(entry(true).is_rejection() && !entry(false).is_rejection());
+        assert!(!Error::QueueDoesNotExist("q".into()).is_rejection());
+        assert!(matches!(
+            redrive_core::Error::from(Error::QueueDoesNotExist("q".into())),
+            redrive_core::Error::UnknownDestination(q) if q == "q"
+        ));
+    }
+
+    #[test]
+    fn limits_found_before_any_request_are_rejections() {
+        let e = Error::MessageTooLarge { size: 2, limit: 1 };
+        assert!(e.is_rejection());
+        assert!(redrive_core::Error::from(e).is_deterministic());
+        assert!(Error::InvalidKey("k".into()).is_rejection());
+        assert!(
+            crate::validate_queue_name("a.b")
+                .unwrap_err()
+                .is_rejection()
+        );
+    }
+}

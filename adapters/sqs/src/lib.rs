@@ -64,6 +64,11 @@
 //!   limits fails with an [`Error`] that says why, before any request.
 //! - **Native redrive policy**: see [`RedrivePolicy`] for how SQS's `maxReceiveCount`
 //!   and redrive's dead-letter limit interact (set `maxReceiveCount` above redrive's).
+//!   A consumer of a queue without one warns at start-up, with the attribute to set.
+//! - **Queue names SQS accepts**: names are checked against SQS's rules
+//!   ([`validate_queue_name`]) before any request, since emulators accept more: name a
+//!   dead-letter queue `orders-dlq`, not `orders.dlq`. A publish SQS would refuse every
+//!   time is [`redrive_core::Error::Rejected`].
 //!
 //! # Configuration
 //! [`Sqs::from_env`] takes region, credentials and endpoint from the normal AWS chain
@@ -77,6 +82,7 @@ pub mod attributes;
 mod client;
 mod consumer;
 mod error;
+mod name;
 mod publisher;
 
 pub use acker::MAX_VISIBILITY_TIMEOUT;
@@ -84,6 +90,7 @@ pub use attributes::HeaderOverflow;
 pub use client::{QueueInfo, RedrivePolicy, Sqs};
 pub use consumer::{SqsConsumer, SqsConsumerBuilder};
 pub use error::{Error, Result};
+pub use name::{FIFO_SUFFIX, MAX_QUEUE_NAME_LEN, validate_queue_name};
 pub use publisher::{DEFAULT_MAX_MESSAGE_BYTES, FifoDeduplication, SqsPublisher};
 
 /// Re-exported so applications can build their own client or configuration.

@@ -32,6 +32,12 @@ pub enum FifoDeduplication {
 /// message gets a deduplication id ([`FifoDeduplication`]); an unkeyed message gets a
 /// group of its own.
 ///
+/// A queue name is checked against SQS's rules first
+/// ([`validate_queue_name`](crate::validate_queue_name)): `orders.dlq`, which some
+/// emulators accept, fails before any request (name a dead-letter queue `orders-dlq`).
+/// A publish SQS would refuse every time is [`redrive_core::Error::Rejected`], so a
+/// dead-letter layer can tell it from an outage.
+///
 /// | setting | default |
 /// |---|---|
 /// | `header_overflow` | [`HeaderOverflow::Pack`] |
@@ -113,8 +119,12 @@ impl SqsPublisher {
     /// Sends one message with `SendMessage` and returns SQS's message id.
     ///
     /// # Errors
-    /// A header, key or size SQS cannot take (before any request), a missing queue, or
-    /// the request's error.
+    /// A queue name SQS does not accept ([`Error::InvalidQueueName`]), a header, key or
+    /// size SQS cannot take (all before any request), a missing queue
+    /// ([`Error::QueueDoesNotExist`]), or the request's error. Through
+    /// [`Publisher::publish`], those that would fail again the same way
+    /// ([`Error::is_rejection`]) are [`redrive_core::Error::Rejected`], and a missing
+    /// queue is [`redrive_core::Error::UnknownDestination`].
     pub async fn send(&self, queue: &str, message: &OutgoingMessage) -> Result<String> {
         let url = self.sqs.queue_url(queue).await?;
         let p = self.prepare(is_fifo_name(&url), message)?;
@@ -129,7 +139,7 @@ impl SqsPublisher {
             .set_message_deduplication_id(p.dedup_id)
             .send()
             .await
-            .map_err(|e| Error::request("SendMessage", e))?;
+            .map_err(|e| Error::for_queue(queue, "SendMessage", e))?;
         Ok(out.message_id().unwrap_or_default().to_owned())
     }
 
@@ -166,7 +176,8 @@ impl SqsPublisher {
             if batch.len() == crate::acker::MAX_BATCH
                 || (!batch.is_empty() && size + entry_size > self.max_message_bytes)
             {
-                self.send_entries(&url, std::mem::take(&mut batch)).await?;
+                self.send_entries(queue, &url, std::mem::take(&mut batch))
+                    .await?;
                 size = 0;
             }
             size += entry_size;
@@ -182,13 +193,14 @@ impl SqsPublisher {
             );
         }
         if !batch.is_empty() {
-            self.send_entries(&url, batch).await?;
+            self.send_entries(queue, &url, batch).await?;
         }
         Ok(())
     }
 
     async fn send_entries(
         &self,
+        queue: &str,
         url: &str,
         entries: Vec<SendMessageBatchRequestEntry>,
     ) -> Result<()> {
@@ -200,7 +212,7 @@ impl SqsPublisher {
             .set_entries(Some(entries))
             .send()
             .await
-            .map_err(|e| Error::request("SendMessageBatch", e))?;
+            .map_err(|e| Error::for_queue(queue, "SendMessageBatch", e))?;
         match out.failed().first() {
             None => Ok(()),
             Some(f) => Err(Error::BatchEntry {

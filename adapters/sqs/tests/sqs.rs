@@ -508,7 +508,8 @@ async fn poison_message_reaches_the_dlq_with_its_envelope() {
     let sqs = common::sqs().await;
     let name = common::queue_name("poison", false);
     let url = common::create_queue(&sqs, &name, Duration::from_secs(10), &[]).await;
-    let dlq = format!("{name}.dlq");
+    // `<queue>-dlq`: SQS's names hold no dot, so `<queue>.dlq` would be refused.
+    let dlq = format!("{name}-dlq");
     common::create_queue(&sqs, &dlq, Duration::from_secs(10), &[]).await;
     let p = sqs.publisher();
     let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
@@ -525,6 +526,7 @@ async fn poison_message_reaches_the_dlq_with_its_envelope() {
     let layer = DeadLetterLayer::new(
         Arc::new(sqs.publisher()),
         DeadLetterConfig::default()
+            .with_destination(&dlq)
             .with_max_attempts(3)
             .with_consumer_name("billing"),
     )
@@ -622,7 +624,7 @@ async fn redrive_interplay(
         &[(QueueAttributeName::RedrivePolicy, policy)],
     )
     .await;
-    let redrive_dlq = format!("{name}.dlq");
+    let redrive_dlq = format!("{name}-dlq");
     common::create_queue(sqs, &redrive_dlq, Duration::from_secs(10), &[]).await;
     sqs.publisher()
         .publish(&name, OutgoingMessage::new("always fails"))
@@ -644,7 +646,9 @@ async fn redrive_interplay(
 
     let layer = DeadLetterLayer::new(
         Arc::new(sqs.publisher()),
-        DeadLetterConfig::default().with_max_attempts(max_attempts),
+        DeadLetterConfig::default()
+            .with_destination(&redrive_dlq)
+            .with_max_attempts(max_attempts),
     )
     .expect("dead-letter config");
     let handler = layer.layer(handler_fn(|_m: Message| async move {
@@ -709,4 +713,199 @@ async fn native_redrive_policy_and_redrive_limit_lower_one_wins() {
         native[0].headers.get(dead_letter::ERROR_KIND).is_none(),
         "no envelope"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_name_sqs_rejects_is_rejected_before_any_request() {
+    let sqs = common::sqs().await;
+    // The emulator creates `<name>.dlq`; SQS would not. redrive refuses it either way.
+    let stem = common::queue_name("dotted", false);
+    let dotted = format!("{stem}.dlq");
+    let url = common::create_queue_unchecked(&sqs, &dotted, Duration::from_secs(10), &[]).await;
+
+    let err = sqs
+        .publisher()
+        .publish(&dotted, OutgoingMessage::new("x"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, redrive_core::Error::Rejected(_)),
+        "a deterministic rejection: {err:?}"
+    );
+    assert!(err.is_deterministic());
+    let text = err.to_string();
+    assert!(text.contains("not a valid SQS queue name"), "{text}");
+    assert!(text.contains(&format!("use `{stem}-dlq`")), "{text}");
+
+    let err = sqs
+        .publisher()
+        .send_batch(&dotted, &[OutgoingMessage::new("y")])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidQueueName { .. }), "{err}");
+
+    let err = sqs.consumer(&dotted).build().await.unwrap_err();
+    assert!(matches!(err, Error::InvalidQueueName { .. }), "{err}");
+
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(common::counts(&sqs, &url).await, (0, 0, 0), "nothing sent");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_sqs_cannot_take_are_rejected() {
+    let sqs = common::sqs().await;
+    let name = common::queue_name("reject", false);
+    // The smallest MaximumMessageSize SQS allows, so SQS's own size check can be reached.
+    let url = common::create_queue(
+        &sqs,
+        &name,
+        Duration::from_secs(10),
+        &[(QueueAttributeName::MaximumMessageSize, "1024".into())],
+    )
+    .await;
+    let rejected = |what: &str, err: redrive_core::Error| {
+        assert!(
+            matches!(err, redrive_core::Error::Rejected(_)) && err.is_deterministic(),
+            "{what}: {err:?}"
+        );
+    };
+
+    // Caught before any request.
+    let too_large = OutgoingMessage::new(vec![b'a'; 2000]);
+    let small = sqs.publisher().with_max_message_bytes(1024);
+    rejected(
+        "too large",
+        small.publish(&name, too_large.clone()).await.unwrap_err(),
+    );
+    let strict = sqs.publisher().with_header_overflow(HeaderOverflow::Reject);
+    let mut eleven = OutgoingMessage::new("x");
+    for i in 0..11 {
+        eleven = eleven.with_header(format!("h{i}"), "v").expect("header");
+    }
+    rejected(
+        "too many attributes",
+        strict.publish(&name, eleven).await.unwrap_err(),
+    );
+    let bad_name = OutgoingMessage::new("x")
+        .with_header("AWS.reserved", "v")
+        .expect("header");
+    rejected(
+        "attribute name",
+        strict.publish(&name, bad_name).await.unwrap_err(),
+    );
+    let fifo = common::queue_name("reject", true);
+    common::create_queue(&sqs, &fifo, Duration::from_secs(10), &[]).await;
+    rejected(
+        "FIFO group id",
+        sqs.publisher()
+            .publish(&fifo, OutgoingMessage::new("x").with_key("has space"))
+            .await
+            .unwrap_err(),
+    );
+
+    // Refused by SQS: the queue takes less than the publisher was told it may send.
+    let err = sqs.publisher().send(&name, &too_large).await.unwrap_err();
+    // `InvalidParameterValue`, with or without the `AWS.SimpleQueueService.` prefix.
+    assert!(
+        err.code()
+            .is_some_and(|c| c.ends_with("InvalidParameterValue")),
+        "{err}"
+    );
+    rejected("refused by SQS", err.into());
+    let err = sqs
+        .publisher()
+        .send_batch(&name, &[too_large])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::BatchEntry {
+                sender_fault: true,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    rejected("refused by SQS in a batch", err.into());
+
+    assert_eq!(common::counts(&sqs, &url).await, (0, 0, 0), "nothing sent");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_queue_is_an_unknown_destination() {
+    let sqs = common::sqs().await;
+    let name = common::queue_name("missing", false);
+    let err = sqs
+        .publisher()
+        .publish(&name, OutgoingMessage::new("x"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, redrive_core::Error::UnknownDestination(q) if *q == name),
+        "by name: {err:?}"
+    );
+
+    // By URL: the queue existed when its URL was taken.
+    let url = common::create_queue(&sqs, &name, Duration::from_secs(10), &[]).await;
+    sqs.client()
+        .delete_queue()
+        .queue_url(&url)
+        .send()
+        .await
+        .expect("DeleteQueue");
+    let err = sqs
+        .publisher()
+        .publish(&url, OutgoingMessage::new("x"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, redrive_core::Error::UnknownDestination(q) if *q == url),
+        "by URL: {err:?}"
+    );
+    assert!(err.is_deterministic());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_with_characters_sqs_refuses_travels_packed_in_text_sqs_accepts() {
+    let sqs = common::sqs().await;
+    let name = common::queue_name("odd-chars", false);
+    let url = common::create_queue(&sqs, &name, Duration::from_secs(10), &[]).await;
+    // SQS takes in a string attribute only the characters XML allows: #x9, #xA, #xD,
+    // #x20 to #xD7FF, #xE000 to #xFFFD, #x10000 to #x10FFFF. The emulator takes more.
+    let sqs_accepts = |s: &str| {
+        s.chars().all(|c| {
+            matches!(c, '\u{9}' | '\u{A}' | '\u{D}' | '\u{20}'..='\u{D7FF}' | '\u{E000}'..='\u{FFFD}' | '\u{10000}'..)
+        })
+    };
+    let msg = OutgoingMessage::new("x")
+        .with_header("x-odd", "a\u{fffe}b\u{ffff}\u{1}")
+        .expect("header");
+    sqs.publisher()
+        .publish(&name, msg.clone())
+        .await
+        .expect("publish");
+
+    let raw = sqs
+        .client()
+        .receive_message()
+        .queue_url(&url)
+        .message_attribute_names("All")
+        .visibility_timeout(0)
+        .send()
+        .await
+        .expect("raw receive");
+    let attrs = raw.messages()[0].message_attributes().expect("attributes");
+    for (n, v) in attrs {
+        let s = v.string_value().unwrap_or_default();
+        assert!(
+            sqs_accepts(s),
+            "attribute {n} = {s:?} holds characters SQS refuses"
+        );
+    }
+
+    let mut c = consumer(&sqs, &name).await;
+    let d = c.receive().await.expect("receive").expect("delivery");
+    assert_eq!(d.message.headers.get("x-odd"), msg.headers.get("x-odd"));
+    d.ack().await.expect("ack");
 }

@@ -54,8 +54,22 @@ pub async fn sqs() -> Sqs {
 }
 
 /// Creates a fresh queue (FIFO when `name` ends in `.fifo`) with this visibility
-/// timeout and extra attributes; returns its URL.
+/// timeout and extra attributes; returns its URL. The name must be one SQS accepts
+/// (the emulator accepts more): [`create_queue_unchecked`] takes any.
 pub async fn create_queue(
+    sqs: &Sqs,
+    name: &str,
+    visibility: Duration,
+    extra: &[(QueueAttributeName, String)],
+) -> String {
+    if let Err(e) = redrive_sqs::validate_queue_name(name) {
+        panic!("tests create only queues real SQS accepts: {e}");
+    }
+    create_queue_unchecked(sqs, name, visibility, extra).await
+}
+
+/// As [`create_queue`], for a name real SQS would refuse (the emulator takes it).
+pub async fn create_queue_unchecked(
     sqs: &Sqs,
     name: &str,
     visibility: Duration,
