@@ -4,55 +4,86 @@
 //! |---|---|
 //! | value | `payload` (an empty or null value is an empty payload) |
 //! | key | `key` (the ordering key) |
-//! | headers | `headers`, in order, repeats kept: UTF-8 values as strings, others as bytes, a null value as empty bytes |
+//! | headers | `headers`, in order, repeats kept: UTF-8 values as strings, others as bytes, a null value as empty bytes (see below for the ones left out) |
 //! | topic, partition, offset | `metadata.source` |
 //! | the `message-id` header, else `<topic>-<partition>-<offset>` | `metadata.message_id` |
 //! | the `x-redrive-attempt` header, else 1 | `metadata.attempt` (the Worker counts parked retries on top) |
 //! | timestamp (create or log-append time) | `metadata.enqueued_at` |
+//!
+//! A header redrive cannot take is left out, alone: one whose name is not UTF-8 (Kafka
+//! allows any bytes; rdkafka cannot return such a name, so it is dropped), one whose
+//! name is empty, and one past the [`HeaderLimits`](redrive_core::HeaderLimits). The
+//! headers after it are kept, and the record is delivered like any other. Each record
+//! with headers left out logs one warning with their count and the first reason.
+//!
+//! rdkafka reads a name that is not UTF-8 with a panic, which the mapping catches: the
+//! panic hook still reports it, and a build with `panic = "abort"` aborts on such a
+//! record.
 
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::Bytes;
 use rdkafka::Message as _;
-use rdkafka::message::{BorrowedMessage, Headers as _};
+use rdkafka::message::{BorrowedMessage, Headers as KafkaHeaders};
 use redrive_core::names::{ATTEMPT, MESSAGE_ID};
-use redrive_core::{HeaderValue, Headers, Message};
+use redrive_core::{HeaderError, HeaderValue, Headers, Message};
 
 use crate::SYSTEM;
 
 /// A [`Message`] holding a copy of the record's data; `topic` is the record's topic
 /// name, shared. Its `received_at` is when it was made (by [`Message::new`]).
 pub(crate) fn message(record: &BorrowedMessage<'_>, topic: Arc<str>) -> Message {
-    let mut headers = Headers::new();
-    if let Some(hs) = record.headers() {
-        for h in hs.iter() {
-            let value = match h.value {
-                None => HeaderValue::Bytes(Bytes::new()),
-                Some(v) => match std::str::from_utf8(v) {
-                    Ok(s) => HeaderValue::Str(s.to_owned()),
-                    Err(_) => HeaderValue::Bytes(Bytes::copy_from_slice(v)),
-                },
-            };
-            if let Err(e) = headers.append(h.key, value) {
+    from_parts(Parts {
+        topic,
+        partition: record.partition(),
+        offset: record.offset(),
+        payload: record.payload().unwrap_or_default(),
+        key: record.key(),
+        headers: record.headers(),
+        timestamp_ms: record.timestamp().to_millis(),
+    })
+}
+
+/// What a [`Message`] is made of: a record's parts, its headers read through rdkafka's
+/// [`Headers`](KafkaHeaders) trait (so the mapping can be driven without a broker).
+pub(crate) struct Parts<'a, H> {
+    pub(crate) topic: Arc<str>,
+    pub(crate) partition: i32,
+    pub(crate) offset: i64,
+    pub(crate) payload: &'a [u8],
+    pub(crate) key: Option<&'a [u8]>,
+    pub(crate) headers: Option<&'a H>,
+    /// Milliseconds since the Unix epoch, if the record has a timestamp.
+    pub(crate) timestamp_ms: Option<i64>,
+}
+
+/// The mapping of the module's table, from a record's parts.
+pub(crate) fn from_parts<H: KafkaHeaders>(parts: Parts<'_, H>) -> Message {
+    let headers = match parts.headers {
+        Some(hs) => {
+            let (headers, left_out) = headers(hs);
+            if let Some(first) = left_out.first {
                 tracing::warn!(
-                    topic = record.topic(),
-                    partition = record.partition(),
-                    offset = record.offset(),
-                    header = h.key,
-                    error = %e,
-                    "record headers beyond the header limits are left out"
+                    topic = &*parts.topic,
+                    partition = parts.partition,
+                    offset = parts.offset,
+                    left_out = left_out.count,
+                    first = %first,
+                    "record headers left out; the record is delivered with the others"
                 );
-                break;
             }
+            headers
         }
-    }
-    let (payload, key) = payload_and_key(record.payload().unwrap_or_default(), record.key());
+        None => Headers::new(),
+    };
+    let (payload, key) = payload_and_key(parts.payload, parts.key);
     let mut msg = Message::new(payload);
     msg.key = key;
     let meta = &mut msg.metadata;
     meta.message_id = Some(headers.get_str(MESSAGE_ID).map_or_else(
-        || record_id(&topic, record.partition(), record.offset()),
+        || record_id(&parts.topic, parts.partition, parts.offset),
         Arc::from,
     ));
     meta.attempt = headers
@@ -60,17 +91,96 @@ pub(crate) fn message(record: &BorrowedMessage<'_>, topic: Arc<str>) -> Message 
         .and_then(|a| a.parse().ok())
         .filter(|&a| a >= 1)
         .unwrap_or(1);
-    meta.enqueued_at = record
-        .timestamp()
-        .to_millis()
+    meta.enqueued_at = parts
+        .timestamp_ms
         .and_then(|ms| u64::try_from(ms).ok())
         .map(|ms| UNIX_EPOCH + Duration::from_millis(ms));
     meta.source.system = SYSTEM;
-    meta.source.destination = topic;
-    meta.source.partition = Some(record.partition());
-    meta.source.offset = Some(record.offset());
+    meta.source.destination = parts.topic;
+    meta.source.partition = Some(parts.partition);
+    meta.source.offset = Some(parts.offset);
     msg.headers = headers;
     msg
+}
+
+/// Headers of a record left out of its message: how many, and why the first was.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct LeftOut {
+    pub(crate) count: usize,
+    pub(crate) first: Option<String>,
+}
+
+impl LeftOut {
+    fn add(&mut self, count: usize, why: impl FnOnce() -> String) {
+        self.count += count;
+        if self.first.is_none() {
+            self.first = Some(why());
+        }
+    }
+}
+
+/// Longest part of a header name quoted in a log line.
+const QUOTED_NAME_BYTES: usize = 64;
+
+/// The record's headers in order, repeats kept. A header that cannot be taken is left
+/// out alone and counted, and the headers after it are still read: one whose name is
+/// not UTF-8 (Kafka allows any bytes; rdkafka panics reading such a name, and that
+/// panic is caught here, so the panic hook still sees it), one whose name is empty
+/// (Kafka allows it; [`Headers`] do not), and one past the header limits. Once the
+/// count limit is reached the remaining headers are counted without being read.
+pub(crate) fn headers<H: KafkaHeaders>(hs: &H) -> (Headers, LeftOut) {
+    let mut headers = Headers::new();
+    let mut left_out = LeftOut::default();
+    let count = hs.count();
+    for i in 0..count {
+        let max = headers.limits().max_count;
+        if headers.len() >= max {
+            left_out.add(count - i, || format!("more than {max} headers"));
+            break;
+        }
+        // `try_get` only reads: rdkafka asks librdkafka for the header, then panics
+        // in `str::from_utf8(..).unwrap()` on its name, so nothing is left half done.
+        let Ok(header) = catch_unwind(AssertUnwindSafe(|| hs.try_get(i))) else {
+            left_out.add(1, || "a header name that is not UTF-8".to_owned());
+            continue;
+        };
+        let Some(h) = header else {
+            // Out of bounds: the count said otherwise. Nothing more to read.
+            left_out.add(count - i, || "headers rdkafka did not return".to_owned());
+            break;
+        };
+        let value = match h.value {
+            None => HeaderValue::Bytes(Bytes::new()),
+            Some(v) => match std::str::from_utf8(v) {
+                Ok(s) => HeaderValue::Str(s.to_owned()),
+                Err(_) => HeaderValue::Bytes(Bytes::copy_from_slice(v)),
+            },
+        };
+        if let Err(e) = headers.append(h.key, value) {
+            left_out.add(1, || why(h.key, &e));
+        }
+    }
+    (headers, left_out)
+}
+
+/// Why `name` was refused, quoting at most [`QUOTED_NAME_BYTES`] of it.
+fn why(name: &str, e: &HeaderError) -> String {
+    let mut end = name.len().min(QUOTED_NAME_BYTES);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    let quoted = &name[..end];
+    let more = if end < name.len() { "…" } else { "" };
+    match e {
+        HeaderError::EmptyName => "an empty header name".to_owned(),
+        HeaderError::TooMany { limit, .. } => {
+            format!("header `{quoted}{more}`: more than {limit} headers")
+        }
+        HeaderError::TooLarge { limit, .. } => {
+            format!("header `{quoted}{more}`: headers over {limit} bytes")
+        }
+        _ => format!("header `{quoted}{more}` refused"),
+    }
 }
 
 /// The payload and the key, copied into one shared allocation: the Worker copies a
