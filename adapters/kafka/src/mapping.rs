@@ -231,7 +231,196 @@ fn record_id(topic: &str, partition: i32, offset: i64) -> Arc<str> {
 
 #[cfg(test)]
 mod tests {
-    use super::{payload_and_key, record_id};
+    use std::sync::{Arc, Once};
+
+    use proptest::prelude::*;
+    use rdkafka::message::{Header, Headers as KafkaHeaders, OwnedHeaders};
+    use redrive_core::HeaderLimits;
+
+    use super::{LeftOut, Parts, from_parts, headers, payload_and_key, record_id};
+
+    /// Headers as a producer sent them: any bytes as names. Read the way rdkafka reads
+    /// a consumed record's headers, which panics on a name that is not UTF-8.
+    struct Sent(Vec<(Vec<u8>, Option<Vec<u8>>)>);
+
+    impl KafkaHeaders for Sent {
+        fn count(&self) -> usize {
+            self.0.len()
+        }
+
+        fn try_get(&self, idx: usize) -> Option<Header<'_, &[u8]>> {
+            self.0.get(idx).map(|(name, value)| Header {
+                key: std::str::from_utf8(name).unwrap(),
+                value: value.as_deref(),
+            })
+        }
+    }
+
+    /// Keeps the panics `Sent` raises on purpose out of the test output.
+    fn quiet_utf8_panics() {
+        static ONCE: Once = Once::new();
+        ONCE.call_once(|| {
+            let previous = std::panic::take_hook();
+            std::panic::set_hook(Box::new(move |info| {
+                let expected = info
+                    .location()
+                    .is_some_and(|l| l.file().ends_with("mapping.rs"))
+                    && info.to_string().contains("Utf8Error");
+                if !expected {
+                    previous(info);
+                }
+            }));
+        });
+    }
+
+    fn parts<'a>(headers: &'a Sent, payload: &'a [u8], key: Option<&'a [u8]>) -> Parts<'a, Sent> {
+        Parts {
+            topic: Arc::from("orders"),
+            partition: 0,
+            offset: 7,
+            payload,
+            key,
+            headers: Some(headers),
+            timestamp_ms: Some(-1),
+        }
+    }
+
+    #[test]
+    fn a_header_rdkafka_cannot_read_is_left_out_alone() {
+        quiet_utf8_panics();
+        let sent = Sent(vec![
+            (b"\xffname".to_vec(), Some(b"v".to_vec())),
+            (b"message-id".to_vec(), Some(b"order-7".to_vec())),
+        ]);
+        let (kept, left_out) = headers(&sent);
+        assert_eq!(kept.get_str("message-id"), Some("order-7"));
+        assert_eq!(kept.len(), 1);
+        assert_eq!(
+            left_out,
+            LeftOut {
+                count: 1,
+                first: Some("a header name that is not UTF-8".to_owned())
+            }
+        );
+    }
+
+    #[test]
+    fn an_empty_header_name_is_left_out_alone() {
+        let owned = OwnedHeaders::new()
+            .insert(Header {
+                key: "",
+                value: Some("x"),
+            })
+            .insert(Header {
+                key: "traceparent",
+                value: Some("tp"),
+            })
+            .insert(Header {
+                key: "message-id",
+                value: None::<&str>,
+            });
+        let (kept, left_out) = headers(&owned);
+        let names: Vec<&str> = kept.iter().map(|(n, _)| n).collect();
+        assert_eq!(names, ["traceparent", "message-id"]);
+        assert_eq!(left_out.count, 1);
+        assert_eq!(left_out.first.as_deref(), Some("an empty header name"));
+    }
+
+    #[test]
+    fn headers_past_the_count_limit_are_counted_not_read() {
+        quiet_utf8_panics();
+        let max = HeaderLimits::DEFAULT.max_count;
+        let mut sent: Vec<_> = (0..max + 10)
+            .map(|i| (format!("h{i}").into_bytes(), None))
+            .collect();
+        // Past the limit: never read, so rdkafka never panics on it.
+        sent.push((b"\xff".to_vec(), None));
+        let (kept, left_out) = headers(&Sent(sent));
+        assert_eq!(kept.len(), max);
+        assert_eq!(left_out.count, 11);
+        assert_eq!(left_out.first, Some(format!("more than {max} headers")));
+    }
+
+    /// A header name: empty, well known, short ASCII, any bytes, or long.
+    fn name() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            Just(Vec::new()),
+            Just(b"message-id".to_vec()),
+            Just(b"x-redrive-attempt".to_vec()),
+            Just(b"traceparent".to_vec()),
+            "[a-z-]{1,12}".prop_map(String::into_bytes),
+            proptest::collection::vec(any::<u8>(), 1..8),
+            long(200..2000),
+        ]
+    }
+
+    /// A value: null, short bytes, or long enough to pass the size limit in a few dozen.
+    fn value() -> impl Strategy<Value = Option<Vec<u8>>> {
+        prop_oneof![
+            Just(None),
+            proptest::option::of(proptest::collection::vec(any::<u8>(), 0..16)),
+            proptest::option::of("[0-9]{1,3}".prop_map(String::into_bytes)),
+            proptest::option::of(long(1000..4000)),
+        ]
+    }
+
+    /// One byte repeated: long input, cheap to make (a vector of random bytes makes a
+    /// value tree per byte).
+    fn long(len: std::ops::Range<usize>) -> impl Strategy<Value = Vec<u8>> {
+        (any::<u8>(), len).prop_map(|(byte, n)| vec![byte; n])
+    }
+
+    proptest! {
+        // 64 cases of up to 400 headers: about 2.5 s in a debug build on 2 cores.
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+        /// Whatever headers a record carries, the mapping does not panic, stays within
+        /// the header limits, accounts for every header, and keeps exactly the
+        /// readable ones in order when they fit.
+        #[test]
+        fn any_record_maps_to_a_bounded_message(
+            sent in proptest::collection::vec((name(), value()), 0..400),
+            payload in proptest::collection::vec(any::<u8>(), 0..64),
+            key in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..16)),
+        ) {
+            quiet_utf8_panics();
+            let sent = Sent(sent);
+            let (kept, left_out) = headers(&sent);
+            let limits = HeaderLimits::DEFAULT;
+            prop_assert!(kept.len() <= limits.max_count);
+            prop_assert!(kept.size() <= limits.max_bytes);
+            prop_assert_eq!(kept.len() + left_out.count, sent.0.len());
+            prop_assert_eq!(left_out.count == 0, left_out.first.is_none());
+            prop_assert!(left_out.first.as_ref().is_none_or(|f| f.len() < 200));
+
+            let readable: Vec<(&str, &[u8])> = sent
+                .0
+                .iter()
+                .filter_map(|(n, v)| {
+                    let n = std::str::from_utf8(n).ok().filter(|n| !n.is_empty())?;
+                    Some((n, v.as_deref().unwrap_or_default()))
+                })
+                .collect();
+            let fits = readable.len() <= limits.max_count
+                && readable.iter().map(|(n, v)| n.len() + v.len()).sum::<usize>()
+                    <= limits.max_bytes;
+            if fits {
+                let got: Vec<(&str, &[u8])> =
+                    kept.iter().map(|(n, v)| (n, v.as_bytes())).collect();
+                prop_assert_eq!(got, readable);
+            }
+
+            let msg = from_parts(parts(&sent, &payload, key.as_deref()));
+            prop_assert!(msg.metadata.attempt >= 1);
+            let id = msg.metadata.message_id.as_deref().unwrap_or_default();
+            prop_assert!(!id.is_empty() || msg.headers.get_str("message-id") == Some(""));
+            prop_assert!(id.len() <= limits.max_bytes);
+            prop_assert_eq!(&msg.payload[..], &payload[..]);
+            prop_assert_eq!(msg.key.as_deref(), key.as_deref());
+            prop_assert_eq!(msg.metadata.enqueued_at, None);
+            prop_assert_eq!(msg.headers.len(), kept.len());
+        }
+    }
 
     #[test]
     fn payload_and_key_share_one_buffer_and_keep_their_bytes() {
