@@ -4,55 +4,86 @@
 //! |---|---|
 //! | value | `payload` (an empty or null value is an empty payload) |
 //! | key | `key` (the ordering key) |
-//! | headers | `headers`, in order, repeats kept: UTF-8 values as strings, others as bytes, a null value as empty bytes |
+//! | headers | `headers`, in order, repeats kept: UTF-8 values as strings, others as bytes, a null value as empty bytes (see below for the ones left out) |
 //! | topic, partition, offset | `metadata.source` |
 //! | the `message-id` header, else `<topic>-<partition>-<offset>` | `metadata.message_id` |
 //! | the `x-redrive-attempt` header, else 1 | `metadata.attempt` (the Worker counts parked retries on top) |
 //! | timestamp (create or log-append time) | `metadata.enqueued_at` |
+//!
+//! A header redrive cannot take is left out, alone: one whose name is not UTF-8 (Kafka
+//! allows any bytes; rdkafka cannot return such a name, so it is dropped), one whose
+//! name is empty, and one past the [`HeaderLimits`](redrive_core::HeaderLimits). The
+//! headers after it are kept, and the record is delivered like any other. Each record
+//! with headers left out logs one warning with their count and the first reason.
+//!
+//! rdkafka reads a name that is not UTF-8 with a panic, which the mapping catches: the
+//! panic hook still reports it, and a build with `panic = "abort"` aborts on such a
+//! record.
 
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::Bytes;
 use rdkafka::Message as _;
-use rdkafka::message::{BorrowedMessage, Headers as _};
+use rdkafka::message::{BorrowedMessage, Headers as KafkaHeaders};
 use redrive_core::names::{ATTEMPT, MESSAGE_ID};
-use redrive_core::{HeaderValue, Headers, Message};
+use redrive_core::{HeaderError, HeaderValue, Headers, Message};
 
 use crate::SYSTEM;
 
 /// A [`Message`] holding a copy of the record's data; `topic` is the record's topic
 /// name, shared. Its `received_at` is when it was made (by [`Message::new`]).
 pub(crate) fn message(record: &BorrowedMessage<'_>, topic: Arc<str>) -> Message {
-    let mut headers = Headers::new();
-    if let Some(hs) = record.headers() {
-        for h in hs.iter() {
-            let value = match h.value {
-                None => HeaderValue::Bytes(Bytes::new()),
-                Some(v) => match std::str::from_utf8(v) {
-                    Ok(s) => HeaderValue::Str(s.to_owned()),
-                    Err(_) => HeaderValue::Bytes(Bytes::copy_from_slice(v)),
-                },
-            };
-            if let Err(e) = headers.append(h.key, value) {
+    from_parts(Parts {
+        topic,
+        partition: record.partition(),
+        offset: record.offset(),
+        payload: record.payload().unwrap_or_default(),
+        key: record.key(),
+        headers: record.headers(),
+        timestamp_ms: record.timestamp().to_millis(),
+    })
+}
+
+/// What a [`Message`] is made of: a record's parts, its headers read through rdkafka's
+/// [`Headers`](KafkaHeaders) trait (so the mapping can be driven without a broker).
+pub(crate) struct Parts<'a, H> {
+    pub(crate) topic: Arc<str>,
+    pub(crate) partition: i32,
+    pub(crate) offset: i64,
+    pub(crate) payload: &'a [u8],
+    pub(crate) key: Option<&'a [u8]>,
+    pub(crate) headers: Option<&'a H>,
+    /// Milliseconds since the Unix epoch, if the record has a timestamp.
+    pub(crate) timestamp_ms: Option<i64>,
+}
+
+/// The mapping of the module's table, from a record's parts.
+pub(crate) fn from_parts<H: KafkaHeaders>(parts: Parts<'_, H>) -> Message {
+    let headers = match parts.headers {
+        Some(hs) => {
+            let (headers, left_out) = headers(hs);
+            if let Some(first) = left_out.first {
                 tracing::warn!(
-                    topic = record.topic(),
-                    partition = record.partition(),
-                    offset = record.offset(),
-                    header = h.key,
-                    error = %e,
-                    "record headers beyond the header limits are left out"
+                    topic = &*parts.topic,
+                    partition = parts.partition,
+                    offset = parts.offset,
+                    left_out = left_out.count,
+                    first = %first,
+                    "record headers left out; the record is delivered with the others"
                 );
-                break;
             }
+            headers
         }
-    }
-    let (payload, key) = payload_and_key(record.payload().unwrap_or_default(), record.key());
+        None => Headers::new(),
+    };
+    let (payload, key) = payload_and_key(parts.payload, parts.key);
     let mut msg = Message::new(payload);
     msg.key = key;
     let meta = &mut msg.metadata;
     meta.message_id = Some(headers.get_str(MESSAGE_ID).map_or_else(
-        || record_id(&topic, record.partition(), record.offset()),
+        || record_id(&parts.topic, parts.partition, parts.offset),
         Arc::from,
     ));
     meta.attempt = headers
@@ -60,17 +91,96 @@ pub(crate) fn message(record: &BorrowedMessage<'_>, topic: Arc<str>) -> Message 
         .and_then(|a| a.parse().ok())
         .filter(|&a| a >= 1)
         .unwrap_or(1);
-    meta.enqueued_at = record
-        .timestamp()
-        .to_millis()
+    meta.enqueued_at = parts
+        .timestamp_ms
         .and_then(|ms| u64::try_from(ms).ok())
         .map(|ms| UNIX_EPOCH + Duration::from_millis(ms));
     meta.source.system = SYSTEM;
-    meta.source.destination = topic;
-    meta.source.partition = Some(record.partition());
-    meta.source.offset = Some(record.offset());
+    meta.source.destination = parts.topic;
+    meta.source.partition = Some(parts.partition);
+    meta.source.offset = Some(parts.offset);
     msg.headers = headers;
     msg
+}
+
+/// Headers of a record left out of its message: how many, and why the first was.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct LeftOut {
+    pub(crate) count: usize,
+    pub(crate) first: Option<String>,
+}
+
+impl LeftOut {
+    fn add(&mut self, count: usize, why: impl FnOnce() -> String) {
+        self.count += count;
+        if self.first.is_none() {
+            self.first = Some(why());
+        }
+    }
+}
+
+/// Longest part of a header name quoted in a log line.
+const QUOTED_NAME_BYTES: usize = 64;
+
+/// The record's headers in order, repeats kept. A header that cannot be taken is left
+/// out alone and counted, and the headers after it are still read: one whose name is
+/// not UTF-8 (Kafka allows any bytes; rdkafka panics reading such a name, and that
+/// panic is caught here, so the panic hook still sees it), one whose name is empty
+/// (Kafka allows it; [`Headers`] do not), and one past the header limits. Once the
+/// count limit is reached the remaining headers are counted without being read.
+pub(crate) fn headers<H: KafkaHeaders>(hs: &H) -> (Headers, LeftOut) {
+    let mut headers = Headers::new();
+    let mut left_out = LeftOut::default();
+    let count = hs.count();
+    for i in 0..count {
+        let max = headers.limits().max_count;
+        if headers.len() >= max {
+            left_out.add(count - i, || format!("more than {max} headers"));
+            break;
+        }
+        // `try_get` only reads: rdkafka asks librdkafka for the header, then panics
+        // in `str::from_utf8(..).unwrap()` on its name, so nothing is left half done.
+        let Ok(header) = catch_unwind(AssertUnwindSafe(|| hs.try_get(i))) else {
+            left_out.add(1, || "a header name that is not UTF-8".to_owned());
+            continue;
+        };
+        let Some(h) = header else {
+            // Out of bounds: the count said otherwise. Nothing more to read.
+            left_out.add(count - i, || "headers rdkafka did not return".to_owned());
+            break;
+        };
+        let value = match h.value {
+            None => HeaderValue::Bytes(Bytes::new()),
+            Some(v) => match std::str::from_utf8(v) {
+                Ok(s) => HeaderValue::Str(s.to_owned()),
+                Err(_) => HeaderValue::Bytes(Bytes::copy_from_slice(v)),
+            },
+        };
+        if let Err(e) = headers.append(h.key, value) {
+            left_out.add(1, || why(h.key, &e));
+        }
+    }
+    (headers, left_out)
+}
+
+/// Why `name` was refused, quoting at most [`QUOTED_NAME_BYTES`] of it.
+fn why(name: &str, e: &HeaderError) -> String {
+    let mut end = name.len().min(QUOTED_NAME_BYTES);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    let quoted = &name[..end];
+    let more = if end < name.len() { "…" } else { "" };
+    match e {
+        HeaderError::EmptyName => "an empty header name".to_owned(),
+        HeaderError::TooMany { limit, .. } => {
+            format!("header `{quoted}{more}`: more than {limit} headers")
+        }
+        HeaderError::TooLarge { limit, .. } => {
+            format!("header `{quoted}{more}`: headers over {limit} bytes")
+        }
+        _ => format!("header `{quoted}{more}` refused"),
+    }
 }
 
 /// The payload and the key, copied into one shared allocation: the Worker copies a
@@ -121,7 +231,196 @@ fn record_id(topic: &str, partition: i32, offset: i64) -> Arc<str> {
 
 #[cfg(test)]
 mod tests {
-    use super::{payload_and_key, record_id};
+    use std::sync::{Arc, Once};
+
+    use proptest::prelude::*;
+    use rdkafka::message::{Header, Headers as KafkaHeaders, OwnedHeaders};
+    use redrive_core::HeaderLimits;
+
+    use super::{LeftOut, Parts, from_parts, headers, payload_and_key, record_id};
+
+    /// Headers as a producer sent them: any bytes as names. Read the way rdkafka reads
+    /// a consumed record's headers, which panics on a name that is not UTF-8.
+    struct Sent(Vec<(Vec<u8>, Option<Vec<u8>>)>);
+
+    impl KafkaHeaders for Sent {
+        fn count(&self) -> usize {
+            self.0.len()
+        }
+
+        fn try_get(&self, idx: usize) -> Option<Header<'_, &[u8]>> {
+            self.0.get(idx).map(|(name, value)| Header {
+                key: std::str::from_utf8(name).unwrap(),
+                value: value.as_deref(),
+            })
+        }
+    }
+
+    /// Keeps the panics `Sent` raises on purpose out of the test output.
+    fn quiet_utf8_panics() {
+        static ONCE: Once = Once::new();
+        ONCE.call_once(|| {
+            let previous = std::panic::take_hook();
+            std::panic::set_hook(Box::new(move |info| {
+                let expected = info
+                    .location()
+                    .is_some_and(|l| l.file().ends_with("mapping.rs"))
+                    && info.to_string().contains("Utf8Error");
+                if !expected {
+                    previous(info);
+                }
+            }));
+        });
+    }
+
+    fn parts<'a>(headers: &'a Sent, payload: &'a [u8], key: Option<&'a [u8]>) -> Parts<'a, Sent> {
+        Parts {
+            topic: Arc::from("orders"),
+            partition: 0,
+            offset: 7,
+            payload,
+            key,
+            headers: Some(headers),
+            timestamp_ms: Some(-1),
+        }
+    }
+
+    #[test]
+    fn a_header_rdkafka_cannot_read_is_left_out_alone() {
+        quiet_utf8_panics();
+        let sent = Sent(vec![
+            (b"\xffname".to_vec(), Some(b"v".to_vec())),
+            (b"message-id".to_vec(), Some(b"order-7".to_vec())),
+        ]);
+        let (kept, left_out) = headers(&sent);
+        assert_eq!(kept.get_str("message-id"), Some("order-7"));
+        assert_eq!(kept.len(), 1);
+        assert_eq!(
+            left_out,
+            LeftOut {
+                count: 1,
+                first: Some("a header name that is not UTF-8".to_owned())
+            }
+        );
+    }
+
+    #[test]
+    fn an_empty_header_name_is_left_out_alone() {
+        let owned = OwnedHeaders::new()
+            .insert(Header {
+                key: "",
+                value: Some("x"),
+            })
+            .insert(Header {
+                key: "traceparent",
+                value: Some("tp"),
+            })
+            .insert(Header {
+                key: "message-id",
+                value: None::<&str>,
+            });
+        let (kept, left_out) = headers(&owned);
+        let names: Vec<&str> = kept.iter().map(|(n, _)| n).collect();
+        assert_eq!(names, ["traceparent", "message-id"]);
+        assert_eq!(left_out.count, 1);
+        assert_eq!(left_out.first.as_deref(), Some("an empty header name"));
+    }
+
+    #[test]
+    fn headers_past_the_count_limit_are_counted_not_read() {
+        quiet_utf8_panics();
+        let max = HeaderLimits::DEFAULT.max_count;
+        let mut sent: Vec<_> = (0..max + 10)
+            .map(|i| (format!("h{i}").into_bytes(), None))
+            .collect();
+        // Past the limit: never read, so rdkafka never panics on it.
+        sent.push((b"\xff".to_vec(), None));
+        let (kept, left_out) = headers(&Sent(sent));
+        assert_eq!(kept.len(), max);
+        assert_eq!(left_out.count, 11);
+        assert_eq!(left_out.first, Some(format!("more than {max} headers")));
+    }
+
+    /// A header name: empty, well known, short ASCII, any bytes, or long.
+    fn name() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            Just(Vec::new()),
+            Just(b"message-id".to_vec()),
+            Just(b"x-redrive-attempt".to_vec()),
+            Just(b"traceparent".to_vec()),
+            "[a-z-]{1,12}".prop_map(String::into_bytes),
+            proptest::collection::vec(any::<u8>(), 1..8),
+            long(200..2000),
+        ]
+    }
+
+    /// A value: null, short bytes, or long enough to pass the size limit in a few dozen.
+    fn value() -> impl Strategy<Value = Option<Vec<u8>>> {
+        prop_oneof![
+            Just(None),
+            proptest::option::of(proptest::collection::vec(any::<u8>(), 0..16)),
+            proptest::option::of("[0-9]{1,3}".prop_map(String::into_bytes)),
+            proptest::option::of(long(1000..4000)),
+        ]
+    }
+
+    /// One byte repeated: long input, cheap to make (a vector of random bytes makes a
+    /// value tree per byte).
+    fn long(len: std::ops::Range<usize>) -> impl Strategy<Value = Vec<u8>> {
+        (any::<u8>(), len).prop_map(|(byte, n)| vec![byte; n])
+    }
+
+    proptest! {
+        // 64 cases of up to 400 headers: about 2.5 s in a debug build on 2 cores.
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+        /// Whatever headers a record carries, the mapping does not panic, stays within
+        /// the header limits, accounts for every header, and keeps exactly the
+        /// readable ones in order when they fit.
+        #[test]
+        fn any_record_maps_to_a_bounded_message(
+            sent in proptest::collection::vec((name(), value()), 0..400),
+            payload in proptest::collection::vec(any::<u8>(), 0..64),
+            key in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..16)),
+        ) {
+            quiet_utf8_panics();
+            let sent = Sent(sent);
+            let (kept, left_out) = headers(&sent);
+            let limits = HeaderLimits::DEFAULT;
+            prop_assert!(kept.len() <= limits.max_count);
+            prop_assert!(kept.size() <= limits.max_bytes);
+            prop_assert_eq!(kept.len() + left_out.count, sent.0.len());
+            prop_assert_eq!(left_out.count == 0, left_out.first.is_none());
+            prop_assert!(left_out.first.as_ref().is_none_or(|f| f.len() < 200));
+
+            let readable: Vec<(&str, &[u8])> = sent
+                .0
+                .iter()
+                .filter_map(|(n, v)| {
+                    let n = std::str::from_utf8(n).ok().filter(|n| !n.is_empty())?;
+                    Some((n, v.as_deref().unwrap_or_default()))
+                })
+                .collect();
+            let fits = readable.len() <= limits.max_count
+                && readable.iter().map(|(n, v)| n.len() + v.len()).sum::<usize>()
+                    <= limits.max_bytes;
+            if fits {
+                let got: Vec<(&str, &[u8])> =
+                    kept.iter().map(|(n, v)| (n, v.as_bytes())).collect();
+                prop_assert_eq!(got, readable);
+            }
+
+            let msg = from_parts(parts(&sent, &payload, key.as_deref()));
+            prop_assert!(msg.metadata.attempt >= 1);
+            let id = msg.metadata.message_id.as_deref().unwrap_or_default();
+            prop_assert!(!id.is_empty() || msg.headers.get_str("message-id") == Some(""));
+            prop_assert!(id.len() <= limits.max_bytes);
+            prop_assert_eq!(&msg.payload[..], &payload[..]);
+            prop_assert_eq!(msg.key.as_deref(), key.as_deref());
+            prop_assert_eq!(msg.metadata.enqueued_at, None);
+            prop_assert_eq!(msg.headers.len(), kept.len());
+        }
+    }
 
     #[test]
     fn payload_and_key_share_one_buffer_and_keep_their_bytes() {

@@ -6,6 +6,7 @@
 //! Each scenario runs twice: on librdkafka's mock cluster (`mock::…`) and on the real
 //! broker started by `scripts/kafka-broker` (`tansu::…`).
 
+#[macro_use]
 mod common;
 
 use std::collections::HashMap;
@@ -13,6 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::Env;
 use redrive_core::testkit::unique_name;
 use redrive_core::{
     BoxError, Consumer, HeaderValue, Message, OrderingMode, OutgoingMessage, Publisher, Redelivery,
@@ -30,66 +32,6 @@ async fn publish(p: &impl Publisher, topic: &str, key: &str, body: &str) {
     )
     .await
     .expect("publish");
-}
-
-/// Where a scenario runs: the mock cluster (kept alive here) or the real broker.
-struct Env {
-    brokers: String,
-    mock: Option<
-        redrive_kafka::rdkafka::mocking::MockCluster<
-            'static,
-            redrive_kafka::rdkafka::producer::DefaultProducerContext,
-        >,
-    >,
-}
-
-impl Env {
-    fn mock() -> Self {
-        let cluster = common::mock();
-        Env {
-            brokers: cluster.bootstrap_servers(),
-            mock: Some(cluster),
-        }
-    }
-
-    fn real() -> Self {
-        let brokers = common::brokers();
-        common::require_broker(&brokers);
-        Env {
-            brokers,
-            mock: None,
-        }
-    }
-
-    async fn create_topic(&self, topic: &str, partitions: i32) {
-        match &self.mock {
-            // The mock cluster has no CreateTopics API; it has its own call.
-            Some(cluster) => cluster.create_topic(topic, partitions, 1).expect("topic"),
-            None => common::create_topic(&self.brokers, topic, partitions).await,
-        }
-    }
-}
-
-/// Runs each scenario on the mock cluster and on the real broker.
-macro_rules! on_both {
-    ($($name:ident),* $(,)?) => {
-        mod mock {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(&super::Env::mock()).await;
-                }
-            )*
-        }
-        mod tansu {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(&super::Env::real()).await;
-                }
-            )*
-        }
-    };
 }
 
 on_both!(

@@ -1,6 +1,8 @@
 //! Shared helpers: the real broker (tansu) and librdkafka's mock cluster.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod raw;
+
 use std::time::Duration;
 
 use redrive_kafka::rdkafka::ClientConfig;
@@ -68,4 +70,65 @@ pub fn publisher(brokers: &str) -> KafkaPublisher {
     KafkaPublisher::new(brokers)
         .expect("publisher")
         .with_timeout(Duration::from_secs(10))
+}
+
+/// Where a scenario runs: the mock cluster (kept alive here) or the real broker.
+pub struct Env {
+    pub brokers: String,
+    pub mock: Option<
+        redrive_kafka::rdkafka::mocking::MockCluster<
+            'static,
+            redrive_kafka::rdkafka::producer::DefaultProducerContext,
+        >,
+    >,
+}
+
+impl Env {
+    pub fn mock() -> Self {
+        let cluster = mock();
+        Env {
+            brokers: cluster.bootstrap_servers(),
+            mock: Some(cluster),
+        }
+    }
+
+    pub fn real() -> Self {
+        let brokers = brokers();
+        require_broker(&brokers);
+        Env {
+            brokers,
+            mock: None,
+        }
+    }
+
+    pub async fn create_topic(&self, topic: &str, partitions: i32) {
+        match &self.mock {
+            // The mock cluster has no CreateTopics API; it has its own call.
+            Some(cluster) => cluster.create_topic(topic, partitions, 1).expect("topic"),
+            None => create_topic(&self.brokers, topic, partitions).await,
+        }
+    }
+}
+
+/// Runs each scenario on the mock cluster and on the real broker.
+#[allow(unused_macros)]
+macro_rules! on_both {
+    ($($name:ident),* $(,)?) => {
+        mod mock {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(&super::Env::mock()).await;
+                }
+            )*
+        }
+        mod tansu {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(&super::Env::real()).await;
+                }
+            )*
+        }
+    };
 }
