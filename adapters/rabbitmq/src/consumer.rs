@@ -97,6 +97,16 @@ impl ConsumerBuilder {
                 "prefetch must be at least 1: with 0 the broker sends without limit".into(),
             ));
         }
+        // Once per consumer, not per reconnect.
+        if let Some(what) = self.topology.unguarded() {
+            tracing::warn!(queue = %self.topology.queue(), "{what}");
+        } else if self.prefetch > 1 {
+            tracing::debug!(
+                queue = %self.topology.queue(),
+                prefetch = self.prefetch,
+                "a message that breaks the connection takes the deliveries of its prefetch window back with it each time, and they reach the delivery limit with it"
+            );
+        }
         let config = Arc::new(Config {
             name: self
                 .name

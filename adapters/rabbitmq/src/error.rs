@@ -23,7 +23,8 @@ pub enum Error {
     /// An existing queue was declared with different arguments.
     #[error(
         "queue `{queue}` exists with a different `{argument}` than this topology declares ({reply}); \
-         make the topology match the queue, or delete the queue so it can be declared again"
+         make the topology match the queue, or delete the queue so it can be declared again{}",
+        migration_hint(argument)
     )]
     TopologyMismatch {
         /// The queue.
@@ -91,6 +92,19 @@ impl From<Error> for redrive_core::Error {
             }
             other => redrive_core::Error::Broker(Box::new(other)),
         }
+    }
+}
+
+/// For an argument of the quorum queue's delivery-limit guard, how to migrate a queue
+/// declared without it.
+fn migration_hint(argument: &str) -> &'static str {
+    if crate::topology::GUARD_ARGUMENTS.contains(&argument) {
+        "; a quorum queue declared before its topology had a delivery limit lacks it: \
+         keep it with Topology::without_delivery_limit and set the guard in a policy, \
+         or drain and delete the queue (see the topology module's docs, \"Migrating an \
+         existing quorum queue\")"
+    } else {
+        ""
     }
 }
 
