@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::publisher_confirm::Confirmation;
+use lapin::uri::AMQPUri;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
 use crate::error::{Error, Result, redact};
@@ -67,13 +68,22 @@ impl Reconnect {
 /// [`Topology::declare`](crate::Topology::declare) and for direct use of lapin.
 ///
 /// # Errors
-/// [`Error::Connect`] when the broker cannot be reached or refuses the login.
+/// [`Error::Config`] when `url` is not an AMQP address (the message hides its
+/// password), [`Error::Connect`] when the broker cannot be reached or refuses the login.
 pub async fn connect(url: &str, name: &str) -> Result<Connection> {
     let props = ConnectionProperties::default()
         .with_connection_name(name.into())
         .with_executor(tokio_executor_trait::Tokio::current())
         .with_reactor(tokio_reactor_trait::Tokio::current());
-    Connection::connect(url, props)
+    // Parsed here, not by lapin: the parser's error quotes the address, password and all.
+    let uri = url.parse::<AMQPUri>().map_err(|e| {
+        Error::Config(format!(
+            "the AMQP address `{}` is invalid ({}); use amqp://user:password@host:port/vhost",
+            redact(url),
+            e.replace(url, &redact(url)),
+        ))
+    })?;
+    Connection::connect_uri(uri, props)
         .await
         .map_err(|source| Error::Connect {
             url: redact(url),
@@ -135,6 +145,19 @@ pub(crate) async fn publish_confirmed(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_malformed_url_is_an_error_without_its_password() {
+        for url in [
+            "amqp:guest:secret@localhost",
+            "amqp://guest:secret@local host",
+            "http://guest:secret@localhost",
+        ] {
+            let err = connect(url, "redrive-test").await.expect_err(url);
+            let text = format!("{err} {err:?}");
+            assert!(!text.contains("secret"), "{url}: {text}");
+        }
+    }
 
     #[test]
     fn reconnect_backoff_grows_to_its_max_with_jitter() {

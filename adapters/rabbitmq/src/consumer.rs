@@ -18,9 +18,9 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::connection::{Reconnect, confirm_channel, connect, publish_confirmed};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, redact};
 use crate::mapping::{self, AmqpDelivery};
-use crate::settle::{Counters, Settlement, Settler};
+use crate::settle::{Counters, Settlement, Settler, TagGap};
 use crate::topology::{QueueKind, Topology};
 
 /// Builds a [`RabbitConsumer`]; [`connect`](ConsumerBuilder::connect) checks the settings
@@ -32,7 +32,7 @@ use crate::topology::{QueueKind, Topology};
 /// | `connection_name` | `redrive:<queue>` |
 /// | `declare` (the [`Topology`], idempotently) | on |
 /// | `reconnect` | [`Reconnect::default`] (100 ms doubling to 30 s, jittered) |
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 #[must_use]
 pub struct ConsumerBuilder {
     url: String,
@@ -41,6 +41,19 @@ pub struct ConsumerBuilder {
     name: Option<String>,
     declare: bool,
     reconnect: Reconnect,
+}
+
+impl fmt::Debug for ConsumerBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConsumerBuilder")
+            .field("url", &redact(&self.url))
+            .field("topology", &self.topology)
+            .field("prefetch", &self.prefetch)
+            .field("name", &self.name)
+            .field("declare", &self.declare)
+            .field("reconnect", &self.reconnect)
+            .finish()
+    }
 }
 
 impl ConsumerBuilder {
@@ -83,6 +96,16 @@ impl ConsumerBuilder {
             return Err(Error::Config(
                 "prefetch must be at least 1: with 0 the broker sends without limit".into(),
             ));
+        }
+        // Once per consumer, not per reconnect.
+        if let Some(what) = self.topology.unguarded() {
+            tracing::warn!(queue = %self.topology.queue(), "{what}");
+        } else if self.prefetch > 1 {
+            tracing::debug!(
+                queue = %self.topology.queue(),
+                prefetch = self.prefetch,
+                "a message that breaks the connection takes the deliveries of its prefetch window back with it each time, and they reach the delivery limit with it"
+            );
         }
         let config = Arc::new(Config {
             name: self
@@ -245,7 +268,7 @@ impl Session {
         Ok(Opened {
             session: Arc::new(Session {
                 connection,
-                settler: Settler::new(channel, config.settlement.clone()),
+                settler: Settler::new(channel, config.prefetch, config.settlement.clone()),
                 publish: tokio::sync::Mutex::new(Some(publish)),
                 declared: Mutex::new(HashSet::new()),
                 alive: AtomicBool::new(true),
@@ -316,8 +339,8 @@ pub struct RabbitConsumer {
     current: Option<watch::Receiver<Option<Current>>>,
     /// `receive`'s copy of the current channel.
     cached: Option<Current>,
-    /// Tells the background task that a session's delivery stream ended.
-    lost: mpsc::UnboundedSender<usize>,
+    /// Tells the background task that a session's delivery stream ended, and why.
+    lost: mpsc::UnboundedSender<(usize, String)>,
     /// Shared with every message's `source.destination`.
     queue: Arc<str>,
     shared: Arc<Shared>,
@@ -331,6 +354,10 @@ struct Current {
     session: Arc<Session>,
     stream: lapin::Consumer,
 }
+
+/// Why a session is lost when its delivery stream ends.
+const STREAM_ENDED: &str =
+    "the delivery stream ended (the broker cancelled the consumer or closed the channel)";
 
 /// Identifies a session in loss reports.
 fn session_id(session: &Arc<Session>) -> usize {
@@ -403,16 +430,27 @@ impl Consumer for RabbitConsumer {
             tokio::select! {
                 biased;
                 item = stream.next() => match item {
-                    Some(Ok(d)) if session.is_alive() => {
-                        return Ok(Some(delivery(session, &self.queue, d)));
-                    }
+                    Some(Ok(d)) if session.is_alive() => match delivery(session, &self.queue, d) {
+                        Ok(d) => return Ok(Some(d)),
+                        Err(gap) => {
+                            // Nothing on this channel can be settled safely any more: its
+                            // deliveries go back to the queue when it closes.
+                            tracing::error!(queue = %self.queue, error = %gap, "RabbitMQ broke the delivery-tag sequence");
+                            session.alive.store(false, Ordering::Release);
+                            let _ = self.lost.send((session_id(session), gap.to_string()));
+                            self.cached = None;
+                            if current.changed().await.is_err() {
+                                return Ok(None);
+                            }
+                        }
+                    },
                     Some(Ok(_)) => {
                         // Its channel is gone: it cannot be settled, and the broker
                         // redelivers it.
                         self.shared.stale.fetch_add(1, Ordering::Relaxed);
                     }
                     Some(Err(_)) | None => {
-                        let _ = self.lost.send(session_id(session));
+                        let _ = self.lost.send((session_id(session), STREAM_ENDED.to_owned()));
                         self.cached = None;
                         if current.changed().await.is_err() {
                             return Ok(None);
@@ -450,7 +488,7 @@ async fn run(
     config: Arc<Config>,
     shared: Arc<Shared>,
     tx: watch::Sender<Option<Current>>,
-    mut lost: mpsc::UnboundedReceiver<usize>,
+    mut lost: mpsc::UnboundedReceiver<(usize, String)>,
     mut opened: Opened,
 ) {
     let queue: Arc<str> = config.topology.queue().into();
@@ -482,10 +520,10 @@ async fn run(
                     }
                     _ => {}
                 },
-                Some(ended) = lost.recv() => {
+                Some((ended, why)) = lost.recv() => {
                     // A report about an earlier session is stale.
                     if ended == id {
-                        break "the delivery stream ended (the broker cancelled the consumer or closed the channel)".to_owned();
+                        break why;
                     }
                 }
             }
@@ -516,7 +554,12 @@ async fn run(
     }
 }
 
-fn delivery(session: &Arc<Session>, queue: &Arc<str>, d: lapin::message::Delivery) -> Delivery {
+/// The Worker's delivery of `d`, or the tag gap that breaks its channel.
+fn delivery(
+    session: &Arc<Session>,
+    queue: &Arc<str>,
+    d: lapin::message::Delivery,
+) -> std::result::Result<Delivery, TagGap> {
     let lapin::message::Delivery {
         exchange,
         routing_key,
@@ -526,7 +569,7 @@ fn delivery(session: &Arc<Session>, queue: &Arc<str>, d: lapin::message::Deliver
         delivery_tag,
         ..
     } = d;
-    session.settler.deliver(delivery_tag);
+    session.settler.deliver(delivery_tag)?;
     let received = mapping::receive(&properties, redelivered);
     let attempt = received.attempt;
     let payload = Bytes::from(data);
@@ -537,7 +580,7 @@ fn delivery(session: &Arc<Session>, queue: &Arc<str>, d: lapin::message::Deliver
         redelivered,
     );
     let message = mapping::message(queue, payload.clone(), received, amqp.clone());
-    Delivery::new(
+    Ok(Delivery::new(
         message,
         RabbitAcker {
             session: Arc::downgrade(session),
@@ -547,7 +590,7 @@ fn delivery(session: &Arc<Session>, queue: &Arc<str>, d: lapin::message::Deliver
             payload,
             attempt,
         },
-    )
+    ))
 }
 
 /// Settles one delivery on the channel it came on.
@@ -667,5 +710,23 @@ impl Acker for RabbitAcker {
     fn extend(&self, _lease: Duration) -> SettleFuture<'_> {
         // RabbitMQ holds an unacked message until its channel closes: nothing to extend.
         SettleFuture::ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_builder_debug_hides_the_password() {
+        for url in [
+            "amqp://guest:secret@localhost:5672/%2f",
+            "amqp:guest:secret@localhost",
+        ] {
+            let b = RabbitConsumer::builder(url, Topology::new("q"));
+            let text = format!("{b:?}");
+            assert!(!text.contains("secret"), "{text}");
+            assert!(text.contains("q"), "{text}");
+        }
     }
 }

@@ -23,7 +23,8 @@ pub enum Error {
     /// An existing queue was declared with different arguments.
     #[error(
         "queue `{queue}` exists with a different `{argument}` than this topology declares ({reply}); \
-         make the topology match the queue, or delete the queue so it can be declared again"
+         make the topology match the queue, or delete the queue so it can be declared again{}",
+        migration_hint(argument)
     )]
     TopologyMismatch {
         /// The queue.
@@ -94,23 +95,52 @@ impl From<Error> for redrive_core::Error {
     }
 }
 
+/// For an argument of the quorum queue's delivery-limit guard, how to migrate a queue
+/// declared without it.
+fn migration_hint(argument: &str) -> &'static str {
+    if crate::topology::GUARD_ARGUMENTS.contains(&argument) {
+        "; a quorum queue declared before its topology had a delivery limit lacks it: \
+         keep it with Topology::without_delivery_limit and set the guard in a policy, \
+         or drain and delete the queue (see the topology module's docs, \"Migrating an \
+         existing quorum queue\")"
+    } else {
+        ""
+    }
+}
+
 /// `Result` with the adapter's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// The address without its password, for messages and logs.
+/// The address without its password, for messages, logs and `Debug`.
+///
+/// `scheme://user:password@host…` keeps everything but the password. An address that is
+/// not of that form (a missing `//`, as in `amqp:user:password@host`) cannot be told
+/// apart from one with a password in it, so everything after its scheme is hidden.
 pub(crate) fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            match userinfo.find(':') {
-                Some(colon) => format!(
-                    "{}{}:***{}",
-                    &url[..scheme + 3],
-                    &userinfo[..colon],
-                    &url[at..]
-                ),
-                None => url.to_owned(),
-            }
+    const HIDDEN: &str = "***";
+    let Some(scheme) = url.find("://") else {
+        return match url.find(':') {
+            Some(colon) => format!("{}:{HIDDEN}", &url[..colon]),
+            None => HIDDEN.to_owned(),
+        };
+    };
+    let (head, rest) = url.split_at(scheme + 3);
+    if let Some(at) = rest.rfind('@') {
+        let userinfo = &rest[..at];
+        return match userinfo.find(':') {
+            Some(colon) => format!("{head}{}:{HIDDEN}{}", &userinfo[..colon], &rest[at..]),
+            None => url.to_owned(),
+        };
+    }
+    // No `@`: a `:` in the authority must be followed by a port; anything else may be a
+    // password whose `@` is missing.
+    let authority = rest.find(['/', '?', '#']).map_or(rest, |end| &rest[..end]);
+    match authority.rfind(':') {
+        Some(colon)
+            if !authority[colon + 1..].is_empty()
+                && !authority[colon + 1..].bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            format!("{head}{}:{HIDDEN}", &authority[..colon])
         }
         _ => url.to_owned(),
     }
@@ -150,5 +180,28 @@ mod tests {
             "amqp://guest:***@localhost:5672/%2f"
         );
         assert_eq!(redact("amqp://localhost"), "amqp://localhost");
+    }
+
+    #[test]
+    fn redacts_the_password_of_a_malformed_url() {
+        for url in [
+            "amqp:guest:secret@localhost",
+            "amqp:/guest:secret@localhost",
+            "guest:secret@localhost",
+            "amqp//guest:secret@localhost",
+        ] {
+            let r = redact(url);
+            assert!(!r.contains("secret"), "{url} -> {r}");
+        }
+        assert_eq!(redact("amqp:guest:secret@localhost"), "amqp:***");
+        assert_eq!(redact("amqp://guest:secret"), "amqp://guest:***");
+        assert_eq!(
+            redact("amqp://localhost:5672/%2f"),
+            "amqp://localhost:5672/%2f"
+        );
+        assert_eq!(
+            redact("amqp://guest@localhost/%2f"),
+            "amqp://guest@localhost/%2f"
+        );
     }
 }

@@ -13,7 +13,7 @@
 //! let url = std::env::var("AMQP_URL").unwrap_or_else(|_| redrive_rabbitmq::DEFAULT_URL.into());
 //! let topology = Topology::new("redrive-doc-orders")
 //!     .with_kind(QueueKind::Quorum)
-//!     .with_dead_letter_queue("redrive-doc-orders.dlq");
+//!     .with_dead_letter_queue("redrive-doc-orders-dlq");
 //! let consumer = RabbitConsumer::builder(&url, topology).prefetch(64).connect().await?;
 //! let monitor = consumer.monitor();
 //!
@@ -66,6 +66,11 @@
 //!   republished message goes to the back of the queue. Delays go through
 //!   per-message-TTL delay queues that dead-letter back into the queue ([`topology`]
 //!   explains the buckets); the largest delay is declared in the consumer's capabilities.
+//! - **Messages no consumer can settle** (one that kills the process or breaks the
+//!   connection on every delivery): a quorum queue with a dead-letter queue is declared
+//!   with a delivery limit and a dead-letter exchange, so the broker dead-letters it
+//!   ([`topology`](topology#messages-no-consumer-can-settle)); a classic queue cannot
+//!   count them, and the consumer warns at start.
 //! - **Leases**: none. RabbitMQ keeps an unacked message as long as its channel is open,
 //!   so `extend` does nothing and succeeds.
 //! - **Connection loss**: detected from the connection's error callback and the end of

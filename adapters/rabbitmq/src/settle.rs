@@ -18,8 +18,16 @@
 //!   one by one, as they would without coalescing, so no call waits for another;
 //! - a delivery whose acker is dropped unsettled is handed back with the next frames,
 //!   so it cannot end every run for as long as the channel lives.
+//!
+//! # Bounds
+//! The ledger keeps only the deliveries not yet settled on the wire; the broker counts
+//! each of them as unacked, so there are about as many as the channel's prefetch, however
+//! many deliveries settle behind one that still runs. A delivery tag that skips more
+//! tags than the prefetch could have had unacked is a broken protocol: the delivery is
+//! refused ([`TagGap`]), nothing is allocated for the gap, and the consumer closes the
+//! channel and reconnects.
 
-use std::collections::VecDeque;
+use std::collections::BTreeMap;
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -73,36 +81,79 @@ pub(crate) enum Frame {
     },
 }
 
-/// The settlement state of every delivery from the oldest unsettled one on.
-#[derive(Debug)]
-pub(crate) struct Ledger {
-    /// The tag of `slots[0]`; every tag below it is settled.
-    first: u64,
-    slots: VecDeque<Slot>,
-    /// The tags calls settled since the last [`take`](Self::take), so a batch looks at
-    /// its own deliveries, not at every slot behind a delivery still running: a slow
-    /// handler among fast ones leaves a long tail of settled slots.
-    pending: Vec<u64>,
-    /// Whether a sender is pushing a batch now.
-    sending: bool,
+/// A delivery tag further ahead than the channel's window allows: the broker (or a proxy
+/// between) broke the protocol, and the channel cannot be trusted with a multiple ack.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct TagGap {
+    /// The tag that arrived.
+    pub(crate) tag: u64,
+    /// The tag expected.
+    pub(crate) expected: u64,
+    /// The channel's prefetch.
+    pub(crate) window: u64,
 }
 
-impl Default for Ledger {
-    /// A new channel's ledger: its first delivery has tag 1.
-    fn default() -> Self {
-        Ledger {
-            first: 1,
-            slots: VecDeque::new(),
-            pending: Vec::new(),
-            sending: false,
-        }
+impl std::fmt::Display for TagGap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "delivery tag {} arrived where {} was expected: {} deliveries skipped, more than \
+             the channel's prefetch of {} allows (a broker or proxy broke the protocol); \
+             the channel is closed and its deliveries come again",
+            self.tag,
+            self.expected,
+            self.tag - self.expected,
+            self.window
+        )
     }
 }
 
+/// The settlement state of every delivery not yet settled on the wire.
+///
+/// Only unsettled deliveries are kept, by tag; a tag below `next` that is not kept is
+/// settled. Every kept delivery is one the broker counts as unacked (or one whose frame
+/// failed, on a channel that is gone), so the ledger holds at most about the channel's
+/// prefetch, however many deliveries settle behind one that is still running.
+#[derive(Debug)]
+pub(crate) struct Ledger {
+    /// The tag the next delivery should have; every tag below it was delivered.
+    next: u64,
+    /// The deliveries not settled on the wire yet (never [`Slot::Done`]).
+    slots: BTreeMap<u64, Slot>,
+    /// The tags calls settled since the last [`take`](Self::take), so a batch looks at
+    /// its own deliveries.
+    pending: Vec<u64>,
+    /// Whether a sender is pushing a batch now.
+    sending: bool,
+    /// The channel's prefetch: the largest tag gap that can be told from a broken channel.
+    window: u64,
+}
+
 impl Ledger {
+    /// A new channel's ledger: its first delivery has tag 1; `window` is its prefetch.
+    pub(crate) fn new(window: u16) -> Self {
+        Ledger {
+            next: 1,
+            slots: BTreeMap::new(),
+            pending: Vec::new(),
+            sending: false,
+            window: u64::from(window),
+        }
+    }
+
+    /// The oldest delivery not settled on the wire (the next tag if there is none).
+    #[cfg(test)]
+    fn oldest(&self) -> u64 {
+        self.slots.keys().next().copied().unwrap_or(self.next)
+    }
+
     /// Records a delivery handed to the Worker. Tags arrive in increasing order.
-    pub(crate) fn deliver(&mut self, tag: u64) {
-        let next = self.first + self.slots.len() as u64;
+    ///
+    /// # Errors
+    /// A tag that skips more deliveries than the channel's prefetch could have had
+    /// unacked: nothing is recorded, and the channel must be closed.
+    pub(crate) fn deliver(&mut self, tag: u64) -> Result<(), TagGap> {
+        let next = self.next;
         if tag < next {
             // Tags only grow on a channel; one seen again is left as it is.
             tracing::warn!(
@@ -110,33 +161,39 @@ impl Ledger {
                 expected = next,
                 "a delivery tag came again or out of order"
             );
-            return;
+            return Ok(());
+        }
+        if tag - next > self.window {
+            return Err(TagGap {
+                tag,
+                expected: next,
+                window: self.window,
+            });
         }
         if tag > next {
             // A tag the consumer never saw cannot be known settled: it stays open, so no
-            // multiple ack ever covers it (acks behind it go one by one).
+            // multiple ack ever covers it (acks behind it go one by one). The broker
+            // counts it as unacked, so at most the prefetch of them are kept.
             tracing::warn!(
                 tag,
                 expected = next,
                 "a delivery tag was skipped; acks on this channel stop sharing frames"
             );
-            self.slots
-                .resize(self.slots.len() + (tag - next) as usize, Slot::Open);
+            for skipped in next..tag {
+                self.slots.insert(skipped, Slot::Open);
+            }
         }
-        self.slots.push_back(Slot::Open);
-    }
-
-    fn index(&self, tag: u64) -> Option<usize> {
-        let i = usize::try_from(tag.checked_sub(self.first)?).ok()?;
-        (i < self.slots.len()).then_some(i)
+        self.slots.insert(tag, Slot::Open);
+        self.next = tag + 1;
+        Ok(())
     }
 
     /// Records that a call settled `tag` (`Slot::Ack` or `Slot::Requeue`). A tag that is
     /// not open (settled before) keeps its state.
     fn mark(&mut self, tag: u64, how: Slot) {
-        if let Some(i) = self.index(tag) {
-            if self.slots[i] == Slot::Open {
-                self.slots[i] = how;
+        if let Some(slot) = self.slots.get_mut(&tag) {
+            if *slot == Slot::Open {
+                *slot = how;
                 self.pending.push(tag);
             }
         }
@@ -152,15 +209,15 @@ impl Ledger {
     /// `Some(true)` once `tag` is settled on the wire, `Some(false)` if its frame failed,
     /// `None` while it waits.
     fn outcome(&self, tag: u64) -> Option<bool> {
-        if tag < self.first {
-            return Some(true);
+        if tag >= self.next {
+            // Never delivered on this channel: nothing to wait for.
+            return Some(false);
         }
-        match self.index(tag).map(|i| self.slots[i]) {
-            Some(Slot::Done) => Some(true),
+        match self.slots.get(&tag) {
+            // Below `next` and not kept: settled.
+            None | Some(Slot::Done) => Some(true),
             Some(Slot::Failed) => Some(false),
             Some(_) => None,
-            // Never delivered on this channel: nothing to wait for.
-            None => Some(false),
         }
     }
 
@@ -178,10 +235,10 @@ impl Ledger {
         // Hand-backs go first: once one is on the wire, the broker no longer counts its
         // delivery as unacked, so an ack sent after it cannot cover it.
         for &tag in &pending {
-            if let Some(i) = self.index(tag) {
-                if self.slots[i] == Slot::Requeue {
+            if let Some(slot) = self.slots.get_mut(&tag) {
+                if *slot == Slot::Requeue {
                     frames.push(Frame::Requeue { tag });
-                    self.slots[i] = Slot::Sending;
+                    *slot = Slot::Sending;
                 }
             }
         }
@@ -189,24 +246,22 @@ impl Ledger {
         // delivery still open. One multiple ack settles all of its acks.
         let mut last_ack = None;
         let mut acks = 0usize;
-        let mut run = 0;
-        while let Some(slot) = self.slots.get(run) {
+        for (&tag, slot) in &self.slots {
             match slot {
                 Slot::Ack => {
-                    last_ack = Some(run);
+                    last_ack = Some(tag);
                     acks += 1;
                 }
                 Slot::Done | Slot::Sending => {}
                 _ => break,
             }
-            run += 1;
         }
         if let Some(last) = last_ack {
             frames.push(Frame::Ack {
-                tag: self.first + last as u64,
+                tag: last,
                 multiple: acks > 1,
             });
-            for slot in self.slots.range_mut(..=last) {
+            for slot in self.slots.range_mut(..=last).map(|(_, slot)| slot) {
                 if *slot == Slot::Ack {
                     *slot = Slot::Sending;
                 }
@@ -214,13 +269,13 @@ impl Ledger {
         }
         // Behind the run, each acked delivery goes alone: the run's acks are sending now.
         for &tag in &pending {
-            if let Some(i) = self.index(tag) {
-                if self.slots[i] == Slot::Ack {
+            if let Some(slot) = self.slots.get_mut(&tag) {
+                if *slot == Slot::Ack {
                     frames.push(Frame::Ack {
                         tag,
                         multiple: false,
                     });
-                    self.slots[i] = Slot::Sending;
+                    *slot = Slot::Sending;
                 }
             }
         }
@@ -235,27 +290,29 @@ impl Ledger {
     /// written frames settled.
     pub(crate) fn finish(&mut self, frames: &[Frame], ok: &[bool]) -> u64 {
         let mut settled = 0;
+        let mut done = Vec::new();
         for (frame, &ok) in frames.iter().zip(ok) {
             let to = if ok { Slot::Done } else { Slot::Failed };
             let range = match *frame {
                 Frame::Ack {
                     tag,
                     multiple: true,
-                } => 0..self.index(tag).map_or(0, |i| i + 1),
-                Frame::Ack { tag, .. } | Frame::Requeue { tag } => {
-                    self.index(tag).map_or(0..0, |i| i..i + 1)
-                }
+                } => 0..=tag,
+                Frame::Ack { tag, .. } | Frame::Requeue { tag } => tag..=tag,
             };
-            for slot in self.slots.range_mut(range) {
+            for (&tag, slot) in self.slots.range_mut(range) {
                 if *slot == Slot::Sending {
                     *slot = to;
-                    settled += u64::from(ok);
+                    if ok {
+                        settled += 1;
+                        done.push(tag);
+                    }
                 }
             }
         }
-        while self.slots.front() == Some(&Slot::Done) {
-            self.slots.pop_front();
-            self.first += 1;
+        // Settled on the wire: forgotten.
+        for tag in done {
+            self.slots.remove(&tag);
         }
         settled
     }
@@ -280,10 +337,11 @@ pub(crate) struct Settler {
 }
 
 impl Settler {
-    pub(crate) fn new(channel: Channel, counters: Arc<Counters>) -> Self {
+    /// The settler of `channel`, consumed with a prefetch of `window`.
+    pub(crate) fn new(channel: Channel, window: u16, counters: Arc<Counters>) -> Self {
         Self {
             channel,
-            ledger: Mutex::new(Ledger::default()),
+            ledger: Mutex::new(Ledger::new(window)),
             sent: Notify::new(),
             counters,
         }
@@ -294,8 +352,11 @@ impl Settler {
     }
 
     /// Records a delivery handed to the Worker.
-    pub(crate) fn deliver(&self, tag: u64) {
-        self.ledger().deliver(tag);
+    ///
+    /// # Errors
+    /// A tag gap the channel's prefetch cannot explain: the channel must be closed.
+    pub(crate) fn deliver(&self, tag: u64) -> Result<(), TagGap> {
+        self.ledger().deliver(tag)
     }
 
     /// Hands `tag` back with the next frames sent, if nothing settled it: for an acker
@@ -429,9 +490,9 @@ mod tests {
     use super::*;
 
     fn ledger(tags: std::ops::RangeInclusive<u64>) -> Ledger {
-        let mut l = Ledger::default();
+        let mut l = Ledger::new(32);
         for t in tags {
-            l.deliver(t);
+            l.deliver(t).unwrap();
         }
         l
     }
@@ -449,7 +510,7 @@ mod tests {
         let frames = l.take();
         assert_eq!(frames, [ack(3, true)]);
         assert_eq!(l.finish(&frames, &[true]), 3);
-        assert_eq!(l.first, 4);
+        assert_eq!(l.oldest(), 4);
         assert_eq!(l.outcome(2), Some(true));
         assert_eq!(l.outcome(4), None);
     }
@@ -470,14 +531,14 @@ mod tests {
         assert_eq!(frames, [ack(2, false), ack(4, false)]);
         l.finish(&frames, &[true, true]);
         // Tag 1 still runs: nothing is forgotten yet.
-        assert_eq!(l.first, 1);
+        assert_eq!(l.oldest(), 1);
         assert_eq!(l.outcome(4), Some(true));
         // When 1 ends, one ack settles it; the multiple flag would add nothing.
         l.mark(1, Slot::Ack);
         let frames = l.take();
         assert_eq!(frames, [ack(1, false)]);
         l.finish(&frames, &[true]);
-        assert_eq!(l.first, 3);
+        assert_eq!(l.oldest(), 3);
         // 3 then covers itself only: 4 is settled already.
         l.mark(3, Slot::Ack);
         assert_eq!(l.take(), [ack(3, false)]);
@@ -497,7 +558,8 @@ mod tests {
             l.finish(&frames, &vec![true; frames.len()]);
             assert!(l.pending.is_empty());
         }
-        assert_eq!((l.first, l.slots.len()), (1, 10_001));
+        // Only the slow one is kept: the settled tail is forgotten as it settles.
+        assert_eq!((l.oldest(), l.slots.len()), (1, 1));
         // Nothing settled waits; only the slow one is open.
         assert_eq!(l.take(), []);
         l.mark(1, Slot::Ack);
@@ -505,12 +567,47 @@ mod tests {
         assert_eq!(frames, [ack(1, false)]);
         assert_eq!(l.finish(&frames, &[true]), 1);
         // The whole tail is forgotten with it, and the next delivery starts a new run.
-        assert_eq!((l.first, l.slots.len()), (10_002, 0));
-        l.deliver(10_002);
-        l.deliver(10_003);
+        assert_eq!((l.oldest(), l.slots.len()), (10_002, 0));
+        l.deliver(10_002).unwrap();
+        l.deliver(10_003).unwrap();
         l.mark(10_003, Slot::Ack);
         l.mark(10_002, Slot::Ack);
         assert_eq!(l.take(), [ack(10_003, true)]);
+    }
+
+    #[test]
+    fn the_ledger_keeps_only_unsettled_deliveries_behind_a_running_one() {
+        // One call never ends (tag 1) while 100,000 deliveries behind it are acked: the
+        // ledger holds what is unsettled, not the settled tail.
+        let mut l = ledger(1..=1);
+        for t in 2..=100_001u64 {
+            l.deliver(t).unwrap();
+            l.mark(t, Slot::Ack);
+            let frames = l.take();
+            l.finish(&frames, &vec![true; frames.len()]);
+        }
+        assert_eq!(l.slots.len(), 1, "only the running delivery is kept");
+    }
+
+    #[test]
+    fn a_tag_gap_above_the_window_is_refused_without_allocating() {
+        let mut l = ledger(1..=2);
+        // A broker (or proxy) that jumps the tag by 2^40 breaks the protocol.
+        let gap = l.deliver(1 << 40).expect_err("a gap of 2^40 tags");
+        assert_eq!(
+            gap,
+            TagGap {
+                tag: 1 << 40,
+                expected: 3,
+                window: 32
+            }
+        );
+        assert!(gap.to_string().contains("prefetch of 32"), "{gap}");
+        assert_eq!(l.slots.len(), 2, "nothing allocated for the gap");
+        // A gap the prefetch can explain is kept open; one tag more is not.
+        l.deliver(3 + 32).unwrap();
+        assert_eq!(l.slots.len(), 2 + 33);
+        assert!(l.deliver(36 + 33).is_err());
     }
 
     #[test]
@@ -537,7 +634,7 @@ mod tests {
         // The requeue is on the wire before the ack that would otherwise cover it.
         assert_eq!(frames, [Frame::Requeue { tag: 2 }, ack(4, true)]);
         assert_eq!(l.finish(&frames, &[true; 2]), 4);
-        assert_eq!(l.first, 5);
+        assert_eq!(l.oldest(), 5);
         assert!(l.slots.is_empty());
     }
 
@@ -555,9 +652,9 @@ mod tests {
 
     #[test]
     fn a_tag_never_seen_stays_open_and_is_never_covered() {
-        let mut l = Ledger::default();
+        let mut l = Ledger::new(32);
         for t in [1, 2, 4] {
-            l.deliver(t);
+            l.deliver(t).unwrap();
         }
         for t in [1, 2, 4] {
             l.mark(t, Slot::Ack);
@@ -566,9 +663,9 @@ mod tests {
         let frames = l.take();
         assert_eq!(frames, [ack(2, true), ack(4, false)]);
         l.finish(&frames, &[true; 2]);
-        assert_eq!(l.first, 3);
+        assert_eq!(l.oldest(), 3);
         // Even once nothing else is open, a later ack does not cover it.
-        l.deliver(5);
+        l.deliver(5).unwrap();
         l.mark(5, Slot::Ack);
         assert_eq!(l.take(), [ack(5, false)]);
     }

@@ -8,11 +8,64 @@
 //! # async fn f(connection: &lapin::Connection) -> redrive_rabbitmq::Result<()> {
 //! let topology = Topology::new("orders")
 //!     .with_kind(QueueKind::Quorum)
-//!     .with_dead_letter_queue("orders.dlq")
+//!     .with_dead_letter_queue("orders-dlq")
+//!     .with_delivery_limit(20)
 //!     .with_max_delay(Duration::from_secs(3600));
 //! topology.declare(connection).await?; // an error names the argument that differs
 //! # Ok(()) }
 //! ```
+//!
+//! # Messages no consumer can settle
+//! The dead-letter layer counts a message's delivery attempts and dead-letters it with
+//! its full envelope. It cannot count a delivery that never returns: a message that
+//! kills the process (abort, out of memory, stack overflow), or that breaks the
+//! connection (a header lapin cannot parse) is redelivered forever unless the broker
+//! counts. So the topology puts a guard on a **quorum** queue with a dead-letter
+//! queue: the broker counts every return, including those of a closed channel, and
+//! dead-letters a message delivered more than the [delivery
+//! limit](Topology::with_delivery_limit) times to the dead-letter queue itself:
+//!
+//! | argument | value |
+//! |---|---|
+//! | `x-delivery-limit` | the delivery limit ([`DEFAULT_DELIVERY_LIMIT`], 20) |
+//! | `x-dead-letter-exchange` | `""` (the default exchange) |
+//! | `x-dead-letter-routing-key` | the dead-letter queue |
+//! | `x-dead-letter-strategy` | `at-least-once`: the message leaves the queue only once the dead-letter queue confirmed it |
+//! | `x-overflow` | `reject-publish`, which `at-least-once` needs (it only acts with a length limit) |
+//!
+//! These work on RabbitMQ 3.10 and later. A message that reaches the dead-letter queue
+//! this way has no redrive envelope; the broker's `x-death` header (reason
+//! `delivery_limit`) says why it is there. Keep the limit well above the dead-letter
+//! layer's `max_attempts` (default 5), so redrive's own dead-lettering, with its
+//! envelope, comes first for every message a handler can fail; every `basic.nack`
+//! with requeue (a zero-delay nack on a quorum queue, a hand-back at shutdown) counts
+//! toward it too. Messages that were delivered in the same prefetch window as one that
+//! breaks the connection are returned with it and counted too: a prefetch well below
+//! the limit leaves them room.
+//!
+//! - **Quorum without a dead-letter queue**: no limit is declared. A delivery limit
+//!   without a dead-letter exchange *drops* the message, which the topology never does
+//!   on its own; the consumer warns at start that the queue is unprotected. RabbitMQ
+//!   4.0 and later give every quorum queue a default limit of 20 and drop at that
+//!   limit when there is no dead-letter exchange: declare a dead-letter queue there.
+//! - **Classic queues** cannot count deliveries on the broker: a message that kills the
+//!   process or the connection is redelivered forever (the [`ATTEMPT`](crate::ATTEMPT)
+//!   header only counts republishes). The consumer warns at start; use a quorum queue.
+//! - **The dead-letter queue** gets no limit and no dead-letter exchange. On RabbitMQ
+//!   4.x it has the broker's default limit of 20 like every quorum queue: a tool that
+//!   hands a dead letter back 20 times loses it (RabbitMQ 4.x accepts a
+//!   `delivery-limit` of -1 in a policy to turn that off; 3.x does not).
+//!
+//! # Migrating an existing quorum queue
+//! A queue's declare arguments cannot change: declaring a quorum queue that exists
+//! without these arguments fails with [`Error::TopologyMismatch`] naming the first
+//! argument that differs (`x-delivery-limit`, …). Either
+//! - keep the old declaration with [`without_delivery_limit`](Topology::without_delivery_limit)
+//!   and put the guard in a policy, which applies to an existing queue:
+//!   `rabbitmqctl set_policy orders-guard '^orders$'
+//!   '{"delivery-limit":20,"dead-letter-exchange":"","dead-letter-routing-key":"orders-dlq","dead-letter-strategy":"at-least-once","overflow":"reject-publish"}'
+//!   --apply-to quorum_queues`; or
+//! - drain the queue, delete it, and let the topology declare it again.
 //!
 //! # Delay queues
 //! RabbitMQ has no per-message delay, so a delayed nack publishes a copy of the message
@@ -37,6 +90,27 @@ pub const MAX_DELAY: Duration = Duration::from_millis(u32::MAX as u64);
 
 /// The default largest nack delay: 12 hours.
 pub const DEFAULT_MAX_DELAY: Duration = Duration::from_secs(12 * 3600);
+
+/// The default delivery limit of a quorum queue with a dead-letter queue: 20, as
+/// RabbitMQ 4.x's own default, and well above the dead-letter layer's default
+/// `max_attempts` of 5.
+pub const DEFAULT_DELIVERY_LIMIT: u32 = 20;
+
+const X_QUEUE_TYPE: &str = "x-queue-type";
+const X_DELIVERY_LIMIT: &str = "x-delivery-limit";
+const X_DEAD_LETTER_EXCHANGE: &str = "x-dead-letter-exchange";
+const X_DEAD_LETTER_ROUTING_KEY: &str = "x-dead-letter-routing-key";
+const X_DEAD_LETTER_STRATEGY: &str = "x-dead-letter-strategy";
+const X_OVERFLOW: &str = "x-overflow";
+
+/// The arguments a queue declared before the topology had a delivery limit lacks.
+pub(crate) const GUARD_ARGUMENTS: [&str; 5] = [
+    X_DELIVERY_LIMIT,
+    X_DEAD_LETTER_EXCHANGE,
+    X_DEAD_LETTER_ROUTING_KEY,
+    X_DEAD_LETTER_STRATEGY,
+    X_OVERFLOW,
+];
 
 /// The smallest delay bucket, in milliseconds (2⁷).
 const MIN_BUCKET_EXP: u32 = 7;
@@ -70,12 +144,14 @@ impl QueueKind {
 /// |---|---|
 /// | kind | [`QueueKind::Classic`] |
 /// | dead-letter queue | none |
+/// | delivery limit (quorum with a dead-letter queue) | [`DEFAULT_DELIVERY_LIMIT`] (20) |
 /// | largest delay | [`DEFAULT_MAX_DELAY`] (12 h); at most [`MAX_DELAY`] |
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Topology {
     queue: String,
     kind: QueueKind,
     dead_letter_queue: Option<String>,
+    delivery_limit: Option<u32>,
     max_delay: Duration,
 }
 
@@ -86,6 +162,7 @@ impl Topology {
             queue: queue.into(),
             kind: QueueKind::Classic,
             dead_letter_queue: None,
+            delivery_limit: Some(DEFAULT_DELIVERY_LIMIT),
             max_delay: DEFAULT_MAX_DELAY,
         }
     }
@@ -102,6 +179,27 @@ impl Topology {
     #[must_use]
     pub fn with_dead_letter_queue(mut self, queue: impl Into<String>) -> Self {
         self.dead_letter_queue = Some(queue.into());
+        self
+    }
+
+    /// Sets the delivery limit of a quorum queue with a dead-letter queue: a message
+    /// delivered more than `limit` times without being settled is dead-lettered by the
+    /// broker (see the [module docs](self#messages-no-consumer-can-settle)). Keep it well
+    /// above the dead-letter layer's `max_attempts`. At least 1; ignored for classic
+    /// queues and without a dead-letter queue.
+    #[must_use]
+    pub fn with_delivery_limit(mut self, limit: u32) -> Self {
+        self.delivery_limit = Some(limit);
+        self
+    }
+
+    /// Declares no delivery limit and no dead-letter exchange on the queue, as before
+    /// they existed: for a queue declared that way already, whose guard comes from a
+    /// policy (see [migrating](self#migrating-an-existing-quorum-queue)). Without either,
+    /// a message that kills the process or the connection is redelivered forever.
+    #[must_use]
+    pub fn without_delivery_limit(mut self) -> Self {
+        self.delivery_limit = None;
         self
     }
 
@@ -126,6 +224,44 @@ impl Topology {
     /// The dead-letter queue, if one is declared.
     pub fn dead_letter_queue(&self) -> Option<&str> {
         self.dead_letter_queue.as_deref()
+    }
+
+    /// The delivery limit the queue is declared with: `Some` only for a quorum queue
+    /// with a dead-letter queue and a limit.
+    pub fn delivery_limit(&self) -> Option<u32> {
+        match (self.kind, &self.dead_letter_queue) {
+            (QueueKind::Quorum, Some(_)) => self.delivery_limit,
+            _ => None,
+        }
+    }
+
+    /// What a message that kills the process or the connection on every delivery
+    /// meets with this topology, when nothing guards against it: `None` when the broker
+    /// dead-letters it after the delivery limit.
+    pub(crate) fn unguarded(&self) -> Option<&'static str> {
+        match (self.kind, &self.dead_letter_queue, self.delivery_limit) {
+            (QueueKind::Classic, ..) => Some(
+                "a classic queue cannot count deliveries on the broker: a message that kills \
+                 the process or breaks the connection on every delivery (an abort, running out \
+                 of memory, a header property that is not UTF-8) is redelivered forever and \
+                 never reaches the dead-letter queue; use a quorum queue \
+                 (Topology::with_kind(QueueKind::Quorum)) with a dead-letter queue",
+            ),
+            (QueueKind::Quorum, None, _) => Some(
+                "this quorum queue has no dead-letter queue, so no delivery limit is declared \
+                 (one without a dead-letter exchange drops messages): a message that kills the \
+                 process or breaks the connection on every delivery is redelivered forever, and \
+                 RabbitMQ 4.x drops it after its default limit of 20 deliveries; add \
+                 Topology::with_dead_letter_queue",
+            ),
+            (QueueKind::Quorum, Some(_), None) => Some(
+                "this topology declares no delivery limit (without_delivery_limit): unless a \
+                 policy sets `delivery-limit` and a dead-letter exchange on the queue, a message \
+                 that kills the process or breaks the connection on every delivery is \
+                 redelivered forever",
+            ),
+            (QueueKind::Quorum, Some(_), Some(_)) => None,
+        }
     }
 
     /// The largest nack delay.
@@ -159,6 +295,13 @@ impl Topology {
                 "the dead-letter queue must not be the queue itself".into(),
             ));
         }
+        if self.delivery_limit == Some(0) {
+            return Err(Error::Config(format!(
+                "a delivery limit of 0 dead-letters a message on its first redelivery, before \
+                 the dead-letter layer can count attempts; use at least 1, well above its \
+                 max_attempts (the default is {DEFAULT_DELIVERY_LIMIT})"
+            )));
+        }
         Ok(())
     }
 
@@ -177,14 +320,32 @@ impl Topology {
             .collect()
     }
 
-    /// The queue's declare arguments.
-    fn queue_arguments(&self) -> FieldTable {
+    /// The dead-letter queue's declare arguments: its kind only.
+    fn kind_arguments(&self) -> FieldTable {
         let mut args = FieldTable::default();
         if self.kind == QueueKind::Quorum {
             args.insert(
-                "x-queue-type".into(),
+                X_QUEUE_TYPE.into(),
                 AMQPValue::LongString(LongString::from(self.kind.as_str())),
             );
+        }
+        args
+    }
+
+    /// The queue's declare arguments: its kind, and on a quorum queue with a dead-letter
+    /// queue the guard (the [module docs](self#messages-no-consumer-can-settle)).
+    pub(crate) fn queue_arguments(&self) -> FieldTable {
+        let mut args = self.kind_arguments();
+        if let (Some(limit), Some(dlq)) = (self.delivery_limit(), &self.dead_letter_queue) {
+            let text = |s: &str| AMQPValue::LongString(LongString::from(s));
+            args.insert(
+                X_DELIVERY_LIMIT.into(),
+                AMQPValue::LongLongInt(i64::from(limit)),
+            );
+            args.insert(X_DEAD_LETTER_EXCHANGE.into(), text(""));
+            args.insert(X_DEAD_LETTER_ROUTING_KEY.into(), text(dlq));
+            args.insert(X_DEAD_LETTER_STRATEGY.into(), text("at-least-once"));
+            args.insert(X_OVERFLOW.into(), text("reject-publish"));
         }
         args
     }
@@ -199,9 +360,23 @@ impl Topology {
     /// arguments; [`Error::Amqp`] when the broker fails otherwise.
     pub async fn declare(&self, connection: &lapin::Connection) -> Result<()> {
         self.validate()?;
-        declare_queue(connection, &self.queue, self.queue_arguments()).await?;
+        if let Err(e) = declare_queue(connection, &self.queue, self.queue_arguments()).await {
+            let guard = matches!(&e, Error::TopologyMismatch { argument, .. }
+                if GUARD_ARGUMENTS.contains(&argument.as_str()));
+            if guard {
+                // The broker names the first argument that differs, and a queue of the
+                // other kind lacks the guard too: declaring the kind alone (which changes
+                // nothing on a queue that exists) tells the two apart.
+                if let Err(kind @ Error::TopologyMismatch { .. }) =
+                    declare_queue(connection, &self.queue, self.kind_arguments()).await
+                {
+                    return Err(kind);
+                }
+            }
+            return Err(e);
+        }
         if let Some(dlq) = &self.dead_letter_queue {
-            declare_queue(connection, dlq, self.queue_arguments()).await?;
+            declare_queue(connection, dlq, self.kind_arguments()).await?;
         }
         Ok(())
     }
@@ -227,11 +402,11 @@ impl Topology {
     ) -> Result<()> {
         let mut args = FieldTable::default();
         args.insert(
-            "x-dead-letter-exchange".into(),
+            X_DEAD_LETTER_EXCHANGE.into(),
             AMQPValue::LongString(LongString::from("")),
         );
         args.insert(
-            "x-dead-letter-routing-key".into(),
+            X_DEAD_LETTER_ROUTING_KEY.into(),
             AMQPValue::LongString(LongString::from(self.queue.as_str())),
         );
         declare_queue(connection, name, args).await
@@ -308,5 +483,56 @@ mod tests {
         );
         assert!(Topology::new("x".repeat(250)).validate().is_err());
         Topology::new("q").validate().unwrap();
+        let err = Topology::new("q")
+            .with_delivery_limit(0)
+            .validate()
+            .unwrap_err();
+        assert!(err.to_string().contains("at least 1"), "{err}");
+    }
+
+    #[test]
+    fn only_a_quorum_queue_with_a_dlq_gets_the_delivery_limit() {
+        let arg = |t: &Topology, name: &str| t.queue_arguments().inner().get(name).cloned();
+        let guarded = Topology::new("q")
+            .with_kind(QueueKind::Quorum)
+            .with_dead_letter_queue("q-dlq");
+        assert_eq!(guarded.delivery_limit(), Some(DEFAULT_DELIVERY_LIMIT));
+        assert_eq!(
+            arg(&guarded, X_DELIVERY_LIMIT),
+            Some(AMQPValue::LongLongInt(20))
+        );
+        assert_eq!(
+            arg(&guarded, X_DEAD_LETTER_ROUTING_KEY),
+            Some(AMQPValue::LongString("q-dlq".into()))
+        );
+        assert_eq!(
+            arg(&guarded, X_DEAD_LETTER_STRATEGY),
+            Some(AMQPValue::LongString("at-least-once".into()))
+        );
+        assert!(guarded.unguarded().is_none());
+        // The DLQ itself gets its kind only.
+        assert_eq!(guarded.kind_arguments().inner().len(), 1);
+
+        let no_dlq = Topology::new("q").with_kind(QueueKind::Quorum);
+        assert_eq!(no_dlq.delivery_limit(), None);
+        assert_eq!(
+            arg(&no_dlq, X_DELIVERY_LIMIT),
+            None,
+            "a limit without a DLX drops"
+        );
+        assert!(
+            no_dlq
+                .unguarded()
+                .unwrap()
+                .contains("with_dead_letter_queue")
+        );
+
+        let classic = Topology::new("q").with_dead_letter_queue("q-dlq");
+        assert_eq!(classic.queue_arguments().inner().len(), 0);
+        assert!(classic.unguarded().unwrap().contains("use a quorum queue"));
+
+        let off = guarded.without_delivery_limit();
+        assert_eq!(off.queue_arguments().inner().len(), 1);
+        assert!(off.unguarded().is_some());
     }
 }

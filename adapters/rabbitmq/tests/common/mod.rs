@@ -58,7 +58,7 @@ pub fn unique(prefix: &str) -> String {
 pub fn topology(queue: &str, kind: QueueKind) -> Topology {
     Topology::new(queue)
         .with_kind(kind)
-        .with_dead_letter_queue(format!("{queue}.dlq"))
+        .with_dead_letter_queue(format!("{queue}-dlq"))
         .with_max_delay(Duration::from_secs(600))
 }
 
