@@ -133,4 +133,16 @@ pub trait Publisher: Send + Sync + 'static {
         destination: &str,
         message: OutgoingMessage,
     ) -> impl Future<Output = Result<()>> + Send;
+
+    /// Checks, without a request, that `destination` is a name this broker accepts (SQS
+    /// queue names, Kafka topic names, RabbitMQ's 255 bytes), so a destination no
+    /// publish could ever reach is an error at start-up rather than a message that
+    /// cannot be dead-lettered. The default accepts every name.
+    ///
+    /// # Errors
+    /// [`Error::Config`](crate::Error::Config) saying which rule the name breaks.
+    fn check_destination(&self, destination: &str) -> Result<()> {
+        let _ = destination;
+        Ok(())
+    }
 }

@@ -139,7 +139,10 @@ impl fmt::Debug for Extensions {
 }
 
 /// A message as a handler sees it. Cloning is cheap: the payload is shared, not copied.
-#[derive(Clone, Debug, Default)]
+///
+/// Its `Debug` shows the payload's length, never its bytes: a message logged with `?`
+/// does not put its contents in the log.
+#[derive(Clone, Default)]
 pub struct Message {
     /// The body.
     pub payload: Bytes,
@@ -151,6 +154,37 @@ pub struct Message {
     pub metadata: Metadata,
     /// Typed values layers hand each other.
     pub extensions: Extensions,
+}
+
+/// A payload as `Debug` shows it: its length only.
+struct PayloadLen(usize);
+
+impl fmt::Debug for PayloadLen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "<{} bytes>", self.0)
+    }
+}
+
+impl fmt::Debug for Message {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Message")
+            .field("payload", &PayloadLen(self.payload.len()))
+            .field("headers", &self.headers)
+            .field("key", &self.key)
+            .field("metadata", &self.metadata)
+            .field("extensions", &self.extensions)
+            .finish()
+    }
+}
+
+impl fmt::Debug for OutgoingMessage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OutgoingMessage")
+            .field("payload", &PayloadLen(self.payload.len()))
+            .field("headers", &self.headers)
+            .field("key", &self.key)
+            .finish()
+    }
 }
 
 impl Message {
@@ -191,8 +225,8 @@ impl Message {
     }
 }
 
-/// A message to publish.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// A message to publish. Its `Debug` shows the payload's length, never its bytes.
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct OutgoingMessage {
     /// The body.
     pub payload: Bytes,
@@ -235,6 +269,14 @@ impl OutgoingMessage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_shows_the_payload_length_not_its_bytes() {
+        let m = Message::new("card 4111-1111");
+        let text = format!("{m:?} {:?}", m.to_outgoing());
+        assert!(!text.contains("4111"), "{text}");
+        assert!(text.contains("<14 bytes>"), "{text}");
+    }
 
     #[test]
     fn clone_shares_the_payload() {

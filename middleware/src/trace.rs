@@ -324,6 +324,10 @@ impl<P: Publisher> Publisher for TracedPublisher<P> {
             .instrument(span)
             .await
     }
+
+    fn check_destination(&self, destination: &str) -> redrive_core::Result<()> {
+        self.inner.check_destination(destination)
+    }
 }
 
 /// Builds [`Trace`] services.

@@ -678,3 +678,39 @@ async fn in_a_worker_a_failed_dlq_publish_leads_to_a_nack_and_the_message_stays(
     assert_eq!(broker.messages("jobs").len(), 1, "the message was lost");
     assert!(broker.messages("jobs-dlq").is_empty());
 }
+
+/// Accepts only names without a dot, as SQS does.
+struct Picky;
+
+impl Publisher for Picky {
+    async fn publish(&self, _: &str, _: OutgoingMessage) -> redrive_core::Result<()> {
+        Ok(())
+    }
+
+    fn check_destination(&self, destination: &str) -> redrive_core::Result<()> {
+        if destination.contains('.') {
+            return Err(redrive_core::Error::config("no dots in queue names"));
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn a_destination_the_broker_refuses_by_name_is_an_error_at_start_up() {
+    let err = DeadLetterLayer::new(
+        Arc::new(Picky),
+        DeadLetterConfig::default().with_destination("orders.dlq"),
+    )
+    .err()
+    .expect("refused at start-up");
+    let text = err.to_string();
+    assert!(
+        text.contains("orders.dlq") && text.contains("no dots"),
+        "{text}"
+    );
+    DeadLetterLayer::new(
+        Arc::new(Picky),
+        DeadLetterConfig::default().with_destination("orders-dlq"),
+    )
+    .unwrap();
+}

@@ -108,4 +108,58 @@ impl Publisher for KafkaPublisher {
         self.send(destination, &message).await?;
         Ok(())
     }
+
+    /// A topic name Kafka accepts: 1 to 249 ASCII letters, digits, `.`, `_` and `-`,
+    /// and neither `.` nor `..`.
+    fn check_destination(&self, destination: &str) -> redrive_core::Result<()> {
+        check_topic_name(destination).map_err(redrive_core::Error::config)
+    }
+}
+
+/// Kafka's rules for a topic name, as its broker checks them.
+fn check_topic_name(name: &str) -> std::result::Result<(), String> {
+    if name.is_empty() || name == "." || name == ".." {
+        return Err(format!(
+            "`{name}` is not a Kafka topic name: it must not be empty, `.` or `..`"
+        ));
+    }
+    if name.len() > 249 {
+        return Err(format!(
+            "Kafka topic names are at most 249 characters; `{}…` has {}",
+            name.chars().take(40).collect::<String>(),
+            name.len()
+        ));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "`{name}` is not a Kafka topic name: {c:?} is not allowed (only ASCII letters, digits, `.`, `_` and `-`)"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod name_tests {
+    use super::check_topic_name;
+
+    #[test]
+    fn topic_names_follow_kafkas_rules() {
+        for ok in ["orders", "orders-dlq", "a.b_c-1", &"x".repeat(249)] {
+            check_topic_name(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "orders dlq",
+            "orders/dlq",
+            "ördersß",
+            &"x".repeat(250),
+        ] {
+            assert!(check_topic_name(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -146,4 +146,18 @@ impl Publisher for RabbitPublisher {
             .await
             .map_err(Into::into)
     }
+
+    /// A queue the default exchange can route to: a name of 1 to 255 bytes (an AMQP
+    /// short string).
+    fn check_destination(&self, destination: &str) -> redrive_core::Result<()> {
+        match destination.len() {
+            0 => Err(redrive_core::Error::config(
+                "an empty queue name routes nowhere through the default exchange; name the queue",
+            )),
+            n if n > 255 => Err(redrive_core::Error::config(format!(
+                "RabbitMQ queue names are at most 255 bytes; this one has {n}"
+            ))),
+            _ => Ok(()),
+        }
+    }
 }

@@ -234,4 +234,14 @@ impl Publisher for SqsPublisher {
         self.send(destination, &message).await?;
         Ok(())
     }
+
+    /// A queue URL is taken as it is; a queue name must be one SQS accepts
+    /// ([`validate_queue_name`](crate::validate_queue_name)).
+    fn check_destination(&self, destination: &str) -> redrive_core::Result<()> {
+        if destination.starts_with("https://") || destination.starts_with("http://") {
+            return Ok(());
+        }
+        crate::validate_queue_name(destination)
+            .map_err(|e| redrive_core::Error::config(e.to_string()))
+    }
 }

@@ -25,9 +25,17 @@ impl<P: Publisher> DeadLetterLayer<P> {
     ///
     /// # Errors
     /// [`ConfigError`] when `config` cannot work (`max_attempts` of 0, an empty
-    /// destination); the message says what to change.
+    /// destination, a destination the publisher's broker refuses by name, see
+    /// [`Publisher::check_destination`]); the message says what to change.
     pub fn new(publisher: Arc<P>, config: DeadLetterConfig) -> Result<Self, ConfigError> {
         config.validate()?;
+        if let Some(d) = &config.destination {
+            publisher.check_destination(d).map_err(|e| {
+                ConfigError(format!(
+                    "the dead-letter destination `{d}` cannot be used: {e}"
+                ))
+            })?;
+        }
         Ok(DeadLetterLayer {
             shared: Arc::new(Shared {
                 publisher,
