@@ -697,12 +697,12 @@ impl Publisher for Picky {
 
 #[test]
 fn a_destination_the_broker_refuses_by_name_is_an_error_at_start_up() {
-    let err = DeadLetterLayer::new(
+    let Err(err) = DeadLetterLayer::new(
         Arc::new(Picky),
         DeadLetterConfig::default().with_destination("orders.dlq"),
-    )
-    .err()
-    .expect("refused at start-up");
+    ) else {
+        panic!("a destination the broker refuses was accepted at start-up");
+    };
     let text = err.to_string();
     assert!(
         text.contains("orders.dlq") && text.contains("no dots"),
