@@ -44,7 +44,7 @@
 //! | 8 | `timeout` | a deadline per try |
 //!
 //! Omitted layers are left out at no cost (`tower::layer::util::Identity`). The handler
-//! itself is wrapped in [`CatchPanic`](redrive_core::CatchPanic), so a panic is an
+//! itself is wrapped in [`CatchPanic`], so a panic is an
 //! error every layer sees: retried, counted toward the dead-letter limit, dead-lettered.
 
 use std::fmt::Write as _;

@@ -3,6 +3,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -18,6 +19,13 @@ use super::{CommitStatus, IdempotencyStore, Reservation, StoreError, StoreFuture
 /// tests, examples and single-instance consumers; use `RedisStore` or `PostgresStore`
 /// when more than one consumer process reads the queue.
 ///
+/// **Bounded.** It holds at most [`MEMORY_STORE_CAPACITY`](super::MEMORY_STORE_CAPACITY) keys (1,000,000, set with
+/// [`with_capacity`](Self::with_capacity)), whatever the TTL. At the bound a new key
+/// takes the place of the committed key closest to expiry: deduplication then reaches
+/// back less far than the TTL, which [`evicted`](Self::evicted) counts and a warning
+/// says. A key reserved by a call in flight is never evicted; if every key is, the new
+/// message is answered as reserved elsewhere and comes back later, never lost.
+///
 /// Leases and TTLs follow [`tokio::time`], so tests can run it under paused time.
 /// Keys live in shards chosen by their hash, each behind its own lock, so calls for
 /// different keys on several cores at once seldom wait for each other. Expired keys are
@@ -31,12 +39,57 @@ pub struct MemoryStore {
     hasher: foldhash::fast::RandomState,
     /// A power of two of them.
     shards: Box<[Mutex<State>]>,
+    /// The most keys one shard holds: the store's capacity over its shards, rounded up.
+    shard_capacity: usize,
+    /// Committed keys removed early to make room.
+    evicted: AtomicU64,
 }
+
+/// The most keys a [`MemoryStore`] holds unless told otherwise.
+pub const DEFAULT_CAPACITY: usize = 1_000_000;
 
 impl Default for MemoryStore {
     fn default() -> Self {
         Self::with_shards(default_shards())
     }
+}
+
+/// Removes the committed key that expires first, to make room for another. Only the
+/// front of each expiry queue is looked at (past stale entries), so it costs no scan of
+/// the keys. Returns `false`, removing nothing, when every front is a reservation in
+/// flight.
+fn evict_committed(
+    index: &mut HashTable<u32>,
+    entries: &mut Vec<Entry>,
+    expiries: &mut [(Duration, ExpiryQueue)],
+) -> bool {
+    let mut oldest: Option<(usize, Instant)> = None;
+    for (q, (_, queue)) in expiries.iter_mut().enumerate() {
+        while let Some(&(at, hash)) = queue.front() {
+            match find(index, entries, hash, |e| e.expires == at) {
+                // Its key was committed, released or reserved again since.
+                None => {
+                    queue.pop_front();
+                }
+                Some(pos) => {
+                    if entries[pos].committed && oldest.is_none_or(|(_, t)| at < t) {
+                        oldest = Some((q, at));
+                    }
+                    break;
+                }
+            }
+        }
+    }
+    let Some((q, _)) = oldest else {
+        return false;
+    };
+    let Some((at, hash)) = expiries[q].1.pop_front() else {
+        return false;
+    };
+    if let Some(pos) = find(index, entries, hash, |e| e.expires == at) {
+        remove(index, entries, pos);
+    }
+    true
 }
 
 /// The most shards a store has: the shard is chosen by hash bits 40 to 49.
@@ -185,12 +238,28 @@ impl MemoryStore {
     /// An empty store of `shards` shards (rounded up to a power of two, from 1 to
     /// 1,024), instead of four per core.
     pub fn with_shards(shards: usize) -> Self {
+        let shards: Box<[Mutex<State>]> = (0..shards.clamp(1, MAX_SHARDS).next_power_of_two())
+            .map(|_| Mutex::default())
+            .collect();
         MemoryStore {
             hasher: foldhash::fast::RandomState::default(),
-            shards: (0..shards.clamp(1, MAX_SHARDS).next_power_of_two())
-                .map(|_| Mutex::default())
-                .collect(),
+            shard_capacity: DEFAULT_CAPACITY.div_ceil(shards.len()),
+            shards,
+            evicted: AtomicU64::new(0),
         }
+    }
+
+    /// Holds at most about `keys` keys (at least one per shard; see the type's docs for
+    /// what happens at the bound).
+    #[must_use]
+    pub fn with_capacity(mut self, keys: usize) -> Self {
+        self.shard_capacity = keys.div_ceil(self.shards.len()).max(1);
+        self
+    }
+
+    /// Committed keys removed before their TTL to stay within the capacity.
+    pub fn evicted(&self) -> u64 {
+        self.evicted.load(Ordering::Relaxed)
     }
 
     /// Number of keys reserved or committed right now.
@@ -258,6 +327,24 @@ impl MemoryStore {
                 e.expires = expires;
             }
             None => {
+                if entries.len() >= self.shard_capacity {
+                    if !evict_committed(index, entries, expiries) {
+                        tracing::warn!(
+                            keys = entries.len(),
+                            "idempotency memory store is full of keys in flight; the message is delivered again"
+                        );
+                        return Reservation::Reserved { remaining: lease };
+                    }
+                    let evicted = self.evicted.fetch_add(1, Ordering::Relaxed) + 1;
+                    if evicted.is_power_of_two() {
+                        tracing::warn!(
+                            evicted,
+                            capacity = self.shard_capacity * self.shards.len(),
+                            "idempotency memory store is full: committed keys are evicted before their TTL, \
+                             so deduplication reaches back less far; raise the capacity or lower the TTL"
+                        );
+                    }
+                }
                 let entry = Entry {
                     key: key.clone(),
                     hash,
@@ -399,6 +486,57 @@ mod tests {
             .filter(|&s| !store.lock(s).entries.is_empty())
             .count();
         assert!(used > 32, "keys spread over the shards: {used} of 64 used");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn at_capacity_the_committed_key_nearest_expiry_makes_room() {
+        let store = MemoryStore::with_shards(1).with_capacity(3);
+        let (lease, ttl) = (Duration::from_secs(10), Duration::from_secs(3600));
+        for i in 0..3 {
+            let key = format!("k{i}");
+            let Reservation::Fresh(t) = store.reserve_sync(&key.as_str().into(), lease) else {
+                panic!("fresh");
+            };
+            store.commit_sync(&key, &t, ttl).unwrap();
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+        assert!(matches!(
+            store.reserve_sync(&"k3".into(), lease),
+            Reservation::Fresh(_)
+        ));
+        assert_eq!(store.lock(0).entries.len(), 3, "the bound holds");
+        assert_eq!(store.evicted(), 1);
+        // k0 was nearest its expiry: it went; k1 and k2 are still deduplicated.
+        assert!(matches!(
+            store.reserve_sync(&"k1".into(), lease),
+            Reservation::Committed
+        ));
+        assert!(matches!(
+            store.reserve_sync(&"k0".into(), lease),
+            Reservation::Fresh(_)
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn at_capacity_keys_in_flight_are_never_evicted() {
+        let store = MemoryStore::with_shards(1).with_capacity(2);
+        let lease = Duration::from_secs(10);
+        for key in ["a", "b"] {
+            assert!(matches!(
+                store.reserve_sync(&key.into(), lease),
+                Reservation::Fresh(_)
+            ));
+        }
+        // Full of reservations: the new message is answered as held elsewhere.
+        assert!(matches!(
+            store.reserve_sync(&"c".into(), lease),
+            Reservation::Reserved { .. }
+        ));
+        assert!(matches!(
+            store.reserve_sync(&"a".into(), lease),
+            Reservation::Reserved { .. }
+        ));
+        assert_eq!(store.evicted(), 0);
     }
 
     #[tokio::test(start_paused = true)]

@@ -126,7 +126,7 @@ use tower::Service;
 pub use error::{CommitFailed, ConfigError, KeyReserved, StoreError};
 pub use key::{DefaultKey, IDEMPOTENCY_KEY, MESSAGE_ID, MakeKey};
 pub use layer::{CommitMode, IdempotencyConfig, IdempotencyLayer, IdempotencyStats};
-pub use memory::MemoryStore;
+pub use memory::{DEFAULT_CAPACITY as MEMORY_STORE_CAPACITY, MemoryStore};
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use postgres::PostgresStore;
