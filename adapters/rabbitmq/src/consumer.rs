@@ -246,6 +246,11 @@ impl Session {
             config.topology.declare(&connection).await?;
         }
         let events = connection.events_listener().boxed();
+        // Everything the session needs is opened before consuming: a delivery that
+        // breaks the connection (a frame lapin cannot parse) may come right after
+        // `basic.consume-ok`, and must find the session open, so it is lost and
+        // reconnected like any other, not a failed open.
+        let publish = confirm_channel(&connection).await?;
         let channel = connection.create_channel().await?;
         channel
             .basic_qos(config.prefetch, BasicQosOptions::default())
@@ -264,7 +269,6 @@ impl Session {
                 FieldTable::default(),
             )
             .await?;
-        let publish = confirm_channel(&connection).await?;
         Ok(Opened {
             session: Arc::new(Session {
                 connection,

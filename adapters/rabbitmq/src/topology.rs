@@ -243,8 +243,9 @@ impl Topology {
             (QueueKind::Classic, ..) => Some(
                 "a classic queue cannot count deliveries on the broker: a message that kills \
                  the process or breaks the connection on every delivery (an abort, running out \
-                 of memory, a header property that is not UTF-8) is redelivered forever and \
-                 never reaches the dead-letter queue; use a quorum queue \
+                 of memory, a header name or property lapin cannot parse as UTF-8) is redelivered \
+                 forever, never reaches the dead-letter queue, and holds up the messages behind \
+                 it; use a quorum queue \
                  (Topology::with_kind(QueueKind::Quorum)) with a dead-letter queue",
             ),
             (QueueKind::Quorum, None, _) => Some(

@@ -4,10 +4,11 @@
 
 mod common;
 
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use redrive_core::{OutgoingMessage, Publisher};
+use redrive_core::{BoxError, Message, OutgoingMessage, Publisher, handler_fn};
 use redrive_rabbitmq::lapin::options::{BasicConsumeOptions, BasicGetOptions, BasicQosOptions};
 use redrive_rabbitmq::lapin::types::{AMQPValue, FieldTable};
 use redrive_rabbitmq::{Error, QueueKind};
@@ -119,4 +120,86 @@ async fn a_quorum_queue_without_the_guard_is_a_mismatch_that_says_how_to_migrate
     old.declare(&conn).await.expect("declared as before");
     let _ = conn.close(200, "done").await;
     common::cleanup(&[old]).await;
+}
+
+/// A header name that is not UTF-8 makes lapin's frame parser fail: the connection dies
+/// on every delivery of that message and the consumer reconnects into it again. The
+/// quorum queue's delivery limit ends the loop: the broker dead-letters it, the messages
+/// behind it are handled, and the reconnects stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_name_lapin_cannot_parse_ends_in_the_dlq_and_the_queue_flows_on() {
+    let queue = common::unique("not-utf8");
+    let topology = common::topology(&queue, QueueKind::Quorum).with_delivery_limit(LIMIT);
+    common::declare(&topology).await;
+    let dlq = topology.dead_letter_queue().unwrap().to_owned();
+    common::raw::publish_with_header_name(&queue, b"bad-\xff-name", "v", b"unreadable").await;
+    let n = 5;
+    common::publish_numbered(&queue, n, "good").await;
+
+    let handled: Arc<Mutex<Vec<String>>> = Arc::default();
+    let seen = handled.clone();
+    let handler = handler_fn(move |m: Message| {
+        let seen = seen.clone();
+        async move {
+            seen.lock()
+                .unwrap()
+                .push(String::from_utf8_lossy(&m.payload).into_owned());
+            Ok::<_, BoxError>(())
+        }
+    });
+    // Prefetch 1: the messages behind the bad one are not in its window, so they are
+    // not returned (and counted) with it each time the connection dies.
+    let consumer = common::consumer(&topology, &common::unique("conn-not-utf8"), 1).await;
+    let monitor = consumer.monitor();
+    let worker = common::RunningWorker::spawn(consumer, handler, 4);
+
+    let start = Instant::now();
+    while handled.lock().unwrap().len() < n {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the good messages were not handled within 60 s (handled {:?}, {monitor:?})",
+            handled.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let reconnects = monitor.reconnects();
+    assert!(
+        (1..=u64::from(LIMIT) + 1).contains(&reconnects),
+        "one reconnect per delivery of the bad message at most: {monitor:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(monitor.reconnects(), reconnects, "reconnects stopped");
+    assert!(monitor.is_connected(), "{monitor:?}");
+    let report = worker.stop().await;
+    assert_eq!(report.acked, n as u64, "{report:?}");
+
+    // Counted by the broker: lapin cannot read the dead letter either.
+    // The broker's queue statistics lag a few seconds behind.
+    let start = Instant::now();
+    while dlq_depth(&dlq).await != 1 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the unreadable message is not in the DLQ after 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    common::cleanup(&[topology]).await;
+}
+
+/// The number of messages in `queue`, from `rabbitmqctl list_queues`.
+async fn dlq_depth(queue: &str) -> u64 {
+    let list = common::rabbitmqctl(&[
+        "list_queues",
+        "name",
+        "messages",
+        "--quiet",
+        "--no-table-headers",
+    ])
+    .await;
+    list.lines()
+        .find_map(|line| {
+            let (name, n) = line.split_once('\t')?;
+            (name == queue).then(|| n.trim().parse().ok())?
+        })
+        .unwrap_or_else(|| panic!("{queue} not in rabbitmqctl list_queues: {list}"))
 }

@@ -1,6 +1,8 @@
 //! Helpers shared by the tests against the local RabbitMQ.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod raw;
+
 use std::sync::Arc;
 use std::time::Duration;
 
