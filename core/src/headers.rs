@@ -2,6 +2,8 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 
@@ -160,11 +162,59 @@ pub enum HeaderError {
 /// assert_eq!(headers.get_str("correlation-id"), Some("abc"));
 /// # Ok::<(), redrive_core::HeaderError>(())
 /// ```
-#[derive(Clone, Default, PartialEq, Eq)]
+#[derive(Clone, Default)]
 pub struct Headers {
     entries: CowVec<Entry>,
     size: usize,
     limits: HeaderLimits,
+    /// Past [`SEEN_FROM`] headers, a Bloom filter of every name added (ASCII case
+    /// folded): a name it has not seen is new, so adding it needs no scan. Without it,
+    /// building a message of 4,096 headers (RabbitMQ's limit) scanned the list for each
+    /// one, quadratic in the header count: a hostile producer's message cost a
+    /// consumer far more CPU than its size (`benches/headers.rs`; figures in
+    /// BENCHMARKS.md). Names removed since stay set, which only sends a later insert of
+    /// them down the scan.
+    seen: Option<Arc<Seen>>,
+}
+
+impl PartialEq for Headers {
+    fn eq(&self, other: &Self) -> bool {
+        self.entries == other.entries && self.size == other.size && self.limits == other.limits
+    }
+}
+
+impl Eq for Headers {}
+
+/// Headers past which names are tracked in a [`Seen`] filter.
+const SEEN_FROM: usize = 32;
+
+/// A Bloom filter of 65,536 bits (8 KiB) and two probes: with 4,096 names, about one
+/// insert in seventy of a new name still scans.
+#[derive(Clone)]
+struct Seen([u64; 1024]);
+
+impl Seen {
+    /// The two bits of `name`, case folded, under this process's random seed (so a
+    /// producer cannot choose names that all collide).
+    fn bits(name: &str) -> [usize; 2] {
+        static SEED: OnceLock<foldhash::fast::RandomState> = OnceLock::new();
+        let mut h = SEED.get_or_init(Default::default).build_hasher();
+        for b in name.bytes() {
+            h.write_u8(b.to_ascii_lowercase());
+        }
+        let h = h.finish();
+        [(h & 0xffff) as usize, ((h >> 16) & 0xffff) as usize]
+    }
+
+    fn may_contain(&self, bits: [usize; 2]) -> bool {
+        bits.iter().all(|&b| self.0[b / 64] & (1 << (b % 64)) != 0)
+    }
+
+    fn add(&mut self, bits: [usize; 2]) {
+        for b in bits {
+            self.0[b / 64] |= 1 << (b % 64);
+        }
+    }
 }
 
 /// A name as given: borrowed when it is a `&'static str` (the [`names`](crate::names)
@@ -185,7 +235,34 @@ impl Headers {
             entries: CowVec::default(),
             size: 0,
             limits,
+            seen: None,
         }
+    }
+
+    /// Whether no header is named `name`, known without a scan: only once there are
+    /// enough headers to keep a filter, and only for a name it has not seen.
+    fn surely_absent(&self, name: &str) -> bool {
+        self.seen
+            .as_deref()
+            .is_some_and(|seen| !seen.may_contain(Seen::bits(name)))
+    }
+
+    /// Appends an entry known to fit, keeping the filter up to date.
+    fn push(&mut self, name: Name, value: HeaderValue) {
+        self.size += name.len() + value.len();
+        match &mut self.seen {
+            Some(seen) => Arc::make_mut(seen).add(Seen::bits(&name)),
+            None if self.entries.as_slice().len() >= SEEN_FROM => {
+                let mut seen = Seen([0; 1024]);
+                seen.add(Seen::bits(&name));
+                for (n, _) in self.entries.as_slice() {
+                    seen.add(Seen::bits(n));
+                }
+                self.seen = Some(Arc::new(seen));
+            }
+            None => {}
+        }
+        self.entries.make_mut().push((name, value));
     }
 
     /// The limits these headers enforce.
@@ -293,6 +370,16 @@ impl Headers {
         name: Name,
         value: HeaderValue,
     ) -> Result<Option<HeaderValue>, HeaderError> {
+        if self.surely_absent(&name) {
+            self.check(
+                &name,
+                name.len() + value.len(),
+                0,
+                self.entries.as_slice().len() + 1,
+            )?;
+            self.push(name, value);
+            return Ok(None);
+        }
         let removed: usize = self
             .entries
             .as_slice()
@@ -324,8 +411,7 @@ impl Headers {
                 Ok(Some(old.1))
             }
             None => {
-                self.size += name.len() + value.len();
-                self.entries.make_mut().push((name, value));
+                self.push(name, value);
                 Ok(None)
             }
         }
@@ -345,8 +431,7 @@ impl Headers {
             0,
             self.entries.as_slice().len() + 1,
         )?;
-        self.size += name.len() + value.len();
-        self.entries.make_mut().push((name, value));
+        self.push(name, value);
         Ok(())
     }
 
@@ -415,6 +500,49 @@ impl<'a> IntoIterator for &'a Headers {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn many_headers_keep_insert_semantics_past_the_filter() {
+        let limits = HeaderLimits {
+            max_count: 4096,
+            max_bytes: 1 << 20,
+        };
+        let mut h = Headers::with_limits(limits);
+        for i in 0..4096 {
+            h.insert(format!("x-h-{i}"), "a").unwrap();
+        }
+        assert_eq!(h.len(), 4096);
+        // A name already there, in another case, replaces it rather than adding one.
+        assert_eq!(
+            h.insert("X-H-17", "b")
+                .unwrap()
+                .and_then(|v| v.as_str().map(str::to_owned)),
+            Some("a".to_owned())
+        );
+        assert_eq!(h.len(), 4096);
+        assert_eq!(h.get_str("x-h-17"), Some("b"));
+        // Removed, then added again: found through the scan.
+        h.remove("x-h-18");
+        h.insert("x-h-18", "c").unwrap();
+        h.insert("x-h-18", "d").unwrap();
+        assert_eq!(h.get_all("x-h-18").count(), 1);
+        assert!(
+            h.insert("one-too-many", "x").is_err(),
+            "the count limit holds"
+        );
+        // Equality ignores the filter.
+        let mut small = Headers::with_limits(limits);
+        let mut big = Headers::with_limits(limits);
+        for i in 0..40 {
+            big.insert(format!("n{i}"), "v").unwrap();
+        }
+        for i in 0..40 {
+            big.remove(&format!("n{i}"));
+        }
+        small.insert("k", "v").unwrap();
+        big.insert("k", "v").unwrap();
+        assert_eq!(small, big);
+    }
 
     #[test]
     fn a_static_name_is_one_header_with_its_owned_spelling() {
