@@ -1012,7 +1012,8 @@ impl Acker for KafkaAcker {
         // partition's runs to end then commits a watermark that counts it.
         self.set_running(false);
         match self.first.as_deref() {
-            Some(first) if first.recorded.load(Ordering::Acquire) => {
+            // Not after a revoke: the partition's new owner commits it now.
+            Some(first) if first.recorded.load(Ordering::Acquire) && self.is_current() => {
                 // Its count of deliveries is committed: commit past it before the ack
                 // completes, or a crash now would count one more for a record that
                 // completed.
@@ -1053,7 +1054,7 @@ impl Acker for KafkaAcker {
 
     fn running(&self, running: bool) {
         if running {
-            if let Some(first) = self.first.as_deref() {
+            if let Some(first) = self.first.as_deref().filter(|_| self.is_current()) {
                 if !first.recorded.swap(true, Ordering::AcqRel) {
                     let metadata = died_metadata(self.offset, first.deliveries);
                     commit_before_running(first, &self.tp, self.offset, &metadata);

@@ -282,6 +282,20 @@ mod tests {
     }
 
     #[test]
+    fn the_first_record_of_an_assignment_carries_its_count() {
+        let mut w = Watermarks::default();
+        let a = w.assign(tp(0));
+        a.set_died(5, 2);
+        assert_eq!(a.first_record(5), Some(2), "the counted record");
+        assert_eq!(a.first_record(6), None, "only the first record");
+        let b = w.assign(tp(1));
+        b.set_died(5, 2);
+        assert_eq!(b.first_record(7), Some(0), "a count for another record");
+        let c = w.assign(tp(2));
+        assert_eq!(c.first_record(0), Some(0), "no count committed");
+    }
+
+    #[test]
     fn gaps_in_offsets_do_not_hold_it() {
         // Compaction and transaction markers leave gaps.
         let mut w = Watermarks::default();
