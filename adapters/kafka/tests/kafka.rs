@@ -253,7 +253,8 @@ async fn all_completed_work_is_committed_on_close(env: &Env) {
 async fn a_poison_record_is_dead_lettered_with_its_attempts_and_its_key_unblocks(env: &Env) {
     let brokers = env.brokers.clone();
     let topic = unique_name("orders");
-    let dlq = format!("{topic}.dlq");
+    // Named explicitly: a name every broker accepts, whatever the layer's default.
+    let dlq = format!("{topic}-dlq");
     env.create_topic(&topic, 1).await;
     env.create_topic(&dlq, 1).await;
     let p = common::publisher(&brokers);
@@ -281,6 +282,7 @@ async fn a_poison_record_is_dead_lettered_with_its_attempts_and_its_key_unblocks
     let service = DeadLetterLayer::new(
         Arc::new(p.clone()),
         DeadLetterConfig::default()
+            .with_destination(&dlq)
             .with_max_attempts(3)
             .with_consumer_name("billing"),
     )
