@@ -2,6 +2,7 @@
 
 use std::collections::VecDeque;
 use std::fmt;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
@@ -347,6 +348,7 @@ async fn poll(
     // One stream for the task's life: `recv()` would register and drop a waker slot
     // (two lock round trips) per record.
     let mut stream = consumer.stream();
+    let handle = Arc::downgrade(&consumer);
     loop {
         while let Some(batch) = held.pop_front() {
             match tx.try_send(batch) {
@@ -402,14 +404,28 @@ async fn poll(
             record = stream.next() => record.expect("kafka streams never end"),
         };
         let mut batch = spare.take(batch_max);
-        let mut failed = take(record, &state, &mut last, &mut batch, &mut received);
+        let mut failed = take(
+            record,
+            &handle,
+            &state,
+            &mut last,
+            &mut batch,
+            &mut received,
+        );
         // Then what librdkafka already holds, without waiting and without a `select!`
         // per record.
         while !failed && batch.len() < batch_max {
             let Some(Some(record)) = stream.next().now_or_never() else {
                 break;
             };
-            failed = take(record, &state, &mut last, &mut batch, &mut received);
+            failed = take(
+                record,
+                &handle,
+                &state,
+                &mut last,
+                &mut batch,
+                &mut received,
+            );
         }
         // Recorded before the Worker can see them, so none completes unrecorded.
         received.record();
@@ -480,6 +496,7 @@ const BATCH: usize = 64;
 /// it was an error.
 fn take(
     record: KafkaResult<BorrowedMessage<'_>>,
+    consumer: &Weak<StreamConsumer<Context>>,
     state: &Mutex<Watermarks>,
     last: &mut Option<(Tp, Arc<Assigned>)>,
     batch: &mut Batch,
@@ -487,7 +504,7 @@ fn take(
 ) -> bool {
     match record {
         Ok(record) => {
-            batch.push_back(Ok(delivery(&record, state, last, received)));
+            batch.push_back(Ok(delivery(&record, consumer, state, last, received)));
             false
         }
         Err(e) => {
@@ -557,6 +574,7 @@ fn set_paused(consumer: &StreamConsumer<Context>, pause: bool) -> bool {
 /// that `last` is current and the record's arrival in it.
 fn delivery(
     record: &BorrowedMessage<'_>,
+    consumer: &Weak<StreamConsumer<Context>>,
     state: &Mutex<Watermarks>,
     last: &mut Option<(Tp, Arc<Assigned>)>,
     received: &mut Received,
@@ -583,7 +601,20 @@ fn delivery(
             tracing::warn!(topic = %tp.0, partition = tp.1, offset, "record of a partition not assigned to this consumer; the Worker hands it back unrun");
         }
     }
-    let message = mapping::message(record, tp.0.clone());
+    let mut message = mapping::message(record, tp.0.clone());
+    let first = assigned
+        .as_ref()
+        .and_then(|a| a.first_record(offset))
+        .map(|died| {
+            let deliveries = died.saturating_add(1);
+            let attempt = &mut message.metadata.attempt;
+            *attempt = (*attempt).max(deliveries);
+            Box::new(FirstRecord {
+                consumer: consumer.clone(),
+                deliveries,
+                recorded: AtomicBool::new(false),
+            })
+        });
     Delivery::new(
         message,
         KafkaAcker {
@@ -591,6 +622,7 @@ fn delivery(
             tp,
             offset,
             running: AtomicBool::new(false),
+            first,
         },
     )
 }
@@ -648,11 +680,18 @@ impl ConsumerContext for Context {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
-                let mut state = lock(&self.state);
-                for e in tpl.elements() {
-                    let topic = state.topic(e.topic());
-                    state.assign((topic, e.partition()));
-                }
+                let assigned: Vec<(Tp, Arc<Assigned>)> = {
+                    let mut state = lock(&self.state);
+                    tpl.elements()
+                        .iter()
+                        .map(|e| {
+                            let tp: Tp = (state.topic(e.topic()), e.partition());
+                            let a = state.assign(tp.clone());
+                            (tp, a)
+                        })
+                        .collect()
+                };
+                read_deaths(consumer, tpl, &assigned);
                 tracing::info!(partitions = tpl.count(), "kafka partitions assigned");
             }
             Rebalance::Revoke(tpl) => {
@@ -706,6 +745,121 @@ impl ConsumerContext for Context {
                 .collect();
             state.commit_failed(&failed);
         }
+    }
+}
+
+/// The committed offset's metadata that counts the deliveries of the record at the
+/// committed offset which ended without a fate: `redrive:a=<offset>:<deliveries>`.
+/// Committed when the first record of an assignment starts running (it may be one
+/// that killed its consumer before), cleared by the commit past it when it completes.
+/// At assignment, a record found there is delivered with `attempt` one above the
+/// count, so a record that kills its consumer is seen with a rising attempt after each
+/// restart, and a dead-letter layer's `max_attempts` ends the loop.
+const DIED: &str = "redrive:a=";
+
+fn died_metadata(offset: i64, deliveries: u32) -> String {
+    format!("{DIED}{offset}:{deliveries}")
+}
+
+fn parse_died(metadata: &str) -> Option<(i64, u32)> {
+    let (offset, count) = metadata.strip_prefix(DIED)?.split_once(':')?;
+    Some((offset.parse().ok()?, count.parse().ok()?))
+}
+
+/// How long reading the committed offsets at assignment, or committing a count before
+/// a record runs, may take; past it the count is not kept (and a warning says so).
+const COUNT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Reads the committed offsets' metadata of newly assigned partitions, and gives each
+/// partition the count of deliveries without a fate it holds.
+fn read_deaths(
+    consumer: &BaseConsumer<Context>,
+    tpl: &TopicPartitionList,
+    assigned: &[(Tp, Arc<Assigned>)],
+) {
+    let committed = blocking(|| consumer.committed_offsets(tpl.clone(), COUNT_TIMEOUT));
+    let committed = match committed {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "reading the committed offsets failed; deliveries that ended without a fate before this assignment are not counted");
+            return;
+        }
+    };
+    for e in committed.elements() {
+        // rdkafka panics on metadata that is not UTF-8 (anything may commit some).
+        let metadata = catch_unwind(AssertUnwindSafe(|| parse_died(e.metadata())));
+        let Ok(Some((offset, count))) = metadata else {
+            continue;
+        };
+        if let Some((_, a)) = assigned
+            .iter()
+            .find(|(tp, _)| tp.1 == e.partition() && *tp.0 == *e.topic())
+        {
+            tracing::info!(
+                topic = e.topic(),
+                partition = e.partition(),
+                offset,
+                deliveries = count,
+                "a record was delivered before without a fate (its consumer died running it)"
+            );
+            a.set_died(offset, count);
+        }
+    }
+}
+
+/// Commits `offset` of `tp`, with `metadata` if given, and waits for the broker.
+fn commit_one<C: rdkafka::consumer::Consumer<Context>>(
+    consumer: &C,
+    tp: &Tp,
+    offset: i64,
+    metadata: Option<&str>,
+) -> KafkaResult<()> {
+    let mut tpl = TopicPartitionList::with_capacity(1);
+    tpl.add_partition_offset(&tp.0, tp.1, Offset::Offset(offset))?;
+    if let Some(metadata) = metadata {
+        if let Some(mut e) = tpl.find_partition(&tp.0, tp.1) {
+            e.set_metadata(metadata);
+        }
+    }
+    consumer.commit(&tpl, CommitMode::Sync)
+}
+
+/// Commits the first record's count of deliveries before its handler runs, so a crash
+/// in the handler leaves it counted; waits at most [`COUNT_TIMEOUT`].
+fn commit_before_running(first: &FirstRecord, tp: &Tp, offset: i64, metadata: &str) {
+    let Some(consumer) = first.consumer.upgrade() else {
+        return;
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (tp2, metadata2) = (tp.clone(), metadata.to_owned());
+    let spawned = std::thread::Builder::new()
+        .name("redrive-kafka-count".into())
+        .spawn(move || {
+            let _ = tx.send(commit_one(&*consumer, &tp2, offset, Some(&metadata2)));
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "could not start a thread to commit a delivery count");
+        return;
+    }
+    match blocking(|| rx.recv_timeout(COUNT_TIMEOUT)) {
+        Ok(Ok(())) => {
+            tracing::debug!(topic = %tp.0, partition = tp.1, offset, metadata, "delivery count committed")
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, topic = %tp.0, partition = tp.1, offset, "committing the delivery count failed; a crash in this run is not counted")
+        }
+        Err(_) => {
+            tracing::warn!(timeout = ?COUNT_TIMEOUT, topic = %tp.0, partition = tp.1, offset, "committing the delivery count took too long; a crash in this run may not be counted")
+        }
+    }
+}
+
+/// Runs `f`, which blocks, handing the worker thread over first on a multi-thread
+/// runtime so its other tasks run on.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
     }
 }
 
@@ -808,6 +962,19 @@ struct KafkaAcker {
     offset: i64,
     /// Whether the record is in a handler, as the Worker last said.
     running: AtomicBool,
+    /// Set for the first record of an assignment, whose deliveries are counted in the
+    /// committed offset's metadata.
+    first: Option<Box<FirstRecord>>,
+}
+
+/// The first record of an assignment: the one at the committed offset, which may have
+/// died with an earlier consumer (see [`DIED`]).
+struct FirstRecord {
+    consumer: Weak<StreamConsumer<Context>>,
+    /// Its deliveries so far, this one included.
+    deliveries: u32,
+    /// Whether its start was committed.
+    recorded: AtomicBool,
 }
 
 impl KafkaAcker {
@@ -844,7 +1011,30 @@ impl Acker for KafkaAcker {
         // Its run ends after its completion is marked: a revoke that waits for the
         // partition's runs to end then commits a watermark that counts it.
         self.set_running(false);
-        SettleFuture::ready(Ok(()))
+        match self.first.as_deref() {
+            // Not after a revoke: the partition's new owner commits it now.
+            Some(first) if first.recorded.load(Ordering::Acquire) && self.is_current() => {
+                // Its count of deliveries is committed: commit past it before the ack
+                // completes, or a crash now would count one more for a record that
+                // completed.
+                let consumer = first.consumer.clone();
+                let (tp, past) = (self.tp.clone(), self.offset + 1);
+                SettleFuture::new(async move {
+                    let cleared = off_runtime(move || {
+                        consumer.upgrade().map(|c| commit_one(&*c, &tp, past, None))
+                    })
+                    .await;
+                    if !matches!(cleared, Some(Some(Ok(())))) {
+                        tracing::warn!(
+                            ?cleared,
+                            "committing past a counted record failed; the periodic commit tries again"
+                        );
+                    }
+                    Ok(())
+                })
+            }
+            _ => SettleFuture::ready(Ok(())),
+        }
     }
 
     fn nack(&self, _delay: Duration) -> SettleFuture<'_> {
@@ -863,6 +1053,14 @@ impl Acker for KafkaAcker {
     }
 
     fn running(&self, running: bool) {
+        if running {
+            if let Some(first) = self.first.as_deref().filter(|_| self.is_current()) {
+                if !first.recorded.swap(true, Ordering::AcqRel) {
+                    let metadata = died_metadata(self.offset, first.deliveries);
+                    commit_before_running(first, &self.tp, self.offset, &metadata);
+                }
+            }
+        }
         self.set_running(running);
     }
 
@@ -883,6 +1081,22 @@ mod tests {
             tp: ("t".into(), 0),
             offset,
             running: AtomicBool::new(false),
+            first: None,
+        }
+    }
+
+    #[test]
+    fn deaths_are_written_and_read_back() {
+        assert_eq!(died_metadata(42, 3), "redrive:a=42:3");
+        assert_eq!(parse_died("redrive:a=42:3"), Some((42, 3)));
+        for other in [
+            "",
+            "redrive:a=42",
+            "redrive:a=x:1",
+            "redrive:a=1:-1",
+            "app-data",
+        ] {
+            assert_eq!(parse_died(other), None, "{other}");
         }
     }
 

@@ -48,6 +48,20 @@
 //!   other keys flow on. The attempt count lives in memory (Kafka keeps no delivery
 //!   count) and reaches the dead-letter envelope; a parked record holds its
 //!   partition's watermark until it succeeds or is dead-lettered.
+//! - **Crash loops**: a record whose run kills the process (an abort, running out of
+//!   memory) gets no fate, so after a restart it is at the committed offset again. The
+//!   first record of each assignment is that one; before its handler runs, its count of
+//!   deliveries is committed in the offset's metadata (`redrive:a=<offset>:<count>`,
+//!   waiting at most 5 s), and the commit past it when it completes clears it. At
+//!   assignment the committed metadata is read, and a record it counts is delivered
+//!   with `attempt` one above the count, so a dead-letter layer's `max_attempts` ends
+//!   the loop. A crash while the record is not yet first (records before it still
+//!   uncommitted) is not counted; a first record that completes is committed past at
+//!   once, so the record that kills becomes first within that many restarts. Every
+//!   record running at the crash is a suspect, as with a broker's delivery count: the
+//!   first record is counted if it was running then, whichever record killed the
+//!   process. Needs a broker that returns commit metadata (Kafka does; tansu 0.6
+//!   answers with none).
 //! - **Rebalances**: on revoke, records of the revoked partitions are no longer
 //!   started (the Worker hands back queued, waiting and parked ones unrun), the ones
 //!   running in a handler get up to
@@ -60,7 +74,8 @@
 //!   uncommitted), then calls [`close`](redrive_core::Consumer::close), which commits the
 //!   final watermarks and leaves the group off the runtime, each bounded by
 //!   [`close_timeout`](KafkaConsumerBuilder::close_timeout), so it cannot hang.
-//!   The adapter never calls `committed()` (whose use was seen to hang a later drop).
+//!   Reading the committed offsets at assignment (for the crash-loop count) is bounded
+//!   by 5 s; past it the count is not read, with a warning.
 //! - **Throughput**: records are polled by a task of their own and handed to the Worker
 //!   in batches. For handlers that do little per record, run calls in the Worker's task
 //!   ([`Execution::InTask`]): on a 2-core machine, with the full middleware Stack around

@@ -7,7 +7,7 @@
 //! | headers | `headers`, in order, repeats kept: UTF-8 values as strings, others as bytes, a null value as empty bytes (see below for the ones left out) |
 //! | topic, partition, offset | `metadata.source` |
 //! | the `message-id` header, else `<topic>-<partition>-<offset>` | `metadata.message_id` |
-//! | the `x-redrive-attempt` header, else 1 | `metadata.attempt` (the Worker counts parked retries on top) |
+//! | the `x-redrive-attempt` header, else 1; for a record that died with its consumer, at least one above its count (see the [crate docs](crate)) | `metadata.attempt` (the Worker counts parked retries on top) |
 //! | timestamp (create or log-append time) | `metadata.enqueued_at` |
 //!
 //! A header redrive cannot take is left out, alone: one whose name is not UTF-8 (Kafka

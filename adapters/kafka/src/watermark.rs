@@ -79,6 +79,12 @@ pub(crate) struct Assigned {
     /// Records in a handler, counted by their ackers (each counts its record once), so
     /// starting and stopping a run takes no lock; read while a revoke waits.
     running: AtomicUsize,
+    /// Set until the assignment's first record is received (see
+    /// [`first_record`](Self::first_record)).
+    awaiting_first: AtomicBool,
+    /// Deliveries of a record that ended without a fate, as the committed offset's
+    /// metadata gave them at assignment: its offset and their count.
+    died: Mutex<Option<(i64, u32)>>,
     marks: Mutex<Partition>,
 }
 
@@ -87,8 +93,33 @@ impl Assigned {
         Assigned {
             current: AtomicBool::new(true),
             running: AtomicUsize::new(0),
+            awaiting_first: AtomicBool::new(true),
+            died: Mutex::new(None),
             marks: Mutex::new(Partition::default()),
         }
+    }
+
+    /// The committed offset's metadata says the record at `offset` was delivered
+    /// `count` times without a fate (its consumer died running it).
+    pub(crate) fn set_died(&self, offset: i64, count: u32) {
+        *self.died.lock().unwrap_or_else(PoisonError::into_inner) = Some((offset, count));
+    }
+
+    /// For the first record received in this assignment, the one at the committed
+    /// offset, which may have died with an earlier consumer: how many earlier
+    /// deliveries of it ended without a fate. `None` for every later record (one
+    /// atomic load).
+    pub(crate) fn first_record(&self, offset: i64) -> Option<u32> {
+        if !self.awaiting_first.load(Ordering::Relaxed)
+            || !self.awaiting_first.swap(false, Ordering::AcqRel)
+        {
+            return None;
+        }
+        let died = *self.died.lock().unwrap_or_else(PoisonError::into_inner);
+        Some(match died {
+            Some((o, count)) if o == offset => count,
+            _ => 0,
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, Partition> {
@@ -248,6 +279,20 @@ mod tests {
         assert_eq!(a.watermark(), Some(14));
         assert_eq!(w.take_dirty(), vec![(tp(0), 14)]);
         assert_eq!(w.take_dirty(), vec![], "taken once");
+    }
+
+    #[test]
+    fn the_first_record_of_an_assignment_carries_its_count() {
+        let mut w = Watermarks::default();
+        let a = w.assign(tp(0));
+        a.set_died(5, 2);
+        assert_eq!(a.first_record(5), Some(2), "the counted record");
+        assert_eq!(a.first_record(6), None, "only the first record");
+        let b = w.assign(tp(1));
+        b.set_died(5, 2);
+        assert_eq!(b.first_record(7), Some(0), "a count for another record");
+        let c = w.assign(tp(2));
+        assert_eq!(c.first_record(0), Some(0), "no count committed");
     }
 
     #[test]

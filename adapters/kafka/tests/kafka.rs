@@ -54,6 +54,14 @@ async fn a_revoke_waits_for_the_running_record_so_it_is_not_run_twice_on_tansu()
     a_revoke_waits_for_the_running_record_so_it_is_not_run_twice(&Env::real()).await;
 }
 
+/// On the mock cluster only: tansu (0.6) keeps the metadata of a committed offset but
+/// answers every offset fetch with empty metadata, where Kafka returns what was
+/// committed; the count lives there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_that_kills_its_consumer_is_counted_across_restarts_on_the_mock_cluster() {
+    a_record_that_kills_its_consumer_is_counted_across_restarts(&Env::mock()).await;
+}
+
 fn text(m: &Message) -> String {
     String::from_utf8_lossy(&m.payload).into_owned()
 }
@@ -245,7 +253,8 @@ async fn all_completed_work_is_committed_on_close(env: &Env) {
 async fn a_poison_record_is_dead_lettered_with_its_attempts_and_its_key_unblocks(env: &Env) {
     let brokers = env.brokers.clone();
     let topic = unique_name("orders");
-    let dlq = format!("{topic}.dlq");
+    // Named explicitly: a name every broker accepts, whatever the layer's default.
+    let dlq = format!("{topic}-dlq");
     env.create_topic(&topic, 1).await;
     env.create_topic(&dlq, 1).await;
     let p = common::publisher(&brokers);
@@ -273,6 +282,7 @@ async fn a_poison_record_is_dead_lettered_with_its_attempts_and_its_key_unblocks
     let service = DeadLetterLayer::new(
         Arc::new(p.clone()),
         DeadLetterConfig::default()
+            .with_destination(&dlq)
             .with_max_attempts(3)
             .with_consumer_name("billing"),
     )
@@ -491,6 +501,51 @@ async fn a_consumer_dropped_without_closing_loses_nothing(env: &Env) {
     let expected: Vec<String> = (4..10).map(|i| format!("m{i}")).collect();
     assert_eq!(again, expected, "resumed at the first record not acked");
     second.close().await.expect("close");
+}
+
+/// A record whose run kills the process (an abort, running out of memory) never gets a
+/// fate of its own; its deliveries are counted in the committed offset's metadata, so
+/// each restart reports one attempt more, and a dead-letter layer can stop the loop.
+/// The record after it, once reached, starts again at attempt 1.
+async fn a_record_that_kills_its_consumer_is_counted_across_restarts(env: &Env) {
+    let brokers = env.brokers.clone();
+    let topic = unique_name("crash-loop");
+    let group = unique_name("g");
+    env.create_topic(&topic, 1).await;
+    let p = common::publisher(&brokers);
+    publish(&p, &topic, "k", "kills").await;
+    publish(&p, &topic, "k", "next").await;
+    for attempt in 1..=4 {
+        let mut c = common::consumer(&brokers, &group, &topic);
+        let d = tokio::time::timeout(Duration::from_secs(20), c.receive())
+            .await
+            .expect("within 20 s")
+            .expect("receive")
+            .expect("delivery");
+        assert_eq!(text(&d.message), "kills");
+        assert_eq!(
+            d.message.metadata.attempt, attempt,
+            "deliveries that died with their consumer are counted"
+        );
+        if attempt < 4 {
+            // The handler starts, and the process dies with it.
+            d.running(true);
+            drop(c);
+            drop(d);
+        } else {
+            d.running(true);
+            d.ack().await.expect("ack");
+            let next = tokio::time::timeout(Duration::from_secs(20), c.receive())
+                .await
+                .expect("within 20 s")
+                .expect("receive")
+                .expect("delivery");
+            assert_eq!(text(&next.message), "next");
+            assert_eq!(next.message.metadata.attempt, 1, "a record of its own");
+            next.ack().await.expect("ack");
+            c.close().await.expect("close");
+        }
+    }
 }
 
 /// `PerPartition`: each partition runs one record at a time, in offset order. (Whether
