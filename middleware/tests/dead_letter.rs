@@ -714,3 +714,51 @@ fn a_destination_the_broker_refuses_by_name_is_an_error_at_start_up() {
     )
     .unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn in_a_worker_a_message_that_kills_its_consumer_reaches_the_dlq_on_the_next_start() {
+    // The handler never returns for this message: each "process" dies holding it (its
+    // Worker is dropped mid-call), so no layer ever sees a failure. The broker counts
+    // the deliveries; after three, the next start dead-letters it without running it.
+    let broker = MemoryBroker::new();
+    broker.declare(
+        "jobs",
+        redrive_core::memory::QueueConfig::default().with_lease(Duration::from_secs(1)),
+    );
+    broker
+        .publish("jobs", OutgoingMessage::new("deadly"))
+        .await
+        .unwrap();
+    let runs = Arc::new(AtomicU32::new(0));
+    let worker = |broker: &MemoryBroker| {
+        let runs = runs.clone();
+        let handler = handler::handler_fn(move |_m: Message| {
+            runs.fetch_add(1, Ordering::SeqCst);
+            std::future::pending::<Result<(), BoxError>>()
+        });
+        let service = layer(Arc::new(broker.clone()), config()).layer(handler);
+        Worker::builder(broker.consumer("jobs"), service)
+            .execution(redrive_core::Execution::InTask)
+            .build()
+            .unwrap()
+    };
+    for _ in 0..3 {
+        // Dropped after 100 ms with its call in flight, as a killed process would be.
+        let run = worker(&broker).run();
+        let _ = tokio::time::timeout(Duration::from_millis(100), run).await;
+        tokio::time::sleep(Duration::from_secs(2)).await; // the lease runs out
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 3);
+    let report = worker(&broker)
+        .run_until(tokio::time::sleep(Duration::from_millis(500)))
+        .await;
+    assert_eq!(runs.load(Ordering::SeqCst), 3, "not run a fourth time");
+    assert_eq!((report.dead_lettered, report.acked), (1, 1), "{report:?}");
+    let dead = broker.messages("jobs-dlq");
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        dead[0].headers.get_str(dead_letter::ERROR_KIND),
+        Some("abandoned")
+    );
+    assert_eq!(dead[0].headers.get_str(dead_letter::ATTEMPTS), Some("4"));
+}
