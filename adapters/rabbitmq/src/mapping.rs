@@ -280,9 +280,14 @@ pub(crate) fn receive(props: &BasicProperties, redelivered: bool) -> Received {
     let mut key = None;
     let mut base = None;
     let mut delivery_count = None;
-    let put = |headers: &mut Headers, name: &str, value: HeaderValue| {
+    // Headers left out, and the first reason: one warning per message, however many
+    // a producer sends past the limits.
+    let mut left_out = 0usize;
+    let mut first_reason = None;
+    let mut put = |headers: &mut Headers, name: &str, value: HeaderValue| {
         if let Err(e) = headers.insert(name.to_owned(), value) {
-            tracing::warn!(header = name, error = %e, "AMQP header left out of the message headers; it stays in the AmqpDelivery extension");
+            left_out += 1;
+            first_reason.get_or_insert(e);
         }
     };
     if let Some(table) = props.headers() {
@@ -340,6 +345,12 @@ pub(crate) fn receive(props: &BasicProperties, redelivered: bool) -> Received {
         }
         UNIX_EPOCH.checked_add(Duration::from_secs(secs))
     });
+    if let Some(e) = first_reason {
+        tracing::warn!(
+            left_out, first = %e,
+            "AMQP headers left out of the message headers; they stay in the AmqpDelivery extension"
+        );
+    }
     let extra = match delivery_count {
         Some(n) => n,
         None => u32::from(redelivered),
@@ -467,6 +478,85 @@ pub(crate) fn message(
     };
     message.extensions.insert(amqp);
     message
+}
+
+#[cfg(test)]
+mod props {
+    //! Property tests: whatever lapin hands over, the mapping is total and bounded.
+    use super::*;
+    use lapin::types::{ByteArray, FieldArray};
+    use proptest::prelude::*;
+
+    fn name() -> impl Strategy<Value = String> {
+        prop_oneof![
+            ".{0,30}",
+            Just(String::new()),
+            prop::sample::select(vec![KEY, ATTEMPT, DELIVERY_COUNT, MESSAGE_ID, CONTENT_TYPE])
+                .prop_map(str::to_owned),
+        ]
+    }
+
+    fn value() -> impl Strategy<Value = AMQPValue> {
+        let leaf = prop_oneof![
+            any::<bool>().prop_map(AMQPValue::Boolean),
+            any::<i8>().prop_map(AMQPValue::ShortShortInt),
+            any::<i64>().prop_map(AMQPValue::LongLongInt),
+            any::<u64>().prop_map(AMQPValue::Timestamp),
+            any::<f32>().prop_map(AMQPValue::Float),
+            any::<f64>().prop_map(AMQPValue::Double),
+            (any::<u8>(), any::<u32>())
+                .prop_map(|(scale, value)| AMQPValue::DecimalValue(DecimalValue { scale, value })),
+            prop::collection::vec(any::<u8>(), 0..64)
+                .prop_map(|b| AMQPValue::LongString(LongString::from(b))),
+            ".{0,40}".prop_map(|s| AMQPValue::ShortString(s.into())),
+            prop::collection::vec(any::<u8>(), 0..64)
+                .prop_map(|b| AMQPValue::ByteArray(ByteArray::from(b))),
+            Just(AMQPValue::Void),
+            "-?[0-9]{1,12}".prop_map(|s| AMQPValue::LongString(LongString::from(s))),
+        ];
+        leaf.prop_recursive(4, 64, 8, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..8)
+                    .prop_map(|v| AMQPValue::FieldArray(FieldArray::from(v))),
+                prop::collection::vec((name(), inner), 0..8).prop_map(|entries| {
+                    let mut t = FieldTable::default();
+                    for (k, v) in entries {
+                        t.insert(k.into(), v);
+                    }
+                    AMQPValue::FieldTable(t)
+                }),
+            ]
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+        #[test]
+        fn any_properties_map_to_bounded_headers_and_an_attempt(
+            entries in prop::collection::vec((name(), value()), 0..200),
+            many in 0usize..5000,
+            message_id in proptest::option::of(".{0,300}"),
+            redelivered in any::<bool>(),
+        ) {
+            let mut table = FieldTable::default();
+            for (k, v) in entries {
+                table.insert(k.into(), v);
+            }
+            for i in 0..many {
+                table.insert(format!("h{i}").into(), AMQPValue::LongString(LongString::from("v")));
+            }
+            let mut props = BasicProperties::default().with_headers(table);
+            if let Some(id) = message_id {
+                props = props.with_message_id(id.into());
+            }
+            let r = receive(&props, redelivered);
+            let limits = RECEIVED_HEADER_LIMITS;
+            prop_assert!(r.headers.len() <= limits.max_count);
+            prop_assert!(r.headers.size() <= limits.max_bytes);
+            prop_assert!(r.attempt >= 1);
+        }
+    }
 }
 
 #[cfg(test)]
