@@ -1075,6 +1075,18 @@ impl Acker for KafkaAcker {
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_builder_debug_hides_sasl_and_ssl_secrets() {
+        let builder = KafkaConsumer::builder("127.0.0.1:9092", "g", ["t"])
+            .set("security.protocol", "SASL_SSL")
+            .set("sasl.username", "svc")
+            .set("sasl.password", "hunter2")
+            .set("ssl.key.password", "k3y-s3cret");
+        let text = format!("{builder:?}");
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(!text.contains("k3y-s3cret"), "{text}");
+    }
+
     fn acker(assigned: &Arc<Assigned>, offset: i64) -> KafkaAcker {
         KafkaAcker {
             assigned: Some(assigned.clone()),
