@@ -508,7 +508,8 @@ async fn poison_message_reaches_the_dlq_with_its_envelope() {
     let sqs = common::sqs().await;
     let name = common::queue_name("poison", false);
     let url = common::create_queue(&sqs, &name, Duration::from_secs(10), &[]).await;
-    // `<queue>-dlq`: SQS's names hold no dot, so `<queue>.dlq` would be refused.
+    // The dead-letter layer's default destination, `<queue>-dlq`: SQS's names hold no
+    // dot, so the old default `<queue>.dlq` was refused.
     let dlq = format!("{name}-dlq");
     common::create_queue(&sqs, &dlq, Duration::from_secs(10), &[]).await;
     let p = sqs.publisher();
@@ -526,7 +527,6 @@ async fn poison_message_reaches_the_dlq_with_its_envelope() {
     let layer = DeadLetterLayer::new(
         Arc::new(sqs.publisher()),
         DeadLetterConfig::default()
-            .with_destination(&dlq)
             .with_max_attempts(3)
             .with_consumer_name("billing"),
     )
