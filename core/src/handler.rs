@@ -123,9 +123,7 @@ where
     }
 
     fn call(&mut self, msg: Message) -> Self::Future {
-        HandlerFuture {
-            inner: (self.f)(msg),
-        }
+        HandlerFuture::start(|| (self.f)(msg))
     }
 }
 
@@ -133,7 +131,24 @@ pin_project_lite::pin_project! {
     /// The future of a [`HandlerFn`] or [`Typed`] handler.
     pub struct HandlerFuture<Fut> {
         #[pin]
-        inner: Fut,
+        inner: Option<Fut>,
+        panicked: Option<Panicked>,
+    }
+}
+
+impl<Fut> HandlerFuture<Fut> {
+    /// Calls the user's function, catching a panic in its synchronous part too.
+    fn start(call: impl FnOnce() -> Fut) -> Self {
+        match std::panic::catch_unwind(AssertUnwindSafe(call)) {
+            Ok(fut) => HandlerFuture {
+                inner: Some(fut),
+                panicked: None,
+            },
+            Err(panic) => HandlerFuture {
+                inner: None,
+                panicked: Some(Panicked::from_payload(panic)),
+            },
+        }
     }
 }
 
@@ -146,11 +161,20 @@ where
     type Output = Result<Outcome, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let inner = self.project().inner;
+        let mut this = self.project();
+        if let Some(p) = this.panicked.take() {
+            return Poll::Ready(Err(p.into()));
+        }
+        let Some(inner) = this.inner.as_mut().as_pin_mut() else {
+            panic!("HandlerFuture polled after completion");
+        };
         match std::panic::catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
             Ok(poll) => poll.map(|r| r.map(Into::into).map_err(Into::into)),
-            // Not polled again: the caller has its result.
-            Err(panic) => Poll::Ready(Err(Panicked::from_payload(panic).into())),
+            Err(panic) => {
+                // Not polled again: the caller has its result.
+                this.inner.set(None);
+                Poll::Ready(Err(Panicked::from_payload(panic).into()))
+            }
         }
     }
 }
@@ -402,9 +426,7 @@ where
         let decoded = std::panic::catch_unwind(|| D::decode(&msg.payload))
             .unwrap_or_else(|panic| Err(Panicked::from_payload(panic).into()));
         match decoded {
-            Ok(value) => Either::Right(HandlerFuture {
-                inner: (self.f)(value, msg),
-            }),
+            Ok(value) => Either::Right(HandlerFuture::start(|| (self.f)(value, msg))),
             Err(source) => Either::Left(ready(Err(classify::permanent(DecodeError {
                 format: D::FORMAT,
                 type_name: std::any::type_name::<T>(),
@@ -455,6 +477,16 @@ mod tests {
         let p = err.downcast_ref::<Panicked>().expect("a Panicked error");
         assert!(p.message().contains("payload"), "{p}");
         assert!(!Classifier::default().classify(&*err).is_permanent());
+    }
+
+    #[tokio::test]
+    #[allow(clippy::diverging_sub_expression, reason = "the panic is the point")]
+    async fn a_panic_before_the_handler_future_is_made_is_caught_too() {
+        let svc = handler_fn(|_m: Message| -> std::future::Ready<Result<(), BoxError>> {
+            panic!("before the future")
+        });
+        let err = svc.oneshot(Message::new("x")).await.unwrap_err();
+        assert!(err.is::<Panicked>(), "{err}");
     }
 
     #[tokio::test]

@@ -9,6 +9,8 @@
 //! ```
 
 use std::borrow::Cow;
+use std::fmt;
+use std::panic::AssertUnwindSafe;
 
 const ELLIPSIS: &str = "\u{2026}";
 
@@ -22,6 +24,40 @@ pub fn truncate(s: &str, max: usize) -> Cow<'_, str> {
     }
     let cut = floor_char_boundary(s, max - ELLIPSIS.len());
     Cow::Owned(format!("{}{ELLIPSIS}", &s[..cut]))
+}
+
+/// `value`'s `Display` for a log line or a span: cut to `max` bytes like [`truncate`],
+/// and a `Display` that panics (user code: an error type's) written as such instead of
+/// unwinding the caller.
+///
+/// ```
+/// use redrive_core::text::bounded;
+///
+/// let err = std::io::Error::other("x".repeat(5000));
+/// assert_eq!(bounded(&err, 8).to_string(), "xxxxx…");
+/// ```
+pub fn bounded<T: fmt::Display + ?Sized>(value: &T, max: usize) -> Bounded<'_, T> {
+    Bounded { value, max }
+}
+
+/// See [`bounded`].
+pub struct Bounded<'a, T: ?Sized> {
+    value: &'a T,
+    max: usize,
+}
+
+impl<T: fmt::Display + ?Sized> fmt::Display for Bounded<'_, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let text = std::panic::catch_unwind(AssertUnwindSafe(|| self.value.to_string()))
+            .unwrap_or_else(|_| "<its Display panicked>".to_owned());
+        f.write_str(&truncate(&text, self.max))
+    }
+}
+
+impl<T: fmt::Display + ?Sized> fmt::Debug for Bounded<'_, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
 }
 
 fn floor_char_boundary(s: &str, mut i: usize) -> usize {

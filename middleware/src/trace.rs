@@ -596,7 +596,9 @@ where
                 span.record("otel.status_code", "ERROR");
                 span.record(
                     "otel.status_description",
-                    &*truncate(&e.to_string(), MAX_RECORDED_ERROR),
+                    redrive_core::text::bounded(&e, MAX_RECORDED_ERROR)
+                        .to_string()
+                        .as_str(),
                 );
                 Err(e)
             }

@@ -396,8 +396,24 @@ async fn a_dead_letter_the_broker_refuses_is_trimmed_then_delayed_loudly() {
 
 #[tokio::test(start_paused = true)]
 async fn a_message_past_its_attempt_limit_is_dead_lettered_without_running() {
-    // Delivery 6 of a message whose limit is 5: earlier deliveries ended without a
-    // result (the process died), so running it again would only die again.
+    // Delivery 6 of a message whose limit is 3, past the margin of 2: earlier
+    // deliveries ended without a result (the process died), so running it again would
+    // only die again. Deliveries 4 and 5 still run: a filter may have declined their
+    // errors, or a dead-letter publish failed.
+    for attempt in [4, 5] {
+        let dlq = Arc::new(Recorder::default());
+        let calls = Arc::new(AtomicU32::new(0));
+        let svc = layer(dlq.clone(), config()).layer(failing(calls.clone(), transient));
+        assert_eq!(
+            svc.oneshot(message(attempt)).await.unwrap(),
+            Outcome::DeadLettered
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "attempt {attempt} runs");
+        assert_eq!(
+            dlq.take()[0].1.headers.get_str(dead_letter::ERROR_KIND),
+            Some("exhausted")
+        );
+    }
     let dlq = Arc::new(Recorder::default());
     let calls = Arc::new(AtomicU32::new(0));
     let svc = layer(dlq.clone(), config()).layer(failing(calls.clone(), transient));
@@ -742,17 +758,18 @@ async fn in_a_worker_a_message_that_kills_its_consumer_reaches_the_dlq_on_the_ne
             .build()
             .unwrap()
     };
-    for _ in 0..3 {
+    // max_attempts 3 and the default margin of 2: five deaths, then the guard.
+    for _ in 0..5 {
         // Dropped after 100 ms with its call in flight, as a killed process would be.
         let run = worker(&broker).run();
         let _ = tokio::time::timeout(Duration::from_millis(100), run).await;
         tokio::time::sleep(Duration::from_secs(2)).await; // the lease runs out
     }
-    assert_eq!(runs.load(Ordering::SeqCst), 3);
+    assert_eq!(runs.load(Ordering::SeqCst), 5);
     let report = worker(&broker)
         .run_until(tokio::time::sleep(Duration::from_millis(500)))
         .await;
-    assert_eq!(runs.load(Ordering::SeqCst), 3, "not run a fourth time");
+    assert_eq!(runs.load(Ordering::SeqCst), 5, "not run a sixth time");
     assert_eq!((report.dead_lettered, report.acked), (1, 1), "{report:?}");
     let dead = broker.messages("jobs-dlq");
     assert_eq!(dead.len(), 1);
@@ -760,5 +777,5 @@ async fn in_a_worker_a_message_that_kills_its_consumer_reaches_the_dlq_on_the_ne
         dead[0].headers.get_str(dead_letter::ERROR_KIND),
         Some("abandoned")
     );
-    assert_eq!(dead[0].headers.get_str(dead_letter::ATTEMPTS), Some("4"));
+    assert_eq!(dead[0].headers.get_str(dead_letter::ATTEMPTS), Some("6"));
 }

@@ -97,9 +97,12 @@ pub struct Report {
     pub parked: u64,
     /// Handler calls that panicked.
     pub panicked: u64,
-    /// Worker tasks that panicked outside the handler (a user's classifier or error
-    /// `Display`, an adapter's acker): their slot and ordering key were freed and their
-    /// message left to the broker to deliver again.
+    /// Worker tasks that panicked outside the handler (an adapter's acker, the Worker
+    /// itself; a user's classifier or error `Display` is caught where it runs and the
+    /// message still settled). Their slot, parked place and ordering key were freed and
+    /// their message left to its acker's drop: the broker delivers it again, possibly
+    /// after later messages of its key (an order kept forever behind a task that is gone
+    /// would stop the key for good).
     pub crashed: u64,
     /// Deliveries handed back unprocessed at shutdown (waiting or parked).
     pub handed_back: u64,
@@ -161,8 +164,9 @@ impl<C, S> WorkerBuilder<C, S> {
         self
     }
 
-    /// The most failed messages the Worker parks at once (at least 1). At the bound
-    /// intake pauses, leaving messages in the broker, until a parked message runs again:
+    /// The most failed messages the Worker parks at once (at least 1; calls already
+    /// running when the bound is reached may still park, so up to `concurrency` more).
+    /// At the bound intake pauses, leaving messages in the broker, until a parked message runs again:
     /// a downstream outage on a broker that cannot nack one message (Kafka) fills the
     /// Worker up to here, not up to the backlog.
     pub fn max_parked(mut self, n: usize) -> Self {
@@ -553,7 +557,7 @@ where
                     ready = poll_fn(|cx| service.poll_ready(cx)), if want => {
                         if let Err(e) = ready {
                             let e: BoxError = e.into();
-                            tracing::error!(worker = name, error = %DisplayBounded(&e), "service failed; stopping intake");
+                            tracing::error!(worker = name, error = %logged(&e), "service failed; stopping intake");
                             state.intake_open = false;
                             continue;
                         }
@@ -602,7 +606,7 @@ where
                             Err(e) => {
                                 receive_errors += 1;
                                 let pause = Duration::from_millis(50 << receive_errors.min(7));
-                                tracing::warn!(worker = name, error = %DisplayBounded(&e), ?pause, "receive failed; trying again");
+                                tracing::warn!(worker = name, error = %logged(&e), ?pause, "receive failed; trying again");
                                 receive_pause.as_mut().reset(tokio::time::Instant::now() + pause);
                                 receive_paused = true;
                                 continue;
@@ -1058,7 +1062,7 @@ where
                     std::panic::catch_unwind(AssertUnwindSafe(|| classifier.classify(&*err)))
                         .unwrap_or_else(|panic| {
                             tracing::error!(
-                                attempt, panic = %DisplayBounded(&Panicked::from_payload(panic)),
+                                attempt, panic = %logged(&Panicked::from_payload(panic)),
                                 "the classifier panicked; the failure is taken as transient"
                             );
                             Classification::TRANSIENT
@@ -1066,7 +1070,7 @@ where
                 let delay = class
                     .retry_after
                     .unwrap_or_else(|| redelivery.delay(attempt));
-                let error = DisplayBounded(&*err);
+                let error = logged(&*err);
                 if class.kind == ErrorKind::Permanent {
                     tracing::error!(
                         attempt, error = %error,
@@ -1178,19 +1182,11 @@ fn is_panic(err: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-/// An error for a log line: its `Display` cut to [`MAX_LOGGED_ERROR`] bytes, and a
-/// `Display` that panics (user code) written as such instead of unwinding the caller.
-/// Error text can quote a payload (a decoder's "invalid value" quotes the value), so
-/// it is bounded before it reaches a log.
-struct DisplayBounded<'a, E: ?Sized>(&'a E);
-
-/// The most bytes of an error's text a Worker log line carries.
+/// The most bytes of an error's text a Worker log line carries: error text can quote a
+/// payload (a decoder's "invalid value" quotes the value).
 const MAX_LOGGED_ERROR: usize = 1024;
 
-impl<E: std::fmt::Display + ?Sized> std::fmt::Display for DisplayBounded<'_, E> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let text = std::panic::catch_unwind(AssertUnwindSafe(|| self.0.to_string()))
-            .unwrap_or_else(|_| "<the error's Display panicked>".to_owned());
-        f.write_str(crate::text::truncate(&text, MAX_LOGGED_ERROR).as_ref())
-    }
+/// An error for a log line: bounded, and safe from a `Display` that panics.
+fn logged<E: std::fmt::Display + ?Sized>(err: &E) -> crate::text::Bounded<'_, E> {
+    crate::text::bounded(err, MAX_LOGGED_ERROR)
 }

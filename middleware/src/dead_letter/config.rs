@@ -17,6 +17,7 @@ pub(crate) type Filter = dyn Fn(&(dyn StdError + 'static), &Classification) -> b
 /// |---|---|
 /// | `destination` | [`default_destination`]: `<source destination>-dlq` (`orders.fifo` → `orders-dlq.fifo`) |
 /// | `max_attempts` | 5 delivery attempts |
+/// | `abandon_margin` | 2: a message that comes back more than `max_attempts + 2` times without this layer seeing a result is dead-lettered without running ([`Reason::Abandoned`](super::Reason::Abandoned)) |
 /// | `rejected_delay` | 10 min: how long a message whose dead letter the broker refuses for good waits before it comes back |
 /// | `max_error_len` | 1024 bytes |
 /// | `consumer_name` | none (the [`CONSUMER`](super::CONSUMER) header is left out) |
@@ -26,6 +27,7 @@ pub(crate) type Filter = dyn Fn(&(dyn StdError + 'static), &Classification) -> b
 pub struct DeadLetterConfig {
     pub(crate) destination: Option<String>,
     pub(crate) max_attempts: u32,
+    pub(crate) abandon_margin: u32,
     pub(crate) max_error_len: usize,
     pub(crate) rejected_delay: Duration,
     pub(crate) consumer_name: Option<String>,
@@ -38,6 +40,7 @@ impl Default for DeadLetterConfig {
         DeadLetterConfig {
             destination: None,
             max_attempts: 5,
+            abandon_margin: 2,
             max_error_len: 1024,
             rejected_delay: Duration::from_secs(600),
             consumer_name: None,
@@ -52,6 +55,7 @@ impl fmt::Debug for DeadLetterConfig {
         f.debug_struct("DeadLetterConfig")
             .field("destination", &self.destination)
             .field("max_attempts", &self.max_attempts)
+            .field("abandon_margin", &self.abandon_margin)
             .field("max_error_len", &self.max_error_len)
             .field("rejected_delay", &self.rejected_delay)
             .field("consumer_name", &self.consumer_name)
@@ -85,6 +89,22 @@ impl DeadLetterConfig {
     #[must_use]
     pub fn with_rejected_delay(mut self, delay: Duration) -> Self {
         self.rejected_delay = delay;
+        self
+    }
+
+    /// How many deliveries past `max_attempts` a message may come back before it is
+    /// dead-lettered without running, as [`Reason::Abandoned`](super::Reason::Abandoned).
+    ///
+    /// A message normally gets its fate here at attempt `max_attempts` at the latest.
+    /// One that comes back later had deliveries that ended without a result this layer
+    /// saw: the process or its connection died while handling it (a crash loop), the
+    /// filter declined its error, its dead letter could not be published, or the broker
+    /// counted deliveries that never ran (SQS counts every receive; a hand-back at
+    /// shutdown counts). The margin gives the latter kinds a few more runs before the
+    /// crash-loop guard takes the message out of the queue.
+    #[must_use]
+    pub fn with_abandon_margin(mut self, n: u32) -> Self {
+        self.abandon_margin = n;
         self
     }
 

@@ -82,9 +82,10 @@ pub enum Reason {
     Permanent,
     /// The message reached the configured maximum number of delivery attempts.
     Exhausted,
-    /// The message came back past the maximum number of delivery attempts: earlier
-    /// deliveries ended without a result (the process or its connection died while
-    /// handling it), so it is dead-lettered without running again.
+    /// The message came back past the maximum number of delivery attempts plus the
+    /// abandon margin: earlier deliveries ended without a result the layer saw (most
+    /// often the process or its connection died while handling it), so it is
+    /// dead-lettered without running again.
     Abandoned,
 }
 

@@ -95,8 +95,10 @@ impl fmt::Display for Abandoned {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "delivery attempt {} is past the limit of {}: earlier deliveries ended without a result \
-             (the process or its connection died while handling the message), so it was not run again",
+            "delivery attempt {} is well past the limit of {}: earlier deliveries ended without a \
+             result this layer saw (most often the process or its connection died while handling the \
+             message; else its dead letter could not be published or the filter declined its error), \
+             so it was not run again",
             self.attempt, self.max_attempts
         )
     }
@@ -165,7 +167,10 @@ impl<P: Publisher, H: OnDeadLetter> Pending<P, H> {
         };
         if let Some(filter) = &config.filter {
             if !filter(&**err, &class) {
-                tracing::debug!(%reason, error = %err, "dead-letter filter declined the error; it goes up");
+                tracing::debug!(
+                    %reason, error = %redrive_core::text::bounded(&**err, config.max_error_len),
+                    "dead-letter filter declined the error; it goes up"
+                );
                 return None;
             }
         }
@@ -179,7 +184,9 @@ impl<P: Publisher, H: OnDeadLetter> Pending<P, H> {
             metadata,
         } = self;
         let config = &shared.config;
-        let handler_error = envelope::error_text(&*err);
+        // Cut once here: it goes into logs, the error and the envelope.
+        let handler_error =
+            envelope::truncate(&envelope::error_text(&*err), config.max_error_len).into_owned();
         let fail = |kind, destination: String, handler_error: String| -> BoxError {
             let e = DeadLetterError {
                 kind,

@@ -55,9 +55,11 @@
 //!   [`attempt`](redrive_core::Metadata::attempt) has reached `max_attempts`, and the
 //!   optional filter agrees. Any other error goes up unchanged; successes pass through.
 //! - **A message that kills its consumer still gets here.** A message whose `attempt`
-//!   is already above `max_attempts` had deliveries that ended without a result (the
-//!   process, or its connection, died while handling it): it is dead-lettered at once,
-//!   without running, with the reason [`Reason::Abandoned`]. This needs an attempt
+//!   is above `max_attempts` plus a margin (2 by default,
+//!   [`DeadLetterConfig::with_abandon_margin`]) had deliveries that ended without a
+//!   result this layer saw (most often: the process, or its connection, died while
+//!   handling it): it is dead-lettered at once, without running, with the reason
+//!   [`Reason::Abandoned`]. This needs an attempt
 //!   count that survives crashes: the broker's own (SQS, RabbitMQ quorum queues) or the
 //!   adapter's durable one. A panic is a failure like any other (see
 //!   [`redrive_core::handler`]): it counts toward the limit and its message is in the
@@ -196,8 +198,9 @@ where
     fn call(&mut self, msg: Message) -> Self::Future {
         let message = msg.to_outgoing();
         let metadata = msg.metadata.clone();
-        let max_attempts = self.shared.config.max_attempts;
-        if metadata.attempt > max_attempts {
+        let config = &self.shared.config;
+        let max_attempts = config.max_attempts;
+        if metadata.attempt > max_attempts.saturating_add(config.abandon_margin) {
             return ResponseFuture::abandoned(self.shared.clone(), message, metadata, max_attempts);
         }
         ResponseFuture::new(self.inner.call(msg), self.shared.clone(), message, metadata)

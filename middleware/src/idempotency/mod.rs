@@ -124,6 +124,14 @@ use redrive_core::{BoxError, Message, Outcome, classify};
 use tower::Service;
 
 pub use error::{CommitFailed, ConfigError, KeyReserved, StoreError};
+/// The most bytes of an idempotency key a log line carries (a producer chooses it).
+const MAX_LOGGED_KEY: usize = 128;
+
+/// `key` for a log line, cut to [`MAX_LOGGED_KEY`] bytes.
+fn logged_key(key: &str) -> std::borrow::Cow<'_, str> {
+    redrive_core::text::truncate(key, MAX_LOGGED_KEY)
+}
+
 pub use key::{DefaultKey, IDEMPOTENCY_KEY, MESSAGE_ID, MakeKey};
 pub use layer::{CommitMode, IdempotencyConfig, IdempotencyLayer, IdempotencyStats};
 pub use memory::{DEFAULT_CAPACITY as MEMORY_STORE_CAPACITY, MemoryStore};
@@ -297,12 +305,12 @@ fn fresh<St: ?Sized>(
         Reservation::Fresh(token) => Ok(token),
         Reservation::Committed => {
             Counters::bump(&counters.deduplicated);
-            tracing::info!(idempotency_key = %redrive_core::text::truncate(&key[..], 128), "duplicate skipped: key already committed");
+            tracing::info!(idempotency_key = %logged_key(key), "duplicate skipped: key already committed");
             Err(Ok(Outcome::Deduplicated))
         }
         Reservation::Reserved { remaining } => {
             Counters::bump(&counters.reserved_elsewhere);
-            tracing::debug!(idempotency_key = %redrive_core::text::truncate(&key[..], 128), ?remaining, "key reserved by another consumer");
+            tracing::debug!(idempotency_key = %logged_key(key), ?remaining, "key reserved by another consumer");
             Err(Err(classify::retry_after(
                 KeyReserved {
                     key: key.to_string(),
@@ -351,7 +359,7 @@ fn committed<St: ?Sized>(
         Ok(CommitStatus::Committed) => {
             if shared.config.commit_mode == CommitMode::Handler {
                 tracing::warn!(
-                    idempotency_key = %redrive_core::text::truncate(&key[..], 128),
+                    idempotency_key = %logged_key(&key),
                     "the handler succeeded without committing the idempotency key in its \
                      transaction; committed it afterwards, so effect and key were not atomic"
                 );
@@ -375,7 +383,7 @@ fn committed<St: ?Sized>(
 async fn release<St: IdempotencyStore + ?Sized>(shared: &Shared<St>, key: &str, token: &Token) {
     if let Err(release) = shared.store.release(key, token).await {
         tracing::warn!(
-            idempotency_key = %redrive_core::text::truncate(key, 128),
+            idempotency_key = %logged_key(key),
             error = %release,
             "could not release the idempotency key; it stays reserved until its lease expires"
         );
