@@ -211,26 +211,37 @@ impl<P: Publisher, H: OnDeadLetter> Pending<P, H> {
             consumer: config.consumer_name.as_deref(),
             now: SystemTime::now(),
         };
+        // Publishes a dead letter; on the broker's confirm, logs it, tells the hook and
+        // answers the outcome.
+        let (shared, err, handler_error, metadata, to) = (
+            &shared,
+            &err,
+            &handler_error,
+            &metadata,
+            destination.as_str(),
+        );
+        let publish = move |dead: OutgoingMessage| async move {
+            shared.publisher.publish(to, dead.clone()).await?;
+            Ok::<_, redrive_core::Error>(confirmed(
+                shared,
+                err,
+                handler_error,
+                reason,
+                metadata,
+                to,
+                &dead,
+            ))
+        };
         let mut whole = message.clone();
         let first = match envelope.write(&mut whole) {
             Err(e) => Kind::Envelope(e),
-            Ok(()) => match shared.publisher.publish(&destination, whole.clone()).await {
-                Ok(()) => {
-                    return Ok(confirmed(
-                        &shared,
-                        &err,
-                        &handler_error,
-                        reason,
-                        &metadata,
-                        &destination,
-                        &whole,
-                    ));
-                }
+            Ok(()) => match publish(whole).await {
+                Ok(outcome) => return Ok(outcome),
                 Err(e) => Kind::Publish(e),
             },
         };
         if !first.is_deterministic() {
-            return Err(fail(first, destination, handler_error));
+            return Err(fail(first, destination.clone(), handler_error.clone()));
         }
         // The same dead letter would fail the same way: publish it trimmed instead.
         tracing::warn!(
@@ -241,28 +252,14 @@ impl<P: Publisher, H: OnDeadLetter> Pending<P, H> {
         let mut trimmed = message;
         let second = match envelope.write_trimmed(&mut trimmed) {
             Err(e) => Kind::Rejected(redrive_core::Error::Header(e)),
-            Ok(()) => match shared
-                .publisher
-                .publish(&destination, trimmed.clone())
-                .await
-            {
-                Ok(()) => {
-                    return Ok(confirmed(
-                        &shared,
-                        &err,
-                        &handler_error,
-                        reason,
-                        &metadata,
-                        &destination,
-                        &trimmed,
-                    ));
-                }
+            Ok(()) => match publish(trimmed).await {
+                Ok(outcome) => return Ok(outcome),
                 Err(e) if e.is_deterministic() => Kind::Rejected(e),
                 Err(e) => Kind::Publish(e),
             },
         };
         let rejected = matches!(second, Kind::Rejected(_));
-        let e = fail(second, destination, handler_error);
+        let e = fail(second, destination.clone(), handler_error.clone());
         Err(if rejected {
             // Needs a person; until then the message waits in its queue, coming back
             // at this pace rather than the Worker's.
