@@ -371,14 +371,7 @@ impl Headers {
         value: HeaderValue,
     ) -> Result<Option<HeaderValue>, HeaderError> {
         if self.surely_absent(&name) {
-            self.check(
-                &name,
-                name.len() + value.len(),
-                0,
-                self.entries.as_slice().len() + 1,
-            )?;
-            self.push(name, value);
-            return Ok(None);
+            return self.append_name(name, value).map(|()| None);
         }
         let removed: usize = self
             .entries
@@ -423,8 +416,11 @@ impl Headers {
         name: impl Into<String>,
         value: impl Into<HeaderValue>,
     ) -> Result<(), HeaderError> {
-        let name: Name = Cow::Owned(name.into());
-        let value = value.into();
+        self.append_name(Cow::Owned(name.into()), value.into())
+    }
+
+    /// Adds an entry after the others if the limits allow one more.
+    fn append_name(&mut self, name: Name, value: HeaderValue) -> Result<(), HeaderError> {
         self.check(
             &name,
             name.len() + value.len(),
