@@ -97,9 +97,10 @@ pub mod mapping;
 mod publisher;
 mod watermark;
 
-pub use consumer::{KafkaConsumer, KafkaConsumerBuilder};
+pub use consumer::{KafkaConsumer, KafkaConsumerBuilder, OpenRecords};
 pub use error::{Error, Result};
 pub use publisher::KafkaPublisher;
+pub use watermark::PartitionBacklog;
 
 /// Re-exported so applications can configure clients and use the mock cluster.
 pub use rdkafka;
