@@ -1292,6 +1292,18 @@ mod tests {
         assert!(!text.contains("k3y-s3cret"), "{text}");
     }
 
+    #[test]
+    fn a_bound_of_no_open_record_is_refused() {
+        let err = KafkaConsumer::builder("127.0.0.1:9092", "g", ["t"])
+            .max_open_per_partition(0)
+            .build()
+            .expect_err("no record could ever be open");
+        assert!(
+            matches!(err, Error::Config(ref m) if m.contains("max_open_per_partition")),
+            "{err}"
+        );
+    }
+
     fn acker(assigned: &Arc<Assigned>, offset: i64) -> KafkaAcker {
         KafkaAcker {
             assigned: Some(assigned.clone()),

@@ -447,6 +447,8 @@ impl Watermarks {
 
 #[cfg(test)]
 mod tests {
+    use futures_util::FutureExt as _;
+
     use super::*;
 
     fn tp(p: i32) -> Tp {
@@ -581,6 +583,64 @@ mod tests {
         a.stopped();
         assert_eq!(w.running(&[tp(0), tp(1)]), 0);
         assert_eq!(w.revoke(&tp(0)), Some(1));
+    }
+
+    #[test]
+    fn an_open_record_takes_16_bytes() {
+        assert_eq!(std::mem::size_of::<Open>(), 16);
+    }
+
+    #[test]
+    fn a_partition_is_full_at_its_bound_until_down_to_half_of_it() {
+        let mut w = Watermarks::new(4);
+        let wake = w.wake();
+        let a = w.assign(tp(0));
+        assert_eq!(a.room(), 4);
+        assert_eq!(a.received(&[0, 1, 2]), 1, "room for one more");
+        assert!(!a.is_full());
+        assert_eq!(a.received(&[3]), 0, "full");
+        assert!(a.is_full());
+        assert_eq!(a.stuck().map(|(o, _)| o), Some(0));
+        assert!(!a.complete(1) && !a.complete(3));
+        assert!(a.is_full(), "0 holds them all");
+        assert!(a.complete(0), "the watermark moves past 1");
+        assert_eq!(a.stuck().map(|(o, _)| o), Some(2));
+        assert!(!a.is_full(), "two open: half the bound");
+        assert!(
+            wake.notified().now_or_never().is_some(),
+            "the poll task is woken"
+        );
+        assert!(a.complete(2));
+        assert!(
+            wake.notified().now_or_never().is_none(),
+            "woken once, when it stops being full"
+        );
+        let b = w.backlog();
+        assert_eq!(
+            (b[0].open, b[0].oldest_incomplete, b[0].committable),
+            (0, None, Some(4))
+        );
+    }
+
+    #[test]
+    fn a_full_partition_stays_full_above_half_its_bound() {
+        let mut w = Watermarks::new(4);
+        let a = w.assign(tp(0));
+        a.received(&[0, 1, 2, 3]);
+        assert!(a.complete(0), "3 open: still above half");
+        assert!(a.is_full());
+        let b = w.backlog();
+        assert_eq!((b[0].open, b[0].oldest_incomplete), (3, Some(1)));
+    }
+
+    #[test]
+    fn a_rewind_that_forgets_records_ends_fullness() {
+        let mut w = Watermarks::new(4);
+        let a = w.assign(tp(0));
+        a.received(&[0, 1, 2, 3]);
+        assert!(a.is_full());
+        assert_eq!(a.received(&[1]), 2, "fetched again from 1");
+        assert!(!a.is_full());
     }
 
     #[test]
