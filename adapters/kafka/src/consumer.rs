@@ -24,7 +24,7 @@ use tokio::task::JoinHandle;
 
 use crate::error::{Error, Result};
 use crate::mapping;
-use crate::watermark::{Assigned, Tp, Watermarks};
+use crate::watermark::{Assigned, DEFAULT_MAX_OPEN, PartitionBacklog, Tp, Watermarks};
 
 /// Settings the adapter owns; setting them through [`KafkaConsumerBuilder::set`] is an
 /// error, because offsets are committed from the watermark and nowhere else.
@@ -41,6 +41,7 @@ const OWNED: &[(&str, &str)] = &[
 /// | `buffer` (records polled ahead of the Worker before partitions pause) | 256 |
 /// | `close_timeout` (the final commit and leaving the group, at most) | 10 s |
 /// | `revoke_timeout` (a revoke waits this long for running records) | 10 s |
+/// | `max_open_per_partition` (records open behind a partition's oldest incomplete one before it pauses) | 100 000 |
 /// | `auto.offset.reset` | `earliest` |
 /// | any other librdkafka setting | through [`set`](Self::set) |
 #[derive(Clone, Debug)]
@@ -52,6 +53,7 @@ pub struct KafkaConsumerBuilder {
     close_timeout: Duration,
     revoke_timeout: Duration,
     buffer: usize,
+    max_open: usize,
 }
 
 impl KafkaConsumerBuilder {
@@ -63,6 +65,24 @@ impl KafkaConsumerBuilder {
     /// (`max.poll.interval.ms` is never exceeded); they resume when there is room.
     pub fn buffer(mut self, records: usize) -> Self {
         self.buffer = records;
+        self
+    }
+
+    /// How many records of one partition may be open, from its oldest incomplete record
+    /// on (at least 1; default 100 000, 16 bytes each). A record that does not complete
+    /// (a handler that hangs without a timeout layer, a record parked for good) holds
+    /// its partition's committed offset, and every record received after it is kept
+    /// until it completes. At the bound the partition is paused, with a warning naming
+    /// its oldest incomplete record: its records already received are still handed
+    /// out, none is lost, and the other partitions flow on. It resumes, where it
+    /// stopped, once completions bring it down to half the bound. Read the counts
+    /// through [`KafkaConsumer::open_records`].
+    ///
+    /// Keep it well above the records in flight in a healthy flow (about twice the
+    /// [`buffer`](Self::buffer) plus the Worker's concurrency and waiting records), or
+    /// partitions pause under normal load.
+    pub fn max_open_per_partition(mut self, records: usize) -> Self {
+        self.max_open = records;
         self
     }
 
@@ -129,6 +149,11 @@ impl KafkaConsumerBuilder {
                 "the buffer must hold at least 1 record".into(),
             ));
         }
+        if self.max_open == 0 {
+            return Err(Error::Config(
+                "max_open_per_partition must allow at least 1 record".into(),
+            ));
+        }
         if self.config.get("group.id").is_none_or(str::is_empty) {
             return Err(Error::Config("a group id is required".into()));
         }
@@ -143,7 +168,7 @@ impl KafkaConsumerBuilder {
         for (key, value) in OWNED {
             config.set(*key, *value);
         }
-        let state = Arc::new(Mutex::new(Watermarks::default()));
+        let state = Arc::new(Mutex::new(Watermarks::new(self.max_open)));
         let context = Context {
             state: state.clone(),
             revoke_timeout: self.revoke_timeout,
@@ -232,6 +257,17 @@ impl KafkaConsumer {
             close_timeout: Duration::from_secs(10),
             revoke_timeout: Duration::from_secs(10),
             buffer: 256,
+            max_open: DEFAULT_MAX_OPEN,
+        }
+    }
+
+    /// A handle on what is open in each partition this consumer owns (see
+    /// [`max_open_per_partition`](KafkaConsumerBuilder::max_open_per_partition)), to
+    /// read while the Worker runs the consumer: for metrics, or to alert on a record
+    /// that holds its partition.
+    pub fn open_records(&self) -> OpenRecords {
+        OpenRecords {
+            state: Arc::downgrade(&self.state),
         }
     }
 
@@ -257,6 +293,24 @@ impl KafkaConsumer {
                 self.close_timeout
             ))),
         }
+    }
+}
+
+/// What is open in each partition a [`KafkaConsumer`] owns, from
+/// [`KafkaConsumer::open_records`]. Clones read the same consumer; once it is dropped
+/// there is nothing to read.
+#[derive(Clone, Debug)]
+pub struct OpenRecords {
+    state: Weak<Mutex<Watermarks>>,
+}
+
+impl OpenRecords {
+    /// Each partition the consumer owns, by topic and partition.
+    pub fn partitions(&self) -> Vec<PartitionBacklog> {
+        self.state
+            .upgrade()
+            .map(|state| lock(&state).backlog())
+            .unwrap_or_default()
     }
 }
 
@@ -329,7 +383,11 @@ async fn commit_every(
 /// on, so rebalances are served and the consumer never exceeds
 /// `max.poll.interval.ms`; they resume once everything held is handed over. Short
 /// stalls cost nothing: pausing drops librdkafka's prefetched records, and resuming
-/// fetches them again.
+/// fetches them again, from the record after the last one polled.
+///
+/// A partition whose open records reach their bound (a record holds it) is paused
+/// alone, at the end of the batch that filled it, and resumed once it is down to half
+/// the bound (the acker that gets it there wakes this task).
 async fn poll(
     consumer: Arc<StreamConsumer<Context>>,
     state: Arc<Mutex<Watermarks>>,
@@ -342,6 +400,9 @@ async fn poll(
     let refill = limit.div_ceil(2);
     let mut held: VecDeque<Batch> = VecDeque::new();
     let mut paused = false;
+    // Partitions paused for being full.
+    let mut full: Vec<Arc<Assigned>> = Vec::new();
+    let wake = lock(&state).wake();
     let mut last = None;
     // Kept across polls, so its list of offsets is allocated once.
     let mut received = Received::default();
@@ -360,8 +421,11 @@ async fn poll(
                 Err(TrySendError::Closed(_)) => return,
             }
         }
+        if !full.is_empty() {
+            resume_emptied(&consumer, &mut full, paused);
+        }
         if held.is_empty() && paused {
-            paused = !set_paused(&consumer, false);
+            paused = !set_paused(&consumer, &state, false);
         }
         if held.len() >= limit && !paused {
             // Full: wait for room without polling, but not long enough to be dropped
@@ -386,7 +450,7 @@ async fn poll(
                         continue;
                     }
                     tracing::info!(held = held.len(), ?pause_after, "the worker is not taking records; pausing the partitions and polling on");
-                    paused = set_paused(&consumer, true);
+                    paused = set_paused(&consumer, &state, true);
                 }
             }
             continue;
@@ -401,6 +465,8 @@ async fn poll(
                 }
                 continue;
             }
+            // A full partition has room: resumed at the top of the loop.
+            () = wake.notified(), if !full.is_empty() => continue,
             record = stream.next() => record.expect("kafka streams never end"),
         };
         let mut batch = spare.take(batch_max);
@@ -414,7 +480,7 @@ async fn poll(
         );
         // Then what librdkafka already holds, without waiting and without a `select!`
         // per record.
-        while !failed && batch.len() < batch_max {
+        while !failed && batch.len() < batch_max && !received.at_bound() {
             let Some(Some(record)) = stream.next().now_or_never() else {
                 break;
             };
@@ -429,6 +495,11 @@ async fn poll(
         }
         // Recorded before the Worker can see them, so none completes unrecorded.
         received.record();
+        for assigned in received.full.drain(..) {
+            if pause_full(&consumer, &assigned) {
+                full.push(assigned);
+            }
+        }
         if held.is_empty() {
             match tx.try_send(batch) {
                 // A closed channel is seen at the top of the poll loop.
@@ -440,7 +511,7 @@ async fn poll(
         }
         if paused && held.len() >= limit {
             // Records of partitions assigned since the pause: pause them too.
-            set_paused(&consumer, true);
+            set_paused(&consumer, &state, true);
         }
         if failed {
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -521,6 +592,11 @@ fn take(
 struct Received {
     assigned: Option<Arc<Assigned>>,
     offsets: Vec<i64>,
+    /// How many more records `assigned` could take when its run began (or when the
+    /// last of it was recorded).
+    room: usize,
+    /// Partitions that became full, not yet paused.
+    full: Vec<Arc<Assigned>>,
 }
 
 impl Received {
@@ -532,26 +608,122 @@ impl Received {
         {
             self.record();
             self.assigned = Some(assigned.clone());
+            self.room = assigned.room();
         }
         self.offsets.push(offset);
+    }
+
+    /// Whether the partition of the run being added is full: the batch ends here.
+    fn at_bound(&self) -> bool {
+        self.assigned.is_some() && self.offsets.len() >= self.room
     }
 
     /// Records the offsets added since the last call.
     fn record(&mut self) {
         if let Some(assigned) = self.assigned.as_ref().filter(|_| !self.offsets.is_empty()) {
-            assigned.received(&self.offsets);
+            self.room = assigned.received(&self.offsets);
+            if self.room == 0 && !assigned.is_paused() {
+                self.full.push(assigned.clone());
+            }
         }
         self.offsets.clear();
     }
 }
 
-/// Pauses or resumes every assigned partition; returns whether that worked.
-fn set_paused(consumer: &StreamConsumer<Context>, pause: bool) -> bool {
+/// The partition of `assigned` is full: pauses it, with a warning. Returns whether it
+/// is paused (not when it is no longer this consumer's, or the pause failed).
+fn pause_full(consumer: &StreamConsumer<Context>, assigned: &Arc<Assigned>) -> bool {
+    if !assigned.is_current() || assigned.is_paused() {
+        return false;
+    }
+    let (topic, partition) = assigned.tp();
+    let (stuck_offset, stuck_for) = assigned.stuck().unwrap_or_default();
+    match consumer.pause(&one_partition(assigned.tp())) {
+        Ok(()) => {
+            assigned.set_paused(true);
+            tracing::warn!(
+                topic = &**topic,
+                partition,
+                stuck_offset,
+                ?stuck_for,
+                "a kafka partition reached its bound of open records behind an incomplete \
+                 record (max_open_per_partition); pausing it until that record completes"
+            );
+            true
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, topic = &**topic, partition, stuck_offset, "pausing a kafka partition at its bound of open records failed");
+            false
+        }
+    }
+}
+
+/// Resumes the partitions of `full` that have room again (keeping them paused while
+/// every partition is, `all_paused`: resuming those resumes them), and forgets those a
+/// rebalance took.
+fn resume_emptied(
+    consumer: &StreamConsumer<Context>,
+    full: &mut Vec<Arc<Assigned>>,
+    all_paused: bool,
+) {
+    full.retain(|assigned| {
+        // A rebalance resumed it when it took it away.
+        if !assigned.is_paused() || !assigned.is_current() {
+            return false;
+        }
+        if assigned.is_full() {
+            return true;
+        }
+        let (topic, partition) = assigned.tp();
+        if all_paused {
+            assigned.set_paused(false);
+            return false;
+        }
+        match consumer.resume(&one_partition(assigned.tp())) {
+            Ok(()) => {
+                assigned.set_paused(false);
+                tracing::info!(
+                    topic = &**topic,
+                    partition,
+                    "a kafka partition paused at its bound of open records has room again; resumed"
+                );
+                false
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, topic = &**topic, partition, "resuming a kafka partition failed; trying again");
+                true
+            }
+        }
+    });
+}
+
+/// A list of one partition.
+fn one_partition(tp: &Tp) -> TopicPartitionList {
+    let mut tpl = TopicPartitionList::with_capacity(1);
+    tpl.add_partition(&tp.0, tp.1);
+    tpl
+}
+
+/// Resumes the partition of `assigned` if it was paused for being full: librdkafka
+/// keeps a partition paused across rebalances, and this assignment's tracking ends
+/// (called when it is revoked or replaced).
+fn resume_taken<C: rdkafka::consumer::Consumer<Context>>(consumer: &C, assigned: &Assigned) {
+    if assigned.set_paused(false) {
+        if let Err(e) = consumer.resume(&one_partition(assigned.tp())) {
+            let (topic, partition) = assigned.tp();
+            tracing::warn!(error = %e, topic = &**topic, partition, "resuming a kafka partition paused at its bound failed as it was revoked; if assigned again it stays paused");
+        }
+    }
+}
+
+/// Pauses or resumes every assigned partition (but those paused for being full, which
+/// stay paused); returns whether that worked.
+fn set_paused(consumer: &StreamConsumer<Context>, state: &Mutex<Watermarks>, pause: bool) -> bool {
     let result = consumer.assignment().and_then(|tpl| {
         if pause {
             consumer.pause(&tpl)
         } else {
-            consumer.resume(&tpl)
+            consumer.resume(&not_full(tpl, state))
         }
     });
     match result {
@@ -564,6 +736,30 @@ fn set_paused(consumer: &StreamConsumer<Context>, pause: bool) -> bool {
             false
         }
     }
+}
+
+/// `tpl` without the partitions paused for being full.
+fn not_full(tpl: TopicPartitionList, state: &Mutex<Watermarks>) -> TopicPartitionList {
+    let mut state = lock(state);
+    let full = |topic: &str, partition: i32| {
+        let tp: Tp = (state.topic(topic), partition);
+        state.get(&tp).is_some_and(|a| a.is_paused())
+    };
+    let mut full = full;
+    if !tpl
+        .elements()
+        .iter()
+        .any(|e| full(e.topic(), e.partition()))
+    {
+        return tpl;
+    }
+    let mut out = TopicPartitionList::with_capacity(tpl.count());
+    for e in tpl.elements() {
+        if !full(e.topic(), e.partition()) {
+            out.add_partition(e.topic(), e.partition());
+        }
+    }
+    out
 }
 
 /// A delivery of `record`, tracked in its partition's watermark.
@@ -680,17 +876,23 @@ impl ConsumerContext for Context {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
+                let mut replaced: Vec<Arc<Assigned>> = Vec::new();
                 let assigned: Vec<(Tp, Arc<Assigned>)> = {
                     let mut state = lock(&self.state);
                     tpl.elements()
                         .iter()
                         .map(|e| {
                             let tp: Tp = (state.topic(e.topic()), e.partition());
+                            replaced.extend(state.get(&tp));
                             let a = state.assign(tp.clone());
                             (tp, a)
                         })
                         .collect()
                 };
+                // Assigned again without a revoke.
+                for old in &replaced {
+                    resume_taken(consumer, old);
+                }
                 read_deaths(consumer, tpl, &assigned);
                 tracing::info!(partitions = tpl.count(), "kafka partitions assigned");
             }
@@ -715,6 +917,9 @@ impl ConsumerContext for Context {
                 {
                     let mut state = lock(&self.state);
                     for tp in &tps {
+                        if let Some(a) = state.get(tp) {
+                            resume_taken(consumer, &a);
+                        }
                         if let Some(w) = state.revoke(tp) {
                             let _ = last.add_partition_offset(&tp.0, tp.1, Offset::Offset(w));
                         }
@@ -1085,6 +1290,18 @@ mod tests {
         let text = format!("{builder:?}");
         assert!(!text.contains("hunter2"), "{text}");
         assert!(!text.contains("k3y-s3cret"), "{text}");
+    }
+
+    #[test]
+    fn a_bound_of_no_open_record_is_refused() {
+        let err = KafkaConsumer::builder("127.0.0.1:9092", "g", ["t"])
+            .max_open_per_partition(0)
+            .build()
+            .expect_err("no record could ever be open");
+        assert!(
+            matches!(err, Error::Config(ref m) if m.contains("max_open_per_partition")),
+            "{err}"
+        );
     }
 
     fn acker(assigned: &Arc<Assigned>, offset: i64) -> KafkaAcker {

@@ -42,6 +42,12 @@
 //!   every [`commit_interval`](KafkaConsumerBuilder::commit_interval), when partitions
 //!   are revoked, and on close. `enable.auto.commit` and `enable.auto.offset.store`
 //!   are off: the adapter commits explicit offsets and nothing else does.
+//! - **A record that holds its partition**: records received after the oldest
+//!   incomplete one are kept (16 bytes each) until it completes. At
+//!   [`max_open_per_partition`](KafkaConsumerBuilder::max_open_per_partition) of them
+//!   (default 100 000) the partition is paused, with a warning naming the stuck offset
+//!   and how long it has been open, and resumed once down to half; the other partitions
+//!   flow on. [`KafkaConsumer::open_records`] reads the counts, to export as metrics.
 //! - **Retries by parking**: Kafka cannot hand back one record, so the consumer
 //!   declares `can_nack = false` and the Worker parks a failed record: it runs it again
 //!   after its redelivery delay as the next attempt, later records of its key wait,
@@ -97,9 +103,10 @@ pub mod mapping;
 mod publisher;
 mod watermark;
 
-pub use consumer::{KafkaConsumer, KafkaConsumerBuilder};
+pub use consumer::{KafkaConsumer, KafkaConsumerBuilder, OpenRecords};
 pub use error::{Error, Result};
 pub use publisher::KafkaPublisher;
+pub use watermark::PartitionBacklog;
 
 /// Re-exported so applications can configure clients and use the mock cluster.
 pub use rdkafka;

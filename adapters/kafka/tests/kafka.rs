@@ -10,7 +10,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,7 +20,7 @@ use redrive_core::{
     BoxError, Consumer, HeaderValue, Message, OrderingMode, OutgoingMessage, Publisher, Redelivery,
     Worker, handler_fn,
 };
-use redrive_kafka::{Error, KafkaConsumer};
+use redrive_kafka::{Error, KafkaConsumer, PartitionBacklog};
 use redrive_middleware::dead_letter::{self, DeadLetterConfig, DeadLetterLayer};
 use tokio::sync::Notify;
 use tower::Layer;
@@ -45,6 +45,7 @@ on_both!(
     a_member_leaving_hands_its_partitions_over,
     per_partition_runs_each_partition_in_order,
     a_worker_behind_a_full_buffer_gets_every_record_in_order,
+    a_record_that_never_completes_bounds_how_far_its_partition_runs,
 );
 
 /// On tansu only: librdkafka's mock cluster refuses the commit a revoke makes
@@ -657,6 +658,134 @@ async fn a_worker_behind_a_full_buffer_gets_every_record_in_order(env: &Env) {
     assert!(
         seen.windows(2).all(|w| w[0] < w[1]),
         "records out of offset order or repeated"
+    );
+}
+
+/// One key's record does not complete (its handler waits to be let go) ahead of many
+/// records of other keys in its partition: the consumer takes records of the partition
+/// only up to `max_open_per_partition` from the stuck one and stops there, dropping
+/// none; once the stuck record completes, the rest flow, each handled once.
+async fn a_record_that_never_completes_bounds_how_far_its_partition_runs(env: &Env) {
+    const OTHERS: usize = 400;
+    const BOUND: usize = 50;
+    const BATCH: usize = 16;
+    let brokers = env.brokers.clone();
+    let topic = unique_name("stuck");
+    env.create_topic(&topic, 1).await;
+    let p = common::publisher(&brokers);
+    publish(&p, &topic, "stuck", "stuck").await;
+    let records: Vec<(String, String)> = (0..OTHERS)
+        .map(|i| (format!("k{}", i % 8), i.to_string()))
+        .collect();
+    // One at a time, so each record is a batch of its own: a paused partition resumes
+    // at the record after the last one taken, and tansu (0.6) answers a fetch from
+    // inside a batch of several records with nothing, where Kafka sends the batch.
+    for (k, b) in &records {
+        publish(&p, &topic, k, b).await;
+    }
+    let calls: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+    let others = Arc::new(AtomicUsize::new(0));
+    let last_offset = Arc::new(AtomicI64::new(-1));
+    let release = Arc::new(Notify::new());
+    let done = Arc::new(Notify::new());
+    let (c, o, l, r, d) = (
+        calls.clone(),
+        others.clone(),
+        last_offset.clone(),
+        release.clone(),
+        done.clone(),
+    );
+    let handler = handler_fn(move |m: Message| {
+        let (c, o, l, r, d) = (c.clone(), o.clone(), l.clone(), r.clone(), d.clone());
+        async move {
+            *c.lock().unwrap().entry(text(&m)).or_default() += 1;
+            l.fetch_max(m.metadata.source.offset.expect("offset"), Ordering::SeqCst);
+            if m.payload == "stuck" {
+                r.notified().await;
+            } else if o.fetch_add(1, Ordering::SeqCst) + 1 == OTHERS {
+                d.notify_one();
+            }
+            Ok::<_, BoxError>(())
+        }
+    });
+    let consumer = KafkaConsumer::builder(&brokers, &unique_name("g"), [&topic])
+        .buffer(BATCH)
+        .max_open_per_partition(BOUND)
+        .commit_interval(Duration::from_millis(100))
+        .close_timeout(Duration::from_secs(5))
+        .build()
+        .expect("consumer");
+    let open = consumer.open_records();
+    let at_the_bound = Arc::new(AtomicUsize::new(usize::MAX));
+    let backlogs: Arc<Mutex<Vec<Vec<PartitionBacklog>>>> = Arc::default();
+    let (o, seen, b) = (others.clone(), at_the_bound.clone(), backlogs.clone());
+    let report = Worker::builder(consumer, handler)
+        .concurrency(8)
+        .ordering(OrderingMode::PerKey)
+        .build()
+        .expect("worker")
+        .run_until(async move {
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while o.load(Ordering::SeqCst) < BOUND - 1 && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            // Time for records past the bound to arrive, were they taken.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            seen.store(o.load(Ordering::SeqCst), Ordering::SeqCst);
+            b.lock().unwrap().push(open.partitions());
+            release.notify_one();
+            tokio::time::timeout(Duration::from_secs(20), done.notified())
+                .await
+                .ok();
+            // A commit round after the last record.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            b.lock().unwrap().push(open.partitions());
+        })
+        .await;
+    let at_the_bound = at_the_bound.load(Ordering::SeqCst);
+    let backlogs = backlogs.lock().unwrap().clone();
+    assert!(
+        at_the_bound == BOUND - 1,
+        "{at_the_bound} records of other keys handled behind the stuck one; expected it to \
+         stop at the bound of {BOUND} open records"
+    );
+    let calls = calls.lock().unwrap();
+    assert_eq!(
+        calls.len(),
+        OTHERS + 1,
+        "every record handled: {report:?} {backlogs:?}"
+    );
+    let twice: Vec<_> = calls.iter().filter(|(_, n)| **n != 1).collect();
+    assert!(twice.is_empty(), "handled more than once: {twice:?}");
+    assert_eq!(report.processed, OTHERS as u64 + 1, "{report:?}");
+    let [stuck, after] = &backlogs[..] else {
+        panic!("two readings: {backlogs:?}");
+    };
+    let [stuck] = &stuck[..] else {
+        panic!("one partition: {stuck:?}");
+    };
+    assert_eq!(
+        (stuck.oldest_incomplete, stuck.paused, stuck.committable),
+        (Some(0), true, None),
+        "{stuck:?}"
+    );
+    assert_eq!(
+        stuck.open, BOUND,
+        "the stuck record and those after it: {stuck:?}"
+    );
+    assert!(stuck.oldest_age >= Duration::from_secs(1), "{stuck:?}");
+    let [after] = &after[..] else {
+        panic!("one partition: {after:?}");
+    };
+    assert_eq!(
+        (
+            after.open,
+            after.oldest_incomplete,
+            after.paused,
+            after.committable
+        ),
+        (0, None, false, Some(last_offset.load(Ordering::SeqCst) + 1)),
+        "{after:?}"
     );
 }
 
