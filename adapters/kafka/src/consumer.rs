@@ -1223,17 +1223,26 @@ impl Acker for KafkaAcker {
                 // completes, or a crash now would count one more for a record that
                 // completed.
                 let consumer = first.consumer.clone();
+                let assigned = self.assigned.clone();
                 let (tp, past) = (self.tp.clone(), self.offset + 1);
                 SettleFuture::new(async move {
-                    let cleared = off_runtime(move || {
-                        consumer.upgrade().map(|c| commit_one(&*c, &tp, past, None))
-                    })
+                    let cleared = tokio::time::timeout(
+                        COUNT_TIMEOUT,
+                        off_runtime(move || {
+                            consumer.upgrade().map(|c| commit_one(&*c, &tp, past, None))
+                        }),
+                    )
                     .await;
-                    if !matches!(cleared, Some(Some(Ok(())))) {
+                    if !matches!(cleared, Ok(Some(Some(Ok(()))))) {
                         tracing::warn!(
                             ?cleared,
-                            "committing past a counted record failed; the periodic commit tries again"
+                            "committing past a counted record failed or took too long; the periodic commit tries again"
                         );
+                    }
+                    // The periodic commit may have committed a later watermark first,
+                    // which this commit just moved back: it commits the watermark again.
+                    if let Some(a) = assigned {
+                        a.forget_committed();
                     }
                     Ok(())
                 })

@@ -132,9 +132,13 @@ pub(crate) fn headers<H: KafkaHeaders>(hs: &H) -> (Headers, LeftOut) {
     let mut headers = Headers::new();
     let mut left_out = LeftOut::default();
     let count = hs.count();
+    let max = headers.limits().max_count;
+    // Headers that cannot be taken are not kept, so the count limit alone would let a
+    // record of hundreds of thousands of bad names (a few bytes each) be read, each a
+    // caught panic, on the poll task: reading stops after this many.
+    let max_read = max.saturating_mul(2);
     for i in 0..count {
-        let max = headers.limits().max_count;
-        if headers.len() >= max {
+        if headers.len() >= max || i >= max_read {
             left_out.add(count - i, || format!("more than {max} headers"));
             break;
         }
@@ -339,6 +343,38 @@ mod tests {
         assert_eq!(kept.len(), max);
         assert_eq!(left_out.count, 11);
         assert_eq!(left_out.first, Some(format!("more than {max} headers")));
+    }
+
+    /// Counts the headers read.
+    struct Counted(Sent, std::cell::Cell<usize>);
+
+    impl KafkaHeaders for Counted {
+        fn count(&self) -> usize {
+            self.0.count()
+        }
+
+        fn try_get(&self, idx: usize) -> Option<Header<'_, &[u8]>> {
+            self.1.set(self.1.get() + 1);
+            self.0.try_get(idx)
+        }
+    }
+
+    #[test]
+    fn a_record_of_countless_bad_names_is_read_only_so_far() {
+        quiet_utf8_panics();
+        let max = HeaderLimits::DEFAULT.max_count;
+        let sent = Counted(
+            Sent(vec![(b"\xff".to_vec(), None); 100_000]),
+            std::cell::Cell::new(0),
+        );
+        let (kept, left_out) = headers(&sent);
+        assert!(kept.is_empty());
+        assert_eq!(left_out.count, 100_000, "every header accounted for");
+        assert_eq!(
+            sent.1.get(),
+            2 * max,
+            "read no further than twice the limit"
+        );
     }
 
     /// A header name: empty, well known, short ASCII, any bytes, or long.

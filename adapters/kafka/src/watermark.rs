@@ -237,6 +237,13 @@ impl Assigned {
         self.marks.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Forgets which watermark was committed last, so the next commit round commits
+    /// the watermark again: after a commit made outside the rounds, which may have
+    /// moved the committed offset back.
+    pub(crate) fn forget_committed(&self) {
+        self.lock().committed = None;
+    }
+
     /// Whether the partition is still assigned in this assignment and not being
     /// revoked.
     pub(crate) fn is_current(&self) -> bool {
@@ -471,6 +478,22 @@ mod tests {
         assert_eq!(a.watermark(), Some(14));
         assert_eq!(w.take_dirty(), vec![(tp(0), 14)]);
         assert_eq!(w.take_dirty(), vec![], "taken once");
+    }
+
+    #[test]
+    fn a_forgotten_commit_is_committed_again() {
+        // A commit outside the rounds (past a counted record) may have moved the
+        // committed offset back behind the watermark the last round committed.
+        let mut w = Watermarks::default();
+        let a = w.assign(tp(0));
+        a.received(&[0, 1, 2]);
+        for o in [1, 2, 0] {
+            a.complete(o);
+        }
+        assert_eq!(w.take_dirty(), vec![(tp(0), 3)]);
+        assert_eq!(w.take_dirty(), vec![]);
+        a.forget_committed();
+        assert_eq!(w.take_dirty(), vec![(tp(0), 3)], "committed again");
     }
 
     #[test]
