@@ -57,7 +57,9 @@ impl fmt::Debug for ConsumerBuilder {
 }
 
 impl ConsumerBuilder {
-    /// The most unacked deliveries the broker sends this consumer (at least 1).
+    /// The most unacked deliveries the broker sends this consumer (at least 1). After a
+    /// message the client cannot parse broke the connection, the consumer uses 1 until
+    /// that message is gone (see the [crate docs](crate)).
     pub fn prefetch(mut self, n: u16) -> Self {
         self.prefetch = n;
         self
@@ -104,7 +106,7 @@ impl ConsumerBuilder {
             tracing::debug!(
                 queue = %self.topology.queue(),
                 prefetch = self.prefetch,
-                "a message that breaks the connection returns the deliveries of its prefetch window with it once; the consumer then takes one message at a time until it is gone"
+                "a message the client cannot parse returns the deliveries of its prefetch window with it once; the consumer then takes one message at a time until it is gone. One that kills the process takes its window with it on every delivery"
             );
         }
         let config = Arc::new(Config {
