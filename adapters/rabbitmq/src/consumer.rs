@@ -2,19 +2,19 @@
 
 use std::collections::HashSet;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
-use lapin::options::{BasicConsumeOptions, BasicQosOptions};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use redrive_core::delivery::SettleFuture;
 use redrive_core::{Acker, Capabilities, Consumer, Delivery, OrderingScope};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::connection::{Reconnect, confirm_channel, connect, publish_confirmed};
@@ -57,7 +57,9 @@ impl fmt::Debug for ConsumerBuilder {
 }
 
 impl ConsumerBuilder {
-    /// The most unacked deliveries the broker sends this consumer (at least 1).
+    /// The most unacked deliveries the broker sends this consumer (at least 1). After a
+    /// message the client cannot parse broke the connection, the consumer uses 1 until
+    /// that message is gone (see the [crate docs](crate)).
     pub fn prefetch(mut self, n: u16) -> Self {
         self.prefetch = n;
         self
@@ -104,7 +106,7 @@ impl ConsumerBuilder {
             tracing::debug!(
                 queue = %self.topology.queue(),
                 prefetch = self.prefetch,
-                "a message that breaks the connection takes the deliveries of its prefetch window back with it each time, and they reach the delivery limit with it"
+                "a message the client cannot parse returns the deliveries of its prefetch window with it once; the consumer then takes one message at a time until it is gone. One that kills the process takes its window with it on every delivery"
             );
         }
         let config = Arc::new(Config {
@@ -119,9 +121,11 @@ impl ConsumerBuilder {
             tags: AtomicU64::new(0),
             settlement: Arc::default(),
         });
-        let opened = Session::open(&config).await?;
+        let opened = Session::open(&config, false).await?;
         let shared = Arc::new(Shared {
             reconnects: AtomicU64::new(0),
+            careful: AtomicU64::new(0),
+            prefetch: AtomicU16::new(config.prefetch),
             connected: AtomicBool::new(true),
             stale: AtomicU64::new(0),
             settlement: config.settlement.clone(),
@@ -138,6 +142,7 @@ impl ConsumerBuilder {
         Ok(RabbitConsumer {
             current: Some(rx),
             cached: None,
+            next: None,
             lost: lost_tx,
             queue,
             shared,
@@ -169,6 +174,10 @@ struct Config {
 
 struct Shared {
     reconnects: AtomicU64,
+    /// Times the consumer started consuming one message at a time (careful mode).
+    careful: AtomicU64,
+    /// The prefetch of the consumer now consuming.
+    prefetch: AtomicU16,
     connected: AtomicBool,
     stale: AtomicU64,
     settlement: Arc<Counters>,
@@ -184,6 +193,19 @@ impl ConnectionMonitor {
     /// How many times the consumer reconnected after losing its connection.
     pub fn reconnects(&self) -> u64 {
         self.shared.reconnects.load(Ordering::Relaxed)
+    }
+
+    /// How many times a frame the client could not parse broke the connection and the
+    /// consumer started consuming one message at a time until that message was gone
+    /// (see the [crate docs](crate)).
+    pub fn careful_modes(&self) -> u64 {
+        self.shared.careful.load(Ordering::Relaxed)
+    }
+
+    /// The prefetch the consumer consumes with now: the configured one, or 1 while it
+    /// waits for a message that broke the connection to be gone.
+    pub fn prefetch(&self) -> u16 {
+        self.shared.prefetch.load(Ordering::Relaxed)
     }
 
     /// Whether the consumer is connected now.
@@ -215,6 +237,8 @@ impl fmt::Debug for ConnectionMonitor {
         f.debug_struct("ConnectionMonitor")
             .field("connected", &self.is_connected())
             .field("reconnects", &self.reconnects())
+            .field("careful_modes", &self.careful_modes())
+            .field("prefetch", &self.prefetch())
             .field("settled", &self.settled())
             .field("settle_frames", &self.settle_frames())
             .finish()
@@ -229,7 +253,58 @@ struct Session {
     publish: tokio::sync::Mutex<Option<Channel>>,
     declared: Mutex<HashSet<String>>,
     alive: AtomicBool,
+    /// Set when the session consumes one message at a time.
+    careful: Option<Careful>,
     config: Arc<Config>,
+}
+
+/// A session that consumes with prefetch 1 because a frame the client could not parse
+/// broke the last connection: the deliveries in flight with the message that broke it
+/// were returned with it, and counted toward the delivery limit with it. One at a time,
+/// only that message breaks the connection again. Once the configured prefetch's worth
+/// of deliveries is settled, the returned window is behind, and the session consumes
+/// with the configured prefetch again.
+struct Careful {
+    /// The careful consumer's tag; its stream ends when the session leaves careful mode.
+    tag: String,
+    /// Deliveries to settle before leaving careful mode: the configured prefetch, the
+    /// most the broker returned with the message that broke the connection.
+    target: u64,
+    /// Deliveries settled on this session.
+    settled: AtomicU64,
+    /// Woken when `settled` reaches `target`.
+    reached: Notify,
+    /// Set once the session cancels the careful consumer.
+    over: AtomicBool,
+}
+
+impl Careful {
+    /// Counts one settled delivery.
+    fn settled(&self) {
+        if self.settled.fetch_add(1, Ordering::AcqRel) + 1 == self.target {
+            self.reached.notify_waiters();
+        }
+    }
+
+    /// Returns once `target` deliveries were settled; never if the session left careful
+    /// mode.
+    async fn reached(&self) {
+        loop {
+            // Created before the check, so a settle in between still wakes it.
+            let woken = self.reached.notified();
+            if self.over.load(Ordering::Acquire) {
+                return std::future::pending().await;
+            }
+            if self.settled.load(Ordering::Acquire) >= self.target {
+                return;
+            }
+            woken.await;
+        }
+    }
+
+    fn is_active(&self) -> bool {
+        !self.over.load(Ordering::Acquire)
+    }
 }
 
 /// A new session with its delivery stream and its connection's events.
@@ -239,8 +314,21 @@ struct Opened {
     events: BoxStream<'static, lapin::Event>,
 }
 
+impl Config {
+    /// A consumer tag unique to this process.
+    fn consumer_tag(&self) -> String {
+        format!(
+            "{}-{}-{}",
+            self.name,
+            std::process::id(),
+            self.tags.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+}
+
 impl Session {
-    async fn open(config: &Arc<Config>) -> Result<Opened> {
+    /// Opens a session; `careful`, it consumes one message at a time (see [`Careful`]).
+    async fn open(config: &Arc<Config>, careful: bool) -> Result<Opened> {
         let connection = connect(&config.url, &config.name).await?;
         if config.declare {
             config.topology.declare(&connection).await?;
@@ -252,15 +340,11 @@ impl Session {
         // reconnected like any other, not a failed open.
         let publish = confirm_channel(&connection).await?;
         let channel = connection.create_channel().await?;
+        let prefetch = if careful { 1 } else { config.prefetch };
         channel
-            .basic_qos(config.prefetch, BasicQosOptions::default())
+            .basic_qos(prefetch, BasicQosOptions::default())
             .await?;
-        let tag = format!(
-            "{}-{}-{}",
-            config.name,
-            std::process::id(),
-            config.tags.fetch_add(1, Ordering::Relaxed)
-        );
+        let tag = config.consumer_tag();
         let stream = channel
             .basic_consume(
                 config.topology.queue(),
@@ -272,15 +356,56 @@ impl Session {
         Ok(Opened {
             session: Arc::new(Session {
                 connection,
-                settler: Settler::new(channel, config.prefetch, config.settlement.clone()),
+                settler: Settler::new(channel, prefetch, config.settlement.clone()),
                 publish: tokio::sync::Mutex::new(Some(publish)),
                 declared: Mutex::new(HashSet::new()),
                 alive: AtomicBool::new(true),
+                careful: careful.then(|| Careful {
+                    tag,
+                    target: u64::from(config.prefetch),
+                    settled: AtomicU64::new(0),
+                    reached: Notify::new(),
+                    over: AtomicBool::new(false),
+                }),
                 config: config.clone(),
             }),
             stream,
             events,
         })
+    }
+
+    /// Leaves careful mode: cancels the careful consumer and consumes again on the same
+    /// channel with the configured prefetch, which RabbitMQ applies to consumers started
+    /// after the `basic.qos` (`global` off). The channel stays open, so the deliveries
+    /// the careful consumer received before its `basic.cancel-ok` are still settled on
+    /// it; `receive` reads them before the new consumer's.
+    async fn leave_careful_mode(&self, careful: &Careful) -> Result<lapin::Consumer> {
+        careful.over.store(true, Ordering::Release);
+        let channel = self.settler.channel();
+        channel
+            .basic_cancel(&careful.tag, BasicCancelOptions::default())
+            .await?;
+        channel
+            .basic_qos(self.config.prefetch, BasicQosOptions::default())
+            .await?;
+        // Delivery tags go on counting on this channel, now in a wider window.
+        self.settler.widen(self.config.prefetch);
+        let stream = channel
+            .basic_consume(
+                self.config.topology.queue(),
+                &self.config.consumer_tag(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(stream)
+    }
+
+    /// Whether `stream` is the careful consumer this session cancelled: its end is no loss.
+    fn retired(&self, stream: &lapin::Consumer) -> bool {
+        self.careful
+            .as_ref()
+            .is_some_and(|c| !c.is_active() && stream.tag().as_str() == c.tag)
     }
 
     fn is_alive(&self) -> bool {
@@ -343,8 +468,11 @@ pub struct RabbitConsumer {
     current: Option<watch::Receiver<Option<Current>>>,
     /// `receive`'s copy of the current channel.
     cached: Option<Current>,
+    /// The stream that follows `cached`'s on the same session (it left careful mode),
+    /// read once `cached`'s ends.
+    next: Option<lapin::Consumer>,
     /// Tells the background task that a session's delivery stream ended, and why.
-    lost: mpsc::UnboundedSender<(usize, String)>,
+    lost: mpsc::UnboundedSender<Loss>,
     /// Shared with every message's `source.destination`.
     queue: Arc<str>,
     shared: Arc<Shared>,
@@ -362,6 +490,34 @@ struct Current {
 /// Why a session is lost when its delivery stream ends.
 const STREAM_ENDED: &str =
     "the delivery stream ended (the broker cancelled the consumer or closed the channel)";
+
+/// Why a session was lost.
+struct Loss {
+    /// The session, by [`session_id`].
+    session: usize,
+    why: String,
+    /// Whether the client could not parse a frame the broker sent: a delivery's
+    /// properties it cannot read (see [`Careful`]).
+    unparsable: bool,
+}
+
+impl Loss {
+    fn new(session: usize, why: impl Into<String>) -> Self {
+        Loss {
+            session,
+            why: why.into(),
+            unparsable: false,
+        }
+    }
+
+    fn lapin(session: usize, e: &lapin::Error) -> Self {
+        Loss {
+            session,
+            why: e.to_string(),
+            unparsable: matches!(e.kind(), lapin::ErrorKind::ParsingError(_)),
+        }
+    }
+}
 
 /// Identifies a session in loss reports.
 fn session_id(session: &Arc<Session>) -> usize {
@@ -408,6 +564,27 @@ impl RabbitConsumer {
     }
 }
 
+impl RabbitConsumer {
+    /// Takes the channel the background task published: a new session, none while it
+    /// reconnects, or the current session consuming again with its full prefetch, whose
+    /// stream is read once the careful consumer's ends, so none of the deliveries already
+    /// on their way to it are left unsettled.
+    fn adopt(&mut self, next: Option<Current>) {
+        match (self.cached.as_ref(), next) {
+            (Some(cached), Some(next))
+                if Arc::ptr_eq(&cached.session, &next.session)
+                    && cached.stream.tag() != next.stream.tag() =>
+            {
+                self.next = Some(next.stream);
+            }
+            (_, next) => {
+                self.cached = next;
+                self.next = None;
+            }
+        }
+    }
+}
+
 impl Consumer for RabbitConsumer {
     async fn receive(&mut self) -> redrive_core::Result<Option<Delivery>> {
         loop {
@@ -416,12 +593,18 @@ impl Consumer for RabbitConsumer {
             };
             match current.has_changed() {
                 Err(_) => return Ok(None),
-                Ok(true) => self.cached = current.borrow_and_update().clone(),
+                Ok(true) => {
+                    let next = current.borrow_and_update().clone();
+                    self.adopt(next);
+                }
                 Ok(false) if self.cached.is_none() => {
                     self.cached = current.borrow_and_update().clone();
                 }
                 Ok(false) => {}
             }
+            let Some(current) = self.current.as_mut() else {
+                return Ok(None);
+            };
             let Some(Current { session, stream }) = self.cached.as_mut() else {
                 // Reconnecting: wait for the next session (or the end).
                 if current.changed().await.is_err() {
@@ -441,8 +624,9 @@ impl Consumer for RabbitConsumer {
                             // deliveries go back to the queue when it closes.
                             tracing::error!(queue = %self.queue, error = %gap, "RabbitMQ broke the delivery-tag sequence");
                             session.alive.store(false, Ordering::Release);
-                            let _ = self.lost.send((session_id(session), gap.to_string()));
+                            let _ = self.lost.send(Loss::new(session_id(session), gap.to_string()));
                             self.cached = None;
+                            self.next = None;
                             if current.changed().await.is_err() {
                                 return Ok(None);
                             }
@@ -453,9 +637,27 @@ impl Consumer for RabbitConsumer {
                         // redelivers it.
                         self.shared.stale.fetch_add(1, Ordering::Relaxed);
                     }
-                    Some(Err(_)) | None => {
-                        let _ = self.lost.send((session_id(session), STREAM_ENDED.to_owned()));
+                    ended => {
+                        if ended.is_none() {
+                            if let Some(next) = self.next.take() {
+                                // The session left careful mode: its new consumer's
+                                // deliveries follow the old one's.
+                                *stream = next;
+                                continue;
+                            }
+                        }
+                        let loss = match ended {
+                            Some(Err(e)) => Some(Loss::lapin(session_id(session), &e)),
+                            // A careful consumer the session cancelled ends too; its
+                            // successor comes through `current`.
+                            _ if session.retired(stream) => None,
+                            _ => Some(Loss::new(session_id(session), STREAM_ENDED)),
+                        };
+                        if let Some(loss) = loss {
+                            let _ = self.lost.send(loss);
+                        }
                         self.cached = None;
+                        self.next = None;
                         if current.changed().await.is_err() {
                             return Ok(None);
                         }
@@ -465,7 +667,8 @@ impl Consumer for RabbitConsumer {
                     if changed.is_err() {
                         return Ok(None);
                     }
-                    self.cached = current.borrow_and_update().clone();
+                    let next = current.borrow_and_update().clone();
+                    self.adopt(next);
                 }
             }
         }
@@ -478,6 +681,7 @@ impl Consumer for RabbitConsumer {
     async fn close(&mut self) -> redrive_core::Result<()> {
         // Dropping the receiver tells the background task to close the connection.
         self.cached = None;
+        self.next = None;
         self.current = None;
         if let Some(task) = self.task.take() {
             let _ = task.await;
@@ -492,7 +696,7 @@ async fn run(
     config: Arc<Config>,
     shared: Arc<Shared>,
     tx: watch::Sender<Option<Current>>,
-    mut lost: mpsc::UnboundedReceiver<(usize, String)>,
+    mut lost: mpsc::UnboundedReceiver<Loss>,
     mut opened: Opened,
 ) {
     let queue: Arc<str> = config.topology.queue().into();
@@ -507,7 +711,7 @@ async fn run(
             session: session.clone(),
             stream,
         }));
-        let why = loop {
+        let loss = loop {
             tokio::select! {
                 biased;
                 () = tx.closed() => {
@@ -515,7 +719,7 @@ async fn run(
                     return;
                 }
                 Some(event) = events.next() => match event {
-                    lapin::Event::Error(e) => break e.to_string(),
+                    lapin::Event::Error(e) => break Loss::lapin(id, &e),
                     lapin::Event::ConnectionBlocked(why) => {
                         tracing::warn!(queue = %queue, reason = %why, "RabbitMQ blocked the connection (resource alarm)");
                     }
@@ -524,17 +728,52 @@ async fn run(
                     }
                     _ => {}
                 },
-                Some((ended, why)) = lost.recv() => {
+                Some(loss) = lost.recv() => {
                     // A report about an earlier session is stale.
-                    if ended == id {
-                        break why;
+                    if loss.session == id {
+                        break loss;
+                    }
+                }
+                () = careful_reached(&session) => {
+                    let Some(careful) = session.careful.as_ref() else { continue };
+                    match session.leave_careful_mode(careful).await {
+                        Ok(stream) => {
+                            shared.prefetch.store(config.prefetch, Ordering::Relaxed);
+                            tracing::info!(
+                                queue = %queue,
+                                prefetch = config.prefetch,
+                                settled = careful.target,
+                                "the message that broke the connection is gone; consuming with the full prefetch again"
+                            );
+                            tx.send_replace(Some(Current {
+                                session: session.clone(),
+                                stream,
+                            }));
+                        }
+                        Err(e) => {
+                            break Loss::new(id, format!("consuming with the full prefetch again failed: {e}"));
+                        }
                     }
                 }
             }
         };
         tx.send_replace(None);
         shared.connected.store(false, Ordering::Relaxed);
-        tracing::warn!(queue = %queue, reason = %why, "RabbitMQ consumer lost its connection; reconnecting");
+        tracing::warn!(queue = %queue, reason = %loss.why, "RabbitMQ consumer lost its connection; reconnecting");
+        // One at a time after a frame the client could not parse, until the message that
+        // broke the connection is gone (see `Careful`).
+        let was_careful = session.careful.as_ref().is_some_and(Careful::is_active);
+        let careful = config.prefetch > 1 && (loss.unparsable || was_careful);
+        if careful && !was_careful {
+            let total = shared.careful.fetch_add(1, Ordering::Relaxed) + 1;
+            tracing::warn!(
+                queue = %queue,
+                cause = %loss.why,
+                prefetch = config.prefetch,
+                careful_modes = total,
+                "a frame the client could not parse broke the connection; consuming one message at a time until the message that broke it is gone, so the deliveries of its prefetch window are not returned with it again"
+            );
+        }
         session.shut("reconnecting").await;
         drop((events, session));
         let mut n = 0u32;
@@ -544,7 +783,7 @@ async fn run(
                 () = tx.closed() => return,
                 () = tokio::time::sleep(wait) => {}
             }
-            match Session::open(&config).await {
+            match Session::open(&config, careful).await {
                 Ok(s) => break s,
                 Err(e) => {
                     n = n.saturating_add(1);
@@ -553,8 +792,19 @@ async fn run(
             }
         };
         let total = shared.reconnects.fetch_add(1, Ordering::Relaxed) + 1;
+        let prefetch = if careful { 1 } else { config.prefetch };
+        shared.prefetch.store(prefetch, Ordering::Relaxed);
         shared.connected.store(true, Ordering::Relaxed);
-        tracing::info!(queue = %queue, reconnects = total, "RabbitMQ consumer reconnected and consuming again");
+        tracing::info!(queue = %queue, reconnects = total, prefetch, "RabbitMQ consumer reconnected and consuming again");
+    }
+}
+
+/// Returns once a careful session settled enough deliveries to leave careful mode; never
+/// for any other session.
+async fn careful_reached(session: &Session) {
+    match session.careful.as_ref() {
+        Some(careful) => careful.reached().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -624,6 +874,9 @@ impl RabbitAcker {
         let session = self.session()?;
         self.settling.store(true, Ordering::Relaxed);
         if session.settler.settle(self.tag, how).await {
+            if let Some(careful) = session.careful.as_ref() {
+                careful.settled();
+            }
             Ok(())
         } else {
             Err(Error::ChannelClosed)

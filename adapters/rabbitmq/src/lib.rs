@@ -71,6 +71,17 @@
 //!   with a delivery limit and a dead-letter exchange, so the broker dead-letters it
 //!   ([`topology`](topology#messages-no-consumer-can-settle)); a classic queue cannot
 //!   count them, and the consumer warns at start.
+//! - **A message the client cannot parse** (a header name that is not UTF-8) breaks the
+//!   connection, and the broker returns the deliveries of its prefetch window with it,
+//!   counting each toward the delivery limit. So that they do not reach the limit with
+//!   it, the consumer then consumes with prefetch 1 ("careful mode", logged at warn and
+//!   counted by [`ConnectionMonitor::careful_modes`]): only that message breaks the
+//!   connection again, until the broker dead-letters it. Once as many deliveries as the
+//!   configured prefetch are settled without another such loss, the consumer cancels
+//!   its consumer and consumes again on the same channel with the configured prefetch
+//!   (RabbitMQ applies a `basic.qos` to the consumers started after it); the deliveries
+//!   already sent to the cancelled consumer are settled on that channel as usual.
+//!   [`ConnectionMonitor::prefetch`] shows the prefetch in use.
 //! - **Leases**: none. RabbitMQ keeps an unacked message as long as its channel is open,
 //!   so `extend` does nothing and succeeds.
 //! - **Connection loss**: detected from the connection's error callback and the end of

@@ -188,6 +188,12 @@ impl Ledger {
         Ok(())
     }
 
+    /// Lets tags skip up to `window` deliveries: for a consumer started on the same
+    /// channel with a larger prefetch. Never narrows.
+    fn widen(&mut self, window: u16) {
+        self.window = self.window.max(u64::from(window));
+    }
+
     /// Records that a call settled `tag` (`Slot::Ack` or `Slot::Requeue`). A tag that is
     /// not open (settled before) keeps its state.
     fn mark(&mut self, tag: u64, how: Slot) {
@@ -357,6 +363,17 @@ impl Settler {
     /// A tag gap the channel's prefetch cannot explain: the channel must be closed.
     pub(crate) fn deliver(&self, tag: u64) -> Result<(), TagGap> {
         self.ledger().deliver(tag)
+    }
+
+    /// The channel the deliveries came on.
+    pub(crate) fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    /// Lets tags skip up to `window` deliveries, for a consumer started on this channel
+    /// with that prefetch.
+    pub(crate) fn widen(&self, window: u16) {
+        self.ledger().widen(window);
     }
 
     /// Hands `tag` back with the next frames sent, if nothing settled it: for an acker

@@ -40,8 +40,11 @@
 //! envelope, comes first for every message a handler can fail; every `basic.nack`
 //! with requeue (a zero-delay nack on a quorum queue, a hand-back at shutdown) counts
 //! toward it too. Messages that were delivered in the same prefetch window as one that
-//! breaks the connection are returned with it and counted too: a prefetch well below
-//! the limit leaves them room.
+//! breaks the connection are returned with it and counted once: when the client could
+//! not parse the message (a header name that is not UTF-8), the consumer then takes one
+//! message at a time until the window is behind it, so only that message reaches the
+//! limit (see the [crate docs](crate)). A message that kills the process takes its
+//! window with it on every delivery: a prefetch well below the limit leaves them room.
 //!
 //! - **Quorum without a dead-letter queue**: no limit is declared. A delivery limit
 //!   without a dead-letter exchange *drops* the message, which the topology never does

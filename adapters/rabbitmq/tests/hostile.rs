@@ -128,12 +128,29 @@ async fn a_quorum_queue_without_the_guard_is_a_mismatch_that_says_how_to_migrate
 /// behind it are handled, and the reconnects stop.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_header_name_lapin_cannot_parse_ends_in_the_dlq_and_the_queue_flows_on() {
-    let queue = common::unique("not-utf8");
+    // Prefetch 1: nothing else is ever in the bad message's window.
+    unparsable_message_then_good_ones("not-utf8", 1, 5).await;
+}
+
+/// With a prefetch window, the good messages delivered with the unparsable one are
+/// returned with it when the connection dies. The consumer then takes one message at a
+/// time until the bad one is gone, so only the bad one reaches the delivery limit and
+/// the DLQ, and every good one is handled once; then it consumes with its full prefetch
+/// again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unparsable_message_takes_none_of_its_prefetch_window_to_the_dlq() {
+    unparsable_message_then_good_ones("not-utf8-window", 8, 20).await;
+}
+
+/// Publishes a message lapin cannot parse, then `n` good ones, and consumes them with
+/// `prefetch`: only the bad one ends in the DLQ, each good one is acked once, and the
+/// reconnects stop.
+async fn unparsable_message_then_good_ones(name: &str, prefetch: u16, n: usize) {
+    let queue = common::unique(name);
     let topology = common::topology(&queue, QueueKind::Quorum).with_delivery_limit(LIMIT);
     common::declare(&topology).await;
     let dlq = topology.dead_letter_queue().unwrap().to_owned();
     common::raw::publish_with_header_name(&queue, b"bad-\xff-name", "v", b"unreadable").await;
-    let n = 5;
     common::publish_numbered(&queue, n, "good").await;
 
     let handled: Arc<Mutex<Vec<String>>> = Arc::default();
@@ -147,19 +164,24 @@ async fn a_header_name_lapin_cannot_parse_ends_in_the_dlq_and_the_queue_flows_on
             Ok::<_, BoxError>(())
         }
     });
-    // Prefetch 1: the messages behind the bad one are not in its window, so they are
-    // not returned (and counted) with it each time the connection dies.
-    let consumer = common::consumer(&topology, &common::unique("conn-not-utf8"), 1).await;
+    let consumer = common::consumer(
+        &topology,
+        &common::unique(&format!("conn-{name}")),
+        prefetch,
+    )
+    .await;
     let monitor = consumer.monitor();
     let worker = common::RunningWorker::spawn(consumer, handler, 4);
 
     let start = Instant::now();
     while handled.lock().unwrap().len() < n {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "the good messages were not handled within 60 s (handled {:?}, {monitor:?})",
-            handled.lock().unwrap()
-        );
+        if start.elapsed() > Duration::from_secs(60) {
+            let depth = dlq_depth(&dlq).await;
+            panic!(
+                "the good messages were not handled within 60 s (handled {:?}, DLQ depth {depth}, {monitor:?})",
+                handled.lock().unwrap()
+            );
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let reconnects = monitor.reconnects();
@@ -170,16 +192,30 @@ async fn a_header_name_lapin_cannot_parse_ends_in_the_dlq_and_the_queue_flows_on
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(monitor.reconnects(), reconnects, "reconnects stopped");
     assert!(monitor.is_connected(), "{monitor:?}");
+    // Past a window, the consumer took one message at a time once, then went back to
+    // its prefetch.
+    let careful = u64::from(prefetch > 1);
+    assert_eq!(monitor.careful_modes(), careful, "{monitor:?}");
+    assert_eq!(monitor.prefetch(), prefetch, "{monitor:?}");
     let report = worker.stop().await;
     assert_eq!(report.acked, n as u64, "{report:?}");
+    let mut got = handled.lock().unwrap().clone();
+    got.sort();
+    let mut want: Vec<String> = (0..n).map(|i| format!("good{i}")).collect();
+    want.sort();
+    assert_eq!(got, want, "each good message handled once");
 
     // Counted by the broker: lapin cannot read the dead letter either.
     // The broker's queue statistics lag a few seconds behind.
     let start = Instant::now();
-    while dlq_depth(&dlq).await != 1 {
+    loop {
+        let depth = dlq_depth(&dlq).await;
+        if depth == 1 {
+            break;
+        }
         assert!(
             start.elapsed() < Duration::from_secs(30),
-            "the unreadable message is not in the DLQ after 30 s"
+            "the DLQ holds {depth} messages after 30 s, not the unreadable one alone"
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
