@@ -128,26 +128,19 @@ where
 }
 
 pin_project_lite::pin_project! {
-    /// The future of a [`HandlerFn`] or [`Typed`] handler.
+    /// The future of a [`HandlerFn`] or [`Typed`] handler: the user's future, with a
+    /// panic turned into [`Panicked`] as [`CatchPanic`] does.
     pub struct HandlerFuture<Fut> {
         #[pin]
-        inner: Option<Fut>,
-        panicked: Option<Panicked>,
+        inner: CatchPanicFuture<Fut>,
     }
 }
 
 impl<Fut> HandlerFuture<Fut> {
     /// Calls the user's function, catching a panic in its synchronous part too.
     fn start(call: impl FnOnce() -> Fut) -> Self {
-        match std::panic::catch_unwind(AssertUnwindSafe(call)) {
-            Ok(fut) => HandlerFuture {
-                inner: Some(fut),
-                panicked: None,
-            },
-            Err(panic) => HandlerFuture {
-                inner: None,
-                panicked: Some(Panicked::from_payload(panic)),
-            },
+        HandlerFuture {
+            inner: CatchPanicFuture::start(call),
         }
     }
 }
@@ -161,21 +154,7 @@ where
     type Output = Result<Outcome, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
-        if let Some(p) = this.panicked.take() {
-            return Poll::Ready(Err(p.into()));
-        }
-        let Some(inner) = this.inner.as_mut().as_pin_mut() else {
-            panic!("HandlerFuture polled after completion");
-        };
-        match std::panic::catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
-            Ok(poll) => poll.map(|r| r.map(Into::into).map_err(Into::into)),
-            Err(panic) => {
-                // Not polled again: the caller has its result.
-                this.inner.set(None);
-                Poll::Ready(Err(Panicked::from_payload(panic).into()))
-            }
-        }
+        self.project().inner.poll(cx).map(|r| r.map(Into::into))
     }
 }
 
@@ -276,17 +255,7 @@ where
     }
 
     fn call(&mut self, msg: Message) -> Self::Future {
-        let inner = &mut self.inner;
-        match std::panic::catch_unwind(AssertUnwindSafe(|| inner.call(msg))) {
-            Ok(fut) => CatchPanicFuture {
-                inner: Some(fut),
-                panicked: None,
-            },
-            Err(panic) => CatchPanicFuture {
-                inner: None,
-                panicked: Some(Panicked::from_payload(panic)),
-            },
-        }
+        CatchPanicFuture::start(|| self.inner.call(msg))
     }
 }
 
@@ -296,6 +265,23 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: Option<F>,
         panicked: Option<Panicked>,
+    }
+}
+
+impl<F> CatchPanicFuture<F> {
+    /// Makes the future with `call`, catching a panic in it: the future then answers
+    /// [`Panicked`] when first polled.
+    fn start(call: impl FnOnce() -> F) -> Self {
+        match std::panic::catch_unwind(AssertUnwindSafe(call)) {
+            Ok(fut) => CatchPanicFuture {
+                inner: Some(fut),
+                panicked: None,
+            },
+            Err(panic) => CatchPanicFuture {
+                inner: None,
+                panicked: Some(Panicked::from_payload(panic)),
+            },
+        }
     }
 }
 
