@@ -169,11 +169,14 @@ impl Error {
             Error::Request {
                 operation, code, ..
             } => is_send(operation) && code.as_deref().is_some_and(is_rejected_send),
+            // SQS's blame alone is not enough: a KMS or throttling failure of one entry
+            // may come marked as the sender's, and passes on a later try.
             Error::BatchEntry {
                 operation,
+                code,
                 sender_fault,
                 ..
-            } => is_send(operation) && *sender_fault,
+            } => is_send(operation) && *sender_fault && is_rejected_send(code),
             Error::QueueDoesNotExist(_) | Error::NotInFlight | Error::Config(_) => false,
         }
     }
@@ -293,13 +296,21 @@ mod tests {
         }
         // The same code on a receive says nothing about a message sent.
         assert!(!request("ReceiveMessage", "InvalidParameterValue").is_rejection());
-        let entry = |sender_fault| Error::BatchEntry {
+        let entry = |code: &str, sender_fault| Error::BatchEntry {
             operation: "SendMessageBatch",
-            code: "InternalError".into(),
+            code: code.into(),
             message: String::new(),
             sender_fault,
         };
-        assert!(entry(true).is_rejection() && !entry(false).is_rejection());
+        assert!(entry("InvalidMessageContents", true).is_rejection());
+        assert!(!entry("InvalidMessageContents", false).is_rejection());
+        for code in [
+            "InternalError",
+            "KMS.ThrottlingException",
+            "RequestThrottled",
+        ] {
+            assert!(!entry(code, true).is_rejection(), "{code}");
+        }
         assert!(!Error::QueueDoesNotExist("q".into()).is_rejection());
         assert!(matches!(
             redrive_core::Error::from(Error::QueueDoesNotExist("q".into())),
