@@ -93,6 +93,19 @@ pub trait Acker: Send + Sync + 'static {
     /// Keep the message invisible to other consumers for `lease` from now.
     fn extend(&self, lease: Duration) -> SettleFuture<'_>;
 
+    /// The message was not tried: give it back for delivery at once, without counting a
+    /// delivery attempt where the adapter can avoid it. The Worker hands back what it
+    /// never ran: messages waiting at shutdown, or no longer this consumer's. A
+    /// message that failed is `nack`ed instead, and counts.
+    ///
+    /// [`nack`](Acker::nack) with no delay by default. An adapter whose broker counts
+    /// every redelivery (an SQS receive count, a quorum queue's delivery count) may
+    /// keep the default; one whose count is redrive's own (a header on a republished
+    /// copy) should not advance it here.
+    fn hand_back(&self) -> SettleFuture<'_> {
+        self.nack(Duration::ZERO)
+    }
+
     /// Whether this consumer may still handle the message. `false` once the broker gave
     /// it to another consumer (a Kafka partition revoked in a rebalance): the Worker
     /// then hands it back without running it, also when it was parked or waiting
@@ -159,6 +172,11 @@ impl Delivery {
         self.acker.extend(lease).await
     }
 
+    /// Hands the message back untried. See [`Settle::hand_back`].
+    pub async fn hand_back(&self) -> Result<()> {
+        self.acker.hand_back().await
+    }
+
     /// Whether the delivery was settled.
     pub fn is_settled(&self) -> bool {
         self.acker.is_settled()
@@ -215,6 +233,16 @@ impl Settle {
     pub async fn nack(&self, delay: Duration) -> Result<()> {
         if self.first_settle("nack") {
             self.acker.nack(delay).await
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Hands the message back untried (see [`Acker::hand_back`]), once. A later
+    /// settle does nothing but log a warning.
+    pub async fn hand_back(&self) -> Result<()> {
+        if self.first_settle("hand back") {
+            self.acker.hand_back().await
         } else {
             Ok(())
         }

@@ -372,6 +372,7 @@ impl MemoryConsumer {
                         destination: self.queue.name.clone(),
                         partition: None,
                         offset: None,
+                        group: None,
                     },
                     attempt: stored.msg.deliveries,
                     enqueued_at: Some(stored.msg.enqueued_at),

@@ -26,6 +26,12 @@ pub struct Source {
     pub partition: Option<i32>,
     /// The offset within the partition, for brokers that have them.
     pub offset: Option<i64>,
+    /// The consumer group this delivery was made to, for brokers where several groups
+    /// read one destination independently (Kafka's `group.id`); `None` elsewhere.
+    ///
+    /// With `system` and `destination` it names the consumer a message was delivered
+    /// to: state kept per consumer (idempotency keys) is scoped by it.
+    pub group: Option<Arc<str>>,
 }
 
 /// What the broker and the framework know about a message.

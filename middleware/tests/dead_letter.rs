@@ -76,6 +76,7 @@ fn message(attempt: u32) -> Message {
             destination: "orders".into(),
             partition: Some(3),
             offset: Some(42),
+            group: None,
         },
         attempt,
         enqueued_at: Some(UNIX_EPOCH + Duration::from_millis(1_700_000_000_123)),

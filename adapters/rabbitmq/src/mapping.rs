@@ -469,6 +469,7 @@ pub(crate) fn message(
                 destination: queue.clone(),
                 partition: None,
                 offset: None,
+                group: None,
             },
             attempt: received.attempt,
             enqueued_at: received.enqueued_at,

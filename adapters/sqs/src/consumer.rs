@@ -327,6 +327,7 @@ impl SqsConsumer {
                     destination: self.info.name.clone(),
                     partition: None,
                     offset: None,
+                    group: None,
                 },
                 attempt,
                 enqueued_at,

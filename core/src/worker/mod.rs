@@ -949,8 +949,7 @@ impl State {
                 let count = back.len() as u64;
                 let mut settle_errors = 0;
                 for d in back {
-                    settle_errors +=
-                        u64::from(log_settle(d.nack(Duration::ZERO).await, "hand back"));
+                    settle_errors += u64::from(log_settle(d.hand_back().await, "hand back"));
                 }
                 Done::HandedBack {
                     key,
