@@ -259,6 +259,15 @@ impl IdempotencyStore for Flaky {
     fn release<'a>(&'a self, key: &'a str, token: &'a Token) -> StoreFuture<'a, ()> {
         self.inner.release(key, token)
     }
+
+    fn extend<'a>(
+        &'a self,
+        key: &'a str,
+        token: &'a Token,
+        lease: Duration,
+    ) -> StoreFuture<'a, ()> {
+        self.inner.extend(key, token, lease)
+    }
 }
 
 #[tokio::test(start_paused = true)]

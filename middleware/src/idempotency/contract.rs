@@ -32,6 +32,9 @@ pub(crate) async fn run_all(store: &dyn IdempotencyStore, lease: Duration) {
     expired_lease_is_taken_over_and_the_late_owner_loses(store, lease).await;
     committed_key_expires_after_its_ttl(store, lease).await;
     racing_reservations_have_one_winner(store, lease).await;
+    extend_keeps_the_key_past_its_first_lease(store, lease).await;
+    extend_needs_a_live_reservation(store, lease).await;
+    a_late_commit_fails_even_when_nobody_took_the_key(store, lease).await;
 }
 
 async fn reserve_commit_skip(store: &dyn IdempotencyStore, lease: Duration) {
@@ -166,6 +169,73 @@ async fn racing_reservations_have_one_winner(store: &dyn IdempotencyStore, lease
         .filter(|r| matches!(r, Reservation::Fresh(_)))
         .count();
     assert_eq!(winners, 1);
+}
+
+async fn extend_keeps_the_key_past_its_first_lease(store: &dyn IdempotencyStore, lease: Duration) {
+    let key = unique("extend");
+    let token = fresh(store.reserve(&key, lease).await.unwrap());
+    for _ in 0..3 {
+        tokio::time::sleep(lease / 2).await;
+        store.extend(&key, &token, lease).await.unwrap();
+    }
+    // Past one and a half first leases, the key is still held, and commits.
+    remaining(store.reserve(&key, lease).await.unwrap());
+    assert_eq!(
+        store
+            .commit(&key, &token, Duration::from_secs(60))
+            .await
+            .unwrap(),
+        CommitStatus::Committed
+    );
+}
+
+async fn extend_needs_a_live_reservation(store: &dyn IdempotencyStore, lease: Duration) {
+    let key = unique("extend-lost");
+    let owner = fresh(store.reserve(&key, lease).await.unwrap());
+    let stranger = Token::random();
+    assert!(
+        store
+            .extend(&key, &stranger, lease)
+            .await
+            .unwrap_err()
+            .is_lease_lost()
+    );
+    store.commit(&key, &owner, lease * 4).await.unwrap();
+    assert!(
+        store
+            .extend(&key, &owner, lease)
+            .await
+            .unwrap_err()
+            .is_lease_lost(),
+        "a committed key is not a reservation any more"
+    );
+    let expired = unique("extend-expired");
+    let late = fresh(store.reserve(&expired, lease).await.unwrap());
+    tokio::time::sleep(lease + lease / 2).await;
+    assert!(
+        store
+            .extend(&expired, &late, lease)
+            .await
+            .unwrap_err()
+            .is_lease_lost(),
+        "an expired lease is not renewed"
+    );
+    fresh(store.reserve(&expired, lease).await.unwrap());
+}
+
+async fn a_late_commit_fails_even_when_nobody_took_the_key(
+    store: &dyn IdempotencyStore,
+    lease: Duration,
+) {
+    let key = unique("late");
+    let late = fresh(store.reserve(&key, lease).await.unwrap());
+    tokio::time::sleep(lease + lease / 2).await;
+    let err = store
+        .commit(&key, &late, Duration::from_secs(60))
+        .await
+        .unwrap_err();
+    assert!(err.is_lease_lost(), "{err}");
+    fresh(store.reserve(&key, lease).await.unwrap());
 }
 
 /// A store on the local Redis (`REDIS_URL`, default `redis://127.0.0.1:6379`) under a

@@ -396,6 +396,26 @@ impl MemoryStore {
         Ok(CommitStatus::Committed)
     }
 
+    fn extend_sync(&self, key: &str, token: &Token, lease: Duration) -> Result<(), StoreError> {
+        let (hash, shard) = self.place(key);
+        let mut state = self.lock(shard);
+        let now = Instant::now();
+        let State {
+            index,
+            entries,
+            expiries,
+        } = &mut *state;
+        let expires = now + lease;
+        match find_key(index, entries, hash, key).map(|at| &mut entries[at]) {
+            Some(e) if e.token == *token && e.expires > now && !e.committed => {
+                e.expires = expires;
+            }
+            _ => return Err(StoreError::lease_lost(key)),
+        }
+        queue_expiry(expiries, hash, lease, expires);
+        Ok(())
+    }
+
     fn release_sync(&self, key: &str, token: &Token) -> Result<(), StoreError> {
         let (hash, shard) = self.place(key);
         let mut state = self.lock(shard);
@@ -437,6 +457,15 @@ impl IdempotencyStore for MemoryStore {
 
     fn release<'a>(&'a self, key: &'a str, token: &'a Token) -> StoreFuture<'a, ()> {
         Box::pin(async move { self.release_sync(key, token) })
+    }
+
+    fn extend<'a>(
+        &'a self,
+        key: &'a str,
+        token: &'a Token,
+        lease: Duration,
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(std::future::ready(self.extend_sync(key, token, lease)))
     }
 
     fn reserve_now(

@@ -20,6 +20,7 @@ struct Sql {
     commit: String,
     committed_by: String,
     release: String,
+    extend: String,
 }
 
 impl Sql {
@@ -43,10 +44,14 @@ impl Sql {
             commit: format!(
                 "UPDATE {t} SET committed = TRUE, \
                  expires_at = now() + $3::bigint * INTERVAL '1 millisecond' \
-                 WHERE key = $1 AND token = $2 AND NOT committed"
+                 WHERE key = $1 AND token = $2 AND NOT committed AND expires_at > now()"
             ),
             committed_by: format!("SELECT 1 FROM {t} WHERE key = $1 AND token = $2 AND committed"),
             release: format!("DELETE FROM {t} WHERE key = $1 AND token = $2 AND NOT committed"),
+            extend: format!(
+                "UPDATE {t} SET expires_at = now() + $3::bigint * INTERVAL '1 millisecond' \
+                 WHERE key = $1 AND token = $2 AND NOT committed AND expires_at > now()"
+            ),
         }
     }
 }
@@ -57,6 +62,7 @@ struct Statements {
     commit: Statement,
     committed_by: Statement,
     release: Statement,
+    extend: Statement,
 }
 
 /// Idempotency keys in a PostgreSQL table, shared by every consumer that uses the same
@@ -68,10 +74,9 @@ struct Statements {
 /// not matter:
 /// - reserve is an `INSERT … ON CONFLICT (key) DO UPDATE … WHERE expires_at <= now()`:
 ///   it takes a free or expired key and leaves a live one alone;
-/// - commit and release compare the token, so a consumer whose lease expired and whose
-///   key was reserved by another consumer since cannot commit or release it
-///   ([`StoreError::lease_lost`]). A late commit whose key no one has taken over yet
-///   still succeeds: no one else can have processed the message.
+/// - commit, release and extend compare the token, so a consumer whose lease expired
+///   cannot commit it ([`StoreError::lease_lost`]), whether or not another consumer
+///   has reserved the key since, as with every store.
 ///
 /// Expired rows are reused by the next reservation of their key, and otherwise stay
 /// until [`purge_expired`](Self::purge_expired) deletes them; call it from time to time.
@@ -269,6 +274,7 @@ impl PostgresStore {
                     commit: prepare(&self.sql.commit).await?,
                     committed_by: prepare(&self.sql.committed_by).await?,
                     release: prepare(&self.sql.release).await?,
+                    extend: prepare(&self.sql.extend).await?,
                 })
             })
             .await
@@ -387,6 +393,27 @@ impl IdempotencyStore for PostgresStore {
         Box::pin(async move {
             let st = self.statements().await?;
             commit_on(&*self.client, &st.commit, &st.committed_by, key, token, ttl).await
+        })
+    }
+
+    fn extend<'a>(
+        &'a self,
+        key: &'a str,
+        token: &'a Token,
+        lease: Duration,
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let st = self.statements().await?;
+            let updated = self
+                .client
+                .execute(&st.extend, &[&key, &token.as_str(), &millis_param(lease)])
+                .await
+                .map_err(StoreError::backend)?;
+            if updated == 1 {
+                Ok(())
+            } else {
+                Err(StoreError::lease_lost(key))
+            }
         })
     }
 

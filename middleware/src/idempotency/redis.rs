@@ -64,6 +64,20 @@ return 0
     )
 });
 
+/// Renews a key this token reserved: 1; anything else: 0.
+/// KEYS[1] = key, ARGV[1] = token, ARGV[2] = lease in ms.
+static EXTEND: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('GET', KEYS[1]) == 'r:' .. ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+",
+    )
+});
+
 /// Idempotency keys in Redis, shared by every consumer that uses the same server and
 /// prefix.
 ///
@@ -73,7 +87,8 @@ return 0
 /// atomic on the server; commit and release compare the token, so a consumer whose
 /// lease expired cannot commit or release a reservation another consumer has taken
 /// since: its commit fails with [`StoreError::lease_lost`]. Once a lease has expired,
-/// its key is gone, so a late commit fails even if no one took the key over.
+/// its key is gone, so a late commit fails even if no one took the key over, as with
+/// every store.
 ///
 /// Deduplication is as durable as the Redis server: with persistence off, a restart
 /// forgets committed keys. Use one prefix per consumer group: two services that both
@@ -191,6 +206,29 @@ impl IdempotencyStore for RedisStore {
                 1 => Ok(CommitStatus::Committed),
                 2 => Ok(CommitStatus::AlreadyCommitted),
                 _ => Err(StoreError::lease_lost(key)),
+            }
+        })
+    }
+
+    fn extend<'a>(
+        &'a self,
+        key: &'a str,
+        token: &'a Token,
+        lease: Duration,
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let status: i64 = EXTEND
+                .key(self.redis_key(key))
+                .arg(token.as_str())
+                .arg(millis_ceil(lease))
+                .invoke_async(&mut conn)
+                .await
+                .map_err(StoreError::backend)?;
+            if status == 1 {
+                Ok(())
+            } else {
+                Err(StoreError::lease_lost(key))
             }
         })
     }

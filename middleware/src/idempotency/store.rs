@@ -136,10 +136,13 @@ pub enum CommitStatus {
 ///   [`Reservation::Fresh`].
 /// - A reservation lasts `lease`; after that the key is free again and a new `reserve`
 ///   replaces the reservation (and its token).
-/// - `commit` succeeds only for the token of the reservation that holds the key; it
-///   fails with [`StoreError::lease_lost`] when another reservation replaced it (and may
-///   fail so once the lease has merely expired). Committing again with the token that
-///   committed is [`CommitStatus::AlreadyCommitted`] and changes nothing.
+/// - `extend` renews the reservation that `token` holds for another `lease` from now;
+///   the layer calls it while the inner service runs, so a slow call keeps its key.
+/// - `commit` succeeds only for the token of a reservation that holds the key and whose
+///   lease has not expired; otherwise it fails with [`StoreError::lease_lost`], also
+///   when the lease merely expired and nobody took the key since (every store answers
+///   a late commit the same way). Committing again with the token that committed is
+///   [`CommitStatus::AlreadyCommitted`] and changes nothing.
 /// - A committed key stays committed for `ttl`, then is free again.
 /// - `release` frees the key if the token still holds its reservation; a key this token
 ///   committed stays committed (`Ok`); otherwise it fails with
@@ -158,6 +161,15 @@ pub trait IdempotencyStore: Send + Sync + 'static {
 
     /// Frees `key`, reserved with `token`, so the message can be processed again.
     fn release<'a>(&'a self, key: &'a str, token: &'a Token) -> StoreFuture<'a, ()>;
+
+    /// Renews the reservation of `key` that `token` holds, for `lease` from now.
+    ///
+    /// # Errors
+    /// [`StoreError::lease_lost`] when `token` no longer holds a live reservation of
+    /// `key`: its lease expired, another reservation replaced it, or it was committed
+    /// or released.
+    fn extend<'a>(&'a self, key: &'a str, token: &'a Token, lease: Duration)
+    -> StoreFuture<'a, ()>;
 
     /// [`reserve`](Self::reserve), answered at once by a store that needs no I/O for
     /// it (the in-memory store), so no future is boxed per message. `None`, the
