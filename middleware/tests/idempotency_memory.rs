@@ -9,10 +9,16 @@ use redrive_core::classify::{Classifier, ErrorKind};
 use redrive_core::{BoxError, Headers, Message, Outcome};
 use redrive_middleware::idempotency::{
     self, CommitFailed, CommitMode, CommitStatus, DefaultKey, IdempotencyConfig, IdempotencyLayer,
-    IdempotencyStore, IdempotencyToken, KeyReserved, MakeKey, MemoryStore, Reservation, StoreError,
-    StoreFuture, Token,
+    IdempotencyStore, IdempotencyToken, KeyReserved, MakeKey, MemoryStore, Namespace, Reservation,
+    StoreError, StoreFuture, Token,
 };
 use tower::{Layer, Service, ServiceExt, service_fn};
+
+/// `key` as the layer stores it for a message from [`keyed`] (in the consumer's
+/// namespace; such a message names no consumer).
+fn stored(key: &str) -> String {
+    Namespace::Consumer.scope(&keyed(key), key).to_string()
+}
 
 fn keyed(key: &str) -> Message {
     let mut headers = Headers::new();
@@ -73,7 +79,10 @@ async fn fresh_key_runs_and_commits_then_duplicates_are_skipped() {
     );
     assert_eq!(handler.calls(), 1);
     assert_eq!(
-        store.reserve("k1", Duration::from_secs(1)).await.unwrap(),
+        store
+            .reserve(&stored("k1"), Duration::from_secs(1))
+            .await
+            .unwrap(),
         Reservation::Committed
     );
 
@@ -104,10 +113,10 @@ async fn the_handler_gets_the_reservation_in_the_extensions() {
         .unwrap();
     let tokens = handler.tokens.lock().unwrap().clone();
     assert_eq!(tokens.len(), 1);
-    assert_eq!(tokens[0].key(), "k");
+    assert_eq!(tokens[0].key(), stored("k"));
     // It is the token the key was committed with.
     let status = store
-        .commit("k", tokens[0].token(), Duration::from_secs(60))
+        .commit(&stored("k"), tokens[0].token(), Duration::from_secs(60))
         .await
         .unwrap();
     assert_eq!(status, CommitStatus::AlreadyCommitted);
@@ -139,7 +148,11 @@ async fn a_failure_releases_the_key_and_the_error_goes_up_unchanged() {
 #[tokio::test(start_paused = true)]
 async fn a_key_reserved_elsewhere_is_a_transient_error_with_the_lease_left() {
     let store = Arc::new(MemoryStore::new());
-    let Reservation::Fresh(_) = store.reserve("k", Duration::from_secs(10)).await.unwrap() else {
+    let Reservation::Fresh(_) = store
+        .reserve(&stored("k"), Duration::from_secs(10))
+        .await
+        .unwrap()
+    else {
         panic!("fresh");
     };
     tokio::time::advance(Duration::from_secs(4)).await;
@@ -157,7 +170,7 @@ async fn a_key_reserved_elsewhere_is_a_transient_error_with_the_lease_left() {
     let reserved = KeyReserved::find(&*err).expect("a KeyReserved in the chain");
     assert_eq!(
         (reserved.key(), reserved.remaining()),
-        ("k", Duration::from_secs(6))
+        (&*stored("k"), Duration::from_secs(6))
     );
     assert_eq!(handler.calls(), 0);
     assert_eq!(layer.stats().reserved_elsewhere, 1);
@@ -283,7 +296,7 @@ async fn a_failed_commit_is_an_error_after_the_handler_ran() {
         .unwrap_err();
     assert_eq!(handler.calls(), 1);
     let failed = err.downcast_ref::<CommitFailed>().expect("CommitFailed");
-    assert_eq!(failed.key(), "k");
+    assert_eq!(failed.key(), stored("k"));
     assert!(err.to_string().contains("may be processed again"), "{err}");
     assert_eq!(
         Classifier::default().classify(&*err).kind,
@@ -355,7 +368,10 @@ async fn in_handler_commit_mode_the_layer_commit_is_a_no_op() {
     // The handler's TTL (60 s) stands: the layer did not commit over it with its own (24 h).
     tokio::time::advance(Duration::from_secs(61)).await;
     assert!(matches!(
-        store.reserve("k", Duration::from_secs(1)).await.unwrap(),
+        store
+            .reserve(&stored("k"), Duration::from_secs(1))
+            .await
+            .unwrap(),
         Reservation::Fresh(_)
     ));
 }
@@ -380,7 +396,7 @@ async fn a_custom_key_function_and_a_dyn_store() {
         .unwrap();
     assert_eq!(
         store
-            .reserve("order:42", Duration::from_secs(1))
+            .reserve(&stored("order:42"), Duration::from_secs(1))
             .await
             .unwrap(),
         Reservation::Committed
@@ -452,15 +468,21 @@ async fn a_call_dropped_before_it_completes_frees_its_key() {
     // Dropped before its first poll: the key was reserved in `call`.
     let never_polled = svc.ready().await.unwrap().call(keyed("k1"));
     assert!(matches!(
-        store.reserve("k1", Duration::from_secs(1)).await.unwrap(),
+        store
+            .reserve(&stored("k1"), Duration::from_secs(1))
+            .await
+            .unwrap(),
         Reservation::Reserved { .. }
     ));
     drop(never_polled);
-    let Reservation::Fresh(token) = store.reserve("k1", Duration::from_secs(1)).await.unwrap()
+    let Reservation::Fresh(token) = store
+        .reserve(&stored("k1"), Duration::from_secs(1))
+        .await
+        .unwrap()
     else {
         panic!("the dropped call's reservation was not released");
     };
-    store.release("k1", &token).await.unwrap();
+    store.release(&stored("k1"), &token).await.unwrap();
 
     // Dropped while the handler runs (a shutdown deadline).
     let call = svc.ready().await.unwrap().call(keyed("k1"));
@@ -468,7 +490,10 @@ async fn a_call_dropped_before_it_completes_frees_its_key() {
     assert!(timed_out.is_err(), "the handler takes 5 s");
     assert_eq!(handler.calls(), 1);
     assert!(matches!(
-        store.reserve("k1", Duration::from_secs(1)).await.unwrap(),
+        store
+            .reserve(&stored("k1"), Duration::from_secs(1))
+            .await
+            .unwrap(),
         Reservation::Fresh(_)
     ));
 }

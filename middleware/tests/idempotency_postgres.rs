@@ -10,7 +10,7 @@ use std::time::Duration;
 use redrive_core::{BoxError, Headers, Message, Outcome};
 use redrive_middleware::idempotency::{
     self, CommitFailed, CommitMode, IdempotencyConfig, IdempotencyLayer, IdempotencyStore,
-    IdempotencyToken, KeyReserved, PostgresStore, Reservation,
+    IdempotencyToken, KeyReserved, Namespace, PostgresStore, Reservation,
 };
 use tokio::sync::Mutex;
 use tokio_postgres::{Client, NoTls};
@@ -58,6 +58,11 @@ async fn store(table: &str) -> PostgresStore {
         .unwrap();
     store.migrate().await.unwrap();
     store
+}
+
+/// `key` as the layer stores it for a message from [`keyed`].
+fn stored(key: &str) -> String {
+    Namespace::Consumer.scope(&keyed(key), key).to_string()
 }
 
 fn keyed(key: &str) -> Message {
@@ -127,7 +132,7 @@ async fn two_consumers_racing_for_one_key_run_the_handler_once() {
 }
 
 #[tokio::test]
-async fn a_lease_that_expires_mid_processing_cannot_be_committed_over_the_next_owner() {
+async fn a_reservation_lost_mid_processing_cannot_be_committed_over_the_next_owner() {
     let table = table("lease");
     let lease = Duration::from_millis(300);
     let shared = Arc::new(store(&table).await);
@@ -139,14 +144,24 @@ async fn a_lease_that_expires_mid_processing_cannot_be_committed_over_the_next_o
         slow.layer(handler(runs.clone(), Duration::from_millis(700)))
             .oneshot(keyed("k")),
     );
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // While the call runs its key is held, renewed past the lease.
+    tokio::time::sleep(lease * 2).await;
     let refused = fast
         .layer(handler(runs.clone(), Duration::ZERO))
         .oneshot(keyed("k"))
         .await
         .unwrap_err();
     assert!(KeyReserved::find(&*refused).is_some(), "{refused}");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The reservation lapses behind the slow call's back (renewing could not reach
+    // the store, say); the next consumer takes the key.
+    client()
+        .await
+        .execute(
+            &format!("UPDATE {table} SET expires_at = now() - INTERVAL '1 second' WHERE key = $1"),
+            &[&stored("k")],
+        )
+        .await
+        .unwrap();
     let outcome = fast
         .layer(handler(runs.clone(), Duration::ZERO))
         .oneshot(keyed("k"))
@@ -159,7 +174,7 @@ async fn a_lease_that_expires_mid_processing_cannot_be_committed_over_the_next_o
     assert!(failed.store_error().is_lease_lost(), "{err}");
     assert_eq!(runs.load(Ordering::SeqCst), 2);
     assert_eq!(
-        shared.reserve("k", lease).await.unwrap(),
+        shared.reserve(&stored("k"), lease).await.unwrap(),
         Reservation::Committed
     );
 }
@@ -234,8 +249,8 @@ async fn a_handler_commits_the_key_in_its_own_transaction_exactly_once() {
         .lock()
         .await
         .query_one(
-            &format!("SELECT count(*) FROM {table} WHERE key = 'k'"),
-            &[],
+            &format!("SELECT count(*) FROM {table} WHERE key = $1"),
+            &[&stored("k")],
         )
         .await
         .unwrap()
@@ -247,7 +262,10 @@ async fn a_handler_commits_the_key_in_its_own_transaction_exactly_once() {
     assert_eq!(o, Outcome::Processed);
     assert_eq!(count().await, 1);
     assert_eq!(
-        store.reserve("k", Duration::from_secs(5)).await.unwrap(),
+        store
+            .reserve(&stored("k"), Duration::from_secs(5))
+            .await
+            .unwrap(),
         Reservation::Committed
     );
 
@@ -262,14 +280,17 @@ async fn commit_in_with_a_lost_lease_fails_and_leaves_the_new_owner_alone() {
     let table = table("lost");
     let store = store(&table).await;
     let Reservation::Fresh(stale) = store
-        .reserve("k", Duration::from_millis(300))
+        .reserve(&stored("k"), Duration::from_millis(300))
         .await
         .unwrap()
     else {
         panic!("fresh");
     };
     tokio::time::sleep(Duration::from_millis(400)).await;
-    let Reservation::Fresh(current) = store.reserve("k", Duration::from_secs(5)).await.unwrap()
+    let Reservation::Fresh(current) = store
+        .reserve(&stored("k"), Duration::from_secs(5))
+        .await
+        .unwrap()
     else {
         panic!("the expired lease was not taken over");
     };
@@ -288,11 +309,14 @@ async fn commit_in_with_a_lost_lease_fails_and_leaves_the_new_owner_alone() {
     drop(txn);
     // The current owner is untouched and commits.
     assert!(matches!(
-        store.reserve("k", Duration::from_secs(5)).await.unwrap(),
+        store
+            .reserve(&stored("k"), Duration::from_secs(5))
+            .await
+            .unwrap(),
         Reservation::Reserved { .. }
     ));
     store
-        .commit("k", &current, Duration::from_secs(60))
+        .commit(&stored("k"), &current, Duration::from_secs(60))
         .await
         .unwrap();
 }

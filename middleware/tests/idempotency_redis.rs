@@ -9,12 +9,16 @@ use std::time::Duration;
 use redrive_core::{BoxError, Headers, Message, Outcome};
 use redrive_middleware::idempotency::{
     self, CommitFailed, IdempotencyConfig, IdempotencyLayer, IdempotencyStore, KeyReserved,
-    RedisStore, Reservation,
+    Namespace, RedisStore, Reservation,
 };
 use tower::{Layer, Service, ServiceExt, service_fn};
 
+fn url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
 async fn store(prefix: &str) -> RedisStore {
-    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let url = url();
     let connect = async {
         let client = redis::Client::open(url.as_str())?;
         client.get_multiplexed_async_connection().await?;
@@ -35,6 +39,11 @@ async fn store(prefix: &str) -> RedisStore {
 
 fn prefix(test: &str) -> String {
     format!("redrive-test:{test}:{:016x}:", fastrand::u64(..))
+}
+
+/// `key` as the layer stores it for a message from [`keyed`].
+fn stored(key: &str) -> String {
+    Namespace::Consumer.scope(&keyed(key), key).to_string()
 }
 
 fn keyed(key: &str) -> Message {
@@ -109,7 +118,7 @@ async fn two_consumers_racing_for_one_key_run_the_handler_once() {
 }
 
 #[tokio::test]
-async fn a_lease_that_expires_mid_processing_cannot_be_committed_over_the_next_owner() {
+async fn a_reservation_lost_mid_processing_cannot_be_committed_over_the_next_owner() {
     let prefix = prefix("lease");
     let lease = Duration::from_millis(300);
     let shared = Arc::new(store(&prefix).await);
@@ -121,15 +130,26 @@ async fn a_lease_that_expires_mid_processing_cannot_be_committed_over_the_next_o
         slow.layer(handler(runs.clone(), Duration::from_millis(700)))
             .oneshot(keyed("k")),
     );
-    // Before the lease expires the key is held; after, the next consumer takes it.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // While the call runs its key is held, renewed past the lease.
+    tokio::time::sleep(lease * 2).await;
     let refused = fast
         .layer(handler(runs.clone(), Duration::ZERO))
         .oneshot(keyed("k"))
         .await
         .unwrap_err();
     assert!(KeyReserved::find(&*refused).is_some(), "{refused}");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The reservation lapses behind the slow call's back (renewing could not reach
+    // the store, say); the next consumer takes the key.
+    let mut conn = redis::Client::open(url().as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("DEL")
+        .arg(format!("{prefix}{}", stored("k")))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     let outcome = fast
         .layer(handler(runs.clone(), Duration::ZERO))
         .oneshot(keyed("k"))
@@ -147,8 +167,9 @@ async fn a_lease_that_expires_mid_processing_cannot_be_committed_over_the_next_o
     );
     // The next owner's commit stands.
     assert_eq!(
-        shared.reserve("k", lease).await.unwrap(),
+        shared.reserve(&stored("k"), lease).await.unwrap(),
         Reservation::Committed
     );
     assert_eq!(slow.stats().commit_failures, 1);
+    assert_eq!(slow.stats().leases_lost, 1, "renewing found the key taken");
 }

@@ -149,3 +149,20 @@ impl StdError for CommitFailed {
         Some(&self.source)
     }
 }
+
+/// A message without an idempotency key, refused under
+/// [`Unkeyed::Reject`](super::Unkeyed::Reject). Wrapped as permanent: it is never
+/// retried, and the dead-letter layer takes it out of the queue unrun.
+#[derive(Debug)]
+pub struct MissingKey;
+
+impl fmt::Display for MissingKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(
+            "the message has no idempotency key (no `idempotency-key` or `message-id` header, \
+             no broker message id), and the idempotency layer rejects unkeyed messages",
+        )
+    }
+}
+
+impl StdError for MissingKey {}

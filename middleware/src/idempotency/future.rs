@@ -10,7 +10,7 @@ use redrive_core::delivery::BoxFuture;
 use redrive_core::{BoxError, Outcome};
 
 use super::layer::Shared;
-use super::{IdempotencyStore, Token, committed, release};
+use super::{IdempotencyStore, Token, committed, keep_reserved, release};
 
 pin_project_lite::pin_project! {
     /// The future of [`Idempotency`](super::Idempotency): the inner call, then the
@@ -55,11 +55,13 @@ pin_project_lite::pin_project! {
 pin_project_lite::pin_project! {
     #[project = StateProj]
     enum State<F, St: ?Sized> {
-        /// The inner call; `reserved` is `None` for a message without a key.
+        /// The inner call; `reserved` is `None` for a message without a key. `keep`
+        /// renews the reservation once the call has had to wait.
         Calling {
             #[pin]
             fut: F,
             reserved: Option<Reserved<St>>,
+            keep: Option<BoxFuture<'static, ()>>,
         },
         /// An answer known without running the inner service (a duplicate, a key held
         /// elsewhere), taken by the first poll.
@@ -80,7 +82,11 @@ impl<F, St: IdempotencyStore + ?Sized> ResponseFuture<F, St> {
     /// The inner call, finished by committing or releasing `reserved`.
     pub(crate) fn calling(fut: F, reserved: Option<Reserved<St>>) -> Self {
         ResponseFuture {
-            state: State::Calling { fut, reserved },
+            state: State::Calling {
+                fut,
+                reserved,
+                keep: None,
+            },
         }
     }
 
@@ -117,10 +123,28 @@ where
         loop {
             let finish: BoxFuture<'static, Result<Outcome, BoxError>> =
                 match state.as_mut().project() {
-                    StateProj::Calling { fut, reserved } => {
-                        let result = std::task::ready!(fut.poll(cx))
-                            .map(Into::into)
-                            .map_err(Into::into);
+                    StateProj::Calling {
+                        fut,
+                        reserved,
+                        keep,
+                    } => {
+                        let Poll::Ready(result) = fut.poll(cx) else {
+                            // A call that waits may outlast its lease: renew it meanwhile
+                            // (made only now, so calls that finish at once cost no timer).
+                            if let Some(r) = reserved {
+                                let keep = keep.get_or_insert_with(|| {
+                                    Box::pin(keep_reserved(
+                                        r.shared.clone(),
+                                        r.key.clone(),
+                                        r.token.clone(),
+                                    ))
+                                });
+                                let _ = keep.as_mut().poll(cx);
+                            }
+                            return Poll::Pending;
+                        };
+                        *keep = None;
+                        let result = result.map(Into::into).map_err(Into::into);
                         let Some(Reserved { shared, key, token }) = reserved.take() else {
                             return Poll::Ready(result);
                         };

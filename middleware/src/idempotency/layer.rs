@@ -2,9 +2,10 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use redrive_core::Message;
 use tower::Layer;
 
 use super::{ConfigError, DefaultKey, Idempotency, IdempotencyStore, MakeKey};
@@ -25,25 +26,83 @@ pub enum CommitMode {
     Handler,
 }
 
+/// What the layer does with a message that has no idempotency key.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Unkeyed {
+    /// Run it without deduplication: a redelivery runs it again. Each such message is
+    /// counted (`unkeyed`), and a warning names the first one and each power of two.
+    #[default]
+    Process,
+    /// Fail it with a permanent [`MissingKey`](super::MissingKey) error, so the
+    /// dead-letter layer takes it out of the queue unrun: for handlers whose effect must
+    /// never happen twice. Counted as `unkeyed` too.
+    Reject,
+}
+
+/// Whose keys a layer's keys may meet in its store.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Namespace {
+    /// Each key is scoped by the consumer the message was delivered to: its messaging
+    /// system, destination (queue or topic) and, where the broker has them, consumer
+    /// group ([`Source`](redrive_core::Source)). Two queues bound to one exchange, two
+    /// Kafka consumer groups on one topic, or two services sharing one Redis or one
+    /// table each process every message of their own.
+    #[default]
+    Consumer,
+    /// Every key is scoped by this name alone, whatever delivered the message: a
+    /// message processed by any consumer with the same name is a duplicate for all of
+    /// them (one service reading the same operations from two queues, say).
+    Named(Arc<str>),
+}
+
+impl Namespace {
+    /// `key`, the key of `msg`, as the layer reserves and commits it in the store:
+    /// `<system>:<destination>/<key>`, `<system>:<destination>@<group>/<key>` where the
+    /// message came to a consumer group, or `<name>/<key>` for a named namespace.
+    pub fn scope(&self, msg: &Message, key: &str) -> Arc<str> {
+        match self {
+            Namespace::Named(name) => format!("{name}/{key}").into(),
+            Namespace::Consumer => {
+                let source = &msg.metadata.source;
+                // Kafka topic names cannot hold `@`, and only Kafka has groups, so no
+                // destination of one system reads as another's destination and group.
+                match &source.group {
+                    Some(group) => {
+                        format!("{}:{}@{group}/{key}", source.system, source.destination)
+                    }
+                    None => format!("{}:{}/{key}", source.system, source.destination),
+                }
+                .into()
+            }
+        }
+    }
+}
+
 /// The idempotency layer's settings, checked by [`IdempotencyLayer::new`].
 ///
 /// | setting | default |
 /// |---|---|
-/// | `lease` (how long a reservation lasts) | 30 s |
+/// | `lease` (how long a reservation lasts unrenewed) | 30 s |
 /// | `ttl` (how long a committed key is remembered) | 24 h |
 /// | `key` | [`DefaultKey`] |
+/// | `namespace` | [`Namespace::Consumer`] |
+/// | `unkeyed` | [`Unkeyed::Process`] |
 /// | `commit_mode` | [`CommitMode::Layer`] |
 ///
-/// The lease must outlast the slowest processing of one message (timeouts × in-process
-/// retries): a reservation is not extended while the handler runs, and once it expires
-/// another consumer may reserve the key and process the message too. The TTL must
-/// outlast the longest time a duplicate can arrive (the broker's redelivery window, a
-/// producer's retries).
+/// The layer renews a reservation every third of its lease while the inner service
+/// runs, so a slow handler keeps its key. The lease is what is left when renewing fails
+/// (the store unreachable, the process gone): once it expires, another consumer may
+/// reserve the key and process the message too. The TTL must outlast the longest time
+/// a duplicate can arrive (the broker's redelivery window, a producer's retries).
 #[derive(Clone)]
 pub struct IdempotencyConfig {
     pub(crate) lease: Duration,
     pub(crate) ttl: Duration,
     pub(crate) key: Arc<dyn MakeKey>,
+    pub(crate) namespace: Namespace,
+    pub(crate) unkeyed: Unkeyed,
     pub(crate) commit_mode: CommitMode,
 }
 
@@ -53,6 +112,8 @@ impl Default for IdempotencyConfig {
             lease: Duration::from_secs(30),
             ttl: Duration::from_secs(24 * 3600),
             key: Arc::new(DefaultKey),
+            namespace: Namespace::Consumer,
+            unkeyed: Unkeyed::Process,
             commit_mode: CommitMode::Layer,
         }
     }
@@ -63,6 +124,8 @@ impl fmt::Debug for IdempotencyConfig {
         f.debug_struct("IdempotencyConfig")
             .field("lease", &self.lease)
             .field("ttl", &self.ttl)
+            .field("namespace", &self.namespace)
+            .field("unkeyed", &self.unkeyed)
             .field("commit_mode", &self.commit_mode)
             .finish_non_exhaustive()
     }
@@ -100,7 +163,38 @@ impl IdempotencyConfig {
         self
     }
 
+    /// Scopes every key by `name` instead of by the consumer; see [`Namespace::Named`].
+    #[must_use]
+    pub fn with_namespace(mut self, name: impl Into<Arc<str>>) -> Self {
+        self.namespace = Namespace::Named(name.into());
+        self
+    }
+
+    /// What to do with a message that has no key; see [`Unkeyed`].
+    #[must_use]
+    pub fn with_unkeyed(mut self, unkeyed: Unkeyed) -> Self {
+        self.unkeyed = unkeyed;
+        self
+    }
+
+    /// How long a reservation lasts unrenewed.
+    pub fn lease(&self) -> Duration {
+        self.lease
+    }
+
+    /// How long a committed key is remembered.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
+        if let Namespace::Named(name) = &self.namespace {
+            if name.is_empty() {
+                return Err(ConfigError(
+                    "`namespace` is empty; name the service whose keys these are".into(),
+                ));
+            }
+        }
         for (name, d) in [("lease", self.lease), ("ttl", self.ttl)] {
             if d < Duration::from_millis(1) {
                 return Err(ConfigError(format!(
@@ -125,10 +219,14 @@ pub struct IdempotencyStats {
     pub deduplicated: u64,
     /// Messages sent back because another consumer held their key.
     pub reserved_elsewhere: u64,
-    /// Messages processed without deduplication because they had no key.
+    /// Messages without a key: processed without deduplication, or rejected (see
+    /// [`Unkeyed`]).
     pub unkeyed: u64,
     /// Successes whose key could not be committed.
     pub commit_failures: u64,
+    /// Reservations found taken over while their handler still ran (renewing came too
+    /// late), each a possible duplicate.
+    pub leases_lost: u64,
 }
 
 #[derive(Default)]
@@ -137,7 +235,7 @@ pub(crate) struct Counters {
     pub(crate) reserved_elsewhere: AtomicU64,
     pub(crate) unkeyed: AtomicU64,
     pub(crate) commit_failures: AtomicU64,
-    pub(crate) unkeyed_logged: AtomicBool,
+    pub(crate) leases_lost: AtomicU64,
 }
 
 impl Counters {
@@ -151,6 +249,7 @@ impl Counters {
             reserved_elsewhere: self.reserved_elsewhere.load(Ordering::Relaxed),
             unkeyed: self.unkeyed.load(Ordering::Relaxed),
             commit_failures: self.commit_failures.load(Ordering::Relaxed),
+            leases_lost: self.leases_lost.load(Ordering::Relaxed),
         }
     }
 }

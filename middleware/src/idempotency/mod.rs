@@ -54,15 +54,24 @@
 //! - **Store errors never run the handler unguarded.** If `reserve` fails, the call
 //!   fails (transient) and the Worker nacks. If `commit` fails after a success, the call
 //!   fails with [`CommitFailed`] and the Worker nacks.
-//! - **No key, no deduplication.** A message without a key (see [`DefaultKey`]) is
-//!   passed to the inner service as it is; the first such message is logged at `debug`
-//!   and all are counted (`unkeyed`).
+//! - **Keys are the consumer's own.** A key is reserved in the namespace of the
+//!   consumer the message was delivered to (messaging system, destination, consumer
+//!   group; see [`Namespace`]), so two queues fed by one exchange, two Kafka groups on
+//!   one topic, or two services sharing one Redis or table never skip each other's
+//!   messages. [`IdempotencyConfig::with_namespace`] shares keys across consumers on
+//!   purpose.
+//! - **A running call keeps its key.** The reservation is renewed every third of the
+//!   lease while the inner service runs, however long it takes.
+//! - **No key: an explicit policy.** A message without a key (see [`DefaultKey`]) is
+//!   processed without deduplication, or rejected as permanent ([`Unkeyed`]); either
+//!   way it is counted (`unkeyed`) and logged at `warn` (the first, then each power of
+//!   two).
 //!
 //! ## Duplicate window
 //! The handler's effect happens before the commit. If the process dies, or the commit
-//! fails, between the two, or the handler outlives its lease, the key is free again
-//! once the lease expires and the message is processed a second time: at-least-once,
-//! with duplicates only in that window. To close it, commit the key in the same
+//! fails, between the two, or the store cannot be reached to renew a reservation for a
+//! whole lease, the key is free again once the lease expires and the message is
+//! processed a second time: at-least-once, with duplicates only in that window. To close it, commit the key in the same
 //! database transaction as the effect: [`CommitMode::Handler`] with
 //! `PostgresStore::commit_in`, which the handler reaches through the
 //! [`IdempotencyToken`] the layer puts into the message's extensions. Then the effect
@@ -123,7 +132,7 @@ use std::time::Duration;
 use redrive_core::{BoxError, Message, Outcome, classify};
 use tower::Service;
 
-pub use error::{CommitFailed, ConfigError, KeyReserved, StoreError};
+pub use error::{CommitFailed, ConfigError, KeyReserved, MissingKey, StoreError};
 /// The most bytes of an idempotency key a log line carries (a producer chooses it).
 const MAX_LOGGED_KEY: usize = 128;
 
@@ -133,7 +142,9 @@ fn logged_key(key: &str) -> std::borrow::Cow<'_, str> {
 }
 
 pub use key::{DefaultKey, IDEMPOTENCY_KEY, MESSAGE_ID, MakeKey};
-pub use layer::{CommitMode, IdempotencyConfig, IdempotencyLayer, IdempotencyStats};
+pub use layer::{
+    CommitMode, IdempotencyConfig, IdempotencyLayer, IdempotencyStats, Namespace, Unkeyed,
+};
 pub use memory::{DEFAULT_CAPACITY as MEMORY_STORE_CAPACITY, MemoryStore};
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
@@ -255,16 +266,12 @@ where
 
     fn call(&mut self, mut msg: Message) -> Self::Future {
         let Some(key) = self.shared.config.key.make_key(&msg) else {
-            let counters = &self.shared.counters;
-            Counters::bump(&counters.unkeyed);
-            if !counters.unkeyed_logged.swap(true, Ordering::Relaxed) {
-                tracing::debug!(
-                    "message without an idempotency key processed without deduplication \
-                     (logged once; see the `unkeyed` count)"
-                );
-            }
-            return ResponseFuture::calling(self.inner.call(msg), None);
+            return match unkeyed(&self.shared, &msg) {
+                Unkeyed::Reject => ResponseFuture::ready(Err(classify::permanent(MissingKey))),
+                _ => ResponseFuture::calling(self.inner.call(msg), None),
+            };
         };
+        let key = self.shared.config.namespace.scope(&msg, &key);
         let shared = &self.shared;
         match shared.store.reserve_now(&key, shared.config.lease) {
             // The store answered at once: the inner service, ready, runs the message now.
@@ -291,6 +298,28 @@ where
             }
         }
     }
+}
+
+/// Counts a message without a key and says so: at `warn` for the first and for each
+/// power of two, since a redelivery of such a message runs its handler again.
+fn unkeyed<St: ?Sized>(shared: &Shared<St>, msg: &Message) -> Unkeyed {
+    let policy = shared.config.unkeyed;
+    let seen = shared.counters.unkeyed.fetch_add(1, Ordering::Relaxed) + 1;
+    if seen.is_power_of_two() {
+        let source = &msg.metadata.source;
+        let fate = match policy {
+            Unkeyed::Reject => "rejected as permanent (it goes to the dead-letter queue unrun)",
+            _ => "processed without deduplication (a redelivery runs it again)",
+        };
+        tracing::warn!(
+            unkeyed = seen,
+            destination = %source.destination,
+            "message without an idempotency key {fate}; have producers set a `message-id` or \
+             `idempotency-key` header, or give the layer a key function (logged for the first \
+             such message and each power of two; see the `unkeyed` count)"
+        );
+    }
+    policy
 }
 
 /// The token of a fresh reservation of `key`, or the call's answer when the key is
@@ -390,6 +419,37 @@ async fn release<St: IdempotencyStore + ?Sized>(shared: &Shared<St>, key: &str, 
     }
 }
 
+/// Renews the reservation of `key` every third of the lease, for as long as it is
+/// polled (while the inner service runs). Never completes.
+pub(crate) async fn keep_reserved<St: IdempotencyStore + ?Sized>(
+    shared: Arc<Shared<St>>,
+    key: Arc<str>,
+    token: Token,
+) {
+    let lease = shared.config.lease;
+    let every = lease / 3;
+    loop {
+        tokio::time::sleep(every).await;
+        match shared.store.extend(&key, &token, lease).await {
+            Ok(()) => {}
+            Err(e) if e.is_lease_lost() => {
+                Counters::bump(&shared.counters.leases_lost);
+                tracing::warn!(
+                    idempotency_key = %logged_key(&key), error = %e,
+                    "the reservation was lost while the handler ran; another consumer may \
+                     process this message too"
+                );
+                return std::future::pending().await;
+            }
+            Err(e) => tracing::warn!(
+                idempotency_key = %logged_key(&key), error = %e, ?every,
+                "renewing the reservation failed; trying again, and it lapses with its lease \
+                 if the store stays unreachable"
+            ),
+        }
+    }
+}
+
 /// Every step through the store's futures, for a store that does not answer at once.
 async fn process<S, St>(
     shared: Arc<Shared<St>>,
@@ -414,7 +474,13 @@ where
     // allocator's per-thread cache (about 1 KiB with glibc), and each message then takes
     // the slow path of malloc and free; two smaller boxes stay on the fast one.
     let call = Box::pin(inner.call(msg));
-    match call.await.map(Into::into).map_err(Into::into) {
+    let keep = keep_reserved(shared.clone(), key.clone(), token.clone());
+    let result = tokio::select! {
+        biased;
+        r = call => r,
+        () = keep => unreachable!("keeping a reservation never ends"),
+    };
+    match result.map(Into::into).map_err(Into::into) {
         Ok(outcome) => {
             let status = commit_key(&*shared.store, &key, &token, shared.config.ttl).await;
             committed(&shared, key, status, outcome)
