@@ -55,10 +55,19 @@
 //!   clone, sees and feeds the same breaker. [`CircuitHandle::state`] reads it, and
 //!   [`OnCircuitOpen`] hears every change.
 //!
+//! - **Held, not dead-lettered**: a call that fails while the breaker opens (the
+//!   failure that trips it, a failed probe, a call that was running) does not go up:
+//!   its message is held and run again when the breaker lets a call through, for up
+//!   to `max_hold` (15 min). An outage shorter than that uses none of the messages'
+//!   delivery attempts, so the dead-letter layer never sees them; intake is paused
+//!   meanwhile, so the rest wait in the broker. [`CircuitHandle::held`] counts them.
+//!   At shutdown a held message goes up with its last error.
+//!
 //! # Order
 //! Outside the retry layer: the breaker counts a delivery attempt's final result, so
-//! retries that rescue a message do not count as failures. Inside dead letter and
-//! idempotency.
+//! retries that rescue a message do not count as failures. Outside idempotency, so an
+//! unreachable store trips it too (a key held by another consumer is not a failure),
+//! and inside dead letter, which never sees a held message.
 
 use std::error::Error as StdError;
 use std::fmt;
@@ -69,7 +78,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use redrive_core::{BoxError, Classifier, Message};
+use redrive_core::delivery::BoxFuture;
+use redrive_core::{BoxError, Classifier, Message, Shutdown};
 use tokio::time::{Instant, Sleep};
 use tower::{Layer, Service};
 
@@ -159,6 +169,7 @@ impl FailureRate {
 /// | `failure_rate` | off ([`FailureRate::default`] when turned on) |
 /// | `open_for` | 30 s |
 /// | `half_open_probes` | 1 |
+/// | `max_hold` (how long a message that failed as the breaker opened is held) | 15 min |
 /// | `classifier` | [`Classifier::default`] (markers only) |
 #[derive(Clone, Debug)]
 pub struct CircuitBreakerConfig {
@@ -166,6 +177,7 @@ pub struct CircuitBreakerConfig {
     failure_rate: Option<FailureRate>,
     open_for: Duration,
     half_open_probes: u32,
+    max_hold: Option<Duration>,
     classifier: Classifier,
 }
 
@@ -176,10 +188,15 @@ impl Default for CircuitBreakerConfig {
             failure_rate: None,
             open_for: Duration::from_secs(30),
             half_open_probes: 1,
+            max_hold: Some(DEFAULT_MAX_HOLD),
             classifier: Classifier::default(),
         }
     }
 }
+
+/// The default `max_hold`: below RabbitMQ's default consumer timeout (30 min), after
+/// which the broker would take a held delivery back.
+const DEFAULT_MAX_HOLD: Duration = Duration::from_secs(15 * 60);
 
 impl CircuitBreakerConfig {
     /// Trips after `n` transient failures in a row (at least 1).
@@ -215,6 +232,26 @@ impl CircuitBreakerConfig {
     #[must_use]
     pub fn with_half_open_probes(mut self, n: u32) -> Self {
         self.half_open_probes = n;
+        self
+    }
+
+    /// Holds a message that failed as the breaker opened (or failed as a probe) for up
+    /// to `max_hold`, running it again whenever the breaker lets a call through, so an
+    /// outage shorter than `max_hold` uses none of its delivery attempts. Past
+    /// `max_hold` the error goes up, using one attempt; then the message comes back and
+    /// may be held again. Keep it below any limit the broker puts on an unsettled
+    /// delivery (RabbitMQ's `consumer_timeout`, 30 min by default).
+    #[must_use]
+    pub fn with_max_hold(mut self, max_hold: Duration) -> Self {
+        self.max_hold = Some(max_hold);
+        self
+    }
+
+    /// Never holds a message: a failure goes up at once, using one delivery attempt,
+    /// even while the breaker is open.
+    #[must_use]
+    pub fn without_hold(mut self) -> Self {
+        self.max_hold = None;
         self
     }
 
@@ -468,6 +505,8 @@ struct Core {
     /// just after; one held up across state changes may clear failures of a later
     /// closed period. Either way a trip comes at most one run of failures later.
     consecutive: AtomicU32,
+    /// Messages held while the breaker is open.
+    held: AtomicU64,
 }
 
 /// The flag in [`Core::closed`] set while the breaker is closed.
@@ -504,6 +543,24 @@ impl Core {
             }),
             closed: AtomicU64::new(CLOSED),
             consecutive: AtomicU32::new(0),
+            held: AtomicU64::new(0),
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire) & CLOSED != 0
+    }
+
+    /// How a call's result counts: transient errors are failures, except one that says
+    /// another consumer holds the message's idempotency key (a busy key says nothing
+    /// about the downstream); permanent errors say nothing either.
+    fn outcome<T>(&self, result: &Result<T, BoxError>) -> Outcome {
+        match result {
+            Ok(_) => Outcome::Success,
+            Err(e) if self.config.classifier.classify(&**e).is_permanent() => Outcome::Ignored,
+            #[cfg(feature = "idempotency")]
+            Err(e) if crate::idempotency::KeyReserved::find(&**e).is_some() => Outcome::Ignored,
+            Err(_) => Outcome::Failure,
         }
     }
 
@@ -746,6 +803,11 @@ impl CircuitHandle {
     pub fn state(&self) -> CircuitState {
         self.core.state()
     }
+
+    /// Messages held now, each waiting for the breaker to let it run again.
+    pub fn held(&self) -> u64 {
+        self.core.held.load(Ordering::Relaxed)
+    }
 }
 
 impl fmt::Debug for CircuitHandle {
@@ -790,6 +852,15 @@ impl CircuitBreakerLayer {
     pub fn handle(&self) -> CircuitHandle {
         CircuitHandle {
             core: self.core.clone(),
+        }
+    }
+}
+
+impl Default for CircuitBreakerLayer {
+    /// A breaker with [`CircuitBreakerConfig::default`], closed.
+    fn default() -> Self {
+        CircuitBreakerLayer {
+            core: Arc::new(Core::new(CircuitBreakerConfig::default(), Box::new(()))),
         }
     }
 }
@@ -873,12 +944,14 @@ impl<S> CircuitBreaker<S> {
 
 impl<S> Service<Message> for CircuitBreaker<S>
 where
-    S: Service<Message>,
+    S: Service<Message> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Response: Send + 'static,
     S::Error: Into<BoxError>,
 {
     type Response = S::Response;
     type Error = BoxError;
-    type Future = ResponseFuture<S::Future>;
+    type Future = ResponseFuture<S::Future, S>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         loop {
@@ -916,49 +989,192 @@ where
             .ticket
             .take()
             .expect("CircuitBreaker::call without poll_ready returning Ready first");
+        // Kept to run the message again if it fails while the breaker opens: a clone
+        // of the service (made ready again before that run) and of the message.
+        let hold = self
+            .core
+            .config
+            .max_hold
+            .is_some()
+            .then(|| (self.inner.clone(), msg.clone()));
+        let inner = self.inner.call(msg);
         ResponseFuture {
-            inner: self.inner.call(msg),
+            state: State::Calling { inner },
             core: self.core.clone(),
             ticket: Some(ticket),
+            hold,
         }
     }
 }
 
 pin_project_lite::pin_project! {
-    /// The future of a [`CircuitBreaker`]: the inner call, whose result is counted.
-    pub struct ResponseFuture<F> {
+    /// The future of a [`CircuitBreaker`]: the inner call, whose result is counted;
+    /// then, for a call that failed as the breaker opened, the message held and run
+    /// again once the breaker lets it through.
+    pub struct ResponseFuture<F, S>
+    where
+        S: Service<Message>,
+    {
         #[pin]
-        inner: F,
+        state: State<F, S::Response>,
         core: Arc<Core>,
         ticket: Option<Ticket>,
+        hold: Option<(S, Message)>,
     }
 }
 
-impl<F> fmt::Debug for ResponseFuture<F> {
+pin_project_lite::pin_project! {
+    #[project = StateProj]
+    enum State<F, R> {
+        /// The first run.
+        Calling { #[pin] inner: F },
+        /// Held while the breaker is open, then run again.
+        Holding { fut: BoxFuture<'static, Result<R, BoxError>> },
+    }
+}
+
+impl<F, S: Service<Message>> fmt::Debug for ResponseFuture<F, S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture").finish_non_exhaustive()
     }
 }
 
-impl<F, T, E> Future for ResponseFuture<F>
+impl<F, S, T, E> Future for ResponseFuture<F, S>
 where
     F: Future<Output = Result<T, E>>,
     E: Into<BoxError>,
+    S: Service<Message, Response = T> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    T: Send + 'static,
 {
     type Output = Result<T, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let result = std::task::ready!(this.inner.poll(cx)).map_err(Into::into);
-        let outcome = match &result {
-            Ok(_) => Outcome::Success,
-            Err(e) if this.core.config.classifier.classify(&**e).is_permanent() => Outcome::Ignored,
-            Err(_) => Outcome::Failure,
-        };
-        if let Some(ticket) = this.ticket.take() {
-            ticket.record(this.core, outcome);
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Calling { inner } => {
+                    let result = std::task::ready!(inner.poll(cx)).map_err(Into::into);
+                    let outcome = this.core.outcome(&result);
+                    if let Some(ticket) = this.ticket.take() {
+                        ticket.record(this.core, outcome);
+                    }
+                    match result {
+                        Err(error) if outcome == Outcome::Failure && !this.core.is_closed() => {
+                            let Some((service, msg)) = this.hold.take() else {
+                                return Poll::Ready(Err(error));
+                            };
+                            let fut = hold(this.core.clone(), service, msg, error);
+                            this.state.set(State::Holding { fut: Box::pin(fut) });
+                        }
+                        other => return Poll::Ready(other),
+                    }
+                }
+                StateProj::Holding { fut } => return fut.as_mut().poll(cx),
+            }
         }
-        Poll::Ready(result)
+    }
+}
+
+/// Holds `msg`, which failed with `error` as the breaker opened, until the breaker
+/// lets a call through, then runs it again on `service`; again and again while it
+/// fails with the breaker open, up to `max_hold`. The delivery stays with this
+/// consumer meanwhile, so the outage uses none of its delivery attempts. Gives up,
+/// with the last error, at shutdown or past `max_hold`.
+async fn hold<S>(
+    core: Arc<Core>,
+    mut service: S,
+    msg: Message,
+    mut error: BoxError,
+) -> Result<S::Response, BoxError>
+where
+    S: Service<Message>,
+    S::Error: Into<BoxError>,
+{
+    let max_hold = core.config.max_hold.unwrap_or(Duration::MAX);
+    let deadline = Instant::now().checked_add(max_hold);
+    let shutdown = msg.extensions.get::<Shutdown>().cloned();
+    let _held = Held::new(&core);
+    tracing::info!(
+        error = %redrive_core::text::truncate(&error.to_string(), 1024),
+        "the downstream is failing and the circuit breaker is open: the message is held, \
+         without using a delivery attempt, until the breaker lets it through"
+    );
+    loop {
+        let give_up = async {
+            match deadline {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        let stopping = async {
+            match &shutdown {
+                Some(s) => s.started().await,
+                None => std::future::pending().await,
+            }
+        };
+        let ticket = tokio::select! {
+            ticket = admitted(&core) => ticket,
+            () = give_up => {
+                tracing::warn!(
+                    ?max_hold,
+                    "a message held for max_hold goes back with its error, using one delivery attempt"
+                );
+                return Err(error);
+            }
+            () = stopping => return Err(error),
+        };
+        // Dropping the ticket on an error gives a probe slot back.
+        std::future::poll_fn(|cx| service.poll_ready(cx))
+            .await
+            .map_err(Into::into)?;
+        let result = service.call(msg.clone()).await.map_err(Into::into);
+        let outcome = core.outcome(&result);
+        ticket.record(&core, outcome);
+        match result {
+            Err(e) if outcome == Outcome::Failure && !core.is_closed() => error = e,
+            other => return other,
+        }
+    }
+}
+
+/// Waits until the breaker lets a call through, and takes its ticket.
+async fn admitted(core: &Arc<Core>) -> Ticket {
+    loop {
+        let admit = std::future::poll_fn(|cx| match core.admit(cx.waker()) {
+            Admit::Blocked => Poll::Pending,
+            other => Poll::Ready(other),
+        })
+        .await;
+        match admit {
+            Admit::Closed(generation) => return Ticket::Closed(generation),
+            Admit::Probe(generation) => {
+                return Ticket::Probe(Probe {
+                    core: core.clone(),
+                    generation,
+                    armed: true,
+                });
+            }
+            Admit::Wait(until) => tokio::time::sleep_until(until).await,
+            Admit::Blocked => {}
+        }
+    }
+}
+
+/// Counts a held message for as long as it lives.
+struct Held<'a>(&'a Core);
+
+impl<'a> Held<'a> {
+    fn new(core: &'a Core) -> Self {
+        core.held.fetch_add(1, Ordering::Relaxed);
+        Held(core)
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.held.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -20,7 +20,9 @@
 //! stack.check(&consumer.capabilities())?;
 //! assert_eq!(
 //!     stack.describe(),
-//!     "trace -> dead_letter(max_attempts=5, to=<source>-dlq) -> idempotency(lease=30s, ttl=86400s) -> handler"
+//!     "trace -> dead_letter(max_attempts=5, to=<source>-dlq) -> \
+//!      circuit_breaker(consecutive_failures=5, open_for=30s) -> \
+//!      idempotency(lease=30s, ttl=86400s) -> handler"
 //! );
 //! let service = stack.service(handler_fn(|_m: Message| async { Ok::<_, BoxError>(()) }));
 //! let worker = Worker::builder(consumer, service).build()?;
@@ -37,11 +39,18 @@
 //! | 1 | `trace` | one span around everything done for a delivery, including the DLQ publish |
 //! | 2 | `metrics` | sees each delivery's final result and times all of it |
 //! | 3 | `dead_letter` | sees the error left after retries; takes poison out of the queue |
-//! | 4 | `idempotency` | reserves the key once per delivery, around all retries |
-//! | 5 | `circuit_breaker` | counts the failures retries could not fix; pauses intake while open |
+//! | 4 | `circuit_breaker` | counts the failures retries could not fix, the idempotency store's included; pauses intake while open, and holds the messages that failed meanwhile so an outage uses none of their delivery attempts |
+//! | 5 | `idempotency` | reserves the key once per delivery, around all retries |
 //! | 6 | `rate_limit` | paces calls to the downstream, retries included |
 //! | 7 | `retry` | in-process tries with backoff |
 //! | 8 | `timeout` | a deadline per try |
+//!
+//! A circuit breaker with [`CircuitBreakerConfig::default`] is in place from
+//! [`Stack::new`] on (with the `circuit-breaker` feature): without one, an outage of the
+//! downstream or the idempotency store longer than the redeliveries last would send
+//! every message to the dead-letter queue. Replace it with
+//! [`circuit_breaker`](Stack::circuit_breaker), or remove it with
+//! [`without_circuit_breaker`](Stack::without_circuit_breaker).
 //!
 //! Omitted layers are left out at no cost (`tower::layer::util::Identity`). The handler
 //! itself is wrapped in [`CatchPanic`], so a panic is an
@@ -70,6 +79,18 @@ pub trait StackPart {
     fn check(&self, _caps: &Capabilities) -> Result<(), Error> {
         Ok(())
     }
+
+    /// The longest this layer can keep one delivery attempt sleeping between tries
+    /// (the retry layer's window); `None` for other layers.
+    fn retry_window(&self) -> Option<Duration> {
+        None
+    }
+
+    /// How long a reservation this layer takes lasts unrenewed (the idempotency
+    /// layer's lease); `None` for other layers.
+    fn reservation_lease(&self) -> Option<Duration> {
+        None
+    }
 }
 
 impl StackPart for Identity {
@@ -87,8 +108,19 @@ pub(crate) fn secs(d: Duration) -> String {
     }
 }
 
-/// The builder; see the [module docs](self). Each type parameter is one place, in
-/// canonical order, [`Identity`] while empty.
+/// The circuit breaker a new [`Stack`] starts with: [`CircuitBreakerLayer`] with its
+/// default settings, or no layer without the `circuit-breaker` feature.
+///
+/// [`CircuitBreakerLayer`]: crate::circuit_breaker::CircuitBreakerLayer
+#[cfg(feature = "circuit-breaker")]
+pub type DefaultBreaker = crate::circuit_breaker::CircuitBreakerLayer;
+/// The circuit breaker a new [`Stack`] starts with: none without the
+/// `circuit-breaker` feature.
+#[cfg(not(feature = "circuit-breaker"))]
+pub type DefaultBreaker = Identity;
+
+/// The builder; see the [module docs](self). Each type parameter is one place,
+/// [`Identity`] while empty (the circuit breaker's starts as [`DefaultBreaker`]).
 #[derive(Clone, Debug, Default)]
 #[must_use]
 pub struct Stack<
@@ -96,7 +128,7 @@ pub struct Stack<
     Me = Identity,
     Dl = Identity,
     Id = Identity,
-    Cb = Identity,
+    Cb = DefaultBreaker,
     Rl = Identity,
     Re = Identity,
     To = Identity,
@@ -112,7 +144,7 @@ pub struct Stack<
 }
 
 impl Stack {
-    /// An empty stack: the handler alone.
+    /// A stack with the default circuit breaker alone (see the [module docs](self)).
     pub fn new() -> Self {
         Self::default()
     }
@@ -176,7 +208,7 @@ impl<Tr, Me, Dl, Id, Cb, Rl, Re, To> Stack<Tr, Me, Dl, Id, Cb, Rl, Re, To> {
         }
     }
 
-    /// Puts the idempotency layer in its place (fourth).
+    /// Puts the idempotency layer in its place (fifth).
     #[cfg(feature = "idempotency")]
     #[cfg_attr(docsrs, doc(cfg(feature = "idempotency")))]
     pub fn idempotency<St: ?Sized>(
@@ -195,7 +227,22 @@ impl<Tr, Me, Dl, Id, Cb, Rl, Re, To> Stack<Tr, Me, Dl, Id, Cb, Rl, Re, To> {
         }
     }
 
-    /// Puts the circuit breaker in its place (fifth).
+    /// Leaves the circuit breaker's place empty. Without a breaker, an outage longer
+    /// than the redeliveries last sends every message to the dead-letter queue.
+    pub fn without_circuit_breaker(self) -> Stack<Tr, Me, Dl, Id, Identity, Rl, Re, To> {
+        Stack {
+            trace: self.trace,
+            metrics: self.metrics,
+            dead_letter: self.dead_letter,
+            idempotency: self.idempotency,
+            circuit_breaker: Identity::new(),
+            rate_limit: self.rate_limit,
+            retry: self.retry,
+            timeout: self.timeout,
+        }
+    }
+
+    /// Puts the circuit breaker in its place (fourth), instead of the default one.
     #[cfg(feature = "circuit-breaker")]
     #[cfg_attr(docsrs, doc(cfg(feature = "circuit-breaker")))]
     pub fn circuit_breaker(
@@ -287,8 +334,8 @@ where
             &self.trace,
             &self.metrics,
             &self.dead_letter,
-            &self.idempotency,
             &self.circuit_breaker,
+            &self.idempotency,
             &self.rate_limit,
             &self.retry,
             &self.timeout,
@@ -306,12 +353,32 @@ where
     }
 
     /// Checks every layer against the consumer's capabilities (a retry window longer
-    /// than the lease, say). Call it before building the Worker.
+    /// than the broker's lease, say), and the layers against each other (a retry
+    /// window longer than the idempotency lease). Call it before building the Worker.
     ///
     /// # Errors
     /// The first layer's [`Error::Config`], naming the layer and what to change.
     pub fn check(&self, caps: &Capabilities) -> Result<(), Error> {
-        self.parts().iter().try_for_each(|p| p.check(caps))
+        let parts = self.parts();
+        parts.iter().try_for_each(|p| p.check(caps))?;
+        let window = parts.iter().filter_map(|p| p.retry_window()).max();
+        let lease = parts.iter().filter_map(|p| p.reservation_lease()).min();
+        if let (Some(window), Some(lease)) = (window, lease) {
+            if window >= lease {
+                return Err(Error::config(
+                    "idempotency",
+                    format!(
+                        "retries can keep a message for {window:?} between tries, but the \
+                         idempotency lease is {lease:?}; the reservation is renewed while the \
+                         call runs, but if the store cannot be reached to renew it, it lapses \
+                         and another consumer may run the message while retries go on here; \
+                         raise the lease above {window:?} (`IdempotencyConfig::with_lease`) \
+                         or shorten the retries"
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Wraps `handler` in the stack.
@@ -328,9 +395,9 @@ where
     To: Layer<CatchPanic<S>>,
     Re: Layer<To::Service>,
     Rl: Layer<Re::Service>,
-    Cb: Layer<Rl::Service>,
-    Id: Layer<Cb::Service>,
-    Dl: Layer<Id::Service>,
+    Id: Layer<Rl::Service>,
+    Cb: Layer<Id::Service>,
+    Dl: Layer<Cb::Service>,
     Me: Layer<Dl::Service>,
     Tr: Layer<Me::Service>,
 {
@@ -341,8 +408,8 @@ where
         let s = self.timeout.layer(CatchPanic::new(handler));
         let s = self.retry.layer(s);
         let s = self.rate_limit.layer(s);
-        let s = self.circuit_breaker.layer(s);
         let s = self.idempotency.layer(s);
+        let s = self.circuit_breaker.layer(s);
         let s = self.dead_letter.layer(s);
         let s = self.metrics.layer(s);
         self.trace.layer(s)
@@ -391,6 +458,10 @@ impl<St: ?Sized> StackPart for crate::idempotency::IdempotencyLayer<St> {
             secs(c.ttl)
         ))
     }
+
+    fn reservation_lease(&self) -> Option<Duration> {
+        Some(self.config().lease)
+    }
 }
 
 #[cfg(feature = "retry")]
@@ -409,6 +480,10 @@ impl<H> StackPart for crate::retry::RetryLayer<H> {
         self.config()
             .check(caps)
             .map_err(|e| Error::config("retry", e))
+    }
+
+    fn retry_window(&self) -> Option<Duration> {
+        Some(self.config().window())
     }
 }
 

@@ -96,7 +96,14 @@ fn breaker(config: CircuitBreakerConfig, mock: &Mock) -> CircuitBreaker<Mock> {
 
 const OPEN_FOR: Duration = Duration::from_secs(10);
 
+/// Trips on three failures in a row; a failure goes up as it happens (no holding), so
+/// the state machine shows in the callers' results.
 fn three_in_a_row() -> CircuitBreakerConfig {
+    holding_three_in_a_row().without_hold()
+}
+
+/// Trips on three failures in a row and holds what fails as it opens, as by default.
+fn holding_three_in_a_row() -> CircuitBreakerConfig {
     CircuitBreakerConfig::default()
         .with_consecutive_failures(3)
         .with_open_for(OPEN_FOR)
@@ -269,6 +276,7 @@ async fn trips_on_a_failure_rate_over_the_window() {
     let reasons = Arc::new(Mutex::new(Vec::new()));
     let record = reasons.clone();
     let config = CircuitBreakerConfig::default()
+        .without_hold()
         .without_consecutive_failures()
         .with_failure_rate(
             FailureRate::new(0.5)
@@ -307,6 +315,7 @@ async fn trips_on_a_failure_rate_over_the_window() {
 async fn old_calls_leave_the_window() {
     let mock = Mock::new();
     let config = CircuitBreakerConfig::default()
+        .without_hold()
         .without_consecutive_failures()
         .with_failure_rate(
             FailureRate::new(0.5)
@@ -434,7 +443,7 @@ async fn an_open_breaker_pauses_a_running_workers_intake() {
             }
         }
     });
-    let layer = CircuitBreakerLayer::new(three_in_a_row()).unwrap();
+    let layer = CircuitBreakerLayer::new(holding_three_in_a_row()).unwrap();
     let handle = layer.handle();
     let worker = Worker::builder(broker.consumer("orders"), layer.layer(handler))
         .concurrency(1)
@@ -446,10 +455,18 @@ async fn an_open_breaker_pauses_a_running_workers_intake() {
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(handle.state(), CircuitState::Open);
     assert_eq!(calls.lock().unwrap().len(), 3, "no intake while open");
-    assert_eq!(broker.depth("orders"), 5, "the messages wait in the broker");
+    // The failure that tripped the breaker is held, unsettled; the rest wait in the
+    // broker.
+    assert_eq!(handle.held(), 1);
+    assert_eq!(broker.depth("orders"), 4, "the messages wait in the broker");
 
     let report = run.await.unwrap();
     assert_eq!(report.acked, 5);
+    assert_eq!(
+        report.nacked, 2,
+        "the two failures before the trip were nacked"
+    );
+    assert_eq!(handle.held(), 0);
     assert_eq!(handle.state(), CircuitState::Closed);
     let calls = calls.lock().unwrap();
     assert!(
@@ -492,4 +509,165 @@ async fn results_of_calls_admitted_before_a_change_do_not_count() {
     );
     svc.call(Message::new("ok")).await.unwrap();
     assert_eq!(svc.state(), CircuitState::Closed);
+}
+
+/// A Worker on the in-memory broker, fed `messages` evenly until 10 s after the outage,
+/// whose handler's downstream is down from `down.0` to `down.1` (seconds from the
+/// start), behind a dead-letter layer (5 attempts) and `breaker`; returns the handler's
+/// calls, what reached the DLQ, and the Worker's report.
+mod outage {
+    use super::*;
+    use redrive_core::memory::{MemoryBroker, QueueConfig};
+    use redrive_core::{OutgoingMessage, Publisher, Redelivery, Report, Worker, handler};
+    use redrive_middleware::Stack;
+    use redrive_middleware::circuit_breaker::CircuitHandle;
+    use redrive_middleware::dead_letter::{DeadLetterConfig, DeadLetterLayer};
+    use tokio::time::Instant;
+    use tower::util::BoxCloneService;
+
+    pub(super) struct Run {
+        pub(super) calls: Vec<(Duration, String)>,
+        pub(super) dead_lettered: usize,
+        pub(super) report: Report,
+        pub(super) held_during: u64,
+    }
+
+    pub(super) async fn run(
+        messages: usize,
+        down: (u64, u64),
+        breaker: Option<CircuitBreakerConfig>,
+    ) -> Run {
+        let broker = MemoryBroker::new();
+        broker.declare("orders", QueueConfig::default());
+        // A steady stream from before the outage to after it.
+        let period = Duration::from_secs(down.1 + 10) / u32::try_from(messages).unwrap();
+        let producer = broker.clone();
+        tokio::spawn(async move {
+            for i in 0..messages {
+                producer
+                    .publish("orders", OutgoingMessage::new(format!("m{i}")))
+                    .await
+                    .unwrap();
+                tokio::time::sleep(period).await;
+            }
+        });
+        let t0 = Instant::now();
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let seen = calls.clone();
+        let handler = handler::handler_fn(move |m: Message| {
+            let at = t0.elapsed();
+            seen.lock()
+                .unwrap()
+                .push((at, String::from_utf8_lossy(&m.payload).into_owned()));
+            let failing = at >= Duration::from_secs(down.0) && at < Duration::from_secs(down.1);
+            async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if failing {
+                    Err::<(), BoxError>("downstream: 503 service unavailable".into())
+                } else {
+                    Ok(())
+                }
+            }
+        });
+        let dead_letter = DeadLetterLayer::new(
+            Arc::new(broker.clone()),
+            DeadLetterConfig::default().with_max_attempts(5),
+        )
+        .unwrap();
+        let stack = Stack::new().dead_letter(dead_letter);
+        let (service, handle) = match breaker {
+            Some(config) => {
+                let layer = CircuitBreakerLayer::new(config).unwrap();
+                let handle = layer.handle();
+                let service = stack.circuit_breaker(layer).service(handler);
+                (BoxCloneService::new(service), Some(handle))
+            }
+            None => {
+                let service = stack.without_circuit_breaker().service(handler);
+                (BoxCloneService::new(service), None)
+            }
+        };
+        let worker = Worker::builder(broker.consumer("orders"), service)
+            .concurrency(4)
+            // The Worker's default redelivery: 1 s doubling.
+            .redelivery(Redelivery::default())
+            .build()
+            .unwrap();
+        let run =
+            tokio::spawn(worker.run_until(tokio::time::sleep(Duration::from_secs(down.1 + 120))));
+        tokio::time::sleep(Duration::from_secs((down.0 + down.1) / 2)).await;
+        let held_during = handle.as_ref().map_or(0, CircuitHandle::held);
+        let report = run.await.unwrap();
+        let calls = calls.lock().unwrap().clone();
+        Run {
+            calls,
+            dead_lettered: broker.depth("orders-dlq"),
+            report,
+            held_during,
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_a_breaker_a_downstream_outage_dead_letters_what_it_meets() {
+    let run = outage::run(140, (10, 70), None).await;
+    assert!(
+        run.dead_lettered > 0,
+        "the outage sent {} to the DLQ",
+        run.dead_lettered
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_downstream_outage_of_a_minute_sends_nothing_to_the_dlq_and_pauses_intake() {
+    let run = outage::run(140, (10, 70), Some(CircuitBreakerConfig::default())).await;
+    assert_eq!(run.dead_lettered, 0);
+    assert_eq!(run.report.acked, 140);
+    // Every message succeeded exactly once.
+    let mut ok: Vec<&str> = run
+        .calls
+        .iter()
+        .filter(|(at, _)| *at < Duration::from_secs(10) || *at >= Duration::from_secs(70))
+        .map(|(_, m)| m.as_str())
+        .collect();
+    ok.sort_unstable();
+    let succeeded = ok.len();
+    ok.dedup();
+    assert_eq!((ok.len(), succeeded), (140, 140));
+    // Intake paused: during the outage only the calls that tripped the breaker and one
+    // probe per open period ran.
+    let during = run
+        .calls
+        .iter()
+        .filter(|(at, _)| *at >= Duration::from_secs(10) && *at < Duration::from_secs(70))
+        .count();
+    assert!(during <= 12, "{during} calls during the outage");
+    assert!(
+        run.held_during >= 1,
+        "the failures that tripped it were held"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn failed_probes_use_no_delivery_attempt() {
+    // A 1 s open period against a 30 s outage: about thirty failed probes, each of
+    // which used to cost its message a delivery attempt.
+    let config = CircuitBreakerConfig::default().with_open_for(Duration::from_secs(1));
+    let run = outage::run(40, (2, 32), Some(config)).await;
+    assert_eq!(run.dead_lettered, 0);
+    assert_eq!(run.report.acked, 40);
+    let probes = run
+        .calls
+        .iter()
+        .filter(|(at, _)| *at >= Duration::from_secs(3) && *at < Duration::from_secs(32))
+        .count();
+    assert!(probes >= 20, "{probes} probes");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_held_message_goes_back_with_its_error_after_max_hold() {
+    let config = CircuitBreakerConfig::default().with_max_hold(Duration::from_secs(20));
+    let run = outage::run(20, (2, 400), Some(config)).await;
+    // Held for 20 s at a time, each hold costs one attempt: the outage outlasts five.
+    assert!(run.dead_lettered > 0);
 }

@@ -59,11 +59,48 @@ fn any_call_order_builds_the_canonical_order() {
     assert_eq!(
         stack.describe(),
         "trace -> metrics -> dead_letter(max_attempts=5, to=<source>-dlq) -> \
-         idempotency(lease=30s, ttl=86400s) -> \
-         circuit_breaker(consecutive_failures=5, open_for=30s) -> rate_limit(50/1s) -> \
+         circuit_breaker(consecutive_failures=5, open_for=30s) -> \
+         idempotency(lease=30s, ttl=86400s) -> rate_limit(50/1s) -> \
          retry(max_tries=3, window=30ms, budget) -> timeout(5s) -> handler"
     );
-    assert_eq!(Stack::new().describe(), "handler");
+}
+
+#[test]
+fn a_new_stack_has_a_circuit_breaker_unless_told_otherwise() {
+    assert_eq!(
+        Stack::new().describe(),
+        "circuit_breaker(consecutive_failures=5, open_for=30s) -> handler"
+    );
+    assert_eq!(Stack::new().without_circuit_breaker().describe(), "handler");
+}
+
+#[test]
+fn check_rejects_a_retry_window_the_idempotency_lease_cannot_hold() {
+    // Two retries after up to 5 s and 10 s: a 15 s window, against a 10 s lease.
+    let idempotency = |lease| {
+        IdempotencyLayer::new(
+            Arc::new(MemoryStore::new()),
+            IdempotencyConfig::default().with_lease(lease),
+        )
+        .unwrap()
+    };
+    let retries = retry(Duration::from_secs(5), Duration::from_secs(20));
+    let short = Stack::new()
+        .retry(retries.clone())
+        .idempotency(idempotency(Duration::from_secs(10)));
+    let err = short.check(&Capabilities::new()).unwrap_err().to_string();
+    assert!(err.starts_with("idempotency: "), "{err}");
+    assert!(err.contains("with_lease"), "{err}");
+    let long = Stack::new()
+        .retry(retries)
+        .idempotency(idempotency(Duration::from_secs(60)));
+    long.check(&Capabilities::new()).unwrap();
+    // The defaults fit each other.
+    Stack::new()
+        .retry(RetryLayer::new(RetryConfig::default()).unwrap())
+        .idempotency(idempotency(IdempotencyConfig::default().lease()))
+        .check(&Capabilities::new())
+        .unwrap();
 }
 
 #[test]

@@ -93,8 +93,9 @@
 //! `PostgresStore` (feature `postgres`), or your own [`IdempotencyStore`].
 //!
 //! # Order
-//! Inside `dead_letter`, outside the circuit breaker, rate limit, retry and timeout:
-//! in-process retries run under one reservation, so the lease must cover all of them.
+//! Inside `dead_letter` and the circuit breaker (so an unreachable store trips the
+//! breaker, which holds the message instead of using its delivery attempts), outside
+//! the rate limit, retry and timeout: in-process retries run under one reservation.
 //! A message whose key another consumer holds fails with a transient error; on its last
 //! delivery attempt, the dead-letter layer would dead-letter it as exhausted, so keep
 //! such errors out of the DLQ with a filter:
