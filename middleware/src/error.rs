@@ -27,3 +27,21 @@ impl Error {
 
 /// `Result` with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The first `T` in `err`'s source chain, `err` itself included.
+#[cfg_attr(
+    not(feature = "idempotency"),
+    allow(dead_code, reason = "used by the idempotency layer's error lookups")
+)]
+pub(crate) fn find_in_chain<'a, T: std::error::Error + 'static>(
+    err: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a T> {
+    let mut next = Some(err);
+    while let Some(e) = next {
+        if let Some(found) = e.downcast_ref::<T>() {
+            return Some(found);
+        }
+        next = e.source();
+    }
+    None
+}

@@ -163,9 +163,11 @@ async fn permanent_error_is_dead_lettered_with_a_complete_envelope() {
     assert_eq!(get(dead_letter::TRACESTATE), "vendor=abc");
     assert_eq!(get(dead_letter::CORRELATION_ID), "corr-7");
     assert_eq!(get("content-type"), "application/json");
-    // Every envelope header but the one only a trimmed dead letter carries.
-    assert_eq!(h.len(), 4 + dead_letter::ENVELOPE_HEADERS.len() - 1);
+    // Every envelope header but the two only some dead letters carry (a trimmed one,
+    // one whose effect happened).
+    assert_eq!(h.len(), 4 + dead_letter::ENVELOPE_HEADERS.len() - 2);
     assert!(h.get_str(dead_letter::DROPPED_HEADERS).is_none());
+    assert!(h.get_str(dead_letter::EFFECT_APPLIED).is_none());
 }
 
 #[tokio::test(start_paused = true)]
@@ -278,7 +280,7 @@ async fn an_earlier_envelope_is_replaced_not_piled_up() {
         h.get_str(dead_letter::LAST_FAILURE_AT),
         Some("2020-01-03T00:00:00.000Z")
     );
-    assert_eq!(h.len(), 4 + dead_letter::ENVELOPE_HEADERS.len() - 3);
+    assert_eq!(h.len(), 4 + dead_letter::ENVELOPE_HEADERS.len() - 4);
 }
 
 #[tokio::test(start_paused = true)]
@@ -779,4 +781,84 @@ async fn in_a_worker_a_message_that_kills_its_consumer_reaches_the_dlq_on_the_ne
         Some("abandoned")
     );
     assert_eq!(dead[0].headers.get_str(dead_letter::ATTEMPTS), Some("6"));
+}
+
+#[cfg(feature = "idempotency")]
+mod effect_applied {
+    use super::*;
+    use redrive_middleware::idempotency::{
+        CommitStatus, IdempotencyConfig, IdempotencyLayer, IdempotencyStore, MemoryStore,
+        Reservation, StoreError, StoreFuture, Token,
+    };
+
+    /// The in-memory store, but every commit fails as if the store had gone away.
+    #[derive(Default)]
+    struct CommitsFail(MemoryStore);
+
+    impl IdempotencyStore for CommitsFail {
+        fn reserve<'a>(&'a self, key: &'a str, lease: Duration) -> StoreFuture<'a, Reservation> {
+            self.0.reserve(key, lease)
+        }
+
+        fn commit<'a>(
+            &'a self,
+            _: &'a str,
+            _: &'a Token,
+            _: Duration,
+        ) -> StoreFuture<'a, CommitStatus> {
+            Box::pin(async { Err(StoreError::backend("connection reset by peer")) })
+        }
+
+        fn release<'a>(&'a self, key: &'a str, token: &'a Token) -> StoreFuture<'a, ()> {
+            self.0.release(key, token)
+        }
+
+        fn extend<'a>(
+            &'a self,
+            key: &'a str,
+            token: &'a Token,
+            lease: Duration,
+        ) -> StoreFuture<'a, ()> {
+            self.0.extend(key, token, lease)
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dead_letter_whose_effect_happened_says_so() {
+        let dlq = Arc::new(Recorder::default());
+        let runs = Arc::new(AtomicU32::new(0));
+        let counted = runs.clone();
+        let handler = service_fn(move |_m: Message| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async { Ok::<_, BoxError>(Outcome::Processed) }
+        });
+        let idempotency = IdempotencyLayer::new(
+            Arc::new(CommitsFail::default()),
+            IdempotencyConfig::default(),
+        )
+        .unwrap();
+        let svc = layer(dlq.clone(), config()).layer(idempotency.layer(handler));
+        // The last attempt: the handler succeeds, the commit fails.
+        assert_eq!(
+            svc.oneshot(message(3)).await.unwrap(),
+            Outcome::DeadLettered
+        );
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+        let published = dlq.take();
+        let h = &published[0].1.headers;
+        assert_eq!(h.get_str(dead_letter::EFFECT_APPLIED), Some("true"));
+        assert_eq!(h.get_str(dead_letter::ERROR_KIND), Some("exhausted"));
+
+        // An ordinary failure on its last attempt carries no such mark.
+        let plain = layer(dlq.clone(), config()).layer(failing(Arc::default(), transient));
+        assert_eq!(
+            plain.oneshot(message(3)).await.unwrap(),
+            Outcome::DeadLettered
+        );
+        let published = dlq.take();
+        assert_eq!(
+            published[0].1.headers.get_str(dead_letter::EFFECT_APPLIED),
+            None
+        );
+    }
 }

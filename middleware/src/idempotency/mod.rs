@@ -189,17 +189,17 @@ impl IdempotencyToken {
     }
 }
 
+impl CommitFailed {
+    /// The [`CommitFailed`] in `err`'s source chain, if there is one.
+    pub fn find<'a>(err: &'a (dyn StdError + 'static)) -> Option<&'a CommitFailed> {
+        crate::error::find_in_chain(err)
+    }
+}
+
 impl KeyReserved {
     /// The [`KeyReserved`] in `err`'s source chain, if there is one.
     pub fn find<'a>(err: &'a (dyn StdError + 'static)) -> Option<&'a KeyReserved> {
-        let mut next = Some(err);
-        while let Some(e) = next {
-            if let Some(k) = e.downcast_ref::<KeyReserved>() {
-                return Some(k);
-            }
-            next = e.source();
-        }
-        None
+        crate::error::find_in_chain(err)
     }
 }
 
