@@ -63,6 +63,13 @@ async fn a_record_that_kills_its_consumer_is_counted_across_restarts_on_the_mock
     a_record_that_kills_its_consumer_is_counted_across_restarts(&Env::mock()).await;
 }
 
+/// On the mock cluster only: the scenario turns on rebalances alone, which both brokers
+/// serve alike (tansu runs the revoke scenarios above).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_record_leaves_its_park_when_its_partition_is_revoked_on_the_mock_cluster() {
+    a_parked_record_leaves_its_park_when_its_partition_is_revoked(&Env::mock()).await;
+}
+
 fn text(m: &Message) -> String {
     String::from_utf8_lossy(&m.payload).into_owned()
 }
@@ -864,6 +871,67 @@ async fn a_member_leaving_hands_its_partitions_over(env: &Env) {
     }
     stop_b.notify_one();
     b.await.expect("worker b");
+}
+
+async fn a_parked_record_leaves_its_park_when_its_partition_is_revoked(env: &Env) {
+    // x fails once and is parked for 60 s, holding its partition (PerPartition). A
+    // second member joins and leaves: each rebalance revokes the partition. The parked
+    // x goes back at once, so the partition, assigned again, runs x and y within
+    // seconds instead of after the park's 60 s.
+    let brokers = env.brokers.clone();
+    let topic = unique_name("parked-revoke");
+    let group = unique_name("g");
+    env.create_topic(&topic, 1).await;
+    let runs: Arc<Mutex<Vec<String>>> = Arc::default();
+    let failed = Arc::new(Notify::new());
+    let (r, f) = (runs.clone(), failed.clone());
+    let handler = handler_fn(move |m: Message| {
+        let (r, f) = (r.clone(), f.clone());
+        async move {
+            let mut runs = r.lock().unwrap();
+            runs.push(text(&m));
+            if runs.len() == 1 {
+                f.notify_one();
+                return Err::<(), BoxError>("fails once".into());
+            }
+            Ok(())
+        }
+    });
+    let stop = Arc::new(Notify::new());
+    let s = stop.clone();
+    let a = tokio::spawn(
+        Worker::builder(common::consumer(&brokers, &group, &topic), handler)
+            .ordering(OrderingMode::PerPartition)
+            .redelivery(Redelivery::constant(Duration::from_secs(60)))
+            .build()
+            .expect("worker")
+            .run_until(async move { s.notified().await }),
+    );
+    let p = common::publisher(&brokers);
+    publish(&p, &topic, "k", "x").await;
+    publish(&p, &topic, "k", "y").await;
+    tokio::time::timeout(Duration::from_secs(30), failed.notified())
+        .await
+        .expect("x ran and failed");
+    let mut b = common::consumer(&brokers, &group, &topic);
+    // Joined, the partition given to one of the two; nothing is completed by b.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    b.close().await.expect("close b");
+    let left = Instant::now();
+    let has = |body: &str| runs.lock().unwrap().iter().any(|b| b == body);
+    while !has("y") {
+        assert!(
+            left.elapsed() < Duration::from_secs(20),
+            "y not handled within 20 s of the rebalance: the parked x held its partition ({:?})",
+            runs.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.notify_one();
+    let report = a.await.expect("worker a");
+    let runs = runs.lock().unwrap().clone();
+    assert_eq!(runs, ["x", "x", "y"], "{report:?}");
+    assert!(report.handed_back >= 1, "{report:?}");
 }
 
 async fn a_revoke_waits_for_the_running_record_so_it_is_not_run_twice(env: &Env) {
