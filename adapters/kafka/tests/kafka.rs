@@ -70,6 +70,14 @@ async fn a_parked_record_leaves_its_park_when_its_partition_is_revoked_on_the_mo
     a_parked_record_leaves_its_park_when_its_partition_is_revoked(&Env::mock()).await;
 }
 
+/// On the mock cluster only: it has no DeleteTopics, so a topic made again cannot be
+/// shown here (the mapping's tests show that record ids differ across incarnations).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_id_is_stable_across_deliveries_and_the_source_names_the_group_on_the_mock_cluster()
+ {
+    a_record_id_is_stable_across_deliveries_and_the_source_names_the_group(&Env::mock()).await;
+}
+
 fn text(m: &Message) -> String {
     String::from_utf8_lossy(&m.payload).into_owned()
 }
@@ -871,6 +879,50 @@ async fn a_member_leaving_hands_its_partitions_over(env: &Env) {
     }
     stop_b.notify_one();
     b.await.expect("worker b");
+}
+
+/// The first delivery a fresh member of `group` gets; not acked, so it comes again.
+async fn first_delivery(brokers: &str, group: &str, topic: &str) -> Message {
+    let mut c = common::consumer(brokers, group, topic);
+    let d = tokio::time::timeout(Duration::from_secs(15), c.receive())
+        .await
+        .expect("a record within 15 s")
+        .expect("receive")
+        .expect("open");
+    let message = d.message.clone();
+    drop(d);
+    c.close().await.expect("close");
+    message
+}
+
+async fn a_record_id_is_stable_across_deliveries_and_the_source_names_the_group(env: &Env) {
+    // A record without a message-id header: its id names the record (topic, partition,
+    // offset, timestamp), the same on each delivery, in every group; the source names
+    // the group it was delivered to.
+    let brokers = env.brokers.clone();
+    let topic = unique_name("record-id");
+    env.create_topic(&topic, 1).await;
+    publish(&common::publisher(&brokers), &topic, "k", "body").await;
+    let (g1, g2) = (unique_name("g"), unique_name("g"));
+    let first = first_delivery(&brokers, &g1, &topic).await;
+    let again = first_delivery(&brokers, &g1, &topic).await;
+    let other = first_delivery(&brokers, &g2, &topic).await;
+    let id = first.metadata.message_id.clone().expect("an id");
+    let enqueued = first.metadata.enqueued_at.expect("a timestamp");
+    let ms = enqueued
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    assert_eq!(*id, format!("{topic}-0-0@{ms}"));
+    assert_eq!(
+        again.metadata.message_id,
+        Some(id.clone()),
+        "delivered again"
+    );
+    assert_eq!(other.metadata.message_id, Some(id), "in another group");
+    assert_eq!(first.metadata.source.group.as_deref(), Some(g1.as_str()));
+    assert_eq!(again.metadata.source.group.as_deref(), Some(g1.as_str()));
+    assert_eq!(other.metadata.source.group.as_deref(), Some(g2.as_str()));
 }
 
 async fn a_parked_record_leaves_its_park_when_its_partition_is_revoked(env: &Env) {
