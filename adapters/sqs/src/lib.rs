@@ -91,7 +91,9 @@ pub use client::{QueueInfo, RedrivePolicy, Sqs};
 pub use consumer::{SqsConsumer, SqsConsumerBuilder};
 pub use error::{Error, Result};
 pub use name::{FIFO_SUFFIX, MAX_QUEUE_NAME_LEN, validate_queue_name};
-pub use publisher::{DEFAULT_MAX_MESSAGE_BYTES, FifoDeduplication, SqsPublisher};
+pub use publisher::{
+    DEAD_LETTER_HEADER, DEFAULT_MAX_MESSAGE_BYTES, FifoDeduplication, SqsPublisher,
+};
 
 /// Re-exported so applications can build their own client or configuration.
 pub use aws_config;

@@ -19,7 +19,7 @@ use redrive_core::{
 use redrive_middleware::dead_letter::{self, DeadLetterConfig, DeadLetterLayer};
 use redrive_sqs::attributes::{HEADERS_ATTRIBUTE, MAX_ATTRIBUTES};
 use redrive_sqs::aws_sdk_sqs::types::QueueAttributeName;
-use redrive_sqs::{Error, HeaderOverflow, Sqs, SqsConsumer};
+use redrive_sqs::{Error, FifoDeduplication, HeaderOverflow, Sqs, SqsConsumer};
 use tokio::sync::Notify;
 use tower::Layer;
 
@@ -589,6 +589,55 @@ async fn poison_message_reaches_the_dlq_with_its_envelope() {
             .await
             .is_err(),
         "one dead letter only"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_of_one_body_all_reach_a_content_deduplicated_fifo_dlq() {
+    // Under ContentBasedDeduplication SQS takes a FIFO message's body hash as its
+    // deduplication id and drops a second message of that body within 5 minutes, while
+    // answering the send as a success. Two poison messages of one body are both
+    // dead-lettered, and their originals deleted: both must be in the DLQ.
+    let sqs = common::sqs().await;
+    let name = common::queue_name("twins", true);
+    let url = common::create_queue(&sqs, &name, Duration::from_secs(10), &[]).await;
+    let dlq = format!("{}-dlq.fifo", name.trim_end_matches(".fifo"));
+    let content_based = [(QueueAttributeName::ContentBasedDeduplication, "true".into())];
+    let dlq_url = common::create_queue(&sqs, &dlq, Duration::from_secs(10), &content_based).await;
+    // Published with an id each (the default), so both are in the queue.
+    for group in ["a", "b"] {
+        sqs.publisher()
+            .publish(&name, OutgoingMessage::new("poison").with_key(group))
+            .await
+            .expect("publish");
+    }
+    let dlq_publisher = sqs
+        .publisher()
+        .with_fifo_deduplication(FifoDeduplication::ContentBased);
+    let layer = DeadLetterLayer::new(
+        Arc::new(dlq_publisher),
+        DeadLetterConfig::default().with_destination(&dlq),
+    )
+    .expect("dead-letter config");
+    let handler = layer.layer(handler_fn(|_m: Message| async move {
+        Err::<(), BoxError>(classify::permanent("missing field `id`"))
+    }));
+    let worker = Worker::builder(consumer(&sqs, &name).await, handler)
+        .build()
+        .expect("worker");
+    let sqs2 = sqs.clone();
+    let report = run_until_done(
+        worker,
+        "both settled",
+        Duration::from_secs(30),
+        async || common::counts(&sqs2, &url).await == (0, 0, 0),
+    )
+    .await;
+    assert_eq!((report.acked, report.dead_lettered), (2, 2), "{report:?}");
+    assert_eq!(
+        common::counts(&sqs, &dlq_url).await,
+        (2, 0, 0),
+        "both dead letters are in the DLQ"
     );
 }
 
