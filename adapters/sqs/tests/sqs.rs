@@ -485,7 +485,8 @@ async fn buffered_messages_past_their_age_are_released() {
     let first = c.receive().await.expect("receive").expect("delivery");
     tokio::time::sleep(Duration::from_millis(600)).await;
     // The stale ones were released (visible again at once, not after 30 s) and come back
-    // as their next delivery attempt.
+    // still at their first attempt: SQS counted the receive that was released, but no
+    // handler tried it.
     let start = tokio::time::Instant::now();
     let mut again = HashSet::new();
     while again.len() < 3 {
@@ -494,13 +495,46 @@ async fn buffered_messages_past_their_age_are_released() {
             .expect("released messages come back long before their 30 s timeout")
             .expect("receive")
             .expect("delivery");
-        assert_eq!(d.message.attempt(), 2, "{}", body(&d.message));
+        assert_eq!(d.message.attempt(), 1, "{}", body(&d.message));
         again.insert(body(&d.message));
         d.ack().await.expect("ack");
     }
     assert!(start.elapsed() < Duration::from_secs(10));
     assert!(!again.contains(&body(&first.message)));
     first.ack().await.expect("ack");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_handed_back_untried_keeps_its_attempt_and_a_failed_one_counts() {
+    let sqs = common::sqs().await;
+    let name = common::queue_name("hand-back", false);
+    common::create_queue(&sqs, &name, Duration::from_secs(30), &[]).await;
+    sqs.publisher()
+        .publish(&name, OutgoingMessage::new("m"))
+        .await
+        .expect("publish");
+    let mut c = consumer(&sqs, &name).await;
+    let mut next = async || {
+        tokio::time::timeout(Duration::from_secs(10), c.receive())
+            .await
+            .expect("back at once, not after its 30 s timeout")
+            .expect("receive")
+            .expect("delivery")
+    };
+    // Handed back twice without running (the Worker's shutdown, a revoke): SQS counts
+    // three receives, redrive one attempt.
+    for _ in 0..2 {
+        let d = next().await;
+        assert_eq!(d.message.attempt(), 1);
+        d.hand_back().await.expect("hand back");
+    }
+    let d = next().await;
+    assert_eq!(d.message.attempt(), 1, "handed back untried twice");
+    // Tried and failed: the next delivery is the second attempt.
+    d.nack(Duration::ZERO).await.expect("nack");
+    let d = next().await;
+    assert_eq!(d.message.attempt(), 2, "one failed try");
+    d.ack().await.expect("ack");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
