@@ -164,6 +164,7 @@ impl KafkaConsumerBuilder {
             .and_then(|v| v.parse::<u64>().ok())
             .map_or(Duration::from_secs(300), Duration::from_millis);
         let pause_after = (max_poll / 3).min(Duration::from_secs(10));
+        let group: Arc<str> = self.config.get("group.id").unwrap_or_default().into();
         let mut config = self.config;
         for (key, value) in OWNED {
             config.set(*key, *value);
@@ -190,6 +191,7 @@ impl KafkaConsumerBuilder {
         let spare = Arc::new(Spare::new(tx.max_capacity()));
         let poller = tokio::spawn(poll(
             consumer.clone(),
+            group,
             state.clone(),
             tx,
             spare.clone(),
@@ -390,6 +392,7 @@ async fn commit_every(
 /// the bound (the acker that gets it there wakes this task).
 async fn poll(
     consumer: Arc<StreamConsumer<Context>>,
+    group: Arc<str>,
     state: Arc<Mutex<Watermarks>>,
     tx: mpsc::Sender<Batch>,
     spare: Arc<Spare>,
@@ -473,6 +476,7 @@ async fn poll(
         let mut failed = take(
             record,
             &handle,
+            &group,
             &state,
             &mut last,
             &mut batch,
@@ -487,6 +491,7 @@ async fn poll(
             failed = take(
                 record,
                 &handle,
+                &group,
                 &state,
                 &mut last,
                 &mut batch,
@@ -563,11 +568,12 @@ impl Spare {
 /// one go once one has arrived.
 const BATCH: usize = 64;
 
-/// Adds `record` to `batch` as a delivery (or as the poll error it is); returns whether
-/// it was an error.
+/// Adds `record` to `batch` as a delivery to `group` (or as the poll error it is);
+/// returns whether it was an error.
 fn take(
     record: KafkaResult<BorrowedMessage<'_>>,
     consumer: &Weak<StreamConsumer<Context>>,
+    group: &Arc<str>,
     state: &Mutex<Watermarks>,
     last: &mut Option<(Tp, Arc<Assigned>)>,
     batch: &mut Batch,
@@ -575,7 +581,9 @@ fn take(
 ) -> bool {
     match record {
         Ok(record) => {
-            batch.push_back(Ok(delivery(&record, consumer, state, last, received)));
+            batch.push_back(Ok(delivery(
+                &record, consumer, group, state, last, received,
+            )));
             false
         }
         Err(e) => {
@@ -762,7 +770,7 @@ fn not_full(tpl: TopicPartitionList, state: &Mutex<Watermarks>) -> TopicPartitio
     out
 }
 
-/// A delivery of `record`, tracked in its partition's watermark.
+/// A delivery of `record` to `group`, tracked in its partition's watermark.
 ///
 /// `last` is the partition of the record before: records come in runs of one
 /// partition, so most find theirs there without the lock every partition shares.
@@ -771,6 +779,7 @@ fn not_full(tpl: TopicPartitionList, state: &Mutex<Watermarks>) -> TopicPartitio
 fn delivery(
     record: &BorrowedMessage<'_>,
     consumer: &Weak<StreamConsumer<Context>>,
+    group: &Arc<str>,
     state: &Mutex<Watermarks>,
     last: &mut Option<(Tp, Arc<Assigned>)>,
     received: &mut Received,
@@ -797,7 +806,7 @@ fn delivery(
             tracing::warn!(topic = %tp.0, partition = tp.1, offset, "record of a partition not assigned to this consumer; the Worker hands it back unrun");
         }
     }
-    let mut message = mapping::message(record, tp.0.clone());
+    let mut message = mapping::message(record, tp.0.clone(), group.clone());
     let first = assigned
         .as_ref()
         .and_then(|a| a.first_record(offset))

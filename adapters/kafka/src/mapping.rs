@@ -6,9 +6,17 @@
 //! | key | `key` (the ordering key) |
 //! | headers | `headers`, in order, repeats kept: UTF-8 values as strings, others as bytes, a null value as empty bytes (see below for the ones left out) |
 //! | topic, partition, offset | `metadata.source` |
-//! | the `message-id` header, else `<topic>-<partition>-<offset>` | `metadata.message_id` |
+//! | the consumer's `group.id` | `metadata.source.group` |
+//! | the `message-id` header, else `<topic>-<partition>-<offset>@<timestamp ms>` (see below) | `metadata.message_id` |
 //! | the `x-redrive-attempt` header, else 1; for a record that died with its consumer, at least one above its count (see the [crate docs](crate)) | `metadata.attempt` (the Worker counts parked retries on top) |
 //! | timestamp (create or log-append time) | `metadata.enqueued_at` |
+//!
+//! The id made for a record without a `message-id` header names the record itself:
+//! the same on every delivery of it, to any consumer group, and different for another
+//! record at the same offset of a topic deleted and created again (its timestamp, the
+//! producer's create time or the broker's append time, differs; librdkafka does not
+//! give a consumed record its topic's id). A record without a timestamp (a message
+//! format older than Kafka 0.10) gets `<topic>-<partition>-<offset>`.
 //!
 //! A header redrive cannot take is left out, alone: one whose name is not UTF-8 (Kafka
 //! allows any bytes; rdkafka cannot return such a name, so it is dropped), one whose
@@ -32,11 +40,13 @@ use redrive_core::{HeaderError, HeaderValue, Headers, Message};
 
 use crate::SYSTEM;
 
-/// A [`Message`] holding a copy of the record's data; `topic` is the record's topic
-/// name, shared. Its `received_at` is when it was made (by [`Message::new`]).
-pub(crate) fn message(record: &BorrowedMessage<'_>, topic: Arc<str>) -> Message {
+/// A [`Message`] holding a copy of the record's data, delivered to consumer group
+/// `group`; `topic` is the record's topic name, shared. Its `received_at` is when it
+/// was made (by [`Message::new`]).
+pub(crate) fn message(record: &BorrowedMessage<'_>, topic: Arc<str>, group: Arc<str>) -> Message {
     from_parts(Parts {
         topic,
+        group,
         partition: record.partition(),
         offset: record.offset(),
         payload: record.payload().unwrap_or_default(),
@@ -50,6 +60,8 @@ pub(crate) fn message(record: &BorrowedMessage<'_>, topic: Arc<str>) -> Message 
 /// [`Headers`](KafkaHeaders) trait (so the mapping can be driven without a broker).
 pub(crate) struct Parts<'a, H> {
     pub(crate) topic: Arc<str>,
+    /// The consumer group the record was delivered to.
+    pub(crate) group: Arc<str>,
     pub(crate) partition: i32,
     pub(crate) offset: i64,
     pub(crate) payload: &'a [u8],
@@ -83,7 +95,14 @@ pub(crate) fn from_parts<H: KafkaHeaders>(parts: Parts<'_, H>) -> Message {
     msg.key = key;
     let meta = &mut msg.metadata;
     meta.message_id = Some(headers.get_str(MESSAGE_ID).map_or_else(
-        || record_id(&parts.topic, parts.partition, parts.offset),
+        || {
+            record_id(
+                &parts.topic,
+                parts.partition,
+                parts.offset,
+                parts.timestamp_ms,
+            )
+        },
         Arc::from,
     ));
     meta.attempt = headers
@@ -99,6 +118,7 @@ pub(crate) fn from_parts<H: KafkaHeaders>(parts: Parts<'_, H>) -> Message {
     meta.source.destination = parts.topic;
     meta.source.partition = Some(parts.partition);
     meta.source.offset = Some(parts.offset);
+    meta.source.group = Some(parts.group);
     msg.headers = headers;
     msg
 }
@@ -204,18 +224,26 @@ fn payload_and_key(payload: &[u8], key: Option<&[u8]>) -> (Bytes, Option<Bytes>)
     )
 }
 
-/// `<topic>-<partition>-<offset>`, written on the stack (numbers by `itoa`, without the
-/// formatting machinery) and copied into one allocation. Topic names are at most 249
-/// bytes, so the buffer always holds a real one; a longer name is built on the heap.
-fn record_id(topic: &str, partition: i32, offset: i64) -> Arc<str> {
+/// `<topic>-<partition>-<offset>@<timestamp ms>` (without `@…` when the record has no
+/// timestamp), written on the stack (numbers by `itoa`, without the formatting
+/// machinery) and copied into one allocation. Topic names are at most 249 bytes, so the
+/// buffer always holds a real one; a longer name is built on the heap.
+fn record_id(topic: &str, partition: i32, offset: i64, timestamp_ms: Option<i64>) -> Arc<str> {
     let mut partition_digits = itoa::Buffer::new();
     let mut offset_digits = itoa::Buffer::new();
+    let mut timestamp_digits = itoa::Buffer::new();
+    let (at, timestamp) = match timestamp_ms {
+        Some(ms) => ("@", timestamp_digits.format(ms)),
+        None => ("", ""),
+    };
     let parts = [
         topic,
         "-",
         partition_digits.format(partition),
         "-",
         offset_digits.format(offset),
+        at,
+        timestamp,
     ];
     let mut buf = [0u8; 320];
     let mut len = 0;
@@ -280,6 +308,7 @@ mod tests {
     fn parts<'a>(headers: &'a Sent, payload: &'a [u8], key: Option<&'a [u8]>) -> Parts<'a, Sent> {
         Parts {
             topic: Arc::from("orders"),
+            group: Arc::from("billing"),
             partition: 0,
             offset: 7,
             payload,
@@ -473,16 +502,55 @@ mod tests {
     }
 
     #[test]
-    fn record_ids_name_topic_partition_and_offset() {
-        assert_eq!(&*record_id("orders", 3, 42), "orders-3-42");
-        assert_eq!(&*record_id("t", -1, i64::MIN), format!("t--1-{}", i64::MIN));
+    fn record_ids_name_topic_partition_offset_and_timestamp() {
+        assert_eq!(
+            &*record_id("orders", 3, 42, Some(1_700_000_000_123)),
+            "orders-3-42@1700000000123"
+        );
+        assert_eq!(&*record_id("orders", 3, 42, None), "orders-3-42");
+        assert_eq!(
+            &*record_id("t", -1, i64::MIN, Some(i64::MIN)),
+            format!("t--1-{}@{}", i64::MIN, i64::MIN)
+        );
         let longest = "x".repeat(249);
         assert_eq!(
-            &*record_id(&longest, i32::MAX, i64::MAX),
-            format!("{longest}-{}-{}", i32::MAX, i64::MAX)
+            &*record_id(&longest, i32::MAX, i64::MAX, Some(i64::MIN)),
+            format!("{longest}-{}-{}@{}", i32::MAX, i64::MAX, i64::MIN)
         );
         // Longer than any Kafka topic name: built on the heap instead.
         let long = "y".repeat(400);
-        assert_eq!(&*record_id(&long, 0, 1), format!("{long}-0-1"));
+        assert_eq!(&*record_id(&long, 0, 1, Some(5)), format!("{long}-0-1@5"));
+    }
+
+    /// A record without a `message-id` header, at offset 7 of partition 0 of `orders`,
+    /// written at `timestamp_ms`.
+    fn unnamed_record(timestamp_ms: Option<i64>, group: &str) -> super::Message {
+        let no_headers = Sent(Vec::new());
+        from_parts(Parts {
+            timestamp_ms,
+            group: Arc::from(group),
+            ..parts(&no_headers, b"body", None)
+        })
+    }
+
+    #[test]
+    fn a_record_keeps_its_id_across_deliveries_and_groups_but_not_across_topic_incarnations() {
+        let first = unnamed_record(Some(1_700_000_000_000), "billing");
+        let again = unnamed_record(Some(1_700_000_000_000), "shipping");
+        assert_eq!(first.metadata.message_id, again.metadata.message_id);
+        // The topic deleted and created again: offset 7 holds another record.
+        let recreated = unnamed_record(Some(1_700_000_060_000), "billing");
+        assert_ne!(first.metadata.message_id, recreated.metadata.message_id);
+    }
+
+    #[test]
+    fn the_source_names_the_consumer_group() {
+        let msg = unnamed_record(Some(1), "billing");
+        assert_eq!(msg.metadata.source.group.as_deref(), Some("billing"));
+        assert_eq!(&*msg.metadata.source.destination, "orders");
+        assert_eq!(
+            (msg.metadata.source.partition, msg.metadata.source.offset),
+            (Some(0), Some(7))
+        );
     }
 }

@@ -63,6 +63,21 @@ async fn a_record_that_kills_its_consumer_is_counted_across_restarts_on_the_mock
     a_record_that_kills_its_consumer_is_counted_across_restarts(&Env::mock()).await;
 }
 
+/// On the mock cluster only: the scenario turns on rebalances alone, which both brokers
+/// serve alike (tansu runs the revoke scenarios above).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_record_leaves_its_park_when_its_partition_is_revoked_on_the_mock_cluster() {
+    a_parked_record_leaves_its_park_when_its_partition_is_revoked(&Env::mock()).await;
+}
+
+/// On the mock cluster only: it has no DeleteTopics, so a topic made again cannot be
+/// shown here (the mapping's tests show that record ids differ across incarnations).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_id_is_stable_across_deliveries_and_the_source_names_the_group_on_the_mock_cluster()
+ {
+    a_record_id_is_stable_across_deliveries_and_the_source_names_the_group(&Env::mock()).await;
+}
+
 fn text(m: &Message) -> String {
     String::from_utf8_lossy(&m.payload).into_owned()
 }
@@ -864,6 +879,111 @@ async fn a_member_leaving_hands_its_partitions_over(env: &Env) {
     }
     stop_b.notify_one();
     b.await.expect("worker b");
+}
+
+/// The first delivery a fresh member of `group` gets; not acked, so it comes again.
+async fn first_delivery(brokers: &str, group: &str, topic: &str) -> Message {
+    let mut c = common::consumer(brokers, group, topic);
+    let d = tokio::time::timeout(Duration::from_secs(15), c.receive())
+        .await
+        .expect("a record within 15 s")
+        .expect("receive")
+        .expect("open");
+    let message = d.message.clone();
+    drop(d);
+    c.close().await.expect("close");
+    message
+}
+
+async fn a_record_id_is_stable_across_deliveries_and_the_source_names_the_group(env: &Env) {
+    // A record without a message-id header: its id names the record (topic, partition,
+    // offset, timestamp), the same on each delivery, in every group; the source names
+    // the group it was delivered to.
+    let brokers = env.brokers.clone();
+    let topic = unique_name("record-id");
+    env.create_topic(&topic, 1).await;
+    publish(&common::publisher(&brokers), &topic, "k", "body").await;
+    let (g1, g2) = (unique_name("g"), unique_name("g"));
+    let first = first_delivery(&brokers, &g1, &topic).await;
+    let again = first_delivery(&brokers, &g1, &topic).await;
+    let other = first_delivery(&brokers, &g2, &topic).await;
+    let id = first.metadata.message_id.clone().expect("an id");
+    let enqueued = first.metadata.enqueued_at.expect("a timestamp");
+    let ms = enqueued
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    assert_eq!(*id, format!("{topic}-0-0@{ms}"));
+    assert_eq!(
+        again.metadata.message_id,
+        Some(id.clone()),
+        "delivered again"
+    );
+    assert_eq!(other.metadata.message_id, Some(id), "in another group");
+    assert_eq!(first.metadata.source.group.as_deref(), Some(g1.as_str()));
+    assert_eq!(again.metadata.source.group.as_deref(), Some(g1.as_str()));
+    assert_eq!(other.metadata.source.group.as_deref(), Some(g2.as_str()));
+}
+
+async fn a_parked_record_leaves_its_park_when_its_partition_is_revoked(env: &Env) {
+    // x fails once and is parked for 60 s, holding its partition (PerPartition). A
+    // second member joins and leaves: each rebalance revokes the partition. The parked
+    // x goes back at once, so the partition, assigned again, runs x and y within
+    // seconds instead of after the park's 60 s.
+    let brokers = env.brokers.clone();
+    let topic = unique_name("parked-revoke");
+    let group = unique_name("g");
+    env.create_topic(&topic, 1).await;
+    let runs: Arc<Mutex<Vec<String>>> = Arc::default();
+    let failed = Arc::new(Notify::new());
+    let (r, f) = (runs.clone(), failed.clone());
+    let handler = handler_fn(move |m: Message| {
+        let (r, f) = (r.clone(), f.clone());
+        async move {
+            let mut runs = r.lock().unwrap();
+            runs.push(text(&m));
+            if runs.len() == 1 {
+                f.notify_one();
+                return Err::<(), BoxError>("fails once".into());
+            }
+            Ok(())
+        }
+    });
+    let stop = Arc::new(Notify::new());
+    let s = stop.clone();
+    let a = tokio::spawn(
+        Worker::builder(common::consumer(&brokers, &group, &topic), handler)
+            .ordering(OrderingMode::PerPartition)
+            .redelivery(Redelivery::constant(Duration::from_secs(60)))
+            .build()
+            .expect("worker")
+            .run_until(async move { s.notified().await }),
+    );
+    let p = common::publisher(&brokers);
+    publish(&p, &topic, "k", "x").await;
+    publish(&p, &topic, "k", "y").await;
+    tokio::time::timeout(Duration::from_secs(30), failed.notified())
+        .await
+        .expect("x ran and failed");
+    let mut b = common::consumer(&brokers, &group, &topic);
+    // Joined, the partition given to one of the two; nothing is completed by b.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    b.close().await.expect("close b");
+    let left = Instant::now();
+    let has = |body: &str| runs.lock().unwrap().iter().any(|b| b == body);
+    while !has("y") {
+        assert!(
+            left.elapsed() < Duration::from_secs(20),
+            "y not handled within 20 s of the rebalance: the parked x held its partition ({:?})",
+            runs.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.notify_one();
+    let report = a.await.expect("worker a");
+    let runs = runs.lock().unwrap().clone();
+    assert_eq!(runs, ["x", "x", "y"], "{report:?}");
+    assert!(report.handed_back >= 1, "{report:?}");
 }
 
 async fn a_revoke_waits_for_the_running_record_so_it_is_not_run_twice(env: &Env) {

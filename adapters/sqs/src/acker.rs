@@ -1,7 +1,8 @@
 //! Settlement: acks batched into `DeleteMessageBatch`, nacks and lease extensions as
 //! `ChangeMessageVisibility`.
 
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use aws_sdk_sqs::Client;
@@ -30,12 +31,74 @@ const DELETE_TRIES: u32 = 4;
 /// Delete batches in flight at once, per consumer.
 const DELETES_IN_FLIGHT: usize = 8;
 
+/// Messages [`Untried`] remembers at most; past it the oldest are forgotten.
+const MAX_UNTRIED: usize = 10_000;
+
 /// One queue's settlement context, shared by its consumer and every acker.
 #[derive(Debug)]
 pub(crate) struct Settler {
     pub(crate) client: Client,
     pub(crate) url: String,
     acks: mpsc::UnboundedSender<AckRequest>,
+    untried: Mutex<Untried>,
+}
+
+/// Receives this consumer gave back without a handler trying the message (released
+/// from the buffer, handed back by the Worker), by message id. SQS counts each in
+/// `ApproximateReceiveCount`; a later receive of the message takes them off its attempt.
+///
+/// Kept until the message is deleted through this consumer, and for at most
+/// [`MAX_UNTRIED`] messages (the oldest go first): one deleted by another consumer, or
+/// moved by the queue's redrive policy, is forgotten only then.
+#[derive(Debug, Default)]
+pub(crate) struct Untried {
+    /// Untried receives by message id, and the id's place in `order`.
+    counts: HashMap<Arc<str>, (u32, u64)>,
+    /// Ids by the place they were first counted at. An id forgotten and counted again
+    /// is listed again at a new place; only its current listing evicts it.
+    order: VecDeque<(Arc<str>, u64)>,
+    next: u64,
+}
+
+impl Untried {
+    /// Counts one untried receive of `id`.
+    pub(crate) fn add(&mut self, id: Arc<str>) {
+        let next = &mut self.next;
+        let (count, _) = self.counts.entry(id.clone()).or_insert_with(|| {
+            self.order.push_back((id, *next));
+            *next += 1;
+            (0, *next - 1)
+        });
+        *count = count.saturating_add(1);
+        while self.counts.len() > MAX_UNTRIED {
+            let Some((oldest, place)) = self.order.pop_front() else {
+                break;
+            };
+            if self.counts.get(&oldest).is_some_and(|&(_, p)| p == place) {
+                self.counts.remove(&oldest);
+            }
+        }
+        if self.order.len() > 2 * MAX_UNTRIED {
+            let counts = &self.counts;
+            self.order
+                .retain(|(id, place)| counts.get(id).is_some_and(|&(_, p)| p == *place));
+        }
+    }
+
+    /// The untried receives of `id` counted so far.
+    pub(crate) fn get(&self, id: &str) -> u32 {
+        self.counts.get(id).map_or(0, |&(count, _)| count)
+    }
+
+    /// Forgets `id`: the message was deleted.
+    pub(crate) fn forget(&mut self, id: &str) {
+        self.counts.remove(id);
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.counts.len()
+    }
 }
 
 #[derive(Debug)]
@@ -55,7 +118,31 @@ impl Settler {
             rx,
             flush_interval,
         ));
-        Arc::new(Settler { client, url, acks })
+        Arc::new(Settler {
+            client,
+            url,
+            acks,
+            untried: Mutex::default(),
+        })
+    }
+
+    fn untried(&self) -> std::sync::MutexGuard<'_, Untried> {
+        self.untried.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The delivery attempt of a message SQS received `receive_count` times: less the
+    /// receives this consumer gave back untried, at least 1. Also whether any were.
+    pub(crate) fn attempt(&self, id: Option<&str>, receive_count: u32) -> (u32, bool) {
+        let untried = id.map_or(0, |id| self.untried().get(id));
+        (receive_count.saturating_sub(untried).max(1), untried > 0)
+    }
+
+    /// Counts one untried receive of each message of `ids`, given back now.
+    pub(crate) fn untried_receives<'a>(&self, ids: impl IntoIterator<Item = &'a Arc<str>>) {
+        let mut untried = self.untried();
+        for id in ids {
+            untried.add(id.clone());
+        }
     }
 
     /// Sets the visibility timeout of one message.
@@ -126,6 +213,9 @@ fn visibility_secs(d: Duration) -> i32 {
 /// - `nack(delay)` sets the visibility timeout to `delay` (rounded up to whole seconds,
 ///   at most 12 hours): the message comes back after it. Zero makes it visible at once.
 /// - `extend(lease)` sets the visibility timeout to `lease` from now.
+/// - `hand_back()` makes the message visible at once, as `nack(0)` does, and remembers
+///   the receive as untried: this consumer's next receive of the message does not
+///   count it as an attempt ([`Untried`]).
 ///
 /// A message whose visibility timeout ran out before it was settled fails with
 /// [`redrive_core::Error::LeaseExpired`] where SQS says so.
@@ -133,6 +223,10 @@ fn visibility_secs(d: Duration) -> i32 {
 pub(crate) struct SqsAcker {
     pub(crate) settler: Arc<Settler>,
     pub(crate) receipt: String,
+    pub(crate) message_id: Option<Arc<str>>,
+    /// Whether receives of the message given back untried are remembered, to forget
+    /// once it is deleted.
+    pub(crate) had_untried: bool,
 }
 
 impl Acker for SqsAcker {
@@ -147,12 +241,25 @@ impl Acker for SqsAcker {
                 return Err(Error::Config("the delete batcher stopped".into()).into());
             }
             match rx.await {
-                Ok(r) => r.map_err(Into::into),
+                Ok(r) => {
+                    if let (Ok(()), true, Some(id)) = (&r, self.had_untried, &self.message_id) {
+                        self.settler.untried().forget(id);
+                    }
+                    r.map_err(Into::into)
+                }
                 Err(_) => Err(redrive_core::Error::broker(
                     "the delete batcher dropped an ack without an answer",
                 )),
             }
         })
+    }
+
+    fn hand_back(&self) -> SettleFuture<'_> {
+        // Counted before the release, so a receive that follows at once finds it; and
+        // whether or not the release works: the message comes back (at once or after its
+        // visibility timeout) with this receive counted.
+        self.settler.untried_receives(&self.message_id);
+        self.nack(Duration::ZERO)
     }
 
     fn nack(&self, delay: Duration) -> SettleFuture<'_> {
@@ -291,6 +398,41 @@ async fn delete_batch(client: &Client, url: &str, batch: Vec<AckRequest>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn untried_receives_are_counted_per_message_until_forgotten() {
+        let mut u = Untried::default();
+        let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
+        u.add(a.clone());
+        u.add(a.clone());
+        u.add(b.clone());
+        assert_eq!((u.get("a"), u.get("b"), u.get("c")), (2, 1, 0));
+        u.forget("a");
+        assert_eq!(u.get("a"), 0);
+        u.add(a);
+        assert_eq!(u.get("a"), 1);
+    }
+
+    #[test]
+    fn untried_receives_are_bounded_oldest_first() {
+        let mut u = Untried::default();
+        for i in 0..MAX_UNTRIED + 5 {
+            u.add(Arc::from(i.to_string()));
+        }
+        assert_eq!(u.len(), MAX_UNTRIED);
+        assert_eq!(u.get("0"), 0, "the oldest went");
+        assert_eq!(u.get("5"), 1);
+        // Ids forgotten and counted again do not grow the order past twice the bound.
+        for _ in 0..3 {
+            for i in 0..MAX_UNTRIED {
+                let id = i.to_string();
+                u.forget(&id);
+                u.add(Arc::from(id));
+            }
+        }
+        assert!(u.order.len() <= 2 * MAX_UNTRIED, "{}", u.order.len());
+        assert_eq!(u.len(), MAX_UNTRIED);
+    }
 
     #[test]
     fn visibility_rounds_up_and_caps_at_twelve_hours() {

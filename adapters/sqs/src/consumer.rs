@@ -219,8 +219,19 @@ struct Fetched {
 ///   the buffer and the next `receive` hands it out.
 /// - A fetched message waits in the buffer at most `max_buffer_age`; older ones are made
 ///   visible again at once rather than handed out with their lease nearly gone.
-/// - `attempt` is SQS's `ApproximateReceiveCount`, `enqueued_at` its `SentTimestamp`, the
-///   key the FIFO `MessageGroupId` (or the key attribute on a standard queue).
+/// - `attempt` is SQS's `ApproximateReceiveCount` less the receives of the message this
+///   consumer gave back without trying it, `enqueued_at` its `SentTimestamp`, the key
+///   the FIFO `MessageGroupId` (or the key attribute on a standard queue).
+/// - **Untried receives do not use up attempts** within one consumer: a buffered message
+///   released for waiting too long, or one the Worker hands back without running it
+///   (`hand_back`), is remembered by message id (up to 10 000 messages, until deleted
+///   through this consumer), and its next receive here is not counted as one more
+///   attempt. What this consumer cannot know still counts: releases by another consumer
+///   or process, and by this one before a restart (close releases the buffer and the
+///   Worker hands back waiting messages at shutdown); a message taken by a long poll
+///   cut short at close; and SQS's own `maxReceiveCount`, which counts every receive.
+///   Leave the dead-letter layer's `max_attempts` and the redrive policy's
+///   `maxReceiveCount` room for those.
 /// - [`close`](Consumer::close) stops fetching and makes buffered messages visible again;
 ///   a message taken by a long poll cut short comes back after its visibility timeout.
 pub struct SqsConsumer {
@@ -281,13 +292,14 @@ impl SqsConsumer {
         let mut found = None;
         while let Some(f) = self.buffer.pop_front() {
             if now.duration_since(f.at) > self.max_buffer_age {
-                stale.extend(f.message.receipt_handle().map(str::to_owned));
+                stale.push(f);
                 continue;
             }
             found = Some(f);
             break;
         }
         if !stale.is_empty() {
+            let stale = self.give_back(stale);
             tracing::debug!(
                 queue = %self.info.name,
                 count = stale.len(),
@@ -303,13 +315,33 @@ impl SqsConsumer {
         Some(self.delivery(f))
     }
 
+    /// The receipts of `fetched`, given back untried: their receives are remembered as
+    /// untried, so this consumer's next receive of each does not count one.
+    fn give_back(&self, fetched: impl IntoIterator<Item = Fetched>) -> Vec<String> {
+        let fetched: Vec<Fetched> = fetched.into_iter().collect();
+        let ids: Vec<Arc<str>> = fetched
+            .iter()
+            .filter_map(|f| f.message.message_id().map(Arc::from))
+            .collect();
+        self.fetch.settler.untried_receives(&ids);
+        fetched
+            .into_iter()
+            .filter_map(|f| f.message.receipt_handle().map(str::to_owned))
+            .collect()
+    }
+
     fn delivery(&self, f: Fetched) -> Delivery {
         let m = f.message;
         let system = m.attributes();
         let sys = |name: MessageSystemAttributeName| system.and_then(|a| a.get(&name));
-        let attempt = sys(MessageSystemAttributeName::ApproximateReceiveCount)
+        let message_id: Option<Arc<str>> = m.message_id().map(Arc::from);
+        let receive_count = sys(MessageSystemAttributeName::ApproximateReceiveCount)
             .and_then(|c| c.parse().ok())
             .unwrap_or(1);
+        let (attempt, had_untried) = self
+            .fetch
+            .settler
+            .attempt(message_id.as_deref(), receive_count);
         let enqueued_at = sys(MessageSystemAttributeName::SentTimestamp)
             .and_then(|t| t.parse::<u64>().ok())
             .map(|ms| UNIX_EPOCH + Duration::from_millis(ms));
@@ -321,7 +353,7 @@ impl SqsConsumer {
             headers: decoded.headers,
             key: decoded.key,
             metadata: Metadata {
-                message_id: m.message_id().map(Arc::from),
+                message_id: message_id.clone(),
                 source: Source {
                     system: SYSTEM,
                     destination: self.info.name.clone(),
@@ -340,6 +372,8 @@ impl SqsConsumer {
             SqsAcker {
                 settler: self.fetch.settler.clone(),
                 receipt: m.receipt_handle().unwrap_or_default().to_owned(),
+                message_id,
+                had_untried,
             },
         )
     }
@@ -414,11 +448,8 @@ impl Consumer for SqsConsumer {
         if let Some(pending) = self.pending.take() {
             pending.abort();
         }
-        let receipts: Vec<String> = self
-            .buffer
-            .drain(..)
-            .filter_map(|f| f.message.receipt_handle().map(str::to_owned))
-            .collect();
+        let buffered: Vec<Fetched> = self.buffer.drain(..).collect();
+        let receipts = self.give_back(buffered);
         if !receipts.is_empty() {
             tracing::debug!(queue = %self.info.name, count = receipts.len(), "releasing buffered messages");
             self.fetch.settler.release(receipts).await;
@@ -434,11 +465,8 @@ impl Drop for SqsConsumer {
         if let Some(pending) = self.pending.take() {
             pending.abort();
         }
-        let receipts: Vec<String> = self
-            .buffer
-            .drain(..)
-            .filter_map(|f| f.message.receipt_handle().map(str::to_owned))
-            .collect();
+        let buffered: Vec<Fetched> = self.buffer.drain(..).collect();
+        let receipts = self.give_back(buffered);
         if let (false, Ok(rt)) = (receipts.is_empty(), tokio::runtime::Handle::try_current()) {
             let settler = self.fetch.settler.clone();
             rt.spawn(async move { settler.release(receipts).await });

@@ -36,13 +36,14 @@
 //! | redrive | SQS |
 //! |---|---|
 //! | `receive` | `ReceiveMessage`: long poll (20 s by default), up to 10 per call, buffered |
-//! | `attempt` | `ApproximateReceiveCount` |
+//! | `attempt` | `ApproximateReceiveCount`, less the receives this consumer gave back untried (see [`SqsConsumer`]) |
 //! | `enqueued_at` | `SentTimestamp` |
 //! | `key` | `MessageGroupId` on FIFO queues; the [`KEY_ATTRIBUTE`](attributes::KEY_ATTRIBUTE) on standard ones |
 //! | headers | message attributes, overflow packed: see [`attributes`] |
 //! | `ack` | `DeleteMessageBatch`, batched by 10 or a 10 ms flush; resolves when confirmed |
 //! | `nack(delay)` | `ChangeMessageVisibility` to `delay` (whole seconds, at most 12 h) |
 //! | `extend(lease)` | `ChangeMessageVisibility` to `lease` |
+//! | `hand_back` (untried) | `ChangeMessageVisibility` to 0, the receive remembered as untried |
 //! | lease (capability) | the visibility timeout, read at start-up with `GetQueueAttributes` |
 //! | ordering (capability) | per key (group) on FIFO queues, none on standard ones |
 //! | `publish` | `SendMessage`; [`SqsPublisher::send_batch`] uses `SendMessageBatch` |
@@ -91,7 +92,9 @@ pub use client::{QueueInfo, RedrivePolicy, Sqs};
 pub use consumer::{SqsConsumer, SqsConsumerBuilder};
 pub use error::{Error, Result};
 pub use name::{FIFO_SUFFIX, MAX_QUEUE_NAME_LEN, validate_queue_name};
-pub use publisher::{DEFAULT_MAX_MESSAGE_BYTES, FifoDeduplication, SqsPublisher};
+pub use publisher::{
+    DEAD_LETTER_HEADER, DEFAULT_MAX_MESSAGE_BYTES, FifoDeduplication, SqsPublisher,
+};
 
 /// Re-exported so applications can build their own client or configuration.
 pub use aws_config;

@@ -20,8 +20,18 @@ pub enum FifoDeduplication {
     PerMessage,
     /// No id: the queue must have `ContentBasedDeduplication` turned on, and SQS drops a
     /// message with the same body as one sent in the last 5 minutes.
+    ///
+    /// Except for dead letters: a message that carries redrive's dead-letter envelope
+    /// (the [`DEAD_LETTER_HEADER`] header) gets a fresh random id all the same. SQS
+    /// answers a dropped send as a success, so a second dead letter of one body would
+    /// be lost while its original is deleted.
     ContentBased,
 }
+
+/// A header every dead letter carries: the dead-letter layer's error kind
+/// (`redrive_middleware::dead_letter::ERROR_KIND`). A FIFO publish of a message with it
+/// always gets a deduplication id of its own ([`FifoDeduplication::ContentBased`]).
+pub const DEAD_LETTER_HEADER: &str = "x-redrive-error-kind";
 
 /// Publishes to SQS queues, by name or URL; the destination of
 /// [`Publisher::publish`] is a queue. Cheap to clone. Made by [`Sqs::publisher`].
@@ -42,7 +52,7 @@ pub enum FifoDeduplication {
 /// |---|---|
 /// | `header_overflow` | [`HeaderOverflow::Pack`] |
 /// | `max_message_bytes` (body and attributes) | 256 KiB |
-/// | `fifo_deduplication` | [`FifoDeduplication::PerMessage`] |
+/// | `fifo_deduplication` | [`FifoDeduplication::PerMessage`] (a dead letter always gets an id of its own) |
 #[derive(Clone, Debug)]
 pub struct SqsPublisher {
     sqs: Sqs,
@@ -104,7 +114,8 @@ impl SqsPublisher {
                 dedup_id: None,
             });
         }
-        let dedup_id = (self.dedup == FifoDeduplication::PerMessage).then(random_id);
+        let dead_letter = msg.headers.get(DEAD_LETTER_HEADER).is_some();
+        let dedup_id = (self.dedup == FifoDeduplication::PerMessage || dead_letter).then(random_id);
         let group_id = match &msg.key {
             Some(key) => attributes::group_id(key)?.to_owned(),
             None => format!("{UNKEYED_GROUP_PREFIX}{}", random_id()),
@@ -243,5 +254,18 @@ impl Publisher for SqsPublisher {
         }
         crate::validate_queue_name(destination)
             .map_err(|e| redrive_core::Error::config(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DEAD_LETTER_HEADER;
+
+    #[test]
+    fn the_dead_letter_header_is_the_one_the_dead_letter_layer_writes() {
+        assert_eq!(
+            DEAD_LETTER_HEADER,
+            redrive_middleware::dead_letter::ERROR_KIND
+        );
     }
 }

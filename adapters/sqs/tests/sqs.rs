@@ -19,7 +19,7 @@ use redrive_core::{
 use redrive_middleware::dead_letter::{self, DeadLetterConfig, DeadLetterLayer};
 use redrive_sqs::attributes::{HEADERS_ATTRIBUTE, MAX_ATTRIBUTES};
 use redrive_sqs::aws_sdk_sqs::types::QueueAttributeName;
-use redrive_sqs::{Error, HeaderOverflow, Sqs, SqsConsumer};
+use redrive_sqs::{Error, FifoDeduplication, HeaderOverflow, Sqs, SqsConsumer};
 use tokio::sync::Notify;
 use tower::Layer;
 
@@ -485,7 +485,8 @@ async fn buffered_messages_past_their_age_are_released() {
     let first = c.receive().await.expect("receive").expect("delivery");
     tokio::time::sleep(Duration::from_millis(600)).await;
     // The stale ones were released (visible again at once, not after 30 s) and come back
-    // as their next delivery attempt.
+    // still at their first attempt: SQS counted the receive that was released, but no
+    // handler tried it.
     let start = tokio::time::Instant::now();
     let mut again = HashSet::new();
     while again.len() < 3 {
@@ -494,13 +495,46 @@ async fn buffered_messages_past_their_age_are_released() {
             .expect("released messages come back long before their 30 s timeout")
             .expect("receive")
             .expect("delivery");
-        assert_eq!(d.message.attempt(), 2, "{}", body(&d.message));
+        assert_eq!(d.message.attempt(), 1, "{}", body(&d.message));
         again.insert(body(&d.message));
         d.ack().await.expect("ack");
     }
     assert!(start.elapsed() < Duration::from_secs(10));
     assert!(!again.contains(&body(&first.message)));
     first.ack().await.expect("ack");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_handed_back_untried_keeps_its_attempt_and_a_failed_one_counts() {
+    let sqs = common::sqs().await;
+    let name = common::queue_name("hand-back", false);
+    common::create_queue(&sqs, &name, Duration::from_secs(30), &[]).await;
+    sqs.publisher()
+        .publish(&name, OutgoingMessage::new("m"))
+        .await
+        .expect("publish");
+    let mut c = consumer(&sqs, &name).await;
+    let mut next = async || {
+        tokio::time::timeout(Duration::from_secs(10), c.receive())
+            .await
+            .expect("back at once, not after its 30 s timeout")
+            .expect("receive")
+            .expect("delivery")
+    };
+    // Handed back twice without running (the Worker's shutdown, a revoke): SQS counts
+    // three receives, redrive one attempt.
+    for _ in 0..2 {
+        let d = next().await;
+        assert_eq!(d.message.attempt(), 1);
+        d.hand_back().await.expect("hand back");
+    }
+    let d = next().await;
+    assert_eq!(d.message.attempt(), 1, "handed back untried twice");
+    // Tried and failed: the next delivery is the second attempt.
+    d.nack(Duration::ZERO).await.expect("nack");
+    let d = next().await;
+    assert_eq!(d.message.attempt(), 2, "one failed try");
+    d.ack().await.expect("ack");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -589,6 +623,55 @@ async fn poison_message_reaches_the_dlq_with_its_envelope() {
             .await
             .is_err(),
         "one dead letter only"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_of_one_body_all_reach_a_content_deduplicated_fifo_dlq() {
+    // Under ContentBasedDeduplication SQS takes a FIFO message's body hash as its
+    // deduplication id and drops a second message of that body within 5 minutes, while
+    // answering the send as a success. Two poison messages of one body are both
+    // dead-lettered, and their originals deleted: both must be in the DLQ.
+    let sqs = common::sqs().await;
+    let name = common::queue_name("twins", true);
+    let url = common::create_queue(&sqs, &name, Duration::from_secs(10), &[]).await;
+    let dlq = format!("{}-dlq.fifo", name.trim_end_matches(".fifo"));
+    let content_based = [(QueueAttributeName::ContentBasedDeduplication, "true".into())];
+    let dlq_url = common::create_queue(&sqs, &dlq, Duration::from_secs(10), &content_based).await;
+    // Published with an id each (the default), so both are in the queue.
+    for group in ["a", "b"] {
+        sqs.publisher()
+            .publish(&name, OutgoingMessage::new("poison").with_key(group))
+            .await
+            .expect("publish");
+    }
+    let dlq_publisher = sqs
+        .publisher()
+        .with_fifo_deduplication(FifoDeduplication::ContentBased);
+    let layer = DeadLetterLayer::new(
+        Arc::new(dlq_publisher),
+        DeadLetterConfig::default().with_destination(&dlq),
+    )
+    .expect("dead-letter config");
+    let handler = layer.layer(handler_fn(|_m: Message| async move {
+        Err::<(), BoxError>(classify::permanent("missing field `id`"))
+    }));
+    let worker = Worker::builder(consumer(&sqs, &name).await, handler)
+        .build()
+        .expect("worker");
+    let sqs2 = sqs.clone();
+    let report = run_until_done(
+        worker,
+        "both settled",
+        Duration::from_secs(30),
+        async || common::counts(&sqs2, &url).await == (0, 0, 0),
+    )
+    .await;
+    assert_eq!((report.acked, report.dead_lettered), (2, 2), "{report:?}");
+    assert_eq!(
+        common::counts(&sqs, &dlq_url).await,
+        (2, 0, 0),
+        "both dead letters are in the DLQ"
     );
 }
 

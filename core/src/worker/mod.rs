@@ -38,7 +38,8 @@
 //!   on any broker that cannot nack one message, a failed message is kept by the
 //!   Worker and re-dispatched after its delay as the next attempt; later messages of
 //!   its key wait, other keys flow on. A parked message does not hold a concurrency
-//!   slot and keeps its lease extended.
+//!   slot and keeps its lease extended. One that stops being this consumer's (a Kafka
+//!   partition revoked) is handed back within 250 ms, freeing its key.
 //! - **Leases**: while a message is in flight or parked, its lease is extended before
 //!   it runs out ([`LeaseKeeping`]).
 //! - **Panics** in the handler become an error for that message.
@@ -1118,6 +1119,21 @@ async fn keep_lease(settle: &Settle, every: Option<Duration>, lease: Option<Dura
     }
 }
 
+/// How often a parked message checks that it is still this consumer's
+/// ([`Acker::is_current`](crate::Acker::is_current)): a message whose partition was
+/// revoked leaves its park within this, and frees its key for the new assignment.
+const PARKED_CURRENT_CHECK: Duration = Duration::from_millis(250);
+
+/// Why a parked message left its park.
+enum Unparked {
+    /// Its delay passed: it runs again.
+    Due,
+    /// Shutdown began: it goes back to the broker.
+    Shutdown,
+    /// It is no longer this consumer's: it goes back untried.
+    NotCurrent,
+}
+
 async fn park(
     message: Message,
     settle: Settle,
@@ -1128,21 +1144,42 @@ async fn park(
     mut stop: watch::Receiver<Stop>,
 ) -> Done {
     let keeper = keep_lease(&settle, renew_every, lease);
-    let handed_back = tokio::select! {
-        () = tokio::time::sleep(delay) => false,
+    let unparked = tokio::select! {
+        () = tokio::time::sleep(delay) => Unparked::Due,
         () = keeper => unreachable!("lease keeping never ends"),
-        _ = stop.wait_for(|s| *s >= Stop::Draining) => true,
+        _ = stop.wait_for(|s| *s >= Stop::Draining) => Unparked::Shutdown,
+        () = no_longer_current(&settle) => Unparked::NotCurrent,
     };
-    if handed_back {
-        let settle_errors = u64::from(log_settle(settle.nack(Duration::ZERO).await, "hand back"));
-        Done::HandedBack {
-            key,
-            parked: true,
-            count: 1,
-            settle_errors,
+    let settled = match unparked {
+        Unparked::Due => return Done::Unpark(Box::new((message, settle))),
+        Unparked::Shutdown => settle.nack(Duration::ZERO).await,
+        Unparked::NotCurrent => {
+            tracing::info!(
+                message_id = message.metadata.message_id.as_deref().unwrap_or(""),
+                "parked delivery no longer this consumer's (partition revoked); handed back before its delay"
+            );
+            settle.hand_back().await
         }
-    } else {
-        Done::Unpark(Box::new((message, settle)))
+    };
+    Done::HandedBack {
+        key,
+        parked: true,
+        count: 1,
+        settle_errors: u64::from(log_settle(settled, "hand back")),
+    }
+}
+
+/// Completes once `settle`'s message is no longer this consumer's, checking every
+/// [`PARKED_CURRENT_CHECK`].
+async fn no_longer_current(settle: &Settle) {
+    let start = tokio::time::Instant::now() + PARKED_CURRENT_CHECK;
+    let mut every = tokio::time::interval_at(start, PARKED_CURRENT_CHECK);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        if !settle.is_current() {
+            return;
+        }
     }
 }
 

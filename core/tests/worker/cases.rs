@@ -23,6 +23,8 @@ enum Event {
     Extend(Duration),
     /// Recorded for messages named `tracked…` only.
     Running(bool),
+    /// Handed back untried, through [`Acker::hand_back`] (recorded by [`Owned`] only).
+    HandBack,
 }
 
 type Log = Arc<Mutex<HashMap<String, Vec<Event>>>>;
@@ -487,6 +489,114 @@ async fn a_delivery_given_to_another_consumer_is_handed_back_unrun() {
     assert_eq!(log["revocable-1"], [Event::Nack(Duration::ZERO)]);
     assert_eq!(log["revocable-2"], [Event::Nack(Duration::ZERO)]);
     assert_eq!(log["other-1"], [Event::Ack]);
+}
+
+/// An acker whose consumer may lose the message (a Kafka partition revoked in a
+/// rebalance): current while `owned` holds.
+struct Owned {
+    recording: Recording,
+    owned: Arc<AtomicBool>,
+}
+
+impl Acker for Owned {
+    fn is_current(&self) -> bool {
+        self.owned.load(Ordering::SeqCst)
+    }
+
+    fn ack(&self) -> SettleFuture<'_> {
+        self.recording.push(Event::Ack)
+    }
+    fn nack(&self, delay: Duration) -> SettleFuture<'_> {
+        self.recording.push(Event::Nack(delay))
+    }
+    fn extend(&self, lease: Duration) -> SettleFuture<'_> {
+        self.recording.push(Event::Extend(lease))
+    }
+    fn hand_back(&self) -> SettleFuture<'_> {
+        self.recording.push(Event::HandBack)
+    }
+}
+
+/// Hands out what the test sends it, as it comes.
+struct Fed(tokio::sync::mpsc::UnboundedReceiver<Delivery>);
+
+impl Consumer for Fed {
+    async fn receive(&mut self) -> Result<Option<Delivery>> {
+        Ok(self.0.recv().await)
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        caps().with_can_nack(false)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_parked_delivery_no_longer_current_leaves_at_once_and_frees_its_partition() {
+    // x fails and is parked for 60 s. Its partition is then revoked and assigned again
+    // (a rebalance): the new assignment delivers x and y again. The parked x goes back
+    // untried without waiting out its delay, so the partition's records run at once.
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let log = Log::default();
+    let deliver = |id: &str, assignment: &Arc<AtomicBool>, n: u32| {
+        let mut m = Message::new(id.to_owned());
+        m.metadata.message_id = Some(id.into());
+        m.metadata.source.destination = "t".into();
+        m.metadata.source.partition = Some(0);
+        let owned = Owned {
+            recording: Recording {
+                id: format!("{id}#{n}"),
+                log: log.clone(),
+            },
+            owned: assignment.clone(),
+        };
+        tx.send(Delivery::new(m, owned)).unwrap();
+    };
+    let (first, second) = (Arc::new(AtomicBool::new(true)), Arc::new(AtomicBool::new(true)));
+    deliver("x", &first, 1);
+    let runs = Arc::new(Mutex::new(Vec::new()));
+    let r = runs.clone();
+    let handler = handler_fn(move |m: Message| {
+        let r = r.clone();
+        async move {
+            let id = m.metadata.message_id.as_deref().unwrap().to_owned();
+            let mut runs = r.lock().unwrap();
+            runs.push((id.clone(), Instant::now()));
+            if runs.len() == 1 {
+                return Err::<(), BoxError>("fails once".into());
+            }
+            Ok(())
+        }
+    });
+    let worker = builder(Fed(rx), handler)
+        .ordering(OrderingMode::PerPartition)
+        .redelivery(Redelivery::constant(Duration::from_secs(60)))
+        .build()
+        .unwrap();
+    let run = tokio::spawn(worker.run_until(tokio::time::sleep(Duration::from_secs(10))));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    first.store(false, Ordering::SeqCst);
+    let revoked = Instant::now();
+    deliver("x", &second, 2);
+    deliver("y", &second, 2);
+    let report = run.await.unwrap();
+
+    let runs = runs.lock().unwrap().clone();
+    let ids: Vec<&str> = runs.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(ids, ["x", "x", "y"], "{report:?}");
+    let y_after = runs[2].1 - revoked;
+    assert!(
+        y_after <= Duration::from_secs(1),
+        "y ran {y_after:?} after the revoke; the parked x held its partition"
+    );
+    assert_eq!(
+        (report.parked, report.handed_back, report.processed),
+        (1, 1, 2),
+        "{report:?}"
+    );
+    let log = log.lock().unwrap();
+    assert_eq!(log["x#1"], [Event::HandBack], "handed back once, untried");
+    assert_eq!(log["x#2"], [Event::Ack]);
+    assert_eq!(log["y#2"], [Event::Ack]);
 }
 
 #[tokio::test(start_paused = true)]
