@@ -45,7 +45,7 @@
 //! | 7 | `retry` | in-process tries with backoff |
 //! | 8 | `timeout` | a deadline per try |
 //!
-//! A circuit breaker with [`CircuitBreakerConfig::default`] is in place from
+//! A circuit breaker with `CircuitBreakerConfig::default()` is in place from
 //! [`Stack::new`] on (with the `circuit-breaker` feature): without one, an outage of the
 //! downstream or the idempotency store longer than the redeliveries last would send
 //! every message to the dead-letter queue. Replace it with

@@ -164,6 +164,7 @@ pub(crate) struct Config {
     pub(crate) redelivery: Redelivery,
     pub(crate) lease_keeping: LeaseKeeping,
     pub(crate) shutdown_timeout: Duration,
+    pub(crate) settle_timeout: Duration,
     pub(crate) classifier: Classifier,
 }
 
@@ -179,6 +180,7 @@ impl Default for Config {
             redelivery: Redelivery::default(),
             lease_keeping: LeaseKeeping::Auto,
             shutdown_timeout: Duration::from_secs(30),
+            settle_timeout: Duration::from_secs(10),
             classifier: Classifier::default(),
         }
     }

@@ -126,6 +126,7 @@ pub struct Report {
 /// | `redelivery` | [`Redelivery::default`] (1 s doubling to 5 min, jittered) |
 /// | `lease_keeping` | [`LeaseKeeping::Auto`] |
 /// | `shutdown_timeout` | 30 s |
+/// | `settle_timeout` (each ack, nack or hand-back) | 10 s |
 #[must_use]
 pub struct WorkerBuilder<C, S> {
     consumer: C,
@@ -190,6 +191,17 @@ impl<C, S> WorkerBuilder<C, S> {
     /// How long shutdown waits for in-flight messages.
     pub fn shutdown_timeout(mut self, d: Duration) -> Self {
         self.config.shutdown_timeout = d;
+        self
+    }
+
+    /// How long one ack, nack or hand-back may take before the Worker gives up on it
+    /// (at least 1 ms). A settle that times out is logged and counted as a settle
+    /// error, and the broker redelivers the message once its lease or connection ends:
+    /// a duplicate at most. It bounds shutdown too: past `shutdown_timeout`, the
+    /// Worker waits at most this for the last settles, so a broker that blocks its
+    /// connection (a RabbitMQ resource alarm) cannot hold shutdown forever.
+    pub fn settle_timeout(mut self, d: Duration) -> Self {
+        self.config.settle_timeout = d;
         self
     }
 
@@ -493,8 +505,10 @@ where
                 runnable: VecDeque::new(),
                 tasks: Tasks::new(config.execution),
                 intake_open: true,
+                settle_timeout: config.settle_timeout,
             };
             let mut ctx = TaskCtx {
+                settle_timeout: config.settle_timeout,
                 renew_every: plan.renew_every,
                 lease: caps.lease,
                 max_nack_delay: caps.max_nack_delay,
@@ -683,6 +697,8 @@ fn order_key(
 }
 
 struct TaskCtx {
+    /// How long one settle may take.
+    settle_timeout: Duration,
     renew_every: Option<Duration>,
     lease: Option<Duration>,
     max_nack_delay: Duration,
@@ -715,6 +731,8 @@ struct State {
     runnable: VecDeque<Delivery>,
     tasks: Tasks,
     intake_open: bool,
+    /// How long one settle may take.
+    settle_timeout: Duration,
 }
 
 /// The Worker's running calls and timers, spawned or polled in place by [`Execution`].
@@ -884,6 +902,7 @@ impl State {
                         settle,
                         key,
                         delay,
+                        ctx.settle_timeout,
                         ctx.renew_every,
                         ctx.lease,
                         ctx.shutdown.rx.clone(),
@@ -945,12 +964,14 @@ impl State {
             parked: false,
             key,
         };
+        let limit = self.settle_timeout;
         self.tasks.spawn(
             async move {
                 let count = back.len() as u64;
                 let mut settle_errors = 0;
                 for d in back {
-                    settle_errors += u64::from(log_settle(d.hand_back().await, "hand back"));
+                    let settled = bounded(d.hand_back(), limit).await;
+                    settle_errors += u64::from(log_settle(settled, "hand back"));
                 }
                 Done::HandedBack {
                     key,
@@ -1006,6 +1027,7 @@ where
     let max_nack_delay = ctx.max_nack_delay;
     let redelivery = ctx.redelivery;
     let classifier = ctx.classifier.clone();
+    let settle_timeout = ctx.settle_timeout;
     let mut stop = ctx.shutdown.rx.clone();
 
     async move {
@@ -1038,7 +1060,8 @@ where
         };
         match result {
             None => {
-                let settle_error = settle.nack(Duration::ZERO).await.is_err();
+                let settled = bounded(settle.nack(Duration::ZERO), settle_timeout).await;
+                let settle_error = log_settle(settled, "nack after the shutdown deadline");
                 Done::Settled {
                     key,
                     settled: Settled::Aborted,
@@ -1047,7 +1070,7 @@ where
                 }
             }
             Some(Ok(outcome)) => {
-                let settle_error = log_settle(settle.ack().await, "ack");
+                let settle_error = log_settle(bounded(settle.ack(), settle_timeout).await, "ack");
                 Done::Settled {
                     key,
                     settled: Settled::Acked(outcome),
@@ -1092,7 +1115,8 @@ where
                     }
                     None => {
                         let delay = delay.min(max_nack_delay);
-                        let settle_error = log_settle(settle.nack(delay).await, "nack");
+                        let settled = bounded(settle.nack(delay), settle_timeout).await;
+                        let settle_error = log_settle(settled, "nack");
                         Done::Settled {
                             key,
                             settled: Settled::Nacked,
@@ -1134,11 +1158,13 @@ enum Unparked {
     NotCurrent,
 }
 
+#[allow(clippy::too_many_arguments, reason = "one place, called once")]
 async fn park(
     message: Message,
     settle: Settle,
     key: Option<KeyId>,
     delay: Duration,
+    settle_timeout: Duration,
     renew_every: Option<Duration>,
     lease: Option<Duration>,
     mut stop: watch::Receiver<Stop>,
@@ -1152,13 +1178,13 @@ async fn park(
     };
     let settled = match unparked {
         Unparked::Due => return Done::Unpark(Box::new((message, settle))),
-        Unparked::Shutdown => settle.nack(Duration::ZERO).await,
+        Unparked::Shutdown => bounded(settle.nack(Duration::ZERO), settle_timeout).await,
         Unparked::NotCurrent => {
             tracing::info!(
                 message_id = message.metadata.message_id.as_deref().unwrap_or(""),
                 "parked delivery no longer this consumer's (partition revoked); handed back before its delay"
             );
-            settle.hand_back().await
+            bounded(settle.hand_back(), settle_timeout).await
         }
     };
     Done::HandedBack {
@@ -1180,6 +1206,17 @@ async fn no_longer_current(settle: &Settle) {
         if !settle.is_current() {
             return;
         }
+    }
+}
+
+/// `settle`, given up after `limit`: a broker that does not answer (a connection it
+/// blocks) cannot hold a call's slot, or shutdown, for longer.
+async fn bounded(settle: impl Future<Output = Result<()>>, limit: Duration) -> Result<()> {
+    match tokio::time::timeout(limit, settle).await {
+        Ok(settled) => settled,
+        Err(_) => Err(Error::broker(format!(
+            "the broker did not answer within the settle timeout ({limit:?})"
+        ))),
     }
 }
 

@@ -997,3 +997,50 @@ async fn parked_messages_are_bounded_and_intake_waits_at_the_bound() {
     assert_eq!(report.parked, report.received, "{report:?}");
     assert_eq!(log.lock().unwrap().len() as u64, report.received);
 }
+
+/// An acker on a broker that has stopped answering (a connection it blocks): no settle
+/// ever completes.
+struct Unanswered;
+
+impl Acker for Unanswered {
+    fn ack(&self) -> SettleFuture<'_> {
+        SettleFuture::new(std::future::pending())
+    }
+    fn nack(&self, _: Duration) -> SettleFuture<'_> {
+        SettleFuture::new(std::future::pending())
+    }
+    fn extend(&self, _: Duration) -> SettleFuture<'_> {
+        SettleFuture::new(std::future::pending())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_broker_that_stops_answering_settles_cannot_hold_shutdown() {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    for body in ["quick", "slow-1", "slow-2"] {
+        tx.send(Delivery::new(Message::new(body), Unanswered)).unwrap();
+    }
+    let handler = handler_fn(|m: Message| async move {
+        if body(&m) != "quick" {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        }
+        Ok::<_, BoxError>(())
+    });
+    let start = Instant::now();
+    let run = builder(Fed(rx), handler)
+        .concurrency(3)
+        .shutdown_timeout(Duration::from_secs(5))
+        .settle_timeout(Duration::from_secs(2))
+        .build()
+        .unwrap()
+        .run_until(tokio::time::sleep(Duration::from_secs(1)));
+    let report = tokio::time::timeout(Duration::from_secs(600), run)
+        .await
+        .expect("shutdown waited on the broker for ten minutes");
+    let took = start.elapsed();
+    // The ack of `quick` is given up at 2 s; shutdown begins at 1 s, the two slow calls
+    // are aborted at 6 s, and their nacks given up at 8 s.
+    assert!(took < Duration::from_secs(9), "{took:?}");
+    assert_eq!(report.settle_errors, 3, "{report:?}");
+    drop(tx);
+}
