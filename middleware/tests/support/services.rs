@@ -10,7 +10,9 @@
 //! - [`PrivateRedis::new`] runs `redis-server` (persistence off: a restart forgets every
 //!   key, as with the shared instance); [`url`](PrivateRedis::url) is its
 //!   `redis://127.0.0.1:<port>`; [`stop`](PrivateRedis::stop) kills the server (as a
-//!   crash would) and [`start`](PrivateRedis::start) runs it again on the same port.
+//!   crash would) and [`start`](PrivateRedis::start) runs it again on the same port;
+//!   [`pause`](PrivateRedis::pause) freezes it (SIGSTOP) until
+//!   [`resume`](PrivateRedis::resume).
 //! - [`PrivatePostgres::new`] runs `initdb` (trust authentication, user `postgres`), then
 //!   the server through `pg_ctl`, and creates the database `test`;
 //!   [`params`](PrivatePostgres::params) is its
@@ -224,6 +226,34 @@ fn pong(addr: SocketAddr) -> bool {
     stream.write_all(b"PING\r\n").is_ok()
         && stream.read_exact(&mut reply).is_ok()
         && &reply == b"+PONG\r\n"
+}
+
+impl PrivateRedis {
+    /// Freezes the server (SIGSTOP): it keeps its port and its clients' connections but
+    /// answers nothing, as a hung server or a half-open connection does.
+    /// [`resume`](Self::resume) undoes it.
+    ///
+    /// # Panics
+    /// When the server is stopped.
+    pub(crate) fn pause(&mut self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a [paused](Self::pause) server run again (SIGCONT).
+    ///
+    /// # Panics
+    /// When the server is stopped.
+    pub(crate) fn resume(&mut self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let server = self.server.as_ref().expect("redis-server is stopped");
+        run(
+            Command::new("kill").args([signal, &server.id().to_string()]),
+            "signalling redis-server",
+        );
+    }
 }
 
 impl Drop for PrivateRedis {
