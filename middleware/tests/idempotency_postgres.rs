@@ -16,6 +16,11 @@ use tokio::sync::Mutex;
 use tokio_postgres::{Client, NoTls};
 use tower::{Layer, Service, ServiceExt, service_fn};
 
+#[path = "support/services.rs"]
+mod services;
+#[path = "support/store_load.rs"]
+mod store_load;
+
 fn params() -> String {
     std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "host=127.0.0.1 user=postgres dbname=test".into())
@@ -51,11 +56,19 @@ fn table(test: &str) -> String {
     format!("redrive_test_{test}_{:016x}", fastrand::u64(..))
 }
 
-/// A migrated store on its own connection.
+/// A migrated store on a pool of its own.
 async fn store(table: &str) -> PostgresStore {
-    let store = PostgresStore::new(Arc::new(client().await))
-        .with_table(table)
-        .unwrap();
+    let store = match tokio::time::timeout(
+        Duration::from_secs(10),
+        PostgresStore::connect(&params()),
+    )
+    .await
+    {
+        Ok(Ok(store)) => store,
+        Ok(Err(e)) => unreachable(&e),
+        Err(_) => unreachable(&"no answer within 10 s"),
+    };
+    let store = store.with_table(table).unwrap();
     store.migrate().await.unwrap();
     store
 }
@@ -180,23 +193,23 @@ async fn a_reservation_lost_mid_processing_cannot_be_committed_over_the_next_own
 }
 
 /// A handler that records its effect in `effects` and commits the key in the same
-/// transaction; it fails after `commit_in` (rolling everything back) while `fail` is set.
+/// transaction, on a connection of the store's pool; it fails after `commit_in`
+/// (rolling everything back) while `fail` is set.
 fn transactional(
-    db: Arc<Mutex<Client>>,
     store: Arc<PostgresStore>,
     effects: String,
     fail: Arc<AtomicU32>,
 ) -> impl Service<Message, Response = Outcome, Error = BoxError, Future: Send> + Clone + Send + 'static
 {
     service_fn(move |msg: Message| {
-        let (db, store, effects, fail) = (db.clone(), store.clone(), effects.clone(), fail.clone());
+        let (store, effects, fail) = (store.clone(), effects.clone(), fail.clone());
         async move {
             let reservation = msg
                 .extensions
                 .get::<IdempotencyToken>()
                 .expect("the layer puts the reservation into the extensions")
                 .clone();
-            let mut db = db.lock().await;
+            let mut db = store.pool().get().await?;
             let txn = db.transaction().await?;
             txn.execute(
                 &format!("INSERT INTO {effects} (key) VALUES ($1)"),
@@ -229,7 +242,7 @@ async fn a_handler_commits_the_key_in_its_own_transaction_exactly_once() {
     let config = config(Duration::from_secs(5)).with_commit_mode(CommitMode::Handler);
     let layer = IdempotencyLayer::new(store.clone(), config).unwrap();
     let fail = Arc::new(AtomicU32::new(1));
-    let svc = || transactional(db.clone(), store.clone(), effects.clone(), fail.clone());
+    let svc = || transactional(store.clone(), effects.clone(), fail.clone());
     let count = || async {
         let row = db
             .lock()
@@ -319,4 +332,85 @@ async fn commit_in_with_a_lost_lease_fails_and_leaves_the_new_owner_alone() {
         .commit(&stored("k"), &current, Duration::from_secs(60))
         .await
         .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_recovers_from_a_postgres_restart_under_load() {
+    let mut pg = tokio::task::block_in_place(services::PrivatePostgres::new);
+    let store = PostgresStore::connect(&pg.params()).await.unwrap();
+    store.migrate().await.unwrap();
+    let store = Arc::new(store);
+    let Reservation::Fresh(token) = store.reserve("kept", Duration::from_secs(5)).await.unwrap()
+    else {
+        panic!("fresh");
+    };
+    store
+        .commit("kept", &token, Duration::from_secs(600))
+        .await
+        .unwrap();
+
+    let load = store_load::Load::start(store.clone(), 8);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let stopping = load.now();
+    tokio::task::block_in_place(|| pg.stop());
+    let down = load.now();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let restarting = load.now();
+    tokio::task::block_in_place(|| pg.start());
+    let up = load.now();
+    let recovered = load.first_success_after(up, store_load::RECOVERY).await;
+    if recovered.is_some() {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+    let ops = load.finish().await;
+    let outage = store_load::Outage {
+        stopping,
+        down,
+        restarting,
+        up,
+        recovered,
+    };
+    store_load::check(&ops, &outage, "PostgreSQL restart");
+    assert_eq!(
+        store.reserve("kept", Duration::from_secs(5)).await.unwrap(),
+        Reservation::Committed,
+        "a key committed before the restart"
+    );
+}
+
+#[tokio::test]
+async fn an_operation_on_a_server_that_does_not_answer_fails_within_the_timeout() {
+    // Accepts connections (the kernel's backlog does) and never answers, as a hung
+    // server or a half-open connection does.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let config: tokio_postgres::Config = format!("host=127.0.0.1 port={port} user=postgres")
+        .parse()
+        .unwrap();
+    // A pool of the user's own, with no timeouts of its own.
+    let pool = deadpool_postgres::Pool::builder(deadpool_postgres::Manager::new(config, NoTls))
+        .max_size(2)
+        .build()
+        .unwrap();
+    let store = PostgresStore::new(pool).with_timeout(Duration::from_millis(500));
+    for _ in 0..2 {
+        let began = std::time::Instant::now();
+        let err = tokio::time::timeout(
+            Duration::from_secs(10),
+            store.reserve("k", Duration::from_secs(5)),
+        )
+        .await
+        .expect("the store's operation hung")
+        .unwrap_err();
+        assert!(
+            began.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            began.elapsed()
+        );
+        assert!(
+            err.to_string().contains("did not answer within 500ms"),
+            "{err}"
+        );
+    }
+    drop(silent);
 }

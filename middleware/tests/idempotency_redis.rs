@@ -13,6 +13,11 @@ use redrive_middleware::idempotency::{
 };
 use tower::{Layer, Service, ServiceExt, service_fn};
 
+#[path = "support/services.rs"]
+mod services;
+#[path = "support/store_load.rs"]
+mod store_load;
+
 fn url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
@@ -172,4 +177,66 @@ async fn a_reservation_lost_mid_processing_cannot_be_committed_over_the_next_own
     );
     assert_eq!(slow.stats().commit_failures, 1);
     assert_eq!(slow.stats().leases_lost, 1, "renewing found the key taken");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_recovers_from_a_redis_restart_under_load() {
+    let mut redis = tokio::task::block_in_place(services::PrivateRedis::new);
+    let store = Arc::new(RedisStore::connect(&redis.url()).await.unwrap());
+
+    let load = store_load::Load::start(store.clone(), 8);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let stopping = load.now();
+    tokio::task::block_in_place(|| redis.stop());
+    let down = load.now();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let restarting = load.now();
+    tokio::task::block_in_place(|| redis.start());
+    let up = load.now();
+    let recovered = load.first_success_after(up, store_load::RECOVERY).await;
+    if recovered.is_some() {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+    let ops = load.finish().await;
+    let outage = store_load::Outage {
+        stopping,
+        down,
+        restarting,
+        up,
+        recovered,
+    };
+    store_load::check(&ops, &outage, "Redis restart");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operation_on_a_server_that_does_not_answer_fails_within_the_timeout() {
+    let mut redis = tokio::task::block_in_place(services::PrivateRedis::new);
+    let store = RedisStore::connect(&redis.url())
+        .await
+        .unwrap()
+        .with_timeout(Duration::from_millis(500));
+    let lease = Duration::from_secs(5);
+    assert!(matches!(
+        store.reserve("before", lease).await.unwrap(),
+        Reservation::Fresh(_)
+    ));
+    tokio::task::block_in_place(|| redis.pause());
+    for key in ["paused-1", "paused-2"] {
+        let began = std::time::Instant::now();
+        let err = tokio::time::timeout(Duration::from_secs(10), store.reserve(key, lease))
+            .await
+            .expect("the store's operation hung")
+            .unwrap_err();
+        assert!(
+            began.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            began.elapsed()
+        );
+        assert!(err.to_string().contains("no answer within 500ms"), "{err}");
+    }
+    tokio::task::block_in_place(|| redis.resume());
+    assert!(matches!(
+        store.reserve("after", lease).await.unwrap(),
+        Reservation::Fresh(_)
+    ));
 }

@@ -150,6 +150,11 @@ pub use memory::{DEFAULT_CAPACITY as MEMORY_STORE_CAPACITY, MemoryStore};
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use postgres::PostgresStore;
+/// The pool crate [`PostgresStore::new`] takes a pool of, re-exported so its version
+/// always matches.
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use deadpool_postgres;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use redis::RedisStore;

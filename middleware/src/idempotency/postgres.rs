@@ -1,11 +1,17 @@
 //! [`PostgresStore`]: idempotency keys in a PostgreSQL table.
 
+use std::error::Error as StdError;
 use std::fmt;
-use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::OnceCell;
-use tokio_postgres::{Client, GenericClient, NoTls, Statement, ToStatement, Transaction};
+use deadpool_postgres::{
+    ClientWrapper, Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime,
+    TimeoutType,
+};
+use tokio::time::error::Elapsed;
+use tokio::time::{Instant, timeout_at};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{GenericClient, NoTls, Statement, ToStatement, Transaction};
 
 use super::store::millis_ceil;
 use super::{
@@ -56,15 +62,6 @@ impl Sql {
     }
 }
 
-struct Statements {
-    reserve: Statement,
-    lookup: Statement,
-    commit: Statement,
-    committed_by: Statement,
-    release: Statement,
-    extend: Statement,
-}
-
 /// Idempotency keys in a PostgreSQL table, shared by every consumer that uses the same
 /// database and table.
 ///
@@ -81,11 +78,30 @@ struct Statements {
 /// Expired rows are reused by the next reservation of their key, and otherwise stay
 /// until [`purge_expired`](Self::purge_expired) deletes them; call it from time to time.
 ///
+/// # Connections
+/// The store works through a [`deadpool_postgres`] pool (version 0.14), which replaces a
+/// closed connection with a new one: after a PostgreSQL restart or failover, operations
+/// fail while the server is away and succeed again once it is back, with nothing done
+/// by hand. Each connection prepares the store's statements once (deadpool's statement
+/// cache, one per connection). No operation waits longer than the store's
+/// [timeout](Self::with_timeout) (default [`DEFAULT_TIMEOUT`](Self::DEFAULT_TIMEOUT)),
+/// waiting for a connection included: during an outage it fails with an error that says
+/// what went wrong, and the consumer redelivers the message later. A connection whose
+/// query ran out of time is closed rather than handed out again.
+///
+/// [`connect`](Self::connect) builds a pool of
+/// [`DEFAULT_POOL_SIZE`](Self::DEFAULT_POOL_SIZE) connections; [`new`](Self::new)
+/// takes a pool of your own (its size, TLS, hooks).
+///
 /// # Exactly-once effects
 /// With [`CommitMode::Handler`](super::CommitMode::Handler), a handler whose effect is
 /// in the same database commits the key in its own transaction with
 /// [`commit_in`](Self::commit_in): effect and key commit together or not at all, and
-/// the layer's own commit afterwards is a no-op.
+/// the layer's own commit afterwards is a no-op. The transaction can be on a connection
+/// of the store's [`pool`](Self::pool), as below, or on any other connection to the
+/// same database. A handler holds its connection while it runs: with long handlers,
+/// make the pool larger than the consumer's concurrency, or give them a pool of their
+/// own, so the store's operations still find a free connection.
 ///
 /// ```no_run
 /// use std::sync::Arc;
@@ -94,18 +110,11 @@ struct Statements {
 /// use redrive_middleware::idempotency::{
 ///     CommitMode, IdempotencyConfig, IdempotencyLayer, IdempotencyToken, PostgresStore,
 /// };
-/// use tokio::sync::Mutex;
 /// use tower::ServiceBuilder;
 ///
 /// # async fn run() -> Result<(), BoxError> {
-/// let params = "host=127.0.0.1 user=postgres dbname=shop";
-/// let store = Arc::new(PostgresStore::connect(params).await?);
+/// let store = Arc::new(PostgresStore::connect("host=127.0.0.1 user=postgres dbname=shop").await?);
 /// store.migrate().await?;
-///
-/// // The handler's own connection, for its transactions.
-/// let (db, conn) = tokio_postgres::connect(params, tokio_postgres::NoTls).await?;
-/// tokio::spawn(conn);
-/// let db = Arc::new(Mutex::new(db));
 ///
 /// let ttl = Duration::from_secs(24 * 3600);
 /// let config = IdempotencyConfig::default()
@@ -113,10 +122,11 @@ struct Statements {
 ///     .with_commit_mode(CommitMode::Handler);
 /// let layer = IdempotencyLayer::new(store.clone(), config)?;
 /// let service = ServiceBuilder::new().layer(layer).service(handler::handler_fn(move |msg: Message| {
-///     let (db, store) = (db.clone(), store.clone());
+///     let store = store.clone();
 ///     async move {
 ///         let reservation = msg.extensions.get::<IdempotencyToken>().expect("set by the layer").clone();
-///         let mut db = db.lock().await;
+///         // A connection of the store's pool, for the handler's transaction.
+///         let mut db = store.pool().get().await?;
 ///         let txn = db.transaction().await?;
 ///         txn.execute("INSERT INTO payments (body) VALUES ($1)", &[&&msg.payload[..]]).await?;
 ///         store.commit_in(&txn, &reservation, ttl).await?;
@@ -129,48 +139,74 @@ struct Statements {
 /// # }
 /// ```
 pub struct PostgresStore {
-    client: Arc<Client>,
+    pool: Pool,
     table: String,
     sql: Sql,
-    statements: OnceCell<Statements>,
+    timeout: Duration,
 }
 
 impl PostgresStore {
     /// The default table name.
     pub const DEFAULT_TABLE: &'static str = "redrive_idempotency";
 
-    /// A store on `client`, in the table [`DEFAULT_TABLE`](Self::DEFAULT_TABLE).
+    /// How many connections [`connect`](Self::connect)'s pool holds at most.
+    pub const DEFAULT_POOL_SIZE: usize = 16;
+
+    /// How long one operation may take by default, waiting for a connection included.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+
+    /// A store on `pool`, in the table [`DEFAULT_TABLE`](Self::DEFAULT_TABLE).
     ///
-    /// The client's connection must be driven (spawned) by the caller, as
-    /// `tokio_postgres::connect` documents.
-    pub fn new(client: Arc<Client>) -> Self {
-        Self::on_table(client, Self::DEFAULT_TABLE.to_owned())
+    /// The store's operations are bounded by its own [timeout](Self::with_timeout),
+    /// whatever the pool's timeouts are.
+    pub fn new(pool: Pool) -> Self {
+        Self::on_table(pool, Self::DEFAULT_TABLE.to_owned(), Self::DEFAULT_TIMEOUT)
     }
 
-    fn on_table(client: Arc<Client>, table: String) -> Self {
+    fn on_table(pool: Pool, table: String, timeout: Duration) -> Self {
         PostgresStore {
-            client,
+            pool,
             sql: Sql::new(&table),
             table,
-            statements: OnceCell::new(),
+            timeout,
         }
     }
 
     /// Connects with `params` (`host=… user=… dbname=…` or a `postgresql://` URL),
-    /// without TLS, and drives the connection on a spawned task.
+    /// without TLS, through a pool of up to [`DEFAULT_POOL_SIZE`](Self::DEFAULT_POOL_SIZE)
+    /// connections whose waits are bounded by
+    /// [`DEFAULT_TIMEOUT`](Self::DEFAULT_TIMEOUT). One connection is opened now, so
+    /// a wrong address fails here rather than on the first message.
     ///
     /// # Errors
-    /// When the parameters are invalid or the server cannot be reached.
+    /// When the parameters are invalid or the server cannot be reached within
+    /// [`DEFAULT_TIMEOUT`](Self::DEFAULT_TIMEOUT).
     pub async fn connect(params: &str) -> Result<Self, StoreError> {
-        let (client, connection) = tokio_postgres::connect(params, NoTls)
-            .await
-            .map_err(StoreError::backend)?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::error!(error = %e, "the idempotency store's PostgreSQL connection failed");
-            }
-        });
-        Ok(Self::new(Arc::new(client)))
+        let config: tokio_postgres::Config = params.parse().map_err(|e| {
+            StoreError::backend(format!(
+                "invalid PostgreSQL connection parameters `{params}`: {}",
+                describe(&e)
+            ))
+        })?;
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let timeout = Some(Self::DEFAULT_TIMEOUT);
+        let pool = Pool::builder(manager)
+            .max_size(Self::DEFAULT_POOL_SIZE)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(timeout)
+            .create_timeout(timeout)
+            .recycle_timeout(timeout)
+            .build()
+            .map_err(|e| StoreError::backend(format!("building the connection pool: {e}")))?;
+        let store = Self::new(pool);
+        drop(store.client(store.deadline()).await?);
+        Ok(store)
     }
 
     /// Uses `table` (`name` or `schema.name`; letters, digits and `_`) instead.
@@ -179,7 +215,18 @@ impl PostgresStore {
     /// [`ConfigError`] when `table` is not such a name.
     pub fn with_table(self, table: &str) -> Result<Self, ConfigError> {
         check_table(table)?;
-        Ok(Self::on_table(self.client, table.to_owned()))
+        Ok(Self::on_table(self.pool, table.to_owned(), self.timeout))
+    }
+
+    /// Bounds each operation (reserve, commit, release, extend) to `timeout`, waiting
+    /// for a connection included, instead of [`DEFAULT_TIMEOUT`](Self::DEFAULT_TIMEOUT).
+    /// Keep it well under the lease, and long enough for a row lock held by a
+    /// handler's [`commit_in`](Self::commit_in) transaction, which a reserve of the same
+    /// key waits for.
+    #[must_use]
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
     }
 
     /// The table's name.
@@ -187,16 +234,24 @@ impl PostgresStore {
         &self.table
     }
 
+    /// The store's connection pool, for a handler's own transactions (see
+    /// [`commit_in`](Self::commit_in)).
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
     /// Creates the table and its index if they do not exist. Safe to call from every
     /// consumer at start-up: concurrent calls are serialised by an advisory lock.
     ///
     /// # Errors
-    /// When the database refuses (permissions, for one). An existing table of that name
-    /// is left as it is, whatever its columns.
+    /// When no connection can be had within the store's timeout, or the database
+    /// refuses (permissions, for one). An existing table of that name is left as it is,
+    /// whatever its columns.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         let t = &self.table;
         let index = format!("{}_expires_at_idx", t.rsplit('.').next().unwrap_or(t));
-        self.client
+        let client = self.client(self.deadline()).await?;
+        client
             .batch_execute(&format!(
                 "SELECT pg_advisory_xact_lock(hashtext('redrive idempotency migrate {t}'));
                  CREATE TABLE IF NOT EXISTS {t} (
@@ -208,29 +263,33 @@ impl PostgresStore {
                  CREATE INDEX IF NOT EXISTS {index} ON {t} (expires_at);"
             ))
             .await
-            .map_err(StoreError::backend)
+            .map_err(|e| self.failed("creating the table", &e))
     }
 
-    /// Deletes expired rows; returns how many.
+    /// Deletes expired rows; returns how many. Only waiting for a connection is bounded
+    /// by the store's timeout: the deletion takes as long as it takes.
     ///
     /// # Errors
-    /// When the query fails.
+    /// When no connection can be had within the store's timeout, or the query fails.
     pub async fn purge_expired(&self) -> Result<u64, StoreError> {
-        self.client
+        let client = self.client(self.deadline()).await?;
+        client
             .execute(
                 &format!("DELETE FROM {} WHERE expires_at <= now()", self.table),
                 &[],
             )
             .await
-            .map_err(StoreError::backend)
+            .map_err(|e| self.failed("purging expired keys", &e))
     }
 
     /// Commits the key of `reservation` for `ttl` inside `txn`, the handler's own
     /// transaction, so the key commits if and only if the handler's effect does.
     ///
-    /// `txn` may be on any connection to the same database. Until `txn` ends, the row
-    /// is locked: a consumer reserving the same key waits for it, then finds the key
-    /// committed (or, if `txn` rolled back, reserved or expired as before).
+    /// `txn` may be on a connection of the store's [`pool`](Self::pool) (a
+    /// `deadpool_postgres::Transaction` derefs to one) or on any other connection to
+    /// the same database. Until `txn` ends, the row is locked: a consumer reserving the
+    /// same key waits for it, then finds the key committed (or, if `txn` rolled back,
+    /// reserved or expired as before).
     ///
     /// # Errors
     /// [`StoreError::lease_lost`] when another consumer has reserved the key since the
@@ -251,34 +310,99 @@ impl PostgresStore {
             ttl,
         )
         .await
+        .map_err(|e| self.op_failed(e))
     }
 
-    async fn statements(&self) -> Result<&Statements, StoreError> {
-        self.statements
-            .get_or_try_init(|| async {
-                let prepare = |sql: &str| {
-                    let sql = sql.to_owned();
-                    async move {
-                        self.client.prepare(&sql).await.map_err(|e| {
-                            StoreError::backend(format!(
-                                "preparing a statement on table `{}` failed (did you run \
-                                 `PostgresStore::migrate`?): {e}",
-                                self.table
-                            ))
-                        })
-                    }
-                };
-                Ok(Statements {
-                    reserve: prepare(&self.sql.reserve).await?,
-                    lookup: prepare(&self.sql.lookup).await?,
-                    commit: prepare(&self.sql.commit).await?,
-                    committed_by: prepare(&self.sql.committed_by).await?,
-                    release: prepare(&self.sql.release).await?,
-                    extend: prepare(&self.sql.extend).await?,
-                })
-            })
-            .await
+    fn deadline(&self) -> Instant {
+        Instant::now() + self.timeout
     }
+
+    /// A connection of the pool, by `deadline`.
+    async fn client(&self, deadline: Instant) -> Result<Object, StoreError> {
+        match tokio::time::timeout_at(deadline, self.pool.get()).await {
+            Ok(Ok(client)) => Ok(client),
+            Ok(Err(PoolError::Backend(e))) => Err(StoreError::backend(format!(
+                "cannot connect to PostgreSQL: {}",
+                describe(&e)
+            ))),
+            Ok(Err(PoolError::Timeout(TimeoutType::Wait))) => Err(StoreError::backend(
+                "no PostgreSQL connection of the pool came free in time; make the pool \
+                 larger than the consumer's concurrency",
+            )),
+            Ok(Err(PoolError::Timeout(_))) | Err(_) => Err(StoreError::backend(format!(
+                "PostgreSQL did not answer within {:?} (the store's timeout)",
+                self.timeout
+            ))),
+            Ok(Err(e)) => Err(StoreError::backend(format!(
+                "the PostgreSQL connection pool failed: {e}"
+            ))),
+        }
+    }
+
+    /// `result` of an operation run on `client` until the deadline: a connection that
+    /// ran out of time may be dead without knowing it, so it leaves the pool.
+    fn finish<T>(
+        &self,
+        client: Object,
+        result: Result<Result<T, Failure>, Elapsed>,
+    ) -> Result<T, StoreError> {
+        match result {
+            Ok(result) => result.map_err(|e| self.op_failed(e)),
+            Err(_) => {
+                drop(Object::take(client));
+                Err(StoreError::backend(format!(
+                    "PostgreSQL did not answer within {:?} (the store's timeout)",
+                    self.timeout
+                )))
+            }
+        }
+    }
+
+    fn op_failed(&self, failure: Failure) -> StoreError {
+        match failure {
+            Failure::LeaseLost(key) => StoreError::lease_lost(key),
+            Failure::Query(doing, e) => self.failed(doing, &e),
+        }
+    }
+
+    /// A query's error, with its causes and, for a missing table, what to do.
+    fn failed(&self, doing: &str, e: &tokio_postgres::Error) -> StoreError {
+        let hint = if e.code() == Some(&SqlState::UNDEFINED_TABLE) {
+            format!(
+                " (did you run `PostgresStore::migrate` for table `{}`?)",
+                self.table
+            )
+        } else {
+            String::new()
+        };
+        StoreError::backend(format!("PostgreSQL: {doing} failed: {}{hint}", describe(e)))
+    }
+}
+
+/// How an operation on one connection failed.
+enum Failure {
+    /// The token no longer holds this key.
+    LeaseLost(String),
+    /// A statement failed while doing this.
+    Query(&'static str, tokio_postgres::Error),
+}
+
+/// `e` and each of its causes, `: `-separated, each said once (tokio-postgres words a
+/// kind, "db error", and leaves the detail to the cause).
+fn describe(e: &(dyn StdError + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut last = text.clone();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let said = c.to_string();
+        if said != last {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
+        last = said;
+        cause = c.source();
+    }
+    text
 }
 
 /// Table names go into SQL text, so only plain identifiers are accepted.
@@ -310,7 +434,7 @@ async fn commit_on<C, T>(
     key: &str,
     token: &Token,
     ttl: Duration,
-) -> Result<CommitStatus, StoreError>
+) -> Result<CommitStatus, Failure>
 where
     C: GenericClient + Sync,
     T: ?Sized + ToStatement + Sync + Send,
@@ -319,17 +443,121 @@ where
     let updated = client
         .execute(commit, &[&key, &token.as_str(), &ms])
         .await
-        .map_err(StoreError::backend)?;
+        .map_err(|e| Failure::Query("committing a key", e))?;
     if updated == 1 {
         return Ok(CommitStatus::Committed);
     }
     let mine = client
         .query_opt(committed_by, &[&key, &token.as_str()])
         .await
-        .map_err(StoreError::backend)?;
+        .map_err(|e| Failure::Query("committing a key", e))?;
     match mine {
         Some(_) => Ok(CommitStatus::AlreadyCommitted),
-        None => Err(StoreError::lease_lost(key)),
+        None => Err(Failure::LeaseLost(key.to_owned())),
+    }
+}
+
+/// The statement of `sql` on `client`, prepared once per connection.
+async fn prepared(client: &ClientWrapper, sql: &str) -> Result<Statement, Failure> {
+    client
+        .prepare_cached(sql)
+        .await
+        .map_err(|e| Failure::Query("preparing a statement", e))
+}
+
+async fn reserve_on(
+    client: &ClientWrapper,
+    sql: &Sql,
+    key: &str,
+    lease: Duration,
+) -> Result<Reservation, Failure> {
+    let reserve = prepared(client, &sql.reserve).await?;
+    let lookup = prepared(client, &sql.lookup).await?;
+    let failed = |e| Failure::Query("reserving a key", e);
+    let ms = millis_param(lease);
+    for _ in 0..RESERVE_TRIES {
+        let token = Token::random();
+        let inserted = client
+            .query_opt(&reserve, &[&key, &token.as_str(), &ms])
+            .await
+            .map_err(failed)?;
+        if inserted.is_some() {
+            return Ok(Reservation::Fresh(token));
+        }
+        // A live row is there; read it. It may expire or be released before we look,
+        // in which case the insert is tried again.
+        let row = client.query_opt(&lookup, &[&key]).await.map_err(failed)?;
+        if let Some(row) = row {
+            let committed: bool = row.try_get(0).map_err(failed)?;
+            if committed {
+                return Ok(Reservation::Committed);
+            }
+            let ms: i64 = row.try_get(1).map_err(failed)?;
+            return Ok(Reservation::Reserved {
+                remaining: Duration::from_millis(u64::try_from(ms).unwrap_or(0)),
+            });
+        }
+    }
+    // The key keeps changing hands: report it busy, to be tried again soon.
+    Ok(Reservation::Reserved {
+        remaining: Duration::ZERO,
+    })
+}
+
+async fn commit_with(
+    client: &ClientWrapper,
+    sql: &Sql,
+    key: &str,
+    token: &Token,
+    ttl: Duration,
+) -> Result<CommitStatus, Failure> {
+    let commit = prepared(client, &sql.commit).await?;
+    let committed_by = prepared(client, &sql.committed_by).await?;
+    commit_on(&**client, &commit, &committed_by, key, token, ttl).await
+}
+
+async fn extend_on(
+    client: &ClientWrapper,
+    sql: &Sql,
+    key: &str,
+    token: &Token,
+    lease: Duration,
+) -> Result<(), Failure> {
+    let extend = prepared(client, &sql.extend).await?;
+    let updated = client
+        .execute(&extend, &[&key, &token.as_str(), &millis_param(lease)])
+        .await
+        .map_err(|e| Failure::Query("extending a lease", e))?;
+    if updated == 1 {
+        Ok(())
+    } else {
+        Err(Failure::LeaseLost(key.to_owned()))
+    }
+}
+
+async fn release_on(
+    client: &ClientWrapper,
+    sql: &Sql,
+    key: &str,
+    token: &Token,
+) -> Result<(), Failure> {
+    let release = prepared(client, &sql.release).await?;
+    let committed_by = prepared(client, &sql.committed_by).await?;
+    let failed = |e| Failure::Query("releasing a key", e);
+    let deleted = client
+        .execute(&release, &[&key, &token.as_str()])
+        .await
+        .map_err(failed)?;
+    if deleted == 1 {
+        return Ok(());
+    }
+    let mine = client
+        .query_opt(&committed_by, &[&key, &token.as_str()])
+        .await
+        .map_err(failed)?;
+    match mine {
+        Some(_) => Ok(()),
+        None => Err(Failure::LeaseLost(key.to_owned())),
     }
 }
 
@@ -337,6 +565,7 @@ impl fmt::Debug for PostgresStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PostgresStore")
             .field("table", &self.table)
+            .field("timeout", &self.timeout)
             .finish_non_exhaustive()
     }
 }
@@ -347,40 +576,10 @@ const RESERVE_TRIES: usize = 3;
 impl IdempotencyStore for PostgresStore {
     fn reserve<'a>(&'a self, key: &'a str, lease: Duration) -> StoreFuture<'a, Reservation> {
         Box::pin(async move {
-            let st = self.statements().await?;
-            let ms = millis_param(lease);
-            for _ in 0..RESERVE_TRIES {
-                let token = Token::random();
-                let inserted = self
-                    .client
-                    .query_opt(&st.reserve, &[&key, &token.as_str(), &ms])
-                    .await
-                    .map_err(StoreError::backend)?;
-                if inserted.is_some() {
-                    return Ok(Reservation::Fresh(token));
-                }
-                // A live row is there; read it. It may expire or be released before we
-                // look, in which case the insert is tried again.
-                let row = self
-                    .client
-                    .query_opt(&st.lookup, &[&key])
-                    .await
-                    .map_err(StoreError::backend)?;
-                if let Some(row) = row {
-                    let committed: bool = row.try_get(0).map_err(StoreError::backend)?;
-                    if committed {
-                        return Ok(Reservation::Committed);
-                    }
-                    let ms: i64 = row.try_get(1).map_err(StoreError::backend)?;
-                    return Ok(Reservation::Reserved {
-                        remaining: Duration::from_millis(u64::try_from(ms).unwrap_or(0)),
-                    });
-                }
-            }
-            // The key keeps changing hands: report it busy, to be tried again soon.
-            Ok(Reservation::Reserved {
-                remaining: Duration::ZERO,
-            })
+            let deadline = self.deadline();
+            let client = self.client(deadline).await?;
+            let result = timeout_at(deadline, reserve_on(&client, &self.sql, key, lease)).await;
+            self.finish(client, result)
         })
     }
 
@@ -391,8 +590,11 @@ impl IdempotencyStore for PostgresStore {
         ttl: Duration,
     ) -> StoreFuture<'a, CommitStatus> {
         Box::pin(async move {
-            let st = self.statements().await?;
-            commit_on(&*self.client, &st.commit, &st.committed_by, key, token, ttl).await
+            let deadline = self.deadline();
+            let client = self.client(deadline).await?;
+            let result =
+                timeout_at(deadline, commit_with(&client, &self.sql, key, token, ttl)).await;
+            self.finish(client, result)
         })
     }
 
@@ -403,40 +605,20 @@ impl IdempotencyStore for PostgresStore {
         lease: Duration,
     ) -> StoreFuture<'a, ()> {
         Box::pin(async move {
-            let st = self.statements().await?;
-            let updated = self
-                .client
-                .execute(&st.extend, &[&key, &token.as_str(), &millis_param(lease)])
-                .await
-                .map_err(StoreError::backend)?;
-            if updated == 1 {
-                Ok(())
-            } else {
-                Err(StoreError::lease_lost(key))
-            }
+            let deadline = self.deadline();
+            let client = self.client(deadline).await?;
+            let result =
+                timeout_at(deadline, extend_on(&client, &self.sql, key, token, lease)).await;
+            self.finish(client, result)
         })
     }
 
     fn release<'a>(&'a self, key: &'a str, token: &'a Token) -> StoreFuture<'a, ()> {
         Box::pin(async move {
-            let st = self.statements().await?;
-            let deleted = self
-                .client
-                .execute(&st.release, &[&key, &token.as_str()])
-                .await
-                .map_err(StoreError::backend)?;
-            if deleted == 1 {
-                return Ok(());
-            }
-            let mine = self
-                .client
-                .query_opt(&st.committed_by, &[&key, &token.as_str()])
-                .await
-                .map_err(StoreError::backend)?;
-            match mine {
-                Some(_) => Ok(()),
-                None => Err(StoreError::lease_lost(key)),
-            }
+            let deadline = self.deadline();
+            let client = self.client(deadline).await?;
+            let result = timeout_at(deadline, release_on(&client, &self.sql, key, token)).await;
+            self.finish(client, result)
         })
     }
 }

@@ -4,8 +4,8 @@ use std::fmt;
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use redis::Script;
-use redis::aio::ConnectionManager;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{FromRedisValue, Script};
 
 use super::store::millis_ceil;
 use super::{CommitStatus, IdempotencyStore, Reservation, StoreError, StoreFuture, Token};
@@ -94,6 +94,17 @@ return 0
 /// forgets committed keys. Use one prefix per consumer group: two services that both
 /// process the same messages need different prefixes.
 ///
+/// # Connections
+/// The store talks to Redis through a [`ConnectionManager`], which opens a new
+/// connection when the old one breaks: after a Redis restart, operations fail while the
+/// server is away and succeed again once it is back, with nothing done by hand.
+/// [`connect`](Self::connect) sets it up with [`manager_config`](Self::manager_config):
+/// one connection attempt per failed operation, bounded by
+/// [`DEFAULT_TIMEOUT`](Self::DEFAULT_TIMEOUT), and no reconnection backoff of its own
+/// (the redis crate's default retries for minutes while every operation waits on it;
+/// here the consumer's redelivery delays are the backoff). No operation waits longer
+/// than the store's [timeout](Self::with_timeout), whatever the manager's settings.
+///
 /// ```no_run
 /// use std::sync::Arc;
 /// use redrive_middleware::idempotency::{IdempotencyConfig, IdempotencyLayer, RedisStore};
@@ -109,31 +120,52 @@ return 0
 pub struct RedisStore {
     conn: ConnectionManager,
     prefix: String,
+    timeout: Duration,
 }
 
 impl RedisStore {
     /// The default key prefix.
     pub const DEFAULT_PREFIX: &'static str = "redrive:idempotency:";
 
+    /// How long one operation may take by default, reconnecting included.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+
     /// A store on `conn`, with keys under [`DEFAULT_PREFIX`](Self::DEFAULT_PREFIX).
+    ///
+    /// Build `conn` with [`manager_config`](Self::manager_config) (or settings of your
+    /// own that bound its reconnection), as [`connect`](Self::connect) does.
     pub fn new(conn: ConnectionManager) -> Self {
         RedisStore {
             conn,
             prefix: Self::DEFAULT_PREFIX.to_owned(),
+            timeout: Self::DEFAULT_TIMEOUT,
         }
     }
 
+    /// The [`ConnectionManager`] settings [`connect`](Self::connect) uses: connection
+    /// and response timeouts of [`DEFAULT_TIMEOUT`](Self::DEFAULT_TIMEOUT), and one
+    /// connection attempt per reconnection (no retries with backoff, during which
+    /// every operation would wait).
+    pub fn manager_config() -> ConnectionManagerConfig {
+        ConnectionManagerConfig::new()
+            .set_connection_timeout(Self::DEFAULT_TIMEOUT)
+            .set_response_timeout(Self::DEFAULT_TIMEOUT)
+            .set_number_of_retries(0)
+    }
+
     /// Connects to the server at `url` (`redis://host:port/db`) with a
-    /// [`ConnectionManager`], which reconnects when the connection drops.
+    /// [`ConnectionManager`] set up with [`manager_config`](Self::manager_config).
     ///
     /// # Errors
-    /// When the URL is invalid or the server cannot be reached.
+    /// When the URL is invalid or the server cannot be reached within
+    /// [`DEFAULT_TIMEOUT`](Self::DEFAULT_TIMEOUT).
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url).map_err(StoreError::backend)?;
+        let client = redis::Client::open(url)
+            .map_err(|e| StoreError::backend(format!("invalid Redis URL `{url}`: {e}")))?;
         let conn = client
-            .get_connection_manager()
+            .get_connection_manager_with_config(Self::manager_config())
             .await
-            .map_err(StoreError::backend)?;
+            .map_err(|e| StoreError::backend(format!("cannot connect to Redis at {url}: {e}")))?;
         Ok(Self::new(conn))
     }
 
@@ -141,6 +173,14 @@ impl RedisStore {
     #[must_use]
     pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = prefix.into();
+        self
+    }
+
+    /// Bounds each operation to `timeout`, reconnecting included, instead of
+    /// [`DEFAULT_TIMEOUT`](Self::DEFAULT_TIMEOUT). Keep it well under the lease.
+    #[must_use]
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
         self
     }
 
@@ -155,12 +195,37 @@ impl RedisStore {
         k.push_str(key);
         k
     }
+
+    /// Runs `script` on `key` with `args`, within the store's timeout.
+    async fn invoke<T: FromRedisValue>(
+        &self,
+        doing: &str,
+        script: &Script,
+        key: &str,
+        args: (&str, Option<u64>),
+    ) -> Result<T, StoreError> {
+        let mut invocation = script.key(self.redis_key(key));
+        invocation.arg(args.0);
+        if let Some(ms) = args.1 {
+            invocation.arg(ms);
+        }
+        let mut conn = self.conn.clone();
+        match tokio::time::timeout(self.timeout, invocation.invoke_async(&mut conn)).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(StoreError::backend(format!("Redis: {doing} failed: {e}"))),
+            Err(_) => Err(StoreError::backend(format!(
+                "Redis: {doing} failed: no answer within {:?} (the store's timeout)",
+                self.timeout
+            ))),
+        }
+    }
 }
 
 impl fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisStore")
             .field("prefix", &self.prefix)
+            .field("timeout", &self.timeout)
             .finish_non_exhaustive()
     }
 }
@@ -169,14 +234,9 @@ impl IdempotencyStore for RedisStore {
     fn reserve<'a>(&'a self, key: &'a str, lease: Duration) -> StoreFuture<'a, Reservation> {
         Box::pin(async move {
             let token = Token::random();
-            let mut conn = self.conn.clone();
-            let (status, pttl): (i64, i64) = RESERVE
-                .key(self.redis_key(key))
-                .arg(token.as_str())
-                .arg(millis_ceil(lease))
-                .invoke_async(&mut conn)
-                .await
-                .map_err(StoreError::backend)?;
+            let args = (token.as_str(), Some(millis_ceil(lease)));
+            let (status, pttl): (i64, i64) =
+                self.invoke("reserving a key", &RESERVE, key, args).await?;
             match status {
                 0 => Ok(Reservation::Fresh(token)),
                 1 => Ok(Reservation::Committed),
@@ -194,14 +254,8 @@ impl IdempotencyStore for RedisStore {
         ttl: Duration,
     ) -> StoreFuture<'a, CommitStatus> {
         Box::pin(async move {
-            let mut conn = self.conn.clone();
-            let status: i64 = COMMIT
-                .key(self.redis_key(key))
-                .arg(token.as_str())
-                .arg(millis_ceil(ttl))
-                .invoke_async(&mut conn)
-                .await
-                .map_err(StoreError::backend)?;
+            let args = (token.as_str(), Some(millis_ceil(ttl)));
+            let status: i64 = self.invoke("committing a key", &COMMIT, key, args).await?;
             match status {
                 1 => Ok(CommitStatus::Committed),
                 2 => Ok(CommitStatus::AlreadyCommitted),
@@ -217,14 +271,8 @@ impl IdempotencyStore for RedisStore {
         lease: Duration,
     ) -> StoreFuture<'a, ()> {
         Box::pin(async move {
-            let mut conn = self.conn.clone();
-            let status: i64 = EXTEND
-                .key(self.redis_key(key))
-                .arg(token.as_str())
-                .arg(millis_ceil(lease))
-                .invoke_async(&mut conn)
-                .await
-                .map_err(StoreError::backend)?;
+            let args = (token.as_str(), Some(millis_ceil(lease)));
+            let status: i64 = self.invoke("extending a lease", &EXTEND, key, args).await?;
             if status == 1 {
                 Ok(())
             } else {
@@ -235,13 +283,8 @@ impl IdempotencyStore for RedisStore {
 
     fn release<'a>(&'a self, key: &'a str, token: &'a Token) -> StoreFuture<'a, ()> {
         Box::pin(async move {
-            let mut conn = self.conn.clone();
-            let status: i64 = RELEASE
-                .key(self.redis_key(key))
-                .arg(token.as_str())
-                .invoke_async(&mut conn)
-                .await
-                .map_err(StoreError::backend)?;
+            let args = (token.as_str(), None);
+            let status: i64 = self.invoke("releasing a key", &RELEASE, key, args).await?;
             match status {
                 1 | 2 => Ok(()),
                 _ => Err(StoreError::lease_lost(key)),

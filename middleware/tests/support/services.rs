@@ -1,0 +1,495 @@
+//! Private Redis and PostgreSQL servers for tests that stop and restart them, so such a
+//! test never touches the shared instances on 6379 and 5432 that other tests use.
+//!
+//! Each server listens on a free port of 127.0.0.1 and keeps its files in a temporary
+//! directory of its own, removed when the value is dropped; a running server is stopped
+//! on drop too. Everything here blocks the calling thread (for up to a few seconds, the
+//! time a server takes to start), so call it from a multi-thread tokio runtime, where
+//! the other tasks of the test keep running meanwhile.
+//!
+//! - [`PrivateRedis::new`] runs `redis-server` (persistence off: a restart forgets every
+//!   key, as with the shared instance); [`url`](PrivateRedis::url) is its
+//!   `redis://127.0.0.1:<port>`; [`stop`](PrivateRedis::stop) kills the server (as a
+//!   crash would) and [`start`](PrivateRedis::start) runs it again on the same port;
+//!   [`pause`](PrivateRedis::pause) freezes it (SIGSTOP) until
+//!   [`resume`](PrivateRedis::resume).
+//! - [`PrivatePostgres::new`] runs `initdb` (trust authentication, user `postgres`), then
+//!   the server through `pg_ctl`, and creates the database `test`;
+//!   [`params`](PrivatePostgres::params) is its
+//!   `host=127.0.0.1 port=<port> user=postgres dbname=test`;
+//!   [`stop`](PrivatePostgres::stop) is `pg_ctl stop -m fast` (clients are disconnected);
+//!   [`start`](PrivatePostgres::start) and [`restart`](PrivatePostgres::restart) keep the
+//!   data. PostgreSQL refuses to run as root: as root, its programs run as the user
+//!   `postgres` through `runuser`, in a directory that user owns.
+//!
+//! The programs are looked up on `PATH`, then (for PostgreSQL) in
+//! `/usr/lib/postgresql/<version>/bin`, the newest first. A missing one panics with the
+//! package to install.
+//!
+//! Another crate's tests use this file with
+//! `#[path = "<relative path to>/middleware/tests/support/services.rs"] mod services;`;
+//! it needs only the standard library.
+#![allow(dead_code)] // each test binary uses its own part of it
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Ports of the shared instances, never handed out here.
+const SHARED_PORTS: [u16; 2] = [6379, 5432];
+
+/// How long a server may take to start before the test panics.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A free port on 127.0.0.1 (the system's choice, so never a shared instance's).
+fn free_port() -> u16 {
+    loop {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("binding 127.0.0.1:0");
+        let port = listener.local_addr().expect("a bound address").port();
+        if !SHARED_PORTS.contains(&port) {
+            return port;
+        }
+    }
+}
+
+/// A new, empty directory under the system's temporary directory.
+fn temp_dir(kind: &str) -> PathBuf {
+    static COUNT: AtomicU32 = AtomicU32::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let dir = std::env::temp_dir().join(format!(
+        "redrive-{kind}-{}-{}-{nanos}",
+        std::process::id(),
+        COUNT.fetch_add(1, Ordering::Relaxed)
+    ));
+    fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+    dir
+}
+
+/// `program`'s path: on `PATH`, or in one of `extra` (searched in order).
+fn find_program(program: &str, extra: &[PathBuf]) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(extra.iter().cloned())
+        .map(|dir| dir.join(program))
+        .find(|p| p.is_file())
+}
+
+/// The last lines of a log file, for a panic message.
+fn log_tail(log: &Path) -> String {
+    let text = fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+/// Runs `cmd` to its end; panics with its output when it fails.
+fn run(cmd: &mut Command, what: &str) -> Output {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: cannot run {cmd:?}: {e}"));
+    if !out.status.success() {
+        panic!(
+            "{what}: {cmd:?} failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    out
+}
+
+/// A `redis-server` of the test's own on a free port of 127.0.0.1.
+pub(crate) struct PrivateRedis {
+    program: PathBuf,
+    port: u16,
+    dir: PathBuf,
+    server: Option<Child>,
+}
+
+impl PrivateRedis {
+    /// Runs `redis-server` on a free port, with persistence off, and waits until it
+    /// answers `PING`.
+    ///
+    /// # Panics
+    /// When `redis-server` is not installed or does not answer within 30 s.
+    pub(crate) fn new() -> Self {
+        let program = find_program("redis-server", &[]).unwrap_or_else(|| {
+            panic!(
+                "PrivateRedis needs `redis-server` on PATH; install it with \
+                 `apt-get install redis-server`"
+            )
+        });
+        let mut redis = PrivateRedis {
+            program,
+            port: free_port(),
+            dir: temp_dir("redis"),
+            server: None,
+        };
+        redis.start();
+        redis
+    }
+
+    /// `redis://127.0.0.1:<port>`.
+    pub(crate) fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// The server's port.
+    pub(crate) fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Starts the server again on its port (after [`stop`](Self::stop)), and waits until
+    /// it answers `PING`. Does nothing while it runs.
+    ///
+    /// # Panics
+    /// When it does not answer within 30 s.
+    pub(crate) fn start(&mut self) {
+        if self.server.is_some() {
+            return;
+        }
+        let log = self.dir.join("redis.log");
+        let port = self.port.to_string();
+        let dir = self.dir.to_str().expect("a UTF-8 temporary directory");
+        let child = Command::new(&self.program)
+            .args([
+                "--port",
+                &port,
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+            ])
+            .args([
+                "no",
+                "--dir",
+                dir,
+                "--logfile",
+                "redis.log",
+                "--daemonize",
+                "no",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", self.program.display()));
+        self.server = Some(child);
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        let deadline = Instant::now() + START_TIMEOUT;
+        while !pong(addr) {
+            if let Some(status) = self
+                .server
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                self.server = None;
+                panic!(
+                    "redis-server on port {port} exited ({status}):\n{}",
+                    log_tail(&log)
+                );
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "redis-server on port {port} did not answer PING within {START_TIMEOUT:?}:\n{}",
+                    log_tail(&log)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills the server (SIGKILL, as a crash would) and waits for it to exit; clients'
+    /// connections break. Does nothing when it is stopped.
+    pub(crate) fn stop(&mut self) {
+        if let Some(mut child) = self.server.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Whether a Redis server on `addr` answers `PING`.
+fn pong(addr: SocketAddr) -> bool {
+    let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+    let mut reply = [0u8; 7];
+    stream.write_all(b"PING\r\n").is_ok()
+        && stream.read_exact(&mut reply).is_ok()
+        && &reply == b"+PONG\r\n"
+}
+
+impl PrivateRedis {
+    /// Freezes the server (SIGSTOP): it keeps its port and its clients' connections but
+    /// answers nothing, as a hung server or a half-open connection does.
+    /// [`resume`](Self::resume) undoes it.
+    ///
+    /// # Panics
+    /// When the server is stopped.
+    pub(crate) fn pause(&mut self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a [paused](Self::pause) server run again (SIGCONT).
+    ///
+    /// # Panics
+    /// When the server is stopped.
+    pub(crate) fn resume(&mut self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let server = self.server.as_ref().expect("redis-server is stopped");
+        run(
+            Command::new("kill").args([signal, &server.id().to_string()]),
+            "signalling redis-server",
+        );
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A PostgreSQL server of the test's own on a free port of 127.0.0.1, with trust
+/// authentication and a database `test`.
+pub(crate) struct PrivatePostgres {
+    bin: PathBuf,
+    /// The user the server runs as when the test runs as root (PostgreSQL refuses root).
+    run_as: Option<&'static str>,
+    port: u16,
+    /// The temporary directory: `data/`, the server's log and its socket.
+    dir: PathBuf,
+    running: bool,
+}
+
+impl PrivatePostgres {
+    /// Creates a cluster in a temporary directory (`initdb`), starts it on a free port
+    /// and creates the database `test`.
+    ///
+    /// # Panics
+    /// When PostgreSQL's server programs are not installed, when the test runs as root
+    /// and there is no user `postgres`, or when the server does not start within 30 s.
+    pub(crate) fn new() -> Self {
+        let versions = fs::read_dir("/usr/lib/postgresql")
+            .map(|dirs| {
+                let mut dirs: Vec<PathBuf> = dirs
+                    .filter_map(|d| d.ok().map(|d| d.path().join("bin")))
+                    .collect();
+                // Newest first: "16" before "15", "10" before "9".
+                dirs.sort_by_key(|d| {
+                    let version = d.parent().and_then(|v| v.file_name());
+                    let version = version.and_then(|v| v.to_str()).unwrap_or("");
+                    std::cmp::Reverse(version.parse::<u32>().unwrap_or(0))
+                });
+                dirs
+            })
+            .unwrap_or_default();
+        let initdb = find_program("initdb", &versions).unwrap_or_else(|| {
+            panic!(
+                "PrivatePostgres needs PostgreSQL's server programs (initdb, pg_ctl, createdb) \
+                 on PATH or in /usr/lib/postgresql/<version>/bin; install them with \
+                 `apt-get install postgresql`"
+            )
+        });
+        let bin = fs::canonicalize(&initdb)
+            .ok()
+            .and_then(|p| p.parent().map(Path::to_path_buf))
+            .expect("initdb's directory");
+        for program in ["pg_ctl", "createdb"] {
+            assert!(
+                bin.join(program).is_file(),
+                "PrivatePostgres needs `{program}` beside {}; install PostgreSQL's server \
+                 programs with `apt-get install postgresql`",
+                initdb.display()
+            );
+        }
+        let dir = temp_dir("postgres");
+        let run_as = as_root().then(|| {
+            let (uid, gid) = user_ids("postgres").unwrap_or_else(|| {
+                panic!(
+                    "PrivatePostgres runs as root here, and PostgreSQL refuses root: it needs \
+                     a user `postgres` to run the server as (create it with `useradd \
+                     --system postgres`, or install `postgresql`, which does)"
+                )
+            });
+            std::os::unix::fs::chown(&dir, Some(uid), Some(gid))
+                .unwrap_or_else(|e| panic!("giving {} to postgres: {e}", dir.display()));
+            "postgres"
+        });
+        let mut pg = PrivatePostgres {
+            bin,
+            run_as,
+            port: free_port(),
+            dir,
+            running: false,
+        };
+        run(
+            pg.program("initdb").args([
+                "--pgdata=data",
+                "--username=postgres",
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--no-locale",
+                "--no-sync",
+            ]),
+            "initdb",
+        );
+        let settings = format!(
+            "\n# PrivatePostgres\nport = {}\nlisten_addresses = '127.0.0.1'\n\
+             unix_socket_directories = '{}'\nfsync = off\nsynchronous_commit = off\n\
+             full_page_writes = off\n",
+            pg.port,
+            pg.dir.display()
+        );
+        fs::OpenOptions::new()
+            .append(true)
+            .open(pg.dir.join("data/postgresql.conf"))
+            .and_then(|mut f| f.write_all(settings.as_bytes()))
+            .expect("writing postgresql.conf");
+        pg.start();
+        run(
+            pg.program("createdb").args([
+                "--host=127.0.0.1",
+                &format!("--port={}", pg.port),
+                "--username=postgres",
+                "test",
+            ]),
+            "createdb test",
+        );
+        pg
+    }
+
+    /// `host=127.0.0.1 port=<port> user=postgres dbname=test`, for
+    /// `tokio_postgres::connect` and the like.
+    pub(crate) fn params(&self) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname=test",
+            self.port
+        )
+    }
+
+    /// `postgresql://postgres@127.0.0.1:<port>/test`.
+    pub(crate) fn url(&self) -> String {
+        format!("postgresql://postgres@127.0.0.1:{}/test", self.port)
+    }
+
+    /// The server's port.
+    pub(crate) fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Starts the server (after [`stop`](Self::stop)), keeping the data, and waits until
+    /// it accepts connections. Does nothing while it runs.
+    ///
+    /// # Panics
+    /// When it does not start within 30 s.
+    pub(crate) fn start(&mut self) {
+        if self.running {
+            return;
+        }
+        let timeout = START_TIMEOUT.as_secs().to_string();
+        let out = self
+            .program("pg_ctl")
+            .args(["--pgdata=data", "--log=postgres.log", "--wait", "--timeout"])
+            .args([timeout.as_str(), "start"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("running pg_ctl start");
+        if !out.status.success() {
+            panic!(
+                "PostgreSQL on port {} did not start ({}):\n{}{}\n{}",
+                self.port,
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+                log_tail(&self.dir.join("postgres.log"))
+            );
+        }
+        self.running = true;
+    }
+
+    /// Stops the server (`pg_ctl stop -m fast`: open transactions roll back, clients are
+    /// disconnected) and waits until it has exited. Does nothing when it is stopped.
+    pub(crate) fn stop(&mut self) {
+        if !self.running {
+            return;
+        }
+        run(
+            self.program("pg_ctl")
+                .args(["--pgdata=data", "--wait", "--mode=fast", "stop"]),
+            "pg_ctl stop",
+        );
+        self.running = false;
+    }
+
+    /// [`stop`](Self::stop), then [`start`](Self::start).
+    pub(crate) fn restart(&mut self) {
+        self.stop();
+        self.start();
+    }
+
+    /// A command running `program` of PostgreSQL's in the temporary directory, as the
+    /// server's user.
+    fn program(&self, program: &str) -> Command {
+        let path = self.bin.join(program);
+        let mut cmd = match self.run_as {
+            Some(user) => {
+                let mut cmd = Command::new("runuser");
+                cmd.args(["-u", user, "--"]).arg(path);
+                cmd
+            }
+            None => Command::new(path),
+        };
+        cmd.current_dir(&self.dir);
+        cmd
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        if self.running {
+            // Immediate: the data is thrown away next.
+            let _ = self
+                .program("pg_ctl")
+                .args(["--pgdata=data", "--wait", "--mode=immediate", "stop"])
+                .stdin(Stdio::null())
+                .output();
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Whether this process runs as root (`id -u` is 0).
+fn as_root() -> bool {
+    let out = Command::new("id")
+        .arg("-u")
+        .output()
+        .expect("running `id -u`");
+    String::from_utf8_lossy(&out.stdout).trim() == "0"
+}
+
+/// `user`'s uid and gid, from `/etc/passwd`.
+fn user_ids(user: &str) -> Option<(u32, u32)> {
+    let passwd = fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split(':').collect();
+        if fields.len() > 3 && fields[0] == user {
+            Some((fields[2].parse().ok()?, fields[3].parse().ok()?))
+        } else {
+            None
+        }
+    })
+}
