@@ -13,7 +13,10 @@
 //! let layer = CircuitBreakerLayer::new(
 //!     CircuitBreakerConfig::default()
 //!         .with_consecutive_failures(3)
-//!         .with_open_for(Duration::from_secs(10)),
+//!         .with_open_for(Duration::from_secs(10))
+//!         // Each failure answers at once here; by default the one that trips the
+//!         // breaker would be held and run again when it lets calls through.
+//!         .without_hold(),
 //! )?;
 //! let breaker = layer.handle();
 //! let mut service = ServiceBuilder::new()
