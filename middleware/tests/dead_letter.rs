@@ -163,11 +163,9 @@ async fn permanent_error_is_dead_lettered_with_a_complete_envelope() {
     assert_eq!(get(dead_letter::TRACESTATE), "vendor=abc");
     assert_eq!(get(dead_letter::CORRELATION_ID), "corr-7");
     assert_eq!(get("content-type"), "application/json");
-    // Every envelope header but the two only some dead letters carry (a trimmed one,
-    // one whose effect happened).
-    assert_eq!(h.len(), 4 + dead_letter::ENVELOPE_HEADERS.len() - 2);
+    // Every envelope header but the one only a trimmed dead letter carries.
+    assert_eq!(h.len(), 4 + dead_letter::ENVELOPE_HEADERS.len() - 1);
     assert!(h.get_str(dead_letter::DROPPED_HEADERS).is_none());
-    assert!(h.get_str(dead_letter::EFFECT_APPLIED).is_none());
 }
 
 #[tokio::test(start_paused = true)]
@@ -280,7 +278,7 @@ async fn an_earlier_envelope_is_replaced_not_piled_up() {
         h.get_str(dead_letter::LAST_FAILURE_AT),
         Some("2020-01-03T00:00:00.000Z")
     );
-    assert_eq!(h.len(), 4 + dead_letter::ENVELOPE_HEADERS.len() - 4);
+    assert_eq!(h.len(), 4 + dead_letter::ENVELOPE_HEADERS.len() - 3);
 }
 
 #[tokio::test(start_paused = true)]
@@ -784,7 +782,7 @@ async fn in_a_worker_a_message_that_kills_its_consumer_reaches_the_dlq_on_the_ne
 }
 
 #[cfg(feature = "idempotency")]
-mod effect_applied {
+mod commit_failed {
     use super::*;
     use redrive_middleware::idempotency::{
         CommitStatus, IdempotencyConfig, IdempotencyLayer, IdempotencyStore, MemoryStore,
@@ -824,7 +822,7 @@ mod effect_applied {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_dead_letter_whose_effect_happened_says_so() {
+    async fn a_success_whose_commit_fails_on_its_last_attempt_is_acked_not_dead_lettered() {
         let dlq = Arc::new(Recorder::default());
         let runs = Arc::new(AtomicU32::new(0));
         let counted = runs.clone();
@@ -838,27 +836,11 @@ mod effect_applied {
         )
         .unwrap();
         let svc = layer(dlq.clone(), config()).layer(idempotency.layer(handler));
-        // The last attempt: the handler succeeds, the commit fails.
-        assert_eq!(
-            svc.oneshot(message(3)).await.unwrap(),
-            Outcome::DeadLettered
-        );
+        // The last attempt: the handler succeeds, the commit fails. The effect
+        // happened, so the message is processed: no dead letter to replay it from.
+        assert_eq!(svc.oneshot(message(3)).await.unwrap(), Outcome::Processed);
         assert_eq!(runs.load(Ordering::SeqCst), 1);
-        let published = dlq.take();
-        let h = &published[0].1.headers;
-        assert_eq!(h.get_str(dead_letter::EFFECT_APPLIED), Some("true"));
-        assert_eq!(h.get_str(dead_letter::ERROR_KIND), Some("exhausted"));
-
-        // An ordinary failure on its last attempt carries no such mark.
-        let plain = layer(dlq.clone(), config()).layer(failing(Arc::default(), transient));
-        assert_eq!(
-            plain.oneshot(message(3)).await.unwrap(),
-            Outcome::DeadLettered
-        );
-        let published = dlq.take();
-        assert_eq!(
-            published[0].1.headers.get_str(dead_letter::EFFECT_APPLIED),
-            None
-        );
+        assert!(dlq.take().is_empty());
+        assert_eq!(idempotency.stats().commit_failures, 1);
     }
 }

@@ -39,15 +39,9 @@ pub const CONSUMER: &str = "x-redrive-consumer";
 /// message id and the idempotency key are always kept.
 pub const DROPPED_HEADERS: &str = "x-redrive-dropped-headers";
 
-/// `true` when the handler succeeded and its effect happened, but the message could
-/// not be recorded as processed (its idempotency key could not be committed), so it
-/// was dead-lettered all the same: replaying it repeats the effect. A replay tool skips
-/// such a dead letter unless forced. Absent otherwise.
-pub const EFFECT_APPLIED: &str = "x-redrive-effect-applied";
-
 /// Every envelope header. Headers of these names from an earlier dead-lettering are
 /// removed before the new envelope is written, so envelopes never pile up.
-pub const ENVELOPE_HEADERS: [&str; 14] = [
+pub const ENVELOPE_HEADERS: [&str; 13] = [
     ORIGINAL_SYSTEM,
     ORIGINAL_DESTINATION,
     ORIGINAL_PARTITION,
@@ -61,7 +55,6 @@ pub const ENVELOPE_HEADERS: [&str; 14] = [
     ERROR_MESSAGE,
     CONSUMER,
     DROPPED_HEADERS,
-    EFFECT_APPLIED,
 ];
 
 /// The message's own headers a trimmed dead letter keeps: what follows the message
@@ -117,8 +110,6 @@ impl fmt::Display for Reason {
 #[derive(Clone, Copy)]
 pub(crate) struct Envelope<'a> {
     pub(crate) metadata: &'a Metadata,
-    /// The handler's effect happened (see [`EFFECT_APPLIED`]).
-    pub(crate) effect_applied: bool,
     pub(crate) reason: Reason,
     pub(crate) error: &'a str,
     pub(crate) max_error_len: usize,
@@ -192,9 +183,6 @@ impl Envelope<'_> {
         )?;
         if let Some(c) = self.consumer {
             headers.insert_static(CONSUMER, c)?;
-        }
-        if self.effect_applied {
-            headers.insert_static(EFFECT_APPLIED, "true")?;
         }
         Ok(())
     }

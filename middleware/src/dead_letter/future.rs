@@ -203,18 +203,8 @@ impl<P: Publisher, H: OnDeadLetter> Pending<P, H> {
             }
             None => super::default_destination(&metadata.source.destination),
         };
-        let effect_applied = effect_applied(&*err);
-        if effect_applied {
-            tracing::error!(
-                attempt = metadata.attempt,
-                "dead-lettering a message whose handler succeeded but whose idempotency key \
-                 could not be committed: its effect happened, and replaying it repeats the \
-                 effect (marked x-redrive-effect-applied)"
-            );
-        }
         let envelope = Envelope {
             metadata: &metadata,
-            effect_applied,
             reason,
             error: &handler_error,
             max_error_len: config.max_error_len,
@@ -277,20 +267,6 @@ impl<P: Publisher, H: OnDeadLetter> Pending<P, H> {
         } else {
             e
         })
-    }
-}
-
-/// Whether `err` says the handler's effect happened before the failure: its
-/// idempotency key could not be committed after a success.
-fn effect_applied(err: &(dyn std::error::Error + 'static)) -> bool {
-    #[cfg(feature = "idempotency")]
-    {
-        crate::idempotency::CommitFailed::find(err).is_some()
-    }
-    #[cfg(not(feature = "idempotency"))]
-    {
-        let _ = err;
-        false
     }
 }
 

@@ -111,45 +111,6 @@ impl fmt::Display for KeyReserved {
 
 impl StdError for KeyReserved {}
 
-/// The handler succeeded but its idempotency key could not be committed.
-///
-/// The message is nacked and delivered again; the handler's effect has happened, so
-/// that redelivery may repeat it (see "Duplicate window" in the [module docs](super)).
-#[derive(Debug)]
-pub struct CommitFailed {
-    pub(crate) key: String,
-    pub(crate) source: StoreError,
-}
-
-impl CommitFailed {
-    /// The idempotency key.
-    pub fn key(&self) -> &str {
-        &self.key
-    }
-
-    /// The store's error.
-    pub fn store_error(&self) -> &StoreError {
-        &self.source
-    }
-}
-
-impl fmt::Display for CommitFailed {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "the handler succeeded but committing idempotency key `{}` failed, so the message \
-             will be redelivered and may be processed again: {}",
-            self.key, self.source
-        )
-    }
-}
-
-impl StdError for CommitFailed {
-    fn source(&self) -> Option<&(dyn StdError + 'static)> {
-        Some(&self.source)
-    }
-}
-
 /// A message without an idempotency key, refused under
 /// [`Unkeyed::Reject`](super::Unkeyed::Reject). Wrapped as permanent: it is never
 /// retried, and the dead-letter layer takes it out of the queue unrun.

@@ -10,7 +10,7 @@ use redrive_core::delivery::BoxFuture;
 use redrive_core::{BoxError, Outcome};
 
 use super::layer::Shared;
-use super::{IdempotencyStore, Token, committed, keep_reserved, release};
+use super::{IdempotencyStore, Token, commit_retrying, committed, keep_reserved, release};
 
 pin_project_lite::pin_project! {
     /// The future of [`Idempotency`](super::Idempotency): the inner call, then the
@@ -156,7 +156,8 @@ where
                                 }
                                 // `commit_now` said no: straight to the store's future.
                                 Box::pin(async move {
-                                    let status = shared.store.commit(&key, &token, ttl).await;
+                                    let status =
+                                        commit_retrying(&*shared.store, &key, &token, ttl).await;
                                     committed(&shared, key, status, outcome)
                                 })
                             }

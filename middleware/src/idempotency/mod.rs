@@ -52,8 +52,15 @@
 //! - **Failure frees the key.** When the inner service fails, the key is released and
 //!   the error goes up unchanged, so a redelivery can try again.
 //! - **Store errors never run the handler unguarded.** If `reserve` fails, the call
-//!   fails (transient) and the Worker nacks. If `commit` fails after a success, the call
-//!   fails with [`CommitFailed`] and the Worker nacks.
+//!   fails (transient): the circuit breaker counts it, and the Worker nacks or the
+//!   breaker holds the message.
+//! - **A success is a success.** If `commit` fails after the inner service succeeded
+//!   (tried three times over about a second), the message was processed all the same:
+//!   the call answers its outcome, so the Worker acks it, and the failure is logged at
+//!   `error` and counted (`commit_failures`). Nacking it instead would have the broker
+//!   deliver it again and run its effect a second time (or, on its last attempt, put a
+//!   message whose effect happened into the dead-letter queue). Only a duplicate that
+//!   arrives after the reservation lapses is processed again.
 //! - **Keys are the consumer's own.** A key is reserved in the namespace of the
 //!   consumer the message was delivered to (messaging system, destination, consumer
 //!   group; see [`Namespace`]), so two queues fed by one exchange, two Kafka groups on
@@ -133,7 +140,7 @@ use std::time::Duration;
 use redrive_core::{BoxError, Message, Outcome, classify};
 use tower::Service;
 
-pub use error::{CommitFailed, ConfigError, KeyReserved, MissingKey, StoreError};
+pub use error::{ConfigError, KeyReserved, MissingKey, StoreError};
 /// The most bytes of an idempotency key a log line carries (a producer chooses it).
 const MAX_LOGGED_KEY: usize = 128;
 
@@ -142,6 +149,11 @@ fn logged_key(key: &str) -> std::borrow::Cow<'_, str> {
     redrive_core::text::truncate(key, MAX_LOGGED_KEY)
 }
 
+/// The pool crate [`PostgresStore::new`] takes a pool of, re-exported so its version
+/// always matches.
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use deadpool_postgres;
 pub use key::{DefaultKey, IDEMPOTENCY_KEY, MESSAGE_ID, MakeKey};
 pub use layer::{
     CommitMode, IdempotencyConfig, IdempotencyLayer, IdempotencyStats, Namespace, Unkeyed,
@@ -150,11 +162,6 @@ pub use memory::{DEFAULT_CAPACITY as MEMORY_STORE_CAPACITY, MemoryStore};
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use postgres::PostgresStore;
-/// The pool crate [`PostgresStore::new`] takes a pool of, re-exported so its version
-/// always matches.
-#[cfg(feature = "postgres")]
-#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
-pub use deadpool_postgres;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use redis::RedisStore;
@@ -191,13 +198,6 @@ impl IdempotencyToken {
     /// The reservation's token.
     pub fn token(&self) -> &Token {
         &self.token
-    }
-}
-
-impl CommitFailed {
-    /// The [`CommitFailed`] in `err`'s source chain, if there is one.
-    pub fn find<'a>(err: &'a (dyn StdError + 'static)) -> Option<&'a CommitFailed> {
-        crate::error::find_in_chain(err)
     }
 }
 
@@ -378,7 +378,7 @@ async fn commit_key<St: IdempotencyStore + ?Sized>(
 ) -> Result<CommitStatus, StoreError> {
     match store.commit_now(key, token, ttl) {
         Some(answer) => answer,
-        None => store.commit(key, token, ttl).await,
+        None => commit_retrying(store, key, token, ttl).await,
     }
 }
 
@@ -402,14 +402,45 @@ fn committed<St: ?Sized>(
             Ok(outcome)
         }
         Ok(CommitStatus::AlreadyCommitted) => Ok(outcome),
-        Err(source) => {
+        Err(e) => {
             Counters::bump(&shared.counters.commit_failures);
-            let err = CommitFailed {
-                key: key.to_string(),
-                source,
-            };
-            tracing::error!(error = %err, "idempotency commit failed");
-            Err(Box::new(err))
+            tracing::error!(
+                idempotency_key = %logged_key(&key), error = %e,
+                "the handler succeeded but its idempotency key could not be committed; the \
+                 message is acked, since its effect happened, and a duplicate of it that \
+                 arrives once the reservation lapses is processed again"
+            );
+            Ok(outcome)
+        }
+    }
+}
+
+/// Delays between commit tries: a store that blinked gets a second chance before a
+/// success goes unrecorded.
+const COMMIT_RETRIES: [Duration; 2] = [Duration::from_millis(200), Duration::from_millis(800)];
+
+/// Commits `key` through the store's future, trying again after a backend error (a
+/// lost lease is final).
+pub(crate) async fn commit_retrying<St: IdempotencyStore + ?Sized>(
+    store: &St,
+    key: &str,
+    token: &Token,
+    ttl: Duration,
+) -> Result<CommitStatus, StoreError> {
+    let mut delays = COMMIT_RETRIES.iter();
+    loop {
+        match store.commit(key, token, ttl).await {
+            Err(e) if !e.is_lease_lost() => match delays.next() {
+                Some(delay) => {
+                    tracing::warn!(
+                        idempotency_key = %logged_key(key), error = %e, ?delay,
+                        "committing the idempotency key failed; trying again"
+                    );
+                    tokio::time::sleep(*delay).await;
+                }
+                None => return Err(e),
+            },
+            answer => return answer,
         }
     }
 }
