@@ -423,19 +423,21 @@ impl Session {
         Ok(ch)
     }
 
-    async fn ensure_delay_queue(&self, name: &str) -> Result<()> {
-        if !self.config.declare || self.declared_contains(name) {
-            return Ok(());
+    /// The delay queue for `delay`, declared first unless this session declared it.
+    async fn ensure_delay_queue(&self, delay: Duration) -> Result<String> {
+        let topology = &self.config.topology;
+        let name = topology.delay_queue(delay);
+        if !self.config.declare || self.declared_contains(&name) {
+            return Ok(name);
         }
-        self.config
-            .topology
-            .declare_delay_queue(&self.connection, name)
+        topology
+            .declare_delay_queue(&self.connection, delay)
             .await?;
         self.declared
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(name.to_owned());
-        Ok(())
+            .insert(name.clone());
+        Ok(name)
     }
 
     fn declared_contains(&self, name: &str) -> bool {
@@ -904,14 +906,10 @@ impl RabbitAcker {
         } else {
             delay
         };
-        let routing_key = if delay.is_zero() {
-            topology.queue().to_owned()
-        } else {
-            topology.delay_queue(delay)
-        };
+        let mut routing_key = topology.queue().to_owned();
         let republished = async {
             if !delay.is_zero() {
-                session.ensure_delay_queue(&routing_key).await?;
+                routing_key = session.ensure_delay_queue(delay).await?;
             }
             let properties = mapping::republish_properties(
                 self.amqp.properties(),

@@ -66,6 +66,10 @@
 //!   republished message goes to the back of the queue. Delays go through
 //!   per-message-TTL delay queues that dead-letter back into the queue ([`topology`]
 //!   explains the buckets); the largest delay is declared in the consumer's capabilities.
+//!   A delayed copy is persistent whatever the original's `delivery_mode`, and behind a
+//!   quorum queue its delay queue is a quorum queue that dead-letters it back at least
+//!   once, so a broker restart or a queue without a leader during the delay loses
+//!   nothing ([`topology`](topology#delay-queues)).
 //! - **Messages no consumer can settle** (one that kills the process or breaks the
 //!   connection on every delivery): a quorum queue with a dead-letter queue is declared
 //!   with a delivery limit and a dead-letter exchange, so the broker dead-letters it

@@ -424,13 +424,14 @@ pub(crate) fn publish_properties(msg: &OutgoingMessage) -> BasicProperties {
         .map_or(0, |d| d.as_secs());
     props
         .with_headers(table)
-        .with_delivery_mode(delivery_mode.unwrap_or(2))
+        .with_delivery_mode(delivery_mode.unwrap_or(PERSISTENT))
         .with_timestamp(timestamp.unwrap_or(now))
 }
 
 /// The properties of the adapter's own republish of a delivery: the original ones, with
 /// `attempt` in the [`ATTEMPT`] header, the broker's count removed and, for a delay,
-/// `expiration` set to it.
+/// `expiration` set to it and `delivery_mode` 2 (persistent): the copy waits in a delay
+/// queue, and must survive a broker restart there whatever the original's mode was.
 pub(crate) fn republish_properties(
     original: &BasicProperties,
     attempt: u32,
@@ -445,11 +446,16 @@ pub(crate) fn republish_properties(
     match delay {
         Some(d) => {
             let ms = d.as_millis().max(1);
-            props.with_expiration(ShortString::from(ms.to_string()))
+            props
+                .with_expiration(ShortString::from(ms.to_string()))
+                .with_delivery_mode(PERSISTENT)
         }
         None => props,
     }
 }
+
+/// The `delivery_mode` of a persistent message.
+const PERSISTENT: u8 = 2;
 
 /// Builds the [`Message`] of a delivery.
 pub(crate) fn message(
@@ -697,6 +703,11 @@ mod tests {
             ]));
         let p = republish_properties(&original, 4, Some(Duration::from_millis(1500)));
         assert_eq!(p.expiration().as_ref().unwrap().as_str(), "1500");
+        assert_eq!(
+            p.delivery_mode(),
+            &Some(PERSISTENT),
+            "a delay copy is persistent"
+        );
         assert_eq!(p.priority(), &Some(3));
         let h = p.headers().as_ref().unwrap().inner();
         assert_eq!(h.get("x-f"), Some(&AMQPValue::Float(2.5)));

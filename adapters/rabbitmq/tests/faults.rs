@@ -11,8 +11,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redrive_core::{
-    BoxError, Consumer, Error as CoreError, Message, OutgoingMessage, Publisher, handler_fn,
+    BoxError, Consumer, Error as CoreError, Message, OutgoingMessage, Publisher,
+    classify::retry_after, handler_fn,
 };
+use redrive_rabbitmq::lapin::BasicProperties;
 use redrive_rabbitmq::{ConnectionMonitor, QueueKind, RabbitConsumer};
 
 /// One fault test at a time: they stop the broker or kill its connections.
@@ -204,5 +206,71 @@ async fn a_delivery_from_a_dead_connection_cannot_be_acked_and_comes_back() {
     );
     again.ack().await.expect("ack on the new connection");
     drop(c);
+    common::cleanup(&[topology]).await;
+}
+
+/// A delayed retry's copy is as safe as the message it copies: a message published
+/// transient to a quorum queue (which keeps every message on disk) fails once with a
+/// delay, and the broker restarts while the copy waits in the delay queue. The copy comes
+/// back and is handled, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delayed_retry_survives_a_broker_restart_quorum() {
+    let _serial = SERIAL.lock().await;
+    let queue = common::unique("delay-restart");
+    let topology = common::topology(&queue, QueueKind::Quorum);
+    common::declare(&topology).await;
+    let p = common::publisher().await;
+    // No delivery_mode: transient, as a producer that is not redrive may send it.
+    p.publish_raw("", &queue, b"transient", BasicProperties::default())
+        .await
+        .expect("publish");
+    p.close().await;
+
+    let delay = Duration::from_secs(8);
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    let handler = handler_fn(move |_: Message| {
+        let call = counted.fetch_add(1, Ordering::SeqCst);
+        async move {
+            if call == 0 {
+                Err(retry_after(std::io::Error::other("fails once"), delay))
+            } else {
+                Ok(())
+            }
+        }
+    });
+    let name = common::unique("conn-delay-restart");
+    let consumer = common::consumer(&topology, &name, 4).await;
+    let monitor = consumer.monitor();
+    let worker = common::RunningWorker::spawn(consumer, handler, 2);
+
+    let delay_queue = topology.delay_queue(delay);
+    let start = std::time::Instant::now();
+    while common::ready(&delay_queue).await != Some(1) {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the retry copy never reached {delay_queue}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    restart_broker(name, monitor.clone()).await;
+    let restarted = start.elapsed();
+
+    wait_until(
+        "the delayed retry handled after the restart",
+        Duration::from_secs(45),
+        || calls.load(Ordering::SeqCst) >= 2,
+    )
+    .await;
+    // Handled once: nothing else comes back.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "handled more than once");
+    let report = worker.stop().await;
+    assert_eq!(report.acked, 1, "{report:?}");
+    assert!(monitor.reconnects() >= 1, "{monitor:?}");
+    eprintln!("broker back after {restarted:?}; {report:?}");
+    assert_eq!(common::ready(&queue).await, Some(0));
+    assert_eq!(common::ready(&delay_queue).await, Some(0));
     common::cleanup(&[topology]).await;
 }
