@@ -66,7 +66,9 @@ impl ConsumerBuilder {
     }
 
     /// The connection's name, shown by `rabbitmqctl list_connections name client_properties`
-    /// and the management UI.
+    /// and the management UI. Republishes (delayed retries, a classic queue's
+    /// redeliveries) go on a second connection, `<name>:publish`, opened when first
+    /// needed.
     pub fn connection_name(mut self, name: impl Into<String>) -> Self {
         self.name = Some(name.into());
         self
@@ -245,12 +247,17 @@ impl fmt::Debug for ConnectionMonitor {
     }
 }
 
-/// One connection with its consuming channel and its confirm channel for republishes.
+/// One connection with its consuming channel, and a connection of its own for
+/// republishes.
 struct Session {
     connection: Connection,
     /// Settles the consuming channel's deliveries.
     settler: Settler,
-    publish: tokio::sync::Mutex<Option<Channel>>,
+    /// The connection republishes (delayed retries, a classic queue's redeliveries) go
+    /// on, with its confirm channel: opened when first needed, closed with the session.
+    /// Not the consuming connection: RabbitMQ blocks a connection that publishes during
+    /// a resource alarm, and acks on it would wait for the alarm to end too.
+    publish: tokio::sync::Mutex<Option<(Connection, Channel)>>,
     declared: Mutex<HashSet<String>>,
     alive: AtomicBool,
     /// Set when the session consumes one message at a time.
@@ -338,7 +345,6 @@ impl Session {
         // breaks the connection (a frame lapin cannot parse) may come right after
         // `basic.consume-ok`, and must find the session open, so it is lost and
         // reconnected like any other, not a failed open.
-        let publish = confirm_channel(&connection).await?;
         let channel = connection.create_channel().await?;
         let prefetch = if careful { 1 } else { config.prefetch };
         channel
@@ -357,7 +363,7 @@ impl Session {
             session: Arc::new(Session {
                 connection,
                 settler: Settler::new(channel, prefetch, config.settlement.clone()),
-                publish: tokio::sync::Mutex::new(Some(publish)),
+                publish: tokio::sync::Mutex::new(None),
                 declared: Mutex::new(HashSet::new()),
                 alive: AtomicBool::new(true),
                 careful: careful.then(|| Careful {
@@ -412,15 +418,32 @@ impl Session {
         self.alive.load(Ordering::Acquire) && self.connection.status().connected()
     }
 
-    /// A confirm channel, opened again if the last one closed (a failed declare closes it).
+    /// The confirm channel of the publishing connection; the connection is opened when
+    /// first needed or when it was lost, the channel when it closed.
     async fn publish_channel(&self) -> Result<Channel> {
         let mut slot = self.publish.lock().await;
-        if let Some(ch) = slot.as_ref().filter(|c| c.status().connected()) {
-            return Ok(ch.clone());
+        if let Some((connection, channel)) = slot.as_ref() {
+            if channel.status().connected() {
+                return Ok(channel.clone());
+            }
+            if connection.status().connected() {
+                let channel = confirm_channel(connection).await?;
+                if let Some((_, old)) = slot.as_mut() {
+                    *old = channel.clone();
+                }
+                return Ok(channel);
+            }
         }
-        let ch = confirm_channel(&self.connection).await?;
-        *slot = Some(ch.clone());
-        Ok(ch)
+        // `shut` marks the session dead before it takes the lock: a session being shut
+        // opens no connection it would leave open.
+        if !self.is_alive() {
+            return Err(Error::ChannelClosed);
+        }
+        let name = format!("{}:publish", self.config.name);
+        let connection = connect(&self.config.url, &name).await?;
+        let channel = confirm_channel(&connection).await?;
+        *slot = Some((connection, channel.clone()));
+        Ok(channel)
     }
 
     /// The delay queue for `delay`, declared first unless this session declared it.
@@ -449,9 +472,14 @@ impl Session {
 
     async fn shut(&self, why: &str) {
         self.alive.store(false, Ordering::Release);
-        if self.connection.status().connected() {
-            if let Err(e) = self.connection.close(200, why).await {
-                tracing::debug!(error = %e, "closing the RabbitMQ connection failed");
+        let publishing = self.publish.lock().await.take();
+        for connection in
+            std::iter::once(&self.connection).chain(publishing.as_ref().map(|(c, _)| c))
+        {
+            if connection.status().connected() {
+                if let Err(e) = connection.close(200, why).await {
+                    tracing::debug!(error = %e, "closing the RabbitMQ connection failed");
+                }
             }
         }
     }

@@ -32,6 +32,72 @@ impl Drop for RestartOnDrop {
     }
 }
 
+/// A memory alarm on the broker: RabbitMQ blocks every connection that publishes while
+/// it lasts. Lifted when dropped, also when the test fails.
+struct MemoryAlarm {
+    /// The watermark to set back: `[fraction]` or `["absolute", bytes]`.
+    restore: Vec<String>,
+}
+
+impl MemoryAlarm {
+    async fn raise() -> Self {
+        let now =
+            common::rabbitmqctl(&["eval", "vm_memory_monitor:get_vm_memory_high_watermark()."])
+                .await;
+        let now = now.trim();
+        let restore = if now.parse::<f64>().is_ok() {
+            vec![now.to_owned()]
+        } else if let Some(bytes) = now
+            .strip_prefix("{absolute,")
+            .and_then(|r| r.strip_suffix('}'))
+        {
+            vec!["absolute".to_owned(), bytes.to_owned()]
+        } else {
+            panic!("cannot read the memory watermark to restore it later: {now}");
+        };
+        let alarm = MemoryAlarm { restore };
+        common::rabbitmqctl(&["set_vm_memory_high_watermark", "0.0000001"]).await;
+        let start = std::time::Instant::now();
+        while !common::rabbitmqctl(&["eval", "rabbit_alarm:get_alarms()."])
+            .await
+            .contains("memory")
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "the memory alarm did not go on"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        alarm
+    }
+}
+
+impl Drop for MemoryAlarm {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .arg("set_vm_memory_high_watermark")
+            .args(&self.restore)
+            .output();
+    }
+}
+
+/// The messages in `queue`, ready and unacked, as the broker counts them (`rabbitmqctl`
+/// answers during a resource alarm).
+async fn messages(queue: &str) -> Option<u64> {
+    let list = common::rabbitmqctl(&[
+        "list_queues",
+        "name",
+        "messages",
+        "--quiet",
+        "--no-table-headers",
+    ])
+    .await;
+    list.lines().find_map(|line| {
+        let (name, n) = line.split_once('\t')?;
+        (name == queue).then(|| n.trim().parse().ok()).flatten()
+    })
+}
+
 type Seen = Arc<Mutex<HashSet<String>>>;
 
 /// Publishes `n` messages, then runs a Worker over them until `fault` has run and every
@@ -272,5 +338,84 @@ async fn a_delayed_retry_survives_a_broker_restart_quorum() {
     eprintln!("broker back after {restarted:?}; {report:?}");
     assert_eq!(common::ready(&queue).await, Some(0));
     assert_eq!(common::ready(&delay_queue).await, Some(0));
+    common::cleanup(&[topology]).await;
+}
+
+/// A resource alarm blocks connections that publish. A delayed retry's republish blocked
+/// by one must not block the acks of the other messages: they reach the broker while
+/// the alarm lasts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_reach_the_broker_while_a_resource_alarm_blocks_a_republish() {
+    let _serial = SERIAL.lock().await;
+    let queue = common::unique("alarm-acks");
+    let topology = common::topology(&queue, QueueKind::Quorum);
+    common::declare(&topology).await;
+    let n = 10;
+    common::publish_numbered(&queue, n, "m").await;
+
+    // m0 fails with a delay once the alarm is on; the others finish once its republish
+    // was sent (and blocked).
+    let (alarm_on, alarm_gate) = tokio::sync::watch::channel(false);
+    let (blocked, blocked_gate) = tokio::sync::watch::channel(false);
+    let seen: Seen = Arc::default();
+    let handled = seen.clone();
+    let failed = Arc::new(AtomicUsize::new(0));
+    let fails = failed.clone();
+    let handler = handler_fn(move |m: Message| {
+        let body = String::from_utf8_lossy(&m.payload).into_owned();
+        let (mut alarm_gate, mut blocked_gate) = (alarm_gate.clone(), blocked_gate.clone());
+        let (handled, fails) = (handled.clone(), fails.clone());
+        async move {
+            if body == "m0" && fails.fetch_add(1, Ordering::SeqCst) == 0 {
+                let _ = alarm_gate.wait_for(|on| *on).await;
+                return Err(retry_after(
+                    std::io::Error::other("fails once"),
+                    Duration::from_millis(500),
+                ));
+            }
+            let _ = blocked_gate.wait_for(|b| *b).await;
+            handled.lock().unwrap().insert(body);
+            Ok::<_, BoxError>(())
+        }
+    });
+    let consumer = common::consumer(&topology, &common::unique("conn-alarm"), 16).await;
+    let worker = common::RunningWorker::spawn(consumer, handler, 16);
+    wait_until("every message delivered", Duration::from_secs(20), || {
+        failed.load(Ordering::SeqCst) >= 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let alarm = MemoryAlarm::raise().await;
+    alarm_on.send_replace(true);
+    // The republish of m0 is written and blocked; then the others finish and are acked.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    blocked.send_replace(true);
+    let start = std::time::Instant::now();
+    let mut left = messages(&queue).await;
+    while left != Some(1) && start.elapsed() < Duration::from_secs(4) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        left = messages(&queue).await;
+    }
+    let copied = messages(&topology.delay_queue(Duration::from_millis(500))).await;
+    drop(alarm);
+    assert_eq!(copied.unwrap_or(0), 0, "the alarm did not block the republish");
+    assert!(!seen.lock().unwrap().contains("m0"));
+    assert_eq!(
+        left,
+        Some(1),
+        "the acks of the other {} messages did not reach the broker during the alarm \
+         (only m0, whose republish is blocked, should be left)",
+        n - 1
+    );
+
+    wait_until(
+        "m0 handled after the alarm",
+        Duration::from_secs(30),
+        || seen.lock().unwrap().len() >= n,
+    )
+    .await;
+    let report = worker.stop().await;
+    assert_eq!(report.acked, n as u64, "{report:?}");
     common::cleanup(&[topology]).await;
 }
