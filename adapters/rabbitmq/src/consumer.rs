@@ -259,6 +259,9 @@ struct Session {
     /// a resource alarm, and acks on it would wait for the alarm to end too.
     publish: tokio::sync::Mutex<Option<(Connection, Channel)>>,
     declared: Mutex<HashSet<String>>,
+    /// The tag of the consumer consuming on the channel; `None` once the session stopped
+    /// consuming (see [`stop_consuming`](Session::stop_consuming)).
+    consuming: tokio::sync::Mutex<Option<String>>,
     alive: AtomicBool,
     /// Set when the session consumes one message at a time.
     careful: Option<Careful>,
@@ -365,6 +368,7 @@ impl Session {
                 settler: Settler::new(channel, prefetch, config.settlement.clone()),
                 publish: tokio::sync::Mutex::new(None),
                 declared: Mutex::new(HashSet::new()),
+                consuming: tokio::sync::Mutex::new(Some(tag.clone())),
                 alive: AtomicBool::new(true),
                 careful: careful.then(|| Careful {
                     tag,
@@ -384,9 +388,14 @@ impl Session {
     /// channel with the configured prefetch, which RabbitMQ applies to consumers started
     /// after the `basic.qos` (`global` off). The channel stays open, so the deliveries
     /// the careful consumer received before its `basic.cancel-ok` are still settled on
-    /// it; `receive` reads them before the new consumer's.
-    async fn leave_careful_mode(&self, careful: &Careful) -> Result<lapin::Consumer> {
+    /// it; `receive` reads them before the new consumer's. `None` when the session
+    /// stopped consuming.
+    async fn leave_careful_mode(&self, careful: &Careful) -> Result<Option<lapin::Consumer>> {
         careful.over.store(true, Ordering::Release);
+        let mut consuming = self.consuming.lock().await;
+        if consuming.is_none() {
+            return Ok(None);
+        }
         let channel = self.settler.channel();
         channel
             .basic_cancel(&careful.tag, BasicCancelOptions::default())
@@ -396,15 +405,38 @@ impl Session {
             .await?;
         // Delivery tags go on counting on this channel, now in a wider window.
         self.settler.widen(self.config.prefetch);
+        let tag = self.config.consumer_tag();
         let stream = channel
             .basic_consume(
                 self.config.topology.queue(),
-                &self.config.consumer_tag(),
+                &tag,
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
             .await?;
-        Ok(stream)
+        *consuming = Some(tag);
+        Ok(Some(stream))
+    }
+
+    /// Cancels the session's consumer, once: the broker sends it nothing more, and the
+    /// deliveries it sent can still be settled. The Worker hands a RabbitMQ delivery
+    /// back only when it stops (a delivery stays this consumer's while its channel is
+    /// open), so what it hands back must not come back to this consumer, which would
+    /// hold it unsettled until it closes and count one more delivery. If `receive` is
+    /// called again, the ended stream is taken as a lost session and the consumer
+    /// reconnects.
+    async fn stop_consuming(&self) {
+        let mut consuming = self.consuming.lock().await;
+        if let Some(tag) = consuming.take() {
+            let cancel = self
+                .settler
+                .channel()
+                .basic_cancel(&tag, BasicCancelOptions::default())
+                .await;
+            if let Err(e) = cancel {
+                tracing::debug!(error = %e, "cancelling the consumer before a hand-back failed");
+            }
+        }
     }
 
     /// Whether `stream` is the careful consumer this session cancelled: its end is no loss.
@@ -767,7 +799,8 @@ async fn run(
                 () = careful_reached(&session) => {
                     let Some(careful) = session.careful.as_ref() else { continue };
                     match session.leave_careful_mode(careful).await {
-                        Ok(stream) => {
+                        Ok(None) => {}
+                        Ok(Some(stream)) => {
                             shared.prefetch.store(config.prefetch, Ordering::Relaxed);
                             tracing::info!(
                                 queue = %queue,
@@ -934,14 +967,35 @@ impl RabbitAcker {
         } else {
             delay
         };
-        let mut routing_key = topology.queue().to_owned();
+        self.republish(&session, delay, self.attempt.saturating_add(1))
+            .await
+    }
+
+    /// Gives the message back untried: the session stops consuming first (see
+    /// [`Session::stop_consuming`]). A quorum queue takes it back with
+    /// `basic.nack(requeue)`, and counts that as a delivery; a classic queue gets a copy
+    /// with the attempt the message had, so the next consumer sees the same attempt.
+    async fn do_hand_back(&self) -> Result<()> {
+        let session = self.session()?;
+        session.stop_consuming().await;
+        match session.config.topology.kind() {
+            QueueKind::Quorum => self.requeue().await,
+            QueueKind::Classic => self.republish(&session, Duration::ZERO, self.attempt).await,
+        }
+    }
+
+    /// Publishes a copy with `attempt` to the queue (`delay` zero) or to its delay
+    /// queue, and acks the original once the broker confirmed the copy. If the copy
+    /// fails, the original is handed back with `basic.nack(requeue)`.
+    async fn republish(&self, session: &Session, delay: Duration, attempt: u32) -> Result<()> {
+        let mut routing_key = session.config.topology.queue().to_owned();
         let republished = async {
             if !delay.is_zero() {
                 routing_key = session.ensure_delay_queue(delay).await?;
             }
             let properties = mapping::republish_properties(
                 self.amqp.properties(),
-                self.attempt.saturating_add(1),
+                attempt,
                 (!delay.is_zero()).then_some(delay),
             );
             let channel = session.publish_channel().await?;
@@ -988,6 +1042,10 @@ impl Acker for RabbitAcker {
 
     fn nack(&self, delay: Duration) -> SettleFuture<'_> {
         SettleFuture::new(async move { self.do_nack(delay).await.map_err(Into::into) })
+    }
+
+    fn hand_back(&self) -> SettleFuture<'_> {
+        SettleFuture::new(async { self.do_hand_back().await.map_err(Into::into) })
     }
 
     fn extend(&self, _lease: Duration) -> SettleFuture<'_> {

@@ -59,6 +59,13 @@
 //!   | quorum | `basic.nack(requeue)`; the broker counts it | republish to a delay queue |
 //!   | classic | republish to the queue, attempt + 1 | republish to a delay queue, attempt + 1 |
 //!
+//! - **Hand-back** (the Worker gives back a message it never ran, when it stops): the
+//!   session first cancels its consumer, so the message does not come back to it and
+//!   wait there, unsettled, until it closes. A classic queue gets a copy with the
+//!   attempt the message had: the next consumer sees the same attempt. A quorum queue
+//!   takes it back with `basic.nack(requeue)`; its `x-delivery-count` is the broker's
+//!   own, and RabbitMQ 3.x counts that return as a delivery (one more attempt).
+//!
 //!   A republish is a copy of the message (same properties and typed headers, the
 //!   attempt one higher) published with `mandatory` on a confirm channel; the original
 //!   is acked only after the broker confirmed the copy. If the copy fails, the original

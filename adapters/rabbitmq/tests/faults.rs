@@ -399,7 +399,11 @@ async fn acks_reach_the_broker_while_a_resource_alarm_blocks_a_republish() {
     }
     let copied = messages(&topology.delay_queue(Duration::from_millis(500))).await;
     drop(alarm);
-    assert_eq!(copied.unwrap_or(0), 0, "the alarm did not block the republish");
+    assert_eq!(
+        copied.unwrap_or(0),
+        0,
+        "the alarm did not block the republish"
+    );
     assert!(!seen.lock().unwrap().contains("m0"));
     assert_eq!(
         left,
