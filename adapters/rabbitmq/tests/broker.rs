@@ -569,3 +569,46 @@ async fn a_hand_back_at_shutdown_keeps_the_attempt_classic() {
 async fn a_hand_back_at_shutdown_counts_once_on_quorum() {
     hand_back_at_shutdown(QueueKind::Quorum).await;
 }
+
+/// A message published without a message id gets one, unique per publish, so the
+/// idempotency layer's default key works on the default path; one given is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_publisher_sets_a_message_id_when_none_is_given() {
+    let queue = common::unique("message-id");
+    let topology = common::topology(&queue, QueueKind::Classic);
+    common::declare(&topology).await;
+    let p = common::publisher().await;
+    for _ in 0..2 {
+        p.publish(&queue, OutgoingMessage::new("no headers"))
+            .await
+            .expect("publish");
+    }
+    p.publish(
+        &queue,
+        OutgoingMessage::new("given")
+            .with_header(mapping::MESSAGE_ID, "order-7")
+            .expect("header"),
+    )
+    .await
+    .expect("publish");
+    p.close().await;
+
+    let mut c = common::consumer(&topology, "redrive-test-message-id", 8).await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let d = common::next(&mut c, Duration::from_secs(10))
+            .await
+            .expect("delivery");
+        let id = d.message.metadata.message_id.clone().expect("a message id");
+        assert_eq!(d.message.headers.get_str(mapping::MESSAGE_ID), Some(&*id));
+        ids.push(id.to_string());
+        d.ack().await.expect("ack");
+    }
+    assert_eq!(ids[2], "order-7", "a given id is kept");
+    assert_ne!(ids[0], ids[1], "two publishes, two ids");
+    for id in &ids[..2] {
+        assert_eq!(id.len(), 36, "a UUID: {id}");
+    }
+    drop(c);
+    common::cleanup(&[topology]).await;
+}
