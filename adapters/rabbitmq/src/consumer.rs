@@ -32,6 +32,8 @@ use crate::topology::{QueueKind, Topology};
 /// | `connection_name` | `redrive:<queue>` |
 /// | `declare` (the [`Topology`], idempotently) | on |
 /// | `reconnect` | [`Reconnect::default`] (100 ms doubling to 30 s, jittered) |
+/// | `publish_timeout` (a republish, from start to confirm) | 10 s |
+/// | `close_timeout` (closing the connections) | 5 s |
 #[derive(Clone)]
 #[must_use]
 pub struct ConsumerBuilder {
@@ -41,6 +43,8 @@ pub struct ConsumerBuilder {
     name: Option<String>,
     declare: bool,
     reconnect: Reconnect,
+    publish_timeout: Duration,
+    close_timeout: Duration,
 }
 
 impl fmt::Debug for ConsumerBuilder {
@@ -52,6 +56,8 @@ impl fmt::Debug for ConsumerBuilder {
             .field("name", &self.name)
             .field("declare", &self.declare)
             .field("reconnect", &self.reconnect)
+            .field("publish_timeout", &self.publish_timeout)
+            .field("close_timeout", &self.close_timeout)
             .finish()
     }
 }
@@ -87,6 +93,28 @@ impl ConsumerBuilder {
         self
     }
 
+    /// How long a republish (a delayed retry, a classic queue's redelivery or hand-back)
+    /// may take, from declaring its delay queue to the broker's confirm. A broker that
+    /// blocks publishing during a resource alarm would otherwise hold the nack, and a
+    /// Worker's shutdown, until the alarm ends. Past it, the nack fails with
+    /// [`Error::Timeout`] and hands the message back with `basic.nack(requeue)` (on a
+    /// classic queue, that counts as one more attempt); the copy may still reach the
+    /// queue once the broker reads it, so the message can come twice, never not at all.
+    /// Above zero.
+    pub fn publish_timeout(mut self, timeout: Duration) -> Self {
+        self.publish_timeout = timeout;
+        self
+    }
+
+    /// How long closing the consumer's connections may take, at
+    /// [`close`](Consumer::close) and before a reconnect. Past it the connections are
+    /// dropped (the broker closes a blocked one once it reads from it again) and `close`
+    /// fails with [`Error::Timeout`]. Above zero.
+    pub fn close_timeout(mut self, timeout: Duration) -> Self {
+        self.close_timeout = timeout;
+        self
+    }
+
     /// Checks the settings, connects, declares the topology (if asked) and starts consuming.
     ///
     /// # Errors
@@ -100,6 +128,16 @@ impl ConsumerBuilder {
             return Err(Error::Config(
                 "prefetch must be at least 1: with 0 the broker sends without limit".into(),
             ));
+        }
+        for (name, timeout) in [
+            ("publish_timeout", self.publish_timeout),
+            ("close_timeout", self.close_timeout),
+        ] {
+            if timeout.is_zero() {
+                return Err(Error::Config(format!(
+                    "{name} must be above zero: with zero nothing could finish"
+                )));
+            }
         }
         // Once per consumer, not per reconnect.
         if let Some(what) = self.topology.unguarded() {
@@ -120,6 +158,8 @@ impl ConsumerBuilder {
             prefetch: self.prefetch,
             declare: self.declare,
             reconnect: self.reconnect,
+            publish_timeout: self.publish_timeout,
+            close_timeout: self.close_timeout,
             tags: AtomicU64::new(0),
             settlement: Arc::default(),
         });
@@ -140,6 +180,7 @@ impl ConsumerBuilder {
         };
         let (tx, rx) = watch::channel(Some(first));
         let (lost_tx, lost_rx) = mpsc::unbounded_channel();
+        let close_timeout = config.close_timeout;
         let task = tokio::spawn(run(config, shared.clone(), tx, lost_rx, opened));
         Ok(RabbitConsumer {
             current: Some(rx),
@@ -149,6 +190,7 @@ impl ConsumerBuilder {
             queue,
             shared,
             caps,
+            close_timeout,
             task: Some(task),
         })
     }
@@ -170,6 +212,8 @@ struct Config {
     name: String,
     declare: bool,
     reconnect: Reconnect,
+    publish_timeout: Duration,
+    close_timeout: Duration,
     tags: AtomicU64,
     settlement: Arc<Counters>,
 }
@@ -428,13 +472,17 @@ impl Session {
     async fn stop_consuming(&self) {
         let mut consuming = self.consuming.lock().await;
         if let Some(tag) = consuming.take() {
-            let cancel = self
-                .settler
-                .channel()
-                .basic_cancel(&tag, BasicCancelOptions::default())
-                .await;
-            if let Err(e) = cancel {
-                tracing::debug!(error = %e, "cancelling the consumer before a hand-back failed");
+            let channel = self.settler.channel();
+            let cancel = channel.basic_cancel(&tag, BasicCancelOptions::default());
+            match tokio::time::timeout(self.config.close_timeout, cancel).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "cancelling the consumer before a hand-back failed");
+                }
+                Err(_) => tracing::debug!(
+                    timeout = ?self.config.close_timeout,
+                    "cancelling the consumer before a hand-back did not finish in time"
+                ),
             }
         }
     }
@@ -448,6 +496,14 @@ impl Session {
 
     fn is_alive(&self) -> bool {
         self.alive.load(Ordering::Acquire) && self.connection.status().connected()
+    }
+
+    /// Whether RabbitMQ blocked the publishing connection (a resource alarm).
+    fn publishing_blocked(&self) -> bool {
+        self.publish.try_lock().is_ok_and(|slot| {
+            slot.as_ref()
+                .is_some_and(|(connection, _)| connection.status().blocked())
+        })
     }
 
     /// The confirm channel of the publishing connection; the connection is opened when
@@ -502,18 +558,54 @@ impl Session {
             .contains(name)
     }
 
-    async fn shut(&self, why: &str) {
+    /// Closes the session's connections, within the close timeout; past it they are
+    /// dropped, and closed by lapin once the broker reads from them again.
+    async fn shut(&self, why: &str) -> Result<()> {
         self.alive.store(false, Ordering::Release);
-        let publishing = self.publish.lock().await.take();
-        for connection in
-            std::iter::once(&self.connection).chain(publishing.as_ref().map(|(c, _)| c))
-        {
-            if connection.status().connected() {
-                if let Err(e) = connection.close(200, why).await {
-                    tracing::debug!(error = %e, "closing the RabbitMQ connection failed");
+        let timeout = self.config.close_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let publishing = match tokio::time::timeout_at(deadline, self.publish.lock()).await {
+            Ok(mut slot) => slot.take(),
+            Err(_) => None,
+        };
+        let (consuming, publishing) =
+            futures_util::future::join(close_by(&self.connection, why, deadline), async {
+                match &publishing {
+                    Some((connection, _)) => close_by(connection, why, deadline).await,
+                    None => Ok(()),
                 }
-            }
+            })
+            .await;
+        if consuming.is_ok() && publishing.is_ok() {
+            return Ok(());
         }
+        let e = Error::Timeout {
+            what: format!("closing the connections of consumer `{}`", self.config.name),
+            after: timeout,
+            blocked: consuming.err() == Some(true) || publishing.err() == Some(true),
+        };
+        tracing::warn!(error = %e, "RabbitMQ connections dropped unclosed");
+        Err(e)
+    }
+}
+
+/// Closes `connection` unless it is closed already; `Err(blocked)` when the broker has
+/// not answered by `deadline`, with whether it had blocked the connection.
+async fn close_by(
+    connection: &Connection,
+    why: &str,
+    deadline: tokio::time::Instant,
+) -> std::result::Result<(), bool> {
+    if !connection.status().connected() {
+        return Ok(());
+    }
+    match tokio::time::timeout_at(deadline, connection.close(200, why)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "closing the RabbitMQ connection failed");
+            Ok(())
+        }
+        Err(_) => Err(connection.status().blocked()),
     }
 }
 
@@ -539,7 +631,8 @@ pub struct RabbitConsumer {
     queue: Arc<str>,
     shared: Arc<Shared>,
     caps: Capabilities,
-    task: Option<JoinHandle<()>>,
+    close_timeout: Duration,
+    task: Option<JoinHandle<Result<()>>>,
 }
 
 /// A session and its delivery stream.
@@ -610,6 +703,8 @@ impl RabbitConsumer {
             name: None,
             declare: true,
             reconnect: Reconnect::default(),
+            publish_timeout: Duration::from_secs(10),
+            close_timeout: Duration::from_secs(5),
         }
     }
 
@@ -740,15 +835,33 @@ impl Consumer for RabbitConsumer {
         self.caps
     }
 
+    /// Closes the connections, within the builder's `close_timeout`; past it they are
+    /// dropped and this fails with [`Error::Timeout`].
     async fn close(&mut self) -> redrive_core::Result<()> {
-        // Dropping the receiver tells the background task to close the connection.
+        // Dropping the receiver tells the background task to close the connections; it
+        // does so within the close timeout. Twice that is a backstop for a task stuck
+        // elsewhere.
         self.cached = None;
         self.next = None;
         self.current = None;
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
+        let Some(mut task) = self.task.take() else {
+            return Ok(());
+        };
+        let backstop = self.close_timeout * 2;
+        match tokio::time::timeout(backstop, &mut task).await {
+            Ok(Ok(closed)) => closed.map_err(Into::into),
+            // The task panicked or was cancelled: nothing is left to close.
+            Ok(Err(_)) => Ok(()),
+            Err(_) => {
+                task.abort();
+                Err(Error::Timeout {
+                    what: "stopping the consumer's connection task".into(),
+                    after: backstop,
+                    blocked: false,
+                }
+                .into())
+            }
         }
-        Ok(())
     }
 }
 
@@ -760,7 +873,7 @@ async fn run(
     tx: watch::Sender<Option<Current>>,
     mut lost: mpsc::UnboundedReceiver<Loss>,
     mut opened: Opened,
-) {
+) -> Result<()> {
     let queue: Arc<str> = config.topology.queue().into();
     loop {
         let Opened {
@@ -777,8 +890,7 @@ async fn run(
             tokio::select! {
                 biased;
                 () = tx.closed() => {
-                    session.shut("consumer closed").await;
-                    return;
+                    return session.shut("consumer closed").await;
                 }
                 Some(event) = events.next() => match event {
                     lapin::Event::Error(e) => break Loss::lapin(id, &e),
@@ -837,16 +949,20 @@ async fn run(
                 "a frame the client could not parse broke the connection; consuming one message at a time until the message that broke it is gone, so the deliveries of its prefetch window are not returned with it again"
             );
         }
-        session.shut("reconnecting").await;
+        let _ = session.shut("reconnecting").await;
         drop((events, session));
         let mut n = 0u32;
         opened = loop {
             let wait = config.reconnect.delay(n);
             tokio::select! {
-                () = tx.closed() => return,
+                () = tx.closed() => return Ok(()),
                 () = tokio::time::sleep(wait) => {}
             }
-            match Session::open(&config, careful).await {
+            let open = tokio::select! {
+                () = tx.closed() => return Ok(()),
+                open = Session::open(&config, careful) => open,
+            };
+            match open {
                 Ok(s) => break s,
                 Err(e) => {
                     n = n.saturating_add(1);
@@ -986,10 +1102,12 @@ impl RabbitAcker {
 
     /// Publishes a copy with `attempt` to the queue (`delay` zero) or to its delay
     /// queue, and acks the original once the broker confirmed the copy. If the copy
-    /// fails, the original is handed back with `basic.nack(requeue)`.
+    /// fails or takes longer than the publish timeout, the original is handed back with
+    /// `basic.nack(requeue)`.
     async fn republish(&self, session: &Session, delay: Duration, attempt: u32) -> Result<()> {
         let mut routing_key = session.config.topology.queue().to_owned();
-        let republished = async {
+        let timeout = session.config.publish_timeout;
+        let copy = async {
             if !delay.is_zero() {
                 routing_key = session.ensure_delay_queue(delay).await?;
             }
@@ -1000,8 +1118,15 @@ impl RabbitAcker {
             );
             let channel = session.publish_channel().await?;
             publish_confirmed(&channel, "", &routing_key, &self.payload, properties).await
-        }
-        .await;
+        };
+        let republished = match tokio::time::timeout(timeout, copy).await {
+            Ok(republished) => republished,
+            Err(_) => Err(Error::Timeout {
+                what: format!("republishing to `{routing_key}` (until the broker's confirm)"),
+                after: timeout,
+                blocked: session.publishing_blocked(),
+            }),
+        };
         match republished {
             // The copy is confirmed: only now may the original go.
             Ok(()) => match self.do_ack().await {

@@ -93,6 +93,14 @@
 //!   (RabbitMQ applies a `basic.qos` to the consumers started after it); the deliveries
 //!   already sent to the cancelled consumer are settled on that channel as usual.
 //!   [`ConnectionMonitor::prefetch`] shows the prefetch in use.
+//! - **Bounded settlement**: a republish (delayed retry, classic redelivery or
+//!   hand-back) that the broker does not confirm within the builder's
+//!   [`publish_timeout`](ConsumerBuilder::publish_timeout) (10 s) fails with
+//!   [`Error::Timeout`] and hands the message back with `basic.nack(requeue)`; closing
+//!   the connections takes at most its
+//!   [`close_timeout`](ConsumerBuilder::close_timeout) (5 s). A broker that blocks
+//!   publishing during a resource alarm cannot hold a Worker's shutdown. Republishes go
+//!   on a connection of their own, so such an alarm does not stop acks.
 //! - **Leases**: none. RabbitMQ keeps an unacked message as long as its channel is open,
 //!   so `extend` does nothing and succeeds.
 //! - **Connection loss**: detected from the connection's error callback and the end of

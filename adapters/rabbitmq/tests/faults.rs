@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redrive_core::{
-    BoxError, Consumer, Error as CoreError, Message, OutgoingMessage, Publisher,
-    classify::retry_after, handler_fn,
+    BoxError, Consumer, Error as CoreError, Message, OrderingMode, OutgoingMessage, Publisher,
+    Worker, classify::retry_after, handler_fn,
 };
 use redrive_rabbitmq::lapin::BasicProperties;
 use redrive_rabbitmq::{ConnectionMonitor, QueueKind, RabbitConsumer};
@@ -422,4 +422,140 @@ async fn acks_reach_the_broker_while_a_resource_alarm_blocks_a_republish() {
     let report = worker.stop().await;
     assert_eq!(report.acked, n as u64, "{report:?}");
     common::cleanup(&[topology]).await;
+}
+
+/// A shutdown whose hand-backs the broker blocks (a resource alarm) still ends: the
+/// republishes and the close of the connections are bounded. Nothing is lost: every
+/// message is in the queue once the alarm ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_ends_while_a_resource_alarm_blocks_its_hand_backs() {
+    let _serial = SERIAL.lock().await;
+    let queue = common::unique("alarm-shutdown");
+    let topology = common::topology(&queue, QueueKind::Classic);
+    common::declare(&topology).await;
+    let p = common::publisher().await;
+    // One key: the first runs (and never ends), the others wait behind it.
+    for body in ["running", "w1", "w2"] {
+        p.publish(&queue, OutgoingMessage::new(body).with_key("k"))
+            .await
+            .expect("publish");
+    }
+    p.close().await;
+
+    let started = Arc::new(AtomicUsize::new(0));
+    let starts = started.clone();
+    let handler = handler_fn(move |_: Message| {
+        starts.fetch_add(1, Ordering::SeqCst);
+        std::future::pending::<Result<(), BoxError>>()
+    });
+    let consumer = RabbitConsumer::builder(common::url(), topology.clone())
+        .connection_name(common::unique("conn-alarm-shutdown"))
+        .prefetch(8)
+        .publish_timeout(Duration::from_secs(1))
+        .close_timeout(Duration::from_secs(1))
+        .connect()
+        .await
+        .expect("consumer");
+    let worker = Worker::builder(consumer, handler)
+        .ordering(OrderingMode::PerKey)
+        .shutdown_timeout(Duration::from_millis(500))
+        .build()
+        .expect("worker");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut run = tokio::spawn(worker.run_until(async move {
+        let _ = stopped.await;
+    }));
+    wait_until("the first message running", Duration::from_secs(10), || {
+        started.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let alarm = MemoryAlarm::raise().await;
+    let start = std::time::Instant::now();
+    stop.send(()).expect("stop");
+    let report = tokio::time::timeout(Duration::from_secs(10), &mut run).await;
+    let took = start.elapsed();
+    drop(alarm);
+    let report = report
+        .unwrap_or_else(|_| {
+            panic!("the Worker did not stop within 10 s while the broker blocked its hand-backs")
+        })
+        .expect("worker");
+    eprintln!("stopped in {took:?}: {report:?}");
+    assert_eq!(report.handed_back, 2, "{report:?}");
+
+    // The hand-backs fell back to basic.nack: every message is back in the queue (the
+    // blocked copies may land too, once the alarm ends: a duplicate, never a loss).
+    let mut c = common::consumer(&topology, "redrive-test-alarm-shutdown-after", 8).await;
+    let mut bodies = HashSet::new();
+    while let Some(d) = common::next(&mut c, Duration::from_secs(3)).await {
+        bodies.insert(String::from_utf8_lossy(&d.message.payload).into_owned());
+        d.ack().await.expect("ack");
+    }
+    for body in ["running", "w1", "w2"] {
+        assert!(bodies.contains(body), "{body} was lost: {bodies:?}");
+    }
+    drop(c);
+    common::cleanup(&[topology]).await;
+}
+
+/// A republish and a close the broker blocks fail after their timeouts, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_republish_and_close_fail_in_time_saying_why() {
+    let _serial = SERIAL.lock().await;
+    let queue = common::unique("alarm-errors");
+    let topology = common::topology(&queue, QueueKind::Quorum);
+    common::declare(&topology).await;
+    common::publish_numbered(&queue, 1, "m").await;
+    let mut c = RabbitConsumer::builder(common::url(), topology.clone())
+        .connection_name(common::unique("conn-alarm-errors"))
+        .publish_timeout(Duration::from_secs(1))
+        .close_timeout(Duration::from_secs(1))
+        .connect()
+        .await
+        .expect("consumer");
+    let d = common::next(&mut c, Duration::from_secs(10))
+        .await
+        .expect("delivery");
+
+    let alarm = MemoryAlarm::raise().await;
+    let start = std::time::Instant::now();
+    let nacked = d.nack(Duration::from_secs(1)).await;
+    let nack_took = start.elapsed();
+    let start = std::time::Instant::now();
+    let closed = c.close().await;
+    let close_took = start.elapsed();
+    drop(alarm);
+
+    let err = nacked.expect_err("a blocked republish fails").to_string();
+    eprintln!("{err}");
+    assert!(
+        err.contains("did not finish within 1s") && err.contains("resource alarm"),
+        "{err}"
+    );
+    assert!(nack_took < Duration::from_secs(3), "{nack_took:?}");
+    let err = closed.expect_err("a blocked close fails").to_string();
+    assert!(
+        err.contains("closing the connections") && err.contains("resource alarm"),
+        "{err}"
+    );
+    assert!(close_took < Duration::from_secs(3), "{close_took:?}");
+    eprintln!("nack failed in {nack_took:?}, close in {close_took:?}: {err}");
+    drop(c);
+    // The message was handed back with basic.nack; the blocked copy may land as well.
+    wait_until_ready(&queue).await;
+    common::cleanup(&[topology]).await;
+}
+
+/// Waits until `queue` holds a message again (up to 20 s).
+async fn wait_until_ready(queue: &str) {
+    let start = std::time::Instant::now();
+    while common::ready(queue).await.unwrap_or(0) == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{queue} stayed empty: the message was lost"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
