@@ -115,8 +115,10 @@
 //! the queue when their delay ends (their arguments route them there), so an upgrade,
 //! also a rolling one beside consumers of the old version, loses nothing. Once no old
 //! consumer runs and they are empty, delete them:
-//! `rabbitmqctl delete_queue --if-empty orders.delay.1024ms` for each bucket. A classic
-//! queue's delay queues keep their names and arguments.
+//! `rabbitmqctl delete_queue --if-empty orders.delay.1024ms` for each bucket. Consumers
+//! built with [`declare(false)`](crate::ConsumerBuilder::declare) need the new delay
+//! queues to exist first: run [`Topology::declare_delay_queues`] once before they
+//! start. A classic queue's delay queues keep their names and arguments.
 
 use std::time::Duration;
 
