@@ -32,6 +32,8 @@ use crate::topology::{QueueKind, Topology};
 /// | `connection_name` | `redrive:<queue>` |
 /// | `declare` (the [`Topology`], idempotently) | on |
 /// | `reconnect` | [`Reconnect::default`] (100 ms doubling to 30 s, jittered) |
+/// | `publish_timeout` (a republish, from start to confirm) | 10 s |
+/// | `close_timeout` (closing the connections) | 5 s |
 #[derive(Clone)]
 #[must_use]
 pub struct ConsumerBuilder {
@@ -41,6 +43,8 @@ pub struct ConsumerBuilder {
     name: Option<String>,
     declare: bool,
     reconnect: Reconnect,
+    publish_timeout: Duration,
+    close_timeout: Duration,
 }
 
 impl fmt::Debug for ConsumerBuilder {
@@ -52,6 +56,8 @@ impl fmt::Debug for ConsumerBuilder {
             .field("name", &self.name)
             .field("declare", &self.declare)
             .field("reconnect", &self.reconnect)
+            .field("publish_timeout", &self.publish_timeout)
+            .field("close_timeout", &self.close_timeout)
             .finish()
     }
 }
@@ -66,7 +72,9 @@ impl ConsumerBuilder {
     }
 
     /// The connection's name, shown by `rabbitmqctl list_connections name client_properties`
-    /// and the management UI.
+    /// and the management UI. Republishes (delayed retries, a classic queue's
+    /// redeliveries) go on a second connection, `<name>:publish`, opened when first
+    /// needed.
     pub fn connection_name(mut self, name: impl Into<String>) -> Self {
         self.name = Some(name.into());
         self
@@ -85,6 +93,28 @@ impl ConsumerBuilder {
         self
     }
 
+    /// How long a republish (a delayed retry, a classic queue's redelivery or hand-back)
+    /// may take, from declaring its delay queue to the broker's confirm. A broker that
+    /// blocks publishing during a resource alarm would otherwise hold the nack, and a
+    /// Worker's shutdown, until the alarm ends. Past it, the nack fails with
+    /// [`Error::Timeout`] and hands the message back with `basic.nack(requeue)` (on a
+    /// classic queue, that counts as one more attempt); the copy may still reach the
+    /// queue once the broker reads it, so the message can come twice, never not at all.
+    /// Above zero.
+    pub fn publish_timeout(mut self, timeout: Duration) -> Self {
+        self.publish_timeout = timeout;
+        self
+    }
+
+    /// How long closing the consumer's connections may take, at
+    /// [`close`](Consumer::close) and before a reconnect. Past it the connections are
+    /// dropped (the broker closes a blocked one once it reads from it again) and `close`
+    /// fails with [`Error::Timeout`]. Above zero.
+    pub fn close_timeout(mut self, timeout: Duration) -> Self {
+        self.close_timeout = timeout;
+        self
+    }
+
     /// Checks the settings, connects, declares the topology (if asked) and starts consuming.
     ///
     /// # Errors
@@ -98,6 +128,16 @@ impl ConsumerBuilder {
             return Err(Error::Config(
                 "prefetch must be at least 1: with 0 the broker sends without limit".into(),
             ));
+        }
+        for (name, timeout) in [
+            ("publish_timeout", self.publish_timeout),
+            ("close_timeout", self.close_timeout),
+        ] {
+            if timeout.is_zero() {
+                return Err(Error::Config(format!(
+                    "{name} must be above zero: with zero nothing could finish"
+                )));
+            }
         }
         // Once per consumer, not per reconnect.
         if let Some(what) = self.topology.unguarded() {
@@ -118,6 +158,8 @@ impl ConsumerBuilder {
             prefetch: self.prefetch,
             declare: self.declare,
             reconnect: self.reconnect,
+            publish_timeout: self.publish_timeout,
+            close_timeout: self.close_timeout,
             tags: AtomicU64::new(0),
             settlement: Arc::default(),
         });
@@ -138,6 +180,7 @@ impl ConsumerBuilder {
         };
         let (tx, rx) = watch::channel(Some(first));
         let (lost_tx, lost_rx) = mpsc::unbounded_channel();
+        let close_timeout = config.close_timeout;
         let task = tokio::spawn(run(config, shared.clone(), tx, lost_rx, opened));
         Ok(RabbitConsumer {
             current: Some(rx),
@@ -147,6 +190,7 @@ impl ConsumerBuilder {
             queue,
             shared,
             caps,
+            close_timeout,
             task: Some(task),
         })
     }
@@ -168,6 +212,8 @@ struct Config {
     name: String,
     declare: bool,
     reconnect: Reconnect,
+    publish_timeout: Duration,
+    close_timeout: Duration,
     tags: AtomicU64,
     settlement: Arc<Counters>,
 }
@@ -245,13 +291,21 @@ impl fmt::Debug for ConnectionMonitor {
     }
 }
 
-/// One connection with its consuming channel and its confirm channel for republishes.
+/// One connection with its consuming channel, and a connection of its own for
+/// republishes.
 struct Session {
     connection: Connection,
     /// Settles the consuming channel's deliveries.
     settler: Settler,
-    publish: tokio::sync::Mutex<Option<Channel>>,
+    /// The connection republishes (delayed retries, a classic queue's redeliveries) go
+    /// on, with its confirm channel: opened when first needed, closed with the session.
+    /// Not the consuming connection: RabbitMQ blocks a connection that publishes during
+    /// a resource alarm, and acks on it would wait for the alarm to end too.
+    publish: tokio::sync::Mutex<Option<(Connection, Channel)>>,
     declared: Mutex<HashSet<String>>,
+    /// The tag of the consumer consuming on the channel; `None` once the session stopped
+    /// consuming (see [`stop_consuming`](Session::stop_consuming)).
+    consuming: tokio::sync::Mutex<Option<String>>,
     alive: AtomicBool,
     /// Set when the session consumes one message at a time.
     careful: Option<Careful>,
@@ -338,7 +392,6 @@ impl Session {
         // breaks the connection (a frame lapin cannot parse) may come right after
         // `basic.consume-ok`, and must find the session open, so it is lost and
         // reconnected like any other, not a failed open.
-        let publish = confirm_channel(&connection).await?;
         let channel = connection.create_channel().await?;
         let prefetch = if careful { 1 } else { config.prefetch };
         channel
@@ -357,8 +410,9 @@ impl Session {
             session: Arc::new(Session {
                 connection,
                 settler: Settler::new(channel, prefetch, config.settlement.clone()),
-                publish: tokio::sync::Mutex::new(Some(publish)),
+                publish: tokio::sync::Mutex::new(None),
                 declared: Mutex::new(HashSet::new()),
+                consuming: tokio::sync::Mutex::new(Some(tag.clone())),
                 alive: AtomicBool::new(true),
                 careful: careful.then(|| Careful {
                     tag,
@@ -378,9 +432,14 @@ impl Session {
     /// channel with the configured prefetch, which RabbitMQ applies to consumers started
     /// after the `basic.qos` (`global` off). The channel stays open, so the deliveries
     /// the careful consumer received before its `basic.cancel-ok` are still settled on
-    /// it; `receive` reads them before the new consumer's.
-    async fn leave_careful_mode(&self, careful: &Careful) -> Result<lapin::Consumer> {
+    /// it; `receive` reads them before the new consumer's. `None` when the session
+    /// stopped consuming.
+    async fn leave_careful_mode(&self, careful: &Careful) -> Result<Option<lapin::Consumer>> {
         careful.over.store(true, Ordering::Release);
+        let mut consuming = self.consuming.lock().await;
+        if consuming.is_none() {
+            return Ok(None);
+        }
         let channel = self.settler.channel();
         channel
             .basic_cancel(&careful.tag, BasicCancelOptions::default())
@@ -390,15 +449,42 @@ impl Session {
             .await?;
         // Delivery tags go on counting on this channel, now in a wider window.
         self.settler.widen(self.config.prefetch);
+        let tag = self.config.consumer_tag();
         let stream = channel
             .basic_consume(
                 self.config.topology.queue(),
-                &self.config.consumer_tag(),
+                &tag,
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
             .await?;
-        Ok(stream)
+        *consuming = Some(tag);
+        Ok(Some(stream))
+    }
+
+    /// Cancels the session's consumer, once: the broker sends it nothing more, and the
+    /// deliveries it sent can still be settled. The Worker hands a RabbitMQ delivery
+    /// back only when it stops (a delivery stays this consumer's while its channel is
+    /// open), so what it hands back must not come back to this consumer, which would
+    /// hold it unsettled until it closes and count one more delivery. If `receive` is
+    /// called again, the ended stream is taken as a lost session and the consumer
+    /// reconnects.
+    async fn stop_consuming(&self) {
+        let mut consuming = self.consuming.lock().await;
+        if let Some(tag) = consuming.take() {
+            let channel = self.settler.channel();
+            let cancel = channel.basic_cancel(&tag, BasicCancelOptions::default());
+            match tokio::time::timeout(self.config.close_timeout, cancel).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "cancelling the consumer before a hand-back failed");
+                }
+                Err(_) => tracing::debug!(
+                    timeout = ?self.config.close_timeout,
+                    "cancelling the consumer before a hand-back did not finish in time"
+                ),
+            }
+        }
     }
 
     /// Whether `stream` is the careful consumer this session cancelled: its end is no loss.
@@ -412,30 +498,57 @@ impl Session {
         self.alive.load(Ordering::Acquire) && self.connection.status().connected()
     }
 
-    /// A confirm channel, opened again if the last one closed (a failed declare closes it).
-    async fn publish_channel(&self) -> Result<Channel> {
-        let mut slot = self.publish.lock().await;
-        if let Some(ch) = slot.as_ref().filter(|c| c.status().connected()) {
-            return Ok(ch.clone());
-        }
-        let ch = confirm_channel(&self.connection).await?;
-        *slot = Some(ch.clone());
-        Ok(ch)
+    /// Whether RabbitMQ blocked the publishing connection (a resource alarm).
+    fn publishing_blocked(&self) -> bool {
+        self.publish.try_lock().is_ok_and(|slot| {
+            slot.as_ref()
+                .is_some_and(|(connection, _)| connection.status().blocked())
+        })
     }
 
-    async fn ensure_delay_queue(&self, name: &str) -> Result<()> {
-        if !self.config.declare || self.declared_contains(name) {
-            return Ok(());
+    /// The confirm channel of the publishing connection; the connection is opened when
+    /// first needed or when it was lost, the channel when it closed.
+    async fn publish_channel(&self) -> Result<Channel> {
+        let mut slot = self.publish.lock().await;
+        if let Some((connection, channel)) = slot.as_ref() {
+            if channel.status().connected() {
+                return Ok(channel.clone());
+            }
+            if connection.status().connected() {
+                let channel = confirm_channel(connection).await?;
+                if let Some((_, old)) = slot.as_mut() {
+                    *old = channel.clone();
+                }
+                return Ok(channel);
+            }
         }
-        self.config
-            .topology
-            .declare_delay_queue(&self.connection, name)
+        // `shut` marks the session dead before it takes the lock: a session being shut
+        // opens no connection it would leave open.
+        if !self.is_alive() {
+            return Err(Error::ChannelClosed);
+        }
+        let name = format!("{}:publish", self.config.name);
+        let connection = connect(&self.config.url, &name).await?;
+        let channel = confirm_channel(&connection).await?;
+        *slot = Some((connection, channel.clone()));
+        Ok(channel)
+    }
+
+    /// The delay queue for `delay`, declared first unless this session declared it.
+    async fn ensure_delay_queue(&self, delay: Duration) -> Result<String> {
+        let topology = &self.config.topology;
+        let name = topology.delay_queue(delay);
+        if !self.config.declare || self.declared_contains(&name) {
+            return Ok(name);
+        }
+        topology
+            .declare_delay_queue(&self.connection, delay)
             .await?;
         self.declared
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(name.to_owned());
-        Ok(())
+            .insert(name.clone());
+        Ok(name)
     }
 
     fn declared_contains(&self, name: &str) -> bool {
@@ -445,13 +558,54 @@ impl Session {
             .contains(name)
     }
 
-    async fn shut(&self, why: &str) {
+    /// Closes the session's connections, within the close timeout; past it they are
+    /// dropped, and closed by lapin once the broker reads from them again.
+    async fn shut(&self, why: &str) -> Result<()> {
         self.alive.store(false, Ordering::Release);
-        if self.connection.status().connected() {
-            if let Err(e) = self.connection.close(200, why).await {
-                tracing::debug!(error = %e, "closing the RabbitMQ connection failed");
-            }
+        let timeout = self.config.close_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let publishing = match tokio::time::timeout_at(deadline, self.publish.lock()).await {
+            Ok(mut slot) => slot.take(),
+            Err(_) => None,
+        };
+        let (consuming, publishing) =
+            futures_util::future::join(close_by(&self.connection, why, deadline), async {
+                match &publishing {
+                    Some((connection, _)) => close_by(connection, why, deadline).await,
+                    None => Ok(()),
+                }
+            })
+            .await;
+        if consuming.is_ok() && publishing.is_ok() {
+            return Ok(());
         }
+        let e = Error::Timeout {
+            what: format!("closing the connections of consumer `{}`", self.config.name),
+            after: timeout,
+            blocked: consuming.err() == Some(true) || publishing.err() == Some(true),
+        };
+        tracing::warn!(error = %e, "RabbitMQ connections dropped unclosed");
+        Err(e)
+    }
+}
+
+/// Closes `connection` unless it is closed already; `Err(blocked)` when the broker has
+/// not answered by `deadline`, with whether it had blocked the connection.
+async fn close_by(
+    connection: &Connection,
+    why: &str,
+    deadline: tokio::time::Instant,
+) -> std::result::Result<(), bool> {
+    if !connection.status().connected() {
+        return Ok(());
+    }
+    match tokio::time::timeout_at(deadline, connection.close(200, why)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "closing the RabbitMQ connection failed");
+            Ok(())
+        }
+        Err(_) => Err(connection.status().blocked()),
     }
 }
 
@@ -477,7 +631,8 @@ pub struct RabbitConsumer {
     queue: Arc<str>,
     shared: Arc<Shared>,
     caps: Capabilities,
-    task: Option<JoinHandle<()>>,
+    close_timeout: Duration,
+    task: Option<JoinHandle<Result<()>>>,
 }
 
 /// A session and its delivery stream.
@@ -548,6 +703,8 @@ impl RabbitConsumer {
             name: None,
             declare: true,
             reconnect: Reconnect::default(),
+            publish_timeout: Duration::from_secs(10),
+            close_timeout: Duration::from_secs(5),
         }
     }
 
@@ -678,15 +835,33 @@ impl Consumer for RabbitConsumer {
         self.caps
     }
 
+    /// Closes the connections, within the builder's `close_timeout`; past it they are
+    /// dropped and this fails with [`Error::Timeout`].
     async fn close(&mut self) -> redrive_core::Result<()> {
-        // Dropping the receiver tells the background task to close the connection.
+        // Dropping the receiver tells the background task to close the connections; it
+        // does so within the close timeout. Twice that is a backstop for a task stuck
+        // elsewhere.
         self.cached = None;
         self.next = None;
         self.current = None;
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
+        let Some(mut task) = self.task.take() else {
+            return Ok(());
+        };
+        let backstop = self.close_timeout * 2;
+        match tokio::time::timeout(backstop, &mut task).await {
+            Ok(Ok(closed)) => closed.map_err(Into::into),
+            // The task panicked or was cancelled: nothing is left to close.
+            Ok(Err(_)) => Ok(()),
+            Err(_) => {
+                task.abort();
+                Err(Error::Timeout {
+                    what: "stopping the consumer's connection task".into(),
+                    after: backstop,
+                    blocked: false,
+                }
+                .into())
+            }
         }
-        Ok(())
     }
 }
 
@@ -698,7 +873,7 @@ async fn run(
     tx: watch::Sender<Option<Current>>,
     mut lost: mpsc::UnboundedReceiver<Loss>,
     mut opened: Opened,
-) {
+) -> Result<()> {
     let queue: Arc<str> = config.topology.queue().into();
     loop {
         let Opened {
@@ -715,8 +890,7 @@ async fn run(
             tokio::select! {
                 biased;
                 () = tx.closed() => {
-                    session.shut("consumer closed").await;
-                    return;
+                    return session.shut("consumer closed").await;
                 }
                 Some(event) = events.next() => match event {
                     lapin::Event::Error(e) => break Loss::lapin(id, &e),
@@ -737,7 +911,8 @@ async fn run(
                 () = careful_reached(&session) => {
                     let Some(careful) = session.careful.as_ref() else { continue };
                     match session.leave_careful_mode(careful).await {
-                        Ok(stream) => {
+                        Ok(None) => {}
+                        Ok(Some(stream)) => {
                             shared.prefetch.store(config.prefetch, Ordering::Relaxed);
                             tracing::info!(
                                 queue = %queue,
@@ -774,16 +949,20 @@ async fn run(
                 "a frame the client could not parse broke the connection; consuming one message at a time until the message that broke it is gone, so the deliveries of its prefetch window are not returned with it again"
             );
         }
-        session.shut("reconnecting").await;
+        let _ = session.shut("reconnecting").await;
         drop((events, session));
         let mut n = 0u32;
         opened = loop {
             let wait = config.reconnect.delay(n);
             tokio::select! {
-                () = tx.closed() => return,
+                () = tx.closed() => return Ok(()),
                 () = tokio::time::sleep(wait) => {}
             }
-            match Session::open(&config, careful).await {
+            let open = tokio::select! {
+                () = tx.closed() => return Ok(()),
+                open = Session::open(&config, careful) => open,
+            };
+            match open {
                 Ok(s) => break s,
                 Err(e) => {
                     n = n.saturating_add(1);
@@ -904,24 +1083,50 @@ impl RabbitAcker {
         } else {
             delay
         };
-        let routing_key = if delay.is_zero() {
-            topology.queue().to_owned()
-        } else {
-            topology.delay_queue(delay)
-        };
-        let republished = async {
+        self.republish(&session, delay, self.attempt.saturating_add(1))
+            .await
+    }
+
+    /// Gives the message back untried: the session stops consuming first (see
+    /// [`Session::stop_consuming`]). A quorum queue takes it back with
+    /// `basic.nack(requeue)`, and counts that as a delivery; a classic queue gets a copy
+    /// with the attempt the message had, so the next consumer sees the same attempt.
+    async fn do_hand_back(&self) -> Result<()> {
+        let session = self.session()?;
+        session.stop_consuming().await;
+        match session.config.topology.kind() {
+            QueueKind::Quorum => self.requeue().await,
+            QueueKind::Classic => self.republish(&session, Duration::ZERO, self.attempt).await,
+        }
+    }
+
+    /// Publishes a copy with `attempt` to the queue (`delay` zero) or to its delay
+    /// queue, and acks the original once the broker confirmed the copy. If the copy
+    /// fails or takes longer than the publish timeout, the original is handed back with
+    /// `basic.nack(requeue)`.
+    async fn republish(&self, session: &Session, delay: Duration, attempt: u32) -> Result<()> {
+        let mut routing_key = session.config.topology.queue().to_owned();
+        let timeout = session.config.publish_timeout;
+        let copy = async {
             if !delay.is_zero() {
-                session.ensure_delay_queue(&routing_key).await?;
+                routing_key = session.ensure_delay_queue(delay).await?;
             }
             let properties = mapping::republish_properties(
                 self.amqp.properties(),
-                self.attempt.saturating_add(1),
+                attempt,
                 (!delay.is_zero()).then_some(delay),
             );
             let channel = session.publish_channel().await?;
             publish_confirmed(&channel, "", &routing_key, &self.payload, properties).await
-        }
-        .await;
+        };
+        let republished = match tokio::time::timeout(timeout, copy).await {
+            Ok(republished) => republished,
+            Err(_) => Err(Error::Timeout {
+                what: format!("republishing to `{routing_key}` (until the broker's confirm)"),
+                after: timeout,
+                blocked: session.publishing_blocked(),
+            }),
+        };
         match republished {
             // The copy is confirmed: only now may the original go.
             Ok(()) => match self.do_ack().await {
@@ -962,6 +1167,10 @@ impl Acker for RabbitAcker {
 
     fn nack(&self, delay: Duration) -> SettleFuture<'_> {
         SettleFuture::new(async move { self.do_nack(delay).await.map_err(Into::into) })
+    }
+
+    fn hand_back(&self) -> SettleFuture<'_> {
+        SettleFuture::new(async { self.do_hand_back().await.map_err(Into::into) })
     }
 
     fn extend(&self, _lease: Duration) -> SettleFuture<'_> {

@@ -67,6 +67,20 @@ pub enum Error {
         /// The largest delay the topology supports.
         max: Duration,
     },
+    /// The broker did not answer in time: a republish it did not confirm within the
+    /// consumer's [`publish_timeout`](crate::ConsumerBuilder::publish_timeout), or
+    /// connections it did not close within its
+    /// [`close_timeout`](crate::ConsumerBuilder::close_timeout).
+    #[error("{what} did not finish within {after:?}{}", timeout_hint(*blocked))]
+    Timeout {
+        /// What did not finish.
+        what: String,
+        /// The time it had.
+        after: Duration,
+        /// Whether RabbitMQ had blocked the connection (`connection.blocked`: a
+        /// resource alarm).
+        blocked: bool,
+    },
     /// Any other error of the AMQP client.
     #[error("AMQP error: {0}")]
     Amqp(#[from] lapin::Error),
@@ -105,6 +119,18 @@ fn migration_hint(argument: &str) -> &'static str {
          existing quorum queue\")"
     } else {
         ""
+    }
+}
+
+/// Why an operation may have timed out.
+fn timeout_hint(blocked: bool) -> &'static str {
+    if blocked {
+        "; RabbitMQ blocked the connection because a resource alarm (memory or disk) is on \
+         (`rabbitmqctl status` lists it under Alarms), and reads nothing more from it until the \
+         alarm ends"
+    } else {
+        "; the broker is slow or unreachable (if it is only slow, raise the timeout on the \
+         ConsumerBuilder)"
     }
 }
 

@@ -59,6 +59,13 @@
 //!   | quorum | `basic.nack(requeue)`; the broker counts it | republish to a delay queue |
 //!   | classic | republish to the queue, attempt + 1 | republish to a delay queue, attempt + 1 |
 //!
+//! - **Hand-back** (the Worker gives back a message it never ran, when it stops): the
+//!   session first cancels its consumer, so the message does not come back to it and
+//!   wait there, unsettled, until it closes. A classic queue gets a copy with the
+//!   attempt the message had: the next consumer sees the same attempt. A quorum queue
+//!   takes it back with `basic.nack(requeue)`; its `x-delivery-count` is the broker's
+//!   own, and RabbitMQ 3.x counts that return as a delivery (one more attempt).
+//!
 //!   A republish is a copy of the message (same properties and typed headers, the
 //!   attempt one higher) published with `mandatory` on a confirm channel; the original
 //!   is acked only after the broker confirmed the copy. If the copy fails, the original
@@ -66,6 +73,10 @@
 //!   republished message goes to the back of the queue. Delays go through
 //!   per-message-TTL delay queues that dead-letter back into the queue ([`topology`]
 //!   explains the buckets); the largest delay is declared in the consumer's capabilities.
+//!   A delayed copy is persistent whatever the original's `delivery_mode`, and behind a
+//!   quorum queue its delay queue is a quorum queue that dead-letters it back at least
+//!   once, so a broker restart or a queue without a leader during the delay loses
+//!   nothing ([`topology`](topology#delay-queues)).
 //! - **Messages no consumer can settle** (one that kills the process or breaks the
 //!   connection on every delivery): a quorum queue with a dead-letter queue is declared
 //!   with a delivery limit and a dead-letter exchange, so the broker dead-letters it
@@ -82,6 +93,14 @@
 //!   (RabbitMQ applies a `basic.qos` to the consumers started after it); the deliveries
 //!   already sent to the cancelled consumer are settled on that channel as usual.
 //!   [`ConnectionMonitor::prefetch`] shows the prefetch in use.
+//! - **Bounded settlement**: a republish (delayed retry, classic redelivery or
+//!   hand-back) that the broker does not confirm within the builder's
+//!   [`publish_timeout`](ConsumerBuilder::publish_timeout) (10 s) fails with
+//!   [`Error::Timeout`] and hands the message back with `basic.nack(requeue)`; closing
+//!   the connections takes at most its
+//!   [`close_timeout`](ConsumerBuilder::close_timeout) (5 s). A broker that blocks
+//!   publishing during a resource alarm cannot hold a Worker's shutdown. Republishes go
+//!   on a connection of their own, so such an alarm does not stop acks.
 //! - **Leases**: none. RabbitMQ keeps an unacked message as long as its channel is open,
 //!   so `extend` does nothing and succeeds.
 //! - **Connection loss**: detected from the connection's error callback and the end of

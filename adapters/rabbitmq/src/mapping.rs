@@ -44,8 +44,10 @@
 //! header); the key goes in the [`KEY`] header; a `Str` value is sent as a long string and a
 //! `Bytes` value as a byte array, so both come back as they were. AMQP tables hold one value
 //! per name: of a repeated header, the first value is sent. Unless the headers say
-//! otherwise, messages are persistent (`delivery_mode` 2) and stamped with the time of
-//! publishing.
+//! otherwise, messages are persistent (`delivery_mode` 2), stamped with the time of
+//! publishing, and given a `message_id` of their own (a random UUID, version 4), so
+//! the idempotency layer's default key, which reads it, works without a producer
+//! setting one.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -419,18 +421,38 @@ pub(crate) fn publish_properties(msg: &OutgoingMessage) -> BasicProperties {
     if let Some(key) = &msg.key {
         table.insert(KEY.into(), AMQPValue::LongString(key.as_ref().into()));
     }
+    if props.message_id().is_none() && !msg.headers.contains(MESSAGE_ID) {
+        props = props.with_message_id(ShortString::from(new_message_id()));
+    }
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     props
         .with_headers(table)
-        .with_delivery_mode(delivery_mode.unwrap_or(2))
+        .with_delivery_mode(delivery_mode.unwrap_or(PERSISTENT))
         .with_timestamp(timestamp.unwrap_or(now))
+}
+
+/// A random UUID (version 4, RFC 9562), as 36 characters.
+fn new_message_id() -> String {
+    let bits = fastrand::u128(..);
+    // The version (4) and the variant (0b10) in their places.
+    let n = (bits & !(0xf << 76) & !(0b11 << 62)) | (0x4 << 76) | (0b10 << 62);
+    let hex = format!("{n:032x}");
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
 }
 
 /// The properties of the adapter's own republish of a delivery: the original ones, with
 /// `attempt` in the [`ATTEMPT`] header, the broker's count removed and, for a delay,
-/// `expiration` set to it.
+/// `expiration` set to it and `delivery_mode` 2 (persistent): the copy waits in a delay
+/// queue, and must survive a broker restart there whatever the original's mode was.
 pub(crate) fn republish_properties(
     original: &BasicProperties,
     attempt: u32,
@@ -445,11 +467,16 @@ pub(crate) fn republish_properties(
     match delay {
         Some(d) => {
             let ms = d.as_millis().max(1);
-            props.with_expiration(ShortString::from(ms.to_string()))
+            props
+                .with_expiration(ShortString::from(ms.to_string()))
+                .with_delivery_mode(PERSISTENT)
         }
         None => props,
     }
 }
+
+/// The `delivery_mode` of a persistent message.
+const PERSISTENT: u8 = 2;
 
 /// Builds the [`Message`] of a delivery.
 pub(crate) fn message(
@@ -688,6 +715,36 @@ mod tests {
     }
 
     #[test]
+    fn a_message_without_an_id_gets_a_random_uuid() {
+        let a = publish_properties(&OutgoingMessage::new("x"));
+        let b = publish_properties(&OutgoingMessage::new("x"));
+        let (a, b) = (
+            a.message_id().clone().unwrap(),
+            b.message_id().clone().unwrap(),
+        );
+        assert_ne!(a, b);
+        let id = a.as_str();
+        assert_eq!(id.len(), 36, "{id}");
+        assert_eq!(&id[14..15], "4", "version 4: {id}");
+        assert!(
+            matches!(&id[19..20], "8" | "9" | "a" | "b"),
+            "variant: {id}"
+        );
+        assert_eq!(id.matches('-').count(), 4, "{id}");
+
+        let given = OutgoingMessage::new("x")
+            .with_header(MESSAGE_ID, "m-1")
+            .unwrap();
+        let props = publish_properties(&given);
+        assert_eq!(props.message_id().as_ref().unwrap().as_str(), "m-1");
+        // A message id the property cannot carry stays a header, and none is made up.
+        let bytes = OutgoingMessage::new("x")
+            .with_header(MESSAGE_ID, HeaderValue::Bytes(Bytes::from_static(b"\xff")))
+            .unwrap();
+        assert!(publish_properties(&bytes).message_id().is_none());
+    }
+
+    #[test]
     fn republish_sets_attempt_and_expiration_and_keeps_the_rest() {
         let original = BasicProperties::default()
             .with_priority(3)
@@ -697,6 +754,11 @@ mod tests {
             ]));
         let p = republish_properties(&original, 4, Some(Duration::from_millis(1500)));
         assert_eq!(p.expiration().as_ref().unwrap().as_str(), "1500");
+        assert_eq!(
+            p.delivery_mode(),
+            &Some(PERSISTENT),
+            "a delay copy is persistent"
+        );
         assert_eq!(p.priority(), &Some(3));
         let h = p.headers().as_ref().unwrap().inner();
         assert_eq!(h.get("x-f"), Some(&AMQPValue::Float(2.5)));

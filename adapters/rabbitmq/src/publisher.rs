@@ -23,7 +23,11 @@ use crate::mapping;
 ///
 /// Through the [`Publisher`] trait, `destination` is a queue name, reached through the
 /// default exchange; [`publish_to`](Self::publish_to) takes any exchange and routing key.
-/// Headers map onto AMQP properties as the [`mapping`](crate::mapping) module says.
+/// Headers map onto AMQP properties as the [`mapping`](crate::mapping) module says. A
+/// message without a `message-id` header is given a `message_id` of its own (a random
+/// UUID), so a consumer's idempotency layer can tell its deliveries apart from other
+/// messages with the same body, and recognise a redelivery of it;
+/// [`publish_raw`](Self::publish_raw) sends the properties as given.
 #[derive(Clone)]
 pub struct RabbitPublisher {
     inner: Arc<Inner>,

@@ -79,7 +79,46 @@
 //! sorted into buckets by powers of two of milliseconds (`orders.delay.1024ms` takes
 //! delays in (512 ms, 1024 ms]): within a bucket a message can wait at most twice its
 //! delay, and never less than its delay. Buckets are declared by the consumer when
-//! first used (or all at once by [`Topology::declare_delay_queues`]), durable, classic.
+//! first used (or all at once by [`Topology::declare_delay_queues`]), durable.
+//!
+//! A copy is as safe on its way back as the message was in the queue:
+//! - it is published **persistent** (`delivery_mode` 2), whatever the original had, so
+//!   a broker restart during the delay does not lose it (a quorum queue keeps even a
+//!   transient message; a classic delay queue would not);
+//! - a **quorum** queue's delay queues are quorum queues too, named
+//!   `<queue>.delay-quorum.<bucket>ms`, that dead-letter **at least once**: the broker
+//!   removes an expired copy only once the queue confirmed it, and keeps retrying while
+//!   the queue cannot take it (no leader during a node restart, a length limit). They
+//!   are declared with
+//!
+//!   | argument | value |
+//!   |---|---|
+//!   | `x-queue-type` | `quorum` |
+//!   | `x-message-ttl` | the bucket's upper bound, so no copy waits longer than its bucket |
+//!   | `x-dead-letter-exchange` | `""` (the default exchange) |
+//!   | `x-dead-letter-routing-key` | the queue |
+//!   | `x-dead-letter-strategy` | `at-least-once` |
+//!   | `x-overflow` | `reject-publish`, which `at-least-once` needs |
+//!
+//!   which work on RabbitMQ 3.10 and later. Each is a Raft group of its own: only the
+//!   buckets a consumer uses are declared.
+//! - a **classic** queue's delay queues are classic, named `<queue>.delay.<bucket>ms`,
+//!   with `x-dead-letter-exchange` and `x-dead-letter-routing-key` only. RabbitMQ
+//!   dead-letters from a classic queue at most once, which is no weaker than the
+//!   classic queue the copy returns to.
+//!
+//! ## Upgrading from classic delay queues behind a quorum queue
+//! Before copies were persistent, a quorum queue's delay queues were classic and named
+//! `<queue>.delay.<bucket>ms`. A queue's arguments cannot change, so the quorum delay
+//! queues have new names and the old ones are left alone: consumers of this version
+//! never publish to them, and the copies already in them still dead-letter back into
+//! the queue when their delay ends (their arguments route them there), so an upgrade,
+//! also a rolling one beside consumers of the old version, loses nothing. Once no old
+//! consumer runs and they are empty, delete them:
+//! `rabbitmqctl delete_queue --if-empty orders.delay.1024ms` for each bucket. Consumers
+//! built with [`declare(false)`](crate::ConsumerBuilder::declare) need the new delay
+//! queues to exist first: run [`Topology::declare_delay_queues`] once before they
+//! start. A classic queue's delay queues keep their names and arguments.
 
 use std::time::Duration;
 
@@ -105,6 +144,7 @@ const X_DEAD_LETTER_EXCHANGE: &str = "x-dead-letter-exchange";
 const X_DEAD_LETTER_ROUTING_KEY: &str = "x-dead-letter-routing-key";
 const X_DEAD_LETTER_STRATEGY: &str = "x-dead-letter-strategy";
 const X_OVERFLOW: &str = "x-overflow";
+const X_MESSAGE_TTL: &str = "x-message-ttl";
 
 /// The arguments a queue declared before the topology had a delivery limit lacks.
 pub(crate) const GUARD_ARGUMENTS: [&str; 5] = [
@@ -309,19 +349,54 @@ impl Topology {
         Ok(())
     }
 
-    /// The delay queue that holds a message delayed by `delay`.
+    /// The delay queue that holds a message delayed by `delay`: `<queue>.delay.<bucket>ms`
+    /// for a classic queue, `<queue>.delay-quorum.<bucket>ms` for a quorum queue (see
+    /// the [module docs](self#delay-queues)).
     pub fn delay_queue(&self, delay: Duration) -> String {
-        format!("{}.delay.{}ms", self.queue, 1u64 << bucket_exp(delay))
+        self.bucket_queue(bucket_exp(delay))
     }
 
     /// Every delay queue up to the largest delay.
     pub fn delay_queues(&self) -> Vec<String> {
-        if self.max_delay.is_zero() {
-            return Vec::new();
-        }
-        (MIN_BUCKET_EXP..=bucket_exp(self.max_delay))
-            .map(|e| format!("{}.delay.{}ms", self.queue, 1u64 << e))
+        self.bucket_exps()
+            .map(|exp| self.bucket_queue(exp))
             .collect()
+    }
+
+    /// The bucket exponents up to the largest delay.
+    fn bucket_exps(&self) -> std::ops::Range<u32> {
+        if self.max_delay.is_zero() {
+            return 0..0;
+        }
+        MIN_BUCKET_EXP..bucket_exp(self.max_delay) + 1
+    }
+
+    /// The delay queue of the bucket of 2^`exp` ms.
+    fn bucket_queue(&self, exp: u32) -> String {
+        let infix = match self.kind {
+            QueueKind::Classic => "delay",
+            QueueKind::Quorum => "delay-quorum",
+        };
+        format!("{}.{infix}.{}ms", self.queue, 1u64 << exp)
+    }
+
+    /// The declare arguments of the delay queue of the bucket of 2^`exp` ms (see the
+    /// [module docs](self#delay-queues)).
+    fn delay_queue_arguments(&self, exp: u32) -> FieldTable {
+        let text = |s: &str| AMQPValue::LongString(LongString::from(s));
+        let mut args = self.kind_arguments();
+        args.insert(X_DEAD_LETTER_EXCHANGE.into(), text(""));
+        args.insert(X_DEAD_LETTER_ROUTING_KEY.into(), text(&self.queue));
+        if self.kind == QueueKind::Quorum {
+            let ttl = (1u64 << exp).min(u64::from(u32::MAX));
+            args.insert(
+                X_MESSAGE_TTL.into(),
+                AMQPValue::LongLongInt(i64::try_from(ttl).unwrap_or(i64::MAX)),
+            );
+            args.insert(X_DEAD_LETTER_STRATEGY.into(), text("at-least-once"));
+            args.insert(X_OVERFLOW.into(), text("reject-publish"));
+        }
+        args
     }
 
     /// The dead-letter queue's declare arguments: its kind only.
@@ -392,28 +467,27 @@ impl Topology {
     /// As [`declare`](Self::declare).
     pub async fn declare_delay_queues(&self, connection: &lapin::Connection) -> Result<()> {
         self.validate()?;
-        for q in self.delay_queues() {
-            self.declare_delay_queue(connection, &q).await?;
+        for exp in self.bucket_exps() {
+            declare_queue(
+                connection,
+                &self.bucket_queue(exp),
+                self.delay_queue_arguments(exp),
+            )
+            .await?;
         }
         Ok(())
     }
 
-    /// Declares one delay queue of this topology.
+    /// Declares the delay queue that holds a message delayed by `delay`; returns its name.
     pub(crate) async fn declare_delay_queue(
         &self,
         connection: &lapin::Connection,
-        name: &str,
-    ) -> Result<()> {
-        let mut args = FieldTable::default();
-        args.insert(
-            X_DEAD_LETTER_EXCHANGE.into(),
-            AMQPValue::LongString(LongString::from("")),
-        );
-        args.insert(
-            X_DEAD_LETTER_ROUTING_KEY.into(),
-            AMQPValue::LongString(LongString::from(self.queue.as_str())),
-        );
-        declare_queue(connection, name, args).await
+        delay: Duration,
+    ) -> Result<String> {
+        let exp = bucket_exp(delay);
+        let name = self.bucket_queue(exp);
+        declare_queue(connection, &name, self.delay_queue_arguments(exp)).await?;
+        Ok(name)
     }
 }
 
@@ -469,6 +543,40 @@ mod tests {
                 .len(),
             26
         );
+    }
+
+    #[test]
+    fn a_quorum_queue_has_quorum_delay_queues_that_dead_letter_at_least_once() {
+        let t = Topology::new("q").with_kind(QueueKind::Quorum);
+        assert_eq!(
+            t.delay_queue(Duration::from_millis(1000)),
+            "q.delay-quorum.1024ms",
+            "not the name of a classic delay queue an older version declared"
+        );
+        let args = t.delay_queue_arguments(10);
+        let arg = |name: &str| args.inner().get(name).cloned();
+        let text = |s: &str| Some(AMQPValue::LongString(s.into()));
+        assert_eq!(arg(X_QUEUE_TYPE), text("quorum"));
+        assert_eq!(arg(X_MESSAGE_TTL), Some(AMQPValue::LongLongInt(1024)));
+        assert_eq!(arg(X_DEAD_LETTER_EXCHANGE), text(""));
+        assert_eq!(arg(X_DEAD_LETTER_ROUTING_KEY), text("q"));
+        assert_eq!(arg(X_DEAD_LETTER_STRATEGY), text("at-least-once"));
+        assert_eq!(arg(X_OVERFLOW), text("reject-publish"));
+        // The largest bucket's TTL stays within what RabbitMQ takes.
+        let top = t.with_max_delay(MAX_DELAY);
+        let last = top.bucket_exps().last().unwrap();
+        assert_eq!(
+            top.delay_queue_arguments(last).inner().get(X_MESSAGE_TTL),
+            Some(&AMQPValue::LongLongInt(i64::from(u32::MAX)))
+        );
+
+        // A classic queue's delay queues keep their names and arguments.
+        let classic = Topology::new("q");
+        assert_eq!(
+            classic.delay_queue(Duration::from_millis(1000)),
+            "q.delay.1024ms"
+        );
+        assert_eq!(classic.delay_queue_arguments(10).inner().len(), 2);
     }
 
     #[test]

@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use redrive_core::{
-    BoxError, Error as CoreError, HeaderValue, Message, OutgoingMessage, Publisher, Redelivery,
-    Worker, handler_fn,
+    BoxError, Error as CoreError, HeaderValue, Message, OrderingMode, OutgoingMessage, Publisher,
+    Redelivery, Worker, handler_fn,
 };
 use redrive_middleware::dead_letter::{self, DeadLetterConfig, DeadLetterLayer};
 use redrive_rabbitmq::lapin::BasicProperties;
@@ -471,4 +471,144 @@ async fn an_unreachable_broker_says_how_to_start_it() {
     let text = err.to_string();
     assert!(text.contains("rabbitmq-server -detached"), "{text}");
     assert!(!text.contains("secret"), "the password leaked: {text}");
+}
+
+/// Messages the Worker hands back at shutdown without running them come back with the
+/// attempt they had: a hand-back is not a delivery attempt. The one the Worker ran and
+/// aborted at its deadline counts.
+async fn hand_back_at_shutdown(kind: QueueKind) {
+    let queue = common::unique(&format!("handback-{}", kind.as_str()));
+    let topology = common::topology(&queue, kind);
+    common::declare(&topology).await;
+    let p = common::publisher().await;
+    // All of one key: the first runs, the others wait behind it.
+    for body in ["running", "w1", "w2"] {
+        p.publish(&queue, OutgoingMessage::new(body).with_key("k"))
+            .await
+            .expect("publish");
+    }
+    // One already on its third attempt.
+    let mut table = FieldTable::default();
+    table.insert(mapping::ATTEMPT.into(), AMQPValue::LongLongInt(3));
+    table.insert(mapping::KEY.into(), AMQPValue::LongString("k".into()));
+    p.publish_raw(
+        "",
+        &queue,
+        b"third",
+        BasicProperties::default().with_headers(table),
+    )
+    .await
+    .expect("publish");
+    p.close().await;
+
+    let calls = Arc::new(AtomicU32::new(0));
+    let counted = calls.clone();
+    let handler = handler_fn(move |m: Message| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        assert_eq!(&m.payload[..], b"running", "only the first of the key runs");
+        std::future::pending::<Result<(), BoxError>>()
+    });
+    let consumer = common::consumer(&topology, "redrive-test-handback", 8).await;
+    let worker = Worker::builder(consumer, handler)
+        .ordering(OrderingMode::PerKey)
+        .concurrency(4)
+        .shutdown_timeout(Duration::from_millis(500))
+        .build()
+        .expect("worker");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(worker.run_until(async move {
+        let _ = stopped.await;
+    }));
+    let start = Instant::now();
+    while calls.load(Ordering::SeqCst) == 0 {
+        assert!(start.elapsed() < Duration::from_secs(10), "nothing ran");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The other three arrive and wait behind the running one.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.send(()).expect("stop");
+    let report = run.await.expect("worker");
+    assert_eq!(report.handed_back, 3, "{report:?}");
+    assert_eq!(report.in_flight_at_deadline, 1, "{report:?}");
+
+    let mut c = common::consumer(&topology, "redrive-test-handback-after", 8).await;
+    let mut attempts = std::collections::BTreeMap::new();
+    for _ in 0..4 {
+        let d = common::next(&mut c, Duration::from_secs(10))
+            .await
+            .expect("every message back");
+        attempts.insert(
+            String::from_utf8_lossy(&d.message.payload).into_owned(),
+            d.message.attempt(),
+        );
+        d.ack().await.expect("ack");
+    }
+    // A quorum queue counts a requeue as a delivery (RabbitMQ 3.x): one more, not two
+    // (it does not come back to the consumer that handed it back).
+    let extra = u32::from(kind == QueueKind::Quorum);
+    let want: std::collections::BTreeMap<String, u32> = [
+        ("running", 2),
+        ("w1", 1 + extra),
+        ("w2", 1 + extra),
+        ("third", 3 + extra),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    assert_eq!(attempts, want, "attempts after the hand-back");
+    drop(c);
+    common::cleanup(&[topology]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hand_back_at_shutdown_keeps_the_attempt_classic() {
+    hand_back_at_shutdown(QueueKind::Classic).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hand_back_at_shutdown_counts_once_on_quorum() {
+    hand_back_at_shutdown(QueueKind::Quorum).await;
+}
+
+/// A message published without a message id gets one, unique per publish, so the
+/// idempotency layer's default key works on the default path; one given is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_publisher_sets_a_message_id_when_none_is_given() {
+    let queue = common::unique("message-id");
+    let topology = common::topology(&queue, QueueKind::Classic);
+    common::declare(&topology).await;
+    let p = common::publisher().await;
+    for _ in 0..2 {
+        p.publish(&queue, OutgoingMessage::new("no headers"))
+            .await
+            .expect("publish");
+    }
+    p.publish(
+        &queue,
+        OutgoingMessage::new("given")
+            .with_header(mapping::MESSAGE_ID, "order-7")
+            .expect("header"),
+    )
+    .await
+    .expect("publish");
+    p.close().await;
+
+    let mut c = common::consumer(&topology, "redrive-test-message-id", 8).await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let d = common::next(&mut c, Duration::from_secs(10))
+            .await
+            .expect("delivery");
+        let id = d.message.metadata.message_id.clone().expect("a message id");
+        assert_eq!(d.message.headers.get_str(mapping::MESSAGE_ID), Some(&*id));
+        ids.push(id.to_string());
+        d.ack().await.expect("ack");
+    }
+    assert_eq!(ids[2], "order-7", "a given id is kept");
+    assert_ne!(ids[0], ids[1], "two publishes, two ids");
+    for id in &ids[..2] {
+        assert_eq!(id.len(), 36, "a UUID: {id}");
+    }
+    drop(c);
+    common::cleanup(&[topology]).await;
 }

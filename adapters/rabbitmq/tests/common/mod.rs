@@ -14,7 +14,8 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use redrive_rabbitmq::lapin::Connection;
-use redrive_rabbitmq::lapin::options::QueueDeleteOptions;
+use redrive_rabbitmq::lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
+use redrive_rabbitmq::lapin::types::FieldTable;
 use redrive_rabbitmq::{QueueKind, RabbitConsumer, RabbitPublisher, Topology};
 
 /// The broker's address: `AMQP_URL`, else the local default.
@@ -98,6 +99,24 @@ pub async fn cleanup(topologies: &[Topology]) {
         }
     }
     let _ = conn.close(200, "done").await;
+}
+
+/// The number of ready messages in `queue`, or `None` when it does not exist.
+pub async fn ready(queue: &str) -> Option<u32> {
+    let conn = connection("redrive-test-depth").await;
+    let ch = conn.create_channel().await.expect("channel");
+    let declared = ch
+        .queue_declare(
+            queue,
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    let _ = conn.close(200, "done").await;
+    declared.ok().map(|q| q.message_count())
 }
 
 /// Runs `rabbitmqctl args…`, returning its stdout; panics with its stderr on failure.
