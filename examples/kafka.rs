@@ -131,7 +131,13 @@ async fn main() -> Result<(), BoxError> {
         .ordering(OrderingMode::PerKey)
         .redelivery(Redelivery::constant(Duration::from_millis(300)))
         .build()?
-        .run_until(tokio::time::sleep(Duration::from_secs(8)))
+        // Stops after 8 s, or on SIGTERM or Ctrl-C.
+        .run_until(async {
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(8)) => {}
+                () = redrive::shutdown_signal() => {}
+            }
+        })
         .await;
     println!("{report:?}");
     println!("the poison order is in `{TOPIC}-dlq`");

@@ -2,7 +2,8 @@
 //!
 //! `cargo run --example metrics` handles a few hundred messages on the in-memory broker
 //! (some fail and are redelivered, some are dead-lettered) and serves the metrics at
-//! <http://127.0.0.1:9464/metrics> (set `METRICS_ADDR` to change it) until Ctrl-C.
+//! <http://127.0.0.1:9464/metrics> (set `METRICS_ADDR` to change it) until SIGTERM or
+//! Ctrl-C.
 //! `cargo run --example metrics -- --once` scrapes itself once, prints it and exits.
 
 use std::sync::Arc;
@@ -55,16 +56,27 @@ async fn main() -> Result<(), BoxError> {
             }
         }));
     let b = broker.clone();
+    let idle = async move {
+        while b.depth("orders") + b.in_flight("orders") > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    // Stops once every message is settled, or on SIGTERM or Ctrl-C.
+    let mut interrupted = false;
     let report = Worker::builder(broker.consumer("orders"), stack)
         .redelivery(Redelivery::constant(Duration::from_millis(10)))
         .build()?
-        .run_until(async move {
-            while b.depth("orders") + b.in_flight("orders") > 0 {
-                tokio::time::sleep(Duration::from_millis(10)).await;
+        .run_until(async {
+            tokio::select! {
+                () = idle => {}
+                () = redrive::shutdown_signal() => interrupted = true,
             }
         })
         .await;
     eprintln!("handled: {report:?}");
+    if interrupted {
+        return Ok(());
+    }
 
     let addr = std::env::var("METRICS_ADDR").unwrap_or_else(|_| "127.0.0.1:9464".into());
     let listener = TcpListener::bind(&addr).await?;
@@ -93,6 +105,8 @@ async fn main() -> Result<(), BoxError> {
         println!("{}", ours.join("\n"));
         return Ok(());
     }
+    // Made once, so a signal that arrives while a connection is accepted is not missed.
+    let mut stop = std::pin::pin!(redrive::shutdown_signal());
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -100,7 +114,7 @@ async fn main() -> Result<(), BoxError> {
                 let registry = registry.clone();
                 tokio::spawn(async move { let _ = serve(stream, &registry).await; });
             }
-            _ = tokio::signal::ctrl_c() => return Ok(()),
+            () = &mut stop => return Ok(()),
         }
     }
 }

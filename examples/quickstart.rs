@@ -127,7 +127,20 @@ async fn main() -> Result<(), BoxError> {
             }
         }
     };
-    let report = worker.run_until(idle).await;
+    // Stops once every order is settled, or on SIGTERM or Ctrl-C.
+    let mut interrupted = false;
+    let report = worker
+        .run_until(async {
+            tokio::select! {
+                () = idle => {}
+                () = redrive::shutdown_signal() => interrupted = true,
+            }
+        })
+        .await;
+    if interrupted {
+        println!("stopped early: {report:?}");
+        return Ok(());
+    }
     let dlq = broker.messages("orders-dlq");
 
     println!(

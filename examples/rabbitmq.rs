@@ -92,7 +92,13 @@ async fn main() -> Result<(), BoxError> {
         .redelivery(Redelivery::constant(Duration::from_millis(500)))
         .build()?;
     let report = worker
-        .run_until(tokio::time::sleep(Duration::from_secs(4)))
+        // Stops after 4 s, or on SIGTERM or Ctrl-C.
+        .run_until(async {
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(4)) => {}
+                () = redrive::shutdown_signal() => {}
+            }
+        })
         .await;
     println!("{report:?}; reconnects: {}", monitor.reconnects());
     println!(

@@ -138,7 +138,13 @@ async fn main() -> Result<(), BoxError> {
         .concurrency(8)
         .redelivery(Redelivery::constant(Duration::from_secs(1)))
         .build()?
-        .run_until(tokio::time::sleep(Duration::from_secs(8)))
+        // Stops after 8 s, or on SIGTERM or Ctrl-C.
+        .run_until(async {
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(8)) => {}
+                () = redrive::shutdown_signal() => {}
+            }
+        })
         .await;
     println!("{report:?}");
     println!("the poison message is in `{DLQ}`");

@@ -77,11 +77,18 @@ async fn main() -> Result<(), BoxError> {
     Ok(())
 }
 
+/// Completes once `queue` is empty, or on SIGTERM or Ctrl-C.
 fn until_empty(broker: &MemoryBroker, queue: &'static str) -> impl Future<Output = ()> + use<> {
     let broker = broker.clone();
     async move {
-        while broker.depth(queue) + broker.in_flight(queue) > 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        let empty = async {
+            while broker.depth(queue) + broker.in_flight(queue) > 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::select! {
+            () = empty => {}
+            () = redrive::shutdown_signal() => {}
         }
     }
 }

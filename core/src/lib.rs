@@ -16,6 +16,7 @@ pub mod handler;
 mod headers;
 mod message;
 pub mod names;
+mod signal;
 pub mod text;
 pub mod worker;
 
@@ -34,6 +35,7 @@ pub use error::{Error, Result};
 pub use handler::{CatchPanic, CatchPanicLayer, Outcome, Panicked, handler_fn};
 pub use headers::{HeaderError, HeaderLimits, HeaderValue, Headers};
 pub use message::{Extensions, Message, Metadata, OutgoingMessage, Source};
+pub use signal::shutdown_signal;
 pub use worker::{
     Execution, LeaseKeeping, OrderingMode, Redelivery, Report, Shutdown, Worker, WorkerBuilder,
 };

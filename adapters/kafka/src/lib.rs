@@ -22,7 +22,7 @@
 //!         Duration::from_secs(30),
 //!     ))
 //!     .build()?
-//!     .run_until(async { tokio::signal::ctrl_c().await.ok(); })
+//!     .run_until(redrive_core::shutdown_signal()) // SIGTERM or Ctrl-C
 //!     .await;
 //! println!("{report:?}");
 //! # Ok(())

@@ -25,7 +25,7 @@
 //! let report = Worker::builder(consumer, handler)
 //!     .concurrency(32)
 //!     .build()? // the lease is the queue's visibility timeout: the Worker extends it
-//!     .run_until(async { tokio::signal::ctrl_c().await.ok(); })
+//!     .run_until(redrive_core::shutdown_signal()) // SIGTERM or Ctrl-C
 //!     .await;
 //! println!("{report:?}");
 //! # Ok(())

@@ -467,7 +467,7 @@ where
     ///
     /// ```no_run
     /// # async fn f(worker: redrive_core::Worker<redrive_core::memory::MemoryConsumer, redrive_core::handler::HandlerFn<fn(redrive_core::Message) -> std::future::Ready<Result<(), std::io::Error>>>>) {
-    /// let report = worker.run_until(async { tokio::signal::ctrl_c().await.ok(); }).await;
+    /// let report = worker.run_until(redrive_core::shutdown_signal()).await; // SIGTERM or Ctrl-C
     /// # }
     /// ```
     #[allow(
