@@ -248,6 +248,13 @@ impl Plan {
         if config.max_parked == 0 {
             return Err("max_parked must be at least 1".into());
         }
+        if config.settle_timeout < Duration::from_millis(1) {
+            return Err(format!(
+                "settle_timeout is {:?}; every ack would be given up at once: set at least 1 ms \
+                 (10 s by default)",
+                config.settle_timeout
+            ));
+        }
         config.redelivery.validate()?;
         let park = config.ordering != OrderingMode::Unordered || !caps.can_nack;
         let max = config.redelivery.max();

@@ -1044,3 +1044,16 @@ async fn a_broker_that_stops_answering_settles_cannot_hold_shutdown() {
     assert_eq!(report.settle_errors, 3, "{report:?}");
     drop(tx);
 }
+
+#[test]
+fn a_settle_timeout_of_zero_fails_at_build() {
+    let broker = MemoryBroker::new();
+    let handler = handler_fn(|_m: Message| async { Ok::<_, BoxError>(()) });
+    let err = Worker::builder(broker.consumer("q"), handler)
+        .settle_timeout(Duration::ZERO)
+        .build()
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(err.contains("settle_timeout"), "{err}");
+}
