@@ -94,13 +94,14 @@ impl ConsumerBuilder {
     }
 
     /// How long a republish (a delayed retry, a classic queue's redelivery or hand-back)
-    /// may take, from declaring its delay queue to the broker's confirm. A broker that
-    /// blocks publishing during a resource alarm would otherwise hold the nack, and a
-    /// Worker's shutdown, until the alarm ends. Past it, the nack fails with
-    /// [`Error::Timeout`] and hands the message back with `basic.nack(requeue)` (on a
-    /// classic queue, that counts as one more attempt); the copy may still reach the
-    /// queue once the broker reads it, so the message can come twice, never not at all.
-    /// Above zero.
+    /// may take, from declaring its delay queue to the broker's confirm; at
+    /// [`close`](Consumer::close), how long republishing all the deliveries the Worker
+    /// never took may take. A broker that blocks publishing during a resource alarm
+    /// would otherwise hold the nack, and a Worker's shutdown, until the alarm ends.
+    /// Past it, the nack fails with [`Error::Timeout`] and hands the message back with
+    /// `basic.nack(requeue)` (on a classic queue, that counts as one more attempt); the
+    /// copy may still reach the queue once the broker reads it, so the message can come
+    /// twice, never not at all. Above zero.
     pub fn publish_timeout(mut self, timeout: Duration) -> Self {
         self.publish_timeout = timeout;
         self
@@ -109,7 +110,9 @@ impl ConsumerBuilder {
     /// How long closing the consumer's connections may take, at
     /// [`close`](Consumer::close) and before a reconnect. Past it the connections are
     /// dropped (the broker closes a blocked one once it reads from it again) and `close`
-    /// fails with [`Error::Timeout`]. Above zero.
+    /// fails with [`Error::Timeout`]. On a classic queue, `close` first takes as long
+    /// again at most to cancel the consumer and collect the deliveries the Worker never
+    /// took, which it hands back with their attempt. Above zero.
     pub fn close_timeout(mut self, timeout: Duration) -> Self {
         self.close_timeout = timeout;
         self
@@ -614,8 +617,10 @@ async fn close_by(
 /// [`receive`](Consumer::receive) reads the current channel's deliveries itself, so a
 /// delivery crosses no task on its way to the Worker, and is cancel-safe. A background
 /// task on the current tokio runtime watches the connection and reconnects, also while
-/// the Worker is busy. Dropping the consumer closes its connection; unsettled messages
-/// go back to the queue.
+/// the Worker is busy. [`close`](Consumer::close) hands back the deliveries the Worker
+/// never took (on a classic queue, with the attempt they had: see the
+/// [crate docs](crate)). Dropping the consumer closes its connection; unsettled messages
+/// go back to the queue, marked redelivered (one attempt more).
 pub struct RabbitConsumer {
     /// The channel being consumed, as the background task last opened it; `None` inside
     /// while it reconnects. Taken by `close`.
@@ -722,6 +727,106 @@ impl RabbitConsumer {
 }
 
 impl RabbitConsumer {
+    /// Hands back, untried, the deliveries the broker sent into the prefetch window that
+    /// `receive` never returned, before the connection closes. Closing it would return
+    /// them marked redelivered, which a classic queue's attempt counts as one more,
+    /// although no handler saw them. So on a classic queue the session cancels its
+    /// consumer, takes what is buffered and what arrives before the `basic.cancel-ok`
+    /// (within the close timeout), and republishes each with the attempt it had, one
+    /// after the other so their order holds, within the publish timeout in all. What is
+    /// not republished by then (or after a republish failed) goes back with the
+    /// connection, counted. A quorum queue counts a return however it is made, so its
+    /// deliveries are left to the close.
+    async fn hand_back_buffered(&mut self) {
+        if let Some(current) = self.current.as_mut() {
+            match current.has_changed() {
+                Ok(true) => {
+                    let next = current.borrow_and_update().clone();
+                    self.adopt(next);
+                }
+                Ok(false) if self.cached.is_none() => {
+                    self.cached = current.borrow_and_update().clone();
+                }
+                _ => {}
+            }
+        }
+        let Some(Current { session, stream }) = self.cached.take() else {
+            return;
+        };
+        let next = self.next.take();
+        if session.config.topology.kind() != QueueKind::Classic || !session.is_alive() {
+            return;
+        }
+        let close_timeout = session.config.close_timeout;
+        let deadline = tokio::time::Instant::now() + close_timeout;
+        // After the `basic.cancel-ok`, a stream ends once its buffered deliveries are read.
+        let _ = tokio::time::timeout_at(deadline, session.stop_consuming()).await;
+        let mut buffered = Vec::new();
+        let mut complete = true;
+        'streams: for mut stream in std::iter::once(stream).chain(next) {
+            loop {
+                match tokio::time::timeout_at(deadline, stream.next()).await {
+                    Ok(Some(Ok(d))) => match accept(&session, d) {
+                        Ok((acker, _)) => buffered.push(acker),
+                        Err(gap) => {
+                            // As in `receive`: nothing on this channel is settled any
+                            // more; its deliveries go back with it.
+                            tracing::error!(queue = %self.queue, error = %gap, "RabbitMQ broke the delivery-tag sequence");
+                            session.alive.store(false, Ordering::Release);
+                            return;
+                        }
+                    },
+                    Ok(Some(Err(_)) | None) => break,
+                    Err(_) => {
+                        complete = false;
+                        break 'streams;
+                    }
+                }
+            }
+        }
+        if !complete {
+            tracing::debug!(
+                queue = %self.queue,
+                timeout = ?close_timeout,
+                "the consumer was not cancelled within the close timeout; deliveries still on their way go back with the connection, counted"
+            );
+        }
+        if buffered.is_empty() {
+            return;
+        }
+        let publish_timeout = session.config.publish_timeout;
+        let deadline = tokio::time::Instant::now() + publish_timeout;
+        let total = buffered.len();
+        let mut handed_back = 0usize;
+        for acker in &buffered {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            // A failed republish has handed its message back with `basic.nack`; the
+            // next would most likely fail the same way.
+            if acker
+                .republish(&session, Duration::ZERO, acker.attempt, left)
+                .await
+                .is_err()
+            {
+                break;
+            }
+            handed_back += 1;
+        }
+        if handed_back < total {
+            tracing::warn!(
+                queue = %self.queue,
+                handed_back,
+                returned = total - handed_back,
+                timeout = ?publish_timeout,
+                "not every delivery the Worker never took could be republished with its attempt; the rest go back with the connection, one attempt more"
+            );
+        } else {
+            tracing::debug!(queue = %self.queue, handed_back, "deliveries the Worker never took handed back with their attempt");
+        }
+    }
+
     /// Takes the channel the background task published: a new session, none while it
     /// reconnects, or the current session consuming again with its full prefetch, whose
     /// stream is read once the careful consumer's ends, so none of the deliveries already
@@ -835,9 +940,12 @@ impl Consumer for RabbitConsumer {
         self.caps
     }
 
-    /// Closes the connections, within the builder's `close_timeout`; past it they are
-    /// dropped and this fails with [`Error::Timeout`].
+    /// Hands back the deliveries the broker sent that `receive` never returned (on a
+    /// classic queue, with the attempt they had: see the [crate docs](crate)), then
+    /// closes the connections, within the builder's `close_timeout`; past it they
+    /// are dropped and this fails with [`Error::Timeout`].
     async fn close(&mut self) -> redrive_core::Result<()> {
+        self.hand_back_buffered().await;
         // Dropping the receiver tells the background task to close the connections; it
         // does so within the close timeout. Twice that is a backstop for a task stuck
         // elsewhere.
@@ -993,6 +1101,17 @@ fn delivery(
     queue: &Arc<str>,
     d: lapin::message::Delivery,
 ) -> std::result::Result<Delivery, TagGap> {
+    let (acker, received) = accept(session, d)?;
+    let message = mapping::message(queue, acker.payload.clone(), received, acker.amqp.clone());
+    Ok(Delivery::new(message, acker))
+}
+
+/// Records `d` with its channel's settler and gives its acker, with what the message is
+/// built from; or the tag gap that breaks its channel.
+fn accept(
+    session: &Arc<Session>,
+    d: lapin::message::Delivery,
+) -> std::result::Result<(RabbitAcker, mapping::Received), TagGap> {
     let lapin::message::Delivery {
         exchange,
         routing_key,
@@ -1005,25 +1124,21 @@ fn delivery(
     session.settler.deliver(delivery_tag)?;
     let received = mapping::receive(&properties, redelivered);
     let attempt = received.attempt;
-    let payload = Bytes::from(data);
     let amqp = AmqpDelivery::new(
         properties,
         exchange.to_string(),
         routing_key.to_string(),
         redelivered,
     );
-    let message = mapping::message(queue, payload.clone(), received, amqp.clone());
-    Ok(Delivery::new(
-        message,
-        RabbitAcker {
-            session: Arc::downgrade(session),
-            tag: delivery_tag,
-            settling: AtomicBool::new(false),
-            amqp,
-            payload,
-            attempt,
-        },
-    ))
+    let acker = RabbitAcker {
+        session: Arc::downgrade(session),
+        tag: delivery_tag,
+        settling: AtomicBool::new(false),
+        amqp,
+        payload: Bytes::from(data),
+        attempt,
+    };
+    Ok((acker, received))
 }
 
 /// Settles one delivery on the channel it came on.
@@ -1083,7 +1198,8 @@ impl RabbitAcker {
         } else {
             delay
         };
-        self.republish(&session, delay, self.attempt.saturating_add(1))
+        let timeout = session.config.publish_timeout;
+        self.republish(&session, delay, self.attempt.saturating_add(1), timeout)
             .await
     }
 
@@ -1096,17 +1212,26 @@ impl RabbitAcker {
         session.stop_consuming().await;
         match session.config.topology.kind() {
             QueueKind::Quorum => self.requeue().await,
-            QueueKind::Classic => self.republish(&session, Duration::ZERO, self.attempt).await,
+            QueueKind::Classic => {
+                let timeout = session.config.publish_timeout;
+                self.republish(&session, Duration::ZERO, self.attempt, timeout)
+                    .await
+            }
         }
     }
 
     /// Publishes a copy with `attempt` to the queue (`delay` zero) or to its delay
     /// queue, and acks the original once the broker confirmed the copy. If the copy
-    /// fails or takes longer than the publish timeout, the original is handed back with
+    /// fails or takes longer than `timeout`, the original is handed back with
     /// `basic.nack(requeue)`.
-    async fn republish(&self, session: &Session, delay: Duration, attempt: u32) -> Result<()> {
+    async fn republish(
+        &self,
+        session: &Session,
+        delay: Duration,
+        attempt: u32,
+        timeout: Duration,
+    ) -> Result<()> {
         let mut routing_key = session.config.topology.queue().to_owned();
-        let timeout = session.config.publish_timeout;
         let copy = async {
             if !delay.is_zero() {
                 routing_key = session.ensure_delay_queue(delay).await?;

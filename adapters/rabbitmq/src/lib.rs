@@ -66,6 +66,19 @@
 //!   takes it back with `basic.nack(requeue)`; its `x-delivery-count` is the broker's
 //!   own, and RabbitMQ 3.x counts that return as a delivery (one more attempt).
 //!
+//!   The broker also sends deliveries into the prefetch window that the Worker never
+//!   takes before it stops. On a classic queue, [`close`](redrive_core::Consumer::close)
+//!   hands them back the same way: it cancels the consumer, takes the deliveries
+//!   buffered and those that arrive before the `basic.cancel-ok` (within the
+//!   [`close_timeout`](ConsumerBuilder::close_timeout)), and republishes each with the
+//!   attempt it had, in order, within one
+//!   [`publish_timeout`](ConsumerBuilder::publish_timeout) in all; what is not
+//!   republished by then goes back with the connection, one attempt more, never lost.
+//!   On a quorum queue they go back when the connection closes, and the broker counts
+//!   that return as a delivery, as it counts a `basic.nack(requeue)`. Dropping the
+//!   consumer without `close` returns them with the connection too, counted on both
+//!   queue kinds.
+//!
 //!   A republish is a copy of the message (same properties and typed headers, the
 //!   attempt one higher) published with `mandatory` on a confirm channel; the original
 //!   is acked only after the broker confirmed the copy. If the copy fails, the original

@@ -570,6 +570,87 @@ async fn a_hand_back_at_shutdown_counts_once_on_quorum() {
     hand_back_at_shutdown(QueueKind::Quorum).await;
 }
 
+/// Deliveries the broker sent into the consumer's prefetch window that the Worker never
+/// took are handed back at close with the attempt they had: on a classic queue, closing
+/// the connection would return them marked redelivered, one attempt more although no
+/// handler ever saw them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_never_taken_keep_their_attempt_at_close_classic() {
+    let queue = common::unique("close-buffered");
+    let topology = common::topology(&queue, QueueKind::Classic);
+    common::declare(&topology).await;
+    common::publish_numbered(&queue, 10, "m").await;
+
+    let ran = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let runs = ran.clone();
+    let handler = handler_fn(move |m: Message| {
+        let runs = runs.clone();
+        async move {
+            runs.lock()
+                .expect("runs")
+                .push(String::from_utf8_lossy(&m.payload).into_owned());
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            Ok::<(), BoxError>(())
+        }
+    });
+    let consumer = common::consumer(&topology, "redrive-test-close-buffered", 10).await;
+    let worker = Worker::builder(consumer, handler)
+        .concurrency(1)
+        .shutdown_timeout(Duration::from_secs(10))
+        .build()
+        .expect("worker");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(worker.run_until(async move {
+        let _ = stopped.await;
+    }));
+    let start = Instant::now();
+    while ran.lock().expect("runs").is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(10), "nothing ran");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The broker sends the other nine into the prefetch window; the Worker, busy with
+    // the first, takes none of them.
+    while common::ready(&queue).await != Some(0) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the prefetch window never filled"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.send(()).expect("stop");
+    let report = run.await.expect("worker");
+    let ran = ran.lock().expect("runs").clone();
+    assert_eq!(ran.len(), 1, "only the first ran: {ran:?}");
+    assert_eq!(report.acked, 1, "{report:?}");
+
+    let mut c = common::consumer(&topology, "redrive-test-close-buffered-after", 10).await;
+    let mut attempts = std::collections::BTreeMap::new();
+    for _ in 0..9 {
+        let d = common::next(&mut c, Duration::from_secs(10))
+            .await
+            .expect("every message that did not run is back");
+        attempts.insert(
+            String::from_utf8_lossy(&d.message.payload).into_owned(),
+            d.message.attempt(),
+        );
+        d.ack().await.expect("ack");
+    }
+    assert!(
+        common::next(&mut c, Duration::from_millis(500))
+            .await
+            .is_none(),
+        "a message came twice"
+    );
+    let want: std::collections::BTreeMap<String, u32> = (0..10)
+        .map(|i| format!("m{i}"))
+        .filter(|m| *m != ran[0])
+        .map(|m| (m, 1))
+        .collect();
+    assert_eq!(attempts, want, "attempts of the messages that never ran");
+    drop(c);
+    common::cleanup(&[topology]).await;
+}
+
 /// A message published without a message id gets one, unique per publish, so the
 /// idempotency layer's default key works on the default path; one given is kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
