@@ -393,7 +393,9 @@ async fn acks_reach_the_broker_while_a_resource_alarm_blocks_a_republish() {
     blocked.send_replace(true);
     let start = std::time::Instant::now();
     let mut left = messages(&queue).await;
-    while left != Some(1) && start.elapsed() < Duration::from_secs(4) {
+    // Under 10 s: then the blocked republish would time out and requeue m0. `messages`
+    // asks rabbitmqctl, which is slow on a loaded machine.
+    while left != Some(1) && start.elapsed() < Duration::from_secs(8) {
         tokio::time::sleep(Duration::from_millis(200)).await;
         left = messages(&queue).await;
     }
