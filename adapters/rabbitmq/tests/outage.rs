@@ -27,8 +27,6 @@ use redrive_middleware::idempotency::{
 };
 use redrive_middleware::retry::{RetryConfig, RetryLayer};
 use redrive_rabbitmq::QueueKind;
-use redrive_rabbitmq::lapin::options::QueueDeclareOptions;
-use redrive_rabbitmq::lapin::types::FieldTable;
 use tokio::sync::Notify;
 
 /// When the outage starts and how long it lasts.
@@ -55,23 +53,11 @@ impl Down {
     }
 }
 
-/// Messages ready in `queue` (passive declare).
+/// Messages ready in `queue`, which exists.
 async fn ready(queue: &str) -> u32 {
-    let conn = common::connection("redrive-test-outage-depth").await;
-    let ch = conn.create_channel().await.expect("channel");
-    let q = ch
-        .queue_declare(
-            queue,
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
+    common::ready(queue)
         .await
-        .expect("passive declare");
-    let _ = conn.close(200, "done").await;
-    q.message_count()
+        .unwrap_or_else(|| panic!("queue {queue} is gone"))
 }
 
 /// Runs the outage against a Worker whose idempotency store is `store`; `failing` is

@@ -1049,11 +1049,12 @@ async fn a_broker_that_stops_answering_settles_cannot_hold_shutdown() {
 fn a_settle_timeout_of_zero_fails_at_build() {
     let broker = MemoryBroker::new();
     let handler = handler_fn(|_m: Message| async { Ok::<_, BoxError>(()) });
-    let err = Worker::builder(broker.consumer("q"), handler)
+    let Err(err) = Worker::builder(broker.consumer("q"), handler)
         .settle_timeout(Duration::ZERO)
         .build()
-        .err()
-        .expect("refused")
-        .to_string();
+    else {
+        panic!("a zero settle timeout was accepted");
+    };
+    let err = err.to_string();
     assert!(err.contains("settle_timeout"), "{err}");
 }
