@@ -18,3 +18,6 @@ pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 pub const ATTEMPT: &str = "x-redrive-attempt";
 /// The ordering key, carried as a header by adapters whose broker has no key of its own.
 pub const ORDERING_KEY: &str = "x-redrive-key";
+/// Why a dead letter was dead-lettered (`permanent`, `exhausted`, `abandoned`): every
+/// dead letter carries it, so an adapter can tell a dead letter from other messages.
+pub const ERROR_KIND: &str = "x-redrive-error-kind";

@@ -29,9 +29,9 @@ pub enum FifoDeduplication {
 }
 
 /// A header every dead letter carries: the dead-letter layer's error kind
-/// (`redrive_middleware::dead_letter::ERROR_KIND`). A FIFO publish of a message with it
-/// always gets a deduplication id of its own ([`FifoDeduplication::ContentBased`]).
-pub const DEAD_LETTER_HEADER: &str = "x-redrive-error-kind";
+/// ([`redrive_core::names::ERROR_KIND`]). A FIFO publish of a message with it always
+/// gets a deduplication id of its own ([`FifoDeduplication::ContentBased`]).
+pub const DEAD_LETTER_HEADER: &str = redrive_core::names::ERROR_KIND;
 
 /// Publishes to SQS queues, by name or URL; the destination of
 /// [`Publisher::publish`] is a queue. Cheap to clone. Made by [`Sqs::publisher`].
@@ -254,18 +254,5 @@ impl Publisher for SqsPublisher {
         }
         crate::validate_queue_name(destination)
             .map_err(|e| redrive_core::Error::config(e.to_string()))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::DEAD_LETTER_HEADER;
-
-    #[test]
-    fn the_dead_letter_header_is_the_one_the_dead_letter_layer_writes() {
-        assert_eq!(
-            DEAD_LETTER_HEADER,
-            redrive_middleware::dead_letter::ERROR_KIND
-        );
     }
 }

@@ -25,9 +25,9 @@ pub const ATTEMPTS: &str = "x-redrive-attempts";
 pub const FIRST_FAILURE_AT: &str = "x-redrive-first-failure-at";
 /// The failure that sent the message to the DLQ, RFC 3339 UTC.
 pub const LAST_FAILURE_AT: &str = "x-redrive-last-failure-at";
-/// Why the message was dead-lettered: [`Reason::Permanent`] (`permanent`) or
-/// [`Reason::Exhausted`] (`exhausted`).
-pub const ERROR_KIND: &str = "x-redrive-error-kind";
+/// Why the message was dead-lettered: [`Reason::Permanent`] (`permanent`),
+/// [`Reason::Exhausted`] (`exhausted`) or [`Reason::Abandoned`] (`abandoned`).
+pub const ERROR_KIND: &str = redrive_core::names::ERROR_KIND;
 /// The handler's error and its sources, truncated on a character boundary to
 /// [`DeadLetterConfig::with_max_error_len`](super::DeadLetterConfig::with_max_error_len).
 pub const ERROR_MESSAGE: &str = "x-redrive-error-message";
