@@ -20,6 +20,7 @@
 //!
 //! Neither effect table has a unique key: a duplicate is a second row, counted at the end.
 
+pub mod proxy;
 use std::time::Duration;
 
 /// What a message's handler does with it, decided by [`fate`].
