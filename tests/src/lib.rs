@@ -74,28 +74,77 @@ pub const SCHEMA: &str = "
 /// How long a committed idempotency key is kept: longer than any run.
 pub const KEY_TTL: Duration = Duration::from_secs(24 * 3600);
 
-/// The environment variable holding the broker's address (default
-/// `redrive_rabbitmq::DEFAULT_URL`).
-pub const ENV_AMQP_URL: &str = "AMQP_URL";
-/// The environment variable naming the queue to consume.
+/// The environment variable naming the broker: [`Broker::name`].
+pub const ENV_BROKER: &str = "FAULT_BROKER";
+/// The environment variable holding the broker's address: an AMQP URL, an SQS endpoint
+/// URL, or Kafka bootstrap servers.
+pub const ENV_BROKER_URL: &str = "FAULT_BROKER_URL";
+/// The environment variable naming the queue (or topic) to consume.
 pub const ENV_QUEUE: &str = "FAULT_QUEUE";
-/// The environment variable holding the queue's kind: `quorum` or `classic`.
-pub const ENV_QUEUE_KIND: &str = "FAULT_QUEUE_KIND";
 /// The environment variable holding the PostgreSQL connection parameters.
 pub const ENV_POSTGRES: &str = "FAULT_POSTGRES";
 /// The environment variable naming the consumer: its connections' names start with it,
 /// and its effects rows carry it.
 pub const ENV_CONSUMER: &str = "FAULT_CONSUMER";
 
+/// The broker a run consumes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Broker {
+    /// A RabbitMQ quorum queue.
+    RabbitQuorum,
+    /// A RabbitMQ classic queue.
+    RabbitClassic,
+    /// An SQS standard queue.
+    Sqs,
+    /// A Kafka topic.
+    Kafka,
+}
+
+impl Broker {
+    /// Every broker, in the order the table lists them.
+    pub const ALL: [Broker; 4] = [
+        Broker::RabbitQuorum,
+        Broker::RabbitClassic,
+        Broker::Sqs,
+        Broker::Kafka,
+    ];
+
+    /// The name [`ENV_BROKER`] takes: `rabbitmq-quorum`, `rabbitmq-classic`, `sqs` or
+    /// `kafka`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Broker::RabbitQuorum => "rabbitmq-quorum",
+            Broker::RabbitClassic => "rabbitmq-classic",
+            Broker::Sqs => "sqs",
+            Broker::Kafka => "kafka",
+        }
+    }
+
+    /// How the table names it.
+    pub fn title(self) -> &'static str {
+        match self {
+            Broker::RabbitQuorum => "RabbitMQ quorum queue",
+            Broker::RabbitClassic => "RabbitMQ classic queue",
+            Broker::Sqs => "SQS (emulator)",
+            Broker::Kafka => "Kafka (tansu)",
+        }
+    }
+
+    /// The broker named `name`, if any.
+    pub fn from_name(name: &str) -> Option<Broker> {
+        Broker::ALL.into_iter().find(|b| b.name() == name)
+    }
+}
+
 /// The consumer's configuration, from the environment.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
+    /// The broker.
+    pub broker: Broker,
     /// The broker's address.
-    pub amqp_url: String,
-    /// The queue; its dead-letter queue is `<queue>-dlq`.
+    pub broker_url: String,
+    /// The queue or topic; its dead-letter queue is `<queue>-dlq`.
     pub queue: String,
-    /// `true` for a quorum queue, `false` for a classic one.
-    pub quorum: bool,
     /// PostgreSQL connection parameters (`host=… port=… user=… dbname=…`).
     pub postgres: String,
     /// The consumer's name.
@@ -111,24 +160,43 @@ impl Config {
         let var = |name: &str| {
             std::env::var(name).map_err(|_| format!("set {name} (see the redrive-fault-run docs)"))
         };
-        let quorum = match var(ENV_QUEUE_KIND)?.as_str() {
-            "quorum" => true,
-            "classic" => false,
-            other => {
-                return Err(format!(
-                    "{ENV_QUEUE_KIND} is `{other}`; use quorum or classic"
-                ));
-            }
-        };
+        let broker = var(ENV_BROKER)?;
+        let broker = Broker::from_name(&broker).ok_or_else(|| {
+            let names: Vec<&str> = Broker::ALL.iter().map(|b| b.name()).collect();
+            format!(
+                "{ENV_BROKER} is `{broker}`; use one of {}",
+                names.join(", ")
+            )
+        })?;
         Ok(Config {
-            amqp_url: std::env::var(ENV_AMQP_URL)
-                .unwrap_or_else(|_| redrive_rabbitmq::DEFAULT_URL.to_owned()),
+            broker,
+            broker_url: var(ENV_BROKER_URL)?,
             queue: var(ENV_QUEUE)?,
-            quorum,
             postgres: var(ENV_POSTGRES)?,
             consumer: var(ENV_CONSUMER)?,
         })
     }
+}
+
+/// An SQS client for `endpoint` (the emulator on loopback), in region `us-east-1`
+/// with fixed test credentials unless `AWS_REGION` or `AWS_ACCESS_KEY_ID` are set.
+pub async fn sqs_client(endpoint: &str) -> redrive_sqs::Sqs {
+    use redrive_sqs::aws_config::{self, BehaviorVersion, Region};
+    use redrive_sqs::aws_sdk_sqs::config::Credentials;
+    let mut config = aws_config::defaults(BehaviorVersion::latest()).endpoint_url(endpoint);
+    if std::env::var_os("AWS_REGION").is_none() {
+        config = config.region(Region::new("us-east-1"));
+    }
+    if std::env::var_os("AWS_ACCESS_KEY_ID").is_none() {
+        config =
+            config.credentials_provider(Credentials::new("test", "test", None, None, "fault-run"));
+    }
+    redrive_sqs::Sqs::from_sdk_config(&config.load().await)
+}
+
+/// The consumer group of the consumers of `topic`.
+pub fn kafka_group(topic: &str) -> String {
+    format!("{topic}-consumers")
 }
 
 #[cfg(test)]

@@ -1,17 +1,20 @@
 //! The fault run's consumer: redrive's full Stack (dead letter to `<queue>-dlq`, the
 //! default circuit breaker, idempotency over PostgreSQL with the key committed in the
-//! handler's transaction, retry) on a RabbitMQ queue, with the handler the
-//! [crate docs](redrive_fault_run) describe. Configured by the `FAULT_*` environment
-//! variables ([`Config`]); stops on SIGTERM or Ctrl-C, and prints the Worker's report.
+//! handler's transaction, retry) on a RabbitMQ queue, an SQS queue or a Kafka topic,
+//! with the handler the [crate docs](redrive_fault_run) describe. Configured by the
+//! `FAULT_*` environment variables ([`Config`]); stops on SIGTERM or Ctrl-C, and prints
+//! the Worker's report.
 
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use redrive_core::{
-    BoxError, Consumer, Message, Redelivery, Worker, classify, handler_fn, shutdown_signal,
+    BoxError, Consumer, Message, OrderingMode, Publisher, Redelivery, Worker, classify, handler_fn,
+    shutdown_signal,
 };
-use redrive_fault_run::{Config, Fate, KEY_TTL, fate};
+use redrive_fault_run::{Broker, Config, Fate, KEY_TTL, fate};
+use redrive_kafka::{KafkaConsumer, KafkaPublisher};
 use redrive_middleware::Stack;
 use redrive_middleware::dead_letter::{DeadLetterConfig, DeadLetterLayer};
 use redrive_middleware::idempotency::{
@@ -44,31 +47,78 @@ async fn run() -> Result<(), BoxError> {
     let config = Config::from_env()?;
     let store = PostgresStore::connect(&config.postgres).await?;
     store.migrate().await?;
-    let store = Arc::new(store);
-
-    let kind = if config.quorum {
-        QueueKind::Quorum
-    } else {
-        QueueKind::Classic
-    };
-    let topology = Topology::new(&config.queue)
-        .with_kind(kind)
-        .with_dead_letter_queue(format!("{}-dlq", config.queue))
-        .with_max_delay(Duration::from_secs(600));
-    let consumer = RabbitConsumer::builder(&config.amqp_url, topology)
-        .connection_name(&config.consumer)
-        .prefetch(16)
-        .reconnect(Reconnect::new(
-            Duration::from_millis(200),
-            Duration::from_secs(2),
-        ))
-        .connect()
-        .await?;
-    let monitor = consumer.monitor();
-    let publisher =
-        RabbitPublisher::connect_named(&config.amqp_url, format!("{}-dlq", config.consumer))
+    match config.broker {
+        Broker::RabbitQuorum | Broker::RabbitClassic => {
+            let kind = if config.broker == Broker::RabbitQuorum {
+                QueueKind::Quorum
+            } else {
+                QueueKind::Classic
+            };
+            let topology = Topology::new(&config.queue)
+                .with_kind(kind)
+                .with_dead_letter_queue(format!("{}-dlq", config.queue))
+                .with_max_delay(Duration::from_secs(600));
+            let consumer = RabbitConsumer::builder(&config.broker_url, topology)
+                .connection_name(&config.consumer)
+                .prefetch(16)
+                .reconnect(Reconnect::new(
+                    Duration::from_millis(200),
+                    Duration::from_secs(2),
+                ))
+                .connect()
+                .await?;
+            let monitor = consumer.monitor();
+            let publisher = RabbitPublisher::connect_named(
+                &config.broker_url,
+                format!("{}-dlq", config.consumer),
+            )
             .await?;
+            serve(&config, store, consumer, publisher, OrderingMode::Unordered).await?;
+            println!("reconnects {}", monitor.reconnects());
+        }
+        Broker::Sqs => {
+            let sqs = redrive_fault_run::sqs_client(&config.broker_url).await;
+            let consumer = sqs
+                .consumer(&config.queue)
+                .wait_time(Duration::from_secs(1))
+                .build()
+                .await?;
+            serve(
+                &config,
+                store,
+                consumer,
+                sqs.publisher(),
+                OrderingMode::Unordered,
+            )
+            .await?;
+        }
+        Broker::Kafka => {
+            let consumer = KafkaConsumer::builder(
+                &config.broker_url,
+                &redrive_fault_run::kafka_group(&config.queue),
+                [config.queue.as_str()],
+            )
+            // A killed member's partitions move to the other one within seconds.
+            .set("session.timeout.ms", "6000")
+            .set("heartbeat.interval.ms", "1000")
+            .build()?;
+            let publisher = KafkaPublisher::new(&config.broker_url)?;
+            serve(&config, store, consumer, publisher, OrderingMode::PerKey).await?;
+        }
+    }
+    Ok(())
+}
 
+/// Runs the Stack over `consumer` until SIGTERM or Ctrl-C, dead-lettering with
+/// `publisher`; prints the Worker's report.
+async fn serve<C: Consumer, P: Publisher>(
+    config: &Config,
+    store: PostgresStore,
+    consumer: C,
+    publisher: P,
+    ordering: OrderingMode,
+) -> Result<(), BoxError> {
+    let store = Arc::new(store);
     let stack = Stack::new()
         .retry(RetryLayer::new(RetryConfig::default())?)
         .idempotency(IdempotencyLayer::new(
@@ -86,7 +136,12 @@ async fn run() -> Result<(), BoxError> {
                 .with_filter(|err, _| KeyReserved::find(err).is_none()),
         )?);
     stack.check(&consumer.capabilities())?;
-    tracing::info!(pipeline = %stack.describe(), consumer = %config.consumer, "starting");
+    tracing::info!(
+        pipeline = %stack.describe(),
+        consumer = %config.consumer,
+        broker = config.broker.name(),
+        "starting"
+    );
 
     let name: Arc<str> = config.consumer.clone().into();
     let service = stack.service(handler_fn(move |msg: Message| {
@@ -94,6 +149,7 @@ async fn run() -> Result<(), BoxError> {
     }));
     let worker = Worker::builder(consumer, service)
         .concurrency(8)
+        .ordering(ordering)
         .redelivery(Redelivery::exponential(
             Duration::from_millis(200),
             Duration::from_secs(5),
@@ -101,11 +157,7 @@ async fn run() -> Result<(), BoxError> {
         .shutdown_timeout(Duration::from_secs(10))
         .build()?;
     let report = worker.run_until(shutdown_signal()).await;
-    println!(
-        "fault-consumer {}: {report:?}; reconnects {}",
-        config.consumer,
-        monitor.reconnects()
-    );
+    println!("fault-consumer {}: {report:?}", config.consumer);
     Ok(())
 }
 

@@ -1,47 +1,54 @@
-//! The fault run, short version, on RabbitMQ (quorum and classic queues): two
-//! `fault-consumer` processes consume `FAULT_RUN_MESSAGES` messages (default 2,000)
-//! while the driver kills one of them (SIGKILL) and starts it again, restarts the
-//! PostgreSQL that holds the idempotency keys and the effects, closes the consumers'
-//! broker connections from the broker side, and restarts RabbitMQ. Then it checks that
-//! every message that is not poison has exactly one row in `effects`, that the
-//! dead-letter queue holds exactly the poison messages, each with its envelope, and that
-//! nothing is left anywhere else, and prints a table of what it saw. A poison message
-//! whose original's ack was lost after its dead letter was confirmed is dead-lettered
-//! again when it comes back: such copies are counted in the table, not failed.
+//! The fault run: two `fault-consumer` processes consume `FAULT_RUN_MESSAGES` messages
+//! (default 2,000) from one broker while the driver kills them (SIGKILL) and starts
+//! them again, cuts their broker connections, restarts the broker where it keeps its
+//! data across a restart, and restarts the PostgreSQL that holds the idempotency keys
+//! and the effects. Then it checks that every message that is not poison has exactly
+//! one row in `effects`, that the dead-letter queue holds exactly the poison messages,
+//! each with its envelope, and that nothing is left anywhere else, and prints a table
+//! of what it saw.
+//!
+//! One test per broker: a RabbitMQ quorum queue and a classic queue ([`rabbitmq`]),
+//! the SQS emulator ([`sqs`]) and tansu ([`kafka`]). The short version (the default:
+//! one kill, one cut, one broker restart, one PostgreSQL restart) runs in the test
+//! command; `scripts/fault-run` runs the full one (`FAULT_RUN_MESSAGES=100000`,
+//! `FAULT_RUN_KILLS=3`, `FAULT_RUN_CUTS=2`). A broker that cannot be restarted here
+//! with its data (the SQS emulator keeps nothing, and real SQS never restarts from a
+//! client's view) gets one more cut instead.
 //!
 //! Every fault must hit while messages still flow: the producer publishes at
 //! `FAULT_RUN_RATE` messages a second (default 100), and a fault that comes after the
-//! last effect fails the run.
+//! last effect fails the run. A poison message whose original's ack was lost after its
+//! dead letter was confirmed is dead-lettered again when it comes back: such copies
+//! are counted in the table, not failed.
 //!
-//! Needs RabbitMQ on `AMQP_URL` (default `amqp://127.0.0.1:5672`) with `rabbitmqctl`,
-//! and PostgreSQL's server programs (`initdb`, `pg_ctl`): the driver runs a PostgreSQL
-//! of its own on a free port, so it can restart it. The consumers' logs are kept under
-//! the system's temporary directory (removed after a clean run); their paths are printed. The runs stop and start
-//! the broker's application, so they run one at a time (a file-level lock), and a guard
-//! starts the application again even when a run fails.
+//! Needs PostgreSQL's server programs (`initdb`, `pg_ctl`): the driver runs a
+//! PostgreSQL of its own on a free port, so it can restart it. The consumers' logs are
+//! kept under the system's temporary directory (removed after a clean run); their
+//! paths are printed. The runs go one at a time (a file-level lock): the machine has
+//! few cores, and the RabbitMQ runs restart the broker.
 
-#[path = "../../middleware/tests/support/services.rs"]
+mod rabbitmq;
+#[path = "../../../middleware/tests/support/services.rs"]
 mod services;
+mod sqs;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::fs::OpenOptions;
+use std::future::Future;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use redrive_core::{OutgoingMessage, Publisher};
-use redrive_fault_run::{ENV_AMQP_URL, ENV_CONSUMER, ENV_POSTGRES, ENV_QUEUE, ENV_QUEUE_KIND};
-use redrive_fault_run::{Fate, SCHEMA, fate, message_id};
+use redrive_fault_run::{Broker, ENV_BROKER, ENV_BROKER_URL, ENV_CONSUMER, ENV_POSTGRES};
+use redrive_fault_run::{ENV_QUEUE, Fate, SCHEMA, fate, message_id};
 use redrive_middleware::dead_letter;
 use redrive_middleware::idempotency::{MESSAGE_ID, PostgresStore};
-use redrive_rabbitmq::lapin::options::{BasicGetOptions, QueueDeleteOptions};
-use redrive_rabbitmq::lapin::types::AMQPValue;
-use redrive_rabbitmq::{QueueKind, RabbitPublisher, Topology};
 use tokio::process::{Child, Command};
 
-/// One run at a time: each restarts the broker.
+/// One run at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// How long the consumers may take to finish once the last fault is over.
@@ -49,98 +56,65 @@ const DRAIN: Duration = Duration::from_secs(150);
 /// How long the run may go without progress before a fault is due.
 const STALL: Duration = Duration::from_secs(90);
 
-const HOW_TO_START: &str = "RabbitMQ is not reachable: start it with `rabbitmq-server -detached` \
-     (then wait for `rabbitmqctl await_startup`), or point AMQP_URL at a running broker";
-
-fn amqp_url() -> String {
-    std::env::var(ENV_AMQP_URL).unwrap_or_else(|_| redrive_rabbitmq::DEFAULT_URL.to_owned())
-}
-
-/// Messages published a second: `FAULT_RUN_RATE`, default 100.
-fn rate() -> u32 {
-    std::env::var("FAULT_RUN_RATE").map_or(100, |n| {
+/// A positive number from the environment variable `name`, or `default`.
+fn setting(name: &str, default: u64) -> u64 {
+    std::env::var(name).map_or(default, |n| {
         n.parse()
             .ok()
             .filter(|n| *n > 0)
-            .unwrap_or_else(|| panic!("FAULT_RUN_RATE is `{n}`, not a positive number"))
+            .unwrap_or_else(|| panic!("{name} is `{n}`, not a positive number"))
     })
 }
 
-/// Messages in a run: `FAULT_RUN_MESSAGES`, default 2,000.
-fn messages() -> usize {
-    std::env::var("FAULT_RUN_MESSAGES").map_or(2_000, |n| {
-        n.parse()
-            .unwrap_or_else(|_| panic!("FAULT_RUN_MESSAGES is `{n}`, not a number"))
-    })
+/// The broker side of a run: what the driver does to one broker.
+pub trait Target: Send + Sync + 'static {
+    /// What the producer publishes with.
+    type Producer: Publisher + Clone;
+
+    /// The broker.
+    fn broker(&self) -> Broker;
+    /// The address the consumers connect to.
+    fn url(&self) -> String;
+    /// The queue or topic; its dead-letter queue is `<queue>-dlq`.
+    fn queue(&self) -> &str;
+    /// A publisher for the producer.
+    fn producer(&self) -> impl Future<Output = Self::Producer> + Send;
+    /// Messages not yet done in the run's queues (the dead-letter queue aside), and
+    /// messages in the dead-letter queue.
+    fn depths(&self) -> impl Future<Output = Depths> + Send;
+    /// Takes every dead letter out of the dead-letter queue; `expected` is how many
+    /// there should be at least.
+    fn dead_letters(&self, expected: usize) -> impl Future<Output = Vec<DeadLetter>> + Send;
+    /// Cuts every broker connection of the consumers whose names start with `prefix`;
+    /// returns how many it cut.
+    fn cut(&self, prefix: &str) -> impl Future<Output = usize> + Send;
+    /// Whether [`restart`](Target::restart) can restart the broker with its data.
+    fn can_restart(&self) -> bool;
+    /// Stops the broker and starts it again; returns once it accepts connections.
+    fn restart(&self) -> impl Future<Output = ()> + Send;
+    /// Removes the run's queues (after a clean run).
+    fn cleanup(&self) -> impl Future<Output = ()> + Send;
 }
 
-/// Starts the broker's application again when dropped, so a failing run leaves the
-/// broker running.
-struct RestartOnDrop;
-
-impl Drop for RestartOnDrop {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("rabbitmqctl")
-            .arg("start_app")
-            .output();
-    }
+/// Queue depths, as the broker counts them.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Depths {
+    /// Messages not yet done: ready, in flight, delayed, or not yet committed.
+    pub pending: u64,
+    /// Messages in the dead-letter queue.
+    pub dead: u64,
 }
 
-/// Runs `rabbitmqctl args…`, returning its stdout; panics with its stderr on failure.
-async fn rabbitmqctl(args: &[&str]) -> String {
-    let out = tokio::time::timeout(
-        Duration::from_secs(60),
-        Command::new("rabbitmqctl").args(args).output(),
-    )
-    .await
-    .unwrap_or_else(|_| panic!("rabbitmqctl {args:?} did not finish within 60 s"))
-    .unwrap_or_else(|e| panic!("cannot run rabbitmqctl {args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "rabbitmqctl {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+/// A dead letter: its message id and envelope headers.
+#[derive(Debug)]
+pub struct DeadLetter {
+    /// Its message id.
+    pub id: String,
+    /// Its headers whose values are text.
+    pub headers: BTreeMap<String, String>,
 }
 
-/// Waits until the broker accepts connections again (up to 60 s).
-async fn wait_for_broker() {
-    let start = Instant::now();
-    loop {
-        match redrive_rabbitmq::connect(&amqp_url(), "redrive-fault-probe").await {
-            Ok(c) => {
-                let _ = c.close(200, "probe").await;
-                return;
-            }
-            Err(e) if start.elapsed() > Duration::from_secs(60) => {
-                panic!("{HOW_TO_START}: not back within 60 s: {e}")
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
-        }
-    }
-}
-
-/// Messages in each queue whose name starts with `prefix` (ready and unacked), as the
-/// broker counts them.
-async fn queue_depths(prefix: &str) -> BTreeMap<String, u64> {
-    let list = rabbitmqctl(&[
-        "list_queues",
-        "name",
-        "messages",
-        "--quiet",
-        "--no-table-headers",
-    ])
-    .await;
-    list.lines()
-        .filter_map(|line| {
-            let (name, n) = line.split_once('\t')?;
-            let n = n.trim().parse().ok()?;
-            name.starts_with(prefix).then(|| (name.to_owned(), n))
-        })
-        .collect()
-}
-
-/// One consumer process and its log.
+/// One consumer process.
 struct ConsumerProcess {
     name: String,
     child: Child,
@@ -148,9 +122,10 @@ struct ConsumerProcess {
 
 /// What one run shares between its steps.
 struct Run {
-    kind: QueueKind,
+    broker: Broker,
+    url: String,
     queue: String,
-    /// Connection names of this run's consumers start with it.
+    /// Consumer names (and their connections' names) start with it.
     prefix: String,
     postgres: String,
     logs: PathBuf,
@@ -169,9 +144,9 @@ impl Run {
             .open(self.log(name))
             .expect("opening a consumer's log");
         let child = Command::new(env!("CARGO_BIN_EXE_fault-consumer"))
-            .env(ENV_AMQP_URL, amqp_url())
+            .env(ENV_BROKER, self.broker.name())
+            .env(ENV_BROKER_URL, &self.url)
             .env(ENV_QUEUE, &self.queue)
-            .env(ENV_QUEUE_KIND, self.kind.as_str())
             .env(ENV_POSTGRES, &self.postgres)
             .env(ENV_CONSUMER, format!("{}{name}", self.prefix))
             .stdin(Stdio::null())
@@ -237,90 +212,6 @@ async fn wait_for_progress(store: &PostgresStore, target: u64, what: &str) -> u6
     }
 }
 
-/// Closes every connection of this run's consumers from the broker side; returns how
-/// many it closed.
-async fn cut_connections(prefix: &str) -> usize {
-    let list = rabbitmqctl(&[
-        "list_connections",
-        "pid",
-        "client_properties",
-        "--quiet",
-        "--no-table-headers",
-    ])
-    .await;
-    let pids: Vec<String> = list
-        .lines()
-        .filter(|line| line.contains(&format!("\"{prefix}")))
-        .filter_map(|line| line.split('\t').next().map(str::to_owned))
-        .collect();
-    // All at once: one rabbitmqctl takes about a second to start.
-    let mut closing = tokio::task::JoinSet::new();
-    for pid in pids.clone() {
-        closing.spawn(async move {
-            rabbitmqctl(&[
-                "close_connection",
-                &pid,
-                "redrive fault run: connection cut",
-            ])
-            .await
-        });
-    }
-    while let Some(done) = closing.join_next().await {
-        done.expect("close_connection");
-    }
-    pids.len()
-}
-
-/// The value of an AMQP header as text.
-fn text(value: &AMQPValue) -> Option<String> {
-    match value {
-        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
-        _ => None,
-    }
-}
-
-/// A dead letter: its message id and envelope headers.
-#[derive(Debug)]
-struct DeadLetter {
-    id: String,
-    headers: BTreeMap<String, String>,
-}
-
-/// Takes every message out of `queue`: each one's message id and text headers.
-async fn drain(queue: &str) -> Vec<DeadLetter> {
-    let conn = redrive_rabbitmq::connect(&amqp_url(), "redrive-fault-drain")
-        .await
-        .unwrap_or_else(|e| panic!("{HOW_TO_START}: {e}"));
-    let ch = conn.create_channel().await.expect("channel");
-    let mut out = Vec::new();
-    while let Some(msg) = ch
-        .basic_get(queue, BasicGetOptions { no_ack: true })
-        .await
-        .expect("basic.get")
-    {
-        let props = &msg.delivery.properties;
-        let headers = props
-            .headers()
-            .as_ref()
-            .map(|h| {
-                h.inner()
-                    .iter()
-                    .filter_map(|(k, v)| Some((k.as_str().to_owned(), text(v)?)))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let id = props
-            .message_id()
-            .as_ref()
-            .map(|s| s.as_str().to_owned())
-            .unwrap_or_default();
-        out.push(DeadLetter { id, headers });
-    }
-    let _ = conn.close(200, "drained").await;
-    out
-}
-
 /// What a run saw, one row of the table.
 #[derive(Debug, Default)]
 struct Figures {
@@ -336,6 +227,41 @@ struct Figures {
     /// Dead letters beyond the first of their id.
     dead_lettered_again: usize,
     wall: Duration,
+}
+
+/// A fault the driver brings about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fault {
+    Kill,
+    Cut,
+    BrokerRestart,
+    PostgresRestart,
+}
+
+/// The faults of a run, in order: kills and cuts alternating, then the broker's
+/// restart (one more cut where the broker cannot restart with its data), then
+/// PostgreSQL's. PostgreSQL comes last: the consumers' circuit breakers open while it
+/// is away and keep intake paused for 30 s, and the rest of the run goes fast after.
+fn schedule(kills: u64, cuts: u64, can_restart: bool) -> Vec<Fault> {
+    let (mut k, mut c) = (kills, cuts);
+    let mut plan = Vec::new();
+    while k + c > 0 {
+        if k > 0 {
+            plan.push(Fault::Kill);
+            k -= 1;
+        }
+        if c > 0 {
+            plan.push(Fault::Cut);
+            c -= 1;
+        }
+    }
+    plan.push(if can_restart {
+        Fault::BrokerRestart
+    } else {
+        Fault::Cut
+    });
+    plan.push(Fault::PostgresRestart);
+    plan
 }
 
 /// The faults of a run, with how far the run was when each hit.
@@ -373,18 +299,16 @@ struct Producer {
 }
 
 impl Producer {
-    /// Publishes `n` messages with ids to `queue`, `rate` a second, up to 64 awaiting
-    /// their confirms.
-    async fn start(queue: &str, n: usize, rate: u32) -> Self {
-        let publisher = RabbitPublisher::connect_named(amqp_url(), "redrive-fault-producer")
-            .await
-            .unwrap_or_else(|e| panic!("{HOW_TO_START}: {e}"));
+    /// Publishes `n` messages with ids (and keys) to `queue`, `rate` a second, up to
+    /// 64 awaiting their confirms.
+    fn start<P: Publisher + Clone>(publisher: P, queue: &str, n: usize, rate: u64) -> Self {
         let queue: Arc<str> = queue.into();
         let gate = Arc::new(tokio::sync::RwLock::new(()));
         let open = gate.clone();
         let task = tokio::spawn(async move {
             let started = Instant::now();
-            let mut tick = tokio::time::interval(Duration::from_secs(1) / rate);
+            let mut tick = tokio::time::interval(Duration::from_secs(1) / rate as u32);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
             let mut tasks = tokio::task::JoinSet::new();
             for i in 0..n {
                 tick.tick().await;
@@ -396,6 +320,7 @@ impl Producer {
                 tasks.spawn(async move {
                     let id = message_id(i);
                     let msg = OutgoingMessage::new(format!("{{\"order\":\"{id}\"}}"))
+                        .with_key(id.clone())
                         .with_header(MESSAGE_ID, id.as_str())
                         .expect("a header");
                     tokio::time::timeout(Duration::from_secs(30), publisher.publish(&queue, msg))
@@ -408,16 +333,22 @@ impl Producer {
             while let Some(done) = tasks.join_next().await {
                 done.expect("publish");
             }
-            publisher.close().await;
             started.elapsed()
         });
         Producer { gate, task }
     }
 }
 
-async fn fault_run(kind: QueueKind) -> Figures {
+/// Runs the fault run against `target` and checks its outcome; returns its figures.
+async fn fault_run<T: Target>(target: T) -> Figures {
     let _serial = SERIAL.lock().await;
-    let n = messages();
+    let broker = target.broker();
+    let n = usize::try_from(setting("FAULT_RUN_MESSAGES", 2_000)).expect("a count");
+    let plan = schedule(
+        setting("FAULT_RUN_KILLS", 1),
+        setting("FAULT_RUN_CUTS", 1),
+        target.can_restart(),
+    );
     let mut pg = tokio::task::block_in_place(services::PrivatePostgres::new);
     let store = PostgresStore::connect(&pg.params())
         .await
@@ -432,22 +363,13 @@ async fn fault_run(kind: QueueKind) -> Figures {
         .await
         .expect("the effects tables");
 
-    let tag = format!("{:08x}", fastrand::u32(..));
-    let queue = format!("redrive-fault-{}-{tag}", kind.as_str());
-    let topology = Topology::new(&queue)
-        .with_kind(kind)
-        .with_dead_letter_queue(format!("{queue}-dlq"))
-        .with_max_delay(Duration::from_secs(600));
-    let conn = redrive_rabbitmq::connect(&amqp_url(), "redrive-fault-declare")
-        .await
-        .unwrap_or_else(|e| panic!("{HOW_TO_START}: {e}"));
-    topology.declare(&conn).await.expect("declare the topology");
-    let _ = conn.close(200, "declared").await;
-    let logs = std::env::temp_dir().join(format!("redrive-fault-run-{}-{tag}", kind.as_str()));
+    let queue = target.queue().to_owned();
+    let logs = std::env::temp_dir().join(&queue);
     std::fs::create_dir_all(&logs).expect("the log directory");
     let run = Run {
-        kind,
-        prefix: format!("redrive-fault-{}-{tag}-", kind.as_str()),
+        broker,
+        url: target.url(),
+        prefix: format!("{queue}-"),
         queue: queue.clone(),
         postgres: pg.params(),
         logs,
@@ -461,15 +383,19 @@ async fn fault_run(kind: QueueKind) -> Figures {
         .collect();
     let good = (n - poison.len()) as u64;
     let started = Instant::now();
-    let producer = Producer::start(&queue, n, rate()).await;
+    let producer = Producer::start(
+        target.producer().await,
+        &queue,
+        n,
+        setting("FAULT_RUN_RATE", 100),
+    );
 
     let mut figures = Figures {
         messages: n,
         poison: poison.len(),
         ..Figures::default()
     };
-    let mut a = run.spawn("a1");
-    let mut b = run.spawn("b1");
+    let mut consumers = [run.spawn("a1"), run.spawn("b1")];
     let mut faults = Faults {
         good,
         started,
@@ -477,43 +403,48 @@ async fn fault_run(kind: QueueKind) -> Figures {
         late: Vec::new(),
     };
 
-    // The kill, at a random moment between 10 % and 25 % of the effects.
-    let kill_at = good * fastrand::u64(10..=25) / 100;
-    let waited = wait_for_progress(&store, kill_at, "the kill").await;
-    a.child.start_kill().expect("SIGKILL");
-    let _ = tokio::time::timeout(Duration::from_secs(10), a.child.wait()).await;
-    figures.kills += 1;
-    faults.hit(&format!("SIGKILL {}", a.name), waited);
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    a = run.spawn("a2");
-
-    // The PostgreSQL restart comes last: the consumers' circuit breakers open while it is
-    // away and keep intake paused for 30 s, and the rest of the run goes fast after that.
-    let waited = wait_for_progress(&store, good * 30 / 100, "the connection cut").await;
-    let cut = cut_connections(&run.prefix).await;
-    figures.cuts += 1;
-    let done = distinct_effects(&store).await.unwrap_or(waited);
-    faults.hit(&format!("{cut} connections cut"), done);
-
-    let waited = wait_for_progress(&store, good * 50 / 100, "the RabbitMQ restart").await;
-    {
-        let _paused = producer.gate.write().await;
-        let guard = RestartOnDrop;
-        rabbitmqctl(&["stop_app"]).await;
-        let done = distinct_effects(&store).await.unwrap_or(waited);
-        faults.hit("RabbitMQ stopped", done);
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        rabbitmqctl(&["start_app"]).await;
-        std::mem::forget(guard);
-        wait_for_broker().await;
+    // Fault i of m hits at about 10 % + i × 65 % / (m - 1) of the effects.
+    let m = plan.len() as u64;
+    for (i, fault) in plan.iter().enumerate() {
+        let at = 10 + i as u64 * 65 / (m - 1).max(1);
+        let at = good * fastrand::u64(at.saturating_sub(4).max(5)..=at + 4) / 100;
+        let waited = wait_for_progress(&store, at, &format!("{fault:?}")).await;
+        match fault {
+            Fault::Kill => {
+                let slot = figures.kills as usize % 2;
+                let victim = &mut consumers[slot];
+                victim.child.start_kill().expect("SIGKILL");
+                let _ = tokio::time::timeout(Duration::from_secs(10), victim.child.wait()).await;
+                faults.hit(&format!("SIGKILL {}", victim.name), waited);
+                figures.kills += 1;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let name = format!(
+                    "{}{}",
+                    if slot == 0 { "a" } else { "b" },
+                    figures.kills / 2 + 2
+                );
+                consumers[slot] = run.spawn(&name);
+            }
+            Fault::Cut => {
+                let cut = target.cut(&run.prefix).await;
+                figures.cuts += 1;
+                let done = distinct_effects(&store).await.unwrap_or(waited);
+                faults.hit(&format!("{cut} connections cut"), done);
+            }
+            Fault::BrokerRestart => {
+                let _paused = producer.gate.write().await;
+                faults.hit("broker restart", waited);
+                target.restart().await;
+                figures.restarts += 1;
+            }
+            Fault::PostgresRestart => {
+                tokio::task::block_in_place(|| pg.stop());
+                faults.hit("PostgreSQL stopped", waited);
+                tokio::task::block_in_place(|| pg.start());
+                figures.restarts += 1;
+            }
+        }
     }
-    figures.restarts += 1;
-
-    let waited = wait_for_progress(&store, good * 75 / 100, "the PostgreSQL restart").await;
-    tokio::task::block_in_place(|| pg.stop());
-    faults.hit("PostgreSQL stopped", waited);
-    tokio::task::block_in_place(|| pg.start());
-    figures.restarts += 1;
 
     let published = tokio::time::timeout(DRAIN, producer.task)
         .await
@@ -522,19 +453,12 @@ async fn fault_run(kind: QueueKind) -> Figures {
 
     // Every good message's effect, every poison message dead-lettered, every queue of
     // the run but the dead-letter queue empty.
-    let dlq = format!("{queue}-dlq");
     let deadline = Instant::now() + DRAIN;
     let mut settled = false;
     while Instant::now() < deadline {
         let effects = distinct_effects(&store).await.unwrap_or(0);
-        let depths = queue_depths(&queue).await;
-        let dead = depths.get(&dlq).copied().unwrap_or(0);
-        let left: u64 = depths
-            .iter()
-            .filter(|(name, _)| **name != dlq)
-            .map(|(_, n)| n)
-            .sum();
-        if effects >= good && dead >= poison.len() as u64 && left == 0 {
+        let depths = target.depths().await;
+        if effects >= good && depths.dead >= poison.len() as u64 && depths.pending == 0 {
             settled = true;
             break;
         }
@@ -543,8 +467,10 @@ async fn fault_run(kind: QueueKind) -> Figures {
     // Late duplicates, if any, have a moment to show.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let wall = started.elapsed();
-    let stopped_a = stop(&mut a).await;
-    let stopped_b = stop(&mut b).await;
+    let mut stopped = true;
+    for consumer in &mut consumers {
+        stopped &= stop(consumer).await;
+    }
 
     // The verdict, from the tables and the queues.
     let db = store.pool().get().await.expect("a connection");
@@ -570,8 +496,8 @@ async fn fault_run(kind: QueueKind) -> Figures {
         )
         .await
         .expect("reading the duplicates");
-    let leftovers = queue_depths(&queue).await;
-    let dead_letters = drain(&dlq).await;
+    let left = target.depths().await.pending;
+    let dead_letters = target.dead_letters(poison.len()).await;
     let dead_ids: BTreeMap<&str, usize> = dead_letters.iter().fold(BTreeMap::new(), |mut m, d| {
         *m.entry(d.id.as_str()).or_default() += 1;
         m
@@ -599,13 +525,9 @@ async fn fault_run(kind: QueueKind) -> Figures {
     let incomplete: Vec<String> = dead_letters
         .iter()
         .filter_map(|d| {
-            let missing = envelope_problems(d, &queue);
+            let missing = envelope_problems(d, broker, &queue);
             (!missing.is_empty()).then(|| format!("{}: {}", d.id, missing.join(", ")))
         })
-        .collect();
-    let left_behind: Vec<(&String, &u64)> = leftovers
-        .iter()
-        .filter(|(name, n)| **name != dlq && **n > 0)
         .collect();
 
     figures.lost = lost.len();
@@ -618,16 +540,16 @@ async fn fault_run(kind: QueueKind) -> Figures {
     let mut report = String::new();
     let _ = writeln!(
         report,
-        "fault run on a {} queue: {n} messages published in {published:.1?}; faults: {}; \
+        "fault run on {}: {n} messages published in {published:.1?}; faults: {}; \
          consumer logs in {}",
-        kind.as_str(),
+        broker.title(),
         faults.hits.join(", "),
         run.logs.display()
     );
     if !settled {
         let _ = writeln!(report, "not settled within {DRAIN:?} of the last fault");
     }
-    if !(stopped_a && stopped_b) {
+    if !stopped {
         let _ = writeln!(report, "a consumer did not stop cleanly on SIGTERM");
     }
     for row in &duplicate_rows {
@@ -646,17 +568,17 @@ async fn fault_run(kind: QueueKind) -> Figures {
         let _ = writeln!(report, "dead-lettered more than once: {dead_twice:?}");
     }
     println!("{report}");
-    print_table(&[(kind, &figures)]);
-    // Leave the queues when something is wrong, for a look; else remove them.
+    print_table(&[(broker, &figures)]);
+    // Leave the queues and logs when something is wrong, for a look; else remove them.
     let clean = lost.is_empty()
         && duplicated.is_empty()
         && poison_with_effect.is_empty()
         && poison_missing.is_empty()
         && dead_not_poison.is_empty()
         && incomplete.is_empty()
-        && left_behind.is_empty();
+        && left == 0;
     if clean {
-        delete_queues(&topology).await;
+        target.cleanup().await;
         let _ = std::fs::remove_dir_all(&run.logs);
     }
     assert!(lost.is_empty(), "lost (no effect): {lost:?}\n{report}");
@@ -681,10 +603,10 @@ async fn fault_run(kind: QueueKind) -> Figures {
         "dead letters without a complete envelope: {incomplete:?}"
     );
     assert!(
-        left_behind.is_empty(),
-        "messages left in the run's queues: {left_behind:?}\n{report}"
+        left == 0,
+        "{left} messages left in the run's queues\n{report}"
     );
-    assert!(stopped_a && stopped_b, "{report}");
+    assert!(stopped, "{report}");
     assert!(
         faults.late.is_empty(),
         "{:?} came after the last effect, so tested nothing; raise FAULT_RUN_MESSAGES\n{report}",
@@ -694,7 +616,12 @@ async fn fault_run(kind: QueueKind) -> Figures {
 }
 
 /// What is missing or wrong in a dead letter's envelope.
-fn envelope_problems(d: &DeadLetter, queue: &str) -> Vec<String> {
+fn envelope_problems(d: &DeadLetter, broker: Broker, queue: &str) -> Vec<String> {
+    let system = match broker {
+        Broker::RabbitQuorum | Broker::RabbitClassic => "rabbitmq",
+        Broker::Sqs => "aws_sqs",
+        Broker::Kafka => "kafka",
+    };
     let mut problems = Vec::new();
     let expect = |name: &str, ok: &dyn Fn(&str) -> bool, problems: &mut Vec<String>| match d
         .headers
@@ -707,7 +634,7 @@ fn envelope_problems(d: &DeadLetter, queue: &str) -> Vec<String> {
     let any = |_: &str| true;
     expect(
         dead_letter::ORIGINAL_SYSTEM,
-        &|v| v == "rabbitmq",
+        &|v| v == system,
         &mut problems,
     );
     expect(
@@ -736,32 +663,16 @@ fn envelope_problems(d: &DeadLetter, queue: &str) -> Vec<String> {
     problems
 }
 
-/// Deletes the run's queue, its dead-letter queue and its delay queues.
-async fn delete_queues(topology: &Topology) {
-    let Ok(conn) = redrive_rabbitmq::connect(&amqp_url(), "redrive-fault-cleanup").await else {
-        return;
-    };
-    if let Ok(ch) = conn.create_channel().await {
-        let mut names = vec![topology.queue().to_owned()];
-        names.extend(topology.dead_letter_queue().map(str::to_owned));
-        names.extend(topology.delay_queues());
-        for q in names {
-            let _ = ch.queue_delete(&q, QueueDeleteOptions::default()).await;
-        }
-    }
-    let _ = conn.close(200, "done").await;
-}
-
-fn print_table(rows: &[(QueueKind, &Figures)]) {
+fn print_table(rows: &[(Broker, &Figures)]) {
     println!(
         "| broker | messages | kills | restarts | cuts | lost | duplicate effects (transactional) \
          | duplicate effects (plain) | dead-lettered (poison ids, copies) | wall time |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|");
-    for (kind, f) in rows {
+    for (broker, f) in rows {
         println!(
-            "| RabbitMQ {} | {} | {} | {} | {} | {} | {} | {} | {} ({}, {}) | {:.1} s |",
-            kind.as_str(),
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} ({}, {}) | {:.1} s |",
+            broker.title(),
             f.messages,
             f.kills,
             f.restarts,
@@ -777,12 +688,22 @@ fn print_table(rows: &[(QueueKind, &Figures)]) {
     }
 }
 
+/// A tag that tells this run's queues from others'.
+fn tag() -> String {
+    format!("{:08x}", fastrand::u32(..))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rabbitmq_quorum_queue_loses_nothing_and_duplicates_no_effect() {
-    fault_run(QueueKind::Quorum).await;
+    fault_run(rabbitmq::Rabbit::new(redrive_rabbitmq::QueueKind::Quorum).await).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rabbitmq_classic_queue_loses_nothing_and_duplicates_no_effect() {
-    fault_run(QueueKind::Classic).await;
+    fault_run(rabbitmq::Rabbit::new(redrive_rabbitmq::QueueKind::Classic).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqs_loses_nothing_and_duplicates_no_effect() {
+    fault_run(sqs::Sqs::new().await).await;
 }
