@@ -27,6 +27,7 @@
 //! paths are printed. The runs go one at a time (a file-level lock): the machine has
 //! few cores, and the RabbitMQ runs restart the broker.
 
+mod kafka;
 mod rabbitmq;
 #[path = "../../../middleware/tests/support/services.rs"]
 mod services;
@@ -41,7 +42,7 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use redrive_core::{OutgoingMessage, Publisher};
+use redrive_core::{Consumer, OutgoingMessage, Publisher};
 use redrive_fault_run::{Broker, ENV_BROKER, ENV_BROKER_URL, ENV_CONSUMER, ENV_POSTGRES};
 use redrive_fault_run::{ENV_QUEUE, Fate, SCHEMA, fate, message_id};
 use redrive_middleware::dead_letter;
@@ -688,6 +689,42 @@ fn print_table(rows: &[(Broker, &Figures)]) {
     }
 }
 
+/// Takes every message from `consumer` until it has `expected` and then nothing more
+/// comes for 3 s, or 60 s have passed: each one's message id and text headers.
+async fn drain(consumer: &mut impl Consumer, expected: usize) -> Vec<DeadLetter> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut out = Vec::new();
+    while Instant::now() < deadline {
+        let idle = if out.len() >= expected {
+            Duration::from_secs(3)
+        } else {
+            deadline.saturating_duration_since(Instant::now())
+        };
+        let Ok(next) = tokio::time::timeout(idle, consumer.receive()).await else {
+            break;
+        };
+        let Some(delivery) = next.expect("receiving a dead letter") else {
+            break;
+        };
+        let headers = delivery
+            .message
+            .headers
+            .iter()
+            .filter_map(|(k, v)| Some((k.to_owned(), v.as_str()?.to_owned())))
+            .collect();
+        let id = delivery
+            .message
+            .headers
+            .get_str(redrive_middleware::idempotency::MESSAGE_ID)
+            .unwrap_or_default()
+            .to_owned();
+        delivery.ack().await.expect("acking a dead letter");
+        out.push(DeadLetter { id, headers });
+    }
+    let _ = consumer.close().await;
+    out
+}
+
 /// A tag that tells this run's queues from others'.
 fn tag() -> String {
     format!("{:08x}", fastrand::u32(..))
@@ -706,4 +743,9 @@ async fn rabbitmq_classic_queue_loses_nothing_and_duplicates_no_effect() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqs_loses_nothing_and_duplicates_no_effect() {
     fault_run(sqs::Sqs::new().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_loses_nothing_and_duplicates_no_effect() {
+    fault_run(kafka::Kafka::new().await).await;
 }

@@ -5,15 +5,14 @@
 //! SQS never restarts from a client's view, so this broker is not restarted: it gets
 //! one more cut instead.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use redrive_core::Consumer;
 use redrive_fault_run::Broker;
 use redrive_fault_run::proxy::Proxy;
 use redrive_sqs::SqsPublisher;
 use redrive_sqs::aws_sdk_sqs::types::QueueAttributeName;
 
-use super::{DeadLetter, Depths, Target};
+use super::{DeadLetter, Depths, Target, drain};
 
 fn endpoint() -> String {
     std::env::var("SQS_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:9324".to_owned())
@@ -143,40 +142,4 @@ impl Target for Sqs {
             }
         }
     }
-}
-
-/// Takes every message from `consumer` until it has `expected` and then nothing more
-/// comes for 3 s, or 60 s have passed: each one's message id and text headers.
-pub(crate) async fn drain(consumer: &mut impl Consumer, expected: usize) -> Vec<DeadLetter> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut out = Vec::new();
-    while Instant::now() < deadline {
-        let idle = if out.len() >= expected {
-            Duration::from_secs(3)
-        } else {
-            deadline.saturating_duration_since(Instant::now())
-        };
-        let Ok(next) = tokio::time::timeout(idle, consumer.receive()).await else {
-            break;
-        };
-        let Some(delivery) = next.expect("receiving a dead letter") else {
-            break;
-        };
-        let headers = delivery
-            .message
-            .headers
-            .iter()
-            .filter_map(|(k, v)| Some((k.to_owned(), v.as_str()?.to_owned())))
-            .collect();
-        let id = delivery
-            .message
-            .headers
-            .get_str(redrive_middleware::idempotency::MESSAGE_ID)
-            .unwrap_or_default()
-            .to_owned();
-        delivery.ack().await.expect("acking a dead letter");
-        out.push(DeadLetter { id, headers });
-    }
-    let _ = consumer.close().await;
-    out
 }
