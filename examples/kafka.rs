@@ -32,8 +32,7 @@ use redrive::middleware::retry::{Backoff, RetryConfig, RetryLayer};
 use redrive::middleware::timeout::TimeoutLayer;
 use redrive::middleware::trace::TraceLayer;
 use redrive::{
-    BoxError, Consumer, Message, OrderingMode, OutgoingMessage, Publisher, Redelivery, Worker,
-    handler,
+    BoxError, Message, OrderingMode, OutgoingMessage, Publisher, Redelivery, Worker, handler,
 };
 
 const TOPIC: &str = "redrive-example-orders";
@@ -110,9 +109,8 @@ async fn main() -> Result<(), BoxError> {
                 .with_max_tries(2),
         )?)
         .timeout(TimeoutLayer::new(Duration::from_secs(5))?);
-    stack.check(&consumer.capabilities())?;
     println!("pipeline: {}", stack.describe());
-    let service = stack.service(handler::handler_fn(|msg: Message| async move {
+    let handler = handler::handler_fn(|msg: Message| async move {
         let customer = String::from_utf8_lossy(msg.key.as_deref().unwrap_or_default()).into_owned();
         let order = String::from_utf8_lossy(&msg.payload).into_owned();
         if order == "poison" {
@@ -124,9 +122,11 @@ async fn main() -> Result<(), BoxError> {
         }
         println!("handled {customer}'s {order}");
         Ok(())
-    }));
+    });
 
-    let report = Worker::builder(consumer, service)
+    let report = Worker::builder(consumer)
+        .stack(stack)
+        .handler(handler)
         .concurrency(8)
         .ordering(OrderingMode::PerKey)
         .redelivery(Redelivery::constant(Duration::from_millis(300)))

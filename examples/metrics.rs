@@ -63,7 +63,8 @@ async fn main() -> Result<(), BoxError> {
     };
     // Stops once every message is settled, or on SIGTERM or Ctrl-C.
     let mut interrupted = false;
-    let report = Worker::builder(broker.consumer("orders"), stack)
+    let report = Worker::builder(broker.consumer("orders"))
+        .service(stack)
         .redelivery(Redelivery::constant(Duration::from_millis(10)))
         .build()?
         .run_until(async {

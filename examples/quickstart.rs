@@ -14,8 +14,8 @@ use redrive::middleware::dead_letter::{self, DeadLetterConfig, DeadLetterLayer};
 use redrive::middleware::idempotency::{self, IdempotencyConfig, IdempotencyLayer, MemoryStore};
 use redrive::middleware::retry::{Backoff, RetryConfig, RetryEvent, RetryLayer, Try};
 use redrive::{
-    BoxError, Consumer, Message, OrderingMode, OutgoingMessage, Publisher, Redelivery, Worker,
-    classify, handler,
+    BoxError, Message, OrderingMode, OutgoingMessage, Publisher, Redelivery, Worker, classify,
+    handler,
 };
 use serde::Deserialize;
 
@@ -105,10 +105,11 @@ async fn main() -> Result<(), BoxError> {
         )?)
         .idempotency(idempotency.clone())
         .retry(retry);
-    stack.check(&consumer.capabilities())?;
     println!("pipeline: {}", stack.describe());
 
-    let worker = Worker::builder(consumer, stack.service(handler))
+    let worker = Worker::builder(consumer)
+        .stack(stack)
+        .handler(handler)
         .name("quickstart")
         .concurrency(32)
         .ordering(OrderingMode::PerKey)

@@ -26,9 +26,7 @@ use redrive::middleware::retry::{Backoff, RetryConfig, RetryLayer};
 use redrive::middleware::timeout::TimeoutLayer;
 use redrive::middleware::trace::TraceLayer;
 use redrive::rabbitmq::{QueueKind, RabbitConsumer, RabbitPublisher, Topology};
-use redrive::{
-    BoxError, Consumer, Message, OutgoingMessage, Publisher, Redelivery, Worker, handler,
-};
+use redrive::{BoxError, Message, OutgoingMessage, Publisher, Redelivery, Worker, handler};
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
@@ -76,18 +74,19 @@ async fn main() -> Result<(), BoxError> {
                 .with_max_tries(2),
         )?)
         .timeout(TimeoutLayer::new(Duration::from_secs(5))?);
-    stack.check(&consumer.capabilities())?;
     println!("pipeline: {}", stack.describe());
-    let service = stack.service(handler::handler_fn(|msg: Message| async move {
+    let handler = handler::handler_fn(|msg: Message| async move {
         if msg.payload == "poison" {
             println!("delivery {} of the poison message fails", msg.attempt());
             return Err::<(), BoxError>("cannot parse order".into());
         }
         println!("handled {:?}", msg.payload);
         Ok(())
-    }));
+    });
 
-    let worker = Worker::builder(consumer, service)
+    let worker = Worker::builder(consumer)
+        .stack(stack)
+        .handler(handler)
         .concurrency(8)
         .redelivery(Redelivery::constant(Duration::from_millis(500)))
         .build()?;

@@ -33,9 +33,7 @@ use redrive::sqs::Sqs;
 use redrive::sqs::aws_config::{self, BehaviorVersion, Region};
 use redrive::sqs::aws_sdk_sqs::config::Credentials;
 use redrive::sqs::aws_sdk_sqs::types::QueueAttributeName;
-use redrive::{
-    BoxError, Consumer, Message, OutgoingMessage, Publisher, Redelivery, Worker, handler,
-};
+use redrive::{BoxError, Message, OutgoingMessage, Publisher, Redelivery, Worker, handler};
 
 const QUEUE: &str = "redrive-example-orders";
 const DLQ: &str = "redrive-example-orders-dlq";
@@ -113,9 +111,8 @@ async fn main() -> Result<(), BoxError> {
                 .with_max_tries(2),
         )?)
         .timeout(TimeoutLayer::new(Duration::from_secs(10))?);
-    stack.check(&consumer.capabilities())?;
     println!("pipeline: {}", stack.describe());
-    let service = stack.service(handler::handler_fn(|msg: Message| async move {
+    let handler = handler::handler_fn(|msg: Message| async move {
         match &msg.payload[..] {
             b"poison" => {
                 println!("receive {} of the poison message fails", msg.attempt());
@@ -132,9 +129,11 @@ async fn main() -> Result<(), BoxError> {
                 Ok(())
             }
         }
-    }));
+    });
 
-    let report = Worker::builder(consumer, service)
+    let report = Worker::builder(consumer)
+        .stack(stack)
+        .handler(handler)
         .concurrency(8)
         .redelivery(Redelivery::constant(Duration::from_secs(1)))
         .build()?

@@ -58,7 +58,8 @@ async fn main() -> Result<(), BoxError> {
             tracing::warn!("card processor timed out");
             Err::<(), BoxError>("card processor timed out".into())
         }));
-    Worker::builder(broker.consumer("payments"), stack)
+    Worker::builder(broker.consumer("payments"))
+        .service(stack)
         .redelivery(Redelivery::constant(Duration::from_millis(20)))
         .build()?
         .run_until(until_empty(&broker, "payments"))
@@ -67,7 +68,8 @@ async fn main() -> Result<(), BoxError> {
     let replay = ServiceBuilder::new()
         .layer(TraceLayer::new())
         .service(handler_fn(|_m: Message| async { Ok::<_, BoxError>(()) }));
-    Worker::builder(broker.consumer("payments-dlq"), replay)
+    Worker::builder(broker.consumer("payments-dlq"))
+        .service(replay)
         .build()?
         .run_until(until_empty(&broker, "payments-dlq"))
         .await;

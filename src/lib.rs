@@ -23,7 +23,7 @@
 //!     let _ = msg.payload;
 //!     Ok::<_, std::io::Error>(())
 //! });
-//! let report = Worker::builder(broker.consumer("emails"), handler)
+//! let report = Worker::builder(broker.consumer("emails")).service(handler)
 //!     .build()?
 //!     .run_until(tokio::time::sleep(Duration::from_millis(20)))
 //!     .await;

@@ -29,7 +29,8 @@ async fn run(mode: OrderingMode, execution: Execution, concurrency: usize) -> Du
         }
     };
     let start = std::time::Instant::now();
-    let report = Worker::builder(broker.consumer("bench"), handler)
+    let report = Worker::builder(broker.consumer("bench"))
+        .service(handler)
         .concurrency(concurrency)
         .ordering(mode)
         .execution(execution)

@@ -18,7 +18,7 @@ use std::future::pending;
 ///     println!("{:?}", msg.payload);
 ///     Ok::<_, BoxError>(())
 /// });
-/// let worker = Worker::builder(broker.consumer("orders"), handler).build()?;
+/// let worker = Worker::builder(broker.consumer("orders")).service(handler).build()?;
 /// let report = worker.run_until(redrive_core::shutdown_signal()).await;
 /// println!("{report:?}");
 /// # Ok(())

@@ -351,7 +351,8 @@ pub async fn worker_retries_failures<B: Backend>(b: &B) {
             Ok(())
         }
     });
-    let report = Worker::builder(b.consumer(&dest).await, handler)
+    let report = Worker::builder(b.consumer(&dest).await)
+        .service(handler)
         .redelivery(Redelivery::constant(Duration::from_millis(200)))
         .shutdown_timeout(Duration::from_secs(10))
         .build()
@@ -397,7 +398,8 @@ async fn run_worker<C: Consumer>(
             Ok::<_, BoxError>(())
         }
     });
-    Worker::builder(consumer, handler)
+    Worker::builder(consumer)
+        .service(handler)
         .concurrency(concurrency)
         .ordering(ordering)
         .redelivery(Redelivery::constant(Duration::ZERO))
@@ -559,7 +561,8 @@ pub async fn shutdown_drains<B: Backend>(b: &B) {
     });
     let stop = Arc::new(Notify::new());
     let stopper = stop.clone();
-    let worker = Worker::builder(b.consumer(&dest).await, handler)
+    let worker = Worker::builder(b.consumer(&dest).await)
+        .service(handler)
         .concurrency(5)
         // Nothing fails here; a zero redelivery delay fits every broker's nack limit.
         .redelivery(Redelivery::constant(Duration::ZERO))

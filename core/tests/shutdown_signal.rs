@@ -60,7 +60,8 @@ fn child_runs_a_worker_until_the_shutdown_signal() {
             eprintln!("finished {id}");
             Ok::<_, BoxError>(())
         });
-        Worker::builder(broker.consumer("orders"), handler)
+        Worker::builder(broker.consumer("orders"))
+            .service(handler)
             .concurrency(2)
             .shutdown_timeout(Duration::from_secs(60))
             .build()

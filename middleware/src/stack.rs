@@ -3,7 +3,7 @@
 //! ```
 //! use std::sync::Arc;
 //! use redrive_core::memory::MemoryBroker;
-//! use redrive_core::{handler_fn, BoxError, Consumer, Message, Worker};
+//! use redrive_core::{handler_fn, BoxError, Message, Worker};
 //! use redrive_middleware::dead_letter::{DeadLetterConfig, DeadLetterLayer};
 //! use redrive_middleware::idempotency::{IdempotencyConfig, IdempotencyLayer, MemoryStore};
 //! use redrive_middleware::trace::TraceLayer;
@@ -17,15 +17,15 @@
 //!     .idempotency(IdempotencyLayer::new(Arc::new(MemoryStore::new()), IdempotencyConfig::default())?)
 //!     .dead_letter(DeadLetterLayer::new(Arc::new(broker.clone()), DeadLetterConfig::default())?)
 //!     .trace(TraceLayer::new());
-//! stack.check(&consumer.capabilities())?;
 //! assert_eq!(
 //!     stack.describe(),
 //!     "trace -> dead_letter(max_attempts=5, to=<source>-dlq) -> \
 //!      circuit_breaker(consecutive_failures=5, open_for=30s) -> \
 //!      idempotency(lease=30s, ttl=86400s) -> handler"
 //! );
-//! let service = stack.service(handler_fn(|_m: Message| async { Ok::<_, BoxError>(()) }));
-//! let worker = Worker::builder(consumer, service).build()?;
+//! let handler = handler_fn(|_m: Message| async { Ok::<_, BoxError>(()) });
+//! // `build` checks the stack against the consumer's capabilities.
+//! let worker = Worker::builder(consumer).stack(stack).handler(handler).build()?;
 //! # let _ = worker;
 //! # Ok(())
 //! # }
@@ -59,7 +59,7 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use redrive_core::{Capabilities, CatchPanic};
+use redrive_core::{BoxError, Capabilities, CatchPanic};
 use tower::Layer;
 use tower::layer::util::Identity;
 
@@ -354,7 +354,9 @@ where
 
     /// Checks every layer against the consumer's capabilities (a retry window longer
     /// than the broker's lease, say), and the layers against each other (a retry
-    /// window longer than the idempotency lease). Call it before building the Worker.
+    /// window longer than the idempotency lease). `Worker::builder(..).stack(stack)`
+    /// runs it when the Worker is built; call it yourself only when you wrap a handler
+    /// with [`service`](Stack::service).
     ///
     /// # Errors
     /// The first layer's [`Error::Config`], naming the layer and what to change.
@@ -386,6 +388,32 @@ where
     where
         Self: Layer<S>,
     {
+        self.layer(handler)
+    }
+}
+
+/// What lets `Worker::builder(consumer).stack(stack).handler(handler)` wrap the handler
+/// and run [`Stack::check`] against the consumer's capabilities at `build`.
+impl<H, Tr, Me, Dl, Id, Cb, Rl, Re, To> redrive_core::Pipeline<H>
+    for Stack<Tr, Me, Dl, Id, Cb, Rl, Re, To>
+where
+    Self: Layer<H>,
+    Tr: StackPart,
+    Me: StackPart,
+    Dl: StackPart,
+    Id: StackPart,
+    Cb: StackPart,
+    Rl: StackPart,
+    Re: StackPart,
+    To: StackPart,
+{
+    type Service = <Self as Layer<H>>::Service;
+
+    fn check(&self, caps: &Capabilities) -> Result<(), BoxError> {
+        Stack::check(self, caps).map_err(Into::into)
+    }
+
+    fn wrap(&self, handler: H) -> Self::Service {
         self.layer(handler)
     }
 }

@@ -445,7 +445,8 @@ async fn an_open_breaker_pauses_a_running_workers_intake() {
     });
     let layer = CircuitBreakerLayer::new(holding_three_in_a_row()).unwrap();
     let handle = layer.handle();
-    let worker = Worker::builder(broker.consumer("orders"), layer.layer(handler))
+    let worker = Worker::builder(broker.consumer("orders"))
+        .service(layer.layer(handler))
         .concurrency(1)
         .redelivery(Redelivery::constant(Duration::ZERO))
         .build()
@@ -587,7 +588,8 @@ mod outage {
                 (BoxCloneService::new(service), None)
             }
         };
-        let worker = Worker::builder(broker.consumer("orders"), service)
+        let worker = Worker::builder(broker.consumer("orders"))
+            .service(service)
             .concurrency(4)
             // The Worker's default redelivery: 1 s doubling.
             .redelivery(Redelivery::default())

@@ -456,7 +456,8 @@ async fn in_a_worker_a_handler_that_always_panics_is_dead_lettered() {
         Ok::<(), BoxError>(())
     });
     let service = layer(Arc::new(broker.clone()), config().with_max_attempts(3)).layer(handler);
-    let report = Worker::builder(broker.consumer("jobs"), service)
+    let report = Worker::builder(broker.consumer("jobs"))
+        .service(service)
         .redelivery(redrive_core::Redelivery::constant(Duration::from_millis(
             10,
         )))
@@ -642,7 +643,8 @@ async fn in_a_worker_a_poison_message_ends_in_the_dlq_and_the_original_is_acked(
         layer(Arc::new(broker.clone()), config()).layer(handler::handler_fn(|_m: Message| async {
             Err::<(), BoxError>(permanent())
         }));
-    let worker = Worker::builder(broker.consumer("jobs"), service)
+    let worker = Worker::builder(broker.consumer("jobs"))
+        .service(service)
         .build()
         .unwrap();
     let report = worker
@@ -683,7 +685,8 @@ async fn in_a_worker_a_failed_dlq_publish_leads_to_a_nack_and_the_message_stays(
     let service = layer(Arc::new(Down), config()).layer(handler::handler_fn(|_m: Message| async {
         Err::<(), BoxError>(permanent())
     }));
-    let worker = Worker::builder(broker.consumer("jobs"), service)
+    let worker = Worker::builder(broker.consumer("jobs"))
+        .service(service)
         .build()
         .unwrap();
     let report = worker
@@ -754,7 +757,8 @@ async fn in_a_worker_a_message_that_kills_its_consumer_reaches_the_dlq_on_the_ne
             std::future::pending::<Result<(), BoxError>>()
         });
         let service = layer(Arc::new(broker.clone()), config()).layer(handler);
-        Worker::builder(broker.consumer("jobs"), service)
+        Worker::builder(broker.consumer("jobs"))
+            .service(service)
             .execution(redrive_core::Execution::InTask)
             .build()
             .unwrap()

@@ -122,7 +122,8 @@ async fn known_mix(make: impl Fn(&opentelemetry::metrics::Meter) -> MetricsLayer
             }
         }));
     let b = broker.clone();
-    let report = Worker::builder(broker.consumer("orders"), stack)
+    let report = Worker::builder(broker.consumer("orders"))
+        .service(stack)
         .concurrency(1)
         .redelivery(Redelivery::constant(Duration::from_millis(5)))
         .build()

@@ -116,6 +116,40 @@ fn check_rejects_a_retry_window_the_lease_cannot_hold() {
     stack.check(&kept).unwrap();
 }
 
+#[test]
+fn the_worker_refuses_to_build_around_a_stack_that_fails_its_check() {
+    let broker = MemoryBroker::new();
+    // A 15 s retry window against a 10 s idempotency lease.
+    let stack = Stack::new()
+        .retry(retry(Duration::from_secs(5), Duration::from_secs(20)))
+        .idempotency(
+            IdempotencyLayer::new(
+                Arc::new(MemoryStore::new()),
+                IdempotencyConfig::default().with_lease(Duration::from_secs(10)),
+            )
+            .unwrap(),
+        );
+    let handler = handler_fn(|_m: Message| async { Ok::<_, BoxError>(()) });
+    let Err(err) = Worker::builder(broker.consumer("jobs"))
+        .stack(stack)
+        .handler(handler)
+        .build()
+    else {
+        panic!("a Worker was built around a stack whose check fails");
+    };
+    let err = err.to_string();
+    assert!(err.contains("idempotency: "), "{err}");
+    assert!(err.contains("with_lease"), "{err}");
+
+    // A stack that passes builds, with no separate check.
+    let handler = handler_fn(|_m: Message| async { Ok::<_, BoxError>(()) });
+    Worker::builder(broker.consumer("jobs"))
+        .stack(Stack::new().retry(retry(Duration::from_millis(10), Duration::from_millis(100))))
+        .handler(handler)
+        .build()
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_whole_stack_under_a_worker() {
     let broker = MemoryBroker::new();
@@ -169,7 +203,8 @@ async fn the_whole_stack_under_a_worker() {
     // One at a time, so the two copies of job-9 do not race for the key (a race is
     // correct too: the loser is redelivered after the winner's lease; idempotency's own
     // tests cover it).
-    let report = Worker::builder(consumer, stack.service(handler))
+    let report = Worker::builder(consumer)
+        .service(stack.service(handler))
         .concurrency(1)
         .redelivery(Redelivery::constant(Duration::from_millis(10)))
         .build()

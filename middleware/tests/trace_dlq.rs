@@ -88,7 +88,8 @@ async fn one_trace_from_producer_through_retries_and_the_dlq() {
         .service(handler_fn(|_m: Message| async {
             Err::<(), BoxError>("payment service unavailable".into())
         }));
-    let report = Worker::builder(broker.consumer("orders"), stack)
+    let report = Worker::builder(broker.consumer("orders"))
+        .service(stack)
         .redelivery(Redelivery::constant(Duration::from_millis(10)))
         .build()
         .unwrap()
@@ -106,7 +107,8 @@ async fn one_trace_from_producer_through_retries_and_the_dlq() {
     let replay = ServiceBuilder::new()
         .layer(TraceLayer::new())
         .service(handler_fn(|_m: Message| async { Ok::<_, BoxError>(()) }));
-    let report = Worker::builder(broker.consumer("orders-dlq"), replay)
+    let report = Worker::builder(broker.consumer("orders-dlq"))
+        .service(replay)
         .build()
         .unwrap()
         .run_until(drained(&broker, "orders-dlq"))

@@ -256,7 +256,8 @@ async fn redrive(
         )
         .build()
         .expect("consumer");
-    let worker = Worker::builder(consumer, service)
+    let worker = Worker::builder(consumer)
+        .service(service)
         .concurrency(CONCURRENCY)
         .ordering(OrderingMode::PerKey)
         .execution(execution)

@@ -14,7 +14,7 @@
 //!     println!("{:?} (attempt {})", msg.payload, msg.attempt());
 //!     Ok::<_, BoxError>(())
 //! });
-//! let report = Worker::builder(consumer, handler)
+//! let report = Worker::builder(consumer).service(handler)
 //!     .concurrency(64)
 //!     .ordering(OrderingMode::PerKey) // keys of one partition in parallel, each in order
 //!     .redelivery(redrive_core::Redelivery::exponential(

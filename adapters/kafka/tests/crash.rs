@@ -41,7 +41,8 @@ fn child_aborts_on_the_record() {
             }
             Ok::<_, BoxError>(())
         });
-        Worker::builder(common::consumer(&brokers, &group, &topic), handler)
+        Worker::builder(common::consumer(&brokers, &group, &topic))
+            .service(handler)
             .ordering(OrderingMode::PerPartition)
             .build()
             .expect("worker")
@@ -109,7 +110,8 @@ async fn a_record_that_aborts_the_process_is_counted_across_restarts() {
             Ok::<_, BoxError>(())
         }
     });
-    let report = Worker::builder(common::consumer(&brokers, &group, &topic), handler)
+    let report = Worker::builder(common::consumer(&brokers, &group, &topic))
+        .service(handler)
         .ordering(OrderingMode::PerPartition)
         .build()
         .expect("worker")

@@ -57,20 +57,18 @@ async fn handle(env: &Env, topic: &str, n: usize) -> (Vec<Seen>, Report) {
             Ok::<_, BoxError>(())
         }
     });
-    let report = Worker::builder(
-        common::consumer(&env.brokers, &unique_name("g"), topic),
-        handler,
-    )
-    .ordering(OrderingMode::PerPartition)
-    .build()
-    .expect("worker")
-    .run_until(async move {
-        tokio::select! {
-            () = done.notified() => {}
-            () = tokio::time::sleep(Duration::from_secs(20)) => {}
-        }
-    })
-    .await;
+    let report = Worker::builder(common::consumer(&env.brokers, &unique_name("g"), topic))
+        .service(handler)
+        .ordering(OrderingMode::PerPartition)
+        .build()
+        .expect("worker")
+        .run_until(async move {
+            tokio::select! {
+                () = done.notified() => {}
+                () = tokio::time::sleep(Duration::from_secs(20)) => {}
+            }
+        })
+        .await;
     let seen = seen.lock().unwrap().clone();
     (seen, report)
 }

@@ -98,7 +98,8 @@ async fn run_group(brokers: &str, topic: &str, group: &str) -> GroupRun {
         }
     });
     let (watched, layer) = (ids.clone(), idempotency.clone());
-    let report = Worker::builder(consumer, stack.service(handler))
+    let report = Worker::builder(consumer)
+        .service(stack.service(handler))
         .build()
         .expect("worker")
         .run_until(async move {

@@ -135,16 +135,14 @@ async fn keys_of_one_partition_run_in_parallel_each_in_order(env: &Env) {
             Ok::<_, BoxError>(())
         }
     });
-    let report = Worker::builder(
-        common::consumer(&brokers, &unique_name("g"), &topic),
-        handler,
-    )
-    .concurrency(32)
-    .ordering(OrderingMode::PerKey)
-    .build()
-    .expect("worker")
-    .run_until(async move { done.notified().await })
-    .await;
+    let report = Worker::builder(common::consumer(&brokers, &unique_name("g"), &topic))
+        .service(handler)
+        .concurrency(32)
+        .ordering(OrderingMode::PerKey)
+        .build()
+        .expect("worker")
+        .run_until(async move { done.notified().await })
+        .await;
     assert_eq!(report.processed, 160, "{report:?}");
     let max = max_running.load(Ordering::SeqCst);
     assert!(
@@ -192,7 +190,8 @@ async fn a_parked_record_holds_the_watermark_and_a_new_member_resumes_there(env:
             Ok(())
         }
     });
-    let report = Worker::builder(common::consumer(&brokers, &group, &topic), handler)
+    let report = Worker::builder(common::consumer(&brokers, &group, &topic))
+        .service(handler)
         .concurrency(4)
         .ordering(OrderingMode::PerKey)
         .redelivery(Redelivery::constant(Duration::from_millis(50)))
@@ -245,7 +244,8 @@ async fn all_completed_work_is_committed_on_close(env: &Env) {
         .set("heartbeat.interval.ms", "500")
         .build()
         .expect("consumer");
-    let report = Worker::builder(consumer, handler)
+    let report = Worker::builder(consumer)
+        .service(handler)
         .build()
         .expect("worker")
         .run_until(async move { done.notified().await })
@@ -304,16 +304,14 @@ async fn a_poison_record_is_dead_lettered_with_its_attempts_and_its_key_unblocks
     )
     .expect("dead-letter config")
     .layer(handler);
-    let report = Worker::builder(
-        common::consumer(&brokers, &unique_name("g"), &topic),
-        service,
-    )
-    .ordering(OrderingMode::PerKey)
-    .redelivery(Redelivery::constant(Duration::from_millis(20)))
-    .build()
-    .expect("worker")
-    .run_until(async move { done.notified().await })
-    .await;
+    let report = Worker::builder(common::consumer(&brokers, &unique_name("g"), &topic))
+        .service(service)
+        .ordering(OrderingMode::PerKey)
+        .redelivery(Redelivery::constant(Duration::from_millis(20)))
+        .build()
+        .expect("worker")
+        .run_until(async move { done.notified().await })
+        .await;
     assert_eq!(
         *handled.lock().unwrap(),
         vec!["other".to_owned(), "after-poison".to_owned()],
@@ -455,7 +453,8 @@ async fn a_worker_that_holds_back_keeps_the_group(env: &Env) {
         .set("max.poll.interval.ms", "7000")
         .build()
         .expect("consumer");
-    let report = Worker::builder(consumer, handler)
+    let report = Worker::builder(consumer)
+        .service(handler)
         .concurrency(1)
         .build()
         .expect("worker")
@@ -604,16 +603,14 @@ async fn per_partition_runs_each_partition_in_order(env: &Env) {
             Ok::<_, BoxError>(())
         }
     });
-    let report = Worker::builder(
-        common::consumer(&brokers, &unique_name("g"), &topic),
-        handler,
-    )
-    .concurrency(8)
-    .ordering(OrderingMode::PerPartition)
-    .build()
-    .expect("worker")
-    .run_until(async move { done.notified().await })
-    .await;
+    let report = Worker::builder(common::consumer(&brokers, &unique_name("g"), &topic))
+        .service(handler)
+        .concurrency(8)
+        .ordering(OrderingMode::PerPartition)
+        .build()
+        .expect("worker")
+        .run_until(async move { done.notified().await })
+        .await;
     assert_eq!((report.processed, report.panicked), (40, 0), "{report:?}");
     for (partition, seen) in offsets.lock().unwrap().iter() {
         let mut sorted = seen.clone();
@@ -658,7 +655,8 @@ async fn a_worker_behind_a_full_buffer_gets_every_record_in_order(env: &Env) {
         .close_timeout(Duration::from_secs(5))
         .build()
         .expect("consumer");
-    let report = Worker::builder(consumer, handler)
+    let report = Worker::builder(consumer)
+        .service(handler)
         .concurrency(4)
         .max_waiting(16)
         .ordering(OrderingMode::PerKey)
@@ -737,7 +735,8 @@ async fn a_record_that_never_completes_bounds_how_far_its_partition_runs(env: &E
     let at_the_bound = Arc::new(AtomicUsize::new(usize::MAX));
     let backlogs: Arc<Mutex<Vec<Vec<PartitionBacklog>>>> = Arc::default();
     let (o, seen, b) = (others.clone(), at_the_bound.clone(), backlogs.clone());
-    let report = Worker::builder(consumer, handler)
+    let report = Worker::builder(consumer)
+        .service(handler)
         .concurrency(8)
         .ordering(OrderingMode::PerKey)
         .build()
@@ -827,7 +826,8 @@ async fn a_member_leaving_hands_its_partitions_over(env: &Env) {
         });
         let consumer = common::consumer(&brokers, &group, &topic);
         tokio::spawn(
-            Worker::builder(consumer, handler)
+            Worker::builder(consumer)
+                .service(handler)
                 .concurrency(4)
                 .build()
                 .expect("worker")
@@ -952,7 +952,8 @@ async fn a_parked_record_leaves_its_park_when_its_partition_is_revoked(env: &Env
     let stop = Arc::new(Notify::new());
     let s = stop.clone();
     let a = tokio::spawn(
-        Worker::builder(common::consumer(&brokers, &group, &topic), handler)
+        Worker::builder(common::consumer(&brokers, &group, &topic))
+            .service(handler)
             .ordering(OrderingMode::PerPartition)
             .redelivery(Redelivery::constant(Duration::from_secs(60)))
             .build()
@@ -1019,7 +1020,8 @@ async fn a_revoke_waits_for_the_running_record_so_it_is_not_run_twice(env: &Env)
             .build()
             .expect("consumer");
         tokio::spawn(
-            Worker::builder(consumer, handler)
+            Worker::builder(consumer)
+                .service(handler)
                 .build()
                 .expect("worker")
                 .run_until(async move { stop.notified().await }),

@@ -213,7 +213,8 @@ async fn redrive(
         } else {
             BoxService::new(handler_fn(|_m: Message| async { Ok::<_, BoxError>(()) }))
         });
-    let worker = Worker::builder(consumer, counted)
+    let worker = Worker::builder(consumer)
+        .service(counted)
         .concurrency(usize::from(prefetch))
         .execution(execution)
         .build()

@@ -20,14 +20,12 @@
 //! let publisher = RabbitPublisher::connect(&url).await?;
 //! publisher.publish("redrive-doc-orders", OutgoingMessage::new("hello")).await?;
 //!
-//! let worker = Worker::builder(
-//!     consumer,
-//!     handler::handler_fn(|msg: Message| async move {
+//! let worker = Worker::builder(consumer)
+//!     .handler(handler::handler_fn(|msg: Message| async move {
 //!         println!("attempt {}: {:?}", msg.attempt(), msg.payload);
 //!         Ok::<_, std::io::Error>(())
-//!     }),
-//! )
-//! .build()?;
+//!     }))
+//!     .build()?;
 //! let report = worker.run_until(tokio::time::sleep(Duration::from_millis(500))).await;
 //! assert!(report.acked >= 1);
 //! println!("reconnects: {}", monitor.reconnects());

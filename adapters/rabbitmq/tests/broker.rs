@@ -329,7 +329,8 @@ async fn poison_to_dlq(kind: QueueKind, redelivery: Duration) {
     .expect("dead-letter config");
     let service = tower::ServiceBuilder::new().layer(layer).service(handler);
     let consumer = common::consumer(&topology, "redrive-test-poison", 8).await;
-    let worker = Worker::builder(consumer, service)
+    let worker = Worker::builder(consumer)
+        .service(service)
         .redelivery(Redelivery::constant(redelivery))
         .build()
         .expect("worker");
@@ -509,7 +510,8 @@ async fn hand_back_at_shutdown(kind: QueueKind) {
         std::future::pending::<Result<(), BoxError>>()
     });
     let consumer = common::consumer(&topology, "redrive-test-handback", 8).await;
-    let worker = Worker::builder(consumer, handler)
+    let worker = Worker::builder(consumer)
+        .service(handler)
         .ordering(OrderingMode::PerKey)
         .concurrency(4)
         .shutdown_timeout(Duration::from_millis(500))
@@ -594,7 +596,8 @@ async fn deliveries_never_taken_keep_their_attempt_at_close_classic() {
         }
     });
     let consumer = common::consumer(&topology, "redrive-test-close-buffered", 10).await;
-    let worker = Worker::builder(consumer, handler)
+    let worker = Worker::builder(consumer)
+        .service(handler)
         .concurrency(1)
         .shutdown_timeout(Duration::from_secs(10))
         .build()

@@ -458,7 +458,8 @@ async fn a_shutdown_ends_while_a_resource_alarm_blocks_its_hand_backs() {
         .connect()
         .await
         .expect("consumer");
-    let worker = Worker::builder(consumer, handler)
+    let worker = Worker::builder(consumer)
+        .service(handler)
         .ordering(OrderingMode::PerKey)
         .shutdown_timeout(Duration::from_millis(500))
         .build()

@@ -133,7 +133,8 @@ async fn run_queue(topology: &Topology) -> QueueRun {
         }
     });
     let (watched, layer) = (ids.clone(), idempotency.clone());
-    let report = Worker::builder(consumer, stack.service(handler))
+    let report = Worker::builder(consumer)
+        .service(stack.service(handler))
         .build()
         .expect("worker")
         .run_until(async move {

@@ -116,7 +116,8 @@ async fn outage<St: IdempotencyStore>(
             }
         })
     };
-    let worker = Worker::builder(consumer, stack.service(handler))
+    let worker = Worker::builder(consumer)
+        .service(stack.service(handler))
         .build()
         .unwrap();
     let stop = Arc::new(Notify::new());

@@ -124,7 +124,8 @@ async fn worker(
         BoxService::new(handler)
     };
     let start = Instant::now();
-    let report = Worker::builder(consumer, service)
+    let report = Worker::builder(consumer)
+        .service(service)
         .concurrency(concurrency)
         .build()
         .expect("worker")

@@ -22,7 +22,7 @@
 //!     println!("{:?} (attempt {})", msg.payload, msg.attempt());
 //!     Ok::<_, BoxError>(())
 //! });
-//! let report = Worker::builder(consumer, handler)
+//! let report = Worker::builder(consumer).service(handler)
 //!     .concurrency(32)
 //!     .build()? // the lease is the queue's visibility timeout: the Worker extends it
 //!     .run_until(redrive_core::shutdown_signal()) // SIGTERM or Ctrl-C

@@ -141,7 +141,8 @@ async fn slow_handler_calls(
             Ok::<_, BoxError>(())
         }
     });
-    let worker = Worker::builder(consumer(sqs, &name).await, handler)
+    let worker = Worker::builder(consumer(sqs, &name).await)
+        .service(handler)
         .concurrency(8)
         .lease_keeping(lease_keeping)
         .redelivery(Redelivery::constant(Duration::ZERO))
@@ -218,7 +219,8 @@ async fn fifo_groups_keep_their_order_under_concurrency() {
             Ok::<_, BoxError>(())
         }
     });
-    let worker = Worker::builder(consumer(&sqs, &name).await, handler)
+    let worker = Worker::builder(consumer(&sqs, &name).await)
+        .service(handler)
         .concurrency(16)
         .ordering(OrderingMode::PerKey)
         .build()
@@ -571,7 +573,8 @@ async fn poison_message_reaches_the_dlq_with_its_envelope() {
         }
         Ok(())
     }));
-    let worker = Worker::builder(consumer(&sqs, &name).await, handler)
+    let worker = Worker::builder(consumer(&sqs, &name).await)
+        .service(handler)
         .build()
         .expect("worker");
     let stop = Arc::new(Notify::new());
@@ -656,7 +659,8 @@ async fn dead_letters_of_one_body_all_reach_a_content_deduplicated_fifo_dlq() {
     let handler = layer.layer(handler_fn(|_m: Message| async move {
         Err::<(), BoxError>(classify::permanent("missing field `id`"))
     }));
-    let worker = Worker::builder(consumer(&sqs, &name).await, handler)
+    let worker = Worker::builder(consumer(&sqs, &name).await)
+        .service(handler)
         .build()
         .expect("worker");
     let sqs2 = sqs.clone();
@@ -737,7 +741,8 @@ async fn redrive_interplay(
     let handler = layer.layer(handler_fn(|_m: Message| async move {
         Err::<(), BoxError>("downstream unavailable".into())
     }));
-    let worker = Worker::builder(c, handler)
+    let worker = Worker::builder(c)
+        .service(handler)
         .redelivery(Redelivery::constant(Duration::ZERO))
         .build()
         .expect("worker");

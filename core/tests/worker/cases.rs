@@ -145,7 +145,7 @@ where
     S::Error: Into<BoxError> + Send + 'static,
     S::Future: Send + 'static,
 {
-    Worker::builder(consumer, service).execution(EXECUTION)
+    Worker::builder(consumer).service(service).execution(EXECUTION)
 }
 
 fn caps() -> Capabilities {
@@ -1049,7 +1049,7 @@ async fn a_broker_that_stops_answering_settles_cannot_hold_shutdown() {
 fn a_settle_timeout_of_zero_fails_at_build() {
     let broker = MemoryBroker::new();
     let handler = handler_fn(|_m: Message| async { Ok::<_, BoxError>(()) });
-    let Err(err) = Worker::builder(broker.consumer("q"), handler)
+    let Err(err) = Worker::builder(broker.consumer("q")).service(handler)
         .settle_timeout(Duration::ZERO)
         .build()
     else {

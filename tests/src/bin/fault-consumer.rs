@@ -135,7 +135,6 @@ async fn serve<C: Consumer, P: Publisher>(
                 // A key another consumer holds is no reason to dead-letter a message.
                 .with_filter(|err, _| KeyReserved::find(err).is_none()),
         )?);
-    stack.check(&consumer.capabilities())?;
     tracing::info!(
         pipeline = %stack.describe(),
         consumer = %config.consumer,
@@ -144,10 +143,10 @@ async fn serve<C: Consumer, P: Publisher>(
     );
 
     let name: Arc<str> = config.consumer.clone().into();
-    let service = stack.service(handler_fn(move |msg: Message| {
-        handle(store.clone(), name.clone(), msg)
-    }));
-    let worker = Worker::builder(consumer, service)
+    let handler = handler_fn(move |msg: Message| handle(store.clone(), name.clone(), msg));
+    let worker = Worker::builder(consumer)
+        .stack(stack)
+        .handler(handler)
         .concurrency(8)
         .ordering(ordering)
         .redelivery(Redelivery::exponential(

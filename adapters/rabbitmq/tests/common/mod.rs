@@ -174,7 +174,8 @@ impl RunningWorker {
         S::Error: Into<BoxError> + Send + 'static,
         S::Future: Send + 'static,
     {
-        let worker = Worker::builder(consumer, handler)
+        let worker = Worker::builder(consumer)
+            .service(handler)
             .concurrency(concurrency)
             .redelivery(Redelivery::constant(Duration::ZERO))
             .build()
