@@ -25,6 +25,36 @@ impl Error {
     }
 }
 
+/// A layer's configuration that cannot work, whatever the consumer: what a layer's
+/// constructor returns. One type for every layer; each layer's module re-exports it
+/// (`retry::ConfigError`, `idempotency::ConfigError`, …).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {layer} configuration: {message}")]
+pub struct ConfigError {
+    layer: &'static str,
+    message: String,
+}
+
+impl ConfigError {
+    /// A configuration error of `layer` (`"retry"`, `"dead-letter"`, …).
+    pub(crate) fn new(layer: &'static str, message: impl Into<String>) -> Self {
+        ConfigError {
+            layer,
+            message: message.into(),
+        }
+    }
+
+    /// The layer whose configuration it is.
+    pub fn layer(&self) -> &'static str {
+        self.layer
+    }
+
+    /// What is wrong and what to change.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
 /// `Result` with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 

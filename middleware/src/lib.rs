@@ -10,7 +10,7 @@
 mod error;
 pub mod stack;
 
-pub use error::{Error, Result};
+pub use error::{ConfigError, Error, Result};
 pub use stack::{Stack, StackPart};
 
 #[cfg(feature = "circuit-breaker")]

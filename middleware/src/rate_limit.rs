@@ -44,7 +44,6 @@
 //! Inside the circuit breaker, outside retries: each delivery attempt takes one
 //! permit, however many tries it makes.
 
-use std::error::Error as StdError;
 use std::fmt;
 use std::future::Future;
 use std::num::NonZeroU32;
@@ -64,6 +63,8 @@ use governor::{NotUntil, Quota, RateLimiter};
 use redrive_core::{BoxError, Message};
 use tokio::time::{Instant, Sleep};
 use tower::{Layer, Service};
+
+pub use crate::error::ConfigError;
 
 /// A rate: `limit` messages per `per`, in bursts of at most `burst`.
 ///
@@ -116,34 +117,31 @@ impl RateLimitConfig {
 
     fn quota(&self) -> Result<Quota, ConfigError> {
         let limit = NonZeroU32::new(self.limit).ok_or_else(|| {
-            ConfigError("the limit is 0, so no message could ever pass; set it to 1 or more".into())
+            ConfigError::new(
+                "rate limit",
+                "the limit is 0, so no message could ever pass; set it to 1 or more",
+            )
         })?;
         let burst = NonZeroU32::new(self.burst.unwrap_or(self.limit)).ok_or_else(|| {
-            ConfigError("the burst is 0, so no message could ever pass; set it to 1 or more".into())
+            ConfigError::new(
+                "rate limit",
+                "the burst is 0, so no message could ever pass; set it to 1 or more",
+            )
         })?;
         let period = self.per / limit.get();
         let quota = Quota::with_period(period).ok_or_else(|| {
-            ConfigError(format!(
-                "{} messages per {:?} leaves less than a nanosecond between two; \
+            ConfigError::new(
+                "rate limit",
+                format!(
+                    "{} messages per {:?} leaves less than a nanosecond between two; \
                  lower the limit or lengthen the period",
-                self.limit, self.per
-            ))
+                    self.limit, self.per
+                ),
+            )
         })?;
         Ok(quota.allow_burst(burst))
     }
 }
-
-/// A rate limit the layer cannot work with; the message says what to change.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ConfigError(String);
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "invalid rate limit configuration: {}", self.0)
-    }
-}
-
-impl StdError for ConfigError {}
 
 /// governor's clock over tokio's time, so paused test time drives the limiter.
 #[derive(Clone, Debug)]

@@ -53,6 +53,8 @@ use redrive_core::{BoxError, Message};
 use tokio::time::Sleep;
 use tower::{Layer, Service};
 
+pub use crate::error::ConfigError;
+
 /// A try ran past its deadline. Transient.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Elapsed {
@@ -77,18 +79,6 @@ impl fmt::Display for Elapsed {
 }
 
 impl StdError for Elapsed {}
-
-/// A timeout the layer cannot work with; the message says what to change.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ConfigError(String);
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "invalid timeout configuration: {}", self.0)
-    }
-}
-
-impl StdError for ConfigError {}
 
 /// Wraps a service in [`Timeout`].
 ///
@@ -115,10 +105,10 @@ impl TimeoutLayer {
     /// [`ConfigError`] when `timeout` is zero (every try would fail).
     pub fn new(timeout: Duration) -> Result<Self, ConfigError> {
         if timeout.is_zero() {
-            return Err(ConfigError(
+            return Err(ConfigError::new(
+                "timeout",
                 "the timeout is 0, so every try would fail; give the handler a deadline \
-                 it can meet, e.g. a few seconds"
-                    .into(),
+                 it can meet, e.g. a few seconds",
             ));
         }
         Ok(TimeoutLayer { timeout })

@@ -117,6 +117,30 @@ fn check_rejects_a_retry_window_the_lease_cannot_hold() {
 }
 
 #[test]
+fn every_layer_reports_a_bad_configuration_with_one_error_type() {
+    let errors: [redrive_middleware::ConfigError; 4] = [
+        RetryLayer::new(RetryConfig::default().with_max_tries(0)).unwrap_err(),
+        TimeoutLayer::new(Duration::ZERO).unwrap_err(),
+        RateLimitLayer::new(RateLimitConfig::per_second(0)).unwrap_err(),
+        IdempotencyLayer::new(
+            Arc::new(MemoryStore::new()),
+            IdempotencyConfig::default().with_lease(Duration::ZERO),
+        )
+        .unwrap_err(),
+    ];
+    let layers: Vec<&str> = errors.iter().map(|e| e.layer()).collect();
+    assert_eq!(layers, ["retry", "timeout", "rate limit", "idempotency"]);
+    for e in &errors {
+        assert!(
+            e.to_string()
+                .starts_with(&format!("invalid {} configuration: ", e.layer())),
+            "{e}"
+        );
+        assert!(!e.message().is_empty());
+    }
+}
+
+#[test]
 fn the_worker_refuses_to_build_around_a_stack_that_fails_its_check() {
     let broker = MemoryBroker::new();
     // A 15 s retry window against a 10 s idempotency lease.

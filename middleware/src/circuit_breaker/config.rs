@@ -161,51 +161,58 @@ impl CircuitBreakerConfig {
 
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
         if self.consecutive_failures == Some(0) {
-            return Err(ConfigError(
+            return Err(ConfigError::new(
+                "circuit breaker",
                 "`consecutive_failures` is 0; set it to 1 or more, or turn it off with \
-                 `without_consecutive_failures`"
-                    .into(),
+                 `without_consecutive_failures`",
             ));
         }
         if let Some(rate) = &self.failure_rate {
             if !(rate.threshold.is_finite() && rate.threshold > 0.0 && rate.threshold <= 1.0) {
-                return Err(ConfigError(format!(
-                    "the failure-rate threshold is {}; set it above 0.0 and at most 1.0 \
+                return Err(ConfigError::new(
+                    "circuit breaker",
+                    format!(
+                        "the failure-rate threshold is {}; set it above 0.0 and at most 1.0 \
                      (0.5 trips when half the calls fail)",
-                    rate.threshold
-                )));
+                        rate.threshold
+                    ),
+                ));
             }
             if rate.window < MIN_WINDOW {
-                return Err(ConfigError(format!(
-                    "the failure-rate window is {:?}; set it to {MIN_WINDOW:?} or more",
-                    rate.window
-                )));
+                return Err(ConfigError::new(
+                    "circuit breaker",
+                    format!(
+                        "the failure-rate window is {:?}; set it to {MIN_WINDOW:?} or more",
+                        rate.window
+                    ),
+                ));
             }
             if rate.min_calls == 0 {
-                return Err(ConfigError(
+                return Err(ConfigError::new(
+                    "circuit breaker",
                     "the failure rate's `min_calls` is 0; set it to 1 or more so one \
-                     failed call cannot trip the breaker alone"
-                        .into(),
+                     failed call cannot trip the breaker alone",
                 ));
             }
         }
         if self.consecutive_failures.is_none() && self.failure_rate.is_none() {
-            return Err(ConfigError(
-                "nothing can trip the breaker; set `consecutive_failures` or a failure rate".into(),
+            return Err(ConfigError::new(
+                "circuit breaker",
+                "nothing can trip the breaker; set `consecutive_failures` or a failure rate",
             ));
         }
         if self.open_for.is_zero() {
-            return Err(ConfigError(
+            return Err(ConfigError::new(
+                "circuit breaker",
                 "`open_for` is 0, so the breaker would never pause; set it to how long the \
-                 downstream needs to recover, e.g. 30 s"
-                    .into(),
+                 downstream needs to recover, e.g. 30 s",
             ));
         }
         if self.half_open_probes == 0 {
-            return Err(ConfigError(
+            return Err(ConfigError::new(
+                "circuit breaker",
                 "`half_open_probes` is 0, so the breaker could never close again; set it to \
-                 1 or more"
-                    .into(),
+                 1 or more",
             ));
         }
         Ok(())

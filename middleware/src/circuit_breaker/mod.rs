@@ -74,7 +74,6 @@
 //! and inside dead letter, which never sees a held message.
 
 mod config;
-mod error;
 mod future;
 mod handle;
 mod hold;
@@ -93,8 +92,8 @@ use redrive_core::{BoxError, Message};
 use tokio::time::Sleep;
 use tower::Service;
 
+pub use crate::error::ConfigError;
 pub use config::{CircuitBreakerConfig, FailureRate};
-pub use error::ConfigError;
 pub use future::ResponseFuture;
 pub use handle::CircuitHandle;
 pub use hook::{CircuitOpen, OnCircuitOpen, OpenReason};

@@ -146,15 +146,16 @@ impl DeadLetterConfig {
 
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         if self.max_attempts == 0 {
-            return Err(ConfigError(
-                "`max_attempts` is 0; delivery attempts start at 1, so set it to 1 or more".into(),
+            return Err(ConfigError::new(
+                "dead-letter",
+                "`max_attempts` is 0; delivery attempts start at 1, so set it to 1 or more",
             ));
         }
         if self.destination.as_deref() == Some("") {
-            return Err(ConfigError(
+            return Err(ConfigError::new(
+                "dead-letter",
                 "the destination is empty; name a queue or topic, or leave it unset for \
-                 `<source destination>-dlq`"
-                    .into(),
+                 `<source destination>-dlq`",
             ));
         }
         Ok(())

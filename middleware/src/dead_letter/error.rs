@@ -5,18 +5,6 @@ use std::fmt;
 
 use redrive_core::HeaderError;
 
-/// A configuration the dead-letter layer cannot work with; the message says what to change.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ConfigError(pub(crate) String);
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "invalid dead-letter configuration: {}", self.0)
-    }
-}
-
-impl StdError for ConfigError {}
-
 #[derive(Debug)]
 pub(crate) enum Kind {
     NoDestination,

@@ -31,9 +31,10 @@ impl<P: Publisher> DeadLetterLayer<P> {
         config.validate()?;
         if let Some(d) = &config.destination {
             publisher.check_destination(d).map_err(|e| {
-                ConfigError(format!(
-                    "the dead-letter destination `{d}` cannot be used: {e}"
-                ))
+                ConfigError::new(
+                    "dead-letter",
+                    format!("the dead-letter destination `{d}` cannot be used: {e}"),
+                )
             })?;
         }
         Ok(DeadLetterLayer {

@@ -123,6 +123,7 @@ use std::task::{Context, Poll};
 use redrive_core::{BoxError, Message, Metadata, Outcome, OutgoingMessage, Publisher};
 use tower::Service;
 
+pub use crate::error::ConfigError;
 pub use config::DeadLetterConfig;
 pub use config::default_destination;
 pub use envelope::{
@@ -131,7 +132,7 @@ pub use envelope::{
     ORIGINAL_MESSAGE_ID, ORIGINAL_OFFSET, ORIGINAL_PARTITION, ORIGINAL_SYSTEM, Reason, TRACEPARENT,
     TRACESTATE,
 };
-pub use error::{ConfigError, DeadLetterError};
+pub use error::DeadLetterError;
 pub use layer::DeadLetterLayer;
 
 use future::ResponseFuture;

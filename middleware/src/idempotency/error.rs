@@ -6,19 +6,6 @@ use std::time::Duration;
 
 use redrive_core::BoxError;
 
-/// A configuration the idempotency layer or a store cannot work with; the message says
-/// what to change.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ConfigError(pub(crate) String);
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "invalid idempotency configuration: {}", self.0)
-    }
-}
-
-impl StdError for ConfigError {}
-
 #[derive(Debug)]
 enum StoreErrorKind {
     Backend(BoxError),

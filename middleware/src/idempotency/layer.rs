@@ -190,21 +190,26 @@ impl IdempotencyConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         if let Namespace::Named(name) = &self.namespace {
             if name.is_empty() {
-                return Err(ConfigError(
-                    "`namespace` is empty; name the service whose keys these are".into(),
+                return Err(ConfigError::new(
+                    "idempotency",
+                    "`namespace` is empty; name the service whose keys these are",
                 ));
             }
         }
         for (name, d) in [("lease", self.lease), ("ttl", self.ttl)] {
             if d < Duration::from_millis(1) {
-                return Err(ConfigError(format!(
-                    "`{name}` is {d:?}; stores count in milliseconds, so set at least 1 ms"
-                )));
+                return Err(ConfigError::new(
+                    "idempotency",
+                    format!(
+                        "`{name}` is {d:?}; stores count in milliseconds, so set at least 1 ms"
+                    ),
+                ));
             }
             if d > MAX_DURATION {
-                return Err(ConfigError(format!(
-                    "`{name}` is {d:?}; set at most 10 years"
-                )));
+                return Err(ConfigError::new(
+                    "idempotency",
+                    format!("`{name}` is {d:?}; set at most 10 years"),
+                ));
             }
         }
         Ok(())

@@ -140,7 +140,8 @@ use std::time::Duration;
 use redrive_core::{BoxError, Message, Outcome, classify};
 use tower::Service;
 
-pub use error::{ConfigError, KeyReserved, MissingKey, StoreError};
+pub use crate::error::ConfigError;
+pub use error::{KeyReserved, MissingKey, StoreError};
 /// The most bytes of an idempotency key a log line carries (a producer chooses it).
 const MAX_LOGGED_KEY: usize = 128;
 

@@ -415,10 +415,13 @@ fn check_table(table: &str) -> Result<(), ConfigError> {
     };
     let parts: Vec<&str> = table.split('.').collect();
     if parts.len() > 2 || !parts.iter().all(|p| valid_part(p)) {
-        return Err(ConfigError(format!(
-            "`{table}` is not a table name; use `name` or `schema.name` with letters, \
+        return Err(ConfigError::new(
+            "idempotency",
+            format!(
+                "`{table}` is not a table name; use `name` or `schema.name` with letters, \
              digits and `_` (at most 63 each)"
-        )));
+            ),
+        ));
     }
     Ok(())
 }

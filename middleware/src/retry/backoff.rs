@@ -134,23 +134,32 @@ impl Backoff {
 
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         if !(self.multiplier.is_finite() && self.multiplier >= 1.0) {
-            return Err(ConfigError::new(format!(
-                "the backoff multiplier is {}; set it to a finite number of at least 1.0 \
+            return Err(ConfigError::new(
+                "retry",
+                format!(
+                    "the backoff multiplier is {}; set it to a finite number of at least 1.0 \
                  (1.0 keeps the delay constant, 2.0 doubles it)",
-                self.multiplier
-            )));
+                    self.multiplier
+                ),
+            ));
         }
         if self.max < self.min {
-            return Err(ConfigError::new(format!(
-                "the backoff max ({:?}) is below its min ({:?}); raise the max or lower the min",
-                self.max, self.min
-            )));
+            return Err(ConfigError::new(
+                "retry",
+                format!(
+                    "the backoff max ({:?}) is below its min ({:?}); raise the max or lower the min",
+                    self.max, self.min
+                ),
+            ));
         }
         if let Jitter::Proportional(r) = self.jitter {
             if !(r.is_finite() && (0.0..=1.0).contains(&r)) {
-                return Err(ConfigError::new(format!(
-                    "the jitter ratio is {r}; set it between 0.0 (no jitter) and 1.0 (full jitter)"
-                )));
+                return Err(ConfigError::new(
+                    "retry",
+                    format!(
+                        "the jitter ratio is {r}; set it between 0.0 (no jitter) and 1.0 (full jitter)"
+                    ),
+                ));
             }
         }
         Ok(())

@@ -83,17 +83,23 @@ impl Budget {
 
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         if !(self.ratio.is_finite() && self.ratio >= 0.0) {
-            return Err(ConfigError::new(format!(
-                "the retry budget ratio is {}; set it to a finite number of at least 0.0 \
+            return Err(ConfigError::new(
+                "retry",
+                format!(
+                    "the retry budget ratio is {}; set it to a finite number of at least 0.0 \
                  (0.2 lets retries add 20 % to the load)",
-                self.ratio
-            )));
+                    self.ratio
+                ),
+            ));
         }
         if self.window < MIN_WINDOW {
-            return Err(ConfigError::new(format!(
-                "the retry budget window is {:?}; set it to {MIN_WINDOW:?} or more (10 s is typical)",
-                self.window
-            )));
+            return Err(ConfigError::new(
+                "retry",
+                format!(
+                    "the retry budget window is {:?}; set it to {MIN_WINDOW:?} or more (10 s is typical)",
+                    self.window
+                ),
+            ));
         }
         Ok(())
     }

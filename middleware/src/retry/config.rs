@@ -139,11 +139,13 @@ impl RetryConfig {
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         if self.max_tries == 0 {
             return Err(ConfigError::new(
+                "retry",
                 "`max_tries` is 0; it counts the first try too, so set it to 1 (no retries) or more",
             ));
         }
         if self.max_elapsed.is_zero() && self.max_tries > 1 {
             return Err(ConfigError::new(
+                "retry",
                 "`max_elapsed` is 0, so no retry could ever start; raise it, or set \
                  `max_tries` to 1 to turn retries off",
             ));
@@ -192,16 +194,19 @@ impl RetryConfig {
         };
         let window = self.window();
         if window >= lease {
-            return Err(ConfigError::new(format!(
-                "retries can keep a message for {window:?} ({} tries, delays up to {:?}, \
+            return Err(ConfigError::new(
+                "retry",
+                format!(
+                    "retries can keep a message for {window:?} ({} tries, delays up to {:?}, \
                  max_elapsed {:?}), but the broker's lease is {lease:?} and cannot be \
                  extended, so it would redeliver the message to another consumer \
                  meanwhile; lower `max_elapsed` well below {lease:?} (leave room for the \
                  tries themselves), or lower `max_tries` or the backoff max",
-                self.max_tries,
-                self.backoff.max(),
-                self.max_elapsed,
-            )));
+                    self.max_tries,
+                    self.backoff.max(),
+                    self.max_elapsed,
+                ),
+            ));
         }
         Ok(())
     }

@@ -85,7 +85,6 @@
 mod backoff;
 mod budget;
 mod config;
-mod error;
 pub mod future;
 mod layer;
 
@@ -98,10 +97,10 @@ use std::time::Duration;
 use redrive_core::{BoxError, Message};
 use tower::Service;
 
+pub use crate::error::ConfigError;
 pub use backoff::{Backoff, Jitter};
 pub use budget::Budget;
 pub use config::RetryConfig;
-pub use error::ConfigError;
 pub use layer::RetryLayer;
 
 use future::ResponseFuture;

@@ -14,6 +14,7 @@ use redrive_core::{
     shutdown_signal,
 };
 use redrive_fault_run::{Broker, Config, Fate, KEY_TTL, fate};
+use redrive_kafka::rdkafka::ClientConfig;
 use redrive_kafka::{KafkaConsumer, KafkaPublisher};
 use redrive_middleware::Stack;
 use redrive_middleware::dead_letter::{DeadLetterConfig, DeadLetterLayer};
@@ -102,7 +103,13 @@ async fn run() -> Result<(), BoxError> {
             .set("session.timeout.ms", "6000")
             .set("heartbeat.interval.ms", "1000")
             .build()?;
-            let publisher = KafkaPublisher::new(&config.broker_url)?;
+            // One record per batch, as the driver's producer: the driver counts the
+            // dead-letter topic by its latest offset, which tansu reports per batch.
+            let mut producer = ClientConfig::new();
+            producer
+                .set("bootstrap.servers", &config.broker_url)
+                .set("batch.num.messages", "1");
+            let publisher = KafkaPublisher::from_config(producer)?;
             serve(&config, store, consumer, publisher, OrderingMode::PerKey).await?;
         }
     }

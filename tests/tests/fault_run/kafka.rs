@@ -4,10 +4,17 @@
 //! mid-request. tansu's binary comes from `KAFKA_BROKER_BIN` (`scripts/kafka-broker`
 //! exports it) or the places that script installs it to.
 //!
-//! tansu 0.6 resumes a fetch at the next record batch instead of at the requested
-//! offset, so a consumer that takes over a partition at a committed offset inside a
-//! batch would skip the rest of that batch: the producer sends one record per batch
-//! (`batch.num.messages=1`), so every offset starts a batch.
+//! One record per batch (`batch.num.messages=1`): tansu 0.6.0 as released (the
+//! `cargo install` fallback) resumes a fetch at the next record batch instead of at
+//! the requested offset, so a consumer taking over a partition at a committed offset
+//! inside a batch would skip the rest of it; and tansu answers a "latest offset" query
+//! with the last batch's base offset plus one, which the backlog below relies on.
+//!
+//! tansu is not restarted: its in-memory storage keeps nothing, and the only engine
+//! in this build that keeps data across a restart (`s3://`, against a local S3 such
+//! as moto) produces at 140 to 225 records a second one record per batch, and loses a
+//! record it acknowledged to an idempotent producer when it is killed mid-produce. So
+//! this broker gets one more cut instead.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
