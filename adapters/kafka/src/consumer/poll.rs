@@ -1,0 +1,305 @@
+//! The poll task: it polls librdkafka, turns records into deliveries tracked in their
+//! partitions' watermarks, and hands them to `receive` in batches, holding them when
+//! the Worker is slow and pausing the partitions when it stalls.
+
+use std::collections::VecDeque;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use futures_util::{FutureExt as _, StreamExt as _};
+use rdkafka::Message as _;
+use rdkafka::consumer::StreamConsumer;
+use rdkafka::error::KafkaResult;
+use rdkafka::message::BorrowedMessage;
+use redrive_core::Delivery;
+use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
+
+use crate::mapping;
+use crate::watermark::{Assigned, Tp, Watermarks};
+
+use super::acker::KafkaAcker;
+use super::batch::{Batch, Spare};
+use super::crash_loop::FirstRecord;
+use super::lock;
+use super::pause::{pause_full, resume_emptied, set_paused};
+use super::rebalance::Context;
+
+/// Polls the consumer and hands records to `receive` through `tx`, in batches of what
+/// one poll found (at most `batch_max`), holding up to another `tx`'s worth in order
+/// when it is full. When the hold stays full for `pause_after` (the Worker is stalled:
+/// keys parked, the breaker open), the assigned partitions are paused and polling goes
+/// on, so rebalances are served and the consumer never exceeds
+/// `max.poll.interval.ms`; they resume once everything held is handed over. Short
+/// stalls cost nothing: pausing drops librdkafka's prefetched records, and resuming
+/// fetches them again, from the record after the last one polled.
+///
+/// A partition whose open records reach their bound (a record holds it) is paused
+/// alone, at the end of the batch that filled it, and resumed once it is down to half
+/// the bound (the acker that gets it there wakes this task).
+pub(super) async fn poll(
+    consumer: Arc<StreamConsumer<Context>>,
+    group: Arc<str>,
+    state: Arc<Mutex<Watermarks>>,
+    tx: mpsc::Sender<Batch>,
+    spare: Arc<Spare>,
+    batch_max: usize,
+    pause_after: Duration,
+) {
+    let limit = tx.max_capacity();
+    let refill = limit.div_ceil(2);
+    let mut held: VecDeque<Batch> = VecDeque::new();
+    let mut paused = false;
+    // Partitions paused for being full.
+    let mut full: Vec<Arc<Assigned>> = Vec::new();
+    let wake = lock(&state).wake();
+    let mut last = None;
+    // Kept across polls, so its list of offsets is allocated once.
+    let mut received = Received::default();
+    // One stream for the task's life: `recv()` would register and drop a waker slot
+    // (two lock round trips) per record.
+    let mut stream = consumer.stream();
+    let handle = Arc::downgrade(&consumer);
+    loop {
+        while let Some(batch) = held.pop_front() {
+            match tx.try_send(batch) {
+                Ok(()) => {}
+                Err(TrySendError::Full(batch)) => {
+                    held.push_front(batch);
+                    break;
+                }
+                Err(TrySendError::Closed(_)) => return,
+            }
+        }
+        if !full.is_empty() {
+            resume_emptied(&consumer, &mut full, paused);
+        }
+        if held.is_empty() && paused {
+            paused = !set_paused(&consumer, &state, false);
+        }
+        if held.len() >= limit && !paused {
+            // Full: wait for room without polling, but not long enough to be dropped
+            // from the group. Woken once half the channel is free rather than for each
+            // batch taken: the wake-up is paid by the Worker's thread (a system call
+            // when this task's thread sleeps), once per `refill` batches.
+            tokio::select! {
+                biased;
+                () = tx.closed() => return,
+                permits = tx.reserve_many(refill) => match permits {
+                    Ok(permits) => {
+                        for (permit, batch) in permits.zip(held.drain(..refill)) {
+                            permit.send(batch);
+                        }
+                    }
+                    Err(_) => return,
+                },
+                () = tokio::time::sleep(pause_after) => {
+                    // Room for fewer than `refill` batches: the Worker is slow, not
+                    // stalled. Hand over what fits (at the top of the loop) and wait again.
+                    if tx.capacity() > 0 {
+                        continue;
+                    }
+                    tracing::info!(held = held.len(), ?pause_after, "the worker is not taking records; pausing the partitions and polling on");
+                    paused = set_paused(&consumer, &state, true);
+                }
+            }
+            continue;
+        }
+        let record = tokio::select! {
+            biased;
+            () = tx.closed() => return,
+            permit = tx.reserve(), if !held.is_empty() => {
+                match permit {
+                    Ok(permit) => permit.send(held.pop_front().expect("held is not empty")),
+                    Err(_) => return,
+                }
+                continue;
+            }
+            // A full partition has room: resumed at the top of the loop.
+            () = wake.notified(), if !full.is_empty() => continue,
+            record = stream.next() => record.expect("kafka streams never end"),
+        };
+        let mut batch = spare.take(batch_max);
+        let mut failed = take(
+            record,
+            &handle,
+            &group,
+            &state,
+            &mut last,
+            &mut batch,
+            &mut received,
+        );
+        // Then what librdkafka already holds, without waiting and without a `select!`
+        // per record.
+        while !failed && batch.len() < batch_max && !received.at_bound() {
+            let Some(Some(record)) = stream.next().now_or_never() else {
+                break;
+            };
+            failed = take(
+                record,
+                &handle,
+                &group,
+                &state,
+                &mut last,
+                &mut batch,
+                &mut received,
+            );
+        }
+        // Recorded before the Worker can see them, so none completes unrecorded.
+        received.record();
+        for assigned in received.full.drain(..) {
+            if pause_full(&consumer, &assigned) {
+                full.push(assigned);
+            }
+        }
+        if held.is_empty() {
+            match tx.try_send(batch) {
+                // A closed channel is seen at the top of the poll loop.
+                Ok(()) | Err(TrySendError::Closed(_)) => {}
+                Err(TrySendError::Full(batch)) => held.push_back(batch),
+            }
+        } else {
+            held.push_back(batch);
+        }
+        if paused && held.len() >= limit {
+            // Records of partitions assigned since the pause: pause them too.
+            set_paused(&consumer, &state, true);
+        }
+        if failed {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Adds `record` to `batch` as a delivery to `group` (or as the poll error it is);
+/// returns whether it was an error.
+fn take(
+    record: KafkaResult<BorrowedMessage<'_>>,
+    consumer: &Weak<StreamConsumer<Context>>,
+    group: &Arc<str>,
+    state: &Mutex<Watermarks>,
+    last: &mut Option<(Tp, Arc<Assigned>)>,
+    batch: &mut Batch,
+    received: &mut Received,
+) -> bool {
+    match record {
+        Ok(record) => {
+            batch.push_back(Ok(delivery(
+                &record, consumer, group, state, last, received,
+            )));
+            false
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "kafka poll failed");
+            batch.push_back(Err(e));
+            true
+        }
+    }
+}
+
+/// Offsets of a batch's records, to be recorded in their partitions' marks with one
+/// lock per run of records of one partition.
+#[derive(Default)]
+struct Received {
+    assigned: Option<Arc<Assigned>>,
+    offsets: Vec<i64>,
+    /// How many more records `assigned` could take when its run began (or when the
+    /// last of it was recorded).
+    room: usize,
+    /// Partitions that became full, not yet paused.
+    full: Vec<Arc<Assigned>>,
+}
+
+impl Received {
+    fn add(&mut self, assigned: &Arc<Assigned>, offset: i64) {
+        if !self
+            .assigned
+            .as_ref()
+            .is_some_and(|a| Arc::ptr_eq(a, assigned))
+        {
+            self.record();
+            self.assigned = Some(assigned.clone());
+            self.room = assigned.room();
+        }
+        self.offsets.push(offset);
+    }
+
+    /// Whether the partition of the run being added is full: the batch ends here.
+    fn at_bound(&self) -> bool {
+        self.assigned.is_some() && self.offsets.len() >= self.room
+    }
+
+    /// Records the offsets added since the last call.
+    fn record(&mut self) {
+        if let Some(assigned) = self.assigned.as_ref().filter(|_| !self.offsets.is_empty()) {
+            self.room = assigned.received(&self.offsets);
+            if self.room == 0 && !assigned.is_paused() {
+                self.full.push(assigned.clone());
+            }
+        }
+        self.offsets.clear();
+    }
+}
+
+/// A delivery of `record` to `group`, tracked in its partition's watermark.
+///
+/// `last` is the partition of the record before: records come in runs of one
+/// partition, so most find theirs there without the lock every partition shares.
+/// Rebalances run inside the poll, on this task, so no revoke comes between the check
+/// that `last` is current and the record's arrival in it.
+fn delivery(
+    record: &BorrowedMessage<'_>,
+    consumer: &Weak<StreamConsumer<Context>>,
+    group: &Arc<str>,
+    state: &Mutex<Watermarks>,
+    last: &mut Option<(Tp, Arc<Assigned>)>,
+    received: &mut Received,
+) -> Delivery {
+    let offset = record.offset();
+    let cached = last.as_ref().filter(|(tp, assigned)| {
+        tp.1 == record.partition() && *tp.0 == *record.topic() && assigned.is_current()
+    });
+    let (tp, assigned) = match cached {
+        Some((tp, assigned)) => (tp.clone(), Some(assigned.clone())),
+        None => {
+            let mut state = lock(state);
+            let tp: Tp = (state.topic(record.topic()), record.partition());
+            let assigned = state.get(&tp);
+            if let Some(a) = &assigned {
+                *last = Some((tp.clone(), a.clone()));
+            }
+            (tp, assigned)
+        }
+    };
+    match &assigned {
+        Some(a) => received.add(a, offset),
+        None => {
+            tracing::warn!(topic = %tp.0, partition = tp.1, offset, "record of a partition not assigned to this consumer; the Worker hands it back unrun");
+        }
+    }
+    let mut message = mapping::message(record, tp.0.clone(), group.clone());
+    let first = assigned
+        .as_ref()
+        .and_then(|a| a.first_record(offset))
+        .map(|died| {
+            let deliveries = died.saturating_add(1);
+            let attempt = &mut message.metadata.attempt;
+            *attempt = (*attempt).max(deliveries);
+            Box::new(FirstRecord {
+                consumer: consumer.clone(),
+                deliveries,
+                recorded: AtomicBool::new(false),
+            })
+        });
+    Delivery::new(
+        message,
+        KafkaAcker {
+            assigned,
+            tp,
+            offset,
+            running: AtomicBool::new(false),
+            first,
+        },
+    )
+}
