@@ -734,7 +734,12 @@ async fn a_record_that_never_completes_bounds_how_far_its_partition_runs(env: &E
     let open = consumer.open_records();
     let at_the_bound = Arc::new(AtomicUsize::new(usize::MAX));
     let backlogs: Arc<Mutex<Vec<Vec<PartitionBacklog>>>> = Arc::default();
-    let (o, seen, b) = (others.clone(), at_the_bound.clone(), backlogs.clone());
+    let (o, seen, b, c2) = (
+        others.clone(),
+        at_the_bound.clone(),
+        backlogs.clone(),
+        calls.clone(),
+    );
     let report = Worker::builder(consumer)
         .service(handler)
         .concurrency(8)
@@ -742,6 +747,12 @@ async fn a_record_that_never_completes_bounds_how_far_its_partition_runs(env: &E
         .build()
         .expect("worker")
         .run_until(async move {
+            // Joining the group can take a while on tansu (it holds a JoinGroup for
+            // seconds): count from the stuck record's start.
+            let joined = Instant::now() + Duration::from_secs(60);
+            while c2.lock().unwrap().is_empty() && Instant::now() < joined {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
             let deadline = Instant::now() + Duration::from_secs(15);
             while o.load(Ordering::SeqCst) < BOUND - 1 && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(20)).await;
