@@ -36,6 +36,10 @@
 pub use redrive_core::*;
 pub use redrive_middleware as middleware;
 
+#[cfg(feature = "config")]
+#[cfg_attr(docsrs, doc(cfg(feature = "config")))]
+pub mod config;
+
 /// The RabbitMQ adapter.
 #[cfg(feature = "rabbitmq")]
 #[cfg_attr(docsrs, doc(cfg(feature = "rabbitmq")))]

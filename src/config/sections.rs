@@ -1,0 +1,594 @@
+//! The settings' schema: one struct per section, every key optional (absent keys keep
+//! the layer's defaults), and how each section becomes its layer's configuration.
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::time::Duration;
+
+use redrive_core::{Execution, LeaseKeeping, OrderingMode, Redelivery};
+use redrive_middleware::circuit_breaker::{CircuitBreakerConfig, FailureRate};
+use redrive_middleware::dead_letter::DeadLetterConfig;
+use redrive_middleware::idempotency::{CommitMode, IdempotencyConfig, Unkeyed};
+use redrive_middleware::rate_limit::RateLimitConfig;
+use redrive_middleware::retry::{Backoff, Budget, Jitter, RetryConfig};
+use serde::Deserialize;
+use serde::de::value::MapAccessDeserializer;
+use serde::de::{self, DeserializeOwned, Deserializer, IntoDeserializer, MapAccess, Visitor};
+
+/// Which keys of a section to apply: all of them, or, to find the key a rejected
+/// section owes its error to, one alone or all but one.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Only {
+    All,
+    Key(&'static str),
+    Except(&'static str),
+}
+
+impl Only {
+    fn has(self, key: &str) -> bool {
+        match self {
+            Only::All => true,
+            Only::Key(k) => k == key,
+            Only::Except(k) => k != key,
+        }
+    }
+}
+
+/// `Redelivery::default()`'s first delay, which `Redelivery` does not expose (a unit
+/// test checks the two agree).
+pub(super) const DEFAULT_REDELIVERY_INITIAL: Duration = Duration::from_secs(1);
+/// `RateLimitConfig::default()`'s limit, likewise.
+const DEFAULT_RATE_LIMIT: u32 = 100;
+
+/// `[worker]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct WorkerSection {
+    pub(super) name: Option<String>,
+    pub(super) concurrency: Option<usize>,
+    pub(super) execution: Option<ExecutionName>,
+    pub(super) ordering: Option<OrderingName>,
+    pub(super) max_waiting: Option<usize>,
+    pub(super) max_parked: Option<usize>,
+    pub(super) redelivery: Option<RedeliverySection>,
+    pub(super) lease_keeping: Option<LeaseKeepingSetting>,
+    #[serde(default, with = "humantime_serde")]
+    pub(super) shutdown_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub(super) settle_timeout: Option<Duration>,
+}
+
+/// `[worker.redelivery]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RedeliverySection {
+    #[serde(default, with = "humantime_serde")]
+    pub(super) initial: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub(super) max: Option<Duration>,
+    pub(super) multiplier: Option<f64>,
+    pub(super) jitter: Option<bool>,
+}
+
+impl RedeliverySection {
+    /// The first delay and the largest, defaults filled in.
+    pub(super) fn bounds(&self) -> (Duration, Duration) {
+        (
+            self.initial.unwrap_or(DEFAULT_REDELIVERY_INITIAL),
+            self.max.unwrap_or(Redelivery::default().max()),
+        )
+    }
+
+    pub(super) fn redelivery(&self) -> Redelivery {
+        let (initial, max) = self.bounds();
+        let mut r = Redelivery::exponential(initial, max);
+        if let Some(m) = self.multiplier {
+            r = r.with_multiplier(m);
+        }
+        if let Some(j) = self.jitter {
+            r = r.with_jitter(j);
+        }
+        r
+    }
+}
+
+/// `execution`: `"spawned"` or `"in_task"`.
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(super) enum ExecutionName {
+    Spawned,
+    InTask,
+}
+
+impl From<ExecutionName> for Execution {
+    fn from(e: ExecutionName) -> Self {
+        match e {
+            ExecutionName::Spawned => Execution::Spawned,
+            ExecutionName::InTask => Execution::InTask,
+        }
+    }
+}
+
+/// `ordering`: `"unordered"`, `"per_key"` or `"per_partition"`.
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(super) enum OrderingName {
+    Unordered,
+    PerKey,
+    PerPartition,
+}
+
+impl From<OrderingName> for OrderingMode {
+    fn from(o: OrderingName) -> Self {
+        match o {
+            OrderingName::Unordered => OrderingMode::Unordered,
+            OrderingName::PerKey => OrderingMode::PerKey,
+            OrderingName::PerPartition => OrderingMode::PerPartition,
+        }
+    }
+}
+
+/// `lease_keeping`: `"auto"`, `"off"` or an interval such as `"10s"`.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct LeaseKeepingSetting(pub(super) LeaseKeeping);
+
+impl<'de> Deserialize<'de> for LeaseKeepingSetting {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = LeaseKeepingSetting;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("`auto`, `off` or an interval such as \"10s\"")
+            }
+
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Self::Value, E> {
+                Ok(LeaseKeepingSetting(match s {
+                    "auto" => LeaseKeeping::Auto,
+                    "off" => LeaseKeeping::Off,
+                    _ => LeaseKeeping::Every(
+                        humantime::parse_duration(s)
+                            .map_err(|_| E::invalid_value(de::Unexpected::Str(s), &self))?,
+                    ),
+                }))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// `[retry]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RetrySection {
+    max_tries: Option<u32>,
+    max_elapsed: Option<OrOff<Human>>,
+    backoff: Option<BackoffSection>,
+    budget: Option<OrOff<BudgetSection>>,
+}
+
+impl RetrySection {
+    pub(super) const KEYS: &'static [&'static str] =
+        &["max_tries", "max_elapsed", "backoff", "budget"];
+
+    pub(super) fn config(&self, only: Only) -> RetryConfig {
+        let mut c = RetryConfig::default();
+        if let (true, Some(n)) = (only.has("max_tries"), self.max_tries) {
+            c = c.with_max_tries(n);
+        }
+        if let (true, Some(d)) = (only.has("max_elapsed"), self.max_elapsed) {
+            c = c.with_max_elapsed(match d {
+                OrOff::Off => Duration::MAX,
+                OrOff::On(Human(d)) => d,
+            });
+        }
+        if let (true, Some(b)) = (only.has("backoff"), &self.backoff) {
+            c = c.with_backoff(b.backoff());
+        }
+        match (only.has("budget"), &self.budget) {
+            (true, Some(OrOff::Off)) => c = c.without_budget(),
+            (true, Some(OrOff::On(b))) => c = c.with_budget(b.budget()),
+            _ => {}
+        }
+        c
+    }
+}
+
+/// `[retry.backoff]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackoffSection {
+    #[serde(default, with = "humantime_serde")]
+    initial: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    max: Option<Duration>,
+    multiplier: Option<f64>,
+    jitter: Option<JitterSetting>,
+}
+
+impl BackoffSection {
+    fn backoff(&self) -> Backoff {
+        let d = Backoff::default();
+        Backoff::exponential(self.initial.unwrap_or(d.min()), self.max.unwrap_or(d.max()))
+            .with_multiplier(self.multiplier.unwrap_or(d.multiplier()))
+            .with_jitter(self.jitter.map_or(d.jitter(), |j| j.0))
+    }
+}
+
+/// `jitter`: `"none"`, `"full"`, `"equal"`, `"decorrelated"`, or a ratio from 0.0 to
+/// 1.0 (proportional).
+#[derive(Clone, Copy, Debug)]
+struct JitterSetting(Jitter);
+
+impl<'de> Deserialize<'de> for JitterSetting {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = JitterSetting;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("`none`, `full`, `equal`, `decorrelated` or a ratio from 0.0 to 1.0")
+            }
+
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Self::Value, E> {
+                Ok(JitterSetting(match s {
+                    "none" => Jitter::None,
+                    "full" => Jitter::Full,
+                    "equal" => Jitter::Equal,
+                    "decorrelated" => Jitter::Decorrelated,
+                    _ => return Err(E::invalid_value(de::Unexpected::Str(s), &self)),
+                }))
+            }
+
+            fn visit_f64<E: de::Error>(self, r: f64) -> Result<Self::Value, E> {
+                Ok(JitterSetting(Jitter::Proportional(r)))
+            }
+
+            fn visit_u64<E: de::Error>(self, r: u64) -> Result<Self::Value, E> {
+                // 0 or 1 (others are refused when the layer is built), exactly.
+                #[allow(clippy::cast_precision_loss, reason = "a ratio of 0 or 1")]
+                Ok(JitterSetting(Jitter::Proportional(r as f64)))
+            }
+
+            fn visit_i64<E: de::Error>(self, r: i64) -> Result<Self::Value, E> {
+                #[allow(clippy::cast_precision_loss, reason = "refused below 0 anyway")]
+                Ok(JitterSetting(Jitter::Proportional(r as f64)))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// `[retry.budget]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BudgetSection {
+    #[serde(default, with = "humantime_serde")]
+    window: Option<Duration>,
+    ratio: Option<f64>,
+    min_per_second: Option<u32>,
+}
+
+impl BudgetSection {
+    fn budget(&self) -> Budget {
+        let mut b = Budget::default();
+        if let Some(w) = self.window {
+            b = b.with_window(w);
+        }
+        if let Some(r) = self.ratio {
+            b = b.with_ratio(r);
+        }
+        if let Some(n) = self.min_per_second {
+            b = b.with_min_per_second(n);
+        }
+        b
+    }
+}
+
+impl Described for BudgetSection {
+    const WHAT: &'static str = "a table of `window`, `ratio` and `min_per_second`";
+}
+
+/// `[timeout]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct TimeoutSection {
+    #[serde(default, with = "humantime_serde")]
+    pub(super) per_try: Option<Duration>,
+}
+
+/// `[circuit_breaker]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct CircuitBreakerSection {
+    consecutive_failures: Option<OrOff<u32>>,
+    failure_rate: Option<FailureRateSection>,
+    #[serde(default, with = "humantime_serde")]
+    open_for: Option<Duration>,
+    half_open_probes: Option<u32>,
+    max_hold: Option<OrOff<Human>>,
+}
+
+impl CircuitBreakerSection {
+    pub(super) const KEYS: &'static [&'static str] = &[
+        "failure_rate",
+        "consecutive_failures",
+        "open_for",
+        "half_open_probes",
+        "max_hold",
+    ];
+
+    pub(super) fn config(&self, only: Only) -> CircuitBreakerConfig {
+        let mut c = CircuitBreakerConfig::default();
+        match (only.has("consecutive_failures"), self.consecutive_failures) {
+            (true, Some(OrOff::Off)) => c = c.without_consecutive_failures(),
+            (true, Some(OrOff::On(n))) => c = c.with_consecutive_failures(n),
+            _ => {}
+        }
+        if let (true, Some(r)) = (only.has("failure_rate"), &self.failure_rate) {
+            c = c.with_failure_rate(r.rate());
+        }
+        if let (true, Some(d)) = (only.has("open_for"), self.open_for) {
+            c = c.with_open_for(d);
+        }
+        if let (true, Some(n)) = (only.has("half_open_probes"), self.half_open_probes) {
+            c = c.with_half_open_probes(n);
+        }
+        match (only.has("max_hold"), self.max_hold) {
+            (true, Some(OrOff::Off)) => c = c.without_hold(),
+            (true, Some(OrOff::On(Human(d)))) => c = c.with_max_hold(d),
+            _ => {}
+        }
+        c
+    }
+}
+
+/// `[circuit_breaker.failure_rate]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FailureRateSection {
+    threshold: Option<f64>,
+    #[serde(default, with = "humantime_serde")]
+    window: Option<Duration>,
+    min_calls: Option<u32>,
+}
+
+impl FailureRateSection {
+    fn rate(&self) -> FailureRate {
+        let mut r = self
+            .threshold
+            .map_or_else(FailureRate::default, FailureRate::new);
+        if let Some(w) = self.window {
+            r = r.with_window(w);
+        }
+        if let Some(n) = self.min_calls {
+            r = r.with_min_calls(n);
+        }
+        r
+    }
+}
+
+/// `[rate_limit]`: `limit` is required, a rate being the workload's own.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RateLimitSection {
+    limit: u32,
+    #[serde(default, with = "humantime_serde")]
+    per: Option<Duration>,
+    burst: Option<u32>,
+}
+
+impl RateLimitSection {
+    pub(super) const KEYS: &'static [&'static str] = &["limit", "per", "burst"];
+
+    pub(super) fn config(&self, only: Only) -> RateLimitConfig {
+        let limit = if only.has("limit") {
+            self.limit
+        } else {
+            DEFAULT_RATE_LIMIT
+        };
+        let per = match (only.has("per"), self.per) {
+            (true, Some(per)) => per,
+            _ => Duration::from_secs(1),
+        };
+        let c = RateLimitConfig::new(limit, per);
+        match (only.has("burst"), self.burst) {
+            (true, Some(b)) => c.with_burst(b),
+            _ => c,
+        }
+    }
+}
+
+/// `[idempotency]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct IdempotencySection {
+    #[serde(default, with = "humantime_serde")]
+    lease: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    ttl: Option<Duration>,
+    namespace: Option<String>,
+    unkeyed: Option<UnkeyedName>,
+    commit_mode: Option<CommitModeName>,
+}
+
+impl IdempotencySection {
+    pub(super) const KEYS: &'static [&'static str] =
+        &["lease", "ttl", "namespace", "unkeyed", "commit_mode"];
+
+    pub(super) fn config(&self, only: Only) -> IdempotencyConfig {
+        let mut c = IdempotencyConfig::default();
+        if let (true, Some(d)) = (only.has("lease"), self.lease) {
+            c = c.with_lease(d);
+        }
+        if let (true, Some(d)) = (only.has("ttl"), self.ttl) {
+            c = c.with_ttl(d);
+        }
+        if let (true, Some(n)) = (only.has("namespace"), &self.namespace) {
+            c = c.with_namespace(n.as_str());
+        }
+        if let (true, Some(u)) = (only.has("unkeyed"), self.unkeyed) {
+            c = c.with_unkeyed(match u {
+                UnkeyedName::Process => Unkeyed::Process,
+                UnkeyedName::Reject => Unkeyed::Reject,
+            });
+        }
+        if let (true, Some(m)) = (only.has("commit_mode"), self.commit_mode) {
+            c = c.with_commit_mode(match m {
+                CommitModeName::Layer => CommitMode::Layer,
+                CommitModeName::Handler => CommitMode::Handler,
+            });
+        }
+        c
+    }
+}
+
+/// `unkeyed`: `"process"` or `"reject"`.
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum UnkeyedName {
+    Process,
+    Reject,
+}
+
+/// `commit_mode`: `"layer"` or `"handler"`.
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum CommitModeName {
+    Layer,
+    Handler,
+}
+
+/// `[dead_letter]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct DeadLetterSection {
+    max_attempts: Option<u32>,
+    destination: Option<String>,
+    consumer_name: Option<String>,
+    abandon_margin: Option<u32>,
+    #[serde(default, with = "humantime_serde")]
+    rejected_delay: Option<Duration>,
+    max_error_len: Option<usize>,
+}
+
+impl DeadLetterSection {
+    pub(super) const KEYS: &'static [&'static str] = &[
+        "max_attempts",
+        "destination",
+        "consumer_name",
+        "abandon_margin",
+        "rejected_delay",
+        "max_error_len",
+    ];
+
+    pub(super) fn config(&self, only: Only) -> DeadLetterConfig {
+        let mut c = DeadLetterConfig::default();
+        if let (true, Some(n)) = (only.has("max_attempts"), self.max_attempts) {
+            c = c.with_max_attempts(n);
+        }
+        if let (true, Some(d)) = (only.has("destination"), &self.destination) {
+            c = c.with_destination(d.as_str());
+        }
+        if let (true, Some(n)) = (only.has("consumer_name"), &self.consumer_name) {
+            c = c.with_consumer_name(n.as_str());
+        }
+        if let (true, Some(n)) = (only.has("abandon_margin"), self.abandon_margin) {
+            c = c.with_abandon_margin(n);
+        }
+        if let (true, Some(d)) = (only.has("rejected_delay"), self.rejected_delay) {
+            c = c.with_rejected_delay(d);
+        }
+        if let (true, Some(n)) = (only.has("max_error_len"), self.max_error_len) {
+            c = c.with_max_error_len(n);
+        }
+        c
+    }
+}
+
+/// A duration in human form (`"30s"`, `"250ms"`, `"5m"`).
+#[derive(Clone, Copy, Debug)]
+struct Human(Duration);
+
+impl<'de> Deserialize<'de> for Human {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        humantime_serde::deserialize(d).map(Human)
+    }
+}
+
+impl Described for Human {
+    const WHAT: &'static str = "a duration such as \"30s\"";
+}
+
+impl Described for u32 {
+    const WHAT: &'static str = "a whole number";
+}
+
+/// What a value of an [`OrOff`] is, for its error messages.
+trait Described {
+    const WHAT: &'static str;
+}
+
+/// A setting that is a value, or the word `"off"` to turn what it sets off.
+#[derive(Clone, Copy, Debug)]
+enum OrOff<T> {
+    Off,
+    On(T),
+}
+
+impl<'de, T: DeserializeOwned + Described> Deserialize<'de> for OrOff<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<T>(PhantomData<T>);
+        impl<'de, T: DeserializeOwned + Described> Visitor<'de> for V<T> {
+            type Value = OrOff<T>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "`off` or {}", T::WHAT)
+            }
+
+            // A value `T` refuses is reported as one this setting refuses: `off` or `T`.
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Self::Value, E> {
+                if s == "off" {
+                    return Ok(OrOff::Off);
+                }
+                T::deserialize(s.into_deserializer())
+                    .map(OrOff::On)
+                    .map_err(|_: E| E::invalid_value(de::Unexpected::Str(s), &self))
+            }
+
+            fn visit_u64<E: de::Error>(self, n: u64) -> Result<Self::Value, E> {
+                T::deserialize(n.into_deserializer())
+                    .map(OrOff::On)
+                    .map_err(|_: E| E::invalid_value(de::Unexpected::Unsigned(n), &self))
+            }
+
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<Self::Value, E> {
+                T::deserialize(n.into_deserializer())
+                    .map(OrOff::On)
+                    .map_err(|_: E| E::invalid_value(de::Unexpected::Signed(n), &self))
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                T::deserialize(MapAccessDeserializer::new(map)).map(OrOff::On)
+            }
+        }
+        d.deserialize_any(V(PhantomData))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_defaults_written_here_are_the_layers_own() {
+        assert_eq!(
+            Redelivery::exponential(DEFAULT_REDELIVERY_INITIAL, Redelivery::default().max()),
+            Redelivery::default()
+        );
+        assert_eq!(
+            RateLimitConfig::new(DEFAULT_RATE_LIMIT, Duration::from_secs(1)),
+            RateLimitConfig::default()
+        );
+    }
+}
