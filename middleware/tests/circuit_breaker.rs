@@ -673,3 +673,42 @@ async fn a_held_message_goes_back_with_its_error_after_max_hold() {
     // Held for 20 s at a time, each hold costs one attempt: the outage outlasts five.
     assert!(run.dead_lettered > 0);
 }
+
+/// A message fails as the breaker opens and is held. When the open period ends, an
+/// idle caller (the Worker's intake, ready for a delivery that may never come) must not
+/// take the probe slot first and keep it: the held message is the probe.
+#[tokio::test(start_paused = true)]
+async fn a_held_message_is_the_probe_before_an_idle_caller() {
+    let mock = Mock::new();
+    let mut svc = breaker(
+        CircuitBreakerConfig::default()
+            .with_consecutive_failures(1)
+            .with_open_for(OPEN_FOR),
+        &mock,
+    );
+    let handle = svc.handle();
+    let mut intake = svc.clone();
+    mock.answer(Answer::Transient);
+    let held = tokio::spawn(async move { send(&mut svc).await });
+    // The call fails, the breaker opens, the message is held.
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(handle.held(), 1);
+    mock.answer(Answer::Ok);
+    // The open period ends; the idle caller asks before the held message runs.
+    tokio::time::advance(OPEN_FOR).await;
+    let (_, waker) = counter();
+    let intake_ready = poll_ready(&mut intake, &waker);
+    // The held message runs as the probe, succeeds, and closes the breaker.
+    let result = tokio::time::timeout(Duration::from_secs(60), held)
+        .await
+        .expect("the held message never ran again: an idle caller kept the probe slot")
+        .unwrap();
+    assert!(result.is_ok(), "{result:?}");
+    assert_eq!(handle.held(), 0);
+    assert_eq!(handle.state(), CircuitState::Closed);
+    assert!(
+        intake_ready.is_pending(),
+        "the idle caller took the probe slot ahead of the held message"
+    );
+    assert!(poll_ready(&mut intake, &waker).is_ready());
+}

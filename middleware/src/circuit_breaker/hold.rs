@@ -77,7 +77,7 @@ where
 /// Waits until the breaker lets a call through, and takes its ticket.
 async fn admitted(core: &Arc<Core>) -> Ticket {
     loop {
-        let admit = std::future::poll_fn(|cx| match core.admit(cx.waker()) {
+        let admit = std::future::poll_fn(|cx| match core.admit(cx.waker(), false) {
             Admit::Blocked => Poll::Pending,
             other => Poll::Ready(other),
         })
@@ -102,13 +102,15 @@ struct Held<'a>(&'a Core);
 
 impl<'a> Held<'a> {
     fn new(core: &'a Core) -> Self {
-        core.held.fetch_add(1, Ordering::Relaxed);
+        core.held.fetch_add(1, Ordering::AcqRel);
         Held(core)
     }
 }
 
 impl Drop for Held<'_> {
     fn drop(&mut self) {
-        self.0.held.fetch_sub(1, Ordering::Relaxed);
+        if self.0.held.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.hold_ended();
+        }
     }
 }

@@ -174,7 +174,7 @@ where
             // A probe slot, once taken, is kept until the call; anything else is
             // asked again, so a breaker that opened meanwhile is seen.
             if !matches!(self.ticket, Some(Ticket::Probe(_))) {
-                self.ticket = match self.core.admit(cx.waker()) {
+                self.ticket = match self.core.admit(cx.waker(), true) {
                     Admit::Closed(generation) => Some(Ticket::Closed(generation)),
                     Admit::Probe(generation) => Some(Ticket::Probe(Probe {
                         core: self.core.clone(),

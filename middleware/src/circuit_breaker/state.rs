@@ -219,7 +219,11 @@ impl Core {
         }
     }
 
-    pub(super) fn admit(&self, waker: &Waker) -> Admit {
+    /// Whether a call may go through now. `intake` is a caller that asks ahead of a
+    /// message it may not have yet (`poll_ready`); while messages are held, the
+    /// probes of a half-open breaker are theirs, so an idle intake cannot keep the one
+    /// slot from them.
+    pub(super) fn admit(&self, waker: &Waker, intake: bool) -> Admit {
         let word = self.closed.load(Ordering::Acquire);
         if word & CLOSED != 0 {
             return Admit::Closed(word >> 1);
@@ -229,7 +233,10 @@ impl Core {
         let admit = match &mut inner.phase {
             Phase::Closed => Admit::Closed(inner.generation),
             Phase::Open { until } => Admit::Wait(*until),
-            Phase::HalfOpen { issued, .. } if *issued < self.config.half_open_probes => {
+            Phase::HalfOpen { issued, .. }
+                if *issued < self.config.half_open_probes
+                    && !(intake && self.held.load(Ordering::Acquire) > 0) =>
+            {
                 *issued += 1;
                 Admit::Probe(inner.generation)
             }
@@ -324,6 +331,15 @@ impl Core {
         let mut inner = self.lock();
         if generation == inner.generation {
             Self::give_back(&mut inner);
+        }
+    }
+
+    /// The last held message is gone (run, given up at `max_hold` or at shutdown):
+    /// an intake waiting behind it may take a probe slot now.
+    pub(super) fn hold_ended(&self) {
+        let mut inner = self.lock();
+        if matches!(inner.phase, Phase::HalfOpen { .. }) {
+            inner.waiters.drain(..).for_each(Waker::wake);
         }
     }
 
