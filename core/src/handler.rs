@@ -1,6 +1,7 @@
 //! Handlers: any `tower::Service<Message>`, and helpers that make one from an async function.
 //!
-//! ```
+#![cfg_attr(feature = "json", doc = "```")]
+#![cfg_attr(not(feature = "json"), doc = "```ignore")]
 //! use redrive_core::{handler, Message};
 //! use serde::Deserialize;
 //!
@@ -41,6 +42,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use futures_util::future::{Either, Ready, ready};
+#[cfg(feature = "json")]
 use serde::de::DeserializeOwned;
 use tower::Service;
 
@@ -319,9 +321,12 @@ pub trait Decode<T> {
 }
 
 /// JSON with serde.
+#[cfg(feature = "json")]
+#[cfg_attr(docsrs, doc(cfg(feature = "json")))]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Json;
 
+#[cfg(feature = "json")]
 impl<T: DeserializeOwned> Decode<T> for Json {
     const FORMAT: &'static str = "JSON";
 
@@ -372,6 +377,8 @@ impl<D, T, F> fmt::Debug for Typed<D, T, F> {
 }
 
 /// Makes a handler that decodes the payload as JSON into `T` and calls `f(value, message)`.
+#[cfg(feature = "json")]
+#[cfg_attr(docsrs, doc(cfg(feature = "json")))]
 pub fn json<T, F, Fut>(f: F) -> Typed<Json, T, F>
 where
     F: FnMut(T, Message) -> Fut,
@@ -428,6 +435,7 @@ mod tests {
     use crate::classify::Classifier;
     use tower::ServiceExt;
 
+    #[cfg(feature = "json")]
     #[derive(serde::Deserialize, Debug, PartialEq)]
     struct Order {
         id: u64,
@@ -443,6 +451,7 @@ mod tests {
     }
 
     #[tokio::test]
+    #[cfg(feature = "json")]
     async fn json_decodes_and_passes_the_message() {
         let svc = json(|o: Order, m: Message| async move {
             assert_eq!(o, Order { id: 7 });
@@ -499,6 +508,7 @@ mod tests {
     }
 
     #[tokio::test]
+    #[cfg(feature = "json")]
     async fn bad_json_is_permanent_and_names_the_type() {
         let svc = json(|_o: Order, _m: Message| async { Ok::<_, BoxError>(()) });
         let err = svc.oneshot(Message::new("{nope")).await.unwrap_err();

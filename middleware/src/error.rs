@@ -37,6 +37,17 @@ pub struct ConfigError {
 
 impl ConfigError {
     /// A configuration error of `layer` (`"retry"`, `"dead-letter"`, …).
+    #[cfg_attr(
+        not(any(
+            feature = "retry",
+            feature = "timeout",
+            feature = "circuit-breaker",
+            feature = "rate-limit",
+            feature = "dead-letter",
+            feature = "idempotency"
+        )),
+        allow(dead_code, reason = "only the layers make configuration errors")
+    )]
     pub(crate) fn new(layer: &'static str, message: impl Into<String>) -> Self {
         ConfigError {
             layer,
