@@ -11,11 +11,15 @@ use tokio::sync::watch;
 use tower::Service;
 
 use super::Redelivery;
+use super::builder::Plan;
+use super::config::Config;
 use super::shutdown::{Shutdown, Stop};
 use super::state::{Done, KeyId, Parking, Settled};
 use crate::classify::{Classification, Classifier, ErrorKind};
 use crate::handler::Panicked;
-use crate::{BoxError, Delivery, Error, Extensions, Message, Outcome, Result, Settle};
+use crate::{
+    BoxError, Capabilities, Delivery, Error, Extensions, Message, Outcome, Result, Settle,
+};
 
 pub(super) struct TaskCtx {
     /// How long one settle may take.
@@ -32,6 +36,24 @@ pub(super) struct TaskCtx {
     /// Extensions holding only `shutdown`, shared by every message that arrives without
     /// extensions of its own, so handing a message the signal allocates nothing.
     pub(super) signal: Extensions,
+}
+
+impl TaskCtx {
+    pub(super) fn new(config: &Config, caps: Capabilities, plan: Plan, shutdown: Shutdown) -> Self {
+        let mut ctx = TaskCtx {
+            settle_timeout: config.settle_timeout,
+            renew_every: plan.renew_every,
+            lease: caps.lease,
+            max_nack_delay: caps.max_nack_delay,
+            park: plan.park,
+            redelivery: config.redelivery,
+            classifier: config.classifier.clone(),
+            shutdown: Arc::new(shutdown),
+            signal: Extensions::new(),
+        };
+        ctx.signal.insert_shared(ctx.shutdown.clone());
+        ctx
+    }
 }
 
 pub(super) fn run_one<S>(

@@ -58,14 +58,14 @@ mod shutdown;
 mod state;
 mod tasks;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::future::{Future, poll_fn};
-use std::pin::pin;
-use std::sync::Arc;
+use std::pin::Pin;
 use std::time::Duration;
 
 use futures_util::stream::{FuturesUnordered, StreamExt as _};
 use tokio::sync::watch;
+use tokio::time::Sleep;
 use tower::Service;
 
 use builder::Plan;
@@ -77,9 +77,8 @@ pub use report::Report;
 pub use shutdown::Shutdown;
 use shutdown::Stop;
 use state::{State, order_key};
-use tasks::Tasks;
 
-use crate::{BoxError, Capabilities, Consumer, Extensions, Message, Outcome};
+use crate::{BoxError, Capabilities, Consumer, Delivery, Message, Outcome};
 
 /// The runtime. See the [module docs](self).
 pub struct Worker<C, S> {
@@ -137,196 +136,277 @@ where
         // The future is declared `Send` here, where the service's bounds are known, so
         // callers can spawn it whatever the handler's error type.
         async move {
-            let Worker {
-                mut consumer,
-                mut service,
-                config,
-                caps,
-                plan,
-            } = self;
-            let name = config.name.as_str();
-            let (stop_tx, stop_rx) = watch::channel(Stop::Running);
-            // Polled only when it has woken, not on every turn of the loop: a shutdown
-            // signal built on a `Notify` (a `CancellationToken`, say) takes a lock each
-            // time it is polled.
-            let mut shutdown = FuturesUnordered::from_iter([shutdown]);
-            let mut deadline = pin!(tokio::time::sleep(Duration::MAX));
-            let mut deadline_armed = false;
-            let mut state = State {
-                report: Report::default(),
-                running: 0,
-                parked: 0,
-                busy: HashMap::default(),
-                waiting: 0,
-                runnable: VecDeque::new(),
-                tasks: Tasks::new(config.execution),
-                intake_open: true,
-                settle_timeout: config.settle_timeout,
-            };
-            let mut ctx = TaskCtx {
-                settle_timeout: config.settle_timeout,
-                renew_every: plan.renew_every,
-                lease: caps.lease,
-                max_nack_delay: caps.max_nack_delay,
-                park: plan.park,
-                redelivery: config.redelivery,
-                classifier: config.classifier.clone(),
-                shutdown: Arc::new(Shutdown { rx: stop_rx }),
-                signal: Extensions::new(),
-            };
-            ctx.signal.insert_shared(ctx.shutdown.clone());
-            let mut receive_errors = 0u32;
-            // After a failed receive, the broker is asked again only once this passes;
-            // meanwhile the loop goes on reaping calls and watching for shutdown.
-            let mut receive_pause = pin!(tokio::time::sleep(Duration::ZERO));
-            let mut receive_paused = false;
-            let mut parked_full_logged = false;
-            tracing::debug!(worker = name, ?caps, ?plan, "worker started");
-
+            let mut run = Run::new(self, shutdown);
             loop {
-                if !state.intake_open && !deadline_armed {
-                    // Intake just closed: parked and waiting messages go back, the deadline starts.
-                    let _ = stop_tx.send(Stop::Draining);
-                    deadline
-                        .as_mut()
-                        .reset(tokio::time::Instant::now() + config.shutdown_timeout);
-                    deadline_armed = true;
-                    state.hand_back_waiting();
-                }
-                // Phase A: reap finished tasks; wait for a free slot and a ready service.
-                let parked_full = state.parked >= config.max_parked;
-                if parked_full && !parked_full_logged {
-                    tracing::warn!(
-                        worker = name,
-                        parked = state.parked,
-                        "the Worker holds max_parked failed messages; intake paused until one runs again"
-                    );
-                }
-                parked_full_logged = parked_full;
-                let want = state.running < config.concurrency
-                    && (!state.runnable.is_empty()
-                        || (state.intake_open && state.waiting < plan.max_waiting && !parked_full));
-                if !want && state.tasks.is_empty() {
+                run.drain_once_closed();
+                let want = run.wants_delivery();
+                if !want && run.state.tasks.is_empty() {
                     break;
                 }
-                tokio::select! {
-                    biased;
-                    Some(()) = shutdown.next(), if state.intake_open => {
-                        tracing::info!(worker = name, "shutdown requested; intake stopped");
-                        state.intake_open = false;
-                        continue;
-                    }
-                    Some(done) = state.tasks.next(), if !state.tasks.is_empty() => {
-                        state.handle_done(done, &ctx);
-                        continue;
-                    }
-                    () = &mut deadline, if deadline_armed && *stop_tx.borrow() != Stop::Abort => {
-                        tracing::warn!(worker = name, in_flight = state.running, "shutdown deadline reached; handing back in-flight messages");
-                        let _ = stop_tx.send(Stop::Abort);
-                        continue;
-                    }
-                    ready = poll_fn(|cx| service.poll_ready(cx)), if want => {
-                        if let Err(e) = ready {
-                            let e: BoxError = e.into();
-                            tracing::error!(worker = name, error = %logged(&e), "service failed; stopping intake");
-                            state.intake_open = false;
-                            continue;
-                        }
-                    }
-                }
-
-                // Phase B: take the next delivery: a runnable one (its key is already
-                // reserved for it) first, else one from the broker.
-                let (delivery, reserved) = if let Some(d) = state.runnable.pop_front() {
-                    (d, true)
-                } else {
-                    // Completions matter while waiting for the broker only when they can make
-                    // work runnable: a key released, a message parked or unparked. Calls
-                    // polled in this task make progress only while it polls them.
-                    let listen = state.waiting > 0
-                        || state.parked > 0
-                        || (plan.park && state.running > 0)
-                        || (config.execution == Execution::InTask && !state.tasks.is_empty())
-                        || (receive_paused && !state.tasks.is_empty());
-                    tokio::select! {
-                        biased;
-                        Some(()) = shutdown.next(), if state.intake_open => {
-                            tracing::info!(worker = name, "shutdown requested; intake stopped");
-                            state.intake_open = false;
-                            continue;
-                        }
-                        Some(done) = state.tasks.next(), if listen => {
-                            state.handle_done(done, &ctx);
-                            continue;
-                        }
-                        () = &mut receive_pause, if receive_paused => {
-                            receive_paused = false;
-                            continue;
-                        }
-                        received = consumer.receive(), if !receive_paused => match received {
-                            Ok(Some(d)) => {
-                                receive_errors = 0;
-                                state.report.received += 1;
-                                (d, false)
-                            }
-                            Ok(None) => {
-                                tracing::info!(worker = name, "consumer closed; draining");
-                                state.intake_open = false;
-                                continue;
-                            }
-                            Err(e) => {
-                                receive_errors += 1;
-                                let pause = Duration::from_millis(50 << receive_errors.min(7));
-                                tracing::warn!(worker = name, error = %logged(&e), ?pause, "receive failed; trying again");
-                                receive_pause.as_mut().reset(tokio::time::Instant::now() + pause);
-                                receive_paused = true;
-                                continue;
-                            }
-                        }
-                    }
-                };
-
-                let key = order_key(config.ordering, &delivery.message, state.busy.hasher());
-                if let (Some(k), false) = (key, reserved) {
-                    if let Some(queue) = state.busy.get_mut(&k) {
-                        queue.push_back(delivery);
-                        state.waiting += 1;
-                        continue;
-                    }
-                    state.busy.insert(k, VecDeque::new());
-                }
-                // Marked running before the check: a revoke that begins in between
-                // either sees this run and waits for it, or is seen here.
-                delivery.running(true);
-                if !delivery.is_current() {
-                    // The broker gave it to another consumer: hand it back unrun, and
-                    // its key with it.
-                    delivery.running(false);
-                    tracing::info!(
-                        worker = name,
-                        message_id = delivery
-                            .message
-                            .metadata
-                            .message_id
-                            .as_deref()
-                            .unwrap_or(""),
-                        "delivery no longer this consumer's (partition revoked); handed back without running"
-                    );
-                    state.hand_back(vec![delivery], key);
-                    continue;
-                }
-                state.running += 1;
-                let call = run_one(&mut service, delivery, key, &ctx);
-                if let Some(done) = state.tasks.start(call, key) {
-                    state.handle_done(done, &ctx);
+                if run.reap_or_ready(want).await {
+                    run.take_next().await;
                 }
             }
-
-            if let Err(e) = consumer.close().await {
-                tracing::warn!(worker = name, error = %e, "consumer close failed");
-            }
-            tracing::info!(worker = name, report = ?state.report, "worker stopped");
-            state.report
+            run.finish().await
         }
+    }
+}
+
+/// One run of a Worker: what its loop holds from turn to turn.
+///
+/// Each turn of [`Worker::run_until`]'s loop starts the drain once intake has closed
+/// ([`drain_once_closed`](Run::drain_once_closed)), works out whether it wants a delivery
+/// ([`wants_delivery`](Run::wants_delivery)), waits for a task to end, the shutdown
+/// signal or deadline, or the service to be ready ([`reap_or_ready`](Run::reap_or_ready)),
+/// then takes the next delivery ([`take_next`](Run::take_next)) and starts it
+/// ([`dispatch`](Run::dispatch)). Whatever comes first ends the turn; the next one looks
+/// again.
+struct Run<C, S, F> {
+    // Fields are dropped in the order written, as the loop's locals were: when the
+    // Worker's future is dropped, calls polled in its task (in `state`) go before the
+    // stop signal, and all of them before the consumer whose deliveries they hold.
+    /// After a failed receive, the broker is asked again only once this passes;
+    /// meanwhile the loop goes on reaping calls and watching for shutdown.
+    receive_pause: Pin<Box<Sleep>>,
+    receive_paused: bool,
+    /// Receives that failed in a row; they set the length of the pause.
+    receive_errors: u32,
+    /// Whether the warning that `max_parked` is reached was logged (once per time).
+    parked_full_logged: bool,
+    ctx: TaskCtx,
+    state: State,
+    /// When in-flight calls are handed back, armed once intake closes.
+    deadline: Pin<Box<Sleep>>,
+    deadline_armed: bool,
+    /// The caller's shutdown future, polled only when it has woken, not on every turn of
+    /// the loop: a shutdown signal built on a `Notify` (a `CancellationToken`, say) takes
+    /// a lock each time it is polled.
+    shutdown: FuturesUnordered<F>,
+    /// The stop stage every call and parked message watches.
+    stop: watch::Sender<Stop>,
+    plan: Plan,
+    config: Config,
+    service: S,
+    consumer: C,
+}
+
+impl<C, S, F> Run<C, S, F>
+where
+    C: Consumer,
+    S: Service<Message> + Send + 'static,
+    S::Response: Into<Outcome> + Send + 'static,
+    S::Error: Into<BoxError> + Send + 'static,
+    S::Future: Send + 'static,
+    F: Future<Output = ()> + Send,
+{
+    fn new(worker: Worker<C, S>, shutdown: F) -> Self {
+        let Worker {
+            consumer,
+            service,
+            config,
+            caps,
+            plan,
+        } = worker;
+        let (stop, stop_rx) = watch::channel(Stop::Running);
+        let state = State::new(&config);
+        let ctx = TaskCtx::new(&config, caps, plan, Shutdown { rx: stop_rx });
+        tracing::debug!(
+            worker = config.name.as_str(),
+            ?caps,
+            ?plan,
+            "worker started"
+        );
+        Run {
+            receive_pause: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            receive_paused: false,
+            receive_errors: 0,
+            parked_full_logged: false,
+            ctx,
+            state,
+            deadline: Box::pin(tokio::time::sleep(Duration::MAX)),
+            deadline_armed: false,
+            shutdown: FuturesUnordered::from_iter([shutdown]),
+            stop,
+            plan,
+            config,
+            service,
+            consumer,
+        }
+    }
+
+    /// Once intake has closed: tells calls and parked messages, hands waiting messages
+    /// back (parked ones go back themselves) and starts the shutdown deadline.
+    #[inline]
+    fn drain_once_closed(&mut self) {
+        if self.state.intake_open || self.deadline_armed {
+            return;
+        }
+        let _ = self.stop.send(Stop::Draining);
+        self.deadline
+            .as_mut()
+            .reset(tokio::time::Instant::now() + self.config.shutdown_timeout);
+        self.deadline_armed = true;
+        self.state.hand_back_waiting();
+    }
+
+    /// Whether the loop wants a delivery: a concurrency slot is free, and one is runnable
+    /// or intake is open with room to wait and to park.
+    // Left out of line, it costs a call on every turn (about 20 instructions a message
+    // in the in-task bench, under callgrind).
+    #[inline]
+    fn wants_delivery(&mut self) -> bool {
+        let state = &self.state;
+        let parked_full = state.parked >= self.config.max_parked;
+        if parked_full && !self.parked_full_logged {
+            tracing::warn!(
+                worker = self.config.name.as_str(),
+                parked = state.parked,
+                "the Worker holds max_parked failed messages; intake paused until one runs again"
+            );
+        }
+        self.parked_full_logged = parked_full;
+        state.running < self.config.concurrency
+            && (!state.runnable.is_empty()
+                || (state.intake_open && state.waiting < self.plan.max_waiting && !parked_full))
+    }
+
+    /// Reaps a finished task, or watches for shutdown and its deadline, or, when `want`,
+    /// waits for the service to be ready. True once the service is ready for the next
+    /// delivery; false when something else came first.
+    async fn reap_or_ready(&mut self, want: bool) -> bool {
+        let name = self.config.name.as_str();
+        let state = &mut self.state;
+        tokio::select! {
+            biased;
+            Some(()) = self.shutdown.next(), if state.intake_open => {
+                tracing::info!(worker = name, "shutdown requested; intake stopped");
+                state.intake_open = false;
+                false
+            }
+            Some(done) = state.tasks.next(), if !state.tasks.is_empty() => {
+                state.handle_done(done, &self.ctx);
+                false
+            }
+            () = &mut self.deadline, if self.deadline_armed && *self.stop.borrow() != Stop::Abort => {
+                tracing::warn!(worker = name, in_flight = state.running, "shutdown deadline reached; handing back in-flight messages");
+                let _ = self.stop.send(Stop::Abort);
+                false
+            }
+            ready = poll_fn(|cx| self.service.poll_ready(cx)), if want => match ready {
+                Ok(()) => true,
+                Err(e) => {
+                    let e: BoxError = e.into();
+                    tracing::error!(worker = name, error = %logged(&e), "service failed; stopping intake");
+                    state.intake_open = false;
+                    false
+                }
+            }
+        }
+    }
+
+    /// Takes the next delivery and [`dispatch`](Run::dispatch)es it: a runnable one (its
+    /// key is already reserved for it) first, else one from the broker. Returns without
+    /// one when something else came first: a shutdown, a task's end, the end of a receive
+    /// pause, a failed receive or the consumer's close.
+    ///
+    /// The delivery is dispatched here, not returned: handed out through this future's
+    /// output, it would be copied once more per message.
+    async fn take_next(&mut self) {
+        let name = self.config.name.as_str();
+        let state = &mut self.state;
+        if let Some(delivery) = state.runnable.pop_front() {
+            self.dispatch(delivery, true);
+            return;
+        }
+        // Completions matter while waiting for the broker only when they can make
+        // work runnable: a key released, a message parked or unparked. Calls
+        // polled in this task make progress only while it polls them.
+        let listen = state.waiting > 0
+            || state.parked > 0
+            || (self.plan.park && state.running > 0)
+            || (self.config.execution == Execution::InTask && !state.tasks.is_empty())
+            || (self.receive_paused && !state.tasks.is_empty());
+        tokio::select! {
+            biased;
+            Some(()) = self.shutdown.next(), if state.intake_open => {
+                tracing::info!(worker = name, "shutdown requested; intake stopped");
+                state.intake_open = false;
+            }
+            Some(done) = state.tasks.next(), if listen => {
+                state.handle_done(done, &self.ctx);
+            }
+            () = &mut self.receive_pause, if self.receive_paused => {
+                self.receive_paused = false;
+            }
+            received = self.consumer.receive(), if !self.receive_paused => match received {
+                Ok(Some(delivery)) => {
+                    self.receive_errors = 0;
+                    state.report.received += 1;
+                    self.dispatch(delivery, false);
+                }
+                Ok(None) => {
+                    tracing::info!(worker = name, "consumer closed; draining");
+                    state.intake_open = false;
+                }
+                Err(e) => {
+                    self.receive_errors += 1;
+                    let pause = Duration::from_millis(50 << self.receive_errors.min(7));
+                    tracing::warn!(worker = name, error = %logged(&e), ?pause, "receive failed; trying again");
+                    self.receive_pause.as_mut().reset(tokio::time::Instant::now() + pause);
+                    self.receive_paused = true;
+                }
+            }
+        }
+    }
+
+    /// Starts `delivery`'s call, unless its key is busy (it waits behind it) or it is no
+    /// longer this consumer's (it goes back unrun). `reserved`: its key is already
+    /// reserved for it.
+    fn dispatch(&mut self, delivery: Delivery, reserved: bool) {
+        let state = &mut self.state;
+        let key = order_key(self.config.ordering, &delivery.message, state.busy.hasher());
+        if let (Some(k), false) = (key, reserved) {
+            if let Some(queue) = state.busy.get_mut(&k) {
+                queue.push_back(delivery);
+                state.waiting += 1;
+                return;
+            }
+            state.busy.insert(k, VecDeque::new());
+        }
+        // Marked running before the check: a revoke that begins in between
+        // either sees this run and waits for it, or is seen here.
+        delivery.running(true);
+        if !delivery.is_current() {
+            // The broker gave it to another consumer: hand it back unrun, and
+            // its key with it.
+            delivery.running(false);
+            tracing::info!(
+                worker = self.config.name.as_str(),
+                message_id = delivery
+                    .message
+                    .metadata
+                    .message_id
+                    .as_deref()
+                    .unwrap_or(""),
+                "delivery no longer this consumer's (partition revoked); handed back without running"
+            );
+            state.hand_back(vec![delivery], key);
+            return;
+        }
+        state.running += 1;
+        let call = run_one(&mut self.service, delivery, key, &self.ctx);
+        if let Some(done) = state.tasks.start(call, key) {
+            state.handle_done(done, &self.ctx);
+        }
+    }
+
+    /// Closes the consumer once every task has ended, and returns the report.
+    async fn finish(mut self) -> Report {
+        let name = self.config.name.as_str();
+        if let Err(e) = self.consumer.close().await {
+            tracing::warn!(worker = name, error = %e, "consumer close failed");
+        }
+        tracing::info!(worker = name, report = ?self.state.report, "worker stopped");
+        self.state.report
     }
 }

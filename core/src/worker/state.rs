@@ -6,6 +6,7 @@ use std::hash::BuildHasher;
 use std::time::Duration;
 
 use super::call::{TaskCtx, bounded, log_settle, park};
+use super::config::Config;
 use super::tasks::Tasks;
 use super::{OrderingMode, Report};
 use crate::{Delivery, Message, Outcome, Settle};
@@ -109,6 +110,20 @@ pub(super) struct State {
 }
 
 impl State {
+    pub(super) fn new(config: &Config) -> Self {
+        State {
+            report: Report::default(),
+            running: 0,
+            parked: 0,
+            busy: HashMap::default(),
+            waiting: 0,
+            runnable: VecDeque::new(),
+            tasks: Tasks::new(config.execution),
+            intake_open: true,
+            settle_timeout: config.settle_timeout,
+        }
+    }
+
     pub(super) fn handle_done(&mut self, done: Done, ctx: &TaskCtx) {
         match done {
             Done::Crashed { panic, held } => {
