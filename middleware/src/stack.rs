@@ -44,6 +44,7 @@
 //! | 6 | `rate_limit` | paces calls to the downstream, retries included |
 //! | 7 | `retry` | in-process tries with backoff |
 //! | 8 | `timeout` | a deadline per try |
+//! | 9 | your own layers ([`around_handler`](Stack::around_handler)) | run on every try, with the Stack's extensions on the message; their errors are treated like the handler's |
 //!
 //! A circuit breaker with `CircuitBreakerConfig::default()` is in place from
 //! [`Stack::new`] on (with the `circuit-breaker` feature): without one, an outage of the
@@ -119,6 +120,19 @@ pub type DefaultBreaker = crate::circuit_breaker::CircuitBreakerLayer;
 #[cfg(not(feature = "circuit-breaker"))]
 pub type DefaultBreaker = Identity;
 
+/// The user's own layers in a [`Stack`] ([`Stack::around_handler`]), and how many.
+#[derive(Clone, Debug, Default)]
+struct Custom<L> {
+    layer: L,
+    count: usize,
+}
+
+impl<L> StackPart for Custom<L> {
+    fn describe(&self) -> Option<String> {
+        (self.count > 0).then(|| format!("custom({})", self.count))
+    }
+}
+
 /// The builder; see the [module docs](self). Each type parameter is one place,
 /// [`Identity`] while empty (the circuit breaker's starts as [`DefaultBreaker`]).
 #[derive(Clone, Debug, Default)]
@@ -132,6 +146,7 @@ pub struct Stack<
     Rl = Identity,
     Re = Identity,
     To = Identity,
+    Us = Identity,
 > {
     trace: Tr,
     metrics: Me,
@@ -141,6 +156,7 @@ pub struct Stack<
     rate_limit: Rl,
     retry: Re,
     timeout: To,
+    custom: Custom<Us>,
 }
 
 impl Stack {
@@ -150,14 +166,14 @@ impl Stack {
     }
 }
 
-impl<Tr, Me, Dl, Id, Cb, Rl, Re, To> Stack<Tr, Me, Dl, Id, Cb, Rl, Re, To> {
+impl<Tr, Me, Dl, Id, Cb, Rl, Re, To, Us> Stack<Tr, Me, Dl, Id, Cb, Rl, Re, To, Us> {
     /// Puts the trace layer in its place (first).
     #[cfg(feature = "trace")]
     #[cfg_attr(docsrs, doc(cfg(feature = "trace")))]
     pub fn trace<M>(
         self,
         layer: crate::trace::TraceLayer<M>,
-    ) -> Stack<crate::trace::TraceLayer<M>, Me, Dl, Id, Cb, Rl, Re, To> {
+    ) -> Stack<crate::trace::TraceLayer<M>, Me, Dl, Id, Cb, Rl, Re, To, Us> {
         Stack {
             trace: layer,
             metrics: self.metrics,
@@ -167,6 +183,7 @@ impl<Tr, Me, Dl, Id, Cb, Rl, Re, To> Stack<Tr, Me, Dl, Id, Cb, Rl, Re, To> {
             rate_limit: self.rate_limit,
             retry: self.retry,
             timeout: self.timeout,
+            custom: self.custom,
         }
     }
 
@@ -176,7 +193,7 @@ impl<Tr, Me, Dl, Id, Cb, Rl, Re, To> Stack<Tr, Me, Dl, Id, Cb, Rl, Re, To> {
     pub fn metrics(
         self,
         layer: crate::metrics::MetricsLayer,
-    ) -> Stack<Tr, crate::metrics::MetricsLayer, Dl, Id, Cb, Rl, Re, To> {
+    ) -> Stack<Tr, crate::metrics::MetricsLayer, Dl, Id, Cb, Rl, Re, To, Us> {
         Stack {
             trace: self.trace,
             metrics: layer,
@@ -186,6 +203,7 @@ impl<Tr, Me, Dl, Id, Cb, Rl, Re, To> Stack<Tr, Me, Dl, Id, Cb, Rl, Re, To> {
             rate_limit: self.rate_limit,
             retry: self.retry,
             timeout: self.timeout,
+            custom: self.custom,
         }
     }
 
@@ -195,7 +213,7 @@ impl<Tr, Me, Dl, Id, Cb, Rl, Re, To> Stack<Tr, Me, Dl, Id, Cb, Rl, Re, To> {
     pub fn dead_letter<P, H>(
         self,
         layer: crate::dead_letter::DeadLetterLayer<P, H>,
-    ) -> Stack<Tr, Me, crate::dead_letter::DeadLetterLayer<P, H>, Id, Cb, Rl, Re, To> {
+    ) -> Stack<Tr, Me, crate::dead_letter::DeadLetterLayer<P, H>, Id, Cb, Rl, Re, To, Us> {
         Stack {
             trace: self.trace,
             metrics: self.metrics,
@@ -205,6 +223,7 @@ impl<Tr, Me, Dl, Id, Cb, Rl, Re, To> Stack<Tr, Me, Dl, Id, Cb, Rl, Re, To> {
             rate_limit: self.rate_limit,
             retry: self.retry,
             timeout: self.timeout,
+            custom: self.custom,
         }
     }
 
@@ -214,7 +233,7 @@ impl<Tr, Me, Dl, Id, Cb, Rl, Re, To> Stack<Tr, Me, Dl, Id, Cb, Rl, Re, To> {
     pub fn idempotency<St: ?Sized>(
         self,
         layer: crate::idempotency::IdempotencyLayer<St>,
-    ) -> Stack<Tr, Me, Dl, crate::idempotency::IdempotencyLayer<St>, Cb, Rl, Re, To> {
+    ) -> Stack<Tr, Me, Dl, crate::idempotency::IdempotencyLayer<St>, Cb, Rl, Re, To, Us> {
         Stack {
             trace: self.trace,
             metrics: self.metrics,
@@ -224,12 +243,13 @@ impl<Tr, Me, Dl, Id, Cb, Rl, Re, To> Stack<Tr, Me, Dl, Id, Cb, Rl, Re, To> {
             rate_limit: self.rate_limit,
             retry: self.retry,
             timeout: self.timeout,
+            custom: self.custom,
         }
     }
 
     /// Leaves the circuit breaker's place empty. Without a breaker, an outage longer
     /// than the redeliveries last sends every message to the dead-letter queue.
-    pub fn without_circuit_breaker(self) -> Stack<Tr, Me, Dl, Id, Identity, Rl, Re, To> {
+    pub fn without_circuit_breaker(self) -> Stack<Tr, Me, Dl, Id, Identity, Rl, Re, To, Us> {
         Stack {
             trace: self.trace,
             metrics: self.metrics,
@@ -239,6 +259,7 @@ impl<Tr, Me, Dl, Id, Cb, Rl, Re, To> Stack<Tr, Me, Dl, Id, Cb, Rl, Re, To> {
             rate_limit: self.rate_limit,
             retry: self.retry,
             timeout: self.timeout,
+            custom: self.custom,
         }
     }
 
@@ -248,7 +269,7 @@ impl<Tr, Me, Dl, Id, Cb, Rl, Re, To> Stack<Tr, Me, Dl, Id, Cb, Rl, Re, To> {
     pub fn circuit_breaker(
         self,
         layer: crate::circuit_breaker::CircuitBreakerLayer,
-    ) -> Stack<Tr, Me, Dl, Id, crate::circuit_breaker::CircuitBreakerLayer, Rl, Re, To> {
+    ) -> Stack<Tr, Me, Dl, Id, crate::circuit_breaker::CircuitBreakerLayer, Rl, Re, To, Us> {
         Stack {
             trace: self.trace,
             metrics: self.metrics,
@@ -258,6 +279,7 @@ impl<Tr, Me, Dl, Id, Cb, Rl, Re, To> Stack<Tr, Me, Dl, Id, Cb, Rl, Re, To> {
             rate_limit: self.rate_limit,
             retry: self.retry,
             timeout: self.timeout,
+            custom: self.custom,
         }
     }
 
@@ -266,7 +288,7 @@ impl<Tr, Me, Dl, Id, Cb, Rl, Re, To> Stack<Tr, Me, Dl, Id, Cb, Rl, Re, To> {
     /// [`KeyedRateLimitLayer`](crate::rate_limit::KeyedRateLimitLayer).
     #[cfg(feature = "rate-limit")]
     #[cfg_attr(docsrs, doc(cfg(feature = "rate-limit")))]
-    pub fn rate_limit<L: StackPart>(self, layer: L) -> Stack<Tr, Me, Dl, Id, Cb, L, Re, To> {
+    pub fn rate_limit<L: StackPart>(self, layer: L) -> Stack<Tr, Me, Dl, Id, Cb, L, Re, To, Us> {
         Stack {
             trace: self.trace,
             metrics: self.metrics,
@@ -276,6 +298,7 @@ impl<Tr, Me, Dl, Id, Cb, Rl, Re, To> Stack<Tr, Me, Dl, Id, Cb, Rl, Re, To> {
             rate_limit: layer,
             retry: self.retry,
             timeout: self.timeout,
+            custom: self.custom,
         }
     }
 
@@ -285,7 +308,7 @@ impl<Tr, Me, Dl, Id, Cb, Rl, Re, To> Stack<Tr, Me, Dl, Id, Cb, Rl, Re, To> {
     pub fn retry<H>(
         self,
         layer: crate::retry::RetryLayer<H>,
-    ) -> Stack<Tr, Me, Dl, Id, Cb, Rl, crate::retry::RetryLayer<H>, To> {
+    ) -> Stack<Tr, Me, Dl, Id, Cb, Rl, crate::retry::RetryLayer<H>, To, Us> {
         Stack {
             trace: self.trace,
             metrics: self.metrics,
@@ -295,6 +318,7 @@ impl<Tr, Me, Dl, Id, Cb, Rl, Re, To> Stack<Tr, Me, Dl, Id, Cb, Rl, Re, To> {
             rate_limit: self.rate_limit,
             retry: layer,
             timeout: self.timeout,
+            custom: self.custom,
         }
     }
 
@@ -304,7 +328,7 @@ impl<Tr, Me, Dl, Id, Cb, Rl, Re, To> Stack<Tr, Me, Dl, Id, Cb, Rl, Re, To> {
     pub fn timeout(
         self,
         layer: crate::timeout::TimeoutLayer,
-    ) -> Stack<Tr, Me, Dl, Id, Cb, Rl, Re, crate::timeout::TimeoutLayer> {
+    ) -> Stack<Tr, Me, Dl, Id, Cb, Rl, Re, crate::timeout::TimeoutLayer, Us> {
         Stack {
             trace: self.trace,
             metrics: self.metrics,
@@ -314,11 +338,39 @@ impl<Tr, Me, Dl, Id, Cb, Rl, Re, To> Stack<Tr, Me, Dl, Id, Cb, Rl, Re, To> {
             rate_limit: self.rate_limit,
             retry: self.retry,
             timeout: layer,
+            custom: self.custom,
+        }
+    }
+
+    /// Adds a tower layer of your own around the handler: inside the per-try timeout,
+    /// so it runs on every try, sees the message with what the Stack put in its
+    /// extensions (the idempotency token, the shutdown signal), and its errors are
+    /// classified, retried and dead-lettered like the handler's; a panic in it is
+    /// caught like one in the handler. Called more than once, the first layer given is
+    /// the outermost, as with `tower::ServiceBuilder`. [`describe`](Stack::describe)
+    /// shows them as `custom(<how many>)`.
+    pub fn around_handler<L>(
+        self,
+        layer: L,
+    ) -> Stack<Tr, Me, Dl, Id, Cb, Rl, Re, To, tower::layer::util::Stack<L, Us>> {
+        Stack {
+            trace: self.trace,
+            metrics: self.metrics,
+            dead_letter: self.dead_letter,
+            idempotency: self.idempotency,
+            circuit_breaker: self.circuit_breaker,
+            rate_limit: self.rate_limit,
+            retry: self.retry,
+            timeout: self.timeout,
+            custom: Custom {
+                layer: tower::layer::util::Stack::new(layer, self.custom.layer),
+                count: self.custom.count + 1,
+            },
         }
     }
 }
 
-impl<Tr, Me, Dl, Id, Cb, Rl, Re, To> Stack<Tr, Me, Dl, Id, Cb, Rl, Re, To>
+impl<Tr, Me, Dl, Id, Cb, Rl, Re, To, Us> Stack<Tr, Me, Dl, Id, Cb, Rl, Re, To, Us>
 where
     Tr: StackPart,
     Me: StackPart,
@@ -329,7 +381,7 @@ where
     Re: StackPart,
     To: StackPart,
 {
-    fn parts(&self) -> [&dyn StackPart; 8] {
+    fn parts(&self) -> [&dyn StackPart; 9] {
         [
             &self.trace,
             &self.metrics,
@@ -339,6 +391,7 @@ where
             &self.rate_limit,
             &self.retry,
             &self.timeout,
+            &self.custom,
         ]
     }
 
@@ -394,8 +447,8 @@ where
 
 /// What lets `Worker::builder(consumer).stack(stack).handler(handler)` wrap the handler
 /// and run [`Stack::check`] against the consumer's capabilities at `build`.
-impl<H, Tr, Me, Dl, Id, Cb, Rl, Re, To> redrive_core::Pipeline<H>
-    for Stack<Tr, Me, Dl, Id, Cb, Rl, Re, To>
+impl<H, Tr, Me, Dl, Id, Cb, Rl, Re, To, Us> redrive_core::Pipeline<H>
+    for Stack<Tr, Me, Dl, Id, Cb, Rl, Re, To, Us>
 where
     Self: Layer<H>,
     Tr: StackPart,
@@ -418,9 +471,10 @@ where
     }
 }
 
-impl<S, Tr, Me, Dl, Id, Cb, Rl, Re, To> Layer<S> for Stack<Tr, Me, Dl, Id, Cb, Rl, Re, To>
+impl<S, Tr, Me, Dl, Id, Cb, Rl, Re, To, Us> Layer<S> for Stack<Tr, Me, Dl, Id, Cb, Rl, Re, To, Us>
 where
-    To: Layer<CatchPanic<S>>,
+    Us: Layer<S>,
+    To: Layer<CatchPanic<Us::Service>>,
     Re: Layer<To::Service>,
     Rl: Layer<Re::Service>,
     Id: Layer<Rl::Service>,
@@ -432,8 +486,10 @@ where
     type Service = Tr::Service;
 
     fn layer(&self, handler: S) -> Self::Service {
-        // Innermost: a panic in the handler is an error every layer sees.
-        let s = self.timeout.layer(CatchPanic::new(handler));
+        // Innermost: a panic in the handler (or in the user's layers around it) is an
+        // error every layer sees.
+        let s = self.custom.layer.layer(handler);
+        let s = self.timeout.layer(CatchPanic::new(s));
         let s = self.retry.layer(s);
         let s = self.rate_limit.layer(s);
         let s = self.idempotency.layer(s);

@@ -116,6 +116,52 @@ fn check_rejects_a_retry_window_the_lease_cannot_hold() {
     stack.check(&kept).unwrap();
 }
 
+#[tokio::test]
+async fn your_own_layers_run_around_the_handler_on_every_try() {
+    use tower::{Service, ServiceExt};
+    // Each layer appends its name to a header, so the handler sees the order.
+    let tag = |name: &'static str| {
+        tower::util::MapRequestLayer::new(move |mut m: Message| {
+            let seen = m.headers.get_str("x-seen").unwrap_or("").to_owned();
+            m.headers.insert("x-seen", format!("{seen}{name}")).unwrap();
+            m
+        })
+    };
+    let stack = Stack::new()
+        .without_circuit_breaker()
+        .around_handler(tag("a"))
+        .retry(retry(Duration::from_millis(1), Duration::from_millis(2)))
+        .around_handler(tag("b"));
+    assert_eq!(
+        stack.describe(),
+        "retry(max_tries=3, window=3ms, budget) -> custom(2) -> handler"
+    );
+    let tries = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let t = tries.clone();
+    let mut service = stack.service(handler_fn(move |m: Message| {
+        let t = t.clone();
+        async move {
+            let mut tries = t.lock().unwrap();
+            tries.push(m.headers.get_str("x-seen").unwrap_or("").to_owned());
+            if tries.len() < 3 {
+                Err::<(), BoxError>("blip".into())
+            } else {
+                Ok(())
+            }
+        }
+    }));
+    service
+        .ready()
+        .await
+        .unwrap()
+        .call(Message::new("x"))
+        .await
+        .unwrap();
+    // Inside the retries (three tries, each through both layers), the first given
+    // outermost.
+    assert_eq!(*tries.lock().unwrap(), ["ab", "ab", "ab"]);
+}
+
 #[test]
 fn every_layer_reports_a_bad_configuration_with_one_error_type() {
     let errors: [redrive_middleware::ConfigError; 4] = [
