@@ -251,13 +251,6 @@ impl Target for Kafka {
         self.proxy.cut().await
     }
 
-    fn can_restart(&self) -> bool {
-        false
-    }
-
-    async fn restart(&self) {
-        unreachable!("tansu's in-memory storage keeps nothing across a restart")
-    }
 
     async fn cleanup(&self) {}
 }

@@ -89,10 +89,16 @@ pub trait Target: Send + Sync + 'static {
     /// Cuts every broker connection of the consumers whose names start with `prefix`;
     /// returns how many it cut.
     fn cut(&self, prefix: &str) -> impl Future<Output = usize> + Send;
-    /// Whether [`restart`](Target::restart) can restart the broker with its data.
-    fn can_restart(&self) -> bool;
+    /// Whether [`restart`](Target::restart) can restart the broker with its data; a
+    /// broker that cannot gets one more cut instead.
+    fn can_restart(&self) -> bool {
+        false
+    }
     /// Stops the broker and starts it again; returns once it accepts connections.
-    fn restart(&self) -> impl Future<Output = ()> + Send;
+    /// Called only when [`can_restart`](Target::can_restart) says so.
+    fn restart(&self) -> impl Future<Output = ()> + Send {
+        async { unreachable!("restart called on a broker that cannot restart") }
+    }
     /// Removes the run's queues (after a clean run).
     fn cleanup(&self) -> impl Future<Output = ()> + Send;
 }

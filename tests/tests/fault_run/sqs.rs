@@ -127,13 +127,6 @@ impl Target for Sqs {
         self.proxy.cut().await
     }
 
-    fn can_restart(&self) -> bool {
-        false
-    }
-
-    async fn restart(&self) {
-        unreachable!("the SQS emulator is not restarted")
-    }
 
     async fn cleanup(&self) {
         for name in [self.queue.clone(), format!("{}-dlq", self.queue)] {
