@@ -10,7 +10,7 @@ use redrive_core::{BoxError, Headers, Message, Outcome};
 use redrive_middleware::idempotency::{
     self, CommitMode, CommitStatus, DefaultKey, IdempotencyConfig, IdempotencyLayer,
     IdempotencyStore, IdempotencyToken, KeyReserved, MakeKey, MemoryStore, Namespace, Reservation,
-    StoreError, StoreFuture, Token,
+    StoreError, StoreFuture, Token, testkit,
 };
 use tower::{Layer, Service, ServiceExt, service_fn};
 
@@ -64,6 +64,16 @@ impl Handler {
 
 fn layer(store: Arc<MemoryStore>) -> IdempotencyLayer<MemoryStore> {
     IdempotencyLayer::new(store, IdempotencyConfig::default()).unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_store_keeps_the_store_contract() {
+    testkit::run_all(&MemoryStore::new(), Duration::from_secs(1)).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_store_of_many_shards_keeps_the_store_contract() {
+    testkit::run_all(&MemoryStore::with_shards(64), Duration::from_secs(1)).await;
 }
 
 #[tokio::test(start_paused = true)]

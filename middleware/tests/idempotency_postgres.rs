@@ -10,7 +10,7 @@ use std::time::Duration;
 use redrive_core::{BoxError, Headers, Message, Outcome};
 use redrive_middleware::idempotency::{
     self, CommitMode, IdempotencyConfig, IdempotencyLayer, IdempotencyStore, IdempotencyToken,
-    KeyReserved, Namespace, PostgresStore, Reservation,
+    KeyReserved, Namespace, PostgresStore, Reservation, testkit,
 };
 use tokio::sync::Mutex;
 use tokio_postgres::{Client, NoTls};
@@ -103,6 +103,12 @@ fn config(lease: Duration) -> IdempotencyConfig {
     IdempotencyConfig::default()
         .with_lease(lease)
         .with_ttl(Duration::from_secs(60))
+}
+
+#[tokio::test]
+async fn the_store_keeps_the_store_contract() {
+    let store = store(&table("contract")).await;
+    testkit::run_all(&store, Duration::from_millis(300)).await;
 }
 
 #[tokio::test]

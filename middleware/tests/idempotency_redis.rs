@@ -9,7 +9,7 @@ use std::time::Duration;
 use redrive_core::{BoxError, Headers, Message, Outcome};
 use redrive_middleware::idempotency::{
     self, IdempotencyConfig, IdempotencyLayer, IdempotencyStore, KeyReserved, Namespace,
-    RedisStore, Reservation,
+    RedisStore, Reservation, testkit,
 };
 use tower::{Layer, Service, ServiceExt, service_fn};
 
@@ -77,6 +77,12 @@ fn config(lease: Duration) -> IdempotencyConfig {
     IdempotencyConfig::default()
         .with_lease(lease)
         .with_ttl(Duration::from_secs(60))
+}
+
+#[tokio::test]
+async fn the_store_keeps_the_store_contract() {
+    let store = store(&prefix("contract")).await;
+    testkit::run_all(&store, Duration::from_millis(300)).await;
 }
 
 #[tokio::test]

@@ -115,8 +115,6 @@
 //! # let _ = config;
 //! ```
 
-#[cfg(test)]
-mod contract;
 mod error;
 pub mod future;
 mod key;
@@ -129,6 +127,9 @@ mod postgres;
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 mod redis;
 mod store;
+#[cfg(feature = "testkit")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testkit")))]
+pub mod testkit;
 
 use std::error::Error as StdError;
 use std::fmt;

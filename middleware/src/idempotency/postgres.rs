@@ -630,18 +630,41 @@ impl IdempotencyStore for PostgresStore {
 mod tests {
     use std::time::Duration;
 
-    use crate::idempotency::contract;
+    use super::PostgresStore;
 
-    #[tokio::test]
-    async fn passes_the_store_contract() {
-        let store = contract::postgres_store().await;
-        contract::run_all(&store, Duration::from_millis(300)).await;
+    // The store contract runs from `tests/idempotency_postgres.rs`, through the public
+    // `idempotency::testkit`.
+
+    /// A store on the local PostgreSQL (`DATABASE_URL`, default
+    /// `host=127.0.0.1 user=postgres dbname=test`) in a fresh, migrated table; panics,
+    /// saying how to start PostgreSQL, when it cannot be reached.
+    async fn postgres_store() -> PostgresStore {
+        let params = std::env::var("DATABASE_URL")
+            .unwrap_or_else(|_| "host=127.0.0.1 user=postgres dbname=test".into());
+        let store =
+            match tokio::time::timeout(Duration::from_secs(5), PostgresStore::connect(&params))
+                .await
+            {
+                Ok(Ok(store)) => store,
+                Ok(Err(e)) => panic!(
+                    "cannot reach PostgreSQL with `{params}` ({e}); start it with \
+                 `pg_ctlcluster 15 main start` or set DATABASE_URL"
+                ),
+                Err(_) => panic!(
+                    "PostgreSQL with `{params}` did not answer within 5 s; start it with \
+                 `pg_ctlcluster 15 main start` or set DATABASE_URL"
+                ),
+            };
+        let table = format!("redrive_test_{:016x}", fastrand::u64(..));
+        let store = store.with_table(&table).unwrap();
+        store.migrate().await.unwrap();
+        store
     }
 
     #[tokio::test]
     async fn migrate_is_idempotent_and_purge_deletes_expired_rows() {
         use crate::idempotency::{IdempotencyStore, Reservation};
-        let store = contract::postgres_store().await;
+        let store = postgres_store().await;
         store.migrate().await.unwrap();
         let Reservation::Fresh(_) = store.reserve("k", Duration::from_millis(1)).await.unwrap()
         else {

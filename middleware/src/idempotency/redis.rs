@@ -292,16 +292,3 @@ impl IdempotencyStore for RedisStore {
         })
     }
 }
-
-#[cfg(test)]
-mod tests {
-    use std::time::Duration;
-
-    use crate::idempotency::contract;
-
-    #[tokio::test]
-    async fn passes_the_store_contract() {
-        let store = contract::redis_store().await;
-        contract::run_all(&store, Duration::from_millis(300)).await;
-    }
-}
