@@ -251,6 +251,5 @@ impl Target for Kafka {
         self.proxy.cut().await
     }
 
-
     async fn cleanup(&self) {}
 }

@@ -127,7 +127,6 @@ impl Target for Sqs {
         self.proxy.cut().await
     }
 
-
     async fn cleanup(&self) {
         for name in [self.queue.clone(), format!("{}-dlq", self.queue)] {
             if let Ok(url) = self.sqs.queue_url(&name).await {
