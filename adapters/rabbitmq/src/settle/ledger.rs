@@ -1,46 +1,13 @@
-//! Settles a consuming channel's deliveries in delivery-tag order, coalescing acks.
-//!
-//! The broker handles every `basic.ack` frame as a unit of work, about as costly as the
-//! delivery it settles. With many deliveries in flight, their calls end close together,
-//! so the acks that end while an earlier frame is being written, or while the sender
-//! yields once to the calls already woken, go out together as one `basic.ack` with
-//! `multiple` set, which settles every unsettled delivery up to its tag. Under light
-//! load a lone ack waits one turn of the scheduler and goes out as a single ack.
-//!
-//! A multiple ack is only safe where it settles nothing it should not, so:
-//! - the [`Ledger`] knows every delivery handed to the Worker, by tag, and a multiple
-//!   ack of tag T is sent only when every delivery at or below T was acked by its call,
-//!   or settled by an earlier frame;
-//! - one sender at a time pushes a channel's frames, in the order the ledger decided
-//!   them; a batch's `basic.nack` frames go first, so the broker has taken those
-//!   deliveries back before an ack that spans their tags arrives, and covers none;
-//! - a delivery still running (a slow handler) ends the run: the acks behind it go out
-//!   one by one, as they would without coalescing, so no call waits for another;
-//! - a delivery whose acker is dropped unsettled is handed back with the next frames,
-//!   so it cannot end every run for as long as the channel lives.
-//!
-//! # Bounds
-//! The ledger keeps only the deliveries not yet settled on the wire; the broker counts
-//! each of them as unacked, so there are about as many as the channel's prefetch, however
-//! many deliveries settle behind one that still runs. A delivery tag that skips more
-//! tags than the prefetch could have had unacked is a broken protocol: the delivery is
-//! refused ([`TagGap`]), nothing is allocated for the gap, and the consumer closes the
-//! channel and reconnects.
+//! The [`Ledger`]: every unsettled delivery's state by tag, and the frames that settle
+//! them.
 
 use std::collections::BTreeMap;
-use std::future::{Future, poll_fn};
-use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::Poll;
 
-use lapin::Channel;
-use lapin::options::{BasicAckOptions, BasicNackOptions};
-use tokio::sync::Notify;
+use super::TagGap;
 
 /// Where one delivery is in its settlement.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Slot {
+pub(super) enum Slot {
     /// Handed to the Worker; its call has not settled it yet.
     Open,
     /// Its call acked it; no frame is on the way yet.
@@ -53,15 +20,6 @@ enum Slot {
     Done,
     /// Its frame failed: the channel is gone, and the broker delivers it again.
     Failed,
-}
-
-/// How a call settles its delivery.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Settlement {
-    /// `basic.ack`, coalesced with its neighbours' where the ledger allows.
-    Ack,
-    /// `basic.nack` with requeue: the broker delivers it again.
-    Requeue,
 }
 
 /// A frame the ledger decided to send.
@@ -81,33 +39,6 @@ pub(crate) enum Frame {
     },
 }
 
-/// A delivery tag further ahead than the channel's window allows: the broker (or a proxy
-/// between) broke the protocol, and the channel cannot be trusted with a multiple ack.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct TagGap {
-    /// The tag that arrived.
-    pub(crate) tag: u64,
-    /// The tag expected.
-    pub(crate) expected: u64,
-    /// The channel's prefetch.
-    pub(crate) window: u64,
-}
-
-impl std::fmt::Display for TagGap {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "delivery tag {} arrived where {} was expected: {} deliveries skipped, more than \
-             the channel's prefetch of {} allows (a broker or proxy broke the protocol); \
-             the channel is closed and its deliveries come again",
-            self.tag,
-            self.expected,
-            self.tag - self.expected,
-            self.window
-        )
-    }
-}
-
 /// The settlement state of every delivery not yet settled on the wire.
 ///
 /// Only unsettled deliveries are kept, by tag; a tag below `next` that is not kept is
@@ -124,7 +55,7 @@ pub(crate) struct Ledger {
     /// its own deliveries.
     pending: Vec<u64>,
     /// Whether a sender is pushing a batch now.
-    sending: bool,
+    pub(super) sending: bool,
     /// The channel's prefetch: the largest tag gap that can be told from a broken channel.
     window: u64,
 }
@@ -190,13 +121,13 @@ impl Ledger {
 
     /// Lets tags skip up to `window` deliveries: for a consumer started on the same
     /// channel with a larger prefetch. Never narrows.
-    fn widen(&mut self, window: u16) {
+    pub(super) fn widen(&mut self, window: u16) {
         self.window = self.window.max(u64::from(window));
     }
 
     /// Records that a call settled `tag` (`Slot::Ack` or `Slot::Requeue`). A tag that is
     /// not open (settled before) keeps its state.
-    fn mark(&mut self, tag: u64, how: Slot) {
+    pub(super) fn mark(&mut self, tag: u64, how: Slot) {
         if let Some(slot) = self.slots.get_mut(&tag) {
             if *slot == Slot::Open {
                 *slot = how;
@@ -208,13 +139,13 @@ impl Ledger {
     /// Hands back a delivery whose acker was dropped unsettled (its call ended without
     /// settling it, as a task that panicked does): it would stop every later multiple
     /// ack for as long as the channel lives, so it is requeued with the next frames.
-    fn abandon(&mut self, tag: u64) {
+    pub(super) fn abandon(&mut self, tag: u64) {
         self.mark(tag, Slot::Requeue);
     }
 
     /// `Some(true)` once `tag` is settled on the wire, `Some(false)` if its frame failed,
     /// `None` while it waits.
-    fn outcome(&self, tag: u64) -> Option<bool> {
+    pub(super) fn outcome(&self, tag: u64) -> Option<bool> {
         if tag >= self.next {
             // Never delivered on this channel: nothing to wait for.
             return Some(false);
@@ -321,184 +252,6 @@ impl Ledger {
             self.slots.remove(&tag);
         }
         settled
-    }
-}
-
-/// Counts a consumer's settlement frames, over all its channels.
-#[derive(Debug, Default)]
-pub(crate) struct Counters {
-    /// `basic.ack` and `basic.nack` frames written.
-    pub(crate) frames: AtomicU64,
-    /// Deliveries those frames settled.
-    pub(crate) settled: AtomicU64,
-}
-
-/// A consuming channel's ledger and the channel its frames go on.
-pub(crate) struct Settler {
-    channel: Channel,
-    ledger: Mutex<Ledger>,
-    /// Wakes the calls waiting for their frames when a batch was sent.
-    sent: Notify,
-    counters: Arc<Counters>,
-}
-
-impl Settler {
-    /// The settler of `channel`, consumed with a prefetch of `window`.
-    pub(crate) fn new(channel: Channel, window: u16, counters: Arc<Counters>) -> Self {
-        Self {
-            channel,
-            ledger: Mutex::new(Ledger::new(window)),
-            sent: Notify::new(),
-            counters,
-        }
-    }
-
-    fn ledger(&self) -> MutexGuard<'_, Ledger> {
-        self.ledger.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Records a delivery handed to the Worker.
-    ///
-    /// # Errors
-    /// A tag gap the channel's prefetch cannot explain: the channel must be closed.
-    pub(crate) fn deliver(&self, tag: u64) -> Result<(), TagGap> {
-        self.ledger().deliver(tag)
-    }
-
-    /// The channel the deliveries came on.
-    pub(crate) fn channel(&self) -> &Channel {
-        &self.channel
-    }
-
-    /// Lets tags skip up to `window` deliveries, for a consumer started on this channel
-    /// with that prefetch.
-    pub(crate) fn widen(&self, window: u16) {
-        self.ledger().widen(window);
-    }
-
-    /// Hands `tag` back with the next frames sent, if nothing settled it: for an acker
-    /// dropped unsettled. Without a next frame, closing the channel hands it back.
-    pub(crate) fn abandon(&self, tag: u64) {
-        self.ledger().abandon(tag);
-    }
-
-    /// Settles `tag`; returns once the frame that settles it was written: `true`, or
-    /// `false` when the channel could not take it (the broker then delivers the message
-    /// again).
-    pub(crate) async fn settle(&self, tag: u64, how: Settlement) -> bool {
-        let slot = match how {
-            Settlement::Ack => Slot::Ack,
-            Settlement::Requeue => Slot::Requeue,
-        };
-        self.ledger().mark(tag, slot);
-        loop {
-            let wait = {
-                let mut ledger = self.ledger();
-                if let Some(written) = ledger.outcome(tag) {
-                    return written;
-                }
-                if ledger.sending {
-                    // Created under the lock, so the sender's wake-up cannot be missed.
-                    Some(self.sent.notified())
-                } else {
-                    ledger.sending = true;
-                    None
-                }
-            };
-            match wait {
-                Some(sent) => sent.await,
-                None => self.send().await,
-            }
-        }
-    }
-
-    /// Takes the ledger's frames, pushes them in order and waits until each is written.
-    /// Called by the one sender (the ledger's `sending` is set).
-    async fn send(&self) {
-        let mut guard = Sending {
-            settler: self,
-            frames: Vec::new(),
-            ok: Vec::new(),
-        };
-        // The calls already woken on this runtime run first, and the acks they end with
-        // join this batch: under load, frames carry several acks each; idle, the wait is
-        // one turn of the scheduler.
-        tokio::task::yield_now().await;
-        guard.frames = self.ledger().take();
-        let mut writes: Vec<Pin<Box<dyn Future<Output = lapin::Result<()>> + Send + '_>>> = guard
-            .frames
-            .iter()
-            .map(|frame| self.write(*frame))
-            .collect();
-        let mut ok: Vec<Option<bool>> = vec![None; writes.len()];
-        // Each write queues its frame on its first poll, and this polls them in order:
-        // after the first poll every frame is queued, in the ledger's order.
-        poll_fn(|cx| {
-            let mut waiting = false;
-            for (write, ok) in writes.iter_mut().zip(ok.iter_mut()) {
-                if ok.is_none() {
-                    match write.as_mut().poll(cx) {
-                        Poll::Ready(Ok(())) => *ok = Some(true),
-                        Poll::Ready(Err(e)) => {
-                            tracing::debug!(error = %e, "a settlement frame could not be written");
-                            *ok = Some(false);
-                        }
-                        Poll::Pending => waiting = true,
-                    }
-                }
-            }
-            if waiting {
-                Poll::Pending
-            } else {
-                Poll::Ready(())
-            }
-        })
-        .await;
-        guard.ok = ok.into_iter().map(|ok| ok.unwrap_or(false)).collect();
-    }
-
-    fn write(&self, frame: Frame) -> Pin<Box<dyn Future<Output = lapin::Result<()>> + Send + '_>> {
-        match frame {
-            Frame::Ack { tag, multiple } => {
-                Box::pin(self.channel.basic_ack(tag, BasicAckOptions { multiple }))
-            }
-            Frame::Requeue { tag } => Box::pin(self.channel.basic_nack(
-                tag,
-                BasicNackOptions {
-                    multiple: false,
-                    requeue: true,
-                },
-            )),
-        }
-    }
-}
-
-/// Ends a send: records its outcome, lets the next sender in and wakes the waiting
-/// calls. A send dropped part-way took no frames yet (it was yielding), or queued every
-/// frame it took (taking and queueing happen in one poll), so its frames count as
-/// written.
-struct Sending<'a> {
-    settler: &'a Settler,
-    frames: Vec<Frame>,
-    /// Per frame, whether it was written; empty if the send did not finish.
-    ok: Vec<bool>,
-}
-
-impl Drop for Sending<'_> {
-    fn drop(&mut self) {
-        if self.ok.len() != self.frames.len() {
-            self.ok = vec![true; self.frames.len()];
-        }
-        let mut ledger = self.settler.ledger();
-        let settled = ledger.finish(&self.frames, &self.ok);
-        ledger.sending = false;
-        drop(ledger);
-        let written = self.ok.iter().filter(|ok| **ok).count() as u64;
-        let counters = &self.settler.counters;
-        counters.frames.fetch_add(written, Ordering::Relaxed);
-        counters.settled.fetch_add(settled, Ordering::Relaxed);
-        // Every waiter looks again: its frame was written, or one of them sends next.
-        self.settler.sent.notify_waiters();
     }
 }
 
