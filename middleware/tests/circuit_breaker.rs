@@ -1,84 +1,21 @@
 //! The circuit breaker, polled by hand on paused tokio time.
 #![cfg(feature = "circuit-breaker")]
 
-use std::future::{Ready, ready};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Wake, Waker};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use redrive_core::{BoxError, Message, classify};
+use redrive_core::{BoxError, Message};
 use redrive_middleware::circuit_breaker::{
     CircuitBreaker, CircuitBreakerConfig, CircuitBreakerLayer, CircuitOpen, CircuitState,
     FailureRate, OnCircuitOpen, OpenReason,
 };
 use tower::{Layer, Service, ServiceExt};
 
-/// What the mock answers next.
-#[derive(Clone, Copy, Debug)]
-enum Answer {
-    Ok,
-    Transient,
-    Permanent,
-}
+#[path = "support/mock.rs"]
+mod mock;
 
-/// An inner service whose answer is set by the test.
-#[derive(Clone)]
-struct Mock {
-    answer: Arc<Mutex<Answer>>,
-    calls: Arc<AtomicUsize>,
-}
-
-impl Mock {
-    fn new() -> Self {
-        Mock {
-            answer: Arc::new(Mutex::new(Answer::Ok)),
-            calls: Arc::default(),
-        }
-    }
-
-    fn answer(&self, a: Answer) {
-        *self.answer.lock().unwrap() = a;
-    }
-}
-
-impl Service<Message> for Mock {
-    type Response = ();
-    type Error = BoxError;
-    type Future = Ready<Result<(), BoxError>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _: Message) -> Self::Future {
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        ready(match *self.answer.lock().unwrap() {
-            Answer::Ok => Ok(()),
-            Answer::Transient => Err("connection refused".into()),
-            Answer::Permanent => Err(classify::permanent("bad payload")),
-        })
-    }
-}
-
-/// A waker that counts its wakes.
-#[derive(Default)]
-struct Counter(AtomicUsize);
-
-impl Wake for Counter {
-    fn wake(self: Arc<Self>) {
-        self.0.fetch_add(1, Ordering::SeqCst);
-    }
-}
-
-fn counter() -> (Arc<Counter>, Waker) {
-    let c = Arc::new(Counter::default());
-    (c.clone(), Waker::from(c))
-}
-
-fn wakes(c: &Counter) -> usize {
-    c.0.load(Ordering::SeqCst)
-}
+use mock::{Answer, Mock, counter, wakes};
 
 fn poll_ready<S: Service<Message>>(svc: &mut S, waker: &Waker) -> Poll<Result<(), S::Error>> {
     svc.poll_ready(&mut Context::from_waker(waker))
@@ -188,11 +125,7 @@ async fn while_open_poll_ready_is_pending_and_wakes_when_the_period_ends() {
     assert_eq!(wakes(&count), 1, "woken by the breaker's own timer");
     assert!(poll_ready(&mut svc, &waker).is_ready());
     assert_eq!(svc.state(), CircuitState::HalfOpen);
-    assert_eq!(
-        mock.calls.load(Ordering::SeqCst),
-        3,
-        "nothing called while open"
-    );
+    assert_eq!(mock.count(), 3, "nothing called while open");
 }
 
 /// Trips `svc` and waits out the open period.

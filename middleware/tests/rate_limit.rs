@@ -1,84 +1,22 @@
 //! The rate limits, polled by hand on paused tokio time.
 #![cfg(feature = "rate-limit")]
 
-use std::future::{Ready, ready};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Wake, Waker};
+use std::sync::Arc;
+use std::task::{Context, Waker};
 use std::time::Duration;
 
-use redrive_core::{BoxError, Headers, Message};
+use redrive_core::{Headers, Message};
 use redrive_middleware::rate_limit::{KeyedRateLimitLayer, RateLimitConfig, RateLimitLayer};
 use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
 
+#[path = "support/mock.rs"]
+mod mock;
+
+use mock::{Counter, Mock};
+
 const MS: Duration = Duration::from_millis(1);
 const TENANT: &str = "x-tenant";
-
-#[derive(Default)]
-struct Log {
-    calls: Vec<(Duration, String)>,
-    readies: Vec<Duration>,
-}
-
-/// Logs when each message (by payload) is called and when readiness is asked.
-#[derive(Clone)]
-struct Mock {
-    t0: Instant,
-    log: Arc<Mutex<Log>>,
-}
-
-impl Mock {
-    fn new() -> Self {
-        Mock {
-            t0: Instant::now(),
-            log: Arc::default(),
-        }
-    }
-
-    fn calls(&self) -> Vec<(Duration, String)> {
-        self.log.lock().unwrap().calls.clone()
-    }
-
-    fn call_times(&self, payload: &str) -> Vec<Duration> {
-        let log = self.log.lock().unwrap();
-        log.calls
-            .iter()
-            .filter(|(_, p)| p == payload)
-            .map(|(t, _)| *t)
-            .collect()
-    }
-}
-
-impl Service<Message> for Mock {
-    type Response = ();
-    type Error = BoxError;
-    type Future = Ready<Result<(), BoxError>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.log.lock().unwrap().readies.push(self.t0.elapsed());
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, msg: Message) -> Self::Future {
-        let payload = String::from_utf8(msg.payload.to_vec()).unwrap();
-        self.log
-            .lock()
-            .unwrap()
-            .calls
-            .push((self.t0.elapsed(), payload));
-        ready(Ok(()))
-    }
-}
-
-#[derive(Default)]
-struct Counter(AtomicUsize);
-
-impl Wake for Counter {
-    fn wake(self: Arc<Self>) {
-        self.0.fetch_add(1, Ordering::SeqCst);
-    }
-}
 
 fn tenant(payload: &str, tenant: &str) -> Message {
     let mut headers = Headers::new();
@@ -106,18 +44,14 @@ async fn direct_holds_poll_ready_back_after_the_burst_and_wakes_on_time() {
     }
     assert!(svc.poll_ready(&mut cx).is_pending(), "the third waits");
     tokio::time::advance(499 * MS).await;
-    assert_eq!(count.0.load(Ordering::SeqCst), 0);
+    assert_eq!(mock::wakes(&count), 0);
     assert!(svc.poll_ready(&mut cx).is_pending());
     tokio::time::advance(MS).await;
-    assert_eq!(
-        count.0.load(Ordering::SeqCst),
-        1,
-        "woken by the timer, once"
-    );
+    assert_eq!(mock::wakes(&count), 1, "woken by the timer, once");
     assert!(svc.poll_ready(&mut cx).is_ready());
     svc.call(Message::new("x")).await.unwrap();
     assert_eq!(
-        mock.log.lock().unwrap().readies.len(),
+        mock.readies().len(),
         3,
         "the inner service is asked only with a permit"
     );
@@ -125,6 +59,7 @@ async fn direct_holds_poll_ready_back_after_the_burst_and_wakes_on_time() {
 
 #[tokio::test(start_paused = true)]
 async fn direct_spaces_calls_evenly_after_the_burst_across_clones() {
+    let t0 = Instant::now();
     let mock = Mock::new();
     let svc = RateLimitLayer::new(RateLimitConfig::new(10, Duration::from_secs(1)).with_burst(2))
         .unwrap()
@@ -135,7 +70,7 @@ async fn direct_spaces_calls_evenly_after_the_burst_across_clones() {
             .await
             .unwrap();
     }
-    let times: Vec<_> = mock.calls().into_iter().map(|(t, _)| t).collect();
+    let times = mock.offsets(t0);
     assert_eq!(
         times,
         [Duration::ZERO, Duration::ZERO, 100 * MS, 200 * MS, 300 * MS]
@@ -144,6 +79,7 @@ async fn direct_spaces_calls_evenly_after_the_burst_across_clones() {
 
 #[tokio::test(start_paused = true)]
 async fn keyed_limits_each_key_on_its_own() {
+    let t0 = Instant::now();
     let mock = Mock::new();
     let svc = KeyedRateLimitLayer::by_header(TENANT, RateLimitConfig::per_second(1))
         .unwrap()
@@ -163,7 +99,7 @@ async fn keyed_limits_each_key_on_its_own() {
     for call in calls {
         call.await.unwrap().unwrap();
     }
-    let secs = |p| mock.call_times(p)[0].as_secs_f64();
+    let secs = |p| mock.offsets_of(p, t0)[0].as_secs_f64();
     assert_eq!((secs("a1"), secs("b1"), secs("none")), (0.0, 0.0, 0.0));
     let mut a = [secs("a2"), secs("a3")];
     a.sort_by(f64::total_cmp);
@@ -173,6 +109,7 @@ async fn keyed_limits_each_key_on_its_own() {
 
 #[tokio::test(start_paused = true)]
 async fn a_waiting_keyed_call_holds_no_readiness() {
+    let t0 = Instant::now();
     let mock = Mock::new();
     let mut svc = KeyedRateLimitLayer::by_message_key(RateLimitConfig::per_second(1))
         .unwrap()
@@ -188,16 +125,18 @@ async fn a_waiting_keyed_call_holds_no_readiness() {
         .await
         .unwrap()
         .call(Message::new("2").with_key("k"));
-    let readies_before = mock.log.lock().unwrap().readies.clone();
-    assert_eq!(readies_before, [Duration::ZERO, Duration::ZERO]);
+    let readies = || -> Vec<Duration> { mock.readies().iter().map(|t| *t - t0).collect() };
+    assert_eq!(readies(), [Duration::ZERO, Duration::ZERO]);
     waiting.await.unwrap();
-    let log = mock.log.lock().unwrap();
     // The waiting call asked its own clone for readiness only once its wait was over.
     assert_eq!(
-        log.readies,
+        readies(),
         [Duration::ZERO, Duration::ZERO, Duration::from_secs(1)]
     );
-    assert_eq!(log.calls.last().unwrap().0, Duration::from_secs(1));
+    assert_eq!(
+        mock.offsets(t0).last().copied(),
+        Some(Duration::from_secs(1))
+    );
 }
 
 #[test]

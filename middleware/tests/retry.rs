@@ -1,98 +1,22 @@
 //! The retry layer, driven by a scripted inner service on paused tokio time.
 #![cfg(feature = "retry")]
 
-use std::future::{Ready, ready};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use redrive_core::{BoxError, Capabilities, Message, Shutdown, classify};
+use redrive_core::{Capabilities, Message, Shutdown, classify};
 use redrive_middleware::retry::{
     Backoff, Budget, Jitter, RetryConfig, RetryEvent, RetryLayer, Try,
 };
 use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
 
+#[path = "support/mock.rs"]
+mod mock;
+
+use mock::Mock;
+
 const MS: Duration = Duration::from_millis(1);
-
-type Script = dyn Fn(usize, &Message) -> Result<(), BoxError> + Send + Sync;
-
-#[derive(Default)]
-struct Log {
-    /// When each call began, and the try number it saw.
-    calls: Vec<(Instant, Option<u32>)>,
-    /// When `poll_ready` was asked.
-    readies: Vec<Instant>,
-}
-
-/// An inner service that answers from a script (call index → result) and logs calls.
-#[derive(Clone)]
-struct Mock {
-    log: Arc<Mutex<Log>>,
-    script: Arc<Script>,
-}
-
-impl Mock {
-    fn new(
-        script: impl Fn(usize, &Message) -> Result<(), BoxError> + Send + Sync + 'static,
-    ) -> Self {
-        Mock {
-            log: Arc::default(),
-            script: Arc::new(script),
-        }
-    }
-
-    fn failing() -> Self {
-        Self::new(|_, _| Err("downstream unavailable".into()))
-    }
-
-    fn calls(&self) -> usize {
-        self.log.lock().unwrap().calls.len()
-    }
-
-    /// Each call's start, relative to `t0`.
-    fn offsets(&self, t0: Instant) -> Vec<Duration> {
-        self.log
-            .lock()
-            .unwrap()
-            .calls
-            .iter()
-            .map(|(t, _)| *t - t0)
-            .collect()
-    }
-
-    fn tries(&self) -> Vec<Option<u32>> {
-        self.log
-            .lock()
-            .unwrap()
-            .calls
-            .iter()
-            .map(|(_, n)| *n)
-            .collect()
-    }
-}
-
-impl Service<Message> for Mock {
-    type Response = ();
-    type Error = BoxError;
-    type Future = Ready<Result<(), BoxError>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.log.lock().unwrap().readies.push(Instant::now());
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, msg: Message) -> Self::Future {
-        let mut log = self.log.lock().unwrap();
-        let index = log.calls.len();
-        log.calls.push((
-            Instant::now(),
-            msg.extensions.get::<Try>().map(|t| t.number),
-        ));
-        drop(log);
-        ready((self.script)(index, &msg))
-    }
-}
 
 fn exact(min: Duration, max: Duration) -> Backoff {
     Backoff::exponential(min, max).with_jitter(Jitter::None)
@@ -125,7 +49,7 @@ async fn retries_with_exact_exponential_delays_and_gives_the_last_error() {
 
 #[tokio::test(start_paused = true)]
 async fn stops_at_the_first_success() {
-    let mock = Mock::new(|i, _| if i < 2 { Err("flaky".into()) } else { Ok(()) });
+    let mock = Mock::scripted(|i, _| if i < 2 { Err("flaky".into()) } else { Ok(()) });
     let svc = layer(
         RetryConfig::default()
             .with_backoff(exact(10 * MS, 10 * MS))
@@ -133,7 +57,7 @@ async fn stops_at_the_first_success() {
     )
     .layer(mock.clone());
     svc.oneshot(Message::new("x")).await.unwrap();
-    assert_eq!(mock.calls(), 3);
+    assert_eq!(mock.count(), 3);
 }
 
 #[tokio::test(start_paused = true)]
@@ -151,7 +75,7 @@ async fn jittered_delays_stay_within_their_bounds() {
         let mut delays = Vec::new();
         for _ in 0..200 {
             let t0 = Instant::now();
-            let before = mock.calls();
+            let before = mock.count();
             let _ = svc.clone().oneshot(Message::new("x")).await;
             let offsets = mock.offsets(t0);
             delays.push(offsets[before + 1]);
@@ -174,10 +98,10 @@ async fn jittered_delays_stay_within_their_bounds() {
 
 #[tokio::test(start_paused = true)]
 async fn permanent_errors_are_not_retried() {
-    let mock = Mock::new(|_, _| Err(classify::permanent("bad schema")));
+    let mock = Mock::scripted(|_, _| Err(classify::permanent("bad schema")));
     let svc = layer(RetryConfig::default()).layer(mock.clone());
     let err = svc.oneshot(Message::new("x")).await.unwrap_err();
-    assert_eq!(mock.calls(), 1);
+    assert_eq!(mock.count(), 1);
     assert!(
         err.is::<classify::Permanent>(),
         "the error goes up unchanged"
@@ -186,7 +110,7 @@ async fn permanent_errors_are_not_retried() {
 
 #[tokio::test(start_paused = true)]
 async fn retry_after_replaces_the_computed_delay() {
-    let mock = Mock::new(|i, _| match i {
+    let mock = Mock::scripted(|i, _| match i {
         0 => Err(classify::retry_after("throttled", 750 * MS)),
         _ => Ok(()),
     });
@@ -201,7 +125,7 @@ async fn retry_after_replaces_the_computed_delay() {
 #[tokio::test(start_paused = true)]
 async fn hints_never_sleep_past_the_retry_window() {
     // Each try asks for 600 ms; the window is 500 + 1000 ms.
-    let mock = Mock::new(|_, _| Err(classify::retry_after("throttled", 600 * MS)));
+    let mock = Mock::scripted(|_, _| Err(classify::retry_after("throttled", 600 * MS)));
     let config = RetryConfig::default()
         .with_backoff(exact(500 * MS, 2000 * MS))
         .with_max_tries(3);
@@ -213,7 +137,7 @@ async fn hints_never_sleep_past_the_retry_window() {
     assert_eq!(mock.offsets(t0), [Duration::ZERO, 600 * MS, 1200 * MS]);
     assert!(err.is::<classify::RetryAfter>());
 
-    let mock = Mock::new(|_, _| Err(classify::retry_after("throttled", 900 * MS)));
+    let mock = Mock::scripted(|_, _| Err(classify::retry_after("throttled", 900 * MS)));
     let svc = layer(
         RetryConfig::default()
             .with_backoff(exact(500 * MS, 2000 * MS))
@@ -228,12 +152,13 @@ async fn hints_never_sleep_past_the_retry_window() {
 
 #[tokio::test(start_paused = true)]
 async fn a_hint_longer_than_the_backoff_max_goes_to_the_broker() {
-    let mock = Mock::new(|_, _| Err(classify::retry_after("throttled", Duration::from_secs(60))));
+    let mock =
+        Mock::scripted(|_, _| Err(classify::retry_after("throttled", Duration::from_secs(60))));
     let svc =
         layer(RetryConfig::default().with_backoff(exact(10 * MS, 1000 * MS))).layer(mock.clone());
     let t0 = Instant::now();
     let err = svc.oneshot(Message::new("x")).await.unwrap_err();
-    assert_eq!(mock.calls(), 1);
+    assert_eq!(mock.count(), 1);
     assert_eq!(t0.elapsed(), Duration::ZERO, "did not wait in process");
     assert!(err.is::<classify::RetryAfter>());
 }
@@ -277,19 +202,19 @@ async fn the_budget_is_shared_by_clones_stops_retries_and_refills() {
 
     // The reserve is 1/s over 2 s: two retries.
     let _ = a.clone().oneshot(Message::new("1")).await;
-    assert_eq!(mock.calls(), 3, "first message: two retries");
+    assert_eq!(mock.count(), 3, "first message: two retries");
     let _ = b.clone().oneshot(Message::new("2")).await;
     assert_eq!(
-        mock.calls(),
+        mock.count(),
         4,
         "budget spent by the other service: no retry"
     );
     let _ = c.clone().oneshot(Message::new("3")).await;
-    assert_eq!(mock.calls(), 5, "and none for a clone");
+    assert_eq!(mock.count(), 5, "and none for a clone");
 
     tokio::time::advance(Duration::from_secs(3)).await;
     let _ = c.oneshot(Message::new("4")).await;
-    assert_eq!(mock.calls(), 8, "the window moved on: the budget refilled");
+    assert_eq!(mock.count(), 8, "the window moved on: the budget refilled");
 }
 
 #[tokio::test(start_paused = true)]
@@ -307,7 +232,7 @@ async fn during_an_outage_retries_add_at_most_the_ratio() {
         let _ = svc.clone().oneshot(Message::new("x")).await;
     }
     // Without a budget: 30 calls. With it: 10 first tries and 5 retries.
-    assert_eq!(mock.calls(), 15);
+    assert_eq!(mock.count(), 15);
 }
 
 #[tokio::test(start_paused = true)]
@@ -319,7 +244,7 @@ async fn no_retry_once_shutdown_has_begun() {
     let mut msg = Message::new("x");
     msg.extensions.insert(shutdown);
     let _ = svc.oneshot(msg).await;
-    assert_eq!(mock.calls(), 1);
+    assert_eq!(mock.count(), 1);
 }
 
 #[tokio::test(start_paused = true)]
@@ -345,7 +270,7 @@ async fn shutdown_cuts_a_backoff_sleep_short() {
         "downstream unavailable",
         "the last error goes up"
     );
-    assert_eq!(mock.calls(), 1);
+    assert_eq!(mock.count(), 1);
     assert_eq!(t0.elapsed(), Duration::from_secs(5));
 }
 
@@ -361,8 +286,7 @@ async fn a_retry_asks_readiness_only_after_its_delay() {
     .layer(mock.clone());
     let t0 = Instant::now();
     let _ = svc.ready().await.unwrap().call(Message::new("x")).await;
-    let log = mock.log.lock().unwrap();
-    let readies: Vec<_> = log.readies.iter().map(|t| *t - t0).collect();
+    let readies: Vec<_> = mock.readies().iter().map(|t| *t - t0).collect();
     // Once by the caller before the first try, then once per retry, each after its sleep.
     assert_eq!(readies, [Duration::ZERO, 100 * MS, 200 * MS]);
 }
