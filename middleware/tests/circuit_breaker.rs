@@ -449,6 +449,7 @@ async fn results_of_calls_admitted_before_a_change_do_not_count() {
 /// whose handler's downstream is down from `down.0` to `down.1` (seconds from the
 /// start), behind a dead-letter layer (5 attempts) and `breaker`; returns the handler's
 /// calls, what reached the DLQ, and the Worker's report.
+#[cfg(feature = "dead-letter")]
 mod outage {
     use super::*;
     use redrive_core::memory::{MemoryBroker, QueueConfig};
@@ -543,6 +544,7 @@ mod outage {
     }
 }
 
+#[cfg(feature = "dead-letter")]
 #[tokio::test(start_paused = true)]
 async fn without_a_breaker_a_downstream_outage_dead_letters_what_it_meets() {
     let run = outage::run(140, (10, 70), None).await;
@@ -553,6 +555,7 @@ async fn without_a_breaker_a_downstream_outage_dead_letters_what_it_meets() {
     );
 }
 
+#[cfg(feature = "dead-letter")]
 #[tokio::test(start_paused = true)]
 async fn a_downstream_outage_of_a_minute_sends_nothing_to_the_dlq_and_pauses_intake() {
     let run = outage::run(140, (10, 70), Some(CircuitBreakerConfig::default())).await;
@@ -583,6 +586,7 @@ async fn a_downstream_outage_of_a_minute_sends_nothing_to_the_dlq_and_pauses_int
     );
 }
 
+#[cfg(feature = "dead-letter")]
 #[tokio::test(start_paused = true)]
 async fn failed_probes_use_no_delivery_attempt() {
     // A 1 s open period against a 30 s outage: about thirty failed probes, each of
@@ -599,6 +603,7 @@ async fn failed_probes_use_no_delivery_attempt() {
     assert!(probes >= 20, "{probes} probes");
 }
 
+#[cfg(feature = "dead-letter")]
 #[tokio::test(start_paused = true)]
 async fn a_held_message_goes_back_with_its_error_after_max_hold() {
     let config = CircuitBreakerConfig::default().with_max_hold(Duration::from_secs(20));
