@@ -11,11 +11,14 @@
 //! Worker parks it (Kafka cannot hand one record back) and runs it again after a delay,
 //! while the other customers' orders flow on and the poison customer's later orders
 //! wait; after three attempts it goes to `<topic>-dlq` and that customer unblocks. The
-//! committed offset never passes the parked record until it is settled.
+//! committed offset never passes the parked record until it is settled. The run uses
+//! topics of its own, removed at the end, and fails unless four orders were handled and
+//! one dead-lettered.
 //!
 //! `KAFKA_BROKERS` overrides the broker address.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use redrive::kafka::rdkafka::ClientConfig;
@@ -31,19 +34,23 @@ use redrive::middleware::metrics::MetricsLayer;
 use redrive::middleware::retry::{Backoff, RetryConfig, RetryLayer};
 use redrive::middleware::timeout::TimeoutLayer;
 use redrive::middleware::trace::TraceLayer;
+use tokio::sync::Notify;
+
 use redrive::{
     BoxError, Message, OrderingMode, OutgoingMessage, Publisher, Redelivery, Worker, handler,
 };
 
-const TOPIC: &str = "redrive-example-orders";
-
-async fn create_topics(brokers: &str) -> Result<(), BoxError> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+fn admin(brokers: &str) -> Result<AdminClient<DefaultClientContext>, BoxError> {
+    Ok(ClientConfig::new()
         .set("bootstrap.servers", brokers)
-        .create()?;
-    let dlq = format!("{TOPIC}-dlq");
+        .create()?)
+}
+
+async fn create_topics(brokers: &str, topic: &str) -> Result<(), BoxError> {
+    let admin = admin(brokers)?;
+    let dlq = format!("{topic}-dlq");
     let topics = [
-        NewTopic::new(TOPIC, 1, TopicReplication::Fixed(1)),
+        NewTopic::new(topic, 1, TopicReplication::Fixed(1)),
         NewTopic::new(&dlq, 1, TopicReplication::Fixed(1)),
     ];
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
@@ -64,7 +71,10 @@ async fn create_topics(brokers: &str) -> Result<(), BoxError> {
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     let brokers = std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
-    create_topics(&brokers).await?;
+    // Topics of this run alone, removed at the end.
+    let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+    let topic = format!("redrive-example-orders-{}", started.as_millis());
+    create_topics(&brokers, &topic).await?;
 
     let publisher = KafkaPublisher::new(&brokers)?;
     for (customer, order) in [
@@ -75,14 +85,11 @@ async fn main() -> Result<(), BoxError> {
         ("alice", "order-4"),
     ] {
         publisher
-            .publish(TOPIC, OutgoingMessage::new(order).with_key(customer))
+            .publish(&topic, OutgoingMessage::new(order).with_key(customer))
             .await?;
     }
 
-    // A fresh group each run, reading from the start of the topic.
-    let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
-    let group = format!("redrive-example-{}", started.as_millis());
-    let consumer = KafkaConsumer::builder(&brokers, &group, [TOPIC]).build()?;
+    let consumer = KafkaConsumer::builder(&brokers, "redrive-example", [topic.as_str()]).build()?;
     // With no OpenTelemetry provider installed the meter records nothing; the tracing
     // and metrics examples show how to install one.
     let meter = opentelemetry::global::meter("kafka-example");
@@ -110,18 +117,27 @@ async fn main() -> Result<(), BoxError> {
         )?)
         .timeout(TimeoutLayer::new(Duration::from_secs(5))?);
     println!("pipeline: {}", stack.describe());
-    let handler = handler::handler_fn(|msg: Message| async move {
+    // Four good orders and the poison one's three attempts of two tries each end the run.
+    let runs = Arc::new(AtomicUsize::new(0));
+    let all_ran = Arc::new(Notify::new());
+    let (r, done) = (runs.clone(), all_ran.clone());
+    let handler = handler::handler_fn(move |msg: Message| {
         let customer = String::from_utf8_lossy(msg.key.as_deref().unwrap_or_default()).into_owned();
         let order = String::from_utf8_lossy(&msg.payload).into_owned();
-        if order == "poison" {
-            println!(
-                "attempt {} of {customer}'s poison order fails",
-                msg.attempt()
-            );
-            return Err::<(), BoxError>("cannot parse order".into());
+        if r.fetch_add(1, Ordering::SeqCst) + 1 == 4 + 3 * 2 {
+            done.notify_one();
         }
-        println!("handled {customer}'s {order}");
-        Ok(())
+        async move {
+            if order == "poison" {
+                println!(
+                    "attempt {} of {customer}'s poison order fails",
+                    msg.attempt()
+                );
+                return Err::<(), BoxError>("cannot parse order".into());
+            }
+            println!("handled {customer}'s {order}");
+            Ok(())
+        }
     });
 
     let report = Worker::builder(consumer)
@@ -131,15 +147,34 @@ async fn main() -> Result<(), BoxError> {
         .ordering(OrderingMode::PerKey)
         .redelivery(Redelivery::constant(Duration::from_millis(300)))
         .build()?
-        // Stops after 8 s, or on SIGTERM or Ctrl-C.
+        // Stops once every order has run (joining the group can take seconds), after
+        // 60 s, or on SIGTERM or Ctrl-C.
         .run_until(async {
             tokio::select! {
-                () = tokio::time::sleep(Duration::from_secs(8)) => {}
+                () = async {
+                    all_ran.notified().await;
+                    // The dead letter's publish and the last commit.
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                } => {}
+                () = tokio::time::sleep(Duration::from_secs(60)) => {}
                 () = redrive::shutdown_signal() => {}
             }
         })
         .await;
     println!("{report:?}");
-    println!("the poison order is in `{TOPIC}-dlq`");
+    let dlq = format!("{topic}-dlq");
+    let _ = admin(&brokers)?
+        .delete_topics(&[&topic, &dlq], &AdminOptions::new())
+        .await;
+    if (report.processed, report.dead_lettered) != (4, 1) {
+        return Err(format!(
+            "expected 4 orders handled and 1 dead-lettered, got {} and {} ({} handler runs)",
+            report.processed,
+            report.dead_lettered,
+            runs.load(Ordering::SeqCst)
+        )
+        .into());
+    }
+    println!("the poison order went to `{dlq}`");
     Ok(())
 }
