@@ -7,6 +7,7 @@
 //! once. Middleware lives in `redrive-middleware`.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod backoff;
 pub mod classify;
 mod consumer;
 mod cow_vec;
@@ -28,6 +29,7 @@ pub mod memory;
 #[cfg_attr(docsrs, doc(cfg(feature = "testkit")))]
 pub mod testkit;
 
+pub use backoff::{Backoff, InvalidBackoff, Jitter};
 pub use classify::{Classification, Classifier, ErrorKind};
 pub use consumer::{Capabilities, Consumer, OrderingScope, Publisher};
 pub use delivery::{Acker, Delivery, Settle, SettleFuture};

@@ -381,6 +381,7 @@ async fn run_worker<C: Consumer>(
         let seen = seen.clone();
         async move {
             if !delay.is_zero() {
+                // A random handler latency over 0 ..= delay to shuffle completions, not a backoff.
                 let jitter = delay.mul_f64(fastrand::f64());
                 tokio::time::sleep(jitter).await;
             }

@@ -7,6 +7,7 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::publisher_confirm::Confirmation;
 use lapin::uri::AMQPUri;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use redrive_core::{Backoff, Jitter};
 
 use crate::error::{Error, Result, redact};
 
@@ -53,13 +54,9 @@ impl Reconnect {
 
     /// The wait before reconnect attempt `n` (0-based).
     pub(crate) fn delay(&self, n: u32) -> Duration {
-        let d = self
-            .initial
-            .checked_mul(1u32 << n.min(20))
-            .unwrap_or(self.max)
-            .min(self.max);
-        let half = d / 2;
-        half + half.mul_f64(fastrand::f64())
+        Backoff::exponential(self.initial, self.max)
+            .with_jitter(Jitter::Equal)
+            .delay_for(n.saturating_add(1))
     }
 }
 

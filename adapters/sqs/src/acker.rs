@@ -10,8 +10,8 @@ use aws_sdk_sqs::error::ProvideErrorMetadata;
 use aws_sdk_sqs::types::{
     ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry,
 };
-use redrive_core::Acker;
 use redrive_core::delivery::SettleFuture;
+use redrive_core::{Acker, Backoff, Jitter};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 
@@ -27,6 +27,12 @@ pub(crate) const MAX_BATCH: usize = 10;
 /// Tries of one delete entry that SQS failed on its side (the SDK retries whole requests
 /// on its own as well).
 const DELETE_TRIES: u32 = 4;
+
+/// The pause before each retry of those entries: 100, 200, 400 ms. Short and few, so
+/// not jittered.
+const DELETE_BACKOFF: Backoff =
+    Backoff::exponential(Duration::from_millis(100), Duration::from_millis(400))
+        .with_jitter(Jitter::None);
 
 /// Delete batches in flight at once, per consumer.
 const DELETES_IN_FLIGHT: usize = 8;
@@ -328,7 +334,7 @@ async fn delete_batch(client: &Client, url: &str, batch: Vec<AckRequest>) {
     let mut last_error: Option<Error> = None;
     for attempt in 0..DELETE_TRIES {
         if attempt > 0 {
-            tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+            tokio::time::sleep(DELETE_BACKOFF.delay_for(attempt)).await;
         }
         let entries = pending.iter().map(|(id, r)| {
             DeleteMessageBatchRequestEntry::builder()

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use crate::classify::Classifier;
+use crate::{Backoff, Jitter};
 
 /// How the Worker orders messages.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -39,104 +40,101 @@ pub enum Execution {
     InTask,
 }
 
-/// The delay before a failed message is delivered again, by attempt: exponential,
-/// with equal jitter unless turned off.
+/// The delay before a failed message is delivered again, by attempt: a [`Backoff`],
+/// exponential with equal jitter unless set otherwise.
 ///
 /// | field | default |
 /// |---|---|
 /// | `initial` | 1 s |
 /// | `max` | 5 min |
 /// | `multiplier` | 2.0 |
-/// | `jitter` | on (the delay is drawn from ½·d ..= d) |
+/// | `jitter` | [`Jitter::Equal`] (the delay is drawn from ½·d ..= d) |
+///
+/// Any [`Backoff`] can stand in, with its own jitter:
+///
+/// ```
+/// use std::time::Duration;
+/// use redrive_core::{Backoff, Jitter, Redelivery};
+///
+/// let r = Redelivery::from(
+///     Backoff::exponential(Duration::from_secs(1), Duration::from_secs(60))
+///         .with_jitter(Jitter::Full),
+/// );
+/// assert_eq!(r.max(), Duration::from_secs(60));
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Redelivery {
-    pub(crate) initial: Duration,
-    pub(crate) max: Duration,
-    pub(crate) multiplier: f64,
-    pub(crate) jitter: bool,
+    backoff: Backoff,
 }
 
 impl Default for Redelivery {
     fn default() -> Self {
-        Redelivery {
-            initial: Duration::from_secs(1),
-            max: Duration::from_secs(300),
-            multiplier: 2.0,
-            jitter: true,
-        }
+        Self::exponential(Duration::from_secs(1), Duration::from_secs(300))
+    }
+}
+
+impl From<Backoff> for Redelivery {
+    fn from(backoff: Backoff) -> Self {
+        Redelivery { backoff }
     }
 }
 
 impl Redelivery {
-    /// Exponential backoff from `initial` up to `max`, doubling each attempt.
+    /// Exponential backoff from `initial` up to `max`, doubling each attempt, with equal
+    /// jitter.
     pub fn exponential(initial: Duration, max: Duration) -> Self {
-        Redelivery {
-            initial,
-            max,
-            ..Self::default()
-        }
+        Backoff::exponential(initial, max)
+            .with_jitter(Jitter::Equal)
+            .into()
     }
 
     /// The same delay every time.
     pub fn constant(delay: Duration) -> Self {
-        Redelivery {
-            initial: delay,
-            max: delay,
-            multiplier: 1.0,
-            jitter: false,
-        }
+        Backoff::constant(delay).into()
     }
 
     /// Sets the multiplier (at least 1).
     #[must_use]
     pub fn with_multiplier(mut self, multiplier: f64) -> Self {
-        self.multiplier = multiplier;
+        self.backoff = self.backoff.with_multiplier(multiplier);
         self
     }
 
-    /// Turns jitter on or off.
+    /// Turns jitter on ([`Jitter::Equal`]) or off ([`Jitter::None`]);
+    /// [`with_backoff`](Redelivery::with_backoff) takes any other.
     #[must_use]
     pub fn with_jitter(mut self, jitter: bool) -> Self {
-        self.jitter = jitter;
+        let jitter = if jitter { Jitter::Equal } else { Jitter::None };
+        self.backoff = self.backoff.with_jitter(jitter);
         self
+    }
+
+    /// Replaces the whole backoff: delays, multiplier and jitter.
+    #[must_use]
+    pub fn with_backoff(mut self, backoff: Backoff) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    /// The backoff behind the delays.
+    pub fn backoff(&self) -> &Backoff {
+        &self.backoff
     }
 
     /// The largest delay this backoff gives.
     pub fn max(&self) -> Duration {
-        self.max
+        self.backoff.max()
     }
 
     pub(crate) fn validate(&self) -> Result<(), String> {
-        if !(self.multiplier.is_finite() && self.multiplier >= 1.0) {
-            return Err(format!(
-                "redelivery multiplier must be a finite number >= 1, got {}",
-                self.multiplier
-            ));
-        }
-        if self.max < self.initial {
-            return Err(format!(
-                "redelivery max ({:?}) is below its initial delay ({:?}); raise the max or lower the initial delay",
-                self.max, self.initial
-            ));
-        }
-        Ok(())
+        self.backoff
+            .validate()
+            .map_err(|e| e.named("redelivery", "initial delay").to_string())
     }
 
     /// The delay after delivery attempt `attempt` (1-based) failed.
     pub fn delay(&self, attempt: u32) -> Duration {
-        let exp = attempt.saturating_sub(1).min(64) as i32;
-        let secs = self.initial.as_secs_f64() * self.multiplier.powi(exp);
-        let d = if secs.is_finite() && secs < self.max.as_secs_f64() {
-            Duration::from_secs_f64(secs)
-        } else {
-            self.max
-        };
-        if self.jitter {
-            let half = d / 2;
-            half + half.mul_f64(fastrand::f64())
-        } else {
-            d
-        }
+        self.backoff.delay_for(attempt)
     }
 }
 
@@ -211,11 +209,58 @@ mod tests {
         }
     }
 
+    /// The delays `Redelivery::default()` gave before it was a `Backoff`: 1 s doubling
+    /// to 5 min, each drawn from ½·d ..= d.
+    #[test]
+    fn the_default_keeps_its_delays() {
+        let r = Redelivery::default();
+        for attempt in 1..=12 {
+            let d = Duration::from_secs(1 << (attempt - 1)).min(Duration::from_secs(300));
+            let draws: Vec<_> = (0..500).map(|_| r.delay(attempt)).collect();
+            let outside = draws.iter().find(|x| !(d / 2..=d).contains(x));
+            assert_eq!(
+                outside,
+                None,
+                "attempt {attempt}: not in {:?}..={d:?}",
+                d / 2
+            );
+            let mid = d * 3 / 4;
+            assert!(
+                draws.iter().any(|x| *x < mid) && draws.iter().any(|x| *x > mid),
+                "attempt {attempt}: no spread"
+            );
+        }
+        let exact = Redelivery::default().with_jitter(false);
+        let d: Vec<_> = (1..=12).map(|a| exact.delay(a).as_secs()).collect();
+        assert_eq!(d, [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300]);
+        assert_eq!(exact.delay(u32::MAX).as_secs(), 300);
+    }
+
+    #[test]
+    fn any_backoff_can_stand_in() {
+        let b = Backoff::exponential(Duration::from_millis(10), Duration::from_millis(40))
+            .with_jitter(Jitter::None);
+        let r = Redelivery::from(b);
+        assert_eq!(r, Redelivery::default().with_backoff(b));
+        assert_eq!(r.backoff(), &b);
+        let d: Vec<_> = (1..=4).map(|a| r.delay(a).as_millis()).collect();
+        assert_eq!(d, vec![10, 20, 40, 40]);
+        assert_eq!(r.with_jitter(true).backoff().jitter(), Jitter::Equal);
+        assert_eq!(
+            Redelivery::constant(Duration::from_secs(3)).backoff(),
+            &Backoff::constant(Duration::from_secs(3))
+        );
+    }
+
     #[test]
     fn invalid_backoff_is_rejected() {
         let r = Redelivery::exponential(Duration::from_secs(2), Duration::from_secs(1));
         assert!(r.validate().unwrap_err().contains("below its initial"));
         let r = Redelivery::default().with_multiplier(f64::NAN);
-        assert!(r.validate().is_err());
+        assert!(
+            r.validate()
+                .unwrap_err()
+                .contains("redelivery multiplier is NaN")
+        );
     }
 }

@@ -78,7 +78,13 @@ pub use shutdown::Shutdown;
 use shutdown::Stop;
 use state::{State, order_key};
 
-use crate::{BoxError, Capabilities, Consumer, Delivery, Message, Outcome};
+use crate::{Backoff, BoxError, Capabilities, Consumer, Delivery, Jitter, Message, Outcome};
+
+/// The pause after receives fail in a row: 100 ms doubling to 6.4 s. Not jittered:
+/// the broker clients jitter their own reconnects.
+const RECEIVE_BACKOFF: Backoff =
+    Backoff::exponential(Duration::from_millis(100), Duration::from_millis(6400))
+        .with_jitter(Jitter::None);
 
 /// The runtime. See the [module docs](self).
 pub struct Worker<C, S> {
@@ -350,7 +356,7 @@ where
                 }
                 Err(e) => {
                     self.receive_errors += 1;
-                    let pause = Duration::from_millis(50 << self.receive_errors.min(7));
+                    let pause = RECEIVE_BACKOFF.delay_for(self.receive_errors);
                     tracing::warn!(worker = name, error = %logged(&e), ?pause, "receive failed; trying again");
                     self.receive_pause.as_mut().reset(tokio::time::Instant::now() + pause);
                     self.receive_paused = true;

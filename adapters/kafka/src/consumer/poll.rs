@@ -167,6 +167,7 @@ pub(super) async fn poll(
             set_paused(&consumer, &state, true);
         }
         if failed {
+            // A fixed pause, not a backoff: librdkafka and the Worker back off on their own.
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
