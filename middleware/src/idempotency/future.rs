@@ -10,7 +10,8 @@ use redrive_core::delivery::BoxFuture;
 use redrive_core::{BoxError, Outcome};
 
 use super::layer::Shared;
-use super::{IdempotencyStore, Token, commit_retrying, committed, keep_reserved, release};
+use super::steps::{commit_retrying, committed, keep_reserved, release};
+use super::{IdempotencyStore, Token};
 
 pin_project_lite::pin_project! {
     /// The future of [`Idempotency`](super::Idempotency): the inner call, then the

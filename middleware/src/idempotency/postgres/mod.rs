@@ -1,66 +1,24 @@
 //! [`PostgresStore`]: idempotency keys in a PostgreSQL table.
 
+mod sql;
+
 use std::error::Error as StdError;
 use std::fmt;
 use std::time::Duration;
 
 use deadpool_postgres::{
-    ClientWrapper, Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime,
-    TimeoutType,
+    Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime, TimeoutType,
 };
 use tokio::time::error::Elapsed;
 use tokio::time::{Instant, timeout_at};
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{GenericClient, NoTls, Statement, ToStatement, Transaction};
+use tokio_postgres::{NoTls, Transaction};
 
-use super::store::millis_ceil;
 use super::{
     CommitStatus, ConfigError, IdempotencyStore, IdempotencyToken, Reservation, StoreError,
     StoreFuture, Token,
 };
-
-/// The SQL of each operation, for one table.
-struct Sql {
-    reserve: String,
-    lookup: String,
-    commit: String,
-    committed_by: String,
-    release: String,
-    extend: String,
-}
-
-impl Sql {
-    fn new(t: &str) -> Self {
-        Sql {
-            // A new key, or an expired reservation or commit, becomes this reservation;
-            // a live one is left alone (no row returned).
-            reserve: format!(
-                "INSERT INTO {t} AS t (key, token, committed, expires_at) \
-                 VALUES ($1, $2, FALSE, now() + $3::bigint * INTERVAL '1 millisecond') \
-                 ON CONFLICT (key) DO UPDATE \
-                 SET token = EXCLUDED.token, committed = FALSE, expires_at = EXCLUDED.expires_at \
-                 WHERE t.expires_at <= now() \
-                 RETURNING 1"
-            ),
-            lookup: format!(
-                "SELECT committed, \
-                 GREATEST(CEIL(EXTRACT(EPOCH FROM (expires_at - now())) * 1000), 0)::bigint \
-                 FROM {t} WHERE key = $1 AND expires_at > now()"
-            ),
-            commit: format!(
-                "UPDATE {t} SET committed = TRUE, \
-                 expires_at = now() + $3::bigint * INTERVAL '1 millisecond' \
-                 WHERE key = $1 AND token = $2 AND NOT committed AND expires_at > now()"
-            ),
-            committed_by: format!("SELECT 1 FROM {t} WHERE key = $1 AND token = $2 AND committed"),
-            release: format!("DELETE FROM {t} WHERE key = $1 AND token = $2 AND NOT committed"),
-            extend: format!(
-                "UPDATE {t} SET expires_at = now() + $3::bigint * INTERVAL '1 millisecond' \
-                 WHERE key = $1 AND token = $2 AND NOT committed AND expires_at > now()"
-            ),
-        }
-    }
-}
+use sql::{Failure, Sql, commit_on, commit_with, extend_on, release_on, reserve_on};
 
 /// Idempotency keys in a PostgreSQL table, shared by every consumer that uses the same
 /// database and table.
@@ -378,15 +336,6 @@ impl PostgresStore {
         StoreError::backend(format!("PostgreSQL: {doing} failed: {}{hint}", describe(e)))
     }
 }
-
-/// How an operation on one connection failed.
-enum Failure {
-    /// The token no longer holds this key.
-    LeaseLost(String),
-    /// A statement failed while doing this.
-    Query(&'static str, tokio_postgres::Error),
-}
-
 /// `e` and each of its causes, `: `-separated, each said once (tokio-postgres words a
 /// kind, "db error", and leaves the detail to the cause).
 fn describe(e: &(dyn StdError + 'static)) -> String {
@@ -426,144 +375,6 @@ fn check_table(table: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
-fn millis_param(d: Duration) -> i64 {
-    i64::try_from(millis_ceil(d)).unwrap_or(i64::MAX)
-}
-
-async fn commit_on<C, T>(
-    client: &C,
-    commit: &T,
-    committed_by: &T,
-    key: &str,
-    token: &Token,
-    ttl: Duration,
-) -> Result<CommitStatus, Failure>
-where
-    C: GenericClient + Sync,
-    T: ?Sized + ToStatement + Sync + Send,
-{
-    let ms = millis_param(ttl);
-    let updated = client
-        .execute(commit, &[&key, &token.as_str(), &ms])
-        .await
-        .map_err(|e| Failure::Query("committing a key", e))?;
-    if updated == 1 {
-        return Ok(CommitStatus::Committed);
-    }
-    let mine = client
-        .query_opt(committed_by, &[&key, &token.as_str()])
-        .await
-        .map_err(|e| Failure::Query("committing a key", e))?;
-    match mine {
-        Some(_) => Ok(CommitStatus::AlreadyCommitted),
-        None => Err(Failure::LeaseLost(key.to_owned())),
-    }
-}
-
-/// The statement of `sql` on `client`, prepared once per connection.
-async fn prepared(client: &ClientWrapper, sql: &str) -> Result<Statement, Failure> {
-    client
-        .prepare_cached(sql)
-        .await
-        .map_err(|e| Failure::Query("preparing a statement", e))
-}
-
-async fn reserve_on(
-    client: &ClientWrapper,
-    sql: &Sql,
-    key: &str,
-    lease: Duration,
-) -> Result<Reservation, Failure> {
-    let reserve = prepared(client, &sql.reserve).await?;
-    let lookup = prepared(client, &sql.lookup).await?;
-    let failed = |e| Failure::Query("reserving a key", e);
-    let ms = millis_param(lease);
-    for _ in 0..RESERVE_TRIES {
-        let token = Token::random();
-        let inserted = client
-            .query_opt(&reserve, &[&key, &token.as_str(), &ms])
-            .await
-            .map_err(failed)?;
-        if inserted.is_some() {
-            return Ok(Reservation::Fresh(token));
-        }
-        // A live row is there; read it. It may expire or be released before we look,
-        // in which case the insert is tried again.
-        let row = client.query_opt(&lookup, &[&key]).await.map_err(failed)?;
-        if let Some(row) = row {
-            let committed: bool = row.try_get(0).map_err(failed)?;
-            if committed {
-                return Ok(Reservation::Committed);
-            }
-            let ms: i64 = row.try_get(1).map_err(failed)?;
-            return Ok(Reservation::Reserved {
-                remaining: Duration::from_millis(u64::try_from(ms).unwrap_or(0)),
-            });
-        }
-    }
-    // The key keeps changing hands: report it busy, to be tried again soon.
-    Ok(Reservation::Reserved {
-        remaining: Duration::ZERO,
-    })
-}
-
-async fn commit_with(
-    client: &ClientWrapper,
-    sql: &Sql,
-    key: &str,
-    token: &Token,
-    ttl: Duration,
-) -> Result<CommitStatus, Failure> {
-    let commit = prepared(client, &sql.commit).await?;
-    let committed_by = prepared(client, &sql.committed_by).await?;
-    commit_on(&**client, &commit, &committed_by, key, token, ttl).await
-}
-
-async fn extend_on(
-    client: &ClientWrapper,
-    sql: &Sql,
-    key: &str,
-    token: &Token,
-    lease: Duration,
-) -> Result<(), Failure> {
-    let extend = prepared(client, &sql.extend).await?;
-    let updated = client
-        .execute(&extend, &[&key, &token.as_str(), &millis_param(lease)])
-        .await
-        .map_err(|e| Failure::Query("extending a lease", e))?;
-    if updated == 1 {
-        Ok(())
-    } else {
-        Err(Failure::LeaseLost(key.to_owned()))
-    }
-}
-
-async fn release_on(
-    client: &ClientWrapper,
-    sql: &Sql,
-    key: &str,
-    token: &Token,
-) -> Result<(), Failure> {
-    let release = prepared(client, &sql.release).await?;
-    let committed_by = prepared(client, &sql.committed_by).await?;
-    let failed = |e| Failure::Query("releasing a key", e);
-    let deleted = client
-        .execute(&release, &[&key, &token.as_str()])
-        .await
-        .map_err(failed)?;
-    if deleted == 1 {
-        return Ok(());
-    }
-    let mine = client
-        .query_opt(&committed_by, &[&key, &token.as_str()])
-        .await
-        .map_err(failed)?;
-    match mine {
-        Some(_) => Ok(()),
-        None => Err(Failure::LeaseLost(key.to_owned())),
-    }
-}
-
 impl fmt::Debug for PostgresStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PostgresStore")
@@ -572,9 +383,6 @@ impl fmt::Debug for PostgresStore {
             .finish_non_exhaustive()
     }
 }
-
-/// How many times reserve retries when the key changes between its two statements.
-const RESERVE_TRIES: usize = 3;
 
 impl IdempotencyStore for PostgresStore {
     fn reserve<'a>(&'a self, key: &'a str, lease: Duration) -> StoreFuture<'a, Reservation> {
@@ -627,75 +435,4 @@ impl IdempotencyStore for PostgresStore {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::time::Duration;
-
-    use super::PostgresStore;
-
-    // The store contract runs from `tests/idempotency_postgres.rs`, through the public
-    // `idempotency::testkit`.
-
-    /// A store on the local PostgreSQL (`DATABASE_URL`, default
-    /// `host=127.0.0.1 user=postgres dbname=test`) in a fresh, migrated table; panics,
-    /// saying how to start PostgreSQL, when it cannot be reached.
-    async fn postgres_store() -> PostgresStore {
-        let params = std::env::var("DATABASE_URL")
-            .unwrap_or_else(|_| "host=127.0.0.1 user=postgres dbname=test".into());
-        let store =
-            match tokio::time::timeout(Duration::from_secs(5), PostgresStore::connect(&params))
-                .await
-            {
-                Ok(Ok(store)) => store,
-                Ok(Err(e)) => panic!(
-                    "cannot reach PostgreSQL with `{params}` ({e}); start it with \
-                 `pg_ctlcluster 15 main start` or set DATABASE_URL"
-                ),
-                Err(_) => panic!(
-                    "PostgreSQL with `{params}` did not answer within 5 s; start it with \
-                 `pg_ctlcluster 15 main start` or set DATABASE_URL"
-                ),
-            };
-        let table = format!("redrive_test_{:016x}", fastrand::u64(..));
-        let store = store.with_table(&table).unwrap();
-        store.migrate().await.unwrap();
-        store
-    }
-
-    #[tokio::test]
-    async fn migrate_is_idempotent_and_purge_deletes_expired_rows() {
-        use crate::idempotency::{IdempotencyStore, Reservation};
-        let store = postgres_store().await;
-        store.migrate().await.unwrap();
-        let Reservation::Fresh(_) = store.reserve("k", Duration::from_millis(1)).await.unwrap()
-        else {
-            panic!("fresh key");
-        };
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        assert_eq!(store.purge_expired().await.unwrap(), 1);
-        assert_eq!(store.purge_expired().await.unwrap(), 0);
-    }
-
-    #[test]
-    fn table_names_are_checked() {
-        for ok in ["t", "_t1", "public.redrive_idempotency", "S.T"] {
-            assert!(super::check_table(ok).is_ok(), "{ok}");
-        }
-        let long = "t".repeat(64);
-        for bad in [
-            "",
-            "1t",
-            "a.b.c",
-            "t;drop table x",
-            "a-b",
-            "\"t\"",
-            ".t",
-            long.as_str(),
-        ] {
-            let err = super::check_table(bad).unwrap_err();
-            assert!(
-                err.to_string().contains("is not a table name"),
-                "{bad}: {err}"
-            );
-        }
-    }
-}
+mod tests;
