@@ -233,3 +233,76 @@ async fn one_service_counts_each_destination_apart_however_they_alternate() {
         }
     }
 }
+
+/// The bucket boundaries both histograms export: `(duration, age)`.
+fn boundaries(exporter: &InMemoryMetricExporter) -> (Vec<f64>, Vec<f64>) {
+    let (mut duration, mut age) = (Vec::new(), Vec::new());
+    for rm in exporter.get_finished_metrics().unwrap() {
+        for sm in rm.scope_metrics() {
+            for m in sm.metrics() {
+                if let AggregatedMetrics::F64(MetricData::Histogram(h)) = m.data() {
+                    let bounds: Vec<f64> = h
+                        .data_points()
+                        .next()
+                        .map(|p| p.bounds().collect())
+                        .unwrap_or_default();
+                    match m.name() {
+                        "messaging.process.duration" => duration = bounds,
+                        "redrive.message.age" => age = bounds,
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    (duration, age)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_histograms_have_buckets_fine_enough_for_a_fast_handler() {
+    let exporter = InMemoryMetricExporter::default();
+    let provider = SdkMeterProvider::builder()
+        .with_periodic_exporter(exporter.clone())
+        .build();
+    let meter = provider.meter("test");
+    let broker = MemoryBroker::new();
+    broker
+        .publish("orders", OutgoingMessage::new("x"))
+        .await
+        .unwrap();
+    let handler = handler_fn(|_m: Message| async {
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        Ok::<_, BoxError>(())
+    });
+    let service = ServiceBuilder::new()
+        .layer(MetricsLayer::new(&meter))
+        .service(handler);
+    Worker::builder(broker.consumer("orders"))
+        .service(service)
+        .build()
+        .unwrap()
+        .run_until(tokio::time::sleep(Duration::from_millis(500)))
+        .await;
+    provider.force_flush().unwrap();
+    let (duration, age) = boundaries(&exporter);
+    // OpenTelemetry's messaging conventions: a 30 ms handler lands in (25 ms, 50 ms].
+    assert_eq!(
+        duration,
+        redrive_middleware::metrics::DURATION_BUCKETS,
+        "the process-duration buckets"
+    );
+    assert!(
+        duration
+            .windows(2)
+            .any(|w| w[0] < 0.030 && 0.030 <= w[1] && w[1] / w[0] <= 2.0)
+    );
+    assert_eq!(
+        age,
+        redrive_middleware::metrics::AGE_BUCKETS,
+        "the age buckets"
+    );
+    assert!(
+        duration.contains(&1.0),
+        "a bucket at 1 s, for the SLO alert"
+    );
+}

@@ -177,7 +177,7 @@ fn each(destinations: &Destinations, mut f: impl FnMut(&Destination)) {
 }
 
 impl Instruments {
-    pub(super) fn new(meter: &Meter) -> Self {
+    pub(super) fn new(meter: &Meter, duration_buckets: &[f64], age_buckets: &[f64]) -> Self {
         let destinations: Destinations = Arc::default();
         let counters = COUNTERS
             .iter()
@@ -212,11 +212,13 @@ impl Instruments {
                 .f64_histogram("messaging.process.duration")
                 .with_unit("s")
                 .with_description("Time in the stack per delivery")
+                .with_boundaries(duration_buckets.to_vec())
                 .build(),
             age: meter
                 .f64_histogram("redrive.message.age")
                 .with_unit("s")
                 .with_description("Time from the broker's enqueue to the stack")
+                .with_boundaries(age_buckets.to_vec())
                 .build(),
             destinations,
             #[cfg(feature = "metrics-bound")]

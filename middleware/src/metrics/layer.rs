@@ -26,11 +26,21 @@ impl fmt::Debug for MetricsLayer {
 }
 
 impl MetricsLayer {
-    /// Instruments created on `meter`.
+    /// Instruments created on `meter`, the histograms with the buckets
+    /// [`DURATION_BUCKETS`](super::DURATION_BUCKETS) and
+    /// [`AGE_BUCKETS`](super::AGE_BUCKETS).
     pub fn new(meter: &Meter) -> Self {
+        Self::with_buckets(meter, super::DURATION_BUCKETS, super::AGE_BUCKETS)
+    }
+
+    /// Instruments created on `meter`, with these bucket boundaries (in seconds,
+    /// ascending) for `messaging.process.duration` and `redrive.message.age`: for
+    /// handlers far faster or slower than the defaults cover. A meter provider's views
+    /// can still override them.
+    pub fn with_buckets(meter: &Meter, duration: &[f64], age: &[f64]) -> Self {
         MetricsLayer {
             meter: meter.clone(),
-            instruments: Arc::new(Instruments::new(meter)),
+            instruments: Arc::new(Instruments::new(meter, duration, age)),
         }
     }
 

@@ -30,14 +30,14 @@
 //! | name | kind | unit | counts |
 //! |---|---|---|---|
 //! | `messaging.client.consumed.messages` | observable counter | `{message}` | deliveries handed to the stack |
-//! | `messaging.process.duration` | histogram | `s` | time in the stack per delivery |
+//! | `messaging.process.duration` | histogram | `s` | time in the stack per delivery ([`DURATION_BUCKETS`]) |
 //! | `redrive.messages.acked` | observable counter | `{message}` | deliveries the stack finished (`Ok`), so the Worker acks |
 //! | `redrive.messages.nacked` | observable counter | `{message}` | deliveries that failed, so the Worker nacks or parks |
 //! | `redrive.messages.retried` | observable counter | `{message}` | in-process retries (through [`RetryCounter`]) |
 //! | `redrive.messages.dead_lettered` | observable counter | `{message}` | of the acked: dead-lettered |
 //! | `redrive.messages.deduplicated` | observable counter | `{message}` | of the acked: skipped duplicates |
 //! | `redrive.messages.in_flight` | observable up-down counter | `{message}` | deliveries in the stack now |
-//! | `redrive.message.age` | histogram | `s` | the broker's enqueue time to when the delivery enters the stack (each attempt, waits in this process included) |
+//! | `redrive.message.age` | histogram | `s` | the broker's enqueue time to when the delivery enters the stack (each attempt, waits in this process included; [`AGE_BUCKETS`]) |
 //! | `redrive.circuit.state` | gauge | `1` | 0 closed, 1 half-open, 2 open ([`MetricsLayer::observe_circuit`]) |
 //!
 //! # Bound histograms (feature `metrics-bound`)
@@ -69,10 +69,26 @@ use redrive_core::{BoxError, Message, Outcome};
 use tower::Service;
 
 pub use future::ResponseFuture;
+
 pub use layer::{MetricsLayer, RetryCounter};
 
 use future::InFlight;
 use instruments::{Count, Destination, Instruments};
+
+/// The bucket boundaries of `messaging.process.duration`, in seconds: those
+/// OpenTelemetry's messaging conventions recommend, fine from 5 ms to 10 s, with one at
+/// 1 s for an SLO. Other boundaries:
+/// [`MetricsLayer::with_buckets`].
+pub const DURATION_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+];
+
+/// The bucket boundaries of `redrive.message.age`, in seconds: from 10 ms (a message
+/// taken at once) to a day (a backlog, or a message parked for its retries).
+pub const AGE_BUCKETS: &[f64] = &[
+    0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0, 1800.0, 3600.0, 21600.0,
+    86400.0,
+];
 
 /// `messaging.system`.
 pub const ATTR_SYSTEM: &str = "messaging.system";
