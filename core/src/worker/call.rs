@@ -80,6 +80,11 @@ where
         message.extensions.insert_shared(ctx.shutdown.clone());
     }
     let attempt = message.metadata.attempt;
+    // Shared, not copied: for the log lines about this message.
+    let ids = Ids {
+        message_id: message.metadata.message_id.clone(),
+        headers: message.headers.clone(),
+    };
     let call = std::panic::catch_unwind(AssertUnwindSafe(|| service.call(message)));
     let renew_every = ctx.renew_every;
     let lease = ctx.lease;
@@ -144,7 +149,10 @@ where
                     std::panic::catch_unwind(AssertUnwindSafe(|| classifier.classify(&*err)))
                         .unwrap_or_else(|panic| {
                             tracing::error!(
-                                attempt, panic = %logged(&Panicked::from_payload(panic)),
+                                attempt,
+                                message_id = %ids.message_id(),
+                                correlation_id = %ids.correlation_id(),
+                                panic = %logged(&Panicked::from_payload(panic)),
                                 "the classifier panicked; the failure is taken as transient"
                             );
                             Classification::TRANSIENT
@@ -155,11 +163,21 @@ where
                 let error = logged(&*err);
                 if class.kind == ErrorKind::Permanent {
                     tracing::error!(
-                        attempt, error = %error,
+                        attempt,
+                        message_id = %ids.message_id(),
+                        correlation_id = %ids.correlation_id(),
+                        error = %error,
                         "permanent error reached the Worker; add a dead-letter layer to take such messages out of the queue"
                     );
                 } else {
-                    tracing::warn!(attempt, error = %error, ?delay, "handler failed");
+                    tracing::warn!(
+                        attempt,
+                        message_id = %ids.message_id(),
+                        correlation_id = %ids.correlation_id(),
+                        error = %error,
+                        ?delay,
+                        "handler failed"
+                    );
                 }
                 match parked_copy {
                     Some(message) => {
@@ -239,8 +257,13 @@ pub(super) async fn park(
         Unparked::Due => return Done::Unpark(Box::new((message, settle))),
         Unparked::Shutdown => bounded(settle.nack(Duration::ZERO), settle_timeout).await,
         Unparked::NotCurrent => {
+            let ids = Ids {
+                message_id: message.metadata.message_id.clone(),
+                headers: message.headers.clone(),
+            };
             tracing::info!(
-                message_id = message.metadata.message_id.as_deref().unwrap_or(""),
+                message_id = %ids.message_id(),
+                correlation_id = %ids.correlation_id(),
                 "parked delivery no longer this consumer's (partition revoked); handed back before its delay"
             );
             bounded(settle.hand_back(), settle_timeout).await
@@ -311,4 +334,26 @@ const MAX_LOGGED_ERROR: usize = 1024;
 /// An error for a log line: bounded, and safe from a `Display` that panics.
 pub(super) fn logged<E: std::fmt::Display + ?Sized>(err: &E) -> crate::text::Bounded<'_, E> {
     crate::text::bounded(err, MAX_LOGGED_ERROR)
+}
+
+/// What the Worker's log lines about a message name it by: its id (the producer's
+/// `message-id` header, else the broker's id) and its correlation id.
+struct Ids {
+    message_id: Option<std::sync::Arc<str>>,
+    headers: crate::Headers,
+}
+
+impl Ids {
+    fn message_id(&self) -> &str {
+        self.headers
+            .get_str(crate::names::MESSAGE_ID)
+            .or(self.message_id.as_deref())
+            .unwrap_or("")
+    }
+
+    fn correlation_id(&self) -> &str {
+        self.headers
+            .get_str(crate::names::CORRELATION_ID)
+            .unwrap_or("")
+    }
 }
