@@ -185,8 +185,11 @@ async fn unparsable_message_then_good_ones(name: &str, prefetch: u16, n: usize) 
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let reconnects = monitor.reconnects();
+    // One per delivery of the bad message (the delivery limit plus the first), and one
+    // to spare: a loaded 2-core machine running the test suite was once seen to need
+    // 5 with a limit of 3. The loop this guards against ran 260 in 60 s.
     assert!(
-        (1..=u64::from(LIMIT) + 1).contains(&reconnects),
+        (1..=u64::from(LIMIT) + 2).contains(&reconnects),
         "one reconnect per delivery of the bad message at most: {monitor:?}"
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
