@@ -50,6 +50,39 @@ pub async fn create_topic(brokers: &str, topic: &str, partitions: i32) {
     }
 }
 
+/// Waits until `group` has no members (the broker answers DescribeGroups with none),
+/// for at most `within`; panics past it.
+async fn wait_until_group_empty(brokers: &str, group: &str, within: Duration) {
+    let (brokers, group) = (brokers.to_owned(), group.to_owned());
+    tokio::task::spawn_blocking(move || {
+        let client: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .create()
+            .expect("client");
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let members = client
+                .fetch_group_list(Some(&group), Duration::from_secs(5))
+                .map(|list| {
+                    list.groups()
+                        .iter()
+                        .map(|g| g.members().len())
+                        .sum::<usize>()
+                });
+            if let Ok(0) = members {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "group {group} still has members after {within:?}: {members:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    })
+    .await
+    .expect("wait for the group");
+}
+
 /// A one-broker mock cluster.
 pub fn mock() -> MockCluster<'static, DefaultProducerContext> {
     MockCluster::new(1).expect("mock cluster")
@@ -98,6 +131,18 @@ impl Env {
         Env {
             brokers,
             mock: None,
+        }
+    }
+
+    /// Waits until the members of `group` that closed have left it (at most 30 s).
+    ///
+    /// tansu elects a member that leaves while another's JoinGroup is held as the
+    /// leader of the next generation, and the group then never completes a sync: a test
+    /// that starts a member right after another closes waits for the leave first. The
+    /// mock cluster has no DescribeGroups, and handles such a leave.
+    pub async fn wait_until_group_empty(&self, group: &str) {
+        if self.mock.is_none() {
+            wait_until_group_empty(&self.brokers, group, Duration::from_secs(30)).await;
         }
     }
 
