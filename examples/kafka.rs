@@ -27,12 +27,11 @@ use redrive::kafka::rdkafka::client::DefaultClientContext;
 use redrive::kafka::rdkafka::types::RDKafkaErrorCode;
 use redrive::kafka::{KafkaConsumer, KafkaPublisher};
 use redrive::middleware::Stack;
-use redrive::middleware::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer};
-use redrive::middleware::dead_letter::{DeadLetterConfig, DeadLetterLayer};
-use redrive::middleware::idempotency::{IdempotencyConfig, IdempotencyLayer, MemoryStore};
+use redrive::middleware::circuit_breaker::CircuitBreakerConfig;
+use redrive::middleware::dead_letter::DeadLetterConfig;
+use redrive::middleware::idempotency::{IdempotencyConfig, MemoryStore};
 use redrive::middleware::metrics::MetricsLayer;
-use redrive::middleware::retry::{Backoff, RetryConfig, RetryLayer};
-use redrive::middleware::timeout::TimeoutLayer;
+use redrive::middleware::retry::{Backoff, RetryConfig};
 use redrive::middleware::trace::TraceLayer;
 use tokio::sync::Notify;
 
@@ -96,26 +95,23 @@ async fn main() -> Result<(), BoxError> {
     let stack = Stack::new()
         .trace(TraceLayer::new())
         .metrics(MetricsLayer::new(&meter))
-        .dead_letter(DeadLetterLayer::new(
-            Arc::new(publisher.clone()),
+        .dead_letter(
+            publisher.clone(),
             DeadLetterConfig::default()
                 .with_max_attempts(3)
                 .with_consumer_name("kafka-example"),
-        )?)
-        .idempotency(IdempotencyLayer::new(
-            Arc::new(MemoryStore::new()),
-            IdempotencyConfig::default(),
-        )?)
-        .circuit_breaker(CircuitBreakerLayer::new(CircuitBreakerConfig::default())?)
-        .retry(RetryLayer::new(
+        )
+        .idempotency(MemoryStore::new(), IdempotencyConfig::default())
+        .circuit_breaker(CircuitBreakerConfig::default())
+        .retry(
             RetryConfig::default()
                 .with_backoff(Backoff::exponential(
                     Duration::from_millis(20),
                     Duration::from_millis(100),
                 ))
                 .with_max_tries(2),
-        )?)
-        .timeout(TimeoutLayer::new(Duration::from_secs(5))?);
+        )
+        .timeout(Duration::from_secs(5));
     println!("pipeline: {}", stack.describe());
     // Four good orders and the poison one's three attempts of two tries each end the run.
     let runs = Arc::new(AtomicUsize::new(0));

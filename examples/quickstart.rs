@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use redrive::memory::MemoryBroker;
 use redrive::middleware::Stack;
-use redrive::middleware::dead_letter::{self, DeadLetterConfig, DeadLetterLayer};
+use redrive::middleware::dead_letter::{self, DeadLetterConfig};
 use redrive::middleware::idempotency::{self, IdempotencyConfig, IdempotencyLayer, MemoryStore};
 use redrive::middleware::retry::{Backoff, RetryConfig, RetryEvent, RetryLayer, Try};
 use redrive::{
@@ -97,13 +97,13 @@ async fn main() -> Result<(), BoxError> {
     let idempotency =
         IdempotencyLayer::new(Arc::new(MemoryStore::new()), IdempotencyConfig::default())?;
     let stack = Stack::new()
-        .dead_letter(DeadLetterLayer::new(
-            Arc::new(broker.clone()),
+        .dead_letter(
+            broker.clone(),
             DeadLetterConfig::default()
                 .with_max_attempts(4)
                 .with_consumer_name("quickstart"),
-        )?)
-        .idempotency(idempotency.clone())
+        )
+        .idempotency_layer(idempotency.clone())
         .retry(retry);
     println!("pipeline: {}", stack.describe());
 

@@ -12,18 +12,14 @@
 //! deliveries the dead-letter layer moves it to `redrive-example-orders-dlq` with an
 //! envelope saying why.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use redrive::middleware::Stack;
-use redrive::middleware::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer};
-use redrive::middleware::dead_letter::{DeadLetterConfig, DeadLetterLayer};
-use redrive::middleware::idempotency::{
-    IDEMPOTENCY_KEY, IdempotencyConfig, IdempotencyLayer, MemoryStore,
-};
+use redrive::middleware::circuit_breaker::CircuitBreakerConfig;
+use redrive::middleware::dead_letter::DeadLetterConfig;
+use redrive::middleware::idempotency::{IDEMPOTENCY_KEY, IdempotencyConfig, MemoryStore};
 use redrive::middleware::metrics::MetricsLayer;
-use redrive::middleware::retry::{Backoff, RetryConfig, RetryLayer};
-use redrive::middleware::timeout::TimeoutLayer;
+use redrive::middleware::retry::{Backoff, RetryConfig};
 use redrive::middleware::trace::TraceLayer;
 use redrive::rabbitmq::{QueueKind, RabbitConsumer, RabbitPublisher, Topology};
 use redrive::{BoxError, Message, OutgoingMessage, Publisher, Redelivery, Worker, handler};
@@ -54,26 +50,23 @@ async fn main() -> Result<(), BoxError> {
     let stack = Stack::new()
         .trace(TraceLayer::new())
         .metrics(MetricsLayer::new(&meter))
-        .dead_letter(DeadLetterLayer::new(
-            Arc::new(publisher.clone()),
+        .dead_letter(
+            publisher.clone(),
             DeadLetterConfig::default()
                 .with_max_attempts(3)
                 .with_consumer_name("rabbitmq-example"),
-        )?)
-        .idempotency(IdempotencyLayer::new(
-            Arc::new(MemoryStore::new()),
-            IdempotencyConfig::default(),
-        )?)
-        .circuit_breaker(CircuitBreakerLayer::new(CircuitBreakerConfig::default())?)
-        .retry(RetryLayer::new(
+        )
+        .idempotency(MemoryStore::new(), IdempotencyConfig::default())
+        .circuit_breaker(CircuitBreakerConfig::default())
+        .retry(
             RetryConfig::default()
                 .with_backoff(Backoff::exponential(
                     Duration::from_millis(20),
                     Duration::from_millis(100),
                 ))
                 .with_max_tries(2),
-        )?)
-        .timeout(TimeoutLayer::new(Duration::from_secs(5))?);
+        )
+        .timeout(Duration::from_secs(5));
     println!("pipeline: {}", stack.describe());
     let handler = handler::handler_fn(|msg: Message| async move {
         if msg.payload == "poison" {

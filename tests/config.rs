@@ -80,9 +80,9 @@ fn a_file_and_the_environment_configure_the_stack_and_the_worker() {
         let broker = MemoryBroker::new();
         let stack = Stack::new()
             .trace(TraceLayer::new())
-            .dead_letter(settings.dead_letter(Arc::new(broker.clone())).unwrap())
+            .dead_letter_layer(settings.dead_letter(Arc::new(broker.clone())).unwrap())
             .circuit_breaker(settings.circuit_breaker().unwrap())
-            .idempotency(settings.idempotency(Arc::new(MemoryStore::new())).unwrap())
+            .idempotency_layer(settings.idempotency(Arc::new(MemoryStore::new())).unwrap())
             .rate_limit(settings.rate_limit().unwrap())
             .retry(settings.retry().unwrap())
             .timeout(settings.timeout().unwrap());
@@ -155,16 +155,16 @@ fn the_readme_file_builds_what_the_readme_code_builds() {
     let settings = Settings::from_toml_str(README).unwrap();
     let from_file = Stack::new()
         .retry(settings.retry().unwrap())
-        .idempotency(settings.idempotency(Arc::new(MemoryStore::new())).unwrap())
-        .dead_letter(settings.dead_letter(Arc::new(broker.clone())).unwrap())
+        .idempotency_layer(settings.idempotency(Arc::new(MemoryStore::new())).unwrap())
+        .dead_letter_layer(settings.dead_letter(Arc::new(broker.clone())).unwrap())
         .trace(TraceLayer::new());
     let from_code = Stack::new()
         .retry(RetryLayer::new(RetryConfig::default()).unwrap())
-        .idempotency(
+        .idempotency_layer(
             IdempotencyLayer::new(Arc::new(MemoryStore::new()), IdempotencyConfig::default())
                 .unwrap(),
         )
-        .dead_letter(
+        .dead_letter_layer(
             DeadLetterLayer::new(
                 Arc::new(broker.clone()),
                 DeadLetterConfig::default().with_max_attempts(5),
@@ -199,9 +199,9 @@ fn absent_sections_give_the_layers_defaults() {
     let settings = Settings::from_toml_str("").unwrap();
     let broker = MemoryBroker::new();
     let stack = Stack::new()
-        .dead_letter(settings.dead_letter(Arc::new(broker.clone())).unwrap())
+        .dead_letter_layer(settings.dead_letter(Arc::new(broker.clone())).unwrap())
         .circuit_breaker(settings.circuit_breaker().unwrap())
-        .idempotency(settings.idempotency(Arc::new(MemoryStore::new())).unwrap())
+        .idempotency_layer(settings.idempotency(Arc::new(MemoryStore::new())).unwrap())
         .retry(settings.retry().unwrap())
         .timeout(settings.timeout().unwrap());
     assert_eq!(

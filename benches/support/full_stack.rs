@@ -39,11 +39,11 @@ where
     Stack::new()
         .trace(TraceLayer::new())
         .metrics(MetricsLayer::new(&meter))
-        .dead_letter(
+        .dead_letter_layer(
             DeadLetterLayer::new(Arc::new(dead_letters), DeadLetterConfig::default())
                 .expect("dead-letter config"),
         )
-        .idempotency(
+        .idempotency_layer(
             IdempotencyLayer::new(Arc::new(MemoryStore::new()), IdempotencyConfig::default())
                 .expect("idempotency config"),
         )

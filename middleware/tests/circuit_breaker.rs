@@ -509,7 +509,7 @@ mod outage {
             DeadLetterConfig::default().with_max_attempts(5),
         )
         .unwrap();
-        let stack = Stack::new().dead_letter(dead_letter);
+        let stack = Stack::new().dead_letter_layer(dead_letter);
         let (service, handle) = match breaker {
             Some(config) => {
                 let layer = CircuitBreakerLayer::new(config).unwrap();

@@ -21,7 +21,9 @@ use redrive_core::{
     classify, handler_fn,
 };
 use redrive_middleware::Stack;
-use redrive_middleware::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer};
+use redrive_middleware::circuit_breaker::{
+    CircuitBreakerConfig, CircuitBreakerLayer, CircuitState,
+};
 use redrive_middleware::dead_letter::{self, DeadLetterConfig, DeadLetterLayer};
 use redrive_middleware::idempotency::{
     IDEMPOTENCY_KEY, IdempotencyConfig, IdempotencyLayer, MemoryStore,
@@ -49,11 +51,11 @@ fn any_call_order_builds_the_canonical_order() {
         .retry(retry(Duration::from_millis(10), Duration::from_millis(100)))
         .rate_limit(RateLimitLayer::new(RateLimitConfig::per_second(50)).unwrap())
         .circuit_breaker(CircuitBreakerLayer::new(CircuitBreakerConfig::default()).unwrap())
-        .idempotency(
+        .idempotency_layer(
             IdempotencyLayer::new(Arc::new(MemoryStore::new()), IdempotencyConfig::default())
                 .unwrap(),
         )
-        .dead_letter(DeadLetterLayer::new(broker, DeadLetterConfig::default()).unwrap())
+        .dead_letter_layer(DeadLetterLayer::new(broker, DeadLetterConfig::default()).unwrap())
         .metrics(MetricsLayer::global())
         .trace(TraceLayer::new());
     assert_eq!(
@@ -87,18 +89,18 @@ fn check_rejects_a_retry_window_the_idempotency_lease_cannot_hold() {
     let retries = retry(Duration::from_secs(5), Duration::from_secs(20));
     let short = Stack::new()
         .retry(retries.clone())
-        .idempotency(idempotency(Duration::from_secs(10)));
+        .idempotency_layer(idempotency(Duration::from_secs(10)));
     let err = short.check(&Capabilities::new()).unwrap_err().to_string();
     assert!(err.starts_with("idempotency: "), "{err}");
     assert!(err.contains("with_lease"), "{err}");
     let long = Stack::new()
         .retry(retries)
-        .idempotency(idempotency(Duration::from_secs(60)));
+        .idempotency_layer(idempotency(Duration::from_secs(60)));
     long.check(&Capabilities::new()).unwrap();
     // The defaults fit each other.
     Stack::new()
         .retry(RetryLayer::new(RetryConfig::default()).unwrap())
-        .idempotency(idempotency(IdempotencyConfig::default().lease()))
+        .idempotency_layer(idempotency(IdempotencyConfig::default().lease()))
         .check(&Capabilities::new())
         .unwrap();
 }
@@ -192,7 +194,7 @@ fn the_worker_refuses_to_build_around_a_stack_that_fails_its_check() {
     // A 15 s retry window against a 10 s idempotency lease.
     let stack = Stack::new()
         .retry(retry(Duration::from_secs(5), Duration::from_secs(20)))
-        .idempotency(
+        .idempotency_layer(
             IdempotencyLayer::new(
                 Arc::new(MemoryStore::new()),
                 IdempotencyConfig::default().with_lease(Duration::from_secs(10)),
@@ -218,6 +220,137 @@ fn the_worker_refuses_to_build_around_a_stack_that_fails_its_check() {
         .handler(handler)
         .build()
         .unwrap();
+}
+
+#[test]
+fn settings_given_to_the_stack_are_checked_when_the_worker_is_built() {
+    let broker = MemoryBroker::new();
+    // The Worker's build error, if any, around a handler that succeeds.
+    macro_rules! build {
+        ($stack:expr $(,)?) => {
+            Worker::builder(broker.consumer("jobs"))
+                .stack($stack)
+                .handler(handler_fn(|_m: Message| async { Ok::<_, BoxError>(()) }))
+                .build()
+                .err()
+                .map(|e| e.to_string())
+        };
+    }
+    // Each bad setting is reported by its layer, with no `?` on the way.
+    let err = build!(
+        Stack::new()
+            .retry(RetryConfig::default().with_max_tries(0))
+            .timeout(Duration::from_secs(1))
+    );
+    assert!(
+        err.as_deref().is_some_and(|e| e.contains("retry")),
+        "{err:?}"
+    );
+    let err = build!(Stack::new().timeout(Duration::ZERO));
+    assert!(
+        err.as_deref().is_some_and(|e| e.contains("timeout")),
+        "{err:?}"
+    );
+    let err = build!(
+        Stack::new().circuit_breaker(CircuitBreakerConfig::default().with_open_for(Duration::ZERO)),
+    );
+    assert!(
+        err.as_deref().is_some_and(|e| e.contains("circuit")),
+        "{err:?}"
+    );
+    let err = build!(Stack::new().idempotency(
+        MemoryStore::new(),
+        IdempotencyConfig::default().with_lease(Duration::ZERO),
+    ));
+    assert!(
+        err.as_deref().is_some_and(|e| e.contains("idempotency")),
+        "{err:?}"
+    );
+    let err = build!(Stack::new().dead_letter(
+        broker.clone(),
+        DeadLetterConfig::default().with_max_attempts(0),
+    ));
+    assert!(
+        err.as_deref().is_some_and(|e| e.contains("dead")),
+        "{err:?}"
+    );
+
+    // Good settings build.
+    let stack = Stack::new()
+        .retry(RetryConfig::default())
+        .timeout(Duration::from_secs(1))
+        .circuit_breaker(CircuitBreakerConfig::default())
+        .idempotency(MemoryStore::new(), IdempotencyConfig::default())
+        .dead_letter(broker.clone(), DeadLetterConfig::default());
+    assert_eq!(build!(stack), None);
+}
+
+#[test]
+#[should_panic(expected = "settings that cannot work")]
+fn a_stack_with_bad_settings_will_not_wrap_a_handler_unchecked() {
+    let stack = Stack::new().timeout(Duration::ZERO);
+    assert!(stack.check(&Capabilities::new()).is_err());
+    let _ = stack.service(handler_fn(|_m: Message| async { Ok::<_, BoxError>(()) }));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_classifier_classifies_for_every_layer_the_stack_builds() {
+    #[derive(Debug, thiserror::Error)]
+    #[error("invalid order")]
+    struct Invalid;
+    let broker = MemoryBroker::new();
+    // One more than the breaker's default run of failures.
+    for _ in 0..6 {
+        broker
+            .publish("orders", OutgoingMessage::new(b"bad".to_vec()))
+            .await
+            .unwrap();
+    }
+    let tries = Arc::new(AtomicU32::new(0));
+    let handler = handler_fn({
+        let tries = tries.clone();
+        move |_m: Message| {
+            tries.fetch_add(1, Ordering::SeqCst);
+            async { Err::<(), BoxError>(Box::new(Invalid)) }
+        }
+    });
+    let classifier = redrive_core::Classifier::new().with_hook(|e| {
+        e.is::<Invalid>()
+            .then_some(redrive_core::Classification::PERMANENT)
+    });
+    let stack = Stack::new()
+        .classifier(classifier)
+        .retry(RetryConfig::default().with_max_tries(5))
+        .dead_letter(broker.clone(), DeadLetterConfig::default());
+    let breaker = stack.circuit_handle();
+    let report = Worker::builder(broker.consumer("orders"))
+        .stack(stack)
+        .handler(handler)
+        .build()
+        .unwrap()
+        .run_until(async {
+            for _ in 0..200 {
+                if broker.depth("orders-dlq") == 6 {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+    // Permanent for retry (one try each) and for the dead-letter layer (dead-lettered
+    // on the first attempt, not the fifth)...
+    assert_eq!(tries.load(Ordering::SeqCst), 6, "{report:?}");
+    assert_eq!(broker.depth("orders-dlq"), 6, "{report:?}");
+    // ...and for the default breaker, which counts no permanent error as a failure:
+    // six in a row leave it closed.
+    assert_eq!(breaker.state(), CircuitState::Closed);
+
+    // Set after a layer took its settings, it is an error, not a silent half-measure.
+    let late = Stack::new()
+        .retry(RetryConfig::default())
+        .classifier(redrive_core::Classifier::new());
+    let err = late.check(&Capabilities::new()).unwrap_err().to_string();
+    assert!(err.contains("call `classifier` first"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -257,10 +390,10 @@ async fn the_whole_stack_under_a_worker() {
     let stack = Stack::new()
         .trace(TraceLayer::new())
         .metrics(MetricsLayer::global())
-        .dead_letter(
+        .dead_letter_layer(
             DeadLetterLayer::new(Arc::new(broker.clone()), DeadLetterConfig::default()).unwrap(),
         )
-        .idempotency(
+        .idempotency_layer(
             IdempotencyLayer::new(Arc::new(MemoryStore::new()), IdempotencyConfig::default())
                 .unwrap(),
         )

@@ -59,8 +59,8 @@
 //! let handler = handler::handler_fn(|_msg: Message| async { Ok::<_, BoxError>(()) });
 //! let stack = Stack::new()
 //!     .retry(settings.retry()?)
-//!     .idempotency(settings.idempotency(Arc::new(MemoryStore::new()))?)
-//!     .dead_letter(settings.dead_letter(Arc::new(TracedPublisher::new(broker.clone())))?)
+//!     .idempotency_layer(settings.idempotency(Arc::new(MemoryStore::new()))?)
+//!     .dead_letter_layer(settings.dead_letter(Arc::new(TracedPublisher::new(broker.clone())))?)
 //!     .trace(TraceLayer::new());
 //! assert_eq!(
 //!     stack.describe(),

@@ -74,14 +74,14 @@ async fn run_group(brokers: &str, topic: &str, group: &str) -> GroupRun {
         .metrics(MetricsLayer::new(&opentelemetry::global::meter(
             "idempotency-scope",
         )))
-        .dead_letter(
+        .dead_letter_layer(
             DeadLetterLayer::new(
                 Arc::new(common::publisher(brokers)),
                 DeadLetterConfig::default(),
             )
             .expect("dead-letter layer"),
         )
-        .idempotency(idempotency.clone())
+        .idempotency_layer(idempotency.clone())
         .retry(RetryLayer::new(RetryConfig::default()).expect("retry layer"))
         .timeout(TimeoutLayer::new(Duration::from_secs(10)).expect("timeout layer"));
     let consumer = common::consumer(brokers, group, topic);

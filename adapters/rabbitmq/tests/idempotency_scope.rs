@@ -109,14 +109,14 @@ async fn run_queue(topology: &Topology) -> QueueRun {
         .metrics(MetricsLayer::new(&opentelemetry::global::meter(
             "idempotency-scope",
         )))
-        .dead_letter(
+        .dead_letter_layer(
             DeadLetterLayer::new(
                 Arc::new(common::publisher().await),
                 DeadLetterConfig::default(),
             )
             .expect("dead-letter layer"),
         )
-        .idempotency(idempotency.clone())
+        .idempotency_layer(idempotency.clone())
         .retry(RetryLayer::new(RetryConfig::default()).expect("retry layer"))
         .timeout(TimeoutLayer::new(Duration::from_secs(10)).expect("timeout layer"));
     let consumer = common::consumer(topology, "redrive-test-idempotency-scope", 32).await;

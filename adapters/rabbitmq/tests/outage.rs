@@ -75,8 +75,10 @@ async fn outage<St: IdempotencyStore>(
     // The README's Stack, on this store and this broker.
     let stack = Stack::new()
         .retry(RetryLayer::new(RetryConfig::default()).unwrap())
-        .idempotency(IdempotencyLayer::new(Arc::new(store), IdempotencyConfig::default()).unwrap())
-        .dead_letter(
+        .idempotency_layer(
+            IdempotencyLayer::new(Arc::new(store), IdempotencyConfig::default()).unwrap(),
+        )
+        .dead_letter_layer(
             DeadLetterLayer::new(
                 Arc::new(common::publisher().await),
                 DeadLetterConfig::default(),

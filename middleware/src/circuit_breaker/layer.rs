@@ -38,6 +38,11 @@ impl CircuitBreakerLayer {
         }
     }
 
+    /// The breaker's settings.
+    pub fn config(&self) -> &CircuitBreakerConfig {
+        &self.core.config
+    }
+
     /// A handle that reads the breaker's state.
     pub fn handle(&self) -> CircuitHandle {
         CircuitHandle {

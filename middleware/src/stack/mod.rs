@@ -1,11 +1,12 @@
 //! The `Stack` builder: every layer in its canonical place, whatever order it is given in.
 //!
 //! ```
-//! use std::sync::Arc;
+//! use std::time::Duration;
 //! use redrive_core::memory::MemoryBroker;
 //! use redrive_core::{handler_fn, BoxError, Message, Worker};
-//! use redrive_middleware::dead_letter::{DeadLetterConfig, DeadLetterLayer};
-//! use redrive_middleware::idempotency::{IdempotencyConfig, IdempotencyLayer, MemoryStore};
+//! use redrive_middleware::dead_letter::DeadLetterConfig;
+//! use redrive_middleware::idempotency::{IdempotencyConfig, MemoryStore};
+//! use redrive_middleware::retry::RetryConfig;
 //! use redrive_middleware::trace::TraceLayer;
 //! use redrive_middleware::Stack;
 //!
@@ -13,18 +14,21 @@
 //! let broker = MemoryBroker::new();
 //! let consumer = broker.consumer("orders");
 //! let stack = Stack::new()
-//!     // Given in any order, built in the canonical one.
-//!     .idempotency(IdempotencyLayer::new(Arc::new(MemoryStore::new()), IdempotencyConfig::default())?)
-//!     .dead_letter(DeadLetterLayer::new(Arc::new(broker.clone()), DeadLetterConfig::default())?)
+//!     // Given in any order, built in the canonical one; settings are checked at `build`.
+//!     .idempotency(MemoryStore::new(), IdempotencyConfig::default())
+//!     .dead_letter(broker.clone(), DeadLetterConfig::default())
+//!     .retry(RetryConfig::default())
+//!     .timeout(Duration::from_secs(10))
 //!     .trace(TraceLayer::new());
 //! assert_eq!(
 //!     stack.describe(),
 //!     "trace -> dead_letter(max_attempts=5, to=<source>-dlq) -> \
 //!      circuit_breaker(consecutive_failures=5, open_for=30s) -> \
-//!      idempotency(lease=30s, ttl=86400s) -> handler"
+//!      idempotency(lease=30s, ttl=86400s) -> retry(max_tries=3, window=300ms, budget) -> \
+//!      timeout(10s) -> handler"
 //! );
 //! let handler = handler_fn(|_m: Message| async { Ok::<_, BoxError>(()) });
-//! // `build` checks the stack against the consumer's capabilities.
+//! // `build` checks the settings, and the stack against the consumer's capabilities.
 //! let worker = Worker::builder(consumer).stack(stack).handler(handler).build()?;
 //! # let _ = worker;
 //! # Ok(())
@@ -59,13 +63,14 @@
 
 use std::fmt::Write as _;
 
-use redrive_core::{BoxError, Capabilities, CatchPanic};
+use redrive_core::{BoxError, Capabilities, CatchPanic, Classifier};
 use tower::Layer;
 use tower::layer::util::Identity;
 
-use crate::Error;
+use crate::{ConfigError, Error};
 
 mod part;
+mod slot;
 
 use part::Custom;
 pub use part::StackPart;
@@ -74,6 +79,7 @@ pub use part::StackPart;
     reason = "unused when no layer with a duration is enabled"
 )]
 pub(crate) use part::secs;
+pub use slot::{Classify, IntoLayer};
 
 /// The circuit breaker a new [`Stack`] starts with: [`CircuitBreakerLayer`] with its
 /// default settings, or no layer without the `circuit-breaker` feature.
@@ -110,6 +116,19 @@ pub struct Stack<
     retry: Re,
     timeout: To,
     custom: Custom<Us>,
+    settings: Settings,
+}
+
+/// What the Stack keeps beside its layers: the classifier for the layers it builds
+/// from settings, and the errors of settings that could not work.
+#[derive(Clone, Debug, Default)]
+struct Settings {
+    classifier: Option<Classifier>,
+    /// Whether a place was given settings (which took the classifier as it was then).
+    built_from_settings: bool,
+    /// Whether the breaker is still the default one, which takes the classifier.
+    breaker_replaced: bool,
+    errors: Vec<ConfigError>,
 }
 
 impl Stack {
@@ -120,6 +139,42 @@ impl Stack {
 }
 
 impl<Tr, Me, Dl, Id, Cb, Rl, Re, To, Us> Stack<Tr, Me, Dl, Id, Cb, Rl, Re, To, Us> {
+    /// Takes what a place was given: records its settings' error, if any.
+    #[cfg_attr(
+        not(any(feature = "retry", feature = "timeout", feature = "circuit-breaker")),
+        allow(dead_code, reason = "only the places that take settings use it")
+    )]
+    fn take<L>(&mut self, given: impl IntoLayer<L>) -> L {
+        let settings = given.is_settings();
+        let built = given.into_layer(self.settings.classifier.as_ref());
+        self.settings.built_from_settings |= settings;
+        self.settings.errors.extend(built.error);
+        built.layer
+    }
+
+    /// Classifies errors with `classifier` in every layer that classifies (retry,
+    /// circuit breaker, dead letter) and that the Stack builds: those given their
+    /// settings, and the default circuit breaker. A layer given ready-made keeps its
+    /// own. Call it before giving the layers their settings: called after, it is an
+    /// error that [`check`](Stack::check) reports.
+    pub fn classifier(mut self, classifier: Classifier) -> Self
+    where
+        Cb: slot::Classify,
+    {
+        if self.settings.built_from_settings {
+            self.settings.errors.push(ConfigError::new(
+                "stack",
+                "`classifier` was called after a layer was given its settings, which \
+                 were classified without it; call `classifier` first",
+            ));
+        }
+        if !self.settings.breaker_replaced {
+            self.circuit_breaker.classify(&classifier);
+        }
+        self.settings.classifier = Some(classifier);
+        self
+    }
+
     /// Puts the trace layer in its place (first).
     #[cfg(feature = "trace")]
     #[cfg_attr(docsrs, doc(cfg(feature = "trace")))]
@@ -137,6 +192,7 @@ impl<Tr, Me, Dl, Id, Cb, Rl, Re, To, Us> Stack<Tr, Me, Dl, Id, Cb, Rl, Re, To, U
             retry: self.retry,
             timeout: self.timeout,
             custom: self.custom,
+            settings: self.settings,
         }
     }
 
@@ -157,13 +213,43 @@ impl<Tr, Me, Dl, Id, Cb, Rl, Re, To, Us> Stack<Tr, Me, Dl, Id, Cb, Rl, Re, To, U
             retry: self.retry,
             timeout: self.timeout,
             custom: self.custom,
+            settings: self.settings,
         }
     }
 
-    /// Puts the dead-letter layer in its place (third).
+    /// Puts a dead-letter layer in its place (third), publishing through
+    /// `publisher` (taken by value: publishers share their connection inside) with
+    /// `config`, which is checked with the rest of the Stack.
     #[cfg(feature = "dead-letter")]
     #[cfg_attr(docsrs, doc(cfg(feature = "dead-letter")))]
-    pub fn dead_letter<P, H>(
+    pub fn dead_letter<P: redrive_core::Publisher>(
+        mut self,
+        publisher: P,
+        config: crate::dead_letter::DeadLetterConfig,
+    ) -> Stack<Tr, Me, crate::dead_letter::DeadLetterLayer<P>, Id, Cb, Rl, Re, To, Us> {
+        let built = slot::dead_letter(publisher, config, self.settings.classifier.as_ref());
+        self.settings.built_from_settings = true;
+        self.settings.errors.extend(built.error);
+        Stack {
+            trace: self.trace,
+            metrics: self.metrics,
+            dead_letter: built.layer,
+            idempotency: self.idempotency,
+            circuit_breaker: self.circuit_breaker,
+            rate_limit: self.rate_limit,
+            retry: self.retry,
+            timeout: self.timeout,
+            custom: self.custom,
+            settings: self.settings,
+        }
+    }
+
+    /// Puts a dead-letter layer built yourself in its place (third): one with a hook
+    /// ([`on_dead_letter`](crate::dead_letter::DeadLetterLayer::on_dead_letter)), or
+    /// a publisher shared with other code.
+    #[cfg(feature = "dead-letter")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "dead-letter")))]
+    pub fn dead_letter_layer<P, H>(
         self,
         layer: crate::dead_letter::DeadLetterLayer<P, H>,
     ) -> Stack<Tr, Me, crate::dead_letter::DeadLetterLayer<P, H>, Id, Cb, Rl, Re, To, Us> {
@@ -177,13 +263,41 @@ impl<Tr, Me, Dl, Id, Cb, Rl, Re, To, Us> Stack<Tr, Me, Dl, Id, Cb, Rl, Re, To, U
             retry: self.retry,
             timeout: self.timeout,
             custom: self.custom,
+            settings: self.settings,
         }
     }
 
-    /// Puts the idempotency layer in its place (fifth).
+    /// Puts an idempotency layer in its place (fifth), keeping keys in `store` (taken
+    /// by value: stores share their connection inside) with `config`, which is
+    /// checked with the rest of the Stack.
     #[cfg(feature = "idempotency")]
     #[cfg_attr(docsrs, doc(cfg(feature = "idempotency")))]
-    pub fn idempotency<St: ?Sized>(
+    pub fn idempotency<St: crate::idempotency::IdempotencyStore>(
+        mut self,
+        store: St,
+        config: crate::idempotency::IdempotencyConfig,
+    ) -> Stack<Tr, Me, Dl, crate::idempotency::IdempotencyLayer<St>, Cb, Rl, Re, To, Us> {
+        let built = slot::idempotency(store, config);
+        self.settings.errors.extend(built.error);
+        Stack {
+            trace: self.trace,
+            metrics: self.metrics,
+            dead_letter: self.dead_letter,
+            idempotency: built.layer,
+            circuit_breaker: self.circuit_breaker,
+            rate_limit: self.rate_limit,
+            retry: self.retry,
+            timeout: self.timeout,
+            custom: self.custom,
+            settings: self.settings,
+        }
+    }
+
+    /// Puts an idempotency layer built yourself in its place (fifth): one whose
+    /// store is shared with other code, or behind a `dyn` store.
+    #[cfg(feature = "idempotency")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "idempotency")))]
+    pub fn idempotency_layer<St: ?Sized>(
         self,
         layer: crate::idempotency::IdempotencyLayer<St>,
     ) -> Stack<Tr, Me, Dl, crate::idempotency::IdempotencyLayer<St>, Cb, Rl, Re, To, Us> {
@@ -197,12 +311,14 @@ impl<Tr, Me, Dl, Id, Cb, Rl, Re, To, Us> Stack<Tr, Me, Dl, Id, Cb, Rl, Re, To, U
             retry: self.retry,
             timeout: self.timeout,
             custom: self.custom,
+            settings: self.settings,
         }
     }
 
     /// Leaves the circuit breaker's place empty. Without a breaker, an outage longer
     /// than the redeliveries last sends every message to the dead-letter queue.
-    pub fn without_circuit_breaker(self) -> Stack<Tr, Me, Dl, Id, Identity, Rl, Re, To, Us> {
+    pub fn without_circuit_breaker(mut self) -> Stack<Tr, Me, Dl, Id, Identity, Rl, Re, To, Us> {
+        self.settings.breaker_replaced = true;
         Stack {
             trace: self.trace,
             metrics: self.metrics,
@@ -213,16 +329,22 @@ impl<Tr, Me, Dl, Id, Cb, Rl, Re, To, Us> Stack<Tr, Me, Dl, Id, Cb, Rl, Re, To, U
             retry: self.retry,
             timeout: self.timeout,
             custom: self.custom,
+            settings: self.settings,
         }
     }
 
-    /// Puts the circuit breaker in its place (fourth), instead of the default one.
+    /// Puts the circuit breaker in its place (fourth), instead of the default one: a
+    /// [`CircuitBreakerLayer`](crate::circuit_breaker::CircuitBreakerLayer), or the
+    /// [`CircuitBreakerConfig`](crate::circuit_breaker::CircuitBreakerConfig) to build
+    /// it from.
     #[cfg(feature = "circuit-breaker")]
     #[cfg_attr(docsrs, doc(cfg(feature = "circuit-breaker")))]
     pub fn circuit_breaker(
-        self,
-        layer: crate::circuit_breaker::CircuitBreakerLayer,
+        mut self,
+        breaker: impl IntoLayer<crate::circuit_breaker::CircuitBreakerLayer>,
     ) -> Stack<Tr, Me, Dl, Id, crate::circuit_breaker::CircuitBreakerLayer, Rl, Re, To, Us> {
+        let layer = self.take(breaker);
+        self.settings.breaker_replaced = true;
         Stack {
             trace: self.trace,
             metrics: self.metrics,
@@ -233,6 +355,7 @@ impl<Tr, Me, Dl, Id, Cb, Rl, Re, To, Us> Stack<Tr, Me, Dl, Id, Cb, Rl, Re, To, U
             retry: self.retry,
             timeout: self.timeout,
             custom: self.custom,
+            settings: self.settings,
         }
     }
 
@@ -252,16 +375,23 @@ impl<Tr, Me, Dl, Id, Cb, Rl, Re, To, Us> Stack<Tr, Me, Dl, Id, Cb, Rl, Re, To, U
             retry: self.retry,
             timeout: self.timeout,
             custom: self.custom,
+            settings: self.settings,
         }
     }
 
-    /// Puts the retry layer in its place (seventh).
+    /// Puts the retry layer in its place (seventh): a
+    /// [`RetryLayer`](crate::retry::RetryLayer), or the
+    /// [`RetryConfig`](crate::retry::RetryConfig) to build it from.
     #[cfg(feature = "retry")]
     #[cfg_attr(docsrs, doc(cfg(feature = "retry")))]
     pub fn retry<H>(
-        self,
-        layer: crate::retry::RetryLayer<H>,
-    ) -> Stack<Tr, Me, Dl, Id, Cb, Rl, crate::retry::RetryLayer<H>, To, Us> {
+        mut self,
+        retry: impl IntoLayer<crate::retry::RetryLayer<H>>,
+    ) -> Stack<Tr, Me, Dl, Id, Cb, Rl, crate::retry::RetryLayer<H>, To, Us>
+    where
+        crate::retry::RetryLayer<H>: StackPart,
+    {
+        let layer = self.take(retry);
         Stack {
             trace: self.trace,
             metrics: self.metrics,
@@ -272,16 +402,20 @@ impl<Tr, Me, Dl, Id, Cb, Rl, Re, To, Us> Stack<Tr, Me, Dl, Id, Cb, Rl, Re, To, U
             retry: layer,
             timeout: self.timeout,
             custom: self.custom,
+            settings: self.settings,
         }
     }
 
-    /// Puts the per-try timeout in its place (last, closest to the handler).
+    /// Puts the per-try timeout in its place (last, closest to the handler): a
+    /// [`TimeoutLayer`](crate::timeout::TimeoutLayer), or the deadline as a
+    /// [`Duration`](std::time::Duration).
     #[cfg(feature = "timeout")]
     #[cfg_attr(docsrs, doc(cfg(feature = "timeout")))]
     pub fn timeout(
-        self,
-        layer: crate::timeout::TimeoutLayer,
+        mut self,
+        timeout: impl IntoLayer<crate::timeout::TimeoutLayer>,
     ) -> Stack<Tr, Me, Dl, Id, Cb, Rl, Re, crate::timeout::TimeoutLayer, Us> {
+        let layer = self.take(timeout);
         Stack {
             trace: self.trace,
             metrics: self.metrics,
@@ -292,6 +426,7 @@ impl<Tr, Me, Dl, Id, Cb, Rl, Re, To, Us> Stack<Tr, Me, Dl, Id, Cb, Rl, Re, To, U
             retry: self.retry,
             timeout: layer,
             custom: self.custom,
+            settings: self.settings,
         }
     }
 
@@ -319,7 +454,20 @@ impl<Tr, Me, Dl, Id, Cb, Rl, Re, To, Us> Stack<Tr, Me, Dl, Id, Cb, Rl, Re, To, U
                 layer: tower::layer::util::Stack::new(layer, self.custom.layer),
                 count: self.custom.count + 1,
             },
+            settings: self.settings,
         }
+    }
+}
+
+#[cfg(feature = "circuit-breaker")]
+impl<Tr, Me, Dl, Id, Rl, Re, To, Us>
+    Stack<Tr, Me, Dl, Id, crate::circuit_breaker::CircuitBreakerLayer, Rl, Re, To, Us>
+{
+    /// A handle on the circuit breaker in place (the default one, or the one given):
+    /// its state and the messages it holds, for metrics and health checks.
+    #[cfg_attr(docsrs, doc(cfg(feature = "circuit-breaker")))]
+    pub fn circuit_handle(&self) -> crate::circuit_breaker::CircuitHandle {
+        self.circuit_breaker.handle()
     }
 }
 
@@ -367,6 +515,9 @@ where
     /// # Errors
     /// The first layer's [`Error::Config`], naming the layer and what to change.
     pub fn check(&self, caps: &Capabilities) -> Result<(), Error> {
+        if let Some(e) = self.settings.errors.first() {
+            return Err(Error::config(e.layer(), e.message()));
+        }
         let parts = self.parts();
         parts.iter().try_for_each(|p| p.check(caps))?;
         let window = parts.iter().filter_map(|p| p.retry_window()).max();
@@ -390,6 +541,9 @@ where
     }
 
     /// Wraps `handler` in the stack.
+    ///
+    /// # Panics
+    /// If a place was given settings that cannot work; [`check`](Stack::check) first.
     pub fn service<S>(&self, handler: S) -> <Self as Layer<S>>::Service
     where
         Self: Layer<S>,
@@ -403,7 +557,15 @@ where
 impl<H, Tr, Me, Dl, Id, Cb, Rl, Re, To, Us> redrive_core::Pipeline<H>
     for Stack<Tr, Me, Dl, Id, Cb, Rl, Re, To, Us>
 where
-    Self: Layer<H>,
+    Us: Layer<H>,
+    To: Layer<CatchPanic<Us::Service>>,
+    Re: Layer<To::Service>,
+    Rl: Layer<Re::Service>,
+    Id: Layer<Rl::Service>,
+    Cb: Layer<Id::Service>,
+    Dl: Layer<Cb::Service>,
+    Me: Layer<Dl::Service>,
+    Tr: Layer<Me::Service>,
     Tr: StackPart,
     Me: StackPart,
     Dl: StackPart,
@@ -413,14 +575,16 @@ where
     Re: StackPart,
     To: StackPart,
 {
-    type Service = <Self as Layer<H>>::Service;
+    type Service = Tr::Service;
 
     fn check(&self, caps: &Capabilities) -> Result<(), BoxError> {
         Stack::check(self, caps).map_err(Into::into)
     }
 
     fn wrap(&self, handler: H) -> Self::Service {
-        self.layer(handler)
+        // The Worker's builder reports `check`'s errors at `build`, and never runs
+        // this service then: the stand-ins of bad settings are never used.
+        self.wrap_unchecked(handler)
     }
 }
 
@@ -438,7 +602,36 @@ where
 {
     type Service = Tr::Service;
 
+    /// # Panics
+    /// If a place was given settings that cannot work: [`check`](Stack::check)
+    /// reports them, and `Worker::builder(..).build()` runs it before it wraps the
+    /// handler. A Stack used as a plain tower layer must be checked first.
     fn layer(&self, handler: S) -> Self::Service {
+        if let Some(e) = self.settings.errors.first() {
+            panic!(
+                "the Stack was used with settings that cannot work ({e}); `Stack::check` \
+                 reports them"
+            );
+        }
+        self.wrap_unchecked(handler)
+    }
+}
+
+impl<Tr, Me, Dl, Id, Cb, Rl, Re, To, Us> Stack<Tr, Me, Dl, Id, Cb, Rl, Re, To, Us> {
+    /// The handler in every layer, outermost first, without looking at the errors of
+    /// the settings.
+    fn wrap_unchecked<S>(&self, handler: S) -> Tr::Service
+    where
+        Us: Layer<S>,
+        To: Layer<CatchPanic<Us::Service>>,
+        Re: Layer<To::Service>,
+        Rl: Layer<Re::Service>,
+        Id: Layer<Rl::Service>,
+        Cb: Layer<Id::Service>,
+        Dl: Layer<Cb::Service>,
+        Me: Layer<Dl::Service>,
+        Tr: Layer<Me::Service>,
+    {
         // Innermost: a panic in the handler (or in the user's layers around it) is an
         // error every layer sees.
         let s = self.custom.layer.layer(handler);

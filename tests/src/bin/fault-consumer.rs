@@ -128,14 +128,14 @@ async fn serve<C: Consumer, P: Publisher>(
     let store = Arc::new(store);
     let stack = Stack::new()
         .retry(RetryLayer::new(RetryConfig::default())?)
-        .idempotency(IdempotencyLayer::new(
+        .idempotency_layer(IdempotencyLayer::new(
             store.clone(),
             IdempotencyConfig::default()
                 .with_lease(LEASE)
                 .with_ttl(KEY_TTL)
                 .with_commit_mode(CommitMode::Handler),
         )?)
-        .dead_letter(DeadLetterLayer::new(
+        .dead_letter_layer(DeadLetterLayer::new(
             Arc::new(publisher),
             DeadLetterConfig::default()
                 .with_consumer_name(&config.consumer)
