@@ -39,3 +39,5 @@ pub mod timeout;
 #[cfg(feature = "trace")]
 #[cfg_attr(docsrs, doc(cfg(feature = "trace")))]
 pub mod trace;
+#[cfg(any(feature = "retry", feature = "circuit-breaker"))]
+mod window;

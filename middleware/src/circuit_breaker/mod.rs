@@ -80,7 +80,6 @@ mod hold;
 mod hook;
 mod layer;
 mod state;
-mod window;
 
 use std::fmt;
 use std::future::Future;

@@ -9,8 +9,8 @@ use std::task::Waker;
 use redrive_core::BoxError;
 use tokio::time::Instant;
 
-use super::window::RateWindow;
 use super::{CircuitBreakerConfig, CircuitOpen, OnCircuitOpen, OpenReason};
+use crate::window::Window;
 
 /// The breaker's state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -62,7 +62,8 @@ struct Inner {
     /// Bumped on every state change; results of calls admitted under an older
     /// generation no longer count.
     generation: u64,
-    window: Option<RateWindow>,
+    /// Calls and failures, when the breaker trips on a failure rate.
+    window: Option<Window>,
     /// Callers waiting for a half-open probe slot.
     waiters: Vec<Waker>,
 }
@@ -77,7 +78,6 @@ struct Change {
 
 pub(super) struct Core {
     pub(super) config: CircuitBreakerConfig,
-    origin: Instant,
     hook: Box<dyn OnCircuitOpen>,
     inner: Mutex<Inner>,
     /// The closed breaker's fast path, read without the lock: `generation << 1 |
@@ -115,10 +115,9 @@ pub(super) enum Outcome {
 
 impl Core {
     pub(super) fn new(config: CircuitBreakerConfig, hook: Box<dyn OnCircuitOpen>) -> Self {
-        let window = config.failure_rate.map(|r| RateWindow::new(r.window));
+        let window = config.failure_rate.map(|r| Window::new(r.window));
         Core {
             config,
-            origin: Instant::now(),
             hook,
             inner: Mutex::new(Inner {
                 phase: Phase::Closed,
@@ -276,15 +275,19 @@ impl Core {
             (Phase::Closed, Outcome::Ignored) | (Phase::Open { .. }, _) => None,
             (Phase::Closed, Outcome::Success) => {
                 self.consecutive.store(0, Ordering::Relaxed);
-                if let Some(w) = &mut inner.window {
-                    w.record(self.origin.elapsed(), false);
+                if let Some(w) = &inner.window {
+                    w.add(w.slot(), 1, 0);
                 }
                 None
             }
             (Phase::Closed, Outcome::Failure) => {
                 let consecutive = self.consecutive.fetch_add(1, Ordering::Relaxed) + 1;
-                let since = self.origin.elapsed();
-                let counts = inner.window.as_mut().map(|w| w.record(since, true));
+                // Calls and failures now in the window.
+                let counts = inner.window.as_ref().map(|w| {
+                    let slot = w.slot();
+                    w.add(slot, 1, 1);
+                    w.sum(slot)
+                });
                 let reason = if self
                     .config
                     .consecutive_failures

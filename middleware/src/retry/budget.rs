@@ -1,13 +1,10 @@
 //! [`Budget`]: a cap on retries, shared by every clone of a [`RetryLayer`](super::RetryLayer).
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
-
-use tokio::time::Instant;
 
 use super::ConfigError;
 use crate::shard::Counter;
+use crate::window::Window;
 
 /// How many retries a layer may make, as a share of the traffic it sees: retries in
 /// the last `window` may number at most `min_per_second · window + ratio · first tries`
@@ -106,114 +103,41 @@ impl Budget {
 }
 
 const MIN_WINDOW: Duration = Duration::from_millis(10);
-const BUCKETS: usize = 10;
 
-/// One bucket's counts. `slot` says which bucket length they belong to; counts of a
-/// slot that has left the window are stale.
-struct Bucket {
-    slot: AtomicU64,
-    /// Added to by every message, so kept in per-thread shards: calls on several cores
-    /// do not pass its cache line back and forth.
-    first_tries: Counter,
-    retries: AtomicU64,
-}
-
-impl Default for Bucket {
-    fn default() -> Self {
-        Bucket {
-            slot: AtomicU64::new(0),
-            first_tries: Counter::new(),
-            retries: AtomicU64::new(0),
-        }
-    }
-}
-
-/// The budget's counters: a ring of `BUCKETS` buckets, each a tenth of the window.
+/// The budget's counts: first tries and retries over the sliding window.
 ///
 /// Every message deposits a first try, so deposits take no lock: an atomic add into
-/// the current bucket's shard for this thread. The lock is taken to reuse a bucket for a new slot (once per
-/// bucket length) and to withdraw (only on a retry), so two retries cannot both take
-/// the last unit of budget. A deposit held up for most of a window between reading the
-/// clock and adding may be counted in a later round of its bucket, or wiped by that
-/// round's reset; the budget is a rate, and one first try more or less does not change
-/// it.
+/// this thread's shard of the current bucket (first tries are counted in per-thread
+/// shards, so calls on several cores do not pass a cache line back and forth). A
+/// withdrawal holds the window's lock from summing to adding, so two retries cannot
+/// both take the last unit of budget.
 pub(crate) struct SharedBudget {
-    origin: Instant,
-    /// A bucket's length in nanoseconds (at least 1), so finding the current bucket
-    /// divides 64-bit integers, not 128-bit ones.
-    bucket_nanos: u64,
+    /// First tries (sharded) and retries.
+    window: Window<Counter>,
     reserve: f64,
     ratio: f64,
-    buckets: [Bucket; BUCKETS],
-    /// Held to reuse a bucket and to withdraw.
-    lock: Mutex<()>,
 }
 
 impl SharedBudget {
     pub(crate) fn new(budget: &Budget) -> Self {
         SharedBudget {
-            origin: Instant::now(),
-            bucket_nanos: u64::try_from((budget.window / BUCKETS as u32).as_nanos())
-                .unwrap_or(u64::MAX)
-                .max(1),
+            window: Window::new(budget.window),
             reserve: f64::from(budget.min_per_second) * budget.window.as_secs_f64(),
             ratio: budget.ratio,
-            buckets: Default::default(),
-            lock: Mutex::new(()),
         }
-    }
-
-    /// The current bucket slot (a count of bucket lengths since `origin`); slot 0 is
-    /// never current, so zeroed buckets read as stale.
-    fn slot(&self) -> u64 {
-        // 2^64 ns is 584 years: the saturation is never reached in practice.
-        let since = u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        (since / self.bucket_nanos).saturating_add(1)
-    }
-
-    /// The bucket of `slot`, emptied first if it still holds an older slot's counts.
-    fn bucket(&self, slot: u64) -> &Bucket {
-        let b = &self.buckets[(slot % BUCKETS as u64) as usize];
-        if b.slot.load(Ordering::Acquire) != slot {
-            let _reuse = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
-            // Only forwards: a caller that read the clock before a newer slot took the
-            // bucket counts into the newer slot rather than wiping it.
-            if b.slot.load(Ordering::Relaxed) < slot {
-                b.first_tries.reset();
-                b.retries.store(0, Ordering::Relaxed);
-                b.slot.store(slot, Ordering::Release);
-            }
-        }
-        b
     }
 
     /// Counts a first try.
     pub(crate) fn deposit(&self) {
-        self.bucket(self.slot()).first_tries.add(1);
+        self.window.add(self.window.slot(), 1, 0);
     }
 
     /// Takes one retry from the budget; `false` when it is spent.
     pub(crate) fn withdraw(&self) -> bool {
-        let slot = self.slot();
-        let current = self.bucket(slot);
-        let _withdraw = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
-        let (first, retries) = self
-            .buckets
-            .iter()
-            .filter(|b| slot.saturating_sub(b.slot.load(Ordering::Acquire)) < BUCKETS as u64)
-            .fold((0, 0), |(f, r), b| {
-                (
-                    f + b.first_tries.sum(),
-                    r + b.retries.load(Ordering::Relaxed),
-                )
-            });
-        let allowed = self.reserve + self.ratio * first as f64;
-        if (retries as f64) < allowed.floor() {
-            current.retries.fetch_add(1, Ordering::Relaxed);
-            true
-        } else {
-            false
-        }
+        self.window.add_if(0, 1, |first, retries| {
+            let allowed = self.reserve + self.ratio * first as f64;
+            (retries as f64) < allowed.floor()
+        })
     }
 }
 
