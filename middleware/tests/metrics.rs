@@ -306,3 +306,85 @@ async fn the_histograms_have_buckets_fine_enough_for_a_fast_handler() {
         "a bucket at 1 s, for the SLO alert"
     );
 }
+
+/// A Stack that builds its retry layer from settings counts retries into its metrics
+/// layer, whichever of the two it is given first; a retry layer given ready-made keeps
+/// its own hooks (the Stack does not count its retries twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stack_counts_the_retries_of_the_retry_layer_it_builds() {
+    use redrive_middleware::Stack;
+
+    // Runs one message that fails its first try (one retry, then success) through
+    // `$stack`, and reads `redrive.messages.retried`.
+    macro_rules! retried {
+        ($stack:expr, $exporter:expr, $provider:expr) => {{
+            let broker = MemoryBroker::new();
+            broker
+                .publish("orders", OutgoingMessage::new("retry-me"))
+                .await
+                .unwrap();
+            let b = broker.clone();
+            let report = Worker::builder(broker.consumer("orders"))
+                .stack($stack)
+                .handler(handler_fn(|m: Message| async move {
+                    match m.extensions.get::<Try>().map_or(0, |t| t.number) {
+                        1 => Err::<(), BoxError>("blip".into()),
+                        _ => Ok(()),
+                    }
+                }))
+                .build()
+                .unwrap()
+                .run_until(async move {
+                    while b.depth("orders") + b.in_flight("orders") > 0 {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                })
+                .await;
+            assert_eq!(report.processed, 1, "{report:?}");
+            $provider.force_flush().unwrap();
+            read(&$exporter)
+                .get("redrive.messages.retried")
+                .copied()
+                .unwrap_or(0)
+        }};
+    }
+
+    let settings = || {
+        RetryConfig::default()
+            .with_backoff(Backoff::constant(Duration::from_millis(1)))
+            .without_budget()
+    };
+    for order in ["metrics first", "retry first", "ready-made"] {
+        let exporter = InMemoryMetricExporter::default();
+        let provider = SdkMeterProvider::builder()
+            .with_periodic_exporter(exporter.clone())
+            .build();
+        let metrics = MetricsLayer::new(&provider.meter("test"));
+        let n = match order {
+            "metrics first" => {
+                retried!(
+                    Stack::new().metrics(metrics).retry(settings()),
+                    exporter,
+                    provider
+                )
+            }
+            "retry first" => {
+                retried!(
+                    Stack::new().retry(settings()).metrics(metrics),
+                    exporter,
+                    provider
+                )
+            }
+            _ => {
+                let counter = metrics.retry_counter();
+                let retry = RetryLayer::new(settings()).unwrap().on_retry(counter);
+                retried!(
+                    Stack::new().retry(retry).metrics(metrics),
+                    exporter,
+                    provider
+                )
+            }
+        };
+        assert_eq!(n, 1, "{order}: one retry counted once");
+    }
+}

@@ -186,6 +186,10 @@ where
                         error: &*error,
                         message: this.message,
                     });
+                    #[cfg(feature = "metrics")]
+                    if let Some(counter) = &this.shared.counter {
+                        counter.record(this.message);
+                    }
                     *this.previous = delay;
                     *this.slept += delay;
                     *this.last_error = Some(error);

@@ -18,6 +18,9 @@ pub(crate) struct Shared<H> {
     pub(crate) hook: H,
     /// The first try's number, made once: every message carries it.
     pub(crate) first_try: Arc<super::Try>,
+    /// `redrive.messages.retried`, when a Stack with a metrics layer built this layer.
+    #[cfg(feature = "metrics")]
+    pub(crate) counter: Option<crate::metrics::RetryCounter>,
 }
 
 /// Wraps a service in [`Retry`]. Clones share the settings, the hook and the
@@ -46,6 +49,8 @@ impl RetryLayer {
                 budget,
                 hook: (),
                 first_try: Arc::new(super::Try::new(1)),
+                #[cfg(feature = "metrics")]
+                counter: None,
             }),
         })
     }
@@ -62,6 +67,8 @@ impl<H> RetryLayer<H> {
                 budget: self.shared.budget.clone(),
                 hook,
                 first_try: self.shared.first_try.clone(),
+                #[cfg(feature = "metrics")]
+                counter: self.shared.counter.clone(),
             }),
         }
     }
@@ -69,6 +76,15 @@ impl<H> RetryLayer<H> {
     /// The layer's settings.
     pub fn config(&self) -> &RetryConfig {
         &self.shared.config
+    }
+
+    /// Counts each retry into `counter` too. Only for a layer no clone has been taken
+    /// of (one a Stack built from settings); returns whether it was set.
+    #[cfg(feature = "metrics")]
+    pub(crate) fn count_into(&mut self, counter: crate::metrics::RetryCounter) -> bool {
+        Arc::get_mut(&mut self.shared)
+            .map(|shared| shared.counter = Some(counter))
+            .is_some()
     }
 }
 

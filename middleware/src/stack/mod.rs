@@ -79,7 +79,7 @@ pub use part::StackPart;
     reason = "unused when no layer with a duration is enabled"
 )]
 pub(crate) use part::secs;
-pub use slot::{Classify, IntoLayer};
+pub use slot::{Classify, IntoLayer, MetricsPlace, RetryPlace};
 
 /// The circuit breaker a new [`Stack`] starts with: [`CircuitBreakerLayer`] with its
 /// default settings, or no layer without the `circuit-breaker` feature.
@@ -128,6 +128,8 @@ struct Settings {
     built_from_settings: bool,
     /// Whether the breaker is still the default one, which takes the classifier.
     breaker_replaced: bool,
+    /// Whether the retry layer was built from settings, so it counts into metrics.
+    retry_built: bool,
     errors: Vec<ConfigError>,
 }
 
@@ -196,13 +198,22 @@ impl<Tr, Me, Dl, Id, Cb, Rl, Re, To, Us> Stack<Tr, Me, Dl, Id, Cb, Rl, Re, To, U
         }
     }
 
-    /// Puts the metrics layer in its place (second).
+    /// Puts the metrics layer in its place (second). A retry layer the Stack builds
+    /// from settings counts its retries into it (`redrive.messages.retried`); one
+    /// given ready-made counts with the hook you give it
+    /// ([`retry_counter`](crate::metrics::MetricsLayer::retry_counter)).
     #[cfg(feature = "metrics")]
     #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
     pub fn metrics(
-        self,
+        mut self,
         layer: crate::metrics::MetricsLayer,
-    ) -> Stack<Tr, crate::metrics::MetricsLayer, Dl, Id, Cb, Rl, Re, To, Us> {
+    ) -> Stack<Tr, crate::metrics::MetricsLayer, Dl, Id, Cb, Rl, Re, To, Us>
+    where
+        Re: RetryPlace,
+    {
+        if self.settings.retry_built {
+            layer.wire(&mut self.retry);
+        }
         Stack {
             trace: self.trace,
             metrics: layer,
@@ -390,8 +401,13 @@ impl<Tr, Me, Dl, Id, Cb, Rl, Re, To, Us> Stack<Tr, Me, Dl, Id, Cb, Rl, Re, To, U
     ) -> Stack<Tr, Me, Dl, Id, Cb, Rl, crate::retry::RetryLayer<H>, To, Us>
     where
         crate::retry::RetryLayer<H>: StackPart,
+        Me: MetricsPlace,
     {
-        let layer = self.take(retry);
+        self.settings.retry_built = retry.is_settings();
+        let mut layer = self.take(retry);
+        if self.settings.retry_built {
+            self.metrics.wire(&mut layer);
+        }
         Stack {
             trace: self.trace,
             metrics: self.metrics,

@@ -197,3 +197,52 @@ impl Classify for crate::circuit_breaker::CircuitBreakerLayer {
             .expect("the breaker's settings were checked when it was built");
     }
 }
+
+/// The metrics place: it lends the layers the Stack builds from settings its
+/// instruments (the retry layer counts `redrive.messages.retried`).
+pub trait MetricsPlace: sealed::SealedPlace {
+    /// Gives `retry` the retry counter, if this place holds a metrics layer.
+    #[doc(hidden)]
+    fn wire<R: RetryPlace>(&self, retry: &mut R);
+}
+
+/// The retry place, which counts its retries into the Stack's metrics when the Stack
+/// built it from settings.
+pub trait RetryPlace: sealed::SealedPlace {
+    /// Counts each retry into `counter` too.
+    #[cfg(feature = "metrics")]
+    #[doc(hidden)]
+    fn count_into(&mut self, counter: crate::metrics::RetryCounter);
+}
+
+impl MetricsPlace for tower::layer::util::Identity {
+    fn wire<R: RetryPlace>(&self, _: &mut R) {}
+}
+
+impl RetryPlace for tower::layer::util::Identity {
+    #[cfg(feature = "metrics")]
+    fn count_into(&mut self, _: crate::metrics::RetryCounter) {}
+}
+
+#[cfg(feature = "metrics")]
+impl sealed::SealedPlace for crate::metrics::MetricsLayer {}
+
+#[cfg(feature = "metrics")]
+impl MetricsPlace for crate::metrics::MetricsLayer {
+    fn wire<R: RetryPlace>(&self, retry: &mut R) {
+        retry.count_into(self.retry_counter());
+    }
+}
+
+#[cfg(feature = "retry")]
+impl<H> sealed::SealedPlace for crate::retry::RetryLayer<H> {}
+
+#[cfg(feature = "retry")]
+impl<H> RetryPlace for crate::retry::RetryLayer<H> {
+    #[cfg(feature = "metrics")]
+    fn count_into(&mut self, counter: crate::metrics::RetryCounter) {
+        if !crate::retry::RetryLayer::count_into(self, counter) {
+            tracing::debug!("the retry layer is shared; it keeps its own hooks");
+        }
+    }
+}
