@@ -129,6 +129,10 @@ struct Settings {
     /// Whether the breaker is still the default one, which takes the classifier.
     breaker_replaced: bool,
     /// Whether the retry layer was built from settings, so it counts into metrics.
+    #[cfg_attr(
+        not(any(feature = "retry", feature = "metrics")),
+        allow(dead_code, reason = "read by the retry and metrics places")
+    )]
     retry_built: bool,
     errors: Vec<ConfigError>,
 }
