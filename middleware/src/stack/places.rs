@@ -264,7 +264,9 @@ impl<Tr, Me, Dl, Id, Cb, Rl, Re, To, Us> Stack<Tr, Me, Dl, Id, Cb, Rl, Re, To, U
 
     /// Puts the retry layer in its place (seventh): a
     /// [`RetryLayer`](crate::retry::RetryLayer), or the
-    /// [`RetryConfig`](crate::retry::RetryConfig) to build it from.
+    /// [`RetryConfig`](crate::retry::RetryConfig) to build it from. One built from
+    /// settings takes the Stack's [`classifier`](Stack::classifier) and counts its
+    /// retries into the Stack's metrics layer.
     #[cfg(feature = "retry")]
     #[cfg_attr(docsrs, doc(cfg(feature = "retry")))]
     pub fn retry<H>(
