@@ -1,7 +1,7 @@
 //! RabbitMQ adapter for redrive, on [lapin]: a [`Consumer`](redrive_core::Consumer) with
 //! prefetch and manual acks, an [`Acker`](redrive_core::Acker) that never loses a
 //! message, a confirmed [`Publisher`](redrive_core::Publisher), an idempotent
-//! [`Topology`] declare, and reconnects.
+//! [`Topology`] declare, reconnects, and a [`QueueStats`] poller of queue depths.
 //!
 //! ```
 //! use std::time::Duration;
@@ -130,6 +130,7 @@ mod consumer;
 mod error;
 pub mod mapping;
 mod publisher;
+pub mod queue_stats;
 mod settle;
 pub mod topology;
 
@@ -138,6 +139,7 @@ pub use consumer::{ConnectionMonitor, ConsumerBuilder, RabbitConsumer};
 pub use error::{Error, Result};
 pub use mapping::{ATTEMPT, AmqpDelivery};
 pub use publisher::RabbitPublisher;
+pub use queue_stats::{QueueCounts, QueueFigures, QueueStats, QueueStatsBuilder, QueueStatus};
 pub use topology::{QueueKind, Topology};
 
 /// The AMQP client this adapter is built on, for typed properties and headers.

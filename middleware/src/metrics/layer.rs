@@ -94,6 +94,88 @@ impl MetricsLayer {
             .with_callback(move |observer| observer.observe(state(), &attrs))
             .build();
     }
+
+    /// Reports a queue's depth and consumers, as the broker tells them, as the gauges
+    /// `redrive.queue.depth` and `redrive.queue.consumers` for `destination` (a queue,
+    /// its dead-letter queue, …). `read` is called at each collection and must return
+    /// at once, from figures a poller keeps (such as the RabbitMQ adapter's
+    /// `QueueStats`); when it returns `None` (not read yet, the queue is missing, the
+    /// broker is unreachable) nothing is observed, so the series goes stale rather than
+    /// report a figure that is not the broker's. A reading without consumers reports
+    /// the depth only.
+    ///
+    /// ```
+    /// use redrive_middleware::metrics::{MetricsLayer, QueueReading};
+    ///
+    /// let metrics = MetricsLayer::new(&opentelemetry::global::meter("orders-consumer"));
+    /// metrics.observe_queue("rabbitmq", "orders-dlq", || {
+    ///     Some(QueueReading::new(3).with_consumers(0))
+    /// });
+    /// ```
+    pub fn observe_queue(
+        &self,
+        system: &'static str,
+        destination: impl Into<String>,
+        read: impl Fn() -> Option<QueueReading> + Send + Sync + 'static,
+    ) {
+        let attrs: Arc<[KeyValue]> = Arc::new([
+            KeyValue::new(ATTR_SYSTEM, system),
+            KeyValue::new(ATTR_DESTINATION, destination.into()),
+        ]);
+        let read = Arc::new(read);
+        // The meter provider keeps the callbacks registered for its own lifetime. Each
+        // gauge calls `read` once per collection: it only copies figures out.
+        let (depth_read, depth_attrs) = (read.clone(), attrs.clone());
+        let _depth = self
+            .meter
+            .u64_observable_gauge("redrive.queue.depth")
+            .with_unit("{message}")
+            .with_description("Messages ready in the queue, as the broker reports them")
+            .with_callback(move |observer| {
+                if let Some(reading) = depth_read() {
+                    observer.observe(reading.depth, &depth_attrs);
+                }
+            })
+            .build();
+        let _consumers = self
+            .meter
+            .u64_observable_gauge("redrive.queue.consumers")
+            .with_unit("{consumer}")
+            .with_description("Consumers on the queue, as the broker reports them")
+            .with_callback(move |observer| {
+                if let Some(consumers) = read().and_then(|r| r.consumers) {
+                    observer.observe(consumers, &attrs);
+                }
+            })
+            .build();
+    }
+}
+
+/// A queue's figures as its broker reports them, for [`MetricsLayer::observe_queue`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct QueueReading {
+    /// Messages ready in the queue (`redrive.queue.depth`).
+    pub depth: u64,
+    /// Consumers on the queue (`redrive.queue.consumers`), where the broker tells.
+    pub consumers: Option<u64>,
+}
+
+impl QueueReading {
+    /// A reading of `depth` messages ready, without a consumer count.
+    pub fn new(depth: u64) -> Self {
+        QueueReading {
+            depth,
+            consumers: None,
+        }
+    }
+
+    /// Sets the number of consumers on the queue.
+    #[must_use]
+    pub fn with_consumers(mut self, consumers: u64) -> Self {
+        self.consumers = Some(consumers);
+        self
+    }
 }
 
 impl<S> Layer<S> for MetricsLayer {

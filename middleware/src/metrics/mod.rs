@@ -1,5 +1,6 @@
 //! OpenTelemetry metrics per destination: consumed, acked, nacked, retried,
-//! dead-lettered, deduplicated, in flight, processing time, message age, circuit state.
+//! dead-lettered, deduplicated, in flight, processing time, message age, circuit state,
+//! and the depth and consumers of queues as their broker reports them.
 //!
 //! ```
 //! use redrive_core::{handler_fn, BoxError, Message};
@@ -39,6 +40,8 @@
 //! | `redrive.messages.in_flight` | observable up-down counter | `{message}` | deliveries in the stack now |
 //! | `redrive.message.age` | histogram | `s` | the broker's enqueue time to when the delivery enters the stack (each attempt, waits in this process included; [`AGE_BUCKETS`]) |
 //! | `redrive.circuit.state` | gauge | `1` | 0 closed, 1 half-open, 2 open ([`MetricsLayer::observe_circuit`]) |
+//! | `redrive.queue.depth` | gauge | `{message}` | messages ready in a queue, as its broker reports them ([`MetricsLayer::observe_queue`]) |
+//! | `redrive.queue.consumers` | gauge | `{consumer}` | consumers on a queue, as its broker reports them ([`MetricsLayer::observe_queue`]) |
 //!
 //! # Bound histograms (feature `metrics-bound`)
 //! A histogram recording looks its attribute set up in the SDK each time (hashing every
@@ -70,7 +73,7 @@ use tower::Service;
 
 pub use future::ResponseFuture;
 
-pub use layer::{MetricsLayer, RetryCounter};
+pub use layer::{MetricsLayer, QueueReading, RetryCounter};
 
 use future::InFlight;
 use instruments::{Count, Destination, Instruments};
