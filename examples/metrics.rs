@@ -14,7 +14,7 @@ use opentelemetry_sdk::metrics::SdkMeterProvider;
 use prometheus::{Encoder, Registry, TextEncoder};
 use redrive::memory::MemoryBroker;
 use redrive::middleware::dead_letter::{DeadLetterConfig, DeadLetterLayer};
-use redrive::middleware::metrics::MetricsLayer;
+use redrive::middleware::metrics::{MetricsLayer, QueueReading};
 use redrive::{
     BoxError, Message, OutgoingMessage, Publisher, Redelivery, Worker, classify, handler_fn,
 };
@@ -38,8 +38,17 @@ async fn main() -> Result<(), BoxError> {
             .publish("orders", OutgoingMessage::new(i.to_string()))
             .await?;
     }
+    let metrics = MetricsLayer::new(&meter);
+    // The broker's own figures: ready messages in the queue and its dead-letter queue.
+    // A RabbitMQ consumer reads them with `redrive::rabbitmq::QueueStats`.
+    for queue in ["orders", "orders-dlq"] {
+        let b = broker.clone();
+        metrics.observe_queue("memory", queue, move || {
+            Some(QueueReading::new(b.depth(queue) as u64))
+        });
+    }
     let stack = ServiceBuilder::new()
-        .layer(MetricsLayer::new(&meter))
+        .layer(metrics)
         .layer(DeadLetterLayer::new(
             Arc::new(broker.clone()),
             DeadLetterConfig::default().with_max_attempts(3),
