@@ -26,7 +26,15 @@ impl Backend for Kafka {
 
     async fn consumer(&self, destination: &str) -> KafkaConsumer {
         // One group per topic: consumers of a topic share its partitions.
-        common::consumer(&self.brokers, &format!("{destination}-group"), destination)
+        let group = format!("{destination}-group");
+        // tansu elects a member that leaves while another's JoinGroup is held as the
+        // next generation's leader, and the group never syncs again: a scenario that
+        // drops a consumer and starts the next at once would wait for good. Give a
+        // dropped member time to leave (its LeaveGroup goes out from a thread within
+        // moments); a member that stays (two consumers sharing the topic) is simply
+        // joined after the wait.
+        let _ = common::group_empties(&self.brokers, &group, Duration::from_secs(6)).await;
+        common::consumer(&self.brokers, &group, destination)
     }
 
     fn publisher(&self) -> KafkaPublisher {

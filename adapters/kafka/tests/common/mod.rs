@@ -51,8 +51,8 @@ pub async fn create_topic(brokers: &str, topic: &str, partitions: i32) {
 }
 
 /// Waits until `group` has no members (the broker answers DescribeGroups with none),
-/// for at most `within`; panics past it.
-async fn wait_until_group_empty(brokers: &str, group: &str, within: Duration) {
+/// for at most `within`; returns whether it got there, and the last answer.
+pub async fn group_empties(brokers: &str, group: &str, within: Duration) -> (bool, String) {
     let (brokers, group) = (brokers.to_owned(), group.to_owned());
     tokio::task::spawn_blocking(move || {
         let client: BaseConsumer = ClientConfig::new()
@@ -70,17 +70,16 @@ async fn wait_until_group_empty(brokers: &str, group: &str, within: Duration) {
                         .sum::<usize>()
                 });
             if let Ok(0) = members {
-                return;
+                return (true, "no members".to_owned());
             }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "group {group} still has members after {within:?}: {members:?}"
-            );
+            if std::time::Instant::now() >= deadline {
+                return (false, format!("{members:?}"));
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
     })
     .await
-    .expect("wait for the group");
+    .expect("wait for the group")
 }
 
 /// A one-broker mock cluster.
@@ -142,7 +141,8 @@ impl Env {
     /// mock cluster has no DescribeGroups, and handles such a leave.
     pub async fn wait_until_group_empty(&self, group: &str) {
         if self.mock.is_none() {
-            wait_until_group_empty(&self.brokers, group, Duration::from_secs(30)).await;
+            let (empty, last) = group_empties(&self.brokers, group, Duration::from_secs(30)).await;
+            assert!(empty, "group {group} still has members after 30 s: {last}");
         }
     }
 
