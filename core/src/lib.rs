@@ -39,8 +39,8 @@ pub use headers::{HeaderError, HeaderLimits, HeaderValue, Headers};
 pub use message::{Extensions, Message, Metadata, OutgoingMessage, Source};
 pub use signal::shutdown_signal;
 pub use worker::{
-    Execution, LeaseKeeping, OrderingMode, Pipeline, Redelivery, Report, Shutdown, Worker,
-    WorkerBuilder,
+    Execution, Health, HealthReport, LeaseKeeping, OrderingMode, Pipeline, Redelivery, Report,
+    Shutdown, Worker, WorkerBuilder,
 };
 
 /// A boxed error, as handlers and layers pass them around.

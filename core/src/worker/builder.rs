@@ -6,7 +6,7 @@ use std::time::Duration;
 use tower::Service;
 
 use super::config::Config;
-use super::{Execution, LeaseKeeping, OrderingMode, Redelivery, Worker};
+use super::{Execution, Health, LeaseKeeping, OrderingMode, Redelivery, Worker};
 use crate::classify::Classifier;
 use crate::{BoxError, Capabilities, Consumer, Error, Message, Result};
 
@@ -236,6 +236,7 @@ impl<C, S> WorkerBuilder<C, S> {
             config: self.config,
             caps,
             plan,
+            health: Health::new(),
         })
     }
 }

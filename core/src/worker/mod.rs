@@ -53,6 +53,7 @@
 mod builder;
 mod call;
 mod config;
+mod health;
 mod report;
 mod shutdown;
 mod state;
@@ -73,6 +74,8 @@ pub use builder::{NoService, Pipeline, Staged, WorkerBuilder};
 use call::{TaskCtx, logged, run_one};
 use config::Config;
 pub use config::{Execution, LeaseKeeping, OrderingMode, Redelivery};
+use health::StoppedOnDrop;
+pub use health::{Health, HealthReport, Phase};
 pub use report::Report;
 pub use shutdown::Shutdown;
 use shutdown::Stop;
@@ -93,6 +96,7 @@ pub struct Worker<C, S> {
     config: Config,
     caps: Capabilities,
     plan: Plan,
+    health: Health,
 }
 
 impl<C, S> std::fmt::Debug for Worker<C, S> {
@@ -116,6 +120,12 @@ where
     /// What the consumer declared it can do.
     pub fn capabilities(&self) -> Capabilities {
         self.caps
+    }
+
+    /// A handle on this Worker's state, for liveness and readiness probes: see
+    /// [`Health`]. Take it before running the Worker; it stays valid after.
+    pub fn health(&self) -> Health {
+        self.health.clone()
     }
 
     /// Runs until the consumer closes, then drains.
@@ -144,6 +154,7 @@ where
         async move {
             let mut run = Run::new(self, shutdown);
             loop {
+                run.publish_counts();
                 run.drain_once_closed();
                 let want = run.wants_delivery();
                 if !want && run.state.tasks.is_empty() {
@@ -194,6 +205,8 @@ struct Run<C, S, F> {
     config: Config,
     service: S,
     consumer: C,
+    /// What probes read; marks the Worker stopped when the run ends or is dropped.
+    health: StoppedOnDrop,
 }
 
 impl<C, S, F> Run<C, S, F>
@@ -212,7 +225,9 @@ where
             config,
             caps,
             plan,
+            health,
         } = worker;
+        health.set_phase(Phase::Consuming);
         let (stop, stop_rx) = watch::channel(Stop::Running);
         let state = State::new(&config);
         let ctx = TaskCtx::new(&config, caps, plan, Shutdown { rx: stop_rx });
@@ -237,7 +252,18 @@ where
             config,
             service,
             consumer,
+            health: StoppedOnDrop(health),
         }
+    }
+
+    /// Copies the counts probes read into the Worker's [`Health`]: a few plain stores
+    /// per turn.
+    #[inline]
+    fn publish_counts(&self) {
+        let state = &self.state;
+        self.health
+            .0
+            .counts(state.running, state.parked, state.waiting);
     }
 
     /// Once intake has closed: tells calls and parked messages, hands waiting messages
@@ -248,6 +274,7 @@ where
             return;
         }
         let _ = self.stop.send(Stop::Draining);
+        self.health.0.set_phase(Phase::Draining);
         self.deadline
             .as_mut()
             .reset(tokio::time::Instant::now() + self.config.shutdown_timeout);
@@ -346,7 +373,11 @@ where
             }
             received = self.consumer.receive(), if !self.receive_paused => match received {
                 Ok(Some(delivery)) => {
-                    self.receive_errors = 0;
+                    if self.receive_errors != 0 {
+                        self.receive_errors = 0;
+                        self.health.0.receive_failures(0);
+                    }
+                    self.health.0.received();
                     state.report.received += 1;
                     self.dispatch(delivery, false);
                 }
@@ -356,6 +387,7 @@ where
                 }
                 Err(e) => {
                     self.receive_errors += 1;
+                    self.health.0.receive_failures(self.receive_errors);
                     let pause = RECEIVE_BACKOFF.delay_for(self.receive_errors);
                     tracing::warn!(worker = name, error = %logged(&e), ?pause, "receive failed; trying again");
                     self.receive_pause.as_mut().reset(tokio::time::Instant::now() + pause);
@@ -412,6 +444,8 @@ where
         if let Err(e) = self.consumer.close().await {
             tracing::warn!(worker = name, error = %e, "consumer close failed");
         }
+        self.publish_counts();
+        self.health.0.set_phase(Phase::Stopped);
         tracing::info!(worker = name, report = ?self.state.report, "worker stopped");
         self.state.report
     }
