@@ -42,6 +42,9 @@ fn read(exporter: &InMemoryMetricExporter) -> HashMap<String, i64> {
                     AggregatedMetrics::F64(MetricData::Histogram(h)) => {
                         h.data_points().map(|p| p.count() as i64).sum()
                     }
+                    AggregatedMetrics::I64(MetricData::Gauge(g)) => {
+                        g.data_points().map(|p| p.value()).sum()
+                    }
                     other => panic!("unexpected data for {}: {other:?}", m.name()),
                 };
                 out.insert(m.name().to_owned(), v);
@@ -386,5 +389,113 @@ async fn a_stack_counts_the_retries_of_the_retry_layer_it_builds() {
             }
         };
         assert_eq!(n, 1, "{order}: one retry counted once");
+    }
+}
+
+/// `redrive.circuit.state` per destination, as last exported.
+fn circuit_states(exporter: &InMemoryMetricExporter) -> HashMap<String, i64> {
+    let mut out = HashMap::new();
+    for rm in exporter.get_finished_metrics().unwrap() {
+        for sm in rm.scope_metrics() {
+            for m in sm.metrics().filter(|m| m.name() == "redrive.circuit.state") {
+                let AggregatedMetrics::I64(MetricData::Gauge(g)) = m.data() else {
+                    panic!("redrive.circuit.state is not an i64 gauge: {:?}", m.data());
+                };
+                for p in g.data_points() {
+                    let dest = p
+                        .attributes()
+                        .find(|kv| kv.key.as_str() == "messaging.destination.name")
+                        .map(|kv| kv.value.to_string())
+                        .expect("every series names its destination");
+                    out.insert(dest, p.value());
+                }
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stack_reports_the_state_of_its_breaker() {
+    use redrive_middleware::Stack;
+    use redrive_middleware::circuit_breaker::{CircuitBreakerConfig, CircuitState};
+
+    // Failures in a row open `$stack`'s breaker; the gauge reads 2 (open) for the
+    // destination, 0 before.
+    macro_rules! state_once_open {
+        ($stack:expr, $exporter:expr, $provider:expr) => {{
+            let stack = $stack;
+            let handle = stack.circuit_handle();
+            let broker = MemoryBroker::new();
+            for i in 0..10 {
+                broker
+                    .publish("orders", OutgoingMessage::new(i.to_string()))
+                    .await
+                    .unwrap();
+            }
+            let worker = Worker::builder(broker.consumer("orders"))
+                .stack(stack)
+                .handler(handler_fn(|_: Message| async {
+                    Err::<(), BoxError>("downstream down".into())
+                }))
+                .redelivery(Redelivery::constant(Duration::from_secs(60)))
+                .build()
+                .unwrap();
+            $provider.force_flush().unwrap();
+            let before = circuit_states(&$exporter);
+            let h = handle.clone();
+            worker
+                .run_until(async move {
+                    while h.state() != CircuitState::Open {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                })
+                .await;
+            $exporter.reset();
+            $provider.force_flush().unwrap();
+            (before, circuit_states(&$exporter))
+        }};
+    }
+
+    for case in [
+        "default breaker",
+        "classifier set after metrics",
+        "breaker given",
+    ] {
+        let exporter = InMemoryMetricExporter::default();
+        let provider = SdkMeterProvider::builder()
+            .with_periodic_exporter(exporter.clone())
+            .build();
+        let metrics = MetricsLayer::new(&provider.meter("test"));
+        let (before, open) = match case {
+            "default breaker" => {
+                state_once_open!(Stack::new().metrics(metrics), exporter, provider)
+            }
+            "classifier set after metrics" => state_once_open!(
+                // The classifier rebuilds the default breaker: the gauge follows.
+                Stack::new()
+                    .metrics(metrics)
+                    .classifier(redrive_core::Classifier::new()),
+                exporter,
+                provider
+            ),
+            _ => state_once_open!(
+                Stack::new()
+                    .metrics(metrics)
+                    .circuit_breaker(CircuitBreakerConfig::default().with_consecutive_failures(2)),
+                exporter,
+                provider
+            ),
+        };
+        assert_eq!(
+            before.get("orders"),
+            None,
+            "{case}: no destination seen yet: {before:?}"
+        );
+        assert_eq!(
+            open.get("orders"),
+            Some(&2),
+            "{case}: the breaker is open: {open:?}"
+        );
     }
 }

@@ -32,6 +32,16 @@ impl CircuitState {
             CircuitState::HalfOpen => "half_open",
         }
     }
+
+    /// The state as the `redrive.circuit.state` gauge reports it: 0 closed, 1
+    /// half-open, 2 open.
+    pub fn code(self) -> i64 {
+        match self {
+            CircuitState::Closed => 0,
+            CircuitState::HalfOpen => 1,
+            CircuitState::Open => 2,
+        }
+    }
 }
 
 impl fmt::Display for CircuitState {

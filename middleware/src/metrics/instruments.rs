@@ -4,7 +4,9 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use opentelemetry::KeyValue;
-use opentelemetry::metrics::{Histogram, Meter, ObservableCounter, ObservableUpDownCounter};
+use opentelemetry::metrics::{
+    Histogram, Meter, ObservableCounter, ObservableGauge, ObservableUpDownCounter,
+};
 use redrive_core::Message;
 
 use super::{ATTR_DESTINATION, ATTR_SYSTEM};
@@ -49,8 +51,24 @@ pub(super) struct Instruments {
     #[cfg(feature = "metrics-bound")]
     pub(super) bind: std::sync::atomic::AtomicBool,
     destinations: Arc<RwLock<Vec<Arc<Destination>>>>,
-    _observed: (Vec<ObservableCounter<u64>>, ObservableUpDownCounter<i64>),
+    /// The state of the circuit breaker in the same stack, reported for every
+    /// destination (see `MetricsLayer::circuit_state`).
+    pub(super) circuit: CircuitSlot,
+    _observed: (
+        Vec<ObservableCounter<u64>>,
+        ObservableUpDownCounter<i64>,
+        ObservableGauge<i64>,
+    ),
 }
+
+/// Reads a circuit breaker's state as `redrive.circuit.state` reports it.
+pub(super) type CircuitState = Arc<dyn Fn() -> i64 + Send + Sync>;
+pub(super) type CircuitSlot = Arc<RwLock<Option<CircuitState>>>;
+
+/// `redrive.circuit.state`'s unit and description, the same wherever it is made, so
+/// the SDK takes every registration for one instrument.
+pub(super) const CIRCUIT_UNIT: &str = "1";
+pub(super) const CIRCUIT_DESCRIPTION: &str = "Circuit breaker state: 0 closed, 1 half-open, 2 open";
 
 /// Aligned to 128 bytes, so the `Arc`'s counts (changed by every call and its future,
 /// often on two cores) share no cache line with the fields every call reads.
@@ -207,6 +225,20 @@ impl Instruments {
                 });
             })
             .build();
+        let circuit = CircuitSlot::default();
+        let (observed, state) = (destinations.clone(), circuit.clone());
+        let circuit_gauge = meter
+            .i64_observable_gauge("redrive.circuit.state")
+            .with_unit(CIRCUIT_UNIT)
+            .with_description(CIRCUIT_DESCRIPTION)
+            .with_callback(move |observer| {
+                let read = state.read().unwrap_or_else(|p| p.into_inner()).clone();
+                if let Some(read) = read {
+                    let value = read();
+                    each(&observed, |d| observer.observe(value, &d.attrs));
+                }
+            })
+            .build();
         Instruments {
             duration: meter
                 .f64_histogram("messaging.process.duration")
@@ -223,7 +255,8 @@ impl Instruments {
             destinations,
             #[cfg(feature = "metrics-bound")]
             bind: std::sync::atomic::AtomicBool::new(false),
-            _observed: (counters, in_flight),
+            circuit,
+            _observed: (counters, in_flight, circuit_gauge),
         }
     }
 

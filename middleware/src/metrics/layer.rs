@@ -9,7 +9,7 @@ use opentelemetry::metrics::Meter;
 use redrive_core::Message;
 use tower::Layer;
 
-use super::instruments::{Count, Instruments};
+use super::instruments::{CIRCUIT_DESCRIPTION, CIRCUIT_UNIT, Count, Instruments};
 use super::{ATTR_DESTINATION, ATTR_SYSTEM, Metrics};
 
 /// Builds [`Metrics`] services; clones share the instruments.
@@ -73,8 +73,35 @@ impl MetricsLayer {
         }
     }
 
+    /// Reports the state of the circuit breaker in the same stack as the
+    /// `redrive.circuit.state` gauge, for every destination this layer measures; `state`
+    /// returns 0 (closed), 1 (half-open) or 2 (open), at once. A
+    /// [`Stack`](crate::Stack) does this for its breaker, the default one included; call
+    /// it for a stack of your own. A later call replaces the earlier one's `state`.
+    ///
+    /// ```
+    /// # #[cfg(feature = "circuit-breaker")] {
+    /// use redrive_middleware::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer};
+    /// use redrive_middleware::metrics::MetricsLayer;
+    ///
+    /// let breaker = CircuitBreakerLayer::new(CircuitBreakerConfig::default()).unwrap();
+    /// let metrics = MetricsLayer::new(&opentelemetry::global::meter("orders-consumer"));
+    /// let handle = breaker.handle();
+    /// metrics.circuit_state(move || handle.state().code());
+    /// # }
+    /// ```
+    pub fn circuit_state(&self, state: impl Fn() -> i64 + Send + Sync + 'static) {
+        *self
+            .instruments
+            .circuit
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(state));
+    }
+
     /// Reports a circuit breaker's state as the `redrive.circuit.state` gauge for
-    /// `destination`; `state` returns 0 (closed), 1 (half-open) or 2 (open).
+    /// `destination`; `state` returns 0 (closed), 1 (half-open) or 2 (open). For a
+    /// breaker outside the stack this layer measures; see
+    /// [`circuit_state`](Self::circuit_state) for the one inside.
     pub fn observe_circuit(
         &self,
         system: &'static str,
@@ -89,8 +116,8 @@ impl MetricsLayer {
         let _gauge = self
             .meter
             .i64_observable_gauge("redrive.circuit.state")
-            .with_unit("1")
-            .with_description("Circuit breaker state: 0 closed, 1 half-open, 2 open")
+            .with_unit(CIRCUIT_UNIT)
+            .with_description(CIRCUIT_DESCRIPTION)
             .with_callback(move |observer| observer.observe(state(), &attrs))
             .build();
     }

@@ -39,7 +39,7 @@
 //! | `redrive.messages.deduplicated` | observable counter | `{message}` | of the acked: skipped duplicates |
 //! | `redrive.messages.in_flight` | observable up-down counter | `{message}` | deliveries in the stack now |
 //! | `redrive.message.age` | histogram | `s` | the broker's enqueue time to when the delivery enters the stack (each attempt, waits in this process included; [`AGE_BUCKETS`]) |
-//! | `redrive.circuit.state` | gauge | `1` | 0 closed, 1 half-open, 2 open ([`MetricsLayer::observe_circuit`]) |
+//! | `redrive.circuit.state` | gauge | `1` | 0 closed, 1 half-open, 2 open: a [`Stack`](crate::Stack)'s breaker for each destination it measures ([`MetricsLayer::circuit_state`]), or another breaker ([`MetricsLayer::observe_circuit`]) |
 //! | `redrive.queue.depth` | gauge | `{message}` | messages ready in a queue, as its broker reports them ([`MetricsLayer::observe_queue`]) |
 //! | `redrive.queue.consumers` | gauge | `{consumer}` | consumers on a queue, as its broker reports them ([`MetricsLayer::observe_queue`]) |
 //!

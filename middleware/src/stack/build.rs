@@ -8,7 +8,7 @@ use tower::Layer;
 
 use crate::Error;
 
-use super::{Stack, StackPart};
+use super::{BreakerPlace, MetricsPlace, Stack, StackPart};
 
 impl<Tr, Me, Dl, Id, Cb, Rl, Re, To, Us> Stack<Tr, Me, Dl, Id, Cb, Rl, Re, To, Us>
 where
@@ -105,6 +105,8 @@ where
     Dl: Layer<Cb::Service>,
     Me: Layer<Dl::Service>,
     Tr: Layer<Me::Service>,
+    Me: MetricsPlace,
+    Cb: BreakerPlace,
     Tr: StackPart,
     Me: StackPart,
     Dl: StackPart,
@@ -138,6 +140,8 @@ where
     Dl: Layer<Cb::Service>,
     Me: Layer<Dl::Service>,
     Tr: Layer<Me::Service>,
+    Me: MetricsPlace,
+    Cb: BreakerPlace,
 {
     type Service = Tr::Service;
 
@@ -170,7 +174,12 @@ impl<Tr, Me, Dl, Id, Cb, Rl, Re, To, Us> Stack<Tr, Me, Dl, Id, Cb, Rl, Re, To, U
         Dl: Layer<Cb::Service>,
         Me: Layer<Dl::Service>,
         Tr: Layer<Me::Service>,
+        Me: MetricsPlace,
+        Cb: BreakerPlace,
     {
+        // The metrics layer reports the breaker in place now that the Stack is
+        // complete: the default breaker is rebuilt when a classifier is set.
+        self.metrics.follow(&self.circuit_breaker);
         // Innermost: a panic in the handler (or in the user's layers around it) is an
         // error every layer sees.
         let s = self.custom.layer.layer(handler);

@@ -83,7 +83,7 @@ pub use part::StackPart;
     reason = "unused when no layer with a duration is enabled"
 )]
 pub(crate) use part::secs;
-pub use slot::{Classify, IntoLayer, MetricsPlace, RetryPlace};
+pub use slot::{BreakerPlace, Classify, IntoLayer, MetricsPlace, RetryPlace};
 
 /// The circuit breaker a new [`Stack`] starts with: [`CircuitBreakerLayer`] with its
 /// default settings, or no layer without the `circuit-breaker` feature.

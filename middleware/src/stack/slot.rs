@@ -199,11 +199,39 @@ impl Classify for crate::circuit_breaker::CircuitBreakerLayer {
 }
 
 /// The metrics place: it lends the layers the Stack builds from settings its
-/// instruments (the retry layer counts `redrive.messages.retried`).
+/// instruments (the retry layer counts `redrive.messages.retried`), and reports the
+/// breaker's state (`redrive.circuit.state`).
 pub trait MetricsPlace: sealed::SealedPlace {
     /// Gives `retry` the retry counter, if this place holds a metrics layer.
     #[doc(hidden)]
     fn wire<R: RetryPlace>(&self, retry: &mut R);
+
+    /// Reports `breaker`'s state, if this place holds a metrics layer and `breaker`
+    /// a circuit breaker.
+    #[doc(hidden)]
+    fn follow<B: BreakerPlace>(&self, breaker: &B);
+}
+
+/// The circuit breaker place, whose state the Stack's metrics layer reports.
+pub trait BreakerPlace: sealed::SealedPlace {
+    /// A handle on the breaker in place, if there is one.
+    #[cfg(feature = "circuit-breaker")]
+    #[doc(hidden)]
+    fn breaker(&self) -> Option<crate::circuit_breaker::CircuitHandle>;
+}
+
+impl BreakerPlace for tower::layer::util::Identity {
+    #[cfg(feature = "circuit-breaker")]
+    fn breaker(&self) -> Option<crate::circuit_breaker::CircuitHandle> {
+        None
+    }
+}
+
+#[cfg(feature = "circuit-breaker")]
+impl BreakerPlace for crate::circuit_breaker::CircuitBreakerLayer {
+    fn breaker(&self) -> Option<crate::circuit_breaker::CircuitHandle> {
+        Some(self.handle())
+    }
 }
 
 /// The retry place, which counts its retries into the Stack's metrics when the Stack
@@ -217,6 +245,8 @@ pub trait RetryPlace: sealed::SealedPlace {
 
 impl MetricsPlace for tower::layer::util::Identity {
     fn wire<R: RetryPlace>(&self, _: &mut R) {}
+
+    fn follow<B: BreakerPlace>(&self, _: &B) {}
 }
 
 impl RetryPlace for tower::layer::util::Identity {
@@ -231,6 +261,17 @@ impl sealed::SealedPlace for crate::metrics::MetricsLayer {}
 impl MetricsPlace for crate::metrics::MetricsLayer {
     fn wire<R: RetryPlace>(&self, retry: &mut R) {
         retry.count_into(self.retry_counter());
+    }
+
+    #[cfg_attr(
+        not(feature = "circuit-breaker"),
+        allow(unused_variables, reason = "no breaker to follow")
+    )]
+    fn follow<B: BreakerPlace>(&self, breaker: &B) {
+        #[cfg(feature = "circuit-breaker")]
+        if let Some(handle) = breaker.breaker() {
+            self.circuit_state(move || handle.state().code());
+        }
     }
 }
 
