@@ -107,7 +107,9 @@ pub struct HealthReport {
     /// Receives that failed in a row, up to now (0 once one succeeds): the broker is
     /// unreachable or refusing the consumer while this grows.
     pub receive_failures: u32,
-    /// Handler calls running.
+    /// Handler calls holding a concurrency slot. A call that ends while the Worker
+    /// waits for the broker gives its slot back when the Worker next turns (the next
+    /// delivery, say), and is counted until then: an idle Worker can read a few.
     pub in_flight: usize,
     /// Failed messages the Worker holds until their next attempt.
     pub parked: usize,
