@@ -142,13 +142,21 @@ async fn one_trace_from_producer_through_parked_retries_and_the_dlq() {
 
     provider.force_flush().expect("flush");
     let spans = exporter.get_finished_spans().expect("spans");
-    check_one_trace(&spans, &topic, &dlq, redrive_kafka::SYSTEM, &dead);
+    check_one_trace(&spans, &topic, &dlq, redrive_kafka::SYSTEM, &dead, DELAY);
 }
 
 /// The spans of one message: one trace id, every attempt a consumer span child of the
 /// producer's, numbered 1 to 3, the DLQ publish inside the last, the DLQ consumer's a
-/// child of the producer's too (the dead letter kept its trace context).
-fn check_one_trace(spans: &[SpanData], queue: &str, dlq: &str, system: &str, dead: &Message) {
+/// child of the producer's too (the dead letter kept its trace context), each
+/// redelivery at least `delay` after the attempt before it.
+fn check_one_trace(
+    spans: &[SpanData],
+    queue: &str,
+    dlq: &str,
+    system: &str,
+    dead: &Message,
+    delay: Duration,
+) {
     let names: Vec<&str> = spans.iter().map(|s| &*s.name).collect();
     let by_name =
         |name: String| -> Vec<&SpanData> { spans.iter().filter(|s| s.name == name).collect() };
@@ -209,6 +217,17 @@ fn check_one_trace(spans: &[SpanData], queue: &str, dlq: &str, system: &str, dea
             (Some(&Value::I64(3)), Some("dead_lettered".into())),
         ]
     );
+    // Each redelivery waited its delay: it went the broker's (or the Worker's) way.
+    for pair in attempts.windows(2) {
+        let gap = pair[1]
+            .start_time
+            .duration_since(pair[0].end_time)
+            .unwrap_or_default();
+        assert!(
+            gap >= delay,
+            "attempt redelivered after {gap:?}, before its delay"
+        );
+    }
     // The same message every time.
     let ids: Vec<Option<String>> = attempts
         .iter()

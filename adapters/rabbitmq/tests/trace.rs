@@ -128,18 +128,31 @@ async fn one_trace_through_delay_queues_and_the_dlq(kind: QueueKind) {
         .expect("the message reaches the DLQ and its consumer within 20 s");
     assert_eq!((report.nacked, report.dead_lettered), (2, 1), "{report:?}");
     assert_eq!(dlq_report.processed, 1, "{dlq_report:?}");
+    assert_eq!(
+        common::ready(&topology.delay_queue(DELAY)).await,
+        Some(0),
+        "the retries went through the delay queue, which is empty again"
+    );
     common::cleanup(&[topology, dlq_topology]).await;
     let dead = stopped.borrow().clone().expect("the dead letter");
 
     provider.force_flush().expect("flush");
     let spans = exporter.get_finished_spans().expect("spans");
-    check_one_trace(&spans, &queue, &dlq, redrive_rabbitmq::SYSTEM, &dead);
+    check_one_trace(&spans, &queue, &dlq, redrive_rabbitmq::SYSTEM, &dead, DELAY);
 }
 
 /// The spans of one message: one trace id, every attempt a consumer span child of the
 /// producer's, numbered 1 to 3, the DLQ publish inside the last, the DLQ consumer's a
-/// child of the producer's too (the dead letter kept its trace context).
-fn check_one_trace(spans: &[SpanData], queue: &str, dlq: &str, system: &str, dead: &Message) {
+/// child of the producer's too (the dead letter kept its trace context), each
+/// redelivery at least `delay` after the attempt before it.
+fn check_one_trace(
+    spans: &[SpanData],
+    queue: &str,
+    dlq: &str,
+    system: &str,
+    dead: &Message,
+    delay: Duration,
+) {
     let names: Vec<&str> = spans.iter().map(|s| &*s.name).collect();
     let by_name =
         |name: String| -> Vec<&SpanData> { spans.iter().filter(|s| s.name == name).collect() };
@@ -200,6 +213,17 @@ fn check_one_trace(spans: &[SpanData], queue: &str, dlq: &str, system: &str, dea
             (Some(&Value::I64(3)), Some("dead_lettered".into())),
         ]
     );
+    // Each redelivery waited its delay: it went the broker's (or the Worker's) way.
+    for pair in attempts.windows(2) {
+        let gap = pair[1]
+            .start_time
+            .duration_since(pair[0].end_time)
+            .unwrap_or_default();
+        assert!(
+            gap >= delay,
+            "attempt redelivered after {gap:?}, before its delay"
+        );
+    }
     // The same message every time.
     let ids: Vec<Option<String>> = attempts
         .iter()
