@@ -266,6 +266,8 @@ fn check_one_trace(
     );
 }
 
+// Current-thread: the subscriber is the test thread's default, and the Workers' tasks
+// must run where it is set.
 #[tokio::test(flavor = "current_thread")]
 async fn one_trace_from_producer_through_delay_queues_and_the_dlq_classic() {
     one_trace_through_delay_queues_and_the_dlq(QueueKind::Classic).await;
