@@ -3,7 +3,9 @@
 //! all in one trace.
 //!
 //! Run with `cargo run --example tracing`. Spans are exported to memory and printed to
-//! stdout as a tree when the run ends.
+//! stdout as a tree when the run ends. Log lines go to stderr as JSON, one object per
+//! line: each about a message carries its `message_id` and `correlation_id`, the
+//! Worker's as fields and the handler's through the consumer span it runs in.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -28,7 +30,12 @@ async fn main() -> Result<(), BoxError> {
         .build();
     tracing::subscriber::set_global_default(
         tracing_subscriber::registry()
-            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("redrive-example"))),
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("redrive-example")))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(std::io::stderr),
+            ),
     )?;
 
     let broker = MemoryBroker::new();
