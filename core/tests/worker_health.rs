@@ -58,9 +58,11 @@ async fn health_follows_the_worker_from_build_to_stop() {
         .ordering(OrderingMode::PerKey)
         .redelivery(Redelivery::constant(Duration::from_secs(3600)))
         .shutdown_timeout(Duration::from_millis(100))
+        .name("orders-worker")
         .build()
         .unwrap();
     let health = worker.health();
+    assert_eq!(health.worker_name(), "orders-worker");
     let before = health.report();
     assert_eq!(
         (before.phase, before.received, before.since_last_received),

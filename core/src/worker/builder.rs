@@ -31,6 +31,8 @@ pub struct WorkerBuilder<C, S> {
     config: Config,
     /// What the stack's check said, reported by `build`.
     stack_error: Option<String>,
+    /// The built Worker's health, made first so a stack can report it.
+    health: Health,
 }
 
 /// The service slot of a [`WorkerBuilder`] before [`service`](WorkerBuilder::service),
@@ -59,6 +61,13 @@ pub trait Pipeline<H> {
 
     /// Wraps `handler`.
     fn wrap(&self, handler: H) -> Self::Service;
+
+    /// Hands the pipeline the Worker's [`Health`] as it wraps the handler, for it to
+    /// report (a metrics layer's gauges of the Worker's parked messages, say). The
+    /// default does nothing.
+    fn attach(&self, health: &Health) {
+        let _ = health;
+    }
 }
 
 impl<C: Consumer> Worker<C, NoService> {
@@ -85,6 +94,7 @@ impl<C: Consumer> Worker<C, NoService> {
             service: NoService,
             config: Config::default(),
             stack_error: None,
+            health: Health::new(),
         }
     }
 }
@@ -98,6 +108,7 @@ impl<C> WorkerBuilder<C, NoService> {
             service,
             config: self.config,
             stack_error: self.stack_error,
+            health: self.health,
         }
     }
 
@@ -128,11 +139,13 @@ impl<C: Consumer, P> WorkerBuilder<C, Staged<P>> {
                 .err()
                 .map(|e| e.to_string())
         });
+        stack.attach(&self.health);
         WorkerBuilder {
             service: stack.wrap(handler),
             consumer: self.consumer,
             config: self.config,
             stack_error,
+            health: self.health,
         }
     }
 }
@@ -230,13 +243,14 @@ impl<C, S> WorkerBuilder<C, S> {
         }
         let caps = self.consumer.capabilities();
         let plan = Plan::new(&self.config, &caps).map_err(Error::Config)?;
+        self.health.named(&self.config.name);
         Ok(Worker {
             consumer: self.consumer,
             service: self.service,
             config: self.config,
             caps,
             plan,
-            health: Health::new(),
+            health: self.health,
         })
     }
 }

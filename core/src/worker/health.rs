@@ -1,8 +1,8 @@
 //! What a running Worker is doing, for liveness and readiness probes: [`Health`].
 
 use std::fmt;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 /// A handle on a Worker's state, from [`Worker::health`](super::Worker::health): cheap
@@ -39,6 +39,8 @@ pub struct Health {
 }
 
 struct Inner {
+    /// The Worker's name, set when it is built.
+    name: OnceLock<Box<str>>,
     /// The zero of `last_received`.
     epoch: Instant,
     phase: AtomicU8,
@@ -121,6 +123,7 @@ impl Health {
     pub(super) fn new() -> Self {
         Health {
             inner: Arc::new(Inner {
+                name: OnceLock::new(),
                 epoch: Instant::now(),
                 phase: AtomicU8::new(Phase::NotStarted as u8),
                 received: AtomicU64::new(0),
@@ -131,6 +134,15 @@ impl Health {
                 waiting: AtomicUsize::new(0),
             }),
         }
+    }
+
+    /// The Worker's name (`WorkerBuilder::name`; `redrive` by default).
+    pub fn worker_name(&self) -> &str {
+        self.inner.name.get().map_or("redrive", |n| n)
+    }
+
+    pub(super) fn named(&self, name: &str) {
+        let _ = self.inner.name.set(name.into());
     }
 
     /// The Worker's state now.
@@ -203,7 +215,10 @@ impl Health {
 
 impl fmt::Debug for Health {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("Health").field(&self.report()).finish()
+        f.debug_struct("Health")
+            .field("worker", &self.worker_name())
+            .field("report", &self.report())
+            .finish()
     }
 }
 
