@@ -188,7 +188,7 @@ impl Envelope<'_> {
     }
 }
 
-fn is_envelope_header(name: &str) -> bool {
+pub(super) fn is_envelope_header(name: &str) -> bool {
     ENVELOPE_HEADERS
         .iter()
         .any(|h| h.eq_ignore_ascii_case(name))

@@ -114,6 +114,8 @@ mod envelope;
 mod error;
 pub mod future;
 mod layer;
+mod letter;
+mod queue;
 
 use std::error::Error as StdError;
 use std::fmt;
@@ -134,6 +136,8 @@ pub use envelope::{
 };
 pub use error::DeadLetterError;
 pub use layer::DeadLetterLayer;
+pub use letter::{Letter, REPLAYS, Selection};
+pub use queue::{DeadLetterQueue, Progress, Replay};
 
 use future::ResponseFuture;
 use layer::Shared;
