@@ -26,17 +26,26 @@ use super::letter::{Letter, Selection};
 /// is the first wait for a delivery longer than [`with_idle`](Self::with_idle).
 ///
 /// ```
+/// use std::time::Duration;
 /// use redrive_core::memory::MemoryBroker;
+/// use redrive_core::{OutgoingMessage, Publisher};
 /// use redrive_middleware::dead_letter::{DeadLetterQueue, Replay, Selection};
 ///
 /// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> redrive_core::Result<()> {
+/// # async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
 /// let broker = MemoryBroker::new();
-/// let mut dlq = DeadLetterQueue::new(broker.consumer("orders-dlq"));
+/// let letter = OutgoingMessage::new("order 7")
+///     .with_header("x-redrive-original-destination", "orders")?
+///     .with_header("x-redrive-error-kind", "exhausted")?;
+/// broker.publish("orders-dlq", letter).await?;
+///
+/// let mut dlq = DeadLetterQueue::new(broker.consumer("orders-dlq"))
+///     .with_idle(Duration::from_millis(50));
+/// let selection = Selection::all().with_kind("exhausted");
 /// let report = dlq
-///     .replay(&broker, &Selection::all().with_kind("exhausted"), &Replay::default(), |_| {}, std::future::pending())
+///     .replay(&broker, &selection, &Replay::default(), |_| {}, std::future::pending())
 ///     .await?;
-/// assert_eq!(report.replayed, 0);
+/// assert_eq!((report.done, broker.depth("orders")), (1, 1));
 /// # Ok(())
 /// # }
 /// ```
