@@ -208,7 +208,9 @@ impl MetricsLayer {
     /// only for the partitions whose reading has that figure. `read` is called at each
     /// collection and must return at once, from figures a poller keeps (such as the
     /// Kafka adapter's `ConsumerLag`, or its consumer's open records); a partition
-    /// missing from what it returns is not observed, so its series goes stale.
+    /// missing from what it returns is not observed, so its series goes stale. Call it
+    /// once per source of figures (the lag from a poller, the ages from the consumer):
+    /// each call observes only the figures its readings have.
     ///
     /// ```
     /// use std::time::Duration;

@@ -11,31 +11,27 @@
 //! let brokers = "127.0.0.1:9092";
 //! let consumer = KafkaConsumer::builder(brokers, "billing", ["orders"]).build()?;
 //! let lag = ConsumerLag::builder(brokers, "billing", ["orders"]).start()?;
+//! # std::thread::sleep(Duration::from_secs(1));
 //! for p in lag.partitions("orders").unwrap_or_default() {
 //!     println!("partition {}: {} records behind", p.partition, p.lag);
 //! }
 //!
 //! // As the `redrive.consumer.lag` and `redrive.consumer.oldest_incomplete_age` gauges of
 //! // redrive-middleware: the lag of every partition, and the age of the oldest record
-//! // this consumer has not finished on each partition it owns.
+//! // this consumer has not finished on each partition it owns where one is open.
 //! use redrive_middleware::metrics::{MetricsLayer, PartitionReading};
 //! let metrics = MetricsLayer::new(&opentelemetry::global::meter("billing"));
-//! let open = consumer.open_records();
+//! let (lag, open) = (lag.clone(), consumer.open_records());
 //! metrics.observe_partitions(redrive_kafka::SYSTEM, "orders", "billing", move || {
-//!     let mut readings: Vec<PartitionReading> = lag
-//!         .partitions("orders")
-//!         .unwrap_or_default()
-//!         .iter()
-//!         .map(|p| PartitionReading::new(p.partition).with_lag(p.lag))
-//!         .collect();
-//!     for b in open.partitions().into_iter().filter(|b| b.topic == "orders") {
-//!         let age = b.oldest_age;
-//!         match readings.iter_mut().find(|r| r.partition == b.partition) {
-//!             Some(r) => *r = r.with_oldest_incomplete_age(age),
-//!             None => readings.push(PartitionReading::new(b.partition).with_oldest_incomplete_age(age)),
-//!         }
-//!     }
-//!     readings
+//!     let partitions = lag.partitions("orders").unwrap_or_default();
+//!     partitions.iter().map(|p| PartitionReading::new(p.partition).with_lag(p.lag)).collect()
+//! });
+//! metrics.observe_partitions(redrive_kafka::SYSTEM, "orders", "billing", move || {
+//!     open.partitions()
+//!         .into_iter()
+//!         .filter(|b| b.topic == "orders" && b.oldest_incomplete.is_some())
+//!         .map(|b| PartitionReading::new(b.partition).with_oldest_incomplete_age(b.oldest_age))
+//!         .collect()
 //! });
 //! # Ok(())
 //! # }
@@ -60,6 +56,9 @@
 //!   and a topic's partitions are all from one read.
 //! - **Keeps going**: neither a missing topic nor a broker that is down ends the poller;
 //!   it asks again at the next interval. Each change of a topic's status is logged once.
+//! - **Per group, not per member**: the figures are the group's, so every replica that
+//!   runs a poller for the same group reports the same ones; aggregate them with `max`,
+//!   not `sum`, or run one poller per group.
 //! - **Stops**: when the last clone of the [`ConsumerLag`] is dropped, or at
 //!   [`stop`](ConsumerLag::stop), the poller ends, within the timeout of a read in
 //!   progress.
