@@ -240,6 +240,79 @@ async fn an_unreachable_endpoint_is_unavailable_not_an_error() {
     assert!(!stats.is_stopped());
 }
 
+/// A TCP relay to the emulator that can be cut: SQS going away under a running poller.
+struct Relay {
+    address: String,
+    tasks: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Relay {
+    async fn start(to: String) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = format!("http://{}", listener.local_addr().expect("address"));
+        let tasks = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let held = tasks.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let to = to.clone();
+                let relay = tokio::spawn(async move {
+                    if let Ok(mut server) = tokio::net::TcpStream::connect(&to).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+                held.lock().unwrap().push(relay);
+            }
+        });
+        tasks.lock().unwrap().push(accept);
+        Relay { address, tasks }
+    }
+
+    /// Closes the listener and every relayed connection.
+    fn cut(&self) {
+        for task in self.tasks.lock().unwrap().drain(..) {
+            task.abort();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn figures_are_dropped_when_sqs_goes_away() {
+    let sqs = common::sqs().await;
+    let name = common::queue_name("stats-away", false);
+    let url = common::create_queue(&sqs, &name, Duration::from_secs(30), &[]).await;
+    send(&sqs, &url, 3, None).await;
+
+    let emulator = common::endpoint().trim_start_matches("http://").to_owned();
+    let relay = Relay::start(emulator).await;
+    let config = aws_config::defaults(BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .credentials_provider(Credentials::new(
+            "test",
+            "test",
+            None,
+            None,
+            "redrive-tests",
+        ))
+        .endpoint_url(&relay.address)
+        .load()
+        .await;
+    let through = Sqs::from_sdk_config(&config);
+    let stats = QueueStats::builder(through, [&url])
+        .interval(INTERVAL)
+        .timeout(Duration::from_secs(1))
+        .start()
+        .expect("start");
+    wait_for(&stats, &url, "read through the relay", counts_are(3, 0, 0)).await;
+
+    relay.cut();
+    wait_for(&stats, &url, "SQS gone", absent(QueueStatus::Unavailable)).await;
+    assert_eq!(stats.counts(&url), None);
+    assert!(!stats.is_stopped());
+    stats.stop();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_or_the_last_handle_dropped_ends_the_poller() {
     let sqs = common::sqs().await;
