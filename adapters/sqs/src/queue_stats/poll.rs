@@ -34,7 +34,7 @@ pub(super) async fn run(
             };
             let (status, counts, reason) = match result {
                 Ok(Ok(counts)) => (QueueStatus::Read, Some(counts), String::new()),
-                Ok(Err(e)) => (status_of(&e), None, e.to_string()),
+                Ok(Err((status, reason))) => (status, None, reason),
                 Err(_) => (
                     QueueStatus::Unavailable,
                     None,
@@ -51,9 +51,10 @@ pub(super) async fn run(
     }
 }
 
-/// One read of `queue`'s counts.
-async fn read(config: &Config, queue: &str) -> Result<QueueCounts, Error> {
-    let url = config.sqs.queue_url(queue).await?;
+/// One read of `queue`'s counts; on failure, the status it leaves the queue in and why.
+async fn read(config: &Config, queue: &str) -> Result<QueueCounts, (QueueStatus, String)> {
+    let failed = |e: Error| (status_of(&e), e.to_string());
+    let url = config.sqs.queue_url(queue).await.map_err(failed)?;
     let out = config
         .sqs
         .client()
@@ -62,17 +63,20 @@ async fn read(config: &Config, queue: &str) -> Result<QueueCounts, Error> {
         .set_attribute_names(Some(COUNTS.to_vec()))
         .send()
         .await
-        .map_err(|e| Error::for_queue(queue, "GetQueueAttributes", e))?;
+        .map_err(|e| failed(Error::for_queue(queue, "GetQueueAttributes", e)))?;
     let attrs = out.attributes();
-    let count = |name: &QueueAttributeName| -> Result<u64, Error> {
+    let count = |name: &QueueAttributeName| {
         attrs
             .and_then(|a| a.get(name))
             .and_then(|v| v.parse().ok())
             .ok_or_else(|| {
-                Error::Config(format!(
-                    "SQS answered GetQueueAttributes for `{queue}` without a number for {}",
-                    name.as_str()
-                ))
+                (
+                    QueueStatus::Unavailable,
+                    format!(
+                        "SQS answered GetQueueAttributes without a number for {}",
+                        name.as_str()
+                    ),
+                )
             })
     };
     Ok(QueueCounts {
@@ -137,5 +141,38 @@ fn set(
             tracing::info!(queue = %queue, "queue stats: the queue can be read again");
         }
         QueueStatus::Read | QueueStatus::Pending => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    fn request(code: &str) -> Error {
+        Error::Request {
+            operation: "GetQueueAttributes",
+            code: Some(code.to_owned()),
+            message: code.to_owned(),
+            source: Arc::new(std::io::Error::other(code.to_owned())),
+        }
+    }
+
+    #[test]
+    fn a_failed_read_is_missing_refused_or_unavailable() {
+        assert_eq!(
+            status_of(&Error::QueueDoesNotExist("q".into())),
+            QueueStatus::NotFound
+        );
+        assert_eq!(status_of(&request("AccessDenied")), QueueStatus::Refused);
+        assert_eq!(
+            status_of(&request("KMS.AccessDeniedException")),
+            QueueStatus::Refused
+        );
+        assert_eq!(
+            status_of(&request("RequestThrottled")),
+            QueueStatus::Unavailable
+        );
     }
 }
