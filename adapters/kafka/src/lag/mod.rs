@@ -3,7 +3,6 @@
 //! health checks.
 //!
 //! ```no_run
-//! use std::time::Duration;
 //! use redrive_kafka::{ConsumerLag, KafkaConsumer};
 //!
 //! # #[tokio::main]
@@ -11,7 +10,6 @@
 //! let brokers = "127.0.0.1:9092";
 //! let consumer = KafkaConsumer::builder(brokers, "billing", ["orders"]).build()?;
 //! let lag = ConsumerLag::builder(brokers, "billing", ["orders"]).start()?;
-//! # std::thread::sleep(Duration::from_secs(1));
 //! for p in lag.partitions("orders").unwrap_or_default() {
 //!     println!("partition {}: {} records behind", p.partition, p.lag);
 //! }
