@@ -99,12 +99,14 @@
 
 mod consumer;
 mod error;
+pub mod lag;
 pub mod mapping;
 mod publisher;
 mod watermark;
 
 pub use consumer::{KafkaConsumer, KafkaConsumerBuilder, OpenRecords};
 pub use error::{Error, Result};
+pub use lag::{ConsumerLag, ConsumerLagBuilder, LagStatus, PartitionLag, TopicLag};
 pub use publisher::KafkaPublisher;
 pub use watermark::PartitionBacklog;
 

@@ -85,6 +85,7 @@ mod consumer;
 mod error;
 mod name;
 mod publisher;
+pub mod queue_stats;
 
 pub use acker::MAX_VISIBILITY_TIMEOUT;
 pub use attributes::HeaderOverflow;
@@ -95,6 +96,7 @@ pub use name::{FIFO_SUFFIX, MAX_QUEUE_NAME_LEN, validate_queue_name};
 pub use publisher::{
     DEAD_LETTER_HEADER, DEFAULT_MAX_MESSAGE_BYTES, FifoDeduplication, SqsPublisher,
 };
+pub use queue_stats::{QueueCounts, QueueFigures, QueueStats, QueueStatsBuilder, QueueStatus};
 
 /// Re-exported so applications can build their own client or configuration.
 pub use aws_config;

@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::Meter;
@@ -10,7 +11,7 @@ use redrive_core::Message;
 use tower::Layer;
 
 use super::instruments::{CIRCUIT_DESCRIPTION, CIRCUIT_UNIT, Count, Instruments};
-use super::{ATTR_DESTINATION, ATTR_SYSTEM, Metrics};
+use super::{ATTR_CONSUMER_GROUP, ATTR_DESTINATION, ATTR_PARTITION, ATTR_SYSTEM, Metrics};
 
 /// Builds [`Metrics`] services; clones share the instruments.
 #[derive(Clone)]
@@ -122,14 +123,15 @@ impl MetricsLayer {
             .build();
     }
 
-    /// Reports a queue's depth and consumers, as the broker tells them, as the gauges
-    /// `redrive.queue.depth` and `redrive.queue.consumers` for `destination` (a queue,
-    /// its dead-letter queue, …). `read` is called at each collection and must return
-    /// at once, from figures a poller keeps (such as the RabbitMQ adapter's
-    /// `QueueStats`); when it returns `None` (not read yet, the queue is missing, the
-    /// broker is unreachable) nothing is observed, so the series goes stale rather than
-    /// report a figure that is not the broker's. A reading without consumers reports
-    /// the depth only.
+    /// Reports a queue's figures, as its broker tells them, as gauges for `destination`
+    /// (a queue, its dead-letter queue, …): `redrive.queue.depth` always, and
+    /// `redrive.queue.consumers`, `redrive.queue.in_flight` and `redrive.queue.delayed`
+    /// when the reading has them (RabbitMQ tells consumers; SQS tells messages in flight
+    /// and delayed). `read` is called at each collection and must return at once, from
+    /// figures a poller keeps (such as the RabbitMQ or SQS adapter's `QueueStats`); when
+    /// it returns `None` (not read yet, the queue is missing, the broker is unreachable)
+    /// nothing is observed, so the series goes stale rather than report a figure that is
+    /// not the broker's.
     ///
     /// ```
     /// use redrive_middleware::metrics::{MetricsLayer, QueueReading};
@@ -137,6 +139,9 @@ impl MetricsLayer {
     /// let metrics = MetricsLayer::new(&opentelemetry::global::meter("orders-consumer"));
     /// metrics.observe_queue("rabbitmq", "orders-dlq", || {
     ///     Some(QueueReading::new(3).with_consumers(0))
+    /// });
+    /// metrics.observe_queue("aws_sqs", "payments", || {
+    ///     Some(QueueReading::new(12).with_in_flight(4).with_delayed(1))
     /// });
     /// ```
     pub fn observe_queue(
@@ -152,31 +157,135 @@ impl MetricsLayer {
         let read = Arc::new(read);
         // The meter provider keeps the callbacks registered for its own lifetime. Each
         // gauge calls `read` once per collection: it only copies figures out.
-        let (depth_read, depth_attrs) = (read.clone(), attrs.clone());
-        let _depth = self
+        let gauges: [QueueGauge; 4] = [
+            (
+                "redrive.queue.depth",
+                "{message}",
+                "Messages ready in the queue, as the broker reports them",
+                |r| Some(r.depth),
+            ),
+            (
+                "redrive.queue.consumers",
+                "{consumer}",
+                "Consumers on the queue, as the broker reports them",
+                |r| r.consumers,
+            ),
+            (
+                "redrive.queue.in_flight",
+                "{message}",
+                "Messages received and not yet settled, as the broker reports them",
+                |r| r.in_flight,
+            ),
+            (
+                "redrive.queue.delayed",
+                "{message}",
+                "Messages sent with a delay and not yet visible, as the broker reports them",
+                |r| r.delayed,
+            ),
+        ];
+        for (name, unit, description, figure) in gauges {
+            let (read, attrs) = (read.clone(), attrs.clone());
+            let _gauge = self
+                .meter
+                .u64_observable_gauge(name)
+                .with_unit(unit)
+                .with_description(description)
+                .with_callback(move |observer| {
+                    if let Some(value) = read().as_ref().and_then(figure) {
+                        observer.observe(value, &attrs);
+                    }
+                })
+                .build();
+        }
+    }
+
+    /// Reports a topic's partitions for consumer group `group` as gauges:
+    /// `redrive.consumer.lag` (records the group has not committed yet) and
+    /// `redrive.consumer.oldest_incomplete_age` (seconds since this process received the
+    /// oldest record it has not finished), each with `messaging.system`,
+    /// `messaging.destination.name` (`destination`, the topic),
+    /// `messaging.destination.partition.id` and `messaging.consumer.group.name`, and each
+    /// only for the partitions whose reading has that figure. `read` is called at each
+    /// collection and must return at once, from figures a poller keeps (such as the
+    /// Kafka adapter's `ConsumerLag`, or its consumer's open records); a partition
+    /// missing from what it returns is not observed, so its series goes stale. Call it
+    /// once per source of figures (the lag from a poller, the ages from the consumer):
+    /// each call observes only the figures its readings have.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use redrive_middleware::metrics::{MetricsLayer, PartitionReading};
+    ///
+    /// let metrics = MetricsLayer::new(&opentelemetry::global::meter("billing"));
+    /// metrics.observe_partitions("kafka", "orders", "billing", || {
+    ///     vec![
+    ///         PartitionReading::new(0).with_lag(120),
+    ///         PartitionReading::new(1)
+    ///             .with_lag(0)
+    ///             .with_oldest_incomplete_age(Duration::from_secs(2)),
+    ///     ]
+    /// });
+    /// ```
+    pub fn observe_partitions(
+        &self,
+        system: &'static str,
+        destination: impl Into<String>,
+        group: impl Into<String>,
+        read: impl Fn() -> Vec<PartitionReading> + Send + Sync + 'static,
+    ) {
+        let destination: Arc<str> = destination.into().into();
+        let group: Arc<str> = group.into().into();
+        let attrs = move |partition: i32| {
+            [
+                KeyValue::new(ATTR_SYSTEM, system),
+                KeyValue::new(ATTR_DESTINATION, destination.clone()),
+                KeyValue::new(ATTR_PARTITION, partition.to_string()),
+                KeyValue::new(ATTR_CONSUMER_GROUP, group.clone()),
+            ]
+        };
+        let read = Arc::new(read);
+        let (lag_read, lag_attrs) = (read.clone(), attrs.clone());
+        let _lag = self
             .meter
-            .u64_observable_gauge("redrive.queue.depth")
+            .u64_observable_gauge("redrive.consumer.lag")
             .with_unit("{message}")
-            .with_description("Messages ready in the queue, as the broker reports them")
+            .with_description(
+                "Records in the partition the consumer group has not committed, as the broker reports them",
+            )
             .with_callback(move |observer| {
-                if let Some(reading) = depth_read() {
-                    observer.observe(reading.depth, &depth_attrs);
+                for r in lag_read() {
+                    if let Some(lag) = r.lag {
+                        observer.observe(lag, &lag_attrs(r.partition));
+                    }
                 }
             })
             .build();
-        let _consumers = self
+        let _age = self
             .meter
-            .u64_observable_gauge("redrive.queue.consumers")
-            .with_unit("{consumer}")
-            .with_description("Consumers on the queue, as the broker reports them")
+            .f64_observable_gauge("redrive.consumer.oldest_incomplete_age")
+            .with_unit("s")
+            .with_description(
+                "Time since the oldest record this consumer has not finished was received",
+            )
             .with_callback(move |observer| {
-                if let Some(consumers) = read().and_then(|r| r.consumers) {
-                    observer.observe(consumers, &attrs);
+                for r in read() {
+                    if let Some(age) = r.oldest_incomplete_age {
+                        observer.observe(age.as_secs_f64(), &attrs(r.partition));
+                    }
                 }
             })
             .build();
     }
 }
+
+/// A gauge of [`MetricsLayer::observe_queue`]: name, unit, description, and the figure
+/// of a reading it reports.
+type QueueGauge = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&QueueReading) -> Option<u64>,
+);
 
 /// A queue's figures as its broker reports them, for [`MetricsLayer::observe_queue`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -186,14 +295,22 @@ pub struct QueueReading {
     pub depth: u64,
     /// Consumers on the queue (`redrive.queue.consumers`), where the broker tells.
     pub consumers: Option<u64>,
+    /// Messages received and not yet settled (`redrive.queue.in_flight`), where the
+    /// broker tells (SQS: `ApproximateNumberOfMessagesNotVisible`).
+    pub in_flight: Option<u64>,
+    /// Messages sent with a delay and not yet ready (`redrive.queue.delayed`), where the
+    /// broker tells (SQS: `ApproximateNumberOfMessagesDelayed`).
+    pub delayed: Option<u64>,
 }
 
 impl QueueReading {
-    /// A reading of `depth` messages ready, without a consumer count.
+    /// A reading of `depth` messages ready, without the other figures.
     pub fn new(depth: u64) -> Self {
         QueueReading {
             depth,
             consumers: None,
+            in_flight: None,
+            delayed: None,
         }
     }
 
@@ -201,6 +318,59 @@ impl QueueReading {
     #[must_use]
     pub fn with_consumers(mut self, consumers: u64) -> Self {
         self.consumers = Some(consumers);
+        self
+    }
+
+    /// Sets the number of messages received and not yet settled.
+    #[must_use]
+    pub fn with_in_flight(mut self, in_flight: u64) -> Self {
+        self.in_flight = Some(in_flight);
+        self
+    }
+
+    /// Sets the number of messages sent with a delay and not yet ready.
+    #[must_use]
+    pub fn with_delayed(mut self, delayed: u64) -> Self {
+        self.delayed = Some(delayed);
+        self
+    }
+}
+
+/// One partition's figures, for [`MetricsLayer::observe_partitions`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PartitionReading {
+    /// The partition.
+    pub partition: i32,
+    /// Records after the group's committed offset (`redrive.consumer.lag`), where known.
+    pub lag: Option<u64>,
+    /// How long ago this consumer received the oldest record of the partition it has not
+    /// finished (`redrive.consumer.oldest_incomplete_age`), where this consumer owns the
+    /// partition.
+    pub oldest_incomplete_age: Option<Duration>,
+}
+
+impl PartitionReading {
+    /// A reading of `partition` without figures yet.
+    pub fn new(partition: i32) -> Self {
+        PartitionReading {
+            partition,
+            lag: None,
+            oldest_incomplete_age: None,
+        }
+    }
+
+    /// Sets the group's lag on the partition.
+    #[must_use]
+    pub fn with_lag(mut self, lag: u64) -> Self {
+        self.lag = Some(lag);
+        self
+    }
+
+    /// Sets the age of the oldest record of the partition this consumer has not finished.
+    #[must_use]
+    pub fn with_oldest_incomplete_age(mut self, age: Duration) -> Self {
+        self.oldest_incomplete_age = Some(age);
         self
     }
 }

@@ -1,6 +1,7 @@
 //! OpenTelemetry metrics per destination: consumed, acked, nacked, retried,
 //! dead-lettered, deduplicated, in flight, processing time, message age, circuit state,
-//! and the depth and consumers of queues as their broker reports them.
+//! the figures of queues as their broker reports them (depth, consumers, in flight,
+//! delayed), and a consumer group's lag and oldest unfinished record per partition.
 //!
 //! ```
 //! use redrive_core::{handler_fn, BoxError, Message};
@@ -19,7 +20,9 @@
 //! ```
 //!
 //! # Instruments
-//! Every instrument carries `messaging.system` and `messaging.destination.name`.
+//! Every instrument carries `messaging.system` and `messaging.destination.name`; the
+//! per-partition gauges also carry `messaging.destination.partition.id` and
+//! `messaging.consumer.group.name`.
 //! Counts are kept in atomics and reported when the meter provider collects, so the
 //! per-message cost is two histogram recordings and a few relaxed atomic adds. Each
 //! thread adds into a shard of its own, so calls running on several cores at once do
@@ -42,6 +45,10 @@
 //! | `redrive.circuit.state` | gauge | `1` | 0 closed, 1 half-open, 2 open: a [`Stack`](crate::Stack)'s breaker for each destination it measures ([`MetricsLayer::circuit_state`]), or another breaker ([`MetricsLayer::observe_circuit`]) |
 //! | `redrive.queue.depth` | gauge | `{message}` | messages ready in a queue, as its broker reports them ([`MetricsLayer::observe_queue`]) |
 //! | `redrive.queue.consumers` | gauge | `{consumer}` | consumers on a queue, as its broker reports them ([`MetricsLayer::observe_queue`]) |
+//! | `redrive.queue.in_flight` | gauge | `{message}` | messages received and not yet settled, as the broker reports them (SQS; [`MetricsLayer::observe_queue`]) |
+//! | `redrive.queue.delayed` | gauge | `{message}` | messages sent with a delay and not yet ready, as the broker reports them (SQS; [`MetricsLayer::observe_queue`]) |
+//! | `redrive.consumer.lag` | gauge | `{message}` | per partition: the high watermark less the group's committed offset (Kafka; [`MetricsLayer::observe_partitions`]) |
+//! | `redrive.consumer.oldest_incomplete_age` | gauge | `s` | per partition this consumer owns: time since it received the oldest record it has not finished, which holds the commit (Kafka; [`MetricsLayer::observe_partitions`]) |
 //!
 //! # Bound histograms (feature `metrics-bound`)
 //! A histogram recording looks its attribute set up in the SDK each time (hashing every
@@ -73,7 +80,7 @@ use tower::Service;
 
 pub use future::ResponseFuture;
 
-pub use layer::{MetricsLayer, QueueReading, RetryCounter};
+pub use layer::{MetricsLayer, PartitionReading, QueueReading, RetryCounter};
 
 use future::InFlight;
 use instruments::{Count, Destination, Instruments};
@@ -97,6 +104,10 @@ pub const AGE_BUCKETS: &[f64] = &[
 pub const ATTR_SYSTEM: &str = "messaging.system";
 /// `messaging.destination.name`.
 pub const ATTR_DESTINATION: &str = "messaging.destination.name";
+/// `messaging.destination.partition.id`, on the per-partition gauges.
+pub const ATTR_PARTITION: &str = "messaging.destination.partition.id";
+/// `messaging.consumer.group.name`, on the per-partition gauges.
+pub const ATTR_CONSUMER_GROUP: &str = "messaging.consumer.group.name";
 
 /// The metrics service; see the [module docs](self).
 #[derive(Clone)]
