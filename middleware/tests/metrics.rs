@@ -45,6 +45,9 @@ fn read(exporter: &InMemoryMetricExporter) -> HashMap<String, i64> {
                     AggregatedMetrics::I64(MetricData::Gauge(g)) => {
                         g.data_points().map(|p| p.value()).sum()
                     }
+                    AggregatedMetrics::U64(MetricData::Gauge(g)) => {
+                        g.data_points().map(|p| p.value() as i64).sum()
+                    }
                     other => panic!("unexpected data for {}: {other:?}", m.name()),
                 };
                 out.insert(m.name().to_owned(), v);
@@ -498,4 +501,76 @@ async fn a_stack_reports_the_state_of_its_breaker() {
             "{case}: the breaker is open: {open:?}"
         );
     }
+}
+
+/// The u64 gauge `name`'s points, by `redrive.worker.name`.
+fn worker_gauge(exporter: &InMemoryMetricExporter, name: &str) -> HashMap<String, u64> {
+    let mut out = HashMap::new();
+    for rm in exporter.get_finished_metrics().unwrap() {
+        for sm in rm.scope_metrics() {
+            for m in sm.metrics().filter(|m| m.name() == name) {
+                let AggregatedMetrics::U64(MetricData::Gauge(g)) = m.data() else {
+                    panic!("{name} is not a u64 gauge: {:?}", m.data());
+                };
+                for p in g.data_points() {
+                    let worker = p
+                        .attributes()
+                        .find(|kv| kv.key.as_str() == "redrive.worker.name")
+                        .map(|kv| kv.value.to_string())
+                        .expect("every series names its Worker");
+                    out.insert(worker, p.value());
+                }
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stack_reports_the_messages_its_worker_parks() {
+    use redrive_core::OrderingMode;
+    use redrive_middleware::Stack;
+
+    let exporter = InMemoryMetricExporter::default();
+    let provider = SdkMeterProvider::builder()
+        .with_periodic_exporter(exporter.clone())
+        .build();
+    let broker = MemoryBroker::new();
+    for key in ["a", "b", "c"] {
+        broker
+            .publish("orders", OutgoingMessage::new("fails").with_key(key))
+            .await
+            .unwrap();
+    }
+    // Per-key ordering parks failures; a breaker that does not open lets all three fail.
+    let stack = Stack::new()
+        .metrics(MetricsLayer::new(&provider.meter("test")))
+        .circuit_breaker(
+            redrive_middleware::circuit_breaker::CircuitBreakerConfig::default()
+                .with_consecutive_failures(100),
+        );
+    let worker = Worker::builder(broker.consumer("orders"))
+        .stack(stack)
+        .handler(handler_fn(|_: Message| async {
+            Err::<(), BoxError>("downstream down".into())
+        }))
+        .ordering(OrderingMode::PerKey)
+        .redelivery(Redelivery::constant(Duration::from_secs(3600)))
+        .name("billing")
+        .build()
+        .unwrap();
+    let health = worker.health();
+    let (p, e) = (provider.clone(), exporter.clone());
+    worker
+        .run_until(async move {
+            while health.report().parked < 3 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            p.force_flush().unwrap();
+            let parked = worker_gauge(&e, "redrive.worker.parked");
+            assert_eq!(parked.get("billing"), Some(&3), "{parked:?}");
+            let failures = worker_gauge(&e, "redrive.worker.receive_failures");
+            assert_eq!(failures.get("billing"), Some(&0), "{failures:?}");
+        })
+        .await;
 }

@@ -16,7 +16,7 @@ use super::{ATTR_CONSUMER_GROUP, ATTR_DESTINATION, ATTR_PARTITION, ATTR_SYSTEM, 
 /// Builds [`Metrics`] services; clones share the instruments.
 #[derive(Clone)]
 pub struct MetricsLayer {
-    meter: Meter,
+    pub(super) meter: Meter,
     instruments: Arc<Instruments>,
 }
 

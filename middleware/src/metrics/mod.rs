@@ -43,6 +43,9 @@
 //! | `redrive.messages.in_flight` | observable up-down counter | `{message}` | deliveries in the stack now |
 //! | `redrive.message.age` | histogram | `s` | the broker's enqueue time to when the delivery enters the stack (each attempt, waits in this process included; [`AGE_BUCKETS`]) |
 //! | `redrive.circuit.state` | gauge | `1` | 0 closed, 1 half-open, 2 open: a [`Stack`](crate::Stack)'s breaker for each destination it measures ([`MetricsLayer::circuit_state`]), or another breaker ([`MetricsLayer::observe_circuit`]) |
+//! | `redrive.worker.parked` | gauge | `{message}` | failed messages the Worker holds until their next attempt, by `redrive.worker.name` ([`MetricsLayer::observe_worker`]; a [`Stack`](crate::Stack) wires it) |
+//! | `redrive.worker.waiting` | gauge | `{message}` | messages the Worker holds behind a busy ordering key ([`MetricsLayer::observe_worker`]) |
+//! | `redrive.worker.receive_failures` | gauge | `{failure}` | receives that failed in a row ([`MetricsLayer::observe_worker`]) |
 //! | `redrive.queue.depth` | gauge | `{message}` | messages ready in a queue, as its broker reports them ([`MetricsLayer::observe_queue`]) |
 //! | `redrive.queue.consumers` | gauge | `{consumer}` | consumers on a queue, as its broker reports them ([`MetricsLayer::observe_queue`]) |
 //! | `redrive.queue.in_flight` | gauge | `{message}` | messages received and not yet settled, as the broker reports them (SQS; [`MetricsLayer::observe_queue`]) |
@@ -69,6 +72,7 @@
 mod future;
 mod instruments;
 mod layer;
+mod worker;
 
 use std::fmt;
 use std::sync::Arc;
@@ -81,6 +85,7 @@ use tower::Service;
 pub use future::ResponseFuture;
 
 pub use layer::{MetricsLayer, PartitionReading, QueueReading, RetryCounter};
+pub use worker::ATTR_WORKER;
 
 use future::InFlight;
 use instruments::{Count, Destination, Instruments};

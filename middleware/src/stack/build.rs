@@ -122,6 +122,10 @@ where
         Stack::check(self, caps).map_err(Into::into)
     }
 
+    fn attach(&self, health: &redrive_core::Health) {
+        self.metrics.observe_worker(health);
+    }
+
     fn wrap(&self, handler: H) -> Self::Service {
         // The Worker's builder reports `check`'s errors at `build`, and never runs
         // this service then: the stand-ins of bad settings are never used.

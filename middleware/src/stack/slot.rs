@@ -210,6 +210,10 @@ pub trait MetricsPlace: sealed::SealedPlace {
     /// a circuit breaker.
     #[doc(hidden)]
     fn follow<B: BreakerPlace>(&self, breaker: &B);
+
+    /// Reports the Worker's own figures, if this place holds a metrics layer.
+    #[doc(hidden)]
+    fn observe_worker(&self, health: &redrive_core::Health);
 }
 
 /// The circuit breaker place, whose state the Stack's metrics layer reports.
@@ -247,6 +251,8 @@ impl MetricsPlace for tower::layer::util::Identity {
     fn wire<R: RetryPlace>(&self, _: &mut R) {}
 
     fn follow<B: BreakerPlace>(&self, _: &B) {}
+
+    fn observe_worker(&self, _: &redrive_core::Health) {}
 }
 
 impl RetryPlace for tower::layer::util::Identity {
@@ -272,6 +278,10 @@ impl MetricsPlace for crate::metrics::MetricsLayer {
         if let Some(handle) = breaker.breaker() {
             self.circuit_state(move || handle.state().code());
         }
+    }
+
+    fn observe_worker(&self, health: &redrive_core::Health) {
+        crate::metrics::MetricsLayer::observe_worker(self, health.clone());
     }
 }
 
