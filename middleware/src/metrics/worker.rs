@@ -1,13 +1,21 @@
 //! The Worker's own figures as gauges: [`MetricsLayer::observe_worker`].
 
 use opentelemetry::KeyValue;
-use redrive_core::Health;
+use redrive_core::{Health, HealthReport};
 
 use super::MetricsLayer;
 
 /// `redrive.worker.name`, on the Worker's gauges: the name given with
 /// `WorkerBuilder::name`.
 pub const ATTR_WORKER: &str = "redrive.worker.name";
+
+/// One gauge of the Worker's: name, unit, description, and its figure in a report.
+type Gauge = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&HealthReport) -> u64,
+);
 
 impl MetricsLayer {
     /// Reports the Worker behind `health` as gauges, with `redrive.worker.name`:
@@ -17,7 +25,7 @@ impl MetricsLayer {
     /// [`Stack`](crate::Stack) with a metrics layer does this for the Worker it is built
     /// into; give Workers that share a meter different names.
     pub fn observe_worker(&self, health: Health) {
-        let gauges: [(&str, &str, &str, fn(&redrive_core::HealthReport) -> u64); 3] = [
+        let gauges: [Gauge; 3] = [
             (
                 "redrive.worker.parked",
                 "{message}",
