@@ -65,12 +65,18 @@ fn start() -> Result<Running, BoxError> {
     let broker = MemoryBroker::new();
 
     let metrics = MetricsLayer::new(&provider.meter("redrive-example"));
-    // The broker's own figures: ready messages in the queue and its dead-letter queue.
-    // A RabbitMQ consumer reads them with `redrive::rabbitmq::QueueStats`.
+    // The broker's own figures for the queue and its dead-letter queue: messages ready,
+    // received and not settled, and delayed. A RabbitMQ consumer reads them with
+    // `redrive::rabbitmq::QueueStats`, an SQS one with `redrive::sqs::QueueStats`.
     for queue in ["orders", "orders-dlq"] {
         let b = broker.clone();
         metrics.observe_queue("memory", queue, move || {
-            Some(QueueReading::new(b.depth(queue) as u64))
+            let delayed = b.delayed(queue);
+            Some(
+                QueueReading::new(b.depth(queue).saturating_sub(delayed) as u64)
+                    .with_in_flight(b.in_flight(queue) as u64)
+                    .with_delayed(delayed as u64),
+            )
         });
     }
     // The Stack counts the retries and reports its breaker through the metrics layer.

@@ -281,6 +281,12 @@ impl MemoryBroker {
         s.ready.len() + s.delayed.len()
     }
 
+    /// Messages in `queue` nacked or published with a delay that has not passed yet
+    /// (counted in [`depth`](Self::depth) too).
+    pub fn delayed(&self, queue: &str) -> usize {
+        self.queue(queue).lock().delayed.len()
+    }
+
     /// Messages received from `queue` and not yet settled.
     pub fn in_flight(&self, queue: &str) -> usize {
         self.queue(queue).lock().in_flight.len()
