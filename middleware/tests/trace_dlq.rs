@@ -160,6 +160,9 @@ async fn one_trace_from_producer_through_retries_and_the_dlq() {
     );
     for s in process_orders.iter().chain(&process_dlq) {
         assert_eq!(s.parent_span_id, producer, "parent of {}", s.name);
+        // And a link to it, as the messaging conventions ask of process spans.
+        let links: Vec<SpanId> = s.links.iter().map(|l| l.span_context.span_id()).collect();
+        assert_eq!(links, [producer], "links of {}", s.name);
     }
     // Two tries inside each attempt's span, tagged with both numbers.
     assert_eq!(tries.len(), 6);

@@ -60,6 +60,7 @@ use redrive_core::text::truncate;
 use redrive_core::{BoxError, Message, Outcome};
 use tower::Service;
 use tracing::Span;
+use opentelemetry::trace::TraceContextExt as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 pub use redrive_core::names::{CORRELATION_ID, CORRELATION_ID_ALIASES, TRACEPARENT, TRACESTATE};
@@ -168,9 +169,15 @@ where
                 .layer
                 .propagator
                 .extract(&HeaderExtractor(&msg.headers));
+            let producer = parent.span().span_context().clone();
             // Fails only if the span is already started or tracing-opentelemetry is not
             // installed; neither loses the message, and the span still carries its fields.
             let _ = span.set_parent(parent);
+            // The messaging conventions ask a process span to link the message's creation
+            // context too: backends that follow links find the producer either way.
+            if producer.is_valid() {
+                span.add_link(producer);
+            }
         }
         msg.extensions.insert(id.clone());
         let inner = {
