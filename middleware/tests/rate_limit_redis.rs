@@ -83,6 +83,7 @@ async fn drive(layer: RedisRateLimitLayer, window: Duration) -> u64 {
 }
 
 fn assert_within(passed: u64, low: u64, high: u64, what: &str) {
+    eprintln!("{what}: {passed} messages passed ({low}..={high} expected)");
     assert!(
         (low..=high).contains(&passed),
         "{what}: {passed} messages passed, expected {low}..={high}"
@@ -144,10 +145,83 @@ async fn prefetching_asks_redis_once_per_batch() {
     );
     let calls = a.redis_calls() + b.redis_calls();
     let batches = passed / u64::from(BATCH);
+    eprintln!("{calls} Redis calls for {passed} messages");
     assert!(
         (batches..=batches + 4).contains(&calls),
         "{calls} Redis calls for {passed} messages, expected about one per {BATCH}"
     );
+}
+
+#[tokio::test]
+async fn a_partly_refilled_limit_grants_what_it_has_at_once() {
+    const BATCH: u32 = 10;
+    require_redis().await;
+    let layer = replica(
+        RedisRateLimitConfig::new(
+            key("partial"),
+            RateLimitConfig::per_second(RATE).with_burst(BATCH),
+        )
+        .with_prefetch(BATCH),
+    );
+    let mut svc = layer.layer(service_fn(|_msg: Message| async { Ok::<_, BoxError>(()) }));
+    for _ in 0..BATCH {
+        svc.ready()
+            .await
+            .unwrap()
+            .call(Message::new("x"))
+            .await
+            .unwrap();
+    }
+    assert_eq!(layer.redis_calls(), 1, "the first batch in one call");
+    // About 5 permits come back in 110 ms; a whole batch only after 200 ms.
+    tokio::time::sleep(Duration::from_millis(110)).await;
+    let asked = Instant::now();
+    svc.ready()
+        .await
+        .unwrap()
+        .call(Message::new("x"))
+        .await
+        .unwrap();
+    assert!(
+        asked.elapsed() < Duration::from_millis(40),
+        "the permits already back are granted at once, not after a whole batch: \
+         waited {:?}",
+        asked.elapsed()
+    );
+    assert_eq!(layer.redis_calls(), 2);
+}
+
+#[tokio::test]
+async fn an_outage_ends_when_redis_answers_again() {
+    require_redis().await;
+    let key = key("outage");
+    // A Redis error (here: the key holds a hash) counts as Redis being away.
+    let client = redis::Client::open(url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    redis::cmd("HSET")
+        .arg(&key)
+        .arg("not")
+        .arg("a limit")
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    let layer = replica(
+        RedisRateLimitConfig::new(key.clone(), rate())
+            .with_retry_interval(Duration::from_millis(100)),
+    );
+    let run = tokio::spawn(drive(layer.clone(), Duration::from_millis(1500)));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(layer.is_degraded(), "an error from Redis starts an outage");
+    redis::cmd("DEL")
+        .arg(&key)
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    let passed = run.await.unwrap();
+    // Nothing for 0.5 s (failing closed), then 50/s for about 1 s.
+    assert_within(passed, 40, 55, "after the outage");
+    assert!(!layer.is_degraded(), "the outage ended");
+    assert_eq!(layer.outages(), 1);
 }
 
 #[tokio::test]
