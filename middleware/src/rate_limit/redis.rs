@@ -125,7 +125,8 @@ impl RedisRateLimitConfig {
 
     /// `rate`, shared by every layer, in any process, that uses the Redis key `key`
     /// on the same server. Name the key after what is limited
-    /// (`"redrive:rate:billing-api"`).
+    /// (`"redrive:rate:billing-api"`), and give every layer on it the same rate and
+    /// burst: the key holds a time computed with each caller's own settings.
     pub fn new(key: impl Into<String>, rate: RateLimitConfig) -> Self {
         RedisRateLimitConfig {
             key: key.into(),
