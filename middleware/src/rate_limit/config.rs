@@ -85,6 +85,25 @@ impl RateLimitConfig {
 }
 
 impl RateLimitConfig {
+    /// The time one permit takes to come back: `per / limit` (`per` for a limit of 0,
+    /// which [`quota`](Self::quota) rejects).
+    #[cfg_attr(
+        not(feature = "redis"),
+        allow(dead_code, reason = "the Redis limit reads it")
+    )]
+    pub(super) fn emission_interval(&self) -> std::time::Duration {
+        self.per / self.limit.max(1)
+    }
+
+    /// The largest burst: `burst`, or `limit` when unset.
+    #[cfg_attr(
+        not(feature = "redis"),
+        allow(dead_code, reason = "the Redis limit reads it")
+    )]
+    pub(super) fn burst(&self) -> u32 {
+        self.burst.unwrap_or(self.limit)
+    }
+
     pub(super) fn describe(&self) -> String {
         format!("{}/{}", self.limit, crate::stack::secs(self.per))
     }

@@ -146,6 +146,16 @@ pin_project_lite::pin_project! {
     }
 }
 
+impl<F> ResponseFuture<F> {
+    #[cfg_attr(
+        not(feature = "redis"),
+        allow(dead_code, reason = "the Redis limit builds it")
+    )]
+    pub(super) fn new(inner: F) -> Self {
+        ResponseFuture { inner }
+    }
+}
+
 impl<F> fmt::Debug for ResponseFuture<F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture").finish_non_exhaustive()

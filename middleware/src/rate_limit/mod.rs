@@ -1,6 +1,7 @@
 //! Rate limits with [`governor`]: a direct limit that holds intake back through
 //! `poll_ready`, and a keyed limit (per header value, say per tenant) that delays only
-//! the messages of a busy key.
+//! the messages of a busy key. With the `redis` feature, `RedisRateLimitLayer` is the
+//! direct limit shared by every replica through Redis.
 //!
 //! ```
 //! use std::time::Duration;
@@ -37,8 +38,19 @@
 //!   that in mind, or use `OrderingMode::PerKey` so a busy key queues its messages.
 //!   A message without a key (the key function returns `None`) is not limited.
 //! - Limits are per layer: every service a layer builds, and every clone, shares its
-//!   limiter. They are per process; several consumers each get the full rate.
-//! - Time is tokio's, so tests can pause and advance it.
+//!   limiter. [`RateLimitLayer`] and [`KeyedRateLimitLayer`] are per process: several
+//!   consumers each get the full rate.
+//! - **Cluster-wide** (`RedisRateLimitLayer`, feature `redis`): the direct limit, held
+//!   in `poll_ready` the same way, but its state is one Redis key that every replica
+//!   naming it shares, updated by one atomic script (GCRA, the algorithm governor
+//!   uses) on Redis's clock, so the replicas' clocks do not matter. Ten replicas
+//!   together get the rate, not ten times it. Each permit costs a Redis round trip
+//!   unless the layer prefetches a batch (then a replica may spend up to a batch at
+//!   once, beyond the burst); while Redis is unreachable the layer fails closed (intake
+//!   stops) or open (per-process fallback rate, or none), as configured, and says so
+//!   through `is_degraded`.
+//! - Time is tokio's, so tests can pause and advance it; the cluster-wide limit counts
+//!   on Redis's clock and sleeps on tokio's.
 //!
 //! # Order
 //! Inside the circuit breaker, outside retries: each delivery attempt takes one
@@ -48,7 +60,12 @@ mod clock;
 mod config;
 mod direct;
 mod keyed;
+#[cfg(feature = "redis")]
+mod redis;
 
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use self::redis::{OnUnreachable, RedisRateLimit, RedisRateLimitConfig, RedisRateLimitLayer};
 pub use crate::error::ConfigError;
 pub use config::RateLimitConfig;
 pub use direct::{RateLimit, RateLimitLayer, ResponseFuture};
