@@ -56,11 +56,11 @@ mod propagation;
 use std::fmt;
 use std::task::{Context, Poll};
 
+use opentelemetry::trace::TraceContextExt as _;
 use redrive_core::text::truncate;
 use redrive_core::{BoxError, Message, Outcome};
 use tower::Service;
 use tracing::Span;
-use opentelemetry::trace::TraceContextExt as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 pub use redrive_core::names::{CORRELATION_ID, CORRELATION_ID_ALIASES, TRACEPARENT, TRACESTATE};
