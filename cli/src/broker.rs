@@ -124,8 +124,10 @@ pub(crate) async fn sqs(endpoint: &str, connect: &Connect) -> Sqs {
     Sqs::from_sdk_config(&config)
 }
 
-/// The consumer of an SQS DLQ: a visibility timeout longer than the run, and receives
-/// that wait at most a second, so the queue's end is found quickly.
+/// The consumer of an SQS DLQ: a visibility timeout longer than the run, receives that
+/// wait at most a second, so the queue's end is found quickly, and no prefetch: a run
+/// that ends at its `--limit` (or `show`, at the letter) has no receive in flight, whose
+/// messages SQS would hide for the whole visibility timeout once the close cuts it short.
 pub(crate) async fn sqs_consumer(
     sqs: &Sqs,
     dlq: &str,
@@ -134,6 +136,7 @@ pub(crate) async fn sqs_consumer(
     sqs.consumer(dlq)
         .visibility_timeout(connect.visibility)
         .wait_time(Duration::from_secs(1))
+        .prefetch(false)
         .build()
         .await
         .map_err(|e| format!("cannot consume the DLQ `{dlq}`: {e}"))

@@ -9,6 +9,7 @@
 mod broker;
 mod commands;
 mod report;
+mod settled;
 
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
@@ -274,7 +275,10 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
         BrokerUrl::Sqs { endpoint, .. } => {
             let dlq = target.dlq.clone();
             let sqs = broker::sqs(endpoint, &connect).await;
-            let consumer = broker::sqs_consumer(&sqs, &dlq, &connect).await?;
+            let consumer = settled::Settled::new(
+                broker::sqs_consumer(&sqs, &dlq, &connect).await?,
+                Duration::from_secs(10),
+            );
             let publisher = needs_publisher.then(|| broker::sqs_publisher(&sqs));
             let ctx = commands::Context {
                 where_: url.display(),
