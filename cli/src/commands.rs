@@ -198,6 +198,9 @@ struct Meter {
     verb: &'static str,
     started: Instant,
     last_line: Instant,
+    /// When the last selected letter was done: the rate is over the work, not the
+    /// idle wait that finds the queue's end.
+    last_done: Instant,
 }
 
 impl Meter {
@@ -224,10 +227,12 @@ impl Meter {
             verb,
             started: Instant::now(),
             last_line: Instant::now(),
+            last_done: Instant::now(),
         }
     }
 
     fn update(&mut self, p: &Progress) {
+        self.last_done = Instant::now();
         match &self.bar {
             Some(bar) => {
                 bar.set_position(p.selected);
@@ -254,11 +259,12 @@ impl Meter {
         }
     }
 
-    fn finish(&self) -> Duration {
+    /// Ends the display; the run's time, and the time to its last letter.
+    fn finish(&self) -> (Duration, Duration) {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
         }
-        self.started.elapsed()
+        (self.started.elapsed(), self.last_done - self.started)
     }
 }
 
@@ -294,12 +300,12 @@ async fn replay_cmd<C: Consumer, P: Publisher>(
                 .await
         }
     };
-    let took = meter.finish();
+    let (took, working) = meter.finish();
     let p = p.map_err(|e| format!("reading the DLQ: {e}"))?;
     let kept = p.read - if replay.dry_run { 0 } else { p.done };
     ctx.warn_if_capped(p.read, kept);
     let stopped = stopped.load(Ordering::SeqCst);
-    let rate = p.done as f64 / took.as_secs_f64().max(0.001);
+    let rate = p.done as f64 / working.as_secs_f64().max(0.001);
     if ctx.json {
         print_json(&json!({
             "dlq": ctx.dlq,
@@ -384,7 +390,7 @@ async fn purge<C: Consumer>(
     let (stopped, stop) = ctrl_c();
     let mut meter = Meter::new("purged", limit);
     let p = dlq.purge(selection, limit, |p| meter.update(p), stop).await;
-    let took = meter.finish();
+    let (took, _) = meter.finish();
     let p = p.map_err(|e| format!("reading the DLQ: {e}"))?;
     ctx.warn_if_capped(p.read, p.read - p.done);
     let stopped = stopped.load(Ordering::SeqCst);

@@ -270,7 +270,12 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                 idle: target.idle,
                 read_cap: Some(u64::from(target.prefetch)),
             };
-            commands::run(cmd_of(cmd), ctx, consumer, publisher).await
+            let closing = publisher.clone();
+            let code = commands::run(cmd_of(cmd), ctx, consumer, publisher).await;
+            if let Some(p) = closing {
+                p.close().await;
+            }
+            code
         }
         BrokerUrl::Sqs { endpoint, .. } => {
             let dlq = target.dlq.clone();

@@ -267,3 +267,25 @@ async fn a_replay_killed_halfway_and_run_again_loses_nothing() {
     assert!(total <= 101, "at most one duplicate: {total}");
     q.cleanup().await;
 }
+
+/// Leaves a DLQ named `orders-dlq` (from `orders`) filled for a demonstration:
+/// `cargo test -p redrive-cli --test rabbitmq -- --ignored demo`.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "fills orders-dlq for the README's session"]
+async fn demo() {
+    let origin = "orders".to_owned();
+    let dlq = default_destination(&origin);
+    let q = Queues {
+        topology: Topology::new(&origin).with_dead_letter_queue(&dlq),
+        origin,
+        dlq,
+    };
+    let mut bodies = Vec::new();
+    for i in 0..40 {
+        bodies.push(format!("bad-{i}"));
+    }
+    for i in 0..12 {
+        bodies.push(format!("slow-{i}"));
+    }
+    q.fill(&bodies, 52).await;
+}
