@@ -209,7 +209,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    let result = runtime.block_on(async {
+        let result = run(cli).await;
+        // lapin's I/O threads finish closing the connections on this runtime's reactor:
+        // a moment for them, or they log errors as it shuts down.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        result
+    });
+    match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("redrive: {e}");

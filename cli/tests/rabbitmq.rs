@@ -268,6 +268,35 @@ async fn a_replay_killed_halfway_and_run_again_loses_nothing() {
     q.cleanup().await;
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn purge_asks_for_yes_and_removes_only_the_selection() {
+    let q = Queues::new("purge");
+    q.fill(&known_bodies(), 5).await;
+    let u = url();
+    let args = with(q.args("purge", &q.dlq, &u), &["--kind", "permanent"]);
+    let refused = common::redrive(&strs(&args), &[])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run");
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("--yes"), "{stderr}");
+    assert_eq!(depth(&q.dlq).await, 5, "nothing purged without --yes");
+
+    let purged = json(
+        &strs(&with(args.iter().map(String::as_str).collect(), &["--yes"])),
+        &[],
+    );
+    assert_eq!(
+        (&purged["selected"], &purged["purged"]),
+        (&3.into(), &3.into()),
+        "{purged}"
+    );
+    let left = json(&strs(&with(q.args("list", &q.dlq, &u), &[])), &[]);
+    assert_eq!(ids(&left), ["id-slow-1", "id-slow-2"], "{left}");
+    q.cleanup().await;
+}
+
 /// Leaves a DLQ named `orders-dlq` (from `orders`) filled for a demonstration:
 /// `cargo test -p redrive-cli --test rabbitmq -- --ignored demo`.
 #[tokio::test(flavor = "multi_thread")]
