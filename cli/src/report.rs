@@ -273,15 +273,33 @@ pub(crate) fn list_header() -> String {
 pub(crate) fn letter_text(letter: &Letter, now: SystemTime, raw: bool) -> String {
     let mut out = String::new();
     let v = letter_json(letter, now, false, raw);
-    if let Value::Object(fields) = &v {
-        for (name, value) in fields {
-            let text = match value {
-                Value::Null => continue,
-                Value::String(s) => s.clone(),
-                other => other.to_string(),
-            };
-            let _ = writeln!(out, "{name:<20} {text}");
-        }
+    // In the order one reads a letter: which, why, from where, when, then the rest.
+    for name in [
+        "id",
+        "kind",
+        "error",
+        "origin",
+        "attempts",
+        "replays",
+        "first_failure_at",
+        "last_failure_at",
+        "age_seconds",
+        "consumer",
+        "trace_id",
+        "origin_system",
+        "origin_partition",
+        "origin_offset",
+        "original_message_id",
+        "broker_id",
+        "enqueued_at",
+        "payload_bytes",
+    ] {
+        let text = match &v[name] {
+            Value::Null => continue,
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        let _ = writeln!(out, "{name:<20} {text}");
     }
     let _ = writeln!(out, "\nheaders");
     for (name, value) in letter.message.headers.iter() {
