@@ -198,8 +198,10 @@ struct Meter {
     verb: &'static str,
     started: Instant,
     last_line: Instant,
-    /// When the last selected letter was done: the rate is over the work, not the
-    /// idle wait that finds the queue's end.
+    /// When the first and the last selected letter were done: the rate is between
+    /// them, without the connect, the first receive, and the idle wait that finds the
+    /// queue's end.
+    first_done: Option<Instant>,
     last_done: Instant,
 }
 
@@ -227,12 +229,14 @@ impl Meter {
             verb,
             started: Instant::now(),
             last_line: Instant::now(),
+            first_done: None,
             last_done: Instant::now(),
         }
     }
 
     fn update(&mut self, p: &Progress) {
         self.last_done = Instant::now();
+        self.first_done.get_or_insert(self.last_done);
         match &self.bar {
             Some(bar) => {
                 bar.set_position(p.selected);
@@ -259,12 +263,20 @@ impl Meter {
         }
     }
 
-    /// Ends the display; the run's time, and the time to its last letter.
-    fn finish(&self) -> (Duration, Duration) {
+    /// Ends the display; the run's time, and the rate of `done` letters between the
+    /// first and the last (over the whole run when there were fewer than two).
+    fn finish(&self, done: u64) -> (Duration, f64) {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
         }
-        (self.started.elapsed(), self.last_done - self.started)
+        let took = self.started.elapsed();
+        let rate = match self.first_done {
+            Some(first) if done >= 2 && self.last_done > first => {
+                (done - 1) as f64 / (self.last_done - first).as_secs_f64()
+            }
+            _ => done as f64 / took.as_secs_f64().max(0.001),
+        };
+        (took, rate)
     }
 }
 
@@ -300,12 +312,14 @@ async fn replay_cmd<C: Consumer, P: Publisher>(
                 .await
         }
     };
-    let (took, working) = meter.finish();
-    let p = p.map_err(|e| format!("reading the DLQ: {e}"))?;
+    let p = p.map_err(|e| {
+        meter.finish(0);
+        format!("reading the DLQ: {e}")
+    })?;
+    let (took, rate) = meter.finish(p.done);
     let kept = p.read - if replay.dry_run { 0 } else { p.done };
     ctx.warn_if_capped(p.read, kept);
     let stopped = stopped.load(Ordering::SeqCst);
-    let rate = p.done as f64 / working.as_secs_f64().max(0.001);
     if ctx.json {
         print_json(&json!({
             "dlq": ctx.dlq,
@@ -390,8 +404,11 @@ async fn purge<C: Consumer>(
     let (stopped, stop) = ctrl_c();
     let mut meter = Meter::new("purged", limit);
     let p = dlq.purge(selection, limit, |p| meter.update(p), stop).await;
-    let (took, _) = meter.finish();
-    let p = p.map_err(|e| format!("reading the DLQ: {e}"))?;
+    let p = p.map_err(|e| {
+        meter.finish(0);
+        format!("reading the DLQ: {e}")
+    })?;
+    let (took, _) = meter.finish(p.done);
     ctx.warn_if_capped(p.read, p.read - p.done);
     let stopped = stopped.load(Ordering::SeqCst);
     if ctx.json {
