@@ -151,12 +151,12 @@ pub(crate) fn bars(rows: &[(String, u64)], total: u64) -> String {
         } else {
             *n as f64 * 100.0 / total as f64
         };
-        let _ = writeln!(
-            out,
+        let line = format!(
             "  {:<label_width$}  {n:>7}  {pct:>5.1}%  {}",
             one_line(label, 60),
             "#".repeat(usize::try_from(len).unwrap_or(0))
         );
+        let _ = writeln!(out, "{}", line.trim_end());
     }
     out
 }
