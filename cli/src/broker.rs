@@ -100,6 +100,31 @@ pub(crate) async fn rabbit_consumer(
         .map_err(|e| format!("cannot consume the DLQ `{dlq}`: {e}"))
 }
 
+/// The ready letters in a RabbitMQ DLQ (a passive declare), for the progress bar; `None`
+/// when it cannot be read.
+pub(crate) async fn rabbit_depth(url: &str, dlq: &str) -> Option<u64> {
+    use redrive_rabbitmq::lapin::options::QueueDeclareOptions;
+    use redrive_rabbitmq::lapin::types::FieldTable;
+    let conn = redrive_rabbitmq::connect(url, "redrive-cli:depth")
+        .await
+        .ok()?;
+    let depth = async {
+        let ch = conn.create_channel().await.ok()?;
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let q = ch
+            .queue_declare(dlq, passive, FieldTable::default())
+            .await
+            .ok()?;
+        Some(u64::from(q.message_count()))
+    }
+    .await;
+    let _ = conn.close(200, "done").await;
+    depth
+}
+
 /// The publisher a RabbitMQ replay puts letters back with.
 pub(crate) async fn rabbit_publisher(url: &str) -> Result<RabbitPublisher, String> {
     RabbitPublisher::connect_named(url, "redrive-cli:replay")
@@ -143,6 +168,25 @@ pub(crate) async fn sqs_consumer(
         .build()
         .await
         .map_err(|e| format!("cannot consume the DLQ `{dlq}`: {e}"))
+}
+
+/// The visible letters in an SQS DLQ (approximate), for the progress bar; `None` when
+/// they cannot be read.
+pub(crate) async fn sqs_depth(sqs: &Sqs, dlq: &str) -> Option<u64> {
+    use redrive_sqs::aws_sdk_sqs::types::QueueAttributeName;
+    let url = sqs.queue_url(dlq).await.ok()?;
+    let out = sqs
+        .client()
+        .get_queue_attributes()
+        .queue_url(url)
+        .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+        .send()
+        .await
+        .ok()?;
+    out.attributes()?
+        .get(&QueueAttributeName::ApproximateNumberOfMessages)?
+        .parse()
+        .ok()
 }
 
 /// The publisher an SQS replay puts letters back with.

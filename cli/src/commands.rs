@@ -49,6 +49,8 @@ pub(crate) struct Context {
     pub(crate) idle: Duration,
     /// The most letters one run can hold (a RabbitMQ prefetch), to warn when reached.
     pub(crate) read_cap: Option<u64>,
+    /// The letters in the DLQ before the run, where known: the progress bar's total.
+    pub(crate) depth: Option<u64>,
 }
 
 impl Context {
@@ -195,6 +197,8 @@ fn ctrl_c() -> (Arc<AtomicBool>, impl Future<Output = ()>) {
 /// Shows a run's progress on stderr: a bar on a terminal, a line a second otherwise.
 struct Meter {
     bar: Option<ProgressBar>,
+    /// Whether the bar counts letters read (out of the DLQ's depth) rather than selected.
+    by_read: bool,
     verb: &'static str,
     started: Instant,
     last_line: Instant,
@@ -206,14 +210,21 @@ struct Meter {
 }
 
 impl Meter {
-    fn new(verb: &'static str, limit: Option<u64>) -> Self {
+    /// A bar over the selected letters when there is a `limit`, else over the letters
+    /// read when the DLQ's `depth` is known, else a spinner.
+    fn new(verb: &'static str, limit: Option<u64>, depth: Option<u64>) -> Self {
+        let by_read = limit.is_none() && depth.is_some();
         let bar = std::io::stderr().is_terminal().then(|| {
-            let (bar, template) = match limit {
-                Some(n) => (
+            let (bar, template) = match (limit, depth) {
+                (Some(n), _) => (
                     ProgressBar::new(n),
                     "{spinner} [{elapsed_precise}] [{bar:30}] {pos}/{len} selected, {per_sec}, eta {eta}  {msg}",
                 ),
-                None => (
+                (None, Some(n)) => (
+                    ProgressBar::new(n),
+                    "{spinner} [{elapsed_precise}] [{bar:30}] {pos}/{len} read, {per_sec}, eta {eta}  {msg}",
+                ),
+                (None, None) => (
                     ProgressBar::new_spinner(),
                     "{spinner} [{elapsed_precise}] {pos} selected, {per_sec}  {msg}",
                 ),
@@ -226,6 +237,7 @@ impl Meter {
         });
         Meter {
             bar,
+            by_read,
             verb,
             started: Instant::now(),
             last_line: Instant::now(),
@@ -239,7 +251,7 @@ impl Meter {
         self.first_done.get_or_insert(self.last_done);
         match &self.bar {
             Some(bar) => {
-                bar.set_position(p.selected);
+                bar.set_position(if self.by_read { p.read } else { p.selected });
                 bar.set_message(format!(
                     "{} {}, refused {}, failed {}",
                     self.verb, p.done, p.refused, p.failed
@@ -300,6 +312,7 @@ async fn replay_cmd<C: Consumer, P: Publisher>(
             "replayed"
         },
         replay.limit,
+        ctx.depth,
     );
     let p = match publisher {
         Some(publisher) => {
@@ -402,7 +415,7 @@ async fn purge<C: Consumer>(
         }
     }
     let (stopped, stop) = ctrl_c();
-    let mut meter = Meter::new("purged", limit);
+    let mut meter = Meter::new("purged", limit, ctx.depth);
     let p = dlq.purge(selection, limit, |p| meter.update(p), stop).await;
     let p = p.map_err(|e| {
         meter.finish(0);

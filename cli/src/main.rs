@@ -11,6 +11,7 @@ mod commands;
 mod report;
 mod settled;
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
@@ -261,9 +262,16 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
         visibility: target.visibility,
     };
     let needs_publisher = matches!(&cmd, Dlq::Replay { dry_run: false, .. });
+    // The bar's total, for its ETA: only where a bar is shown.
+    let wants_depth =
+        std::io::stderr().is_terminal() && matches!(&cmd, Dlq::Replay { .. } | Dlq::Purge { .. });
     match &url {
         BrokerUrl::Rabbit(amqp) => {
             let dlq = target.dlq.clone();
+            let depth = match wants_depth {
+                true => broker::rabbit_depth(amqp, &dlq).await,
+                false => None,
+            };
             let consumer = broker::rabbit_consumer(amqp, &dlq, &connect).await?;
             let publisher = if needs_publisher {
                 Some(broker::rabbit_publisher(amqp).await?)
@@ -276,6 +284,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                 json: target.json,
                 idle: target.idle,
                 read_cap: Some(u64::from(target.prefetch)),
+                depth: depth.map(|d| d.min(u64::from(target.prefetch))),
             };
             let closing = publisher.clone();
             let code = commands::run(cmd_of(cmd), ctx, consumer, publisher).await;
@@ -287,6 +296,10 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
         BrokerUrl::Sqs { endpoint, .. } => {
             let dlq = target.dlq.clone();
             let sqs = broker::sqs(endpoint, &connect).await;
+            let depth = match wants_depth {
+                true => broker::sqs_depth(&sqs, &dlq).await,
+                false => None,
+            };
             let consumer = settled::Settled::new(
                 broker::sqs_consumer(&sqs, &dlq, &connect).await?,
                 Duration::from_secs(10),
@@ -298,6 +311,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                 json: target.json,
                 idle: target.idle,
                 read_cap: None,
+                depth,
             };
             commands::run(cmd_of(cmd), ctx, consumer, publisher).await
         }
