@@ -269,6 +269,42 @@ async fn a_replay_killed_halfway_and_run_again_loses_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn ctrl_c_stops_after_the_current_letter_and_says_so() {
+    let q = Queues::new("sigint");
+    let bodies: Vec<String> = (0..60).map(|i| format!("bad-{i:03}")).collect();
+    q.fill(&bodies, 60).await;
+    let u = url();
+    let args = with(q.args("replay", &q.dlq, &u), &["--rate", "20", "--json"]);
+    let child = common::redrive(&strs(&args), &[])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let sent = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill -INT");
+    assert!(sent.success());
+    let out = child.wait_with_output().expect("wait");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(report["stopped"], true, "{report}");
+    let replayed = u32::try_from(report["replayed"].as_u64().expect("replayed")).expect("u32");
+    assert!((5..55).contains(&replayed), "stopped halfway: {report}");
+    // A clean stop: what was replayed left the DLQ, the rest is back in it, no duplicate.
+    assert_eq!(
+        (depth(&q.origin).await, depth(&q.dlq).await),
+        (replayed, 60 - replayed)
+    );
+    q.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn purge_asks_for_yes_and_removes_only_the_selection() {
     let q = Queues::new("purge");
     q.fill(&known_bodies(), 5).await;
