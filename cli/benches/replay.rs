@@ -1,0 +1,136 @@
+//! Replay throughput of the `redrive` binary per broker, unlimited and with `--rate`:
+//! fills a DLQ with dead letters (envelope headers as the dead-letter layer writes them),
+//! runs `redrive dlq replay … --limit N --json`, and prints a table.
+//!
+//! `source scripts/sqs-emulator && cargo bench -p redrive-cli --bench replay`
+//! (RabbitMQ at `AMQP_URL` or the local default; SQS at `SQS_ENDPOINT`).
+
+use std::process::Command;
+
+use redrive_core::{OutgoingMessage, Publisher};
+use redrive_rabbitmq::RabbitPublisher;
+use redrive_sqs::Sqs;
+use redrive_sqs::aws_config::{self, BehaviorVersion, Region};
+use redrive_sqs::aws_sdk_sqs::config::Credentials;
+
+fn letter(origin: &str, i: usize) -> OutgoingMessage {
+    OutgoingMessage::new(format!("{{\"order\":{i}}}"))
+        .with_header("message-id", format!("bench-{i}"))
+        .and_then(|m| m.with_header("x-redrive-original-destination", origin.to_owned()))
+        .and_then(|m| m.with_header("x-redrive-error-kind", "exhausted"))
+        .and_then(|m| m.with_header("x-redrive-error-message", "warehouse timed out"))
+        .expect("headers")
+}
+
+/// Runs the replay; (replayed, letters a second from its start to its last letter).
+fn replay(url: &str, dlq: &str, n: usize, rate: Option<u32>) -> (u64, f64) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_redrive"));
+    cmd.args([
+        "dlq",
+        "replay",
+        url,
+        dlq,
+        "--json",
+        "--limit",
+        &n.to_string(),
+    ])
+    .env("AWS_ACCESS_KEY_ID", "test")
+    .env("AWS_SECRET_ACCESS_KEY", "test")
+    .env("AWS_REGION", "us-east-1");
+    if let Some(r) = rate {
+        cmd.args(["--rate", &r.to_string()]);
+    }
+    let out = cmd.output().expect("run redrive");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    (
+        v["replayed"].as_u64().unwrap_or(0),
+        v["per_second"].as_f64().unwrap_or(0.0),
+    )
+}
+
+fn row(broker: &str, rate: Option<u32>, (done, measured): (u64, f64)) {
+    let secs = done as f64 / measured.max(0.001);
+    let target = rate.map_or("unlimited".to_owned(), |r| format!("{r}/s"));
+    let error = rate.map_or("".to_owned(), |r| {
+        format!("{:+.1} %", (measured - f64::from(r)) * 100.0 / f64::from(r))
+    });
+    println!("| {broker} | {target} | {done} | {secs:.2} | {measured:.0} | {error} |");
+}
+
+#[tokio::main]
+async fn main() {
+    let n_rabbit = 5000;
+    let n_sqs = 2000;
+    println!("| broker | --rate | letters | seconds | letters/s | rate error |");
+    println!("|---|---|---|---|---|---|");
+
+    let amqp = std::env::var("AMQP_URL").unwrap_or_else(|_| redrive_rabbitmq::DEFAULT_URL.into());
+    let origin = redrive_core::testkit::unique_name("redrive-bench-replay");
+    let dlq = format!("{origin}-dlq");
+    let conn = redrive_rabbitmq::connect(&amqp, "bench")
+        .await
+        .expect("RabbitMQ: start it with `rabbitmq-server -detached`");
+    let ch = conn.create_channel().await.expect("channel");
+    for q in [&origin, &dlq] {
+        ch.queue_declare(q, Default::default(), Default::default())
+            .await
+            .expect("declare");
+    }
+    let p = RabbitPublisher::connect(&amqp).await.expect("publisher");
+    for rate in [None, Some(500)] {
+        let n = if rate.is_some() { 1000 } else { n_rabbit };
+        for i in 0..n {
+            p.publish(&dlq, letter(&origin, i)).await.expect("publish");
+        }
+        row("RabbitMQ", rate, replay(&amqp, &dlq, n, rate));
+        ch.queue_purge(&origin, Default::default())
+            .await
+            .expect("purge");
+    }
+    for q in [&origin, &dlq] {
+        let _ = ch.queue_delete(q, Default::default()).await;
+    }
+
+    let endpoint = std::env::var("SQS_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:9324".into());
+    let config = aws_config::defaults(BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .credentials_provider(Credentials::new("test", "test", None, None, "bench"))
+        .endpoint_url(&endpoint)
+        .load()
+        .await;
+    let sqs = Sqs::from_sdk_config(&config);
+    for q in [&origin, &dlq] {
+        sqs.client()
+            .create_queue()
+            .queue_name(q)
+            .send()
+            .await
+            .expect("SQS emulator: `source scripts/sqs-emulator`");
+    }
+    let p = sqs.publisher();
+    for rate in [None, Some(500)] {
+        let n = if rate.is_some() { 1000 } else { n_sqs };
+        let letters: Vec<_> = (0..n).map(|i| letter(&origin, i)).collect();
+        for chunk in letters.chunks(10) {
+            p.send_batch(&dlq, chunk).await.expect("send");
+        }
+        row("SQS emulator", rate, replay(&endpoint, &dlq, n, rate));
+        let url = sqs.queue_url(&origin).await.expect("url");
+        sqs.client()
+            .purge_queue()
+            .queue_url(url)
+            .send()
+            .await
+            .expect("purge");
+    }
+    for q in [&origin, &dlq] {
+        if let Ok(url) = sqs.queue_url(q).await {
+            let _ = sqs.client().delete_queue().queue_url(url).send().await;
+        }
+    }
+}

@@ -1,0 +1,402 @@
+//! `redrive`: look into a dead-letter queue, put a selection of its letters back where
+//! they came from at a rate, or purge them; on RabbitMQ and SQS.
+//!
+//! Every command reads the DLQ through a consumer and holds the letters it keeps until
+//! it ends, then hands them back, so a run sees each letter once and a letter leaves
+//! the DLQ only once it was republished (confirmed) or purged. A run killed at any
+//! point leaves each letter in the DLQ or back at its origin, at worst both.
+
+mod broker;
+mod commands;
+mod report;
+mod settled;
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
+
+use clap::{Args, Parser, Subcommand};
+use redrive_middleware::dead_letter::Selection;
+
+use crate::broker::{BrokerUrl, Connect};
+
+/// Inspect, replay and purge dead letters.
+#[derive(Debug, Parser)]
+#[command(name = "redrive", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Top,
+}
+
+#[derive(Debug, Subcommand)]
+enum Top {
+    /// Dead-letter queues: stats, list, show, replay, purge.
+    #[command(subcommand)]
+    Dlq(Dlq),
+}
+
+#[derive(Debug, Subcommand)]
+enum Dlq {
+    /// Totals by error kind, error message, origin and age, with a bar chart.
+    Stats {
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        selection: SelectionArgs,
+        /// How many error messages to show.
+        #[arg(long, default_value_t = 10)]
+        top: usize,
+    },
+    /// One line per letter (the selection's, all by default).
+    List {
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        selection: SelectionArgs,
+        /// At most this many letters.
+        #[arg(long)]
+        limit: Option<u64>,
+    },
+    /// One letter: its envelope, headers and payload.
+    Show {
+        #[command(flatten)]
+        target: Target,
+        /// The letter's id (`message-id`, the original message's id, or the broker's).
+        id: String,
+        /// The whole payload, not its first 1 KiB.
+        #[arg(long)]
+        raw: bool,
+    },
+    /// Puts the selected letters back at their origin (or `--to`), at a rate.
+    Replay {
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        selection: SelectionArgs,
+        /// Where to put them instead of each one's origin.
+        #[arg(long)]
+        to: Option<String>,
+        /// At most this many letters a second.
+        #[arg(long)]
+        rate: Option<f64>,
+        /// At most this many selected letters.
+        #[arg(long)]
+        limit: Option<u64>,
+        /// Counts what would be replayed; replays nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// The loop guard: refuses letters already replayed this many times.
+        #[arg(long, default_value_t = 3)]
+        max_replays: u32,
+        /// Replays letters past the loop guard too.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Removes the selected letters for good.
+    Purge {
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        selection: SelectionArgs,
+        /// At most this many selected letters.
+        #[arg(long)]
+        limit: Option<u64>,
+        /// Does not ask (required when stdin is not a terminal).
+        #[arg(long, short)]
+        yes: bool,
+    },
+}
+
+/// The DLQ and how to reach it.
+#[derive(Debug, Args)]
+struct Target {
+    /// amqp://user:pass@host:5672/vhost, amqps://…, or an SQS endpoint or queue URL
+    /// http(s)://host/account/queue.
+    broker_url: String,
+    /// The DLQ: a queue name (or a queue URL on SQS).
+    dlq: String,
+    /// One JSON document on stdout instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    /// RabbitMQ: the most letters a run reads (the consumer's prefetch; a run holds every
+    /// letter it keeps until it ends).
+    #[arg(long, default_value_t = 10_000)]
+    prefetch: u16,
+    /// SQS: the endpoint, instead of the URL's (an emulator).
+    #[arg(long, env = "AWS_ENDPOINT_URL")]
+    endpoint_url: Option<String>,
+    /// SQS: the visibility timeout to receive with; longer than the run.
+    #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
+    visibility: Duration,
+    /// How long a wait for the next letter means the DLQ has been read to its end.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    idle: Duration,
+}
+
+/// Which letters: every condition given must hold.
+#[derive(Debug, Args, Default)]
+struct SelectionArgs {
+    /// Error kind (permanent, exhausted, abandoned); repeatable.
+    #[arg(long)]
+    kind: Vec<String>,
+    /// Errors containing this text.
+    #[arg(long)]
+    error_contains: Option<String>,
+    /// The queue it came from; repeatable.
+    #[arg(long)]
+    origin: Vec<String>,
+    /// Dead-lettered at or after: RFC 3339, or a duration ago (`2h`).
+    #[arg(long, value_parser = parse_time)]
+    since: Option<SystemTime>,
+    /// Dead-lettered before: RFC 3339, or a duration ago (`30m`).
+    #[arg(long, value_parser = parse_time)]
+    until: Option<SystemTime>,
+    /// The letter with this id; repeatable.
+    #[arg(long)]
+    id: Vec<String>,
+}
+
+impl SelectionArgs {
+    fn selection(&self) -> Selection {
+        let mut s = Selection::all();
+        for k in &self.kind {
+            s = s.with_kind(k.clone());
+        }
+        if let Some(text) = &self.error_contains {
+            s = s.with_error_containing(text.clone());
+        }
+        for o in &self.origin {
+            s = s.with_origin(o.clone());
+        }
+        if let Some(t) = self.since {
+            s = s.since(t);
+        }
+        if let Some(t) = self.until {
+            s = s.until(t);
+        }
+        for id in &self.id {
+            s = s.with_id(id.clone());
+        }
+        s
+    }
+}
+
+/// An RFC 3339 time, or a duration before now.
+fn parse_time(text: &str) -> Result<SystemTime, String> {
+    if let Ok(t) = humantime::parse_rfc3339_weak(text) {
+        return Ok(t);
+    }
+    match humantime::parse_duration(text) {
+        Ok(ago) => SystemTime::now()
+            .checked_sub(ago)
+            .ok_or_else(|| format!("`{text}` ago is before the epoch")),
+        Err(_) => Err(format!(
+            "`{text}` is neither an RFC 3339 time (2026-01-31T12:00:00Z) nor a duration ago (2h, 30m)"
+        )),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("redrive: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let result = run(cli).await;
+        // lapin's I/O threads finish closing the connections on this runtime's reactor:
+        // a moment for them, or they log errors as it shuts down.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        result
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("redrive: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Warnings to stderr, without the adapters' start-up advice about the queue's own
+/// dead-letter guard (a DLQ has none, on purpose).
+fn init_logging() {
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter = Targets::new()
+        .with_default(LevelFilter::WARN)
+        .with_target("redrive_rabbitmq::consumer::builder", LevelFilter::ERROR)
+        .with_target("redrive_sqs::consumer", LevelFilter::ERROR);
+    let _ = tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_target(false),
+        )
+        .with(filter)
+        .try_init();
+}
+
+async fn run(cli: Cli) -> Result<ExitCode, String> {
+    let Top::Dlq(cmd) = cli.command;
+    let target = match &cmd {
+        Dlq::Stats { target, .. }
+        | Dlq::List { target, .. }
+        | Dlq::Show { target, .. }
+        | Dlq::Replay { target, .. }
+        | Dlq::Purge { target, .. } => target,
+    };
+    let url = BrokerUrl::parse(&target.broker_url)?;
+    let connect = Connect {
+        prefetch: target.prefetch,
+        endpoint_url: target.endpoint_url.clone(),
+        visibility: target.visibility,
+    };
+    let needs_publisher = matches!(&cmd, Dlq::Replay { dry_run: false, .. });
+    // The bar's total, for its ETA: only where a bar is shown.
+    let wants_depth =
+        std::io::stderr().is_terminal() && matches!(&cmd, Dlq::Replay { .. } | Dlq::Purge { .. });
+    match &url {
+        BrokerUrl::Rabbit(amqp) => {
+            let dlq = target.dlq.clone();
+            let depth = match wants_depth {
+                true => broker::rabbit_depth(amqp, &dlq).await,
+                false => None,
+            };
+            let consumer = broker::rabbit_consumer(amqp, &dlq, &connect).await?;
+            let publisher = if needs_publisher {
+                Some(broker::rabbit_publisher(amqp).await?)
+            } else {
+                None
+            };
+            let ctx = commands::Context {
+                where_: url.display(),
+                dlq,
+                json: target.json,
+                idle: target.idle,
+                read_cap: Some(u64::from(target.prefetch)),
+                depth: depth.map(|d| d.min(u64::from(target.prefetch))),
+            };
+            let closing = publisher.clone();
+            let code = commands::run(cmd_of(cmd), ctx, consumer, publisher).await;
+            if let Some(p) = closing {
+                p.close().await;
+            }
+            code
+        }
+        BrokerUrl::Sqs { endpoint, .. } => {
+            let dlq = target.dlq.clone();
+            let sqs = broker::sqs(endpoint, &connect).await;
+            let depth = match wants_depth {
+                true => broker::sqs_depth(&sqs, &dlq).await,
+                false => None,
+            };
+            let consumer = settled::Settled::new(
+                broker::sqs_consumer(&sqs, &dlq, &connect).await?,
+                Duration::from_secs(10),
+            );
+            let publisher = needs_publisher.then(|| broker::sqs_publisher(&sqs));
+            let ctx = commands::Context {
+                where_: url.display(),
+                dlq,
+                json: target.json,
+                idle: target.idle,
+                read_cap: None,
+                depth,
+            };
+            commands::run(cmd_of(cmd), ctx, consumer, publisher).await
+        }
+    }
+}
+
+/// The command, without the target.
+fn cmd_of(cmd: Dlq) -> commands::Command {
+    use commands::Command;
+    match cmd {
+        Dlq::Stats { selection, top, .. } => Command::Stats {
+            selection: selection.selection(),
+            top,
+        },
+        Dlq::List {
+            selection, limit, ..
+        } => Command::List {
+            selection: selection.selection(),
+            limit,
+        },
+        Dlq::Show { id, raw, .. } => Command::Show { id, raw },
+        Dlq::Replay {
+            selection,
+            to,
+            rate,
+            limit,
+            dry_run,
+            max_replays,
+            force,
+            ..
+        } => {
+            let mut replay =
+                redrive_middleware::dead_letter::Replay::default().with_max_replays(max_replays);
+            if let Some(to) = to {
+                replay = replay.to(to);
+            }
+            if let Some(rate) = rate {
+                replay = replay.with_rate(rate);
+            }
+            if let Some(n) = limit {
+                replay = replay.with_limit(n);
+            }
+            if dry_run {
+                replay = replay.dry_run();
+            }
+            if force {
+                replay = replay.forced();
+            }
+            Command::Replay {
+                selection: selection.selection(),
+                replay,
+            }
+        }
+        Dlq::Purge {
+            selection,
+            limit,
+            yes,
+            ..
+        } => Command::Purge {
+            selection: selection.selection(),
+            limit,
+            yes,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        super::Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn times_are_rfc3339_or_a_duration_ago() {
+        let t = super::parse_time("2026-01-31T12:00:00Z").unwrap();
+        assert_eq!(
+            humantime::format_rfc3339(t).to_string(),
+            "2026-01-31T12:00:00Z"
+        );
+        let ago = super::parse_time("2h").unwrap();
+        let d = std::time::SystemTime::now().duration_since(ago).unwrap();
+        assert!((7199..7202).contains(&d.as_secs()), "{d:?}");
+        assert!(super::parse_time("yesterday").is_err());
+    }
+}
