@@ -5,6 +5,7 @@ use std::future::Future;
 use std::pin::pin;
 use std::time::Duration;
 
+use futures_util::stream::{FuturesUnordered, StreamExt as _};
 use redrive_core::{Consumer, Delivery, Publisher, Result, Settle};
 use tokio::time::Instant;
 
@@ -72,6 +73,9 @@ pub struct Replay {
     pub limit: Option<u64>,
     /// Publishes at most this many letters a second.
     pub rate: Option<f64>,
+    /// Publishes waiting for the broker's confirmation at once (default 16): replayed
+    /// letters may reach their destination in another order than the DLQ's.
+    pub in_flight: usize,
 }
 
 impl Replay {
@@ -110,6 +114,14 @@ impl Replay {
         self
     }
 
+    /// Keeps at most `n` publishes waiting for the broker's confirmation at once
+    /// (default 16; 1 replays in the DLQ's order).
+    #[must_use]
+    pub fn with_in_flight(mut self, n: usize) -> Self {
+        self.in_flight = n;
+        self
+    }
+
     /// Publishes at most `per_second` letters a second, evenly spaced.
     #[must_use]
     pub fn with_rate(mut self, per_second: f64) -> Self {
@@ -127,6 +139,7 @@ impl Default for Replay {
             dry_run: false,
             limit: None,
             rate: None,
+            in_flight: 16,
         }
     }
 }
@@ -221,51 +234,66 @@ impl<C: Consumer> DeadLetterQueue<C> {
         stop: impl Future<Output = ()>,
     ) -> Result<Progress> {
         let mut pace = replay.rate.map(Pace::new);
+        let in_flight = replay.in_flight.max(1);
+        let mut publishing = FuturesUnordered::new();
         let mut held = Vec::new();
         let mut stop = pin!(stop);
         let mut p = Progress::default();
         let result = self
-            .take_each(&mut held, &mut p, stop.as_mut(), replay.limit, async |letter, settle, p, held| {
-                if !selection.matches(&letter) {
-                    held.push(settle);
-                    return;
-                }
-                p.selected += 1;
-                let to = replay.to.as_deref().or(letter.origin.as_deref());
-                if letter.replays >= replay.max_replays && !replay.force {
-                    p.refused += 1;
-                    held.push(settle);
-                } else if to.is_none() {
-                    p.no_origin += 1;
-                    held.push(settle);
-                } else if replay.dry_run {
-                    p.done += 1;
-                    held.push(settle);
-                } else {
+            .take_each(
+                &mut held,
+                &mut p,
+                stop.as_mut(),
+                replay.limit,
+                async |letter, settle, p, held| {
+                    if !selection.matches(&letter) {
+                        held.push(settle);
+                        return;
+                    }
+                    p.selected += 1;
+                    let to = replay.to.as_deref().or(letter.origin.as_deref());
+                    let kept = if letter.replays >= replay.max_replays && !replay.force {
+                        Some(&mut p.refused)
+                    } else if to.is_none() {
+                        Some(&mut p.no_origin)
+                    } else if replay.dry_run {
+                        Some(&mut p.done)
+                    } else {
+                        None
+                    };
+                    if let Some(count) = kept {
+                        *count += 1;
+                        held.push(settle);
+                        progress(p);
+                        return;
+                    }
                     if let Some(pace) = &mut pace {
                         pace.wait().await;
                     }
-                    let to = to.unwrap_or_default();
-                    let sent = match letter.replay_message() {
-                        Ok(out) => publisher.publish(to, out).await,
-                        Err(e) => Err(redrive_core::Error::broker(e.to_string())),
-                    };
-                    match sent {
-                        Ok(()) if settle.ack().await.is_ok() => p.done += 1,
-                        Ok(()) => {
-                            tracing::warn!(letter = ?letter.id(), "replayed, but its removal from the DLQ failed: it stays there, a duplicate");
-                            p.failed += 1;
-                        }
-                        Err(e) => {
-                            tracing::warn!(letter = ?letter.id(), error = %e, "replay publish failed; the letter stays in the DLQ");
-                            p.failed += 1;
-                            held.push(settle);
+                    let to = to.unwrap_or_default().to_owned();
+                    let id = letter.id().map(str::to_owned);
+                    let out = letter.replay_message();
+                    publishing.push(async move {
+                        let sent = match out {
+                            Ok(out) => publisher.publish(&to, out).await,
+                            Err(e) => Err(redrive_core::Error::broker(e.to_string())),
+                        };
+                        (sent, settle, id)
+                    });
+                    while publishing.len() >= in_flight {
+                        if let Some(done) = publishing.next().await {
+                            published(done, p, held).await;
+                            progress(p);
                         }
                     }
-                }
-                progress(p);
-            })
+                },
+            )
             .await;
+        // What is still being published finishes, stopped or not.
+        while let Some(done) = publishing.next().await {
+            published(done, &mut p, &mut held).await;
+            progress(&p);
+        }
         hand_back(held).await;
         result.map(|()| p)
     }
@@ -360,6 +388,29 @@ impl<C: Consumer> DeadLetterQueue<C> {
     }
 }
 
+/// Settles a letter whose replay publish ended: removed from the DLQ once the publish
+/// is confirmed, kept otherwise.
+async fn published(
+    (sent, settle, id): (Result<()>, Settle, Option<String>),
+    p: &mut Progress,
+    held: &mut Vec<Settle>,
+) {
+    match sent {
+        Ok(()) => match settle.ack().await {
+            Ok(()) => p.done += 1,
+            Err(e) => {
+                tracing::warn!(letter = ?id, error = %e, "replayed, but its removal from the DLQ failed: it stays there, a duplicate");
+                p.failed += 1;
+            }
+        },
+        Err(e) => {
+            tracing::warn!(letter = ?id, error = %e, "replay publish failed; the letter stays in the DLQ");
+            p.failed += 1;
+            held.push(settle);
+        }
+    }
+}
+
 /// Hands every held letter back to the DLQ.
 async fn hand_back(held: Vec<Settle>) {
     for settle in held {
@@ -370,11 +421,17 @@ async fn hand_back(held: Vec<Settle>) {
     }
 }
 
-/// Spaces publishes evenly at a rate.
+/// Spaces publishes evenly at a rate. A publish that starts late (the broker slowed
+/// down, a receive took a while) is made up for by starting the next ones sooner, within
+/// a quarter of a second, so the rate over a run holds; a longer stall is not made up
+/// in a burst.
 struct Pace {
     every: Duration,
     next: Instant,
 }
+
+/// How far behind its schedule a pace catches up.
+const CATCH_UP: Duration = Duration::from_millis(250);
 
 impl Pace {
     fn new(per_second: f64) -> Self {
@@ -389,6 +446,7 @@ impl Pace {
         if self.next > now {
             tokio::time::sleep_until(self.next).await;
         }
-        self.next = self.next.max(now) + self.every;
+        let earliest = now.checked_sub(CATCH_UP).unwrap_or(now);
+        self.next = self.next.max(earliest) + self.every;
     }
 }
