@@ -302,9 +302,13 @@ async fn a_replay_killed_halfway_and_run_again_loses_nothing() {
     let origin = json(&strs(&with(q.args("list", &q.origin, &u), &[])), &env());
     let mut got = ids(&origin);
     let total = got.len();
+    let twice = got.windows(3).all(|w| !(w[0] == w[1] && w[1] == w[2]));
     got.dedup();
     let want: Vec<String> = bodies.iter().map(|b| format!("id-{b}")).collect();
     assert_eq!(got, want, "every message is back at its origin");
-    assert!(total <= 101, "at most one duplicate: {total}");
+    // Killed between a publish and its removal, a letter is duplicated once; at most
+    // the publishes in flight (16) can be caught that way.
+    assert!(twice, "no letter is at its origin three times");
+    assert!(total <= 100 + 16, "{} duplicates, more than the 16 in flight", total - 100);
     q.cleanup().await;
 }

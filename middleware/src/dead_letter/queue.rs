@@ -5,6 +5,7 @@ use std::future::Future;
 use std::pin::pin;
 use std::time::Duration;
 
+use futures_util::FutureExt as _;
 use futures_util::stream::{FuturesUnordered, StreamExt as _};
 use redrive_core::{Consumer, Delivery, Publisher, Result, Settle};
 use tokio::time::Instant;
@@ -74,7 +75,9 @@ pub struct Replay {
     /// Publishes at most this many letters a second.
     pub rate: Option<f64>,
     /// Publishes waiting for the broker's confirmation at once (default 16): replayed
-    /// letters may reach their destination in another order than the DLQ's.
+    /// letters may reach their destination in another order than the DLQ's, and a run
+    /// killed mid-way can leave up to this many letters both replayed and still in the
+    /// DLQ (each at most once more).
     pub in_flight: usize,
 }
 
@@ -267,8 +270,19 @@ impl<C: Consumer> DeadLetterQueue<C> {
                         progress(p);
                         return;
                     }
+                    // Publishes in flight progress only while polled: settle those that
+                    // end while the pace holds the next one back.
                     if let Some(pace) = &mut pace {
-                        pace.wait().await;
+                        let mut turn = pin!(pace.wait());
+                        loop {
+                            tokio::select! {
+                                () = &mut turn => break,
+                                Some(done) = publishing.next(), if !publishing.is_empty() => {
+                                    published(done, p, held).await;
+                                    progress(p);
+                                }
+                            }
+                        }
                     }
                     let to = to.unwrap_or_default().to_owned();
                     let id = letter.id().map(str::to_owned);
@@ -280,6 +294,12 @@ impl<C: Consumer> DeadLetterQueue<C> {
                         };
                         (sent, settle, id)
                     });
+                    // A letter leaves the DLQ as soon as its publish is confirmed, so a
+                    // run killed now duplicates as few as can be.
+                    while let Some(Some(done)) = publishing.next().now_or_never() {
+                        published(done, p, held).await;
+                        progress(p);
+                    }
                     while publishing.len() >= in_flight {
                         if let Some(done) = publishing.next().await {
                             published(done, p, held).await;
