@@ -29,6 +29,12 @@ pub(crate) enum BrokerUrl {
         endpoint: String,
         queue_url: Option<String>,
     },
+    /// `kafka://host:port[,host:port…][/topic]`: the bootstrap servers, and the topic
+    /// when the URL names one.
+    Kafka {
+        brokers: String,
+        topic: Option<String>,
+    },
 }
 
 impl BrokerUrl {
@@ -37,7 +43,7 @@ impl BrokerUrl {
         let Some((scheme, rest)) = url.split_once("://") else {
             return Err(format!(
                 "`{url}` is not a broker URL: use amqp://user:pass@host:5672/vhost, amqps://…, \
-                 or an SQS queue URL http(s)://host/account/queue"
+                 an SQS queue URL http(s)://host/account/queue, or kafka://host:port/topic"
             ));
         };
         match scheme.to_ascii_lowercase().as_str() {
@@ -51,15 +57,23 @@ impl BrokerUrl {
                         .then(|| format!("{scheme}://{host}/{path}")),
                 })
             }
-            "kafka" => Err(
-                "kafka:// is not supported yet: a Kafka consumer cannot remove one record from \
-                 the middle of a topic, so replaying a selection needs a design of its own \
-                 (see issue 23)"
-                    .to_owned(),
-            ),
+            "kafka" => {
+                let (brokers, topic) = rest.split_once('/').unwrap_or((rest, ""));
+                let topic = topic.trim_matches('/');
+                if brokers.is_empty() || brokers.contains('@') {
+                    return Err(format!(
+                        "`{url}`: name the brokers as kafka://host:port[,host:port…]/topic \
+                         (no credentials in the URL)"
+                    ));
+                }
+                Ok(BrokerUrl::Kafka {
+                    brokers: brokers.to_owned(),
+                    topic: (!topic.is_empty()).then(|| topic.to_owned()),
+                })
+            }
             other => Err(format!(
-                "unknown broker scheme `{other}://`: use amqp://, amqps://, or an SQS queue URL \
-                 http(s)://host/account/queue"
+                "unknown broker scheme `{other}://`: use amqp://, amqps://, an SQS queue URL \
+                 http(s)://host/account/queue, or kafka://host:port/topic"
             )),
         }
     }
@@ -78,6 +92,7 @@ impl BrokerUrl {
                 endpoint,
                 queue_url,
             } => queue_url.clone().unwrap_or_else(|| endpoint.clone()),
+            BrokerUrl::Kafka { brokers, .. } => format!("kafka://{brokers}"),
         }
     }
 }
@@ -220,8 +235,21 @@ mod tests {
                 queue_url: None,
             })
         );
-        let kafka = BrokerUrl::parse("kafka://localhost:9092/orders-dlq").unwrap_err();
-        assert!(kafka.contains("not supported yet"), "{kafka}");
+        assert_eq!(
+            BrokerUrl::parse("kafka://localhost:9092/orders-dlq"),
+            Ok(BrokerUrl::Kafka {
+                brokers: "localhost:9092".into(),
+                topic: Some("orders-dlq".into()),
+            })
+        );
+        assert_eq!(
+            BrokerUrl::parse("kafka://k1:9092,k2:9092"),
+            Ok(BrokerUrl::Kafka {
+                brokers: "k1:9092,k2:9092".into(),
+                topic: None,
+            })
+        );
+        assert!(BrokerUrl::parse("kafka:///orders-dlq").is_err());
         assert!(BrokerUrl::parse("orders").is_err());
         assert_eq!(
             BrokerUrl::parse("amqp://guest:secret@rabbit:5672/")

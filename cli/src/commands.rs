@@ -51,6 +51,9 @@ pub(crate) struct Context {
     pub(crate) read_cap: Option<u64>,
     /// The letters in the DLQ before the run, where known: the progress bar's total.
     pub(crate) depth: Option<u64>,
+    /// Kafka: the letters this run removed after one it kept, which the next run reads
+    /// again (the committed offset stops at the first kept letter).
+    pub(crate) reread: Option<crate::kafka::Reread>,
 }
 
 impl Context {
@@ -61,6 +64,21 @@ impl Context {
                  hold; the DLQ may have more: raise --prefetch (at most 65535)"
             );
         }
+    }
+
+    /// Kafka: how many letters this run `verb` after a letter it kept, which the next
+    /// run reads again; warns on stderr when there are any.
+    fn warn_reread(&self, verb: &str) -> Option<u64> {
+        let n = self.reread.as_ref()?.count();
+        if n > 0 {
+            eprintln!(
+                "redrive: warning: {n} letters {verb} after a letter this run kept: Kafka's \
+                 committed offset cannot move past a kept letter, so the next run reads them \
+                 again (and a replay would replay them again). Selecting every letter, or \
+                 running again until none is kept, avoids it."
+            );
+        }
+        Some(n)
     }
 }
 
@@ -87,6 +105,13 @@ pub(crate) async fn run<C: Consumer, P: Publisher>(
         } => purge(&mut dlq, &ctx, &selection, limit, yes).await,
     };
     if let Err(e) = dlq.close().await {
+        if ctx.reread.is_some() && result.is_ok() {
+            // Kafka: the close commits the offsets that remove the letters.
+            return Err(format!(
+                "committing the consumer group's offsets failed ({e}): the letters this run \
+                 replayed or purged are read again by the next run"
+            ));
+        }
         eprintln!("redrive: closing the consumer: {e}");
     }
     result
@@ -332,6 +357,7 @@ async fn replay_cmd<C: Consumer, P: Publisher>(
     let (took, rate) = meter.finish(p.done);
     let kept = p.read - if replay.dry_run { 0 } else { p.done };
     ctx.warn_if_capped(p.read, kept);
+    let reread = ctx.warn_reread("replayed");
     let stopped = stopped.load(Ordering::SeqCst);
     if ctx.json {
         print_json(&json!({
@@ -346,6 +372,7 @@ async fn replay_cmd<C: Consumer, P: Publisher>(
             "stopped": stopped,
             "seconds": took.as_secs_f64(),
             "per_second": rate,
+            "reread_next_run": reread,
         }));
     } else {
         println!(
@@ -423,6 +450,7 @@ async fn purge<C: Consumer>(
     })?;
     let (took, _) = meter.finish(p.done);
     ctx.warn_if_capped(p.read, p.read - p.done);
+    let reread = ctx.warn_reread("purged");
     let stopped = stopped.load(Ordering::SeqCst);
     if ctx.json {
         print_json(&json!({
@@ -433,6 +461,7 @@ async fn purge<C: Consumer>(
             "failed": p.failed,
             "stopped": stopped,
             "seconds": took.as_secs_f64(),
+            "reread_next_run": reread,
         }));
     } else {
         println!(

@@ -1,13 +1,17 @@
 //! `redrive`: look into a dead-letter queue, put a selection of its letters back where
-//! they came from at a rate, or purge them; on RabbitMQ and SQS.
+//! they came from at a rate, or purge them; on RabbitMQ, SQS and Kafka.
 //!
 //! Every command reads the DLQ through a consumer and holds the letters it keeps until
 //! it ends, then hands them back, so a run sees each letter once and a letter leaves
 //! the DLQ only once it was republished (confirmed) or purged. A run killed at any
 //! point leaves each letter in the DLQ or back at its origin, at worst both.
+//!
+//! On Kafka a DLQ is a topic, read by a consumer group of the tool's own, whose
+//! committed offset marks what the tool has removed (see `kafka.rs`).
 
 mod broker;
 mod commands;
+mod kafka;
 mod report;
 mod settled;
 
@@ -31,6 +35,17 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Top {
     /// Dead-letter queues: stats, list, show, replay, purge.
+    ///
+    /// On Kafka (kafka://host:port/topic) a DLQ is a topic, read by a consumer group of
+    /// the tool's own (`redrive-dlq-<topic>`, or `--group`) from the earliest offset, and
+    /// Kafka never deletes a record: "removed" means "before the tool group's committed
+    /// offset". stats, list and show read every letter after it and commit nothing.
+    /// replay and purge remove a letter by moving the committed offset past it, which
+    /// only moves over a contiguous run: a letter kept (not selected, refused, a dry
+    /// run) holds its partition's offset, so the letters replayed or purged after it
+    /// are read again by the next run (and a replay would replay them again). A run
+    /// prints their count as a warning; selecting every letter, or running again until
+    /// none is kept, avoids it. Do not run two commands on one group at once.
     #[command(subcommand)]
     Dlq(Dlq),
 }
@@ -68,6 +83,11 @@ enum Dlq {
         raw: bool,
     },
     /// Puts the selected letters back at their origin (or `--to`), at a rate.
+    ///
+    /// On Kafka a replayed letter is removed by moving the tool group's committed offset
+    /// past it, which cannot pass a letter the run kept: letters replayed after a kept
+    /// one are read, and would be replayed, again by the next run. The run prints their
+    /// count; selecting every letter, or running until none is kept, avoids it.
     Replay {
         #[command(flatten)]
         target: Target,
@@ -93,6 +113,10 @@ enum Dlq {
         force: bool,
     },
     /// Removes the selected letters for good.
+    ///
+    /// On Kafka no record is deleted: a purged letter is moved behind the tool group's
+    /// committed offset, which cannot pass a letter the run kept, so letters purged
+    /// after a kept one are read again by the next run (the run prints their count).
     Purge {
         #[command(flatten)]
         target: Target,
@@ -110,11 +134,15 @@ enum Dlq {
 /// The DLQ and how to reach it.
 #[derive(Debug, Args)]
 struct Target {
-    /// amqp://user:pass@host:5672/vhost, amqps://…, or an SQS endpoint or queue URL
-    /// http(s)://host/account/queue.
+    /// amqp://user:pass@host:5672/vhost, amqps://…, an SQS endpoint or queue URL
+    /// http(s)://host/account/queue, or `kafka://host:port[,host:port…][/topic]`.
     broker_url: String,
-    /// The DLQ: a queue name (or a queue URL on SQS).
+    /// The DLQ: a queue name (or a queue URL on SQS; a topic on Kafka).
     dlq: String,
+    /// Kafka: the tool's consumer group, whose committed offset marks the letters
+    /// removed (default `redrive-dlq-<topic>`).
+    #[arg(long)]
+    group: Option<String>,
     /// One JSON document on stdout instead of text.
     #[arg(long, global = true)]
     json: bool,
@@ -128,7 +156,9 @@ struct Target {
     /// SQS: the visibility timeout to receive with; longer than the run.
     #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
     visibility: Duration,
-    /// How long a wait for the next letter means the DLQ has been read to its end.
+    /// How long a wait for the next letter means the DLQ has been read to its end (on
+    /// Kafka a run ends once each partition was read to its end at the start; this wait
+    /// is the fallback).
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     idle: Duration,
 }
@@ -285,6 +315,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                 idle: target.idle,
                 read_cap: Some(u64::from(target.prefetch)),
                 depth: depth.map(|d| d.min(u64::from(target.prefetch))),
+                reread: None,
             };
             let closing = publisher.clone();
             let code = commands::run(cmd_of(cmd), ctx, consumer, publisher).await;
@@ -312,6 +343,37 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                 idle: target.idle,
                 read_cap: None,
                 depth,
+                reread: None,
+            };
+            commands::run(cmd_of(cmd), ctx, consumer, publisher).await
+        }
+        BrokerUrl::Kafka { brokers, topic } => {
+            let dlq = target.dlq.clone();
+            if let Some(topic) = topic.as_ref().filter(|t| **t != dlq) {
+                return Err(format!(
+                    "the URL names the topic `{topic}` and the DLQ argument `{dlq}`: give one \
+                     topic"
+                ));
+            }
+            let group = target
+                .group
+                .clone()
+                .unwrap_or_else(|| kafka::default_group(&dlq));
+            let extent = kafka::extent(brokers, &group, &dlq).await?;
+            let publisher = match needs_publisher {
+                true => Some(kafka::publisher(brokers)?),
+                false => None,
+            };
+            let consumer = kafka::consumer(brokers, &group, &dlq)?;
+            let consumer = kafka::KafkaDlq::start(consumer, &extent, &group).await?;
+            let ctx = commands::Context {
+                where_: url.display(),
+                dlq,
+                json: target.json,
+                idle: target.idle,
+                read_cap: None,
+                depth: Some(extent.depth()),
+                reread: Some(consumer.reread()),
             };
             commands::run(cmd_of(cmd), ctx, consumer, publisher).await
         }
