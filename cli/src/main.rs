@@ -375,8 +375,21 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                 depth: Some(extent.depth()),
                 reread: Some(consumer.reread()),
             };
-            commands::run(cmd_of(cmd), ctx, consumer, publisher).await
+            commands::run(in_order(cmd_of(cmd)), ctx, consumer, publisher).await
         }
+    }
+}
+
+/// On Kafka a replay publishes one letter at a time: the letters of one key (one
+/// partition of the DLQ) reach their origin in the DLQ's order, as Kafka consumers of
+/// that topic expect of a key.
+fn in_order(cmd: commands::Command) -> commands::Command {
+    match cmd {
+        commands::Command::Replay { selection, replay } => commands::Command::Replay {
+            selection,
+            replay: replay.with_in_flight(1),
+        },
+        other => other,
     }
 }
 

@@ -309,6 +309,10 @@ async fn a_replay_killed_halfway_and_run_again_loses_nothing() {
     // Killed between a publish and its removal, a letter is duplicated once; at most
     // the publishes in flight (16) can be caught that way.
     assert!(twice, "no letter is at its origin three times");
-    assert!(total <= 100 + 16, "{} duplicates, more than the 16 in flight", total - 100);
+    assert!(
+        total <= 100 + 16,
+        "{} duplicates, more than the 16 in flight",
+        total - 100
+    );
     q.cleanup().await;
 }
