@@ -20,7 +20,7 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
 use clap::{Args, Parser, Subcommand};
-use redrive_middleware::dead_letter::Selection;
+use redrive_middleware::dead_letter::{Replay, Selection};
 
 use crate::broker::{BrokerUrl, Connect};
 
@@ -28,6 +28,11 @@ use crate::broker::{BrokerUrl, Connect};
 #[derive(Debug, Parser)]
 #[command(name = "redrive", version, about)]
 struct Cli {
+    /// A settings file in the library's format (`redrive.toml`): its `[replay]` section
+    /// sets replay's defaults (max_replays, rate, in_flight, destination), which flags
+    /// override; `REDRIVE_REPLAY__<KEY>` variables override the file.
+    #[arg(long, global = true, env = "REDRIVE_CONFIG", value_name = "FILE")]
+    config: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Top,
 }
@@ -96,8 +101,8 @@ enum Dlq {
         /// Where to put them instead of each one's origin.
         #[arg(long)]
         to: Option<String>,
-        /// At most this many letters a second.
-        #[arg(long)]
+        /// At most this many letters a second (default: no limit, or `--config`'s).
+        #[arg(long, value_parser = parse_rate)]
         rate: Option<f64>,
         /// At most this many selected letters.
         #[arg(long)]
@@ -105,9 +110,10 @@ enum Dlq {
         /// Counts what would be replayed; replays nothing.
         #[arg(long)]
         dry_run: bool,
-        /// The loop guard: refuses letters already replayed this many times.
-        #[arg(long, default_value_t = 3)]
-        max_replays: u32,
+        /// The loop guard: refuses letters already replayed this many times (default 3,
+        /// or `--config`'s).
+        #[arg(long)]
+        max_replays: Option<u32>,
         /// Replays letters past the loop guard too.
         #[arg(long)]
         force: bool,
@@ -276,7 +282,29 @@ fn init_logging() {
         .try_init();
 }
 
+/// A rate: letters a second, above 0.
+fn parse_rate(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(r) if r.is_finite() && r > 0.0 => Ok(r),
+        _ => Err(format!(
+            "`{text}` is not a rate: give letters a second above 0 (500, 2.5)"
+        )),
+    }
+}
+
+/// Replay's defaults: `Replay::default()`, or the `[replay]` section of the settings
+/// file (and its environment variables) when `--config` names one.
+fn replay_defaults(config: Option<&std::path::Path>) -> Result<Replay, String> {
+    match config {
+        None => Ok(Replay::default()),
+        Some(path) => redrive::config::Settings::load(path)
+            .and_then(|s| s.replay())
+            .map_err(|e| e.to_string()),
+    }
+}
+
 async fn run(cli: Cli) -> Result<ExitCode, String> {
+    let defaults = replay_defaults(cli.config.as_deref())?;
     let Top::Dlq(cmd) = cli.command;
     let target = match &cmd {
         Dlq::Stats { target, .. }
@@ -318,7 +346,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                 reread: None,
             };
             let closing = publisher.clone();
-            let code = commands::run(cmd_of(cmd), ctx, consumer, publisher).await;
+            let code = commands::run(cmd_of(cmd, &defaults), ctx, consumer, publisher).await;
             if let Some(p) = closing {
                 p.close().await;
             }
@@ -345,7 +373,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                 depth,
                 reread: None,
             };
-            commands::run(cmd_of(cmd), ctx, consumer, publisher).await
+            commands::run(cmd_of(cmd, &defaults), ctx, consumer, publisher).await
         }
         BrokerUrl::Kafka { brokers, topic } => {
             let dlq = target.dlq.clone();
@@ -375,7 +403,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                 depth: Some(extent.depth()),
                 reread: Some(consumer.reread()),
             };
-            commands::run(in_order(cmd_of(cmd)), ctx, consumer, publisher).await
+            commands::run(in_order(cmd_of(cmd, &defaults)), ctx, consumer, publisher).await
         }
     }
 }
@@ -393,8 +421,8 @@ fn in_order(cmd: commands::Command) -> commands::Command {
     }
 }
 
-/// The command, without the target.
-fn cmd_of(cmd: Dlq) -> commands::Command {
+/// The command, without the target; a replay starts from `defaults`.
+fn cmd_of(cmd: Dlq, defaults: &Replay) -> commands::Command {
     use commands::Command;
     match cmd {
         Dlq::Stats { selection, top, .. } => Command::Stats {
@@ -418,8 +446,10 @@ fn cmd_of(cmd: Dlq) -> commands::Command {
             force,
             ..
         } => {
-            let mut replay =
-                redrive_middleware::dead_letter::Replay::default().with_max_replays(max_replays);
+            let mut replay = defaults.clone();
+            if let Some(n) = max_replays {
+                replay = replay.with_max_replays(n);
+            }
             if let Some(to) = to {
                 replay = replay.to(to);
             }
