@@ -468,3 +468,50 @@ fn another_prefix_reads_other_variables() {
         assert_eq!(settings.retry_config().unwrap().max_tries(), 2);
     });
 }
+
+#[test]
+fn replay_sets_the_dead_letter_replays_defaults() {
+    let none = Settings::from_toml_str("")
+        .expect("settings")
+        .replay()
+        .expect("replay");
+    assert_eq!(
+        (none.max_replays, none.rate, none.in_flight, none.to),
+        (3, None, 16, None)
+    );
+
+    let toml =
+        "[replay]\nmax_replays = 1\nrate = 500\nin_flight = 4\ndestination = \"orders-retry\"\n";
+    let r = Settings::from_toml_str(toml)
+        .expect("settings")
+        .replay()
+        .expect("replay");
+    assert_eq!(
+        (r.max_replays, r.rate, r.in_flight, r.to.as_deref()),
+        (1, Some(500.0), 4, Some("orders-retry"))
+    );
+
+    jail("[replay]\nrate = 2.5\n", |jail| {
+        jail.set_env("REDRIVE_REPLAY__MAX_REPLAYS", 0);
+        let r = Settings::load("redrive.toml")
+            .expect("settings")
+            .replay()
+            .expect("replay");
+        assert_eq!((r.max_replays, r.rate), (0, Some(2.5)));
+    });
+}
+
+#[test]
+fn a_replay_that_cannot_run_is_named_with_its_line() {
+    let err = toml_error("[replay]\nmax_replays = 2\nrate = 0\n");
+    assert_eq!(err.key(), Some("replay.rate"));
+    assert_eq!(err.line(), Some(3));
+    assert!(err.to_string().contains("above 0"), "{err}");
+
+    let err = toml_error("[replay]\nin_flight = 0\n");
+    assert_eq!(err.key(), Some("replay.in_flight"));
+    assert_eq!(err.line(), Some(2));
+
+    let err = toml_error("[replay]\nmax_replay = 2\n");
+    assert_eq!(err.key(), Some("replay.max_replay"));
+}

@@ -116,9 +116,14 @@ pub(crate) fn consumer(brokers: &str, group: &str, topic: &str) -> Result<KafkaC
         .map_err(|e| format!("cannot consume the DLQ `{topic}`: {e}"))
 }
 
-/// The publisher a Kafka replay puts letters back with.
+/// The publisher a Kafka replay puts letters back with: each record sent at once
+/// (`linger.ms=0`), since a replay one letter at a time waits for each before the next.
 pub(crate) fn publisher(brokers: &str) -> Result<KafkaPublisher, String> {
-    KafkaPublisher::new(brokers).map_err(|e| format!("cannot create a Kafka producer: {e}"))
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", "0");
+    KafkaPublisher::from_config(config).map_err(|e| format!("cannot create a Kafka producer: {e}"))
 }
 
 /// Per partition, each offset read and whether it was acked (removed).

@@ -20,7 +20,7 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
 use clap::{Args, Parser, Subcommand};
-use redrive_middleware::dead_letter::Selection;
+use redrive_middleware::dead_letter::{Replay, Selection};
 
 use crate::broker::{BrokerUrl, Connect};
 
@@ -28,6 +28,11 @@ use crate::broker::{BrokerUrl, Connect};
 #[derive(Debug, Parser)]
 #[command(name = "redrive", version, about)]
 struct Cli {
+    /// A settings file in the library's format (`redrive.toml`): its `[replay]` section
+    /// sets replay's defaults (max_replays, rate, in_flight, destination), which flags
+    /// override; `REDRIVE_REPLAY__<KEY>` variables override the file.
+    #[arg(long, global = true, env = "REDRIVE_CONFIG", value_name = "FILE")]
+    config: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Top,
 }
@@ -96,18 +101,24 @@ enum Dlq {
         /// Where to put them instead of each one's origin.
         #[arg(long)]
         to: Option<String>,
-        /// At most this many letters a second.
-        #[arg(long)]
+        /// At most this many letters a second (default: no limit, or `--config`'s).
+        #[arg(long, value_parser = parse_rate)]
         rate: Option<f64>,
         /// At most this many selected letters.
         #[arg(long)]
         limit: Option<u64>,
+        /// Publishes awaiting the broker's confirmation at once (default 16, or
+        /// `--config`'s; on Kafka 1 unless given here). More is faster; a run killed
+        /// mid-way may leave up to this many letters both replayed and still in the DLQ.
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+        in_flight: Option<u16>,
         /// Counts what would be replayed; replays nothing.
         #[arg(long)]
         dry_run: bool,
-        /// The loop guard: refuses letters already replayed this many times.
-        #[arg(long, default_value_t = 3)]
-        max_replays: u32,
+        /// The loop guard: refuses letters already replayed this many times (default 3,
+        /// or `--config`'s).
+        #[arg(long)]
+        max_replays: Option<u32>,
         /// Replays letters past the loop guard too.
         #[arg(long)]
         force: bool,
@@ -276,7 +287,29 @@ fn init_logging() {
         .try_init();
 }
 
+/// A rate: letters a second, above 0.
+fn parse_rate(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(r) if r.is_finite() && r > 0.0 => Ok(r),
+        _ => Err(format!(
+            "`{text}` is not a rate: give letters a second above 0 (500, 2.5)"
+        )),
+    }
+}
+
+/// Replay's defaults: `Replay::default()`, or the `[replay]` section of the settings
+/// file (and its environment variables) when `--config` names one.
+fn replay_defaults(config: Option<&std::path::Path>) -> Result<Replay, String> {
+    match config {
+        None => Ok(Replay::default()),
+        Some(path) => redrive::config::Settings::load(path)
+            .and_then(|s| s.replay())
+            .map_err(|e| e.to_string()),
+    }
+}
+
 async fn run(cli: Cli) -> Result<ExitCode, String> {
+    let defaults = replay_defaults(cli.config.as_deref())?;
     let Top::Dlq(cmd) = cli.command;
     let target = match &cmd {
         Dlq::Stats { target, .. }
@@ -292,6 +325,13 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
         visibility: target.visibility,
     };
     let needs_publisher = matches!(&cmd, Dlq::Replay { dry_run: false, .. });
+    let in_flight_given = matches!(
+        &cmd,
+        Dlq::Replay {
+            in_flight: Some(_),
+            ..
+        }
+    );
     // The bar's total, for its ETA: only where a bar is shown.
     let wants_depth =
         std::io::stderr().is_terminal() && matches!(&cmd, Dlq::Replay { .. } | Dlq::Purge { .. });
@@ -318,7 +358,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                 reread: None,
             };
             let closing = publisher.clone();
-            let code = commands::run(cmd_of(cmd), ctx, consumer, publisher).await;
+            let code = commands::run(cmd_of(cmd, &defaults), ctx, consumer, publisher).await;
             if let Some(p) = closing {
                 p.close().await;
             }
@@ -345,7 +385,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                 depth,
                 reread: None,
             };
-            commands::run(cmd_of(cmd), ctx, consumer, publisher).await
+            commands::run(cmd_of(cmd, &defaults), ctx, consumer, publisher).await
         }
         BrokerUrl::Kafka { brokers, topic } => {
             let dlq = target.dlq.clone();
@@ -375,15 +415,22 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                 depth: Some(extent.depth()),
                 reread: Some(consumer.reread()),
             };
-            commands::run(in_order(cmd_of(cmd)), ctx, consumer, publisher).await
+            let command = match in_flight_given {
+                true => cmd_of(cmd, &defaults),
+                false => one_at_a_time(cmd_of(cmd, &defaults)),
+            };
+            commands::run(command, ctx, consumer, publisher).await
         }
     }
 }
 
-/// On Kafka a replay publishes one letter at a time: the letters of one key (one
-/// partition of the DLQ) reach their origin in the DLQ's order, as Kafka consumers of
-/// that topic expect of a key.
-fn in_order(cmd: commands::Command) -> commands::Command {
+/// On Kafka a replay publishes one letter at a time unless `--in-flight` says
+/// otherwise: each record goes to the broker in a produce request of its own, which
+/// every Kafka-protocol broker counts exactly (tansu 0.6 miscounts a partition's high
+/// watermark after multi-record batches), and reaches its origin in the DLQ's order.
+/// With more in flight the order holds too: the producer is idempotent, and the
+/// publishes are queued in the DLQ's order.
+fn one_at_a_time(cmd: commands::Command) -> commands::Command {
     match cmd {
         commands::Command::Replay { selection, replay } => commands::Command::Replay {
             selection,
@@ -393,8 +440,8 @@ fn in_order(cmd: commands::Command) -> commands::Command {
     }
 }
 
-/// The command, without the target.
-fn cmd_of(cmd: Dlq) -> commands::Command {
+/// The command, without the target; a replay starts from `defaults`.
+fn cmd_of(cmd: Dlq, defaults: &Replay) -> commands::Command {
     use commands::Command;
     match cmd {
         Dlq::Stats { selection, top, .. } => Command::Stats {
@@ -412,19 +459,25 @@ fn cmd_of(cmd: Dlq) -> commands::Command {
             selection,
             to,
             rate,
+            in_flight,
             limit,
             dry_run,
             max_replays,
             force,
             ..
         } => {
-            let mut replay =
-                redrive_middleware::dead_letter::Replay::default().with_max_replays(max_replays);
+            let mut replay = defaults.clone();
+            if let Some(n) = max_replays {
+                replay = replay.with_max_replays(n);
+            }
             if let Some(to) = to {
                 replay = replay.to(to);
             }
             if let Some(rate) = rate {
                 replay = replay.with_rate(rate);
+            }
+            if let Some(n) = in_flight {
+                replay = replay.with_in_flight(usize::from(n));
             }
             if let Some(n) = limit {
                 replay = replay.with_limit(n);

@@ -106,7 +106,19 @@ impl Topics {
         for m in messages(bodies) {
             p.publish(&self.origin, m).await.expect("publish");
         }
-        let handled = Arc::new(Mutex::new(Vec::new()));
+        self.work(
+            false,
+            dlq,
+            bodies.len() - usize::try_from(dlq).expect("dlq"),
+        )
+        .await;
+    }
+
+    /// Runs the Worker over the origin, in its group (which resumes where the last run
+    /// committed), until the DLQ topic holds `dlq` records and it handled `handled`
+    /// messages; returns their bodies, sorted.
+    async fn work(&self, fixed: bool, dlq: i64, handled: usize) -> Vec<String> {
+        let seen = Arc::new(Mutex::new(Vec::new()));
         let consumer = KafkaConsumer::builder(
             &self.brokers,
             &format!("{}-worker", self.origin),
@@ -118,22 +130,24 @@ impl Topics {
         .set("heartbeat.interval.ms", "500")
         .build()
         .expect("consumer");
-        let ok = bodies.len() as i64 - dlq;
-        let (brokers, dlq_name, seen) = (self.brokers.clone(), self.dlq.clone(), handled.clone());
+        let (brokers, dlq_name, counted) = (self.brokers.clone(), self.dlq.clone(), seen.clone());
         run_worker(
             consumer,
             Arc::new(publisher(&self.brokers)),
-            false,
-            handled,
+            fixed,
+            seen.clone(),
             async move {
-                wait_until(Duration::from_secs(30), "the Worker's run", || async {
+                wait_until(Duration::from_secs(40), "the Worker's run", || async {
                     depth(&brokers, &dlq_name).await == dlq
-                        && seen.lock().expect("lock").len() as i64 == ok
+                        && counted.lock().expect("lock").len() == handled
                 })
                 .await;
             },
         )
         .await;
+        let mut v = seen.lock().expect("lock").clone();
+        v.sort();
+        v
     }
 
     /// `redrive dlq <cmd> kafka://brokers/<topic> <topic> <more…> --json`.
@@ -237,6 +251,8 @@ async fn a_filtered_replay_replays_exactly_the_selection() {
     );
     assert_eq!(depth(&t.brokers, &t.origin).await, 7 + 2);
     assert_eq!(t.replayed_to_origin(), ["id-slow-1", "id-slow-2"]);
+    // The bug is fixed: the Worker, resuming its group, handles them.
+    assert_eq!(t.work(true, 5, 2).await, ["slow-1", "slow-2"]);
 
     // Only the letters before the first kept one are past the committed offset.
     let left = t.run("list", &t.dlq, &[]);
@@ -258,4 +274,91 @@ async fn a_filtered_replay_replays_exactly_the_selection() {
     );
     let after = t.run("stats", &t.dlq, &[]);
     assert_eq!(after["read"], 0, "{after}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_loop_guard_refuses_a_letter_that_failed_again() {
+    let t = Topics::new("guard").await;
+    let bodies: Vec<String> = ["bad-1", "bad-2", "bad-3"].map(str::to_owned).to_vec();
+    t.fill(&bodies, 3).await;
+    let replay = |more: &[&str]| {
+        let mut args = vec!["--max-replays", "1"];
+        args.extend_from_slice(more);
+        t.run("replay", &t.dlq, &args)
+    };
+    let first = replay(&[]);
+    assert_eq!(
+        (&first["replayed"], &first["reread_next_run"]),
+        (&3.into(), &0.into()),
+        "{first}"
+    );
+    // Still broken: they come back to the DLQ, replayed once.
+    assert!(t.work(false, 6, 0).await.is_empty());
+
+    let guarded = replay(&[]);
+    assert_eq!(
+        (&guarded["read"], &guarded["replayed"], &guarded["refused"]),
+        (&3.into(), &0.into(), &3.into()),
+        "{guarded}"
+    );
+    assert_eq!(depth(&t.brokers, &t.origin).await, 3 + 3);
+    // Refused letters stay before the group's committed offset: forced, they go back.
+    let forced = replay(&["--force"]);
+    assert_eq!(
+        (&forced["read"], &forced["replayed"], &forced["refused"]),
+        (&3.into(), &3.into(), &0.into()),
+        "{forced}"
+    );
+    assert_eq!(depth(&t.brokers, &t.origin).await, 3 + 3 + 3);
+    assert_eq!(t.run("stats", &t.dlq, &[])["read"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replay_killed_halfway_and_run_again_loses_nothing() {
+    let t = Topics::new("kill").await;
+    let bodies: Vec<String> = (0..100).map(|i| format!("bad-{i:03}")).collect();
+    t.fill(&bodies, 100).await;
+
+    let url = format!("kafka://{}/{}", t.brokers, t.dlq);
+    let mut child = common::redrive(&["dlq", "replay", &url, &t.dlq, "--rate", "20"], &[])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    // Past the group join, a second and a half of replays (some committed, the last
+    // ones not).
+    wait_until(Duration::from_secs(40), "the first replays", || async {
+        depth(&t.brokers, &t.origin).await >= 100 + 30
+    })
+    .await;
+    child.kill().expect("SIGKILL");
+    child.wait().expect("wait");
+    let moved = depth(&t.brokers, &t.origin).await - 100;
+    assert!(
+        (30..90).contains(&moved),
+        "killed halfway: {moved} replayed"
+    );
+
+    // The next run waits for the killed run's member to expire from the group, reads
+    // from the committed offset and replays the rest.
+    let again = t.run("replay", &t.dlq, &[]);
+    assert_eq!(again["failed"], 0, "{again}");
+    let resumed = again["replayed"].as_i64().expect("replayed");
+    assert_eq!(t.run("stats", &t.dlq, &[])["read"], 0, "the DLQ is done");
+
+    let mut got = t.replayed_to_origin();
+    let total = got.len();
+    let twice = got.windows(3).all(|w| !(w[0] == w[1] && w[1] == w[2]));
+    got.dedup();
+    let want: Vec<String> = bodies.iter().map(|b| format!("id-{b}")).collect();
+    assert_eq!(got, want, "every letter is back at its origin");
+    assert_eq!(total as i64, moved + resumed);
+    // What the killed run replayed after its last commit (the adapter commits each
+    // second; at 20/s about 20) is replayed again, once.
+    assert!(twice, "no letter is at its origin three times");
+    assert!(
+        total <= 100 + 30,
+        "{} duplicates, more than a commit interval's worth",
+        total - 100
+    );
 }

@@ -341,6 +341,66 @@ async fn purge_asks_for_yes_and_removes_only_the_selection() {
     q.cleanup().await;
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_settings_file_sets_the_replay_defaults_and_flags_win() {
+    let q = Queues::new("settings");
+    q.fill(&known_bodies(), 5).await;
+    let u = url();
+    let dir = std::env::temp_dir().join(redrive_core::testkit::unique_name("redrive-cli-settings"));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let file = dir.join("redrive.toml");
+    // The library's file: the sections the Worker reads, and `[replay]`.
+    std::fs::write(
+        &file,
+        "[dead_letter]\nmax_attempts = 2\n\n[replay]\nmax_replays = 0\nrate = 200\n",
+    )
+    .expect("write");
+    let config = file.to_str().expect("utf-8").to_owned();
+    let replay = |more: &[&str], env: &[(&str, String)]| {
+        let mut args = with(q.args("replay", &q.dlq, &u), &["--config", &config]);
+        args.extend(more.iter().map(|s| (*s).to_owned()));
+        json(&strs(&args), env)
+    };
+
+    // max_replays = 0: the loop guard refuses every letter.
+    let guarded = replay(&["--kind", "permanent"], &[]);
+    assert_eq!(
+        (
+            &guarded["selected"],
+            &guarded["replayed"],
+            &guarded["refused"]
+        ),
+        (&3.into(), &0.into(), &3.into()),
+        "{guarded}"
+    );
+    // The environment overrides the file, and a flag overrides both.
+    let by_env = replay(
+        &["--kind", "permanent"],
+        &[("REDRIVE_REPLAY__MAX_REPLAYS", "1".to_owned())],
+    );
+    assert_eq!(by_env["replayed"], 3, "{by_env}");
+    let by_flag = replay(&["--kind", "exhausted", "--max-replays", "1"], &[]);
+    assert_eq!(by_flag["replayed"], 2, "{by_flag}");
+    assert_eq!((depth(&q.origin).await, depth(&q.dlq).await), (5, 0));
+
+    // A value that cannot work stops the run before it connects, naming the key.
+    std::fs::write(&file, "[replay]\nrate = 0\n").expect("write");
+    let out = common::redrive(
+        &strs(&with(q.args("replay", &q.dlq, &u), &["--config", &config])),
+        &[],
+    )
+    .output()
+    .expect("run redrive");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("replay.rate") && err.contains("redrive.toml") && err.contains("above 0"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    q.cleanup().await;
+}
+
 /// Leaves a DLQ named `orders-dlq` (from `orders`) filled for a demonstration:
 /// `cargo test -p redrive-cli --test rabbitmq -- --ignored demo`.
 #[tokio::test(flavor = "multi_thread")]

@@ -13,7 +13,7 @@ use super::{ENV_PREFIX, Settings, SettingsError};
 const ENV_SEPARATOR: &str = "__";
 
 /// The sections, which the environment variables read must start with.
-const SECTIONS: [&str; 7] = [
+const SECTIONS: [&str; 8] = [
     "worker",
     "retry",
     "timeout",
@@ -21,6 +21,7 @@ const SECTIONS: [&str; 7] = [
     "rate_limit",
     "idempotency",
     "dead_letter",
+    "replay",
 ];
 
 impl Settings {
@@ -103,6 +104,7 @@ impl Settings {
         }
         self.idempotency_config()?;
         self.dead_letter_config()?;
+        self.replay()?;
         Ok(())
     }
 }

@@ -137,6 +137,14 @@
 //! | `[dead_letter]` | `max_attempts`, `abandon_margin`, `max_error_len` | number |
 //! | | `destination`, `consumer_name` | string |
 //! | | `rejected_delay` | duration |
+//! | `[replay]` | `max_replays` | number (3): the loop guard |
+//! | | `rate` | letters a second, above 0 (no limit) |
+//! | | `in_flight` | number, at least 1 (16) |
+//! | | `destination` | string (each letter's origin) |
+//!
+//! `[replay]` sets what a dead-letter replay does unless told otherwise: the `redrive`
+//! command-line tool reads it from the file its `--config` names (its flags win), and
+//! [`Settings::replay`] hands it to [`DeadLetterQueue::replay`].
 //!
 //! What only code can give (a classifier, a hook, a key function, a dead-letter filter)
 //! goes on the configurations [`Settings`] hands out: [`Settings::retry_config`] and
@@ -151,6 +159,7 @@
 //! [`Stack`]: crate::middleware::Stack
 //! [`RetryConfig`]: crate::middleware::retry::RetryConfig
 //! [`CircuitBreakerConfig`]: crate::middleware::circuit_breaker::CircuitBreakerConfig
+//! [`DeadLetterQueue::replay`]: crate::middleware::dead_letter::DeadLetterQueue::replay
 
 /// `SettingsError`: what went wrong, and where the value came from.
 mod error;
@@ -171,6 +180,9 @@ mod worker;
 /// The layers `Settings` hands out, each built from its section.
 mod layers;
 
+/// The defaults of a dead-letter replay (`redrive dlq replay`), from `[replay]`.
+mod replay;
+
 use std::fmt;
 
 use serde::Deserialize;
@@ -178,8 +190,8 @@ use serde::Deserialize;
 pub use error::SettingsError;
 use error::Sources;
 use sections::{
-    CircuitBreakerSection, DeadLetterSection, IdempotencySection, RateLimitSection, RetrySection,
-    TimeoutSection, WorkerSection,
+    CircuitBreakerSection, DeadLetterSection, IdempotencySection, RateLimitSection, ReplaySection,
+    RetrySection, TimeoutSection, WorkerSection,
 };
 
 /// The prefix of the environment variables [`Settings::load`] reads.
@@ -203,6 +215,7 @@ pub struct Settings {
     rate_limit: Option<RateLimitSection>,
     idempotency: Option<IdempotencySection>,
     dead_letter: Option<DeadLetterSection>,
+    replay: Option<ReplaySection>,
     #[serde(skip)]
     sources: Sources,
 }
@@ -217,6 +230,7 @@ impl fmt::Debug for Settings {
             .field("rate_limit", &self.rate_limit)
             .field("idempotency", &self.idempotency)
             .field("dead_letter", &self.dead_letter)
+            .field("replay", &self.replay)
             .field("sources", &self.sources)
             .finish()
     }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use redrive_core::Redelivery;
 use redrive_middleware::circuit_breaker::{CircuitBreakerConfig, FailureRate};
-use redrive_middleware::dead_letter::DeadLetterConfig;
+use redrive_middleware::dead_letter::{DeadLetterConfig, Replay};
 use redrive_middleware::idempotency::{CommitMode, IdempotencyConfig, Unkeyed};
 use redrive_middleware::rate_limit::RateLimitConfig;
 use redrive_middleware::retry::{Backoff, Budget, RetryConfig};
@@ -379,6 +379,37 @@ impl DeadLetterSection {
             c = c.with_max_error_len(n);
         }
         c
+    }
+}
+
+/// `[replay]`: what `redrive dlq replay` and [`DeadLetterQueue::replay`] do by default.
+///
+/// [`DeadLetterQueue::replay`]: redrive_middleware::dead_letter::DeadLetterQueue::replay
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ReplaySection {
+    pub(super) max_replays: Option<u32>,
+    pub(super) rate: Option<f64>,
+    pub(super) in_flight: Option<usize>,
+    pub(super) destination: Option<String>,
+}
+
+impl ReplaySection {
+    pub(super) fn replay(&self) -> Replay {
+        let mut r = Replay::default();
+        if let Some(n) = self.max_replays {
+            r = r.with_max_replays(n);
+        }
+        if let Some(rate) = self.rate {
+            r = r.with_rate(rate);
+        }
+        if let Some(n) = self.in_flight {
+            r = r.with_in_flight(n);
+        }
+        if let Some(d) = &self.destination {
+            r = r.to(d.as_str());
+        }
+        r
     }
 }
 
