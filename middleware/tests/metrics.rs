@@ -574,3 +574,117 @@ async fn a_stack_reports_the_messages_its_worker_parks() {
         })
         .await;
 }
+
+/// The u64 instrument `name`'s value for the rate limit's `key`, if it has a point.
+#[cfg(all(feature = "rate-limit", feature = "redis"))]
+fn rate_limit_figure(exporter: &InMemoryMetricExporter, name: &str, key: &str) -> Option<u64> {
+    let mut found = None;
+    for rm in exporter.get_finished_metrics().unwrap() {
+        for sm in rm.scope_metrics() {
+            for m in sm.metrics().filter(|m| m.name() == name) {
+                let points: Vec<(String, u64)> = match m.data() {
+                    AggregatedMetrics::U64(MetricData::Gauge(g)) => g
+                        .data_points()
+                        .map(|p| {
+                            (
+                                p.attributes().map(|kv| kv.value.to_string()).collect(),
+                                p.value(),
+                            )
+                        })
+                        .collect(),
+                    AggregatedMetrics::U64(MetricData::Sum(s)) => s
+                        .data_points()
+                        .map(|p| {
+                            (
+                                p.attributes().map(|kv| kv.value.to_string()).collect(),
+                                p.value(),
+                            )
+                        })
+                        .collect(),
+                    other => panic!("{name} is not a u64 gauge or counter: {other:?}"),
+                };
+                for (attrs, value) in points {
+                    if attrs == key {
+                        found = Some(value);
+                    }
+                }
+            }
+        }
+    }
+    found
+}
+
+#[cfg(all(feature = "rate-limit", feature = "redis"))]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stack_reports_a_cluster_rate_limit_running_without_redis() {
+    use redrive_middleware::Stack;
+    use redrive_middleware::rate_limit::{
+        OnUnreachable, RedisRateLimitConfig, RedisRateLimitLayer,
+    };
+
+    let exporter = InMemoryMetricExporter::default();
+    let provider = SdkMeterProvider::builder()
+        .with_periodic_exporter(exporter.clone())
+        .build();
+    let broker = MemoryBroker::new();
+    for i in 0..5 {
+        broker
+            .publish("orders", OutgoingMessage::new(i.to_string()))
+            .await
+            .unwrap();
+    }
+    // Nothing listens on port 1: the limit fails open, and says so.
+    let limit = RedisRateLimitLayer::from_url(
+        "redis://127.0.0.1:1",
+        RedisRateLimitConfig::new(
+            "orders-downstream",
+            redrive_middleware::rate_limit::RateLimitConfig::per_second(100),
+        )
+        .with_on_unreachable(OnUnreachable::fail_open())
+        .with_timeout(Duration::from_millis(200)),
+    )
+    .unwrap();
+    let stack = Stack::new()
+        .metrics(MetricsLayer::new(&provider.meter("test")))
+        .rate_limit(limit.clone());
+    let handled = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = handled.clone();
+    let worker = Worker::builder(broker.consumer("orders"))
+        .stack(stack)
+        .handler(handler_fn(move |_: Message| {
+            let counted = counted.clone();
+            async move {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                Ok::<(), BoxError>(())
+            }
+        }))
+        .build()
+        .unwrap();
+    let (p, e, h, l) = (
+        provider.clone(),
+        exporter.clone(),
+        handled.clone(),
+        limit.clone(),
+    );
+    worker
+        .run_until(async move {
+            while h.load(std::sync::atomic::Ordering::SeqCst) < 5 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            p.force_flush().unwrap();
+            let figure = |name| rate_limit_figure(&e, name, "orders-downstream");
+            assert_eq!(figure("redrive.rate_limit.degraded"), Some(1));
+            assert_eq!(figure("redrive.rate_limit.outages"), Some(1));
+            // Each message handled took a permit, and the Worker readies the service
+            // for the next one: one more may be taken.
+            let permits = figure("redrive.rate_limit.degraded_permits");
+            assert_eq!(permits, Some(l.degraded_permits()));
+            assert!(permits.is_some_and(|n| (5..=6).contains(&n)), "{permits:?}");
+            assert!(
+                figure("redrive.rate_limit.redis_calls").is_some_and(|n| (1..=2).contains(&n)),
+                "{:?}",
+                figure("redrive.rate_limit.redis_calls")
+            );
+        })
+        .await;
+}

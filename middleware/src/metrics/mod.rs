@@ -72,6 +72,8 @@
 mod future;
 mod instruments;
 mod layer;
+#[cfg(all(feature = "rate-limit", feature = "redis"))]
+mod rate_limit;
 mod worker;
 
 use std::fmt;
@@ -85,6 +87,8 @@ use tower::Service;
 pub use future::ResponseFuture;
 
 pub use layer::{MetricsLayer, PartitionReading, QueueReading, RetryCounter};
+#[cfg(all(feature = "rate-limit", feature = "redis"))]
+pub use rate_limit::ATTR_RATE_LIMIT_KEY;
 pub use worker::ATTR_WORKER;
 
 use future::InFlight;

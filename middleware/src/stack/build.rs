@@ -124,6 +124,7 @@ where
 
     fn attach(&self, health: &redrive_core::Health) {
         self.metrics.observe_worker(health);
+        self.metrics.report_part(&self.rate_limit);
     }
 
     fn wrap(&self, handler: H) -> Self::Service {

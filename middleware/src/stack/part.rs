@@ -35,6 +35,12 @@ pub trait StackPart {
     fn reservation_lease(&self) -> Option<Duration> {
         None
     }
+
+    /// Reports the layer's own state through the Stack's metrics layer, once a Worker
+    /// is built with the Stack (the cluster-wide rate limit's); nothing for most
+    /// layers.
+    #[cfg(feature = "metrics")]
+    fn report_into(&self, _metrics: &crate::metrics::MetricsLayer) {}
 }
 
 impl StackPart for Identity {

@@ -214,6 +214,10 @@ pub trait MetricsPlace: sealed::SealedPlace {
     /// Reports the Worker's own figures, if this place holds a metrics layer.
     #[doc(hidden)]
     fn observe_worker(&self, health: &redrive_core::Health);
+
+    /// Has `part` report its own state, if this place holds a metrics layer.
+    #[doc(hidden)]
+    fn report_part<P: super::StackPart>(&self, part: &P);
 }
 
 /// The circuit breaker place, whose state the Stack's metrics layer reports.
@@ -253,6 +257,8 @@ impl MetricsPlace for tower::layer::util::Identity {
     fn follow<B: BreakerPlace>(&self, _: &B) {}
 
     fn observe_worker(&self, _: &redrive_core::Health) {}
+
+    fn report_part<P: super::StackPart>(&self, _: &P) {}
 }
 
 impl RetryPlace for tower::layer::util::Identity {
@@ -282,6 +288,10 @@ impl MetricsPlace for crate::metrics::MetricsLayer {
 
     fn observe_worker(&self, health: &redrive_core::Health) {
         crate::metrics::MetricsLayer::observe_worker(self, health.clone());
+    }
+
+    fn report_part<P: super::StackPart>(&self, part: &P) {
+        part.report_into(self);
     }
 }
 

@@ -149,4 +149,9 @@ impl crate::StackPart for RedisRateLimitLayer {
             config.prefetch
         ))
     }
+
+    #[cfg(feature = "metrics")]
+    fn report_into(&self, metrics: &crate::metrics::MetricsLayer) {
+        metrics.observe_rate_limit(self);
+    }
 }
