@@ -5,6 +5,15 @@
 //! `circuit_breaker`, `rate_limit`, `retry`, `timeout`. Layers see the
 //! [`Message`](redrive_core::Message) and the handler's result; they never settle a
 //! delivery (the Worker does).
+//!
+//! # TLS to Redis
+//! With the `redis-tls` feature, the Redis idempotency store and rate limit take
+//! `rediss://` URLs (`RedisStore::connect`, `RedisRateLimitLayer::from_url`), trusting
+//! the platform's roots, or a CA file of yours (`RedisStore::connect_with_ca`,
+//! `RedisRateLimitLayer::from_url_with_ca`). TLS is rustls with its ring crypto
+//! provider, which the first `rediss://` client installs as the process's default
+//! unless the application installed one before: to use another provider, install it
+//! before building that client.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod error;
@@ -28,6 +37,8 @@ pub mod metrics;
 #[cfg(feature = "rate-limit")]
 #[cfg_attr(docsrs, doc(cfg(feature = "rate-limit")))]
 pub mod rate_limit;
+#[cfg(feature = "redis")]
+mod redis_client;
 #[cfg(feature = "retry")]
 #[cfg_attr(docsrs, doc(cfg(feature = "retry")))]
 pub mod retry;

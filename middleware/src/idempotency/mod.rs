@@ -96,8 +96,9 @@
 //! ready service is dropped with the call, and what it held with it.
 //!
 //! # Stores
-//! [`MemoryStore`] (one process only), `RedisStore` (feature `redis`) and
-//! `PostgresStore` (feature `postgres`), or your own [`IdempotencyStore`].
+//! [`MemoryStore`] (one process only), `RedisStore` (feature `redis`; over TLS with
+//! `rediss://` URLs and the `redis-tls` feature) and `PostgresStore` (feature
+//! `postgres`), or your own [`IdempotencyStore`].
 //!
 //! # Order
 //! Inside `dead_letter` and the circuit breaker (so an unreachable store trips the

@@ -9,6 +9,11 @@ use redis::{FromRedisValue, Script};
 
 use super::store::millis_ceil;
 use super::{CommitStatus, IdempotencyStore, Reservation, StoreError, StoreFuture, Token};
+use crate::redis_client::Target;
+
+/// The constructor that takes a CA file, for the error when the platform's roots do
+/// not trust the server's certificate.
+const WITH_CA: &str = "`RedisStore::connect_with_ca`";
 
 /// Reserves a free key: `{0, 0}`; finds it committed: `{1, 0}`; finds it reserved:
 /// `{2, pttl}`. KEYS[1] = key, ARGV[1] = token, ARGV[2] = lease in ms.
@@ -105,6 +110,9 @@ return 0
 /// here the consumer's redelivery delays are the backoff). No operation waits longer
 /// than the store's [timeout](Self::with_timeout), whatever the manager's settings.
 ///
+/// A `rediss://` URL connects with TLS (feature `redis-tls`), against the platform's
+/// roots, or against a CA file of yours with [`connect_with_ca`](Self::connect_with_ca).
+///
 /// ```no_run
 /// use std::sync::Arc;
 /// use redrive_middleware::idempotency::{IdempotencyConfig, IdempotencyLayer, RedisStore};
@@ -153,19 +161,65 @@ impl RedisStore {
             .set_number_of_retries(0)
     }
 
-    /// Connects to the server at `url` (`redis://host:port/db`) with a
-    /// [`ConnectionManager`] set up with [`manager_config`](Self::manager_config).
+    /// Connects to the server at `url` with a [`ConnectionManager`] set up with
+    /// [`manager_config`](Self::manager_config).
+    ///
+    /// `redis://host:port/db` connects in plaintext; `rediss://host:port/db` with TLS
+    /// (feature `redis-tls`), checking the server's certificate against the platform's
+    /// roots and the URL's host. For a server whose CA the platform does not trust,
+    /// use [`connect_with_ca`](Self::connect_with_ca).
     ///
     /// # Errors
-    /// When the URL is invalid or the server cannot be reached within
-    /// [`DEFAULT_TIMEOUT`](Self::DEFAULT_TIMEOUT).
+    /// When the URL is invalid, when it is `rediss://` and the `redis-tls` feature is
+    /// off, or when the server cannot be reached within
+    /// [`DEFAULT_TIMEOUT`](Self::DEFAULT_TIMEOUT). The message shows the URL without
+    /// its password, and says what to change when the URL's scheme and the port
+    /// disagree (a `redis://` URL to a port that takes TLS only, a `rediss://` URL to a
+    /// plaintext port) or the server's certificate is not trusted.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url)
-            .map_err(|e| StoreError::backend(format!("invalid Redis URL `{url}`: {e}")))?;
+        Self::connect_client(crate::redis_client::open(url, None, WITH_CA)).await
+    }
+
+    /// Connects to the server at `url` (`rediss://host:port/db`) as
+    /// [`connect`](Self::connect) does, with TLS, trusting the CA certificates in the
+    /// PEM file `ca_file` instead of the platform's roots: for a private CA. The
+    /// server's certificate must name the URL's host (a DNS name, or an IP address
+    /// for `rediss://127.0.0.1`).
+    ///
+    /// ```no_run
+    /// use redrive_middleware::idempotency::RedisStore;
+    ///
+    /// # async fn run() -> Result<(), redrive_core::BoxError> {
+    /// let store = RedisStore::connect_with_ca("rediss://cache.internal:6380", "/etc/redrive/ca.pem")
+    ///     .await?
+    ///     .with_prefix("billing:idem:");
+    /// # let _ = store;
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// As [`connect`](Self::connect), and when `url` is not `rediss://`, or `ca_file`
+    /// cannot be read or holds no certificate; a server certificate the CA did not
+    /// sign fails with a message naming `ca_file`.
+    #[cfg(feature = "redis-tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis-tls")))]
+    pub async fn connect_with_ca(
+        url: &str,
+        ca_file: impl AsRef<std::path::Path>,
+    ) -> Result<Self, StoreError> {
+        let client = crate::redis_client::open(url, Some(ca_file.as_ref()), WITH_CA);
+        Self::connect_client(client).await
+    }
+
+    async fn connect_client(
+        client: Result<(redis::Client, Target), String>,
+    ) -> Result<Self, StoreError> {
+        let (client, target) = client.map_err(StoreError::backend)?;
         let conn = client
             .get_connection_manager_with_config(Self::manager_config())
             .await
-            .map_err(|e| StoreError::backend(format!("cannot connect to Redis at {url}: {e}")))?;
+            .map_err(|e| StoreError::backend(target.cannot_connect(&e)))?;
         Ok(Self::new(conn))
     }
 

@@ -1,7 +1,8 @@
 //! Rate limits with [`governor`]: a direct limit that holds intake back through
 //! `poll_ready`, and a keyed limit (per header value, say per tenant) that delays only
 //! the messages of a busy key. With the `redis` feature, `RedisRateLimitLayer` is the
-//! direct limit shared by every replica through Redis.
+//! direct limit shared by every replica through Redis (over TLS with `rediss://` URLs
+//! and the `redis-tls` feature).
 //!
 //! ```
 //! use std::time::Duration;

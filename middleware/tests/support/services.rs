@@ -13,6 +13,10 @@
 //!   crash would) and [`start`](PrivateRedis::start) runs it again on the same port;
 //!   [`pause`](PrivateRedis::pause) freezes it (SIGSTOP) until
 //!   [`resume`](PrivateRedis::resume).
+//! - [`PrivateRedis::with_tls`] runs one with a TLS port too, for `rediss://` tests:
+//!   [`tls_url`](PrivateRedis::tls_url) is its `rediss://localhost:<tls port>`.
+//! - [`TestCerts::new`] makes a certificate authority of the test's own and a server
+//!   certificate it signed (for `localhost` and `127.0.0.1`), with `openssl`.
 //! - [`PrivatePostgres::new`] runs `initdb` (trust authentication, user `postgres`), then
 //!   the server through `pg_ctl`, and creates the database `test`;
 //!   [`params`](PrivatePostgres::params) is its
@@ -22,7 +26,7 @@
 //!   data. PostgreSQL refuses to run as root: as root, its programs run as the user
 //!   `postgres` through `runuser`, in a directory that user owns.
 //!
-//! The programs are looked up on `PATH`, then (for PostgreSQL) in
+//! The programs (`openssl` included) are looked up on `PATH`, then (for PostgreSQL) in
 //! `/usr/lib/postgresql/<version>/bin`, the newest first. A missing one panics with the
 //! package to install.
 //!
@@ -104,10 +108,99 @@ fn run(cmd: &mut Command, what: &str) -> Output {
     out
 }
 
+/// A certificate authority of the test's own, and a server certificate it signed for
+/// `localhost` and `127.0.0.1`, as PEM files in a temporary directory removed on drop.
+///
+/// Made with the `openssl` program (four commands, well under a second); the keys are
+/// P-256, the certificates valid for a day.
+pub(crate) struct TestCerts {
+    dir: PathBuf,
+}
+
+impl TestCerts {
+    /// A new authority and server certificate.
+    ///
+    /// # Panics
+    /// When `openssl` is not installed or fails.
+    pub(crate) fn new() -> Self {
+        let openssl = find_program("openssl", &[]).unwrap_or_else(|| {
+            panic!("TestCerts needs `openssl` on PATH; install it with `apt-get install openssl`")
+        });
+        let certs = TestCerts {
+            dir: temp_dir("certs"),
+        };
+        let openssl = || {
+            let mut cmd = Command::new(&openssl);
+            cmd.current_dir(&certs.dir);
+            cmd
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ];
+        run(
+            openssl()
+                .args(["req", "-x509"])
+                .args(ec)
+                .args(["-days", "1", "-subj", "/CN=redrive test CA"])
+                .args(["-keyout", "ca.key", "-out", "ca.crt"]),
+            "making the test CA",
+        );
+        run(
+            openssl()
+                .arg("req")
+                .args(ec)
+                .args(["-subj", "/CN=localhost"])
+                .args(["-keyout", "server.key", "-out", "server.csr"]),
+            "making the server's key",
+        );
+        fs::write(
+            certs.dir.join("server.ext"),
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
+             keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
+        )
+        .expect("writing server.ext");
+        run(
+            openssl()
+                .args(["x509", "-req", "-in", "server.csr", "-days", "1"])
+                .args(["-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial"])
+                .args(["-extfile", "server.ext", "-out", "server.crt"]),
+            "signing the server's certificate",
+        );
+        certs
+    }
+
+    /// The authority's certificate (`ca.crt`), for a client to trust.
+    pub(crate) fn ca(&self) -> PathBuf {
+        self.dir.join("ca.crt")
+    }
+
+    /// The server's certificate (`server.crt`).
+    pub(crate) fn cert(&self) -> PathBuf {
+        self.dir.join("server.crt")
+    }
+
+    /// The server's private key (`server.key`).
+    pub(crate) fn key(&self) -> PathBuf {
+        self.dir.join("server.key")
+    }
+}
+
+impl Drop for TestCerts {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// A `redis-server` of the test's own on a free port of 127.0.0.1.
 pub(crate) struct PrivateRedis {
     program: PathBuf,
     port: u16,
+    /// The TLS port, when the server has one ([`with_tls`](Self::with_tls)).
+    tls_port: Option<u16>,
     dir: PathBuf,
     server: Option<Child>,
 }
@@ -119,20 +212,50 @@ impl PrivateRedis {
     /// # Panics
     /// When `redis-server` is not installed or does not answer within 30 s.
     pub(crate) fn new() -> Self {
+        let mut redis = Self::unstarted();
+        redis.start();
+        redis
+    }
+
+    /// Runs `redis-server` as [`new`](Self::new) does, plus a TLS port on another free
+    /// port with `certs`' server certificate (copied, so `certs` may be dropped); clients
+    /// need no certificate of their own. The plaintext port stays, for the readiness
+    /// check and for a test's own look at the server.
+    ///
+    /// # Panics
+    /// As [`new`](Self::new) does, and when `redis-server` was built without TLS.
+    pub(crate) fn with_tls(certs: &TestCerts) -> Self {
+        let mut redis = Self::unstarted();
+        for (from, to) in [
+            (certs.ca(), "ca.crt"),
+            (certs.cert(), "server.crt"),
+            (certs.key(), "server.key"),
+        ] {
+            fs::copy(&from, redis.dir.join(to))
+                .unwrap_or_else(|e| panic!("copying {}: {e}", from.display()));
+        }
+        let tls_port = std::iter::repeat_with(free_port)
+            .find(|&p| p != redis.port)
+            .expect("a second free port");
+        redis.tls_port = Some(tls_port);
+        redis.start();
+        redis
+    }
+
+    fn unstarted() -> Self {
         let program = find_program("redis-server", &[]).unwrap_or_else(|| {
             panic!(
                 "PrivateRedis needs `redis-server` on PATH; install it with \
                  `apt-get install redis-server`"
             )
         });
-        let mut redis = PrivateRedis {
+        PrivateRedis {
             program,
             port: free_port(),
+            tls_port: None,
             dir: temp_dir("redis"),
             server: None,
-        };
-        redis.start();
-        redis
+        }
     }
 
     /// `redis://127.0.0.1:<port>`.
@@ -143,6 +266,23 @@ impl PrivateRedis {
     /// The server's port.
     pub(crate) fn port(&self) -> u16 {
         self.port
+    }
+
+    /// `rediss://localhost:<tls port>` (`localhost`, a name the certificate holds).
+    ///
+    /// # Panics
+    /// When the server was made without [`with_tls`](Self::with_tls).
+    pub(crate) fn tls_url(&self) -> String {
+        format!("rediss://localhost:{}", self.tls_port())
+    }
+
+    /// The server's TLS port.
+    ///
+    /// # Panics
+    /// When the server was made without [`with_tls`](Self::with_tls).
+    pub(crate) fn tls_port(&self) -> u16 {
+        self.tls_port
+            .expect("PrivateRedis::with_tls makes a server with a TLS port")
     }
 
     /// Starts the server again on its port (after [`stop`](Self::stop)), and waits until
@@ -157,25 +297,38 @@ impl PrivateRedis {
         let log = self.dir.join("redis.log");
         let port = self.port.to_string();
         let dir = self.dir.to_str().expect("a UTF-8 temporary directory");
-        let child = Command::new(&self.program)
-            .args([
-                "--port",
-                &port,
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-            ])
-            .args([
-                "no",
-                "--dir",
-                dir,
-                "--logfile",
-                "redis.log",
-                "--daemonize",
-                "no",
-            ])
+        let mut cmd = Command::new(&self.program);
+        cmd.args([
+            "--port",
+            &port,
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+        ])
+        .args([
+            "no",
+            "--dir",
+            dir,
+            "--logfile",
+            "redis.log",
+            "--daemonize",
+            "no",
+        ]);
+        if let Some(tls_port) = self.tls_port {
+            // The files were copied into the server's directory, its working one.
+            cmd.args(["--tls-port", &tls_port.to_string()])
+                .args([
+                    "--tls-cert-file",
+                    "server.crt",
+                    "--tls-key-file",
+                    "server.key",
+                ])
+                .args(["--tls-ca-cert-file", "ca.crt", "--tls-auth-clients", "no"]);
+        }
+        let child = cmd
+            .current_dir(&self.dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -11,6 +11,11 @@ use super::config::RedisRateLimitConfig;
 use super::service::{RedisRateLimit, State};
 use super::shared::Shared;
 use crate::rate_limit::ConfigError;
+use crate::redis_client::{self, Target};
+
+/// The constructor that takes a CA file, for the error when the platform's roots do
+/// not trust the server's certificate.
+const WITH_CA: &str = "`RedisRateLimitLayer::from_url_with_ca`";
 
 /// Wraps a service in [`RedisRateLimit`]: the direct limit (see
 /// [`RateLimitLayer`](crate::rate_limit::RateLimitLayer)), shared through Redis by every layer
@@ -51,15 +56,28 @@ impl RedisRateLimitLayer {
     /// A layer on the Redis server `client` points at. Connects on first use, so the
     /// layer builds even while Redis is away (then [`OnUnreachable`](super::OnUnreachable) applies).
     ///
+    /// For settings the URL cannot carry (a client certificate, say), build `client`
+    /// yourself, with `redis::Client::build_with_tls` for TLS.
+    ///
     /// # Errors
     /// [`ConfigError`] when a setting cannot work (a limit or burst of 0, an empty
     /// key, a prefetch above the burst, a timeout of 0); the message says what to
     /// change.
     pub fn new(client: redis::Client, config: RedisRateLimitConfig) -> Result<Self, ConfigError> {
+        let target = Target::of(&client, None, WITH_CA);
+        Self::build(client, target, config)
+    }
+
+    fn build(
+        client: redis::Client,
+        target: Target,
+        config: RedisRateLimitConfig,
+    ) -> Result<Self, ConfigError> {
         let (interval, tau, fallback) = config.check()?;
         Ok(RedisRateLimitLayer {
             shared: Arc::new(Shared {
                 client,
+                target,
                 conn: OnceCell::new(),
                 config,
                 interval,
@@ -75,16 +93,59 @@ impl RedisRateLimitLayer {
         })
     }
 
-    /// A layer on the Redis server at `url` (`redis://host:port/db`). Connects on first
-    /// use.
+    /// A layer on the Redis server at `url`. Connects on first use.
+    ///
+    /// `redis://host:port/db` connects in plaintext; `rediss://host:port/db` with TLS
+    /// (feature `redis-tls`), checking the server's certificate against the platform's
+    /// roots and the URL's host. For a server whose CA the platform does not trust,
+    /// use [`from_url_with_ca`](Self::from_url_with_ca). When the first connection
+    /// fails, the logged error says what to change if the URL's scheme and the port
+    /// disagree (a `redis://` URL to a port that takes TLS only, a `rediss://` URL to a
+    /// plaintext port) or the server's certificate is not trusted.
     ///
     /// # Errors
-    /// [`ConfigError`] when the URL is invalid or a setting cannot work.
+    /// [`ConfigError`] when the URL is invalid (the message shows it without its
+    /// password), when it is `rediss://` and the `redis-tls` feature is off, or when a
+    /// setting cannot work.
     pub fn from_url(url: &str, config: RedisRateLimitConfig) -> Result<Self, ConfigError> {
-        let client = redis::Client::open(url).map_err(|e| {
-            RedisRateLimitConfig::invalid(format!("invalid Redis URL `{url}`: {e}"))
-        })?;
-        Self::new(client, config)
+        let (client, target) =
+            redis_client::open(url, None, WITH_CA).map_err(RedisRateLimitConfig::invalid)?;
+        Self::build(client, target, config)
+    }
+
+    /// A layer on the Redis server at `url` (`rediss://host:port/db`) as
+    /// [`from_url`](Self::from_url) builds it, with TLS, trusting the CA certificates
+    /// in the PEM file `ca_file` instead of the platform's roots: for a private CA. The
+    /// server's certificate must name the URL's host (a DNS name, or an IP address for
+    /// `rediss://127.0.0.1`). Reads `ca_file` now; connects on first use.
+    ///
+    /// ```no_run
+    /// use redrive_middleware::rate_limit::{RateLimitConfig, RedisRateLimitConfig, RedisRateLimitLayer};
+    ///
+    /// # fn main() -> Result<(), redrive_core::BoxError> {
+    /// let limit = RedisRateLimitLayer::from_url_with_ca(
+    ///     "rediss://cache.internal:6380",
+    ///     "/etc/redrive/ca.pem",
+    ///     RedisRateLimitConfig::new("redrive:rate:billing-api", RateLimitConfig::per_second(200)),
+    /// )?;
+    /// # let _ = limit;
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// As [`from_url`](Self::from_url), and when `url` is not `rediss://`, or `ca_file`
+    /// cannot be read or holds no certificate.
+    #[cfg(feature = "redis-tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis-tls")))]
+    pub fn from_url_with_ca(
+        url: &str,
+        ca_file: impl AsRef<std::path::Path>,
+        config: RedisRateLimitConfig,
+    ) -> Result<Self, ConfigError> {
+        let (client, target) = redis_client::open(url, Some(ca_file.as_ref()), WITH_CA)
+            .map_err(RedisRateLimitConfig::invalid)?;
+        Self::build(client, target, config)
     }
 
     /// The layer's settings.

@@ -14,6 +14,7 @@ use tokio::time::Instant;
 
 use super::config::{OnUnreachable, RedisRateLimitConfig};
 use crate::rate_limit::clock::DirectLimiter;
+use crate::redis_client::Target;
 
 /// GCRA on Redis's clock. Takes up to ARGV[3] permits from the limit at KEYS[1], whose
 /// value is the theoretical arrival time (TAT) in µs of Redis's `TIME`.
@@ -54,6 +55,8 @@ return {granted, math.ceil(wait / 1000)}
 
 pub(super) struct Shared {
     pub(super) client: redis::Client,
+    /// Where `client` connects, for errors.
+    pub(super) target: Target,
     pub(super) conn: OnceCell<ConnectionManager>,
     pub(super) config: RedisRateLimitConfig,
     /// The emission interval in µs.
@@ -97,21 +100,32 @@ impl Shared {
                     self.client
                         .get_connection_manager_with_config(self.manager_config())
                 })
-                .await?;
+                .await
+                .map_err(|e| self.target.cannot_connect(&e))?;
             let mut conn = conn.clone();
             let mut invocation = GCRA.key(&self.config.key);
             invocation
                 .arg(self.interval)
                 .arg(self.tau)
                 .arg(self.config.prefetch);
-            invocation.invoke_async::<(i64, i64)>(&mut conn).await
+            invocation
+                .invoke_async::<(i64, i64)>(&mut conn)
+                .await
+                .map_err(|e| e.to_string())
         };
         match tokio::time::timeout(self.config.timeout, call).await {
             Ok(Ok((granted, wait_ms))) => Ok(Grant {
                 granted: u32::try_from(granted).unwrap_or(0),
                 wait: Duration::from_millis(u64::try_from(wait_ms).unwrap_or(0)),
             }),
-            Ok(Err(e)) => Err(e.to_string()),
+            Ok(Err(e)) => Err(e),
+            // Never connected with TLS: perhaps no TLS server on that port.
+            Err(_) if self.target.is_tls() && self.conn.get().is_none() => Err(format!(
+                "cannot connect to Redis at {}: no answer within {:?} (the limit's timeout); {}",
+                self.target,
+                self.config.timeout,
+                self.target.plaintext_port_hint()
+            )),
             Err(_) => Err(format!(
                 "no answer within {:?} (the limit's timeout)",
                 self.config.timeout
