@@ -1,7 +1,7 @@
 //! The full middleware Stack the adapter benches measure, shared by them through
-//! `#[path]`: trace, metrics into an SDK meter provider, dead letter, idempotency with
-//! the in-memory store, circuit breaker, a rate limit far above any rate reached,
-//! retry and timeout, around `handler`.
+//! `#[path]`: trace, metrics into an SDK meter provider, dead letter, idempotency (with
+//! the in-memory store, or the store given), circuit breaker, a rate limit far above any
+//! rate reached, retry and timeout, around `handler`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +10,9 @@ use redrive_core::{BoxError, Message, Outcome, Publisher};
 use redrive_middleware::Stack;
 use redrive_middleware::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer};
 use redrive_middleware::dead_letter::{DeadLetterConfig, DeadLetterLayer};
-use redrive_middleware::idempotency::{IdempotencyConfig, IdempotencyLayer, MemoryStore};
+use redrive_middleware::idempotency::{
+    IdempotencyConfig, IdempotencyLayer, IdempotencyStore, MemoryStore,
+};
 use redrive_middleware::metrics::MetricsLayer;
 use redrive_middleware::rate_limit::{RateLimitConfig, RateLimitLayer};
 use redrive_middleware::retry::{RetryConfig, RetryLayer};
@@ -19,12 +21,28 @@ use redrive_middleware::trace::TraceLayer;
 use tower::Service;
 
 /// The full Stack around `handler`, dead-lettering through `dead_letters`.
+#[allow(dead_code, reason = "each bench uses one of the two")]
 pub(crate) fn full_stack<P, S>(
     dead_letters: P,
     handler: S,
 ) -> impl Service<Message, Response = Outcome, Error = BoxError, Future: Send + 'static> + Send + 'static
 where
     P: Publisher,
+    S: Service<Message, Response = Outcome, Error = BoxError> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    full_stack_on(dead_letters, Arc::new(MemoryStore::new()), handler)
+}
+
+/// The full Stack around `handler`, with `store` as the idempotency store.
+pub(crate) fn full_stack_on<P, St, S>(
+    dead_letters: P,
+    store: Arc<St>,
+    handler: S,
+) -> impl Service<Message, Response = Outcome, Error = BoxError, Future: Send + 'static> + Send + 'static
+where
+    P: Publisher,
+    St: IdempotencyStore + ?Sized + 'static,
     S: Service<Message, Response = Outcome, Error = BoxError> + Clone + Send + 'static,
     S::Future: Send + 'static,
 {
@@ -44,8 +62,7 @@ where
                 .expect("dead-letter config"),
         )
         .idempotency_layer(
-            IdempotencyLayer::new(Arc::new(MemoryStore::new()), IdempotencyConfig::default())
-                .expect("idempotency config"),
+            IdempotencyLayer::new(store, IdempotencyConfig::default()).expect("idempotency config"),
         )
         .circuit_breaker(
             CircuitBreakerLayer::new(CircuitBreakerConfig::default()).expect("breaker config"),
