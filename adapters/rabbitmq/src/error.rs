@@ -9,9 +9,13 @@ pub enum Error {
     /// Configuration that cannot work; the message says what to change.
     #[error("invalid configuration: {0}")]
     Config(String),
-    /// The broker could not be reached or refused the connection.
+    /// The broker could not be reached, refused the connection, or the TLS handshake
+    /// failed. The message ends with what to check: an `amqp://` address whose port
+    /// takes TLS only, an `amqps://` address whose port is plaintext, a server
+    /// certificate of an unknown certificate authority.
     #[error(
-        "cannot connect to RabbitMQ at {url}: {source}; is the broker running (`rabbitmq-server -detached`) and the address right?"
+        "cannot connect to RabbitMQ at {url}: {source}; {}",
+        connect_hint(url, source)
     )]
     Connect {
         /// The address, without its password.
@@ -132,6 +136,82 @@ fn timeout_hint(blocked: bool) -> &'static str {
         "; the broker is slow or unreachable (if it is only slow, raise the timeout on the \
          ConsumerBuilder)"
     }
+}
+
+/// What to check when connecting to `url` failed with `source`.
+fn connect_hint(url: &str, source: &lapin::Error) -> &'static str {
+    use std::io::ErrorKind as Io;
+    const BROKER: &str =
+        "is the broker running (`rabbitmq-server -detached`) and the address right?";
+    let lapin::ErrorKind::IOError(io) = source.kind() else {
+        return BROKER;
+    };
+    let amqps = url
+        .get(..8)
+        .is_some_and(|s| s.eq_ignore_ascii_case("amqps://"));
+    if !amqps {
+        return match io.kind() {
+            Io::ConnectionReset | Io::ConnectionAborted | Io::UnexpectedEof | Io::BrokenPipe => {
+                "the server closed the connection before the AMQP handshake: if this port takes \
+                 TLS only (RabbitMQ's TLS port is 5671), use amqps://"
+            }
+            _ => BROKER,
+        };
+    }
+    #[cfg(feature = "tls")]
+    if let Some(hint) = tls_hint(io) {
+        return hint;
+    }
+    match io.kind() {
+        Io::InvalidData | Io::ConnectionReset | Io::UnexpectedEof => {
+            "the TLS handshake failed: if this port is plaintext (RabbitMQ's is 5672), use \
+             amqp://; if the server's certificate is signed by a private certificate authority, \
+             trust it with a CA file"
+        }
+        _ => BROKER,
+    }
+}
+
+/// What a rustls handshake error means, found in the I/O error's sources.
+#[cfg(feature = "tls")]
+fn tls_hint(io: &std::io::Error) -> Option<&'static str> {
+    use rustls::{CertificateError, InvalidMessage};
+    let mut next: Option<&(dyn std::error::Error + 'static)> = io.get_ref().map(|e| e as _);
+    while let Some(e) = next {
+        match e.downcast_ref::<rustls::Error>() {
+            Some(rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)) => {
+                return Some(
+                    "the server's certificate is signed by an unknown certificate authority: \
+                     trust that CA with a CA file (ConsumerBuilder::tls_ca_file, \
+                     RabbitPublisher::connect_with_ca_file, connect_with_ca_file), or point \
+                     SSL_CERT_FILE at a PEM bundle that holds it",
+                );
+            }
+            Some(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => {
+                return Some(
+                    "the server's certificate does not name this host (an IP address host \
+                     needs that address in the certificate): give the host the certificate names",
+                );
+            }
+            Some(rustls::Error::InvalidCertificate(CertificateError::BadSignature)) => {
+                return Some(
+                    "the server's certificate does not verify against the trusted CA of its \
+                     issuer's name: is the CA file that of the CA that signed it?",
+                );
+            }
+            Some(rustls::Error::InvalidMessage(InvalidMessage::InvalidContentType)) => {
+                return Some(
+                    "the server did not answer TLS: for a plaintext port (RabbitMQ's is 5672), \
+                     use amqp://",
+                );
+            }
+            Some(_) => return None,
+            None => next = e.source(),
+        }
+    }
+    None
 }
 
 /// `Result` with the adapter's [`Error`].

@@ -120,9 +120,18 @@
 //!   running; reconnects are logged and counted ([`ConnectionMonitor`]).
 //!
 //! # Features
-//! - `tls`: `amqps://` addresses through rustls. Off by default: a plain build compiles
-//!   no TLS.
+//! - `tls`: `amqps://` addresses through rustls with its ring provider, which the adapter
+//!   installs as rustls's process default unless the application installed one. The
+//!   server's certificate is checked against the platform's root certificates and, if
+//!   given, a CA file: [`ConsumerBuilder::tls_ca_file`],
+//!   [`RabbitPublisher::connect_with_ca_file`], [`connect_with_ca_file`]. Off by
+//!   default: a plain build compiles no TLS, and an `amqps://` address is then an
+//!   [`Error::Config`], never a plaintext connection.
 //! - `native-tls`: `amqps://` through the platform's TLS library instead.
+//!
+//! A connection that fails says why when it can: an `amqp://` address whose port takes
+//! TLS only, an `amqps://` address whose port is plaintext, a server certificate of an
+//! unknown certificate authority.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod connection;
@@ -134,7 +143,7 @@ pub mod queue_stats;
 mod settle;
 pub mod topology;
 
-pub use connection::{DEFAULT_URL, Reconnect, connect};
+pub use connection::{DEFAULT_URL, Reconnect, connect, connect_with_ca_file};
 pub use consumer::{ConnectionMonitor, ConsumerBuilder, RabbitConsumer};
 pub use error::{Error, Result};
 pub use mapping::{ATTEMPT, AmqpDelivery};

@@ -1,6 +1,7 @@
 //! The publisher: confirmed, mandatory publishing; reconnects lazily.
 
 use std::fmt;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -8,7 +9,7 @@ use lapin::{BasicProperties, Channel, Connection};
 use redrive_core::{OutgoingMessage, Publisher};
 use tokio::sync::Mutex;
 
-use crate::connection::{confirm_channel, connect, publish_confirmed};
+use crate::connection::{CaFile, confirm_channel, open, parse_url, publish_confirmed};
 use crate::error::Result;
 use crate::mapping;
 
@@ -36,6 +37,7 @@ pub struct RabbitPublisher {
 struct Inner {
     url: String,
     name: String,
+    ca: Option<CaFile>,
     state: Mutex<Option<(Connection, Channel)>>,
     connects: AtomicU64,
 }
@@ -63,10 +65,36 @@ impl RabbitPublisher {
     /// # Errors
     /// [`Error::Connect`](crate::Error::Connect) when the broker cannot be reached.
     pub async fn connect_named(url: impl Into<String>, name: impl Into<String>) -> Result<Self> {
+        Self::start(url.into(), name.into(), None).await
+    }
+
+    /// Connects to an `amqps://` address whose server certificate is signed by the
+    /// certificate authority in `ca_file` (PEM), trusted in addition to the platform's
+    /// root certificates, naming the connection `name`. The file is read once, here;
+    /// reconnects use the same CA. See [`connect_with_ca_file`](crate::connect_with_ca_file)
+    /// for the host the certificate must name.
+    ///
+    /// # Errors
+    /// [`Error::Config`](crate::Error::Config) when `ca_file` cannot be read or holds no
+    /// PEM certificate, or `url` is not `amqps://`;
+    /// [`Error::Connect`](crate::Error::Connect) when the broker cannot be reached or the
+    /// TLS handshake fails.
+    pub async fn connect_with_ca_file(
+        url: impl Into<String>,
+        name: impl Into<String>,
+        ca_file: impl AsRef<Path>,
+    ) -> Result<Self> {
+        let ca = CaFile::read(ca_file.as_ref())?;
+        Self::start(url.into(), name.into(), Some(ca)).await
+    }
+
+    async fn start(url: String, name: String, ca: Option<CaFile>) -> Result<Self> {
+        parse_url(&url, ca.as_ref())?;
         let publisher = RabbitPublisher {
             inner: Arc::new(Inner {
-                url: url.into(),
-                name: name.into(),
+                url,
+                name,
+                ca,
                 state: Mutex::new(None),
                 connects: AtomicU64::new(0),
             }),
@@ -90,7 +118,7 @@ impl RabbitPublisher {
                 if n > 0 {
                     tracing::info!(name = %self.inner.name, "RabbitMQ publisher reconnecting");
                 }
-                connect(&self.inner.url, &self.inner.name).await?
+                open(&self.inner.url, &self.inner.name, self.inner.ca.as_ref()).await?
             }
         };
         let ch = confirm_channel(&conn).await?;

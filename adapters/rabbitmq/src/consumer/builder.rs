@@ -1,6 +1,7 @@
 //! [`ConsumerBuilder`]: the consumer's settings, their checks, and the first connection.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::time::Duration;
@@ -8,7 +9,7 @@ use std::time::Duration;
 use redrive_core::{Capabilities, OrderingScope};
 use tokio::sync::{mpsc, watch};
 
-use crate::connection::Reconnect;
+use crate::connection::{CaFile, Reconnect, parse_url};
 use crate::error::{Error, Result, redact};
 use crate::settle::Counters;
 use crate::topology::{QueueKind, Topology};
@@ -29,6 +30,7 @@ use super::{Current, RabbitConsumer};
 /// | `reconnect` | [`Reconnect::default`] (100 ms doubling to 30 s, jittered) |
 /// | `publish_timeout` (a republish, from start to confirm) | 10 s |
 /// | `close_timeout` (closing the connections) | 5 s |
+/// | `tls_ca_file` | none: an `amqps://` address trusts the platform's root certificates |
 #[derive(Clone)]
 #[must_use]
 pub struct ConsumerBuilder {
@@ -40,6 +42,7 @@ pub struct ConsumerBuilder {
     reconnect: Reconnect,
     publish_timeout: Duration,
     close_timeout: Duration,
+    ca_file: Option<PathBuf>,
 }
 
 impl fmt::Debug for ConsumerBuilder {
@@ -53,6 +56,7 @@ impl fmt::Debug for ConsumerBuilder {
             .field("reconnect", &self.reconnect)
             .field("publish_timeout", &self.publish_timeout)
             .field("close_timeout", &self.close_timeout)
+            .field("tls_ca_file", &self.ca_file)
             .finish()
     }
 }
@@ -115,12 +119,24 @@ impl ConsumerBuilder {
         self
     }
 
+    /// For an `amqps://` address: trust the certificate authority in `ca_file` (PEM) as
+    /// well as the platform's root certificates. The file is read once, at
+    /// [`connect`](Self::connect); every reconnect and the republishing connection use
+    /// the same CA. See [`connect_with_ca_file`](crate::connect_with_ca_file) for the
+    /// host the server's certificate must name.
+    pub fn tls_ca_file(mut self, ca_file: impl Into<PathBuf>) -> Self {
+        self.ca_file = Some(ca_file.into());
+        self
+    }
+
     /// Checks the settings, connects, declares the topology (if asked) and starts consuming.
     ///
     /// # Errors
-    /// [`Error::Config`] for settings that cannot work, [`Error::Connect`] when the
-    /// broker cannot be reached, [`Error::TopologyMismatch`] when a queue exists with other
-    /// arguments, [`Error::Amqp`] when the broker refuses to consume the queue.
+    /// [`Error::Config`] for settings that cannot work (among them a CA file that cannot
+    /// be read, holds no PEM certificate or comes with an `amqp://` address),
+    /// [`Error::Connect`] when the broker cannot be reached or the TLS handshake fails,
+    /// [`Error::TopologyMismatch`] when a queue exists with other arguments,
+    /// [`Error::Amqp`] when the broker refuses to consume the queue.
     pub async fn connect(self) -> Result<RabbitConsumer> {
         self.topology.validate()?;
         self.reconnect.validate()?;
@@ -139,6 +155,8 @@ impl ConsumerBuilder {
                 )));
             }
         }
+        let ca = self.ca_file.as_deref().map(CaFile::read).transpose()?;
+        parse_url(&self.url, ca.as_ref())?;
         // Once per consumer, not per reconnect.
         if let Some(what) = self.topology.unguarded() {
             tracing::warn!(queue = %self.topology.queue(), "{what}");
@@ -154,6 +172,7 @@ impl ConsumerBuilder {
                 .name
                 .unwrap_or_else(|| format!("redrive:{}", self.topology.queue())),
             url: self.url,
+            ca,
             topology: self.topology,
             prefetch: self.prefetch,
             declare: self.declare,
@@ -207,6 +226,8 @@ fn capabilities(topology: &Topology) -> Capabilities {
 
 pub(super) struct Config {
     pub(super) url: String,
+    /// The CA an `amqps://` connection trusts beyond the platform's roots.
+    pub(super) ca: Option<CaFile>,
     pub(super) topology: Topology,
     pub(super) prefetch: u16,
     pub(super) name: String,
@@ -243,6 +264,7 @@ impl RabbitConsumer {
             reconnect: Reconnect::default(),
             publish_timeout: Duration::from_secs(10),
             close_timeout: Duration::from_secs(5),
+            ca_file: None,
         }
     }
 }

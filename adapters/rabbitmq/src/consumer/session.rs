@@ -13,7 +13,7 @@ use lapin::options::{BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 
-use crate::connection::{confirm_channel, connect};
+use crate::connection::{confirm_channel, open};
 use crate::error::{Error, Result};
 use crate::settle::Settler;
 
@@ -51,7 +51,7 @@ pub(super) struct Opened {
 impl Session {
     /// Opens a session; `careful`, it consumes one message at a time (see [`Careful`]).
     pub(super) async fn open(config: &Arc<Config>, careful: bool) -> Result<Opened> {
-        let connection = connect(&config.url, &config.name).await?;
+        let connection = open(&config.url, &config.name, config.ca.as_ref()).await?;
         if config.declare {
             config.topology.declare(&connection).await?;
         }
@@ -124,7 +124,7 @@ impl Session {
             return Err(Error::ChannelClosed);
         }
         let name = format!("{}:publish", self.config.name);
-        let connection = connect(&self.config.url, &name).await?;
+        let connection = open(&self.config.url, &name, self.config.ca.as_ref()).await?;
         let channel = confirm_channel(&connection).await?;
         *slot = Some((connection, channel.clone()));
         Ok(channel)

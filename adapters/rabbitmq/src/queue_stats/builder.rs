@@ -3,12 +3,11 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use lapin::uri::AMQPUri;
 use tokio::sync::watch;
 
 use super::{Config, Inner, QueueFigures, QueueStats, QueueStatus};
 use crate::Reconnect;
-use crate::error::{Error, Result, redact};
+use crate::error::{Error, Result};
 
 /// Settings of a [`QueueStats`] poller, from [`QueueStats::builder`] or
 /// [`QueueStats::for_topology`].
@@ -93,8 +92,8 @@ impl QueueStatsBuilder {
     ///
     /// # Errors
     /// [`Error::Config`] when there is no queue, the interval or the timeout is zero,
-    /// the reconnect backoff is invalid, the address is not an AMQP address, or this is
-    /// not called within a tokio runtime.
+    /// the reconnect backoff is invalid, the address is not an AMQP address (or is
+    /// `amqps://` in a build without TLS), or this is not called within a tokio runtime.
     pub fn start(self) -> Result<QueueStats> {
         let config = self.config;
         if config.queues.is_empty() {
@@ -113,13 +112,7 @@ impl QueueStatsBuilder {
             ));
         }
         config.reconnect.validate()?;
-        if let Err(e) = config.url.parse::<AMQPUri>() {
-            return Err(Error::Config(format!(
-                "the AMQP address `{}` is invalid ({}); use amqp://user:password@host:port/vhost",
-                redact(&config.url),
-                e.replace(&config.url, &redact(&config.url)),
-            )));
-        }
+        crate::connection::parse_url(&config.url, None)?;
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
             Error::Config(
                 "QueueStatsBuilder::start was called outside a tokio runtime; call it from within one".into(),
