@@ -25,6 +25,8 @@
 //!   [`start`](PrivatePostgres::start) and [`restart`](PrivatePostgres::restart) keep the
 //!   data. PostgreSQL refuses to run as root: as root, its programs run as the user
 //!   `postgres` through `runuser`, in a directory that user owns.
+//! - [`PrivatePostgres::with_tls`] runs one that takes TLS connections only (`ssl = on`,
+//!   `hostssl` lines alone in `pg_hba.conf`), with a [`TestCerts`] server certificate.
 //!
 //! The programs (`openssl` included) are looked up on `PATH`, then (for PostgreSQL) in
 //! `/usr/lib/postgresql/<version>/bin`, the newest first. A missing one panics with the
@@ -436,6 +438,21 @@ impl PrivatePostgres {
     /// When PostgreSQL's server programs are not installed, when the test runs as root
     /// and there is no user `postgres`, or when the server does not start within 30 s.
     pub(crate) fn new() -> Self {
+        Self::create(None)
+    }
+
+    /// Creates and starts a cluster as [`new`](Self::new) does, which takes TLS
+    /// connections only, with `certs`' server certificate (copied, so `certs` may be
+    /// dropped); clients need no certificate of their own. A plaintext connection over
+    /// TCP is refused with `no pg_hba.conf entry for host …, no encryption`.
+    ///
+    /// # Panics
+    /// As [`new`](Self::new) does.
+    pub(crate) fn with_tls(certs: &TestCerts) -> Self {
+        Self::create(Some(certs))
+    }
+
+    fn create(tls: Option<&TestCerts>) -> Self {
         let versions = fs::read_dir("/usr/lib/postgresql")
             .map(|dirs| {
                 let mut dirs: Vec<PathBuf> = dirs
@@ -470,18 +487,18 @@ impl PrivatePostgres {
             );
         }
         let dir = temp_dir("postgres");
-        let run_as = as_root().then(|| {
-            let (uid, gid) = user_ids("postgres").unwrap_or_else(|| {
+        let owner = as_root().then(|| {
+            let ids = user_ids("postgres").unwrap_or_else(|| {
                 panic!(
                     "PrivatePostgres runs as root here, and PostgreSQL refuses root: it needs \
                      a user `postgres` to run the server as (create it with `useradd \
                      --system postgres`, or install `postgresql`, which does)"
                 )
             });
-            std::os::unix::fs::chown(&dir, Some(uid), Some(gid))
-                .unwrap_or_else(|e| panic!("giving {} to postgres: {e}", dir.display()));
-            "postgres"
+            give_to(&dir, ids);
+            ids
         });
+        let run_as = owner.map(|_| "postgres");
         let mut pg = PrivatePostgres {
             bin,
             run_as,
@@ -500,13 +517,39 @@ impl PrivatePostgres {
             ]),
             "initdb",
         );
-        let settings = format!(
+        let mut settings = format!(
             "\n# PrivatePostgres\nport = {}\nlisten_addresses = '127.0.0.1'\n\
              unix_socket_directories = '{}'\nfsync = off\nsynchronous_commit = off\n\
              full_page_writes = off\n",
             pg.port,
             pg.dir.display()
         );
+        if let Some(certs) = tls {
+            let data = pg.dir.join("data");
+            for (from, to) in [(certs.cert(), "server.crt"), (certs.key(), "server.key")] {
+                let to = data.join(to);
+                fs::copy(&from, &to).unwrap_or_else(|e| panic!("copying {}: {e}", from.display()));
+                if let Some(ids) = owner {
+                    give_to(&to, ids);
+                }
+            }
+            // The server refuses a key that others may read.
+            fs::set_permissions(
+                data.join("server.key"),
+                std::os::unix::fs::PermissionsExt::from_mode(0o600),
+            )
+            .expect("chmod 600 server.key");
+            // Paths relative to the data directory.
+            settings
+                .push_str("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+            // TCP takes TLS only; the socket stays open to the test's own tools.
+            fs::write(
+                data.join("pg_hba.conf"),
+                "# PrivatePostgres::with_tls\nlocal all all trust\n\
+                 hostssl all all 127.0.0.1/32 trust\nhostssl all all ::1/128 trust\n",
+            )
+            .expect("writing pg_hba.conf");
+        }
         fs::OpenOptions::new()
             .append(true)
             .open(pg.dir.join("data/postgresql.conf"))
@@ -623,6 +666,12 @@ impl Drop for PrivatePostgres {
         }
         let _ = fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Gives `path` to the user and group `ids`.
+fn give_to(path: &Path, (uid, gid): (u32, u32)) {
+    std::os::unix::fs::chown(path, Some(uid), Some(gid))
+        .unwrap_or_else(|e| panic!("giving {} to postgres: {e}", path.display()));
 }
 
 /// Whether this process runs as root (`id -u` is 0).

@@ -1,18 +1,20 @@
 //! [`PostgresStore`]: idempotency keys in a PostgreSQL table.
 
+mod params;
 mod sql;
+mod tls;
 
 use std::error::Error as StdError;
 use std::fmt;
 use std::time::Duration;
 
 use deadpool_postgres::{
-    Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime, TimeoutType,
+    ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime, TimeoutType,
 };
 use tokio::time::error::Elapsed;
 use tokio::time::{Instant, timeout_at};
+use tokio_postgres::Transaction;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{NoTls, Transaction};
 
 use super::{
     CommitStatus, ConfigError, IdempotencyStore, IdempotencyToken, Reservation, StoreError,
@@ -48,8 +50,9 @@ use sql::{Failure, Sql, commit_on, commit_with, extend_on, release_on, reserve_o
 /// query ran out of time is closed rather than handed out again.
 ///
 /// [`connect`](Self::connect) builds a pool of
-/// [`DEFAULT_POOL_SIZE`](Self::DEFAULT_POOL_SIZE) connections; [`new`](Self::new)
-/// takes a pool of your own (its size, TLS, hooks).
+/// [`DEFAULT_POOL_SIZE`](Self::DEFAULT_POOL_SIZE) connections, plaintext or TLS as its
+/// parameters' `sslmode` says; [`new`](Self::new) takes a pool of your own (its size,
+/// TLS settings of your own such as client certificates, hooks).
 ///
 /// # Exactly-once effects
 /// With [`CommitMode::Handler`](super::CommitMode::Handler), a handler whose effect is
@@ -101,6 +104,8 @@ pub struct PostgresStore {
     table: String,
     sql: Sql,
     timeout: Duration,
+    /// How [`connect`](Self::connect) connects, for error hints.
+    tls: tls::Setting,
 }
 
 impl PostgresStore {
@@ -127,32 +132,72 @@ impl PostgresStore {
             sql: Sql::new(&table),
             table,
             timeout,
+            tls: tls::Setting::default(),
         }
     }
 
-    /// Connects with `params` (`host=… user=… dbname=…` or a `postgresql://` URL),
-    /// without TLS, through a pool of up to [`DEFAULT_POOL_SIZE`](Self::DEFAULT_POOL_SIZE)
-    /// connections whose waits are bounded by
-    /// [`DEFAULT_TIMEOUT`](Self::DEFAULT_TIMEOUT). One connection is opened now, so
-    /// a wrong address fails here rather than on the first message.
+    /// Connects with `params`, libpq's `key=value` pairs (`host=db user=app
+    /// dbname=shop`) or a `postgres://` / `postgresql://` URL, through a pool of up to
+    /// [`DEFAULT_POOL_SIZE`](Self::DEFAULT_POOL_SIZE) connections whose waits are bounded
+    /// by [`DEFAULT_TIMEOUT`](Self::DEFAULT_TIMEOUT). One connection is opened now, so a
+    /// wrong address, a refused certificate or a server that wants TLS fails here rather
+    /// than on the first message.
+    ///
+    /// # TLS
+    /// `sslmode` says whether connections use TLS and how the server's certificate is
+    /// checked, with libpq's values; all but `disable` and `prefer` need the
+    /// `postgres-tls` feature (rustls with ring; the process's default crypto provider
+    /// is neither needed nor changed).
+    ///
+    /// | `sslmode` | TLS | the server's certificate |
+    /// |---|---|---|
+    /// | absent, `disable` | no | — |
+    /// | `prefer` | when the server takes it (with `postgres-tls`; plaintext without) | not checked |
+    /// | `require` | yes | not checked; with `sslrootcert=<file>`, as `verify-ca` (as libpq) |
+    /// | `verify-ca` | yes | signed by a CA of `sslrootcert` |
+    /// | `verify-full` | yes | signed by a CA of `sslrootcert`, for the `host` connected to |
+    ///
+    /// `sslrootcert=<file>` is a PEM file of CA certificates (in a URL, percent-encode its
+    /// path's special characters); `sslrootcert=system`, or none, is the platform's
+    /// trusted roots (libpq reads `~/.postgresql/root.crt` instead). As with libpq,
+    /// `sslrootcert=system` asks for `verify-full` and refuses a weaker mode; a CA file
+    /// without any `sslmode` is refused rather than left unused. Unlike libpq, an absent
+    /// `sslmode` is plaintext, as `disable`: a server that takes TLS only refuses such a
+    /// connection, and the error says to add `sslmode`. `verify-full` checks the name in
+    /// `host` (an IP address needs the certificate to hold that address); with
+    /// `hostaddr` beside `host`, the connection goes to `hostaddr` and `host` is the name
+    /// checked. Client certificates (`sslcert`, `sslkey`) are not read here: build a pool
+    /// with a TLS connector of your own and give it to [`new`](Self::new).
+    ///
+    /// ```no_run
+    /// # use redrive_middleware::idempotency::PostgresStore;
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = PostgresStore::connect(
+    ///     "host=db.internal user=app dbname=shop sslmode=verify-full sslrootcert=/etc/ssl/db-ca.pem",
+    /// )
+    /// .await?;
+    /// let store = PostgresStore::connect(
+    ///     "postgresql://app@db.internal/shop?sslmode=verify-full&sslrootcert=system",
+    /// )
+    /// .await?;
+    /// # Ok(())
+    /// # }
+    /// ```
     ///
     /// # Errors
-    /// When the parameters are invalid or the server cannot be reached within
-    /// [`DEFAULT_TIMEOUT`](Self::DEFAULT_TIMEOUT).
+    /// When the parameters are invalid (the message shows them, with any password as
+    /// `***`), when `sslmode` needs the `postgres-tls` feature, when the CA file cannot
+    /// be read, or when no connection is made within
+    /// [`DEFAULT_TIMEOUT`](Self::DEFAULT_TIMEOUT): the message says what to change when
+    /// the server refused a plaintext connection or a certificate failed its check.
     pub async fn connect(params: &str) -> Result<Self, StoreError> {
-        let config: tokio_postgres::Config = params.parse().map_err(|e| {
-            StoreError::backend(format!(
-                "invalid PostgreSQL connection parameters `{params}`: {}",
-                describe(&e)
-            ))
-        })?;
-        let manager = Manager::from_config(
-            config,
-            NoTls,
+        let (manager, tls) = tls::manager(
+            params,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
-        );
+        )
+        .map_err(StoreError::backend)?;
         let timeout = Some(Self::DEFAULT_TIMEOUT);
         let pool = Pool::builder(manager)
             .max_size(Self::DEFAULT_POOL_SIZE)
@@ -162,7 +207,10 @@ impl PostgresStore {
             .recycle_timeout(timeout)
             .build()
             .map_err(|e| StoreError::backend(format!("building the connection pool: {e}")))?;
-        let store = Self::new(pool);
+        let store = Self {
+            tls,
+            ..Self::new(pool)
+        };
         drop(store.client(store.deadline()).await?);
         Ok(store)
     }
@@ -173,7 +221,10 @@ impl PostgresStore {
     /// [`ConfigError`] when `table` is not such a name.
     pub fn with_table(self, table: &str) -> Result<Self, ConfigError> {
         check_table(table)?;
-        Ok(Self::on_table(self.pool, table.to_owned(), self.timeout))
+        Ok(Self {
+            tls: self.tls,
+            ..Self::on_table(self.pool, table.to_owned(), self.timeout)
+        })
     }
 
     /// Bounds each operation (reserve, commit, release, extend) to `timeout`, waiting
@@ -279,10 +330,14 @@ impl PostgresStore {
     async fn client(&self, deadline: Instant) -> Result<Object, StoreError> {
         match tokio::time::timeout_at(deadline, self.pool.get()).await {
             Ok(Ok(client)) => Ok(client),
-            Ok(Err(PoolError::Backend(e))) => Err(StoreError::backend(format!(
-                "cannot connect to PostgreSQL: {}",
-                describe(&e)
-            ))),
+            Ok(Err(PoolError::Backend(e))) => {
+                let mut message = format!("cannot connect to PostgreSQL: {}", describe(&e));
+                if let Some(hint) = tls::hint(&e, &self.tls) {
+                    message.push_str("; ");
+                    message.push_str(&hint);
+                }
+                Err(StoreError::backend(message))
+            }
             Ok(Err(PoolError::Timeout(TimeoutType::Wait))) => Err(StoreError::backend(
                 "no PostgreSQL connection of the pool came free in time; make the pool \
                  larger than the consumer's concurrency",
