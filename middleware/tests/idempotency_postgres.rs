@@ -423,3 +423,121 @@ async fn an_operation_on_a_server_that_does_not_answer_fails_within_the_timeout(
     }
     drop(silent);
 }
+
+/// The write transactions the server has begun (its next transaction id).
+async fn next_xid(client: &Client) -> i64 {
+    let row = client
+        .query_one("SELECT pg_current_xact_id()::text::bigint", &[])
+        .await
+        .unwrap();
+    row.get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_reserves_and_commits_share_transactions_and_each_gets_its_answer() {
+    // A server of its own: its transaction ids count this test's writes alone.
+    let pg = tokio::task::block_in_place(services::PrivatePostgres::new);
+    let store = PostgresStore::connect(&pg.params()).await.unwrap();
+    store.migrate().await.unwrap();
+    let store = Arc::new(store);
+    let (client, connection) = tokio_postgres::connect(&pg.params(), NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let lease = Duration::from_secs(30);
+    let keys: Vec<String> = (0..200).map(|i| format!("k{i:03}")).collect();
+
+    let before = next_xid(&client).await;
+    // Each key twice at once: one reservation, and one that finds it reserved.
+    let reserves = keys.iter().chain(&keys).map(|k| {
+        let store = store.clone();
+        let k = k.clone();
+        tokio::spawn(async move { (k.clone(), store.reserve(&k, lease).await.unwrap()) })
+    });
+    let mut tokens = std::collections::HashMap::new();
+    let mut reserved = 0;
+    for r in futures_util::future::join_all(reserves).await {
+        match r.unwrap() {
+            (k, Reservation::Fresh(token)) => {
+                assert!(
+                    tokens.insert(k.clone(), token).is_none(),
+                    "{k} reserved twice"
+                );
+            }
+            (_, Reservation::Reserved { remaining }) => {
+                assert!(remaining > Duration::from_secs(25), "{remaining:?}");
+                reserved += 1;
+            }
+            (k, other) => panic!("{k}: {other:?}"),
+        }
+    }
+    assert_eq!((tokens.len(), reserved), (200, 200));
+
+    // Every commit at once; one with a token that never held its key.
+    let commits = tokens.iter().map(|(k, token)| {
+        let (store, k, token) = (store.clone(), k.clone(), token.clone());
+        tokio::spawn(async move { store.commit(&k, &token, Duration::from_secs(600)).await })
+    });
+    let not_its_token = idempotency::Token::random();
+    let stranger = store.commit("k000", &not_its_token, Duration::from_secs(600));
+    let (commits, stranger) = tokio::join!(futures_util::future::join_all(commits), stranger);
+    for c in commits {
+        assert_eq!(c.unwrap().unwrap(), idempotency::CommitStatus::Committed);
+    }
+    assert!(stranger.unwrap_err().is_lease_lost());
+    let writes = next_xid(&client).await - before;
+    // Alone, each reserve and each commit is a transaction of its own: 600 at least.
+    assert!(
+        writes < 300,
+        "{writes} write transactions for 400 reserves and 201 commits"
+    );
+
+    for k in &keys {
+        assert_eq!(
+            store.reserve(k, lease).await.unwrap(),
+            Reservation::Committed
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_a_handler_transaction_holds_does_not_hold_up_the_others() {
+    let table = table("held");
+    let store = Arc::new(store(&table).await);
+    let lease = Duration::from_secs(30);
+    let Reservation::Fresh(token) = store.reserve("held", lease).await.unwrap() else {
+        panic!("fresh");
+    };
+    // The handler's transaction commits the key and stays open: its row is locked.
+    let mut db = store.pool().get().await.unwrap();
+    let txn = db.transaction().await.unwrap();
+    let reservation = IdempotencyToken::new("held", token);
+    store
+        .commit_in(&txn, &reservation, Duration::from_secs(600))
+        .await
+        .unwrap();
+
+    // A duplicate of the held key, among 50 other keys.
+    let held = {
+        let store = store.clone();
+        tokio::spawn(async move { store.reserve("held", lease).await.unwrap() })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let started = std::time::Instant::now();
+    let others = (0..50).map(|i| {
+        let store = store.clone();
+        tokio::spawn(async move { store.reserve(&format!("other{i}"), lease).await.unwrap() })
+    });
+    for r in futures_util::future::join_all(others).await {
+        assert!(matches!(r.unwrap(), Reservation::Fresh(_)));
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the other keys waited {:?} for the held one",
+        started.elapsed()
+    );
+    assert!(
+        !held.is_finished(),
+        "the held key waits for the transaction"
+    );
+    txn.commit().await.unwrap();
+    assert_eq!(held.await.unwrap(), Reservation::Committed);
+}

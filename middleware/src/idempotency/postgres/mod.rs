@@ -1,11 +1,13 @@
 //! [`PostgresStore`]: idempotency keys in a PostgreSQL table.
 
+mod batch;
 mod params;
 mod sql;
 mod tls;
 
 use std::error::Error as StdError;
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::{
@@ -20,7 +22,7 @@ use super::{
     CommitStatus, ConfigError, IdempotencyStore, IdempotencyToken, Reservation, StoreError,
     StoreFuture, Token,
 };
-use sql::{Failure, Sql, commit_on, commit_with, extend_on, release_on, reserve_on};
+use sql::{Failure, Sql, commit_on, extend_on, release_on};
 
 /// Idempotency keys in a PostgreSQL table, shared by every consumer that uses the same
 /// database and table.
@@ -37,6 +39,15 @@ use sql::{Failure, Sql, commit_on, commit_with, extend_on, release_on, reserve_o
 ///
 /// Expired rows are reused by the next reservation of their key, and otherwise stay
 /// until [`purge_expired`](Self::purge_expired) deletes them; call it from time to time.
+///
+/// # Batches
+/// Reserves that arrive while one is running go to the server together, in one
+/// statement (up to 64 keys), and so do commits: under load a transaction, and the
+/// flush of the server's write-ahead log it costs, serves many messages, while a lone
+/// operation is sent at once. A batch locks its rows in key order, so batches never
+/// deadlock one another, and waits at most 100 ms for a row another transaction holds
+/// (a handler's [`commit_in`](Self::commit_in) of the same key) before its keys go one
+/// at a time. Release and extend are single statements.
 ///
 /// # Connections
 /// The store works through a [`deadpool_postgres`] pool (version 0.14), which replaces a
@@ -102,8 +113,10 @@ use sql::{Failure, Sql, commit_on, commit_with, extend_on, release_on, reserve_o
 pub struct PostgresStore {
     pool: Pool,
     table: String,
-    sql: Sql,
+    sql: Arc<Sql>,
     timeout: Duration,
+    /// Reserves and commits waiting to go to the server together.
+    batcher: Arc<batch::Batcher>,
     /// How [`connect`](Self::connect) connects, for error hints.
     tls: tls::Setting,
 }
@@ -129,9 +142,10 @@ impl PostgresStore {
     fn on_table(pool: Pool, table: String, timeout: Duration) -> Self {
         PostgresStore {
             pool,
-            sql: Sql::new(&table),
+            sql: Arc::new(Sql::new(&table)),
             table,
             timeout,
+            batcher: Arc::default(),
             tls: tls::Setting::default(),
         }
     }
@@ -272,7 +286,7 @@ impl PostgresStore {
                  CREATE INDEX IF NOT EXISTS {index} ON {t} (expires_at);"
             ))
             .await
-            .map_err(|e| self.failed("creating the table", &e))
+            .map_err(|e| failed(&self.table, "creating the table", &e))
     }
 
     /// Deletes expired rows; returns how many. Only waiting for a connection is bounded
@@ -288,7 +302,7 @@ impl PostgresStore {
                 &[],
             )
             .await
-            .map_err(|e| self.failed("purging expired keys", &e))
+            .map_err(|e| failed(&self.table, "purging expired keys", &e))
     }
 
     /// Commits the key of `reservation` for `ttl` inside `txn`, the handler's own
@@ -328,27 +342,17 @@ impl PostgresStore {
 
     /// A connection of the pool, by `deadline`.
     async fn client(&self, deadline: Instant) -> Result<Object, StoreError> {
-        match tokio::time::timeout_at(deadline, self.pool.get()).await {
-            Ok(Ok(client)) => Ok(client),
-            Ok(Err(PoolError::Backend(e))) => {
-                let mut message = format!("cannot connect to PostgreSQL: {}", describe(&e));
-                if let Some(hint) = tls::hint(&e, &self.tls) {
-                    message.push_str("; ");
-                    message.push_str(&hint);
-                }
-                Err(StoreError::backend(message))
-            }
-            Ok(Err(PoolError::Timeout(TimeoutType::Wait))) => Err(StoreError::backend(
-                "no PostgreSQL connection of the pool came free in time; make the pool \
-                 larger than the consumer's concurrency",
-            )),
-            Ok(Err(PoolError::Timeout(_))) | Err(_) => Err(StoreError::backend(format!(
-                "PostgreSQL did not answer within {:?} (the store's timeout)",
-                self.timeout
-            ))),
-            Ok(Err(e)) => Err(StoreError::backend(format!(
-                "the PostgreSQL connection pool failed: {e}"
-            ))),
+        connection(&self.pool, deadline, self.timeout, &self.tls).await
+    }
+
+    /// What a batch of reserves or commits runs against.
+    fn target(&self) -> batch::Target {
+        batch::Target {
+            pool: self.pool.clone(),
+            sql: self.sql.clone(),
+            table: self.table.clone(),
+            timeout: self.timeout,
+            tls: self.tls.clone(),
         }
     }
 
@@ -372,25 +376,58 @@ impl PostgresStore {
     }
 
     fn op_failed(&self, failure: Failure) -> StoreError {
-        match failure {
-            Failure::LeaseLost(key) => StoreError::lease_lost(key),
-            Failure::Query(doing, e) => self.failed(doing, &e),
-        }
-    }
-
-    /// A query's error, with its causes and, for a missing table, what to do.
-    fn failed(&self, doing: &str, e: &tokio_postgres::Error) -> StoreError {
-        let hint = if e.code() == Some(&SqlState::UNDEFINED_TABLE) {
-            format!(
-                " (did you run `PostgresStore::migrate` for table `{}`?)",
-                self.table
-            )
-        } else {
-            String::new()
-        };
-        StoreError::backend(format!("PostgreSQL: {doing} failed: {}{hint}", describe(e)))
+        op_failed(&self.table, failure)
     }
 }
+
+/// A connection of `pool`, by `deadline`; errors that say what to change.
+async fn connection(
+    pool: &Pool,
+    deadline: Instant,
+    timeout: Duration,
+    tls: &tls::Setting,
+) -> Result<Object, StoreError> {
+    match tokio::time::timeout_at(deadline, pool.get()).await {
+        Ok(Ok(client)) => Ok(client),
+        Ok(Err(PoolError::Backend(e))) => {
+            let mut message = format!("cannot connect to PostgreSQL: {}", describe(&e));
+            if let Some(hint) = tls::hint(&e, tls) {
+                message.push_str("; ");
+                message.push_str(&hint);
+            }
+            Err(StoreError::backend(message))
+        }
+        Ok(Err(PoolError::Timeout(TimeoutType::Wait))) => Err(StoreError::backend(
+            "no PostgreSQL connection of the pool came free in time; make the pool \
+             larger than the consumer's concurrency",
+        )),
+        Ok(Err(PoolError::Timeout(_))) | Err(_) => Err(StoreError::backend(format!(
+            "PostgreSQL did not answer within {timeout:?} (the store's timeout)"
+        ))),
+        Ok(Err(e)) => Err(StoreError::backend(format!(
+            "the PostgreSQL connection pool failed: {e}"
+        ))),
+    }
+}
+
+/// The error of an operation on `table`.
+fn op_failed(table: &str, failure: Failure) -> StoreError {
+    match failure {
+        Failure::LeaseLost(key) => StoreError::lease_lost(key),
+        Failure::Query(doing, e) => failed(table, doing, &e),
+    }
+}
+
+/// A query's error, with its causes and, for a missing table, what to do.
+fn failed(table: &str, doing: &str, e: &tokio_postgres::Error) -> StoreError {
+    let hint = if e.code() == Some(&SqlState::UNDEFINED_TABLE) {
+        format!(" (did you run `PostgresStore::migrate` for table `{table}`?)")
+    } else {
+        String::new()
+    };
+    StoreError::backend(format!("PostgreSQL: {doing} failed: {}{hint}", describe(e)))
+}
+
 /// `e` and each of its causes, `: `-separated, each said once (tokio-postgres words a
 /// kind, "db error", and leaves the detail to the cause).
 fn describe(e: &(dyn StdError + 'static)) -> String {
@@ -441,12 +478,7 @@ impl fmt::Debug for PostgresStore {
 
 impl IdempotencyStore for PostgresStore {
     fn reserve<'a>(&'a self, key: &'a str, lease: Duration) -> StoreFuture<'a, Reservation> {
-        Box::pin(async move {
-            let deadline = self.deadline();
-            let client = self.client(deadline).await?;
-            let result = timeout_at(deadline, reserve_on(&client, &self.sql, key, lease)).await;
-            self.finish(client, result)
-        })
+        Box::pin(async move { self.batcher.reserve(&self.target(), key, lease).await })
     }
 
     fn commit<'a>(
@@ -455,13 +487,7 @@ impl IdempotencyStore for PostgresStore {
         token: &'a Token,
         ttl: Duration,
     ) -> StoreFuture<'a, CommitStatus> {
-        Box::pin(async move {
-            let deadline = self.deadline();
-            let client = self.client(deadline).await?;
-            let result =
-                timeout_at(deadline, commit_with(&client, &self.sql, key, token, ttl)).await;
-            self.finish(client, result)
-        })
+        Box::pin(async move { self.batcher.commit(&self.target(), key, token, ttl).await })
     }
 
     fn extend<'a>(

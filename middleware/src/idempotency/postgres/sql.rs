@@ -12,6 +12,12 @@ use crate::idempotency::{CommitStatus, Reservation, Token};
 /// The SQL of each operation, for one table.
 pub(super) struct Sql {
     reserve: String,
+    /// [`reserve`](Self::reserve) of many keys: `$1` keys, `$2` tokens, `$3` leases
+    /// in ms, arrays in step; returns the keys reserved, locking rows in key order.
+    pub(super) reserve_many: String,
+    /// [`commit`](Self::commit) of many keys, arrays in step; returns the keys
+    /// committed, locking rows in key order.
+    pub(super) commit_many: String,
     lookup: String,
     pub(super) commit: String,
     pub(super) committed_by: String,
@@ -31,6 +37,27 @@ impl Sql {
                  SET token = EXCLUDED.token, committed = FALSE, expires_at = EXCLUDED.expires_at \
                  WHERE t.expires_at <= now() \
                  RETURNING 1"
+            ),
+            reserve_many: format!(
+                "INSERT INTO {t} AS t (key, token, committed, expires_at) \
+                 SELECT u.key, u.token, FALSE, now() + u.ms * INTERVAL '1 millisecond' \
+                 FROM unnest($1::text[], $2::text[], $3::bigint[]) AS u(key, token, ms) \
+                 ORDER BY u.key \
+                 ON CONFLICT (key) DO UPDATE \
+                 SET token = EXCLUDED.token, committed = FALSE, expires_at = EXCLUDED.expires_at \
+                 WHERE t.expires_at <= now() \
+                 RETURNING t.key"
+            ),
+            commit_many: format!(
+                "WITH u AS (SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[]) \
+                 AS u(key, token, ms)), \
+                 locked AS (SELECT t.key FROM {t} t JOIN u ON t.key = u.key \
+                 ORDER BY t.key FOR UPDATE OF t) \
+                 UPDATE {t} AS t SET committed = TRUE, \
+                 expires_at = now() + u.ms * INTERVAL '1 millisecond' \
+                 FROM u WHERE t.key = u.key AND t.key IN (SELECT key FROM locked) \
+                 AND t.token = u.token AND NOT t.committed AND t.expires_at > now() \
+                 RETURNING t.key"
             ),
             lookup: format!(
                 "SELECT committed, \
@@ -60,7 +87,7 @@ pub(super) enum Failure {
     Query(&'static str, tokio_postgres::Error),
 }
 
-fn millis_param(d: Duration) -> i64 {
+pub(super) fn millis_param(d: Duration) -> i64 {
     i64::try_from(millis_ceil(d)).unwrap_or(i64::MAX)
 }
 
@@ -95,7 +122,7 @@ where
 }
 
 /// The statement of `sql` on `client`, prepared once per connection.
-async fn prepared(client: &ClientWrapper, sql: &str) -> Result<Statement, Failure> {
+pub(super) async fn prepared(client: &ClientWrapper, sql: &str) -> Result<Statement, Failure> {
     client
         .prepare_cached(sql)
         .await
