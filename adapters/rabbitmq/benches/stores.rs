@@ -6,7 +6,11 @@
 //! ```text
 //! cargo bench -p redrive-rabbitmq --bench stores
 //! BENCH_N=50000 BENCH_ROUNDS=5 cargo bench -p redrive-rabbitmq --bench stores
+//! BENCH_ONLY=PostgreSQL cargo bench -p redrive-rabbitmq --bench stores
 //! ```
+//!
+//! `BENCH_ONLY=<text>` runs the rows whose store's name holds the text, and the
+//! in-memory store's (the base).
 //!
 //! RabbitMQ at `AMQP_URL`, Redis at `REDIS_URL`, PostgreSQL at `DATABASE_URL` (the local
 //! defaults otherwise). Every message carries a message id of its own, so the
@@ -68,8 +72,10 @@ impl Store {
         }
     }
 
-    /// A store of this kind, its keys apart from every other run's.
-    async fn open(self, run: &str) -> Arc<dyn IdempotencyStore> {
+    /// A store of this kind, its keys apart from every other run's; PostgreSQL's in
+    /// `table`, which the bench drops at its end (a table grown by earlier runs would
+    /// slow the later ones).
+    async fn open(self, run: &str, table: &str) -> Arc<dyn IdempotencyStore> {
         match self {
             Store::Memory => Arc::new(MemoryStore::new()),
             Store::Redis => {
@@ -88,7 +94,7 @@ impl Store {
                     .unwrap_or_else(|e| {
                         panic!("PostgreSQL at {params}: {e}; start it with `pg_ctlcluster 15 main start`")
                     })
-                    .with_table("redrive_bench_idempotency")
+                    .with_table(table)
                     .expect("table name");
                 store.migrate().await.expect("migrate");
                 Arc::new(store)
@@ -211,16 +217,22 @@ fn main() {
         let topology = Topology::new(&queue).with_kind(QueueKind::Classic);
         topology.declare(&conn).await.expect("declare");
 
+        let only = std::env::var("BENCH_ONLY").ok();
+        let stores: Vec<Store> = [Store::Memory, Store::Redis, Store::Postgres]
+            .into_iter()
+            .filter(|s| *s == Store::Memory || only.as_deref().is_none_or(|o| s.name().contains(o)))
+            .collect();
         let rows: Vec<(Broker, Store)> = [Broker::RabbitMq, Broker::Memory]
             .into_iter()
-            .flat_map(|b| [Store::Memory, Store::Redis, Store::Postgres].map(|s| (b, s)))
+            .flat_map(|b| stores.iter().map(move |s| (b, *s)))
             .collect();
+        let table = format!("redrive_bench_idempotency_{}", std::process::id());
         let mut results: Vec<Vec<(Duration, CpuUsed)>> = vec![Vec::new(); rows.len()];
         for round in 1..=rounds {
             eprintln!("round {round} of {rounds}");
             for (i, (broker, store)) in rows.iter().enumerate() {
                 let run = redrive_core::testkit::unique_name("r");
-                let store_now = store.open(&run).await;
+                let store_now = store.open(&run, &table).await;
                 let (took, cpu) = match broker {
                     Broker::RabbitMq => {
                         fill_rabbitmq(&conn, &queue, &run, n).await;
@@ -271,8 +283,8 @@ fn main() {
         );
         println!("|---|---|---:|---|---:|---:|---:|");
         for (i, ((broker, store), runs)) in rows.iter().zip(&results).enumerate() {
-            // The in-memory store's row of the same broker: rows come in threes.
-            let vs_memory = ratios(runs, &results[i - i % 3]);
+            // The in-memory store's row of the same broker, first of each broker's rows.
+            let vs_memory = ratios(runs, &results[i - i % stores.len()]);
             println!(
                 "| {} | {} | {:.0} | {} | {:.1} % | {:.1} | {:.1} |",
                 broker.name(),
@@ -285,6 +297,15 @@ fn main() {
             );
         }
 
+        if stores.contains(&Store::Postgres) {
+            let params = std::env::var("DATABASE_URL")
+                .unwrap_or_else(|_| "host=127.0.0.1 user=postgres dbname=test".into());
+            let store = PostgresStore::connect(&params).await.expect("PostgreSQL");
+            let client = store.pool().get().await.expect("connection");
+            let _ = client
+                .batch_execute(&format!("DROP TABLE IF EXISTS {table}"))
+                .await;
+        }
         let ch = conn.create_channel().await.expect("channel");
         let _ = ch.queue_delete(&queue, QueueDeleteOptions::default()).await;
         let _ = conn.close(200, "bench done").await;

@@ -88,8 +88,9 @@ return 0
 ///
 /// Each key is one Redis string, `<prefix><key>`, holding `r:<token>` while reserved
 /// and `c:<token>` once committed, with the lease or TTL as its expiry (`PX`), so Redis
-/// forgets expired keys by itself. Reserve, commit and release are Lua scripts, each
-/// atomic on the server; commit and release compare the token, so a consumer whose
+/// forgets expired keys by itself. Reserve is a `SET NX` (and, when the key exists, a
+/// Lua script that reads it); commit and release are Lua scripts; each is atomic on
+/// the server. Commit and release compare the token, so a consumer whose
 /// lease expired cannot commit or release a reservation another consumer has taken
 /// since: its commit fails with [`StoreError::lease_lost`]. Once a lease has expired,
 /// its key is gone, so a late commit fails even if no one took the key over, as with
@@ -250,6 +251,32 @@ impl RedisStore {
         k
     }
 
+    /// Reserves `key` for `token` if it does not exist (`SET NX PX`), within the store's
+    /// timeout: whether it did.
+    async fn set_new(&self, key: &str, token: &Token, lease: Duration) -> Result<bool, StoreError> {
+        let mut value = String::with_capacity(2 + token.as_str().len());
+        value.push_str("r:");
+        value.push_str(token.as_str());
+        let mut set = redis::cmd("SET");
+        set.arg(self.redis_key(key))
+            .arg(value)
+            .arg("NX")
+            .arg("PX")
+            .arg(millis_ceil(lease));
+        let mut conn = self.conn.clone();
+        match tokio::time::timeout(self.timeout, set.query_async::<Option<String>>(&mut conn)).await
+        {
+            Ok(Ok(done)) => Ok(done.is_some()),
+            Ok(Err(e)) => Err(StoreError::backend(format!(
+                "Redis: reserving a key failed: {e}"
+            ))),
+            Err(_) => Err(StoreError::backend(format!(
+                "Redis: reserving a key failed: no answer within {:?} (the store's timeout)",
+                self.timeout
+            ))),
+        }
+    }
+
     /// Runs `script` on `key` with `args`, within the store's timeout.
     async fn invoke<T: FromRedisValue>(
         &self,
@@ -288,6 +315,11 @@ impl IdempotencyStore for RedisStore {
     fn reserve<'a>(&'a self, key: &'a str, lease: Duration) -> StoreFuture<'a, Reservation> {
         Box::pin(async move {
             let token = Token::random();
+            // A new key (the usual case) is one plain `SET NX`; a key that exists goes
+            // through the script, which tells committed from reserved.
+            if self.set_new(key, &token, lease).await? {
+                return Ok(Reservation::Fresh(token));
+            }
             let args = (token.as_str(), Some(millis_ceil(lease)));
             let (status, pttl): (i64, i64) =
                 self.invoke("reserving a key", &RESERVE, key, args).await?;
