@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use redrive_rabbitmq::{RabbitConsumer, RabbitPublisher, Topology};
 use redrive_sqs::aws_config::{self, BehaviorVersion, Region};
-use redrive_sqs::{Sqs, SqsConsumer, SqsPublisher};
+use redrive_sqs::{BatchingPublisher, Sqs, SqsConsumer};
 
 /// How to reach the DLQ: the options that depend on the broker.
 #[derive(Clone, Debug)]
@@ -204,9 +204,14 @@ pub(crate) async fn sqs_depth(sqs: &Sqs, dlq: &str) -> Option<u64> {
         .ok()
 }
 
-/// The publisher an SQS replay puts letters back with.
-pub(crate) fn sqs_publisher(sqs: &Sqs) -> SqsPublisher {
-    sqs.publisher()
+/// How long a replayed letter waits for others to share its `SendMessageBatch` call.
+const SQS_LINGER: Duration = Duration::ZERO;
+
+/// The publisher an SQS replay puts letters back with: the publishes in flight at once
+/// share `SendMessageBatch` calls, each letter still answered (and removed from the DLQ)
+/// on its own entry's confirmation.
+pub(crate) fn sqs_publisher(sqs: &Sqs) -> BatchingPublisher {
+    sqs.publisher().batched(SQS_LINGER)
 }
 
 #[cfg(test)]

@@ -46,7 +46,7 @@
 //! | `hand_back` (untried) | `ChangeMessageVisibility` to 0, the receive remembered as untried |
 //! | lease (capability) | the visibility timeout, read at start-up with `GetQueueAttributes` |
 //! | ordering (capability) | per key (group) on FIFO queues, none on standard ones |
-//! | `publish` | `SendMessage`; [`SqsPublisher::send_batch`] uses `SendMessageBatch` |
+//! | `publish` | `SendMessage`; [`SqsPublisher::send_batch`] uses `SendMessageBatch`, and so does a [`BatchingPublisher`] for the publishes waiting at once |
 //!
 //! # Guarantees
 //! - **Leases**: the consumer declares the visibility timeout as an extendable lease, so
@@ -94,7 +94,8 @@ pub use consumer::{SqsConsumer, SqsConsumerBuilder};
 pub use error::{Error, Result};
 pub use name::{FIFO_SUFFIX, MAX_QUEUE_NAME_LEN, validate_queue_name};
 pub use publisher::{
-    DEAD_LETTER_HEADER, DEFAULT_MAX_MESSAGE_BYTES, FifoDeduplication, SqsPublisher,
+    BatchingPublisher, DEAD_LETTER_HEADER, DEFAULT_MAX_MESSAGE_BYTES, FifoDeduplication,
+    SqsPublisher,
 };
 pub use queue_stats::{QueueCounts, QueueFigures, QueueStats, QueueStatsBuilder, QueueStatus};
 

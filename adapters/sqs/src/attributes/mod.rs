@@ -86,6 +86,19 @@ pub(crate) struct Encoded {
     pub(crate) attributes: HashMap<String, MessageAttributeValue>,
 }
 
+impl Encoded {
+    /// The size SQS counts against its limits: the body and every attribute's name,
+    /// data type and value.
+    pub(crate) fn size(&self) -> usize {
+        self.body.len()
+            + self
+                .attributes
+                .iter()
+                .map(|(n, v)| attribute_size(n, v))
+                .sum::<usize>()
+    }
+}
+
 /// Whether SQS accepts `c` in a message body or a string attribute value.
 fn sqs_char(c: char) -> bool {
     matches!(c, '\u{9}' | '\u{A}' | '\u{D}' | '\u{20}'..='\u{D7FF}' | '\u{E000}'..='\u{FFFD}' | '\u{10000}'..)
@@ -294,18 +307,15 @@ pub(crate) fn encode(
         attributes.insert(name.to_owned(), value);
     }
 
-    let size = body.len()
-        + attributes
-            .iter()
-            .map(|(n, v)| attribute_size(n, v))
-            .sum::<usize>();
+    let encoded = Encoded { body, attributes };
+    let size = encoded.size();
     if size > max_message_bytes {
         return Err(Error::MessageTooLarge {
             size,
             limit: max_message_bytes,
         });
     }
-    Ok(Encoded { body, attributes })
+    Ok(encoded)
 }
 
 /// A received message's payload, headers and key.

@@ -1,7 +1,13 @@
 //! The publisher: `SendMessage` and `SendMessageBatch`, with headers as attributes.
 
-use aws_sdk_sqs::types::SendMessageBatchRequestEntry;
+mod batching;
+
+use std::time::Duration;
+
+use aws_sdk_sqs::types::{BatchResultErrorEntry, SendMessageBatchRequestEntry};
 use redrive_core::{OutgoingMessage, Publisher};
+
+pub use batching::BatchingPublisher;
 
 use crate::attributes::{self, Encoded, HeaderOverflow, UNKEYED_GROUP_PREFIX};
 use crate::client::is_fifo_name;
@@ -67,6 +73,30 @@ struct Prepared {
     dedup_id: Option<String>,
 }
 
+impl Prepared {
+    /// The message as an entry of a `SendMessageBatch` request.
+    fn into_entry(self, id: String) -> SendMessageBatchRequestEntry {
+        SendMessageBatchRequestEntry::builder()
+            .id(id)
+            .message_body(self.encoded.body)
+            .set_message_attributes(Some(self.encoded.attributes).filter(|a| !a.is_empty()))
+            .set_message_group_id(self.group_id)
+            .set_message_deduplication_id(self.dedup_id)
+            .build()
+            .expect("id and body are set")
+    }
+}
+
+/// The error of an entry SQS failed in a `SendMessageBatch` answer.
+fn entry_error(f: &BatchResultErrorEntry) -> Error {
+    Error::BatchEntry {
+        operation: "SendMessageBatch",
+        code: f.code().to_owned(),
+        message: f.message().unwrap_or_default().to_owned(),
+        sender_fault: f.sender_fault(),
+    }
+}
+
 fn random_id() -> String {
     format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
 }
@@ -103,6 +133,13 @@ impl SqsPublisher {
     pub fn with_fifo_deduplication(mut self, dedup: FifoDeduplication) -> Self {
         self.dedup = dedup;
         self
+    }
+
+    /// This publisher, with concurrent publishes to one queue gathered into
+    /// `SendMessageBatch` calls: a publish waits at most `linger` for others to join its
+    /// call (zero: it goes with those already waiting). See [`BatchingPublisher`].
+    pub fn batched(self, linger: Duration) -> BatchingPublisher {
+        BatchingPublisher::new(self, linger)
     }
 
     fn prepare(&self, fifo: bool, msg: &OutgoingMessage) -> Result<Prepared> {
@@ -173,17 +210,7 @@ impl SqsPublisher {
         let mut batch: Vec<SendMessageBatchRequestEntry> = Vec::new();
         let mut size = 0;
         for (i, p) in prepared.into_iter().enumerate() {
-            let entry_size = p.encoded.body.len()
-                + p.encoded
-                    .attributes
-                    .iter()
-                    .map(|(n, v)| {
-                        n.len()
-                            + v.data_type().len()
-                            + v.string_value().map_or(0, str::len)
-                            + v.binary_value().map_or(0, |b| b.as_ref().len())
-                    })
-                    .sum::<usize>();
+            let entry_size = p.encoded.size();
             if batch.len() == crate::acker::MAX_BATCH
                 || (!batch.is_empty() && size + entry_size > self.max_message_bytes)
             {
@@ -192,16 +219,7 @@ impl SqsPublisher {
                 size = 0;
             }
             size += entry_size;
-            batch.push(
-                SendMessageBatchRequestEntry::builder()
-                    .id(i.to_string())
-                    .message_body(p.encoded.body)
-                    .set_message_attributes(Some(p.encoded.attributes).filter(|a| !a.is_empty()))
-                    .set_message_group_id(p.group_id)
-                    .set_message_deduplication_id(p.dedup_id)
-                    .build()
-                    .expect("id and body are set"),
-            );
+            batch.push(p.into_entry(i.to_string()));
         }
         if !batch.is_empty() {
             self.send_entries(queue, &url, batch).await?;
@@ -226,12 +244,7 @@ impl SqsPublisher {
             .map_err(|e| Error::for_queue(queue, "SendMessageBatch", e))?;
         match out.failed().first() {
             None => Ok(()),
-            Some(f) => Err(Error::BatchEntry {
-                operation: "SendMessageBatch",
-                code: f.code().to_owned(),
-                message: f.message().unwrap_or_default().to_owned(),
-                sender_fault: f.sender_fault(),
-            }),
+            Some(f) => Err(entry_error(f)),
         }
     }
 }
