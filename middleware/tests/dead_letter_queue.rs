@@ -302,3 +302,100 @@ async fn a_purge_removes_the_selection_only() {
     assert_eq!((purged.selected, purged.done), (3, 3));
     assert_eq!(bodies(&broker, "orders-dlq"), ["slow-1", "slow-2"]);
 }
+
+/// Settles through the consumer's own handle; each ack takes 20 ms, and the most acks
+/// running at once is recorded.
+struct SlowAck {
+    inner: redrive_core::Settle,
+    running: Arc<std::sync::atomic::AtomicUsize>,
+    most: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl redrive_core::Acker for SlowAck {
+    fn ack(&self) -> redrive_core::delivery::SettleFuture<'_> {
+        use std::sync::atomic::Ordering::SeqCst;
+        redrive_core::delivery::SettleFuture::new(async move {
+            let now = self.running.fetch_add(1, SeqCst) + 1;
+            self.most.fetch_max(now, SeqCst);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            self.running.fetch_sub(1, SeqCst);
+            self.inner.ack().await
+        })
+    }
+
+    fn nack(&self, delay: Duration) -> redrive_core::delivery::SettleFuture<'_> {
+        redrive_core::delivery::SettleFuture::new(self.inner.nack(delay))
+    }
+
+    fn extend(&self, lease: Duration) -> redrive_core::delivery::SettleFuture<'_> {
+        redrive_core::delivery::SettleFuture::new(self.inner.extend(lease))
+    }
+
+    fn hand_back(&self) -> redrive_core::delivery::SettleFuture<'_> {
+        redrive_core::delivery::SettleFuture::new(self.inner.hand_back())
+    }
+}
+
+/// The in-memory DLQ, its acks [`SlowAck`]s.
+struct SlowAcks {
+    inner: redrive_core::memory::MemoryConsumer,
+    running: Arc<std::sync::atomic::AtomicUsize>,
+    most: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl redrive_core::Consumer for SlowAcks {
+    async fn receive(&mut self) -> redrive_core::Result<Option<redrive_core::Delivery>> {
+        Ok(self.inner.receive().await?.map(|d| {
+            let (message, settle) = d.into_parts();
+            redrive_core::Delivery::new(
+                message,
+                SlowAck {
+                    inner: settle,
+                    running: self.running.clone(),
+                    most: self.most.clone(),
+                },
+            )
+        }))
+    }
+
+    fn capabilities(&self) -> redrive_core::Capabilities {
+        self.inner.capabilities()
+    }
+}
+
+#[tokio::test]
+async fn replayed_letters_leave_the_dlq_side_by_side() {
+    let broker = MemoryBroker::new();
+    for i in 0..32 {
+        let msg = OutgoingMessage::new(format!("bad-{i}"))
+            .with_header("message-id", format!("id-{i}"))
+            .unwrap();
+        broker.publish("orders", msg).await.unwrap();
+    }
+    consume(&broker).await;
+    assert_eq!(broker.depth("orders-dlq"), 32);
+    let most = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let consumer = SlowAcks {
+        inner: broker.consumer("orders-dlq"),
+        running: Arc::default(),
+        most: most.clone(),
+    };
+    let mut dlq = DeadLetterQueue::new(consumer).with_idle(Duration::from_millis(100));
+    let done = dlq
+        .replay(
+            &broker,
+            &Selection::all(),
+            &Replay::default().with_in_flight(8),
+            |_| {},
+            std::future::pending(),
+        )
+        .await
+        .unwrap();
+    assert_eq!((done.done, done.failed), (32, 0));
+    assert_eq!(broker.depth("orders-dlq"), 0);
+    let most = most.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        (2..=8).contains(&most),
+        "{most} removals at once, with 8 replays in flight"
+    );
+}

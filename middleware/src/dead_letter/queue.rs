@@ -74,10 +74,11 @@ pub struct Replay {
     pub limit: Option<u64>,
     /// Publishes at most this many letters a second.
     pub rate: Option<f64>,
-    /// Publishes waiting for the broker's confirmation at once (default 16): replayed
-    /// letters may reach their destination in another order than the DLQ's, and a run
-    /// killed mid-way can leave up to this many letters both replayed and still in the
-    /// DLQ (each at most once more).
+    /// Letters replayed at once, each a publish waiting for the broker's confirmation,
+    /// then its removal from the DLQ (default 16): replayed letters may reach their
+    /// destination in another order than the DLQ's, and a run killed mid-way can leave
+    /// up to this many letters both replayed and still in the DLQ (each at most once
+    /// more).
     pub in_flight: usize,
 }
 
@@ -278,7 +279,7 @@ impl<C: Consumer> DeadLetterQueue<C> {
                             tokio::select! {
                                 () = &mut turn => break,
                                 Some(done) = publishing.next(), if !publishing.is_empty() => {
-                                    published(done, p, held).await;
+                                    published(done, p, held);
                                     progress(p);
                                 }
                             }
@@ -287,22 +288,27 @@ impl<C: Consumer> DeadLetterQueue<C> {
                     let to = to.unwrap_or_default().to_owned();
                     let id = letter.id().map(str::to_owned);
                     let out = letter.replay_message();
+                    // The letter leaves the DLQ as soon as its publish is confirmed, in
+                    // the same future: removals run side by side, as the publishes do.
                     publishing.push(async move {
                         let sent = match out {
                             Ok(out) => publisher.publish(&to, out).await,
                             Err(e) => Err(redrive_core::Error::broker(e.to_string())),
                         };
-                        (sent, settle, id)
+                        let replayed = match sent {
+                            Ok(()) => Replayed::Removed(settle.ack().await),
+                            Err(e) => Replayed::NotSent(e, settle),
+                        };
+                        (replayed, id)
                     });
-                    // A letter leaves the DLQ as soon as its publish is confirmed, so a
-                    // run killed now duplicates as few as can be.
+                    // Counts the replays that ended, and sends this one on its way.
                     while let Some(Some(done)) = publishing.next().now_or_never() {
-                        published(done, p, held).await;
+                        published(done, p, held);
                         progress(p);
                     }
                     while publishing.len() >= in_flight {
                         if let Some(done) = publishing.next().await {
-                            published(done, p, held).await;
+                            published(done, p, held);
                             progress(p);
                         }
                     }
@@ -311,7 +317,7 @@ impl<C: Consumer> DeadLetterQueue<C> {
             .await;
         // What is still being published finishes, stopped or not.
         while let Some(done) = publishing.next().await {
-            published(done, &mut p, &mut held).await;
+            published(done, &mut p, &mut held);
             progress(&p);
         }
         hand_back(held).await;
@@ -408,22 +414,23 @@ impl<C: Consumer> DeadLetterQueue<C> {
     }
 }
 
-/// Settles a letter whose replay publish ended: removed from the DLQ once the publish
-/// is confirmed, kept otherwise.
-async fn published(
-    (sent, settle, id): (Result<()>, Settle, Option<String>),
-    p: &mut Progress,
-    held: &mut Vec<Settle>,
-) {
-    match sent {
-        Ok(()) => match settle.ack().await {
-            Ok(()) => p.done += 1,
-            Err(e) => {
-                tracing::warn!(letter = ?id, error = %e, "replayed, but its removal from the DLQ failed: it stays there, a duplicate");
-                p.failed += 1;
-            }
-        },
-        Err(e) => {
+/// How a letter's replay ended.
+enum Replayed {
+    /// Published, then removed from the DLQ (or not: then a duplicate stays there).
+    Removed(Result<()>),
+    /// Not published: the letter stays in the DLQ, held until the run ends.
+    NotSent(redrive_core::Error, Settle),
+}
+
+/// Counts a letter whose replay ended, and holds it when it was not published.
+fn published((replayed, id): (Replayed, Option<String>), p: &mut Progress, held: &mut Vec<Settle>) {
+    match replayed {
+        Replayed::Removed(Ok(())) => p.done += 1,
+        Replayed::Removed(Err(e)) => {
+            tracing::warn!(letter = ?id, error = %e, "replayed, but its removal from the DLQ failed: it stays there, a duplicate");
+            p.failed += 1;
+        }
+        Replayed::NotSent(e, settle) => {
             tracing::warn!(letter = ?id, error = %e, "replay publish failed; the letter stays in the DLQ");
             p.failed += 1;
             held.push(settle);
