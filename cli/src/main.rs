@@ -428,8 +428,9 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
 /// otherwise: each record goes to the broker in a produce request of its own, which
 /// every Kafka-protocol broker counts exactly (tansu 0.6 miscounts a partition's high
 /// watermark after multi-record batches), and reaches its origin in the DLQ's order.
-/// With more in flight the order holds too: the producer is idempotent, and the
-/// publishes are queued in the DLQ's order.
+/// With more in flight the order holds while every publish succeeds (the producer is
+/// idempotent, and the publishes are queued in the DLQ's order); a letter whose publish
+/// fails stays in the DLQ while later ones go.
 fn one_at_a_time(cmd: commands::Command) -> commands::Command {
     match cmd {
         commands::Command::Replay { selection, replay } => commands::Command::Replay {

@@ -541,3 +541,31 @@ async fn a_key_a_handler_transaction_holds_does_not_hold_up_the_others() {
     txn.commit().await.unwrap();
     assert_eq!(held.await.unwrap(), Reservation::Committed);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_the_server_refuses_fails_alone() {
+    let table = table("refused");
+    let store = Arc::new(store(&table).await);
+    let lease = Duration::from_secs(30);
+    for round in 0..5 {
+        // PostgreSQL refuses text with a NUL byte; the keys reserved with it must not
+        // share its error.
+        let reserves = (0..20).map(|i| {
+            let store = store.clone();
+            let key = match i {
+                10 => format!("bad\0{round}"),
+                _ => format!("good-{round}-{i}"),
+            };
+            tokio::spawn(async move { (key.clone(), store.reserve(&key, lease).await) })
+        });
+        for r in futures_util::future::join_all(reserves).await {
+            match r.unwrap() {
+                (key, Err(e)) => assert!(key.starts_with("bad"), "{key:?} failed: {e}"),
+                (key, Ok(reservation)) => {
+                    assert!(key.starts_with("good"), "{key:?} was reserved");
+                    assert!(matches!(reservation, Reservation::Fresh(_)), "{key}");
+                }
+            }
+        }
+    }
+}

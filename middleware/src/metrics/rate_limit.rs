@@ -25,7 +25,11 @@ impl MetricsLayer {
     /// begun), `redrive.rate_limit.degraded_permits` (messages let through without
     /// Redis, failing open) and `redrive.rate_limit.redis_calls` (calls of the limit's
     /// script). A [`Stack`](crate::Stack) with a metrics layer does this for the
-    /// limit in its rate-limit place, once a Worker is built with it.
+    /// limit in its rate-limit place, once per limit, when a Worker is built with it.
+    ///
+    /// The series are by key: two limits on one key in one process (two Workers, each
+    /// with a limit of its own, on one downstream) report as one, the last reading
+    /// winning. Share one limit between them instead (the layer is cheap to clone).
     pub fn observe_rate_limit(&self, limit: &RedisRateLimitLayer) {
         let attrs = [KeyValue::new(
             ATTR_RATE_LIMIT_KEY,

@@ -89,6 +89,7 @@ impl RedisRateLimitLayer {
                 redis_calls: AtomicU64::new(0),
                 degraded_permits: AtomicU64::new(0),
                 outages: AtomicU64::new(0),
+                reported: AtomicBool::new(false),
             }),
         })
     }
@@ -211,8 +212,11 @@ impl crate::StackPart for RedisRateLimitLayer {
         ))
     }
 
+    /// Once per limit: a Stack built into several Workers reports its limit once.
     #[cfg(feature = "metrics")]
     fn report_into(&self, metrics: &crate::metrics::MetricsLayer) {
-        metrics.observe_rate_limit(self);
+        if !self.shared.reported.swap(true, Ordering::Relaxed) {
+            metrics.observe_rate_limit(self);
+        }
     }
 }

@@ -72,6 +72,8 @@ pub(super) struct Shared {
     pub(super) redis_calls: AtomicU64,
     pub(super) degraded_permits: AtomicU64,
     pub(super) outages: AtomicU64,
+    /// Whether a Stack's metrics layer reports this limit already.
+    pub(super) reported: AtomicBool,
 }
 
 /// Permits granted by one script call, usable after `wait`.
