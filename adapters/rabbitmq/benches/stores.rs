@@ -29,20 +29,20 @@ use redrive_core::handler_fn;
 use redrive_core::memory::MemoryBroker;
 use redrive_core::{BoxError, Consumer, Execution, Message, OutgoingMessage, Publisher, Worker};
 use redrive_middleware::idempotency::{IdempotencyStore, MemoryStore, PostgresStore, RedisStore};
-use redrive_rabbitmq::lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, QueueDeleteOptions,
-};
-use redrive_rabbitmq::lapin::{BasicProperties, Connection};
+use redrive_rabbitmq::lapin::options::QueueDeleteOptions;
 use redrive_rabbitmq::{QueueKind, RabbitConsumer, RabbitPublisher, Topology};
 use tokio::sync::Notify;
 
 #[path = "../../../benches/support/cpu.rs"]
 mod cpu;
+#[path = "support/fill.rs"]
+mod fill;
 #[path = "../../../benches/support/rounds.rs"]
 mod rounds;
 #[path = "../../../benches/support/full_stack.rs"]
 mod support;
 use cpu::{CpuTimes, CpuUsed};
+use fill::fill;
 use rounds::{median, per_round, ratios};
 use support::full_stack_on;
 
@@ -116,34 +116,6 @@ impl Broker {
             Broker::Memory => "in-memory broker",
         }
     }
-}
-
-/// `n` messages of 64 bytes into `queue`, each with the message id `<run>-<i>`.
-async fn fill_rabbitmq(conn: &Connection, queue: &str, run: &str, n: usize) {
-    let ch = conn.create_channel().await.expect("channel");
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .expect("confirms");
-    let body = [b'x'; 64];
-    for i in 0..n {
-        let _confirm = ch
-            .basic_publish(
-                "",
-                queue,
-                BasicPublishOptions::default(),
-                &body,
-                BasicProperties::default()
-                    .with_delivery_mode(1)
-                    .with_message_id(format!("{run}-{i}").into()),
-            )
-            .await
-            .expect("publish");
-        if i % 10_000 == 9_999 {
-            ch.wait_for_confirms().await.expect("confirms");
-        }
-    }
-    ch.wait_for_confirms().await.expect("confirms");
-    let _ = ch.close(200, "filled").await;
 }
 
 async fn fill_memory(broker: &MemoryBroker, queue: &str, run: &str, n: usize) {
@@ -235,7 +207,7 @@ fn main() {
                 let store_now = store.open(&run, &table).await;
                 let (took, cpu) = match broker {
                     Broker::RabbitMq => {
-                        fill_rabbitmq(&conn, &queue, &run, n).await;
+                        fill(&conn, &queue, n, |i| format!("{run}-{i}")).await;
                         // Lets the broker finish with the fill before the clock starts.
                         tokio::time::sleep(Duration::from_secs(1)).await;
                         let consumer = RabbitConsumer::builder(&url, topology.clone())

@@ -38,12 +38,11 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use redrive_core::{BoxError, Execution, Message, Worker, handler_fn};
+use redrive_rabbitmq::lapin::Connection;
 use redrive_rabbitmq::lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueDeleteOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeleteOptions,
 };
 use redrive_rabbitmq::lapin::types::FieldTable;
-use redrive_rabbitmq::lapin::{BasicProperties, Connection};
 use redrive_rabbitmq::{QueueKind, RabbitConsumer, RabbitPublisher, Topology};
 use tokio::sync::Notify;
 use tower::util::BoxService;
@@ -52,11 +51,14 @@ use tower::util::BoxService;
 mod cores;
 #[path = "../../../benches/support/cpu.rs"]
 mod cpu;
+#[path = "support/fill.rs"]
+mod fill;
 #[path = "../../../benches/support/rounds.rs"]
 mod rounds;
 #[path = "../../../benches/support/full_stack.rs"]
 mod support;
 use cpu::{CpuTimes, CpuUsed};
+use fill::fill;
 use rounds::{median, per_round, ratios};
 use support::full_stack;
 
@@ -69,33 +71,6 @@ fn env(name: &str, default: usize) -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-async fn fill(conn: &Connection, queue: &str, n: usize) {
-    let ch = conn.create_channel().await.expect("channel");
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .expect("confirms");
-    let body = [b'x'; 64];
-    for i in 0..n {
-        let _confirm = ch
-            .basic_publish(
-                "",
-                queue,
-                BasicPublishOptions::default(),
-                &body,
-                BasicProperties::default()
-                    .with_delivery_mode(1)
-                    .with_message_id(format!("m{i}").into()),
-            )
-            .await
-            .expect("publish");
-        if i % 10_000 == 9_999 {
-            ch.wait_for_confirms().await.expect("confirms");
-        }
-    }
-    ch.wait_for_confirms().await.expect("confirms");
-    let _ = ch.close(200, "filled").await;
 }
 
 /// One row of the table.
@@ -303,7 +278,7 @@ fn main() {
         for round in 1..=rounds {
             eprintln!("round {round} of {rounds}");
             for (i, (_, run)) in rows.iter().enumerate() {
-                fill(&conn, &queue, n).await;
+                fill(&conn, &queue, n, |i| format!("m{i}")).await;
                 // Lets the broker finish with the fill (its writes, its collections)
                 // before the clock starts.
                 tokio::time::sleep(Duration::from_secs(1)).await;
