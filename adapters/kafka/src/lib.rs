@@ -36,12 +36,14 @@
 //!   With [`OrderingMode::Unordered`] records run in any order.
 //! - **Offset watermark**: per partition, the committed offset only moves to just past
 //!   the longest run of records whose deliveries were acked. A slow, parked or failed
-//!   record holds it; records after it that completed are not committed past it. After
-//!   a crash, consumption resumes at the first record not known complete: nothing is
-//!   lost, and duplicates are bounded by the work in flight. Watermarks are committed
-//!   every [`commit_interval`](KafkaConsumerBuilder::commit_interval), when partitions
-//!   are revoked, and on close. `enable.auto.commit` and `enable.auto.offset.store`
-//!   are off: the adapter commits explicit offsets and nothing else does.
+//!   record holds it. Records after it that completed are kept in the committed
+//!   offset's metadata (see below), so after a crash or a rebalance consumption resumes
+//!   at the first record not known complete and skips the ones known complete: nothing
+//!   is lost, and duplicates are bounded by the work since the last commit. Watermarks
+//!   are committed every [`commit_interval`](KafkaConsumerBuilder::commit_interval),
+//!   when partitions are revoked, and on close. `enable.auto.commit` and
+//!   `enable.auto.offset.store` are off: the adapter commits explicit offsets and
+//!   nothing else does.
 //! - **A record that holds its partition**: records received after the oldest
 //!   incomplete one are kept (16 bytes each) until it completes. At
 //!   [`max_open_per_partition`](KafkaConsumerBuilder::max_open_per_partition) of them
@@ -51,23 +53,34 @@
 //! - **Retries by parking**: Kafka cannot hand back one record, so the consumer
 //!   declares `can_nack = false` and the Worker parks a failed record: it runs it again
 //!   after its redelivery delay as the next attempt, later records of its key wait,
-//!   other keys flow on. The attempt count lives in memory (Kafka keeps no delivery
-//!   count) and reaches the dead-letter envelope; a parked record holds its
-//!   partition's watermark until it succeeds or is dead-lettered.
-//! - **Crash loops**: a record whose run kills the process (an abort, running out of
-//!   memory) gets no fate, so after a restart it is at the committed offset again. The
-//!   first record of each assignment is that one; before its handler runs, its count of
-//!   deliveries is committed in the offset's metadata (`redrive:a=<offset>:<count>`,
-//!   waiting at most 5 s), and the commit past it when it completes clears it. At
-//!   assignment the committed metadata is read, and a record it counts is delivered
-//!   with `attempt` one above the count, so a dead-letter layer's `max_attempts` ends
-//!   the loop. A crash while the record is not yet first (records before it still
-//!   uncommitted) is not counted; a first record that completes is committed past at
-//!   once, so the record that kills becomes first within that many restarts. Every
-//!   record running at the crash is a suspect, as with a broker's delivery count: the
-//!   first record is counted if it was running then, whichever record killed the
-//!   process. Needs a broker that returns commit metadata (Kafka does; tansu 0.6
-//!   answers with none).
+//!   other keys flow on. A parked record holds its partition's watermark until it
+//!   succeeds or is dead-lettered.
+//! - **What survives a restart**: the committed offset's metadata keeps what the
+//!   offset alone cannot (`redrive:a=<offset>:<deliveries>,…;d=<gap>.<len>.…`, at most
+//!   4,000 bytes, under Kafka's default `offset.metadata.max.bytes`):
+//!   - *records completed past the offset*, as runs. After a restart or a rebalance
+//!     they are received complete and skipped (logged at debug, counted in
+//!     [`PartitionBacklog::skipped`], summed up at info at assignment), so a restart
+//!     redoes only records that were not done. A partition whose completed records
+//!     make 128 runs (completions scattered between incomplete records) is paused
+//!     until they merge, so the metadata always fits;
+//!   - *deliveries of records that did not complete*. Before a record runs again in
+//!     place, and before the first record of an assignment runs (the one at the
+//!     committed offset, which may be the record that killed the last consumer), its
+//!     count of deliveries is committed (waiting at most 5 s); its completion is
+//!     committed before its ack completes. A record the metadata counts is delivered
+//!     with `attempt` one above the count, so a record retried in place keeps its
+//!     attempts across a crash, a restart and a rebalance, a record that kills its
+//!     process (an abort, running out of memory) is seen with a rising attempt after
+//!     each restart, and a dead-letter layer's `max_attempts` means the same as on a
+//!     broker that counts deliveries itself. A crash while a record that kills is not
+//!     yet first and not retried (records before it still uncommitted) is not counted;
+//!     it becomes first within that many restarts. Every record running at the crash
+//!     is a suspect, as with a broker's delivery count.
+//!
+//!   Needs a broker that returns commit metadata (Kafka does; tansu 0.6 answers with
+//!   none, so on it completed records come again and counts start from the record's
+//!   header). Metadata that is not redrive's is ignored.
 //! - **Rebalances**: on revoke, records of the revoked partitions are no longer
 //!   started (the Worker hands back queued, waiting and parked ones unrun), the ones
 //!   running in a handler get up to
@@ -80,8 +93,8 @@
 //!   uncommitted), then calls [`close`](redrive_core::Consumer::close), which commits the
 //!   final watermarks and leaves the group off the runtime, each bounded by
 //!   [`close_timeout`](KafkaConsumerBuilder::close_timeout), so it cannot hang.
-//!   Reading the committed offsets at assignment (for the crash-loop count) is bounded
-//!   by 5 s; past it the count is not read, with a warning.
+//!   Reading the committed offsets at assignment (for their metadata) is bounded by
+//!   5 s; past it the metadata is not read, with a warning.
 //! - **Throughput**: records are polled by a task of their own and handed to the Worker
 //!   in batches. For handlers that do little per record, run calls in the Worker's task
 //!   ([`Execution::InTask`]): on a 2-core machine, with the full middleware Stack around

@@ -210,10 +210,18 @@ async fn a_parked_record_holds_the_watermark_and_a_new_member_resumes_there(env:
     );
     assert_eq!(report.handed_back, 1, "handed back at shutdown: {report:?}");
 
-    // Committed: just past offset 1. The new member starts at the parked record and
-    // gets the completed records after it again (duplicates bounded by the work held).
-    let seen = offsets_seen_by_a_new_member(&brokers, &group, &topic, 3).await;
-    assert_eq!(seen, vec![2, 3, 4]);
+    // Committed: just past offset 1, with 3 and 4 kept as completed in its metadata.
+    // The new member starts at the parked record and skips the completed ones, then
+    // gets the record published since. tansu 0.6 drops commit metadata, so there the
+    // completed records come again (duplicates bounded by the work held).
+    publish(&p, &topic, "d", "after").await;
+    let expected = if env.mock.is_some() {
+        vec![2, 5]
+    } else {
+        vec![2, 3, 4, 5]
+    };
+    let seen = offsets_seen_by_a_new_member(&brokers, &group, &topic, expected.len()).await;
+    assert_eq!(seen, expected);
 }
 
 async fn all_completed_work_is_committed_on_close(env: &Env) {

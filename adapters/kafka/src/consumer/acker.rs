@@ -1,18 +1,20 @@
 //! The acker: it marks its record complete in the partition's watermark, and tells
 //! the partition whether the record runs in a handler, which a revoke waits for.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use rdkafka::consumer::StreamConsumer;
 use redrive_core::Acker;
 use redrive_core::delivery::SettleFuture;
 
 use crate::watermark::{Assigned, Tp};
 
 use super::blocking::off_runtime;
-use super::commit::commit_one;
-use super::crash_loop::{COUNT_TIMEOUT, FirstRecord, commit_before_running, died_metadata};
+use super::commit::commit_partition;
+use super::crash_loop::{COUNT_TIMEOUT, commit_count};
+use super::rebalance::Context;
 
 /// Marks a record complete in its partition's watermark.
 pub(super) struct KafkaAcker {
@@ -22,9 +24,18 @@ pub(super) struct KafkaAcker {
     pub(super) offset: i64,
     /// Whether the record is in a handler, as the Worker last said.
     pub(super) running: AtomicBool,
-    /// Set for the first record of an assignment, whose deliveries are counted in the
-    /// committed offset's metadata.
-    pub(super) first: Option<Box<FirstRecord>>,
+    /// To commit its deliveries before a run.
+    pub(super) consumer: Weak<StreamConsumer<Context>>,
+    /// The record's attempt when it was received.
+    pub(super) attempt: u32,
+    /// Its runs so far.
+    pub(super) runs: AtomicU32,
+    /// Whether its deliveries are committed before its first run too: the first record
+    /// of an assignment, or one the committed metadata counted.
+    pub(super) count_first: bool,
+    /// Whether a count of its deliveries was committed: its completion is then
+    /// committed before the ack completes.
+    pub(super) counted: AtomicBool,
 }
 
 impl KafkaAcker {
@@ -61,21 +72,19 @@ impl Acker for KafkaAcker {
         // Its run ends after its completion is marked: a revoke that waits for the
         // partition's runs to end then commits a watermark that counts it.
         self.set_running(false);
-        match self.first.as_deref() {
+        match &self.assigned {
             // Not after a revoke: the partition's new owner commits it now.
-            Some(first) if first.recorded.load(Ordering::Acquire) && self.is_current() => {
-                // Its count of deliveries is committed: commit past it before the ack
-                // completes, or a crash now would count one more for a record that
+            Some(assigned) if self.counted.load(Ordering::Acquire) && self.is_current() => {
+                // Its count of deliveries is committed: commit its completion before the
+                // ack completes, or a crash now would count one more for a record that
                 // completed.
-                let consumer = first.consumer.clone();
-                let assigned = self.assigned.clone();
-                let (tp, past) = (self.tp.clone(), self.offset + 1);
+                let consumer = self.consumer.clone();
+                let assigned = assigned.clone();
+                let a = assigned.clone();
                 SettleFuture::new(async move {
                     let cleared = tokio::time::timeout(
                         COUNT_TIMEOUT,
-                        off_runtime(move || {
-                            consumer.upgrade().map(|c| commit_one(&*c, &tp, past, None))
-                        }),
+                        off_runtime(move || consumer.upgrade().map(|c| commit_partition(&*c, &a))),
                     )
                     .await;
                     if !matches!(cleared, Ok(Some(Some(Ok(()))))) {
@@ -86,9 +95,7 @@ impl Acker for KafkaAcker {
                     }
                     // The periodic commit may have committed a later watermark first,
                     // which this commit just moved back: it commits the watermark again.
-                    if let Some(a) = assigned {
-                        a.forget_committed();
-                    }
+                    assigned.forget_committed();
                     Ok(())
                 })
             }
@@ -112,11 +119,18 @@ impl Acker for KafkaAcker {
     }
 
     fn running(&self, running: bool) {
-        if running {
-            if let Some(first) = self.first.as_deref().filter(|_| self.is_current()) {
-                if !first.recorded.swap(true, Ordering::AcqRel) {
-                    let metadata = died_metadata(self.offset, first.deliveries);
-                    commit_before_running(first, &self.tp, self.offset, &metadata);
+        if running && !self.running.load(Ordering::Acquire) {
+            // A run starts: count it before the handler can crash, when it is a retry
+            // in place or the metadata counts this record.
+            let runs = self.runs.fetch_add(1, Ordering::AcqRel) + 1;
+            if runs > 1 || self.count_first {
+                if let Some(assigned) = self.assigned.as_ref().filter(|_| self.is_current()) {
+                    let deliveries = self.attempt.saturating_add(runs - 1);
+                    if assigned.delivered(self.offset, deliveries)
+                        && commit_count(&self.consumer, assigned, self.offset)
+                    {
+                        self.counted.store(true, Ordering::Release);
+                    }
                 }
             }
         }
@@ -141,7 +155,11 @@ mod tests {
             tp: ("t".into(), 0),
             offset,
             running: AtomicBool::new(false),
-            first: None,
+            consumer: Weak::new(),
+            attempt: 1,
+            runs: AtomicU32::new(0),
+            count_first: false,
+            counted: AtomicBool::new(false),
         }
     }
 
@@ -180,6 +198,6 @@ mod tests {
         assert_eq!(w.running(std::slice::from_ref(&tp)), 0, "dropped mid-run");
         a1.nack(Duration::ZERO).await.unwrap();
         assert_eq!(w.running(std::slice::from_ref(&tp)), 0);
-        assert_eq!(w.revoke(&tp), Some(1));
+        assert_eq!(w.revoke(&tp).map(|c| c.offset), Some(1));
     }
 }

@@ -1,5 +1,5 @@
-//! Committing the watermarks: those that moved, periodically and on demand, and one
-//! partition's offset with its metadata.
+//! Committing the watermarks with their metadata: those that changed, periodically and
+//! on demand, and one partition's at once.
 
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -8,12 +8,21 @@ use rdkafka::consumer::{CommitMode, StreamConsumer};
 use rdkafka::error::KafkaResult;
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::watermark::{Tp, Watermarks};
+use crate::watermark::{Assigned, Commit, Watermarks};
 
 use super::lock;
 use super::rebalance::Context;
 
-/// Commits the watermarks that moved; on failure they are offered again.
+/// Adds `commit` to `tpl`, with its metadata.
+pub(super) fn add(tpl: &mut TopicPartitionList, commit: &Commit) -> KafkaResult<()> {
+    let mut e = tpl.add_partition(&commit.tp.0, commit.tp.1);
+    e.set_offset(Offset::Offset(commit.offset))?;
+    e.set_metadata(commit.metadata.as_str());
+    Ok(())
+}
+
+/// Commits the watermarks that moved, or whose metadata changed; on failure they are
+/// offered again.
 pub(super) fn commit<C: rdkafka::consumer::Consumer<Context>>(
     consumer: &C,
     state: &Mutex<Watermarks>,
@@ -24,13 +33,13 @@ pub(super) fn commit<C: rdkafka::consumer::Consumer<Context>>(
         return Ok(());
     }
     let mut tpl = TopicPartitionList::with_capacity(dirty.len());
-    for ((topic, partition), offset) in &dirty {
-        tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset))?;
+    for c in &dirty {
+        add(&mut tpl, c)?;
     }
     let result = consumer.commit(&tpl, mode);
     if let Err(e) = &result {
         tracing::warn!(error = %e, "offset commit failed; trying again with the next commit");
-        lock(state).commit_failed(&dirty);
+        lock(state).commit_failed(dirty.iter().map(|c| (&c.tp, c.offset)));
     } else {
         tracing::trace!(?dirty, "offsets committed");
     }
@@ -54,19 +63,23 @@ pub(super) async fn commit_every(
     }
 }
 
-/// Commits `offset` of `tp`, with `metadata` if given, and waits for the broker.
-pub(super) fn commit_one<C: rdkafka::consumer::Consumer<Context>>(
+/// Commits the offset of `assigned`'s partition with its metadata now, and waits for
+/// the broker.
+pub(super) fn commit_partition<C: rdkafka::consumer::Consumer<Context>>(
     consumer: &C,
-    tp: &Tp,
-    offset: i64,
-    metadata: Option<&str>,
+    assigned: &Assigned,
 ) -> KafkaResult<()> {
+    let Some((offset, metadata)) = assigned.commit_point() else {
+        return Ok(());
+    };
     let mut tpl = TopicPartitionList::with_capacity(1);
-    tpl.add_partition_offset(&tp.0, tp.1, Offset::Offset(offset))?;
-    if let Some(metadata) = metadata {
-        if let Some(mut e) = tpl.find_partition(&tp.0, tp.1) {
-            e.set_metadata(metadata);
-        }
-    }
+    add(
+        &mut tpl,
+        &Commit {
+            tp: assigned.tp().clone(),
+            offset,
+            metadata,
+        },
+    )?;
     consumer.commit(&tpl, CommitMode::Sync)
 }

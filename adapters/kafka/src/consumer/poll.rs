@@ -3,7 +3,7 @@
 //! the Worker is slow and pausing the partitions when it stalls.
 
 use std::collections::VecDeque;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU32};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -21,7 +21,6 @@ use crate::watermark::{Assigned, Tp, Watermarks};
 
 use super::acker::KafkaAcker;
 use super::batch::{Batch, Spare};
-use super::crash_loop::FirstRecord;
 use super::lock;
 use super::pause::{pause_full, resume_emptied, set_paused};
 use super::rebalance::Context;
@@ -186,9 +185,9 @@ fn take(
 ) -> bool {
     match record {
         Ok(record) => {
-            batch.push_back(Ok(delivery(
-                &record, consumer, group, state, last, received,
-            )));
+            if let Some(d) = delivery(&record, consumer, group, state, last, received) {
+                batch.push_back(Ok(d));
+            }
             false
         }
         Err(e) => {
@@ -243,7 +242,9 @@ impl Received {
     }
 }
 
-/// A delivery of `record` to `group`, tracked in its partition's watermark.
+/// A delivery of `record` to `group`, tracked in its partition's watermark; `None` for
+/// a record the committed offset's metadata says completed before (it is received
+/// complete, counted and skipped).
 ///
 /// `last` is the partition of the record before: records come in runs of one
 /// partition, so most find theirs there without the lock every partition shares.
@@ -256,7 +257,7 @@ fn delivery(
     state: &Mutex<Watermarks>,
     last: &mut Option<(Tp, Arc<Assigned>)>,
     received: &mut Received,
-) -> Delivery {
+) -> Option<Delivery> {
     let offset = record.offset();
     let cached = last.as_ref().filter(|(tp, assigned)| {
         tp.1 == record.partition() && *tp.0 == *record.topic() && assigned.is_current()
@@ -274,33 +275,36 @@ fn delivery(
         }
     };
     match &assigned {
-        Some(a) => received.add(a, offset),
+        Some(a) => {
+            received.add(a, offset);
+            if a.skip(offset) {
+                tracing::debug!(topic = %tp.0, partition = tp.1, offset, "record completed before (the committed offset's metadata says so); skipped");
+                return None;
+            }
+        }
         None => {
             tracing::warn!(topic = %tp.0, partition = tp.1, offset, "record of a partition not assigned to this consumer; the Worker hands it back unrun");
         }
     }
     let mut message = mapping::message(record, tp.0.clone(), group.clone());
-    let first = assigned
-        .as_ref()
-        .and_then(|a| a.first_record(offset))
-        .map(|died| {
-            let deliveries = died.saturating_add(1);
-            let attempt = &mut message.metadata.attempt;
-            *attempt = (*attempt).max(deliveries);
-            Box::new(FirstRecord {
-                consumer: consumer.clone(),
-                deliveries,
-                recorded: AtomicBool::new(false),
-            })
-        });
-    Delivery::new(
+    let earlier = assigned.as_ref().and_then(|a| a.earlier_deliveries(offset));
+    if let Some(earlier) = earlier {
+        let attempt = &mut message.metadata.attempt;
+        *attempt = (*attempt).max(earlier.saturating_add(1));
+    }
+    let attempt = message.metadata.attempt;
+    Some(Delivery::new(
         message,
         KafkaAcker {
             assigned,
             tp,
             offset,
             running: AtomicBool::new(false),
-            first,
+            consumer: consumer.clone(),
+            attempt,
+            runs: AtomicU32::new(0),
+            count_first: earlier.is_some(),
+            counted: AtomicBool::new(false),
         },
-    )
+    ))
 }

@@ -11,7 +11,8 @@ use tokio::runtime::RuntimeFlavor;
 
 use crate::watermark::{Assigned, Tp, Watermarks};
 
-use super::crash_loop::read_deaths;
+use super::commit::add;
+use super::crash_loop::read_kept;
 use super::lock;
 use super::pause::resume_taken;
 
@@ -85,7 +86,7 @@ impl ConsumerContext for Context {
                 for old in &replaced {
                     resume_taken(consumer, old);
                 }
-                read_deaths(consumer, tpl, &assigned);
+                read_kept(consumer, tpl, &assigned);
                 tracing::info!(partitions = tpl.count(), "kafka partitions assigned");
             }
             Rebalance::Revoke(tpl) => {
@@ -112,8 +113,8 @@ impl ConsumerContext for Context {
                         if let Some(a) = state.get(tp) {
                             resume_taken(consumer, &a);
                         }
-                        if let Some(w) = state.revoke(tp) {
-                            let _ = last.add_partition_offset(&tp.0, tp.1, Offset::Offset(w));
+                        if let Some(c) = state.revoke(tp) {
+                            let _ = add(&mut last, &c);
                         }
                     }
                 }
@@ -140,7 +141,7 @@ impl ConsumerContext for Context {
                     _ => None,
                 })
                 .collect();
-            state.commit_failed(&failed);
+            state.commit_failed(failed.iter().map(|(tp, o)| (tp, *o)));
         }
     }
 }

@@ -8,7 +8,7 @@
 //! | topic, partition, offset | `metadata.source` |
 //! | the consumer's `group.id` | `metadata.source.group` |
 //! | the `message-id` header, else `<topic>-<partition>-<offset>@<timestamp ms>` (see below) | `metadata.message_id` |
-//! | the `x-redrive-attempt` header, else 1; for a record that died with its consumer, at least one above its count (see the [crate docs](crate)) | `metadata.attempt` (the Worker counts parked retries on top) |
+//! | the `x-redrive-attempt` header, else 1; for a record the committed offset's metadata counts, at least one above its count (see the [crate docs](crate)) | `metadata.attempt` (the Worker counts parked retries on top) |
 //! | timestamp (create or log-append time) | `metadata.enqueued_at` |
 //!
 //! The id made for a record without a `message-id` header names the record itself:

@@ -1,12 +1,19 @@
 //! Per-partition offset watermarks: the offset to commit is just past the longest run
 //! of completed records, so a slow, parked or failed record holds it.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+mod metadata;
+mod partition;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
+
+pub(crate) use self::metadata::Kept;
+use self::metadata::MAX_RUNS;
+use self::partition::Partition;
 
 /// A topic and partition. The topic's name is shared: every record of a topic, its
 /// acker and its message's `source.destination` hold the same allocation.
@@ -15,82 +22,6 @@ pub(crate) type Tp = (Arc<str>, i32);
 /// The default bound on a partition's open records (see
 /// [`KafkaConsumerBuilder::max_open_per_partition`](crate::KafkaConsumerBuilder::max_open_per_partition)).
 pub(crate) const DEFAULT_MAX_OPEN: usize = 100_000;
-
-/// A record handed out and not yet behind the watermark: 16 bytes.
-#[derive(Debug, Clone, Copy)]
-struct Open {
-    offset: i64,
-    /// When it was received: milliseconds since its assignment began, wrapping (ages
-    /// are right up to 49 days).
-    at: u32,
-    done: bool,
-}
-
-/// The records of one partition handed out and not yet behind the watermark, in offset
-/// order, with whether each completed.
-#[derive(Debug, Default)]
-struct Partition {
-    /// Handed-out records from the oldest incomplete one on. The first is never
-    /// complete.
-    open: VecDeque<Open>,
-    /// The offset to commit next (one past the last record of the complete run), once
-    /// any record completed.
-    watermark: Option<i64>,
-    /// The watermark last committed.
-    committed: Option<i64>,
-    /// Set when `open` reached the bound, cleared once it is down to half of it.
-    full: bool,
-}
-
-impl Partition {
-    /// The watermark to commit when this partition is given up, if it moved.
-    fn uncommitted(&self) -> Option<i64> {
-        self.watermark.filter(|w| self.committed != Some(*w))
-    }
-
-    fn received(&mut self, offset: i64, at: u32) {
-        if self.open.back().is_some_and(|last| offset <= last.offset) {
-            // A rewind (a seek, or a fetch after a failed commit): forget what was after.
-            self.open.retain(|o| o.offset < offset);
-        }
-        self.open.push_back(Open {
-            offset,
-            at,
-            done: false,
-        });
-    }
-
-    /// Where `offset` is in `open`. A partition's offsets run on one by one but for gaps
-    /// (compaction, transaction markers), so its distance from the oldest open record
-    /// is nearly always its place; a search finds it when a gap moved it.
-    fn position(&self, offset: i64) -> Option<usize> {
-        let oldest = self.open.front()?.offset;
-        let guess = usize::try_from(offset.checked_sub(oldest)?).ok()?;
-        if self.open.get(guess).is_some_and(|o| o.offset == offset) {
-            return Some(guess);
-        }
-        self.open.binary_search_by_key(&offset, |o| o.offset).ok()
-    }
-
-    /// Marks `offset` complete and advances the watermark over the complete run.
-    /// Returns whether the watermark moved.
-    fn complete(&mut self, offset: i64) -> bool {
-        let Some(i) = self.position(offset) else {
-            return false;
-        };
-        self.open[i].done = true;
-        let mut moved = false;
-        while let Some(&Open {
-            offset, done: true, ..
-        }) = self.open.front()
-        {
-            self.open.pop_front();
-            self.watermark = Some(offset + 1);
-            moved = true;
-        }
-        moved
-    }
-}
 
 /// One assignment of one partition: its marks, and whether its records may still
 /// start.
@@ -109,9 +40,11 @@ pub(crate) struct Assigned {
     /// Set until the assignment's first record is received (see
     /// [`first_record`](Self::first_record)).
     awaiting_first: AtomicBool,
-    /// Deliveries of a record that ended without a fate, as the committed offset's
-    /// metadata gave them at assignment: its offset and their count.
-    died: Mutex<Option<(i64, u32)>>,
+    /// What the committed offset's metadata kept at assignment: records completed
+    /// past it, to skip, and delivery counts. Set before the first record arrives.
+    kept: OnceLock<Kept>,
+    /// Records skipped for having completed before.
+    skipped: AtomicU64,
     marks: Mutex<Partition>,
     tp: Tp,
     /// The most records open from the oldest incomplete one on before the partition
@@ -132,7 +65,8 @@ impl Assigned {
             current: AtomicBool::new(true),
             running: AtomicUsize::new(0),
             awaiting_first: AtomicBool::new(true),
-            died: Mutex::new(None),
+            kept: OnceLock::new(),
+            skipped: AtomicU64::new(0),
             marks: Mutex::new(Partition::default()),
             tp,
             max_open,
@@ -156,9 +90,14 @@ impl Assigned {
         ms
     }
 
-    /// How many more records may be received before the partition is full.
+    /// How many more records may be received before the partition is full: none
+    /// while its completed runs are at their bound.
     pub(crate) fn room(&self) -> usize {
-        self.max_open.saturating_sub(self.lock().open.len())
+        let marks = self.lock();
+        if marks.too_many_runs() {
+            return 0;
+        }
+        self.max_open.saturating_sub(marks.open.len())
     }
 
     /// Whether the partition is paused for being full, as [`set_paused`](Self::set_paused)
@@ -207,41 +146,80 @@ impl Assigned {
                 .unwrap_or_default(),
             paused: self.is_paused(),
             committable: marks.watermark,
+            runs: marks.runs,
+            skipped: self.skipped.load(Ordering::Relaxed),
         }
     }
 
-    /// The committed offset's metadata says the record at `offset` was delivered
-    /// `count` times without a fate (its consumer died running it).
-    pub(crate) fn set_died(&self, offset: i64, count: u32) {
-        *self.died.lock().unwrap_or_else(PoisonError::into_inner) = Some((offset, count));
+    /// Keeps what the committed offset's metadata kept at assignment (before any
+    /// record of it is received).
+    pub(crate) fn set_kept(&self, kept: Kept) {
+        let _ = self.kept.set(kept);
     }
 
-    /// For the first record received in this assignment, the one at the committed
-    /// offset, which may have died with an earlier consumer: how many earlier
-    /// deliveries of it ended without a fate. `None` for every later record (one
-    /// atomic load).
-    pub(crate) fn first_record(&self, offset: i64) -> Option<u32> {
-        if !self.awaiting_first.load(Ordering::Relaxed)
-            || !self.awaiting_first.swap(false, Ordering::AcqRel)
-        {
-            return None;
+    /// Whether the record at `offset` completed before, as the committed metadata
+    /// says: it is skipped (received complete, counted, never handed out). One atomic
+    /// load when the metadata kept nothing.
+    pub(crate) fn skip(&self, offset: i64) -> bool {
+        let done = self.kept.get().is_some_and(|k| k.is_done(offset));
+        if done {
+            self.skipped.fetch_add(1, Ordering::Relaxed);
         }
-        let died = *self.died.lock().unwrap_or_else(PoisonError::into_inner);
-        Some(match died {
-            Some((o, count)) if o == offset => count,
-            _ => 0,
-        })
+        done
+    }
+
+    /// How many deliveries of the record at `offset` ended without completing before
+    /// this one, when they are to be counted in the committed metadata before it runs:
+    /// for the first record received in the assignment (the one at the committed
+    /// offset, which may have killed its consumer; zero if nothing was counted), and
+    /// for any record the metadata counted. `None` for the rest (an atomic load, and a
+    /// search only when the metadata counted records).
+    pub(crate) fn earlier_deliveries(&self, offset: i64) -> Option<u32> {
+        let counted = self.kept.get().and_then(|k| k.deliveries(offset));
+        let first = self.awaiting_first.load(Ordering::Relaxed)
+            && self.awaiting_first.swap(false, Ordering::AcqRel);
+        if first {
+            Some(counted.unwrap_or(0))
+        } else {
+            counted
+        }
+    }
+
+    /// The open record at `offset` is about to run for the `deliveries`th time:
+    /// kept in the metadata of the next commit. Returns whether it is open.
+    pub(crate) fn delivered(&self, offset: i64, deliveries: u32) -> bool {
+        self.lock().delivered(offset, deliveries)
+    }
+
+    /// The offset to commit now, and its metadata; `None` before any record was
+    /// received.
+    pub(crate) fn commit_point(&self) -> Option<(i64, String)> {
+        let marks = self.lock();
+        let offset = marks.commit_offset()?;
+        Some((offset, self.metadata(&marks, offset)))
+    }
+
+    fn metadata(&self, marks: &Partition, offset: i64) -> String {
+        let mut out = String::new();
+        if marks.kept(self.kept.get()).encode(offset, &mut out) {
+            tracing::warn!(
+                topic = &*self.tp.0,
+                partition = self.tp.1,
+                "what the committed offset keeps of completed records and delivery counts is past Kafka's metadata bound; the rest is processed again after a restart"
+            );
+        }
+        out
     }
 
     fn lock(&self) -> MutexGuard<'_, Partition> {
         self.marks.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Forgets which watermark was committed last, so the next commit round commits
-    /// the watermark again: after a commit made outside the rounds, which may have
-    /// moved the committed offset back.
+    /// Forgets what was committed last, so the next commit round commits again: after
+    /// a commit made outside the rounds, which may have moved the committed offset
+    /// back or written older metadata.
     pub(crate) fn forget_committed(&self) {
-        self.lock().committed = None;
+        self.lock().changed = true;
     }
 
     /// Whether the partition is still assigned in this assignment and not being
@@ -255,14 +233,20 @@ impl Assigned {
     /// from the oldest incomplete one on.
     pub(crate) fn received(&self, offsets: &[i64]) -> usize {
         let at = self.now();
+        let kept = self.kept.get().filter(|k| !k.is_empty());
         let mut marks = self.lock();
         for &offset in offsets {
-            marks.received(offset, at);
+            let (deliveries, done) = kept.map_or((0, false), |k| {
+                let n = k.deliveries(offset).unwrap_or(0);
+                (u16::try_from(n).unwrap_or(u16::MAX), k.is_done(offset))
+            });
+            marks.received(offset, at, deliveries, done);
         }
         let len = marks.open.len();
-        if len >= self.max_open {
+        if len >= self.max_open || marks.too_many_runs() {
             marks.full = true;
-        } else if len <= self.max_open / 2 {
+            return 0;
+        } else if len <= self.max_open / 2 && marks.runs <= MAX_RUNS / 2 {
             // A rewind forgot records.
             marks.full = false;
         }
@@ -274,7 +258,7 @@ impl Assigned {
     pub(crate) fn complete(&self, offset: i64) -> bool {
         let mut marks = self.lock();
         let moved = marks.complete(offset);
-        if moved && marks.full && marks.open.len() <= self.max_open / 2 {
+        if marks.full && marks.open.len() <= self.max_open / 2 && marks.runs <= MAX_RUNS / 2 {
             marks.full = false;
             drop(marks);
             self.wake.notify_one();
@@ -332,6 +316,12 @@ pub struct PartitionBacklog {
     /// The offset to commit (one past the last record of the complete run), once a
     /// record completed in this assignment.
     pub committable: Option<i64>,
+    /// Runs of completed records past the oldest incomplete one, which the committed
+    /// offset's metadata keeps; at 128 the partition is paused until they merge.
+    pub runs: usize,
+    /// Records skipped in this assignment because the committed offset's metadata
+    /// said they completed before (a restart or a rebalance redoes none of them).
+    pub skipped: u64,
 }
 
 /// Every partition this consumer owns.
@@ -397,10 +387,16 @@ impl Watermarks {
 
     /// The partition was revoked: its tracking ends, and late completions go nowhere.
     /// Returns its watermark if it moved since the last commit.
-    pub(crate) fn revoke(&mut self, tp: &Tp) -> Option<i64> {
+    pub(crate) fn revoke(&mut self, tp: &Tp) -> Option<Commit> {
         let assigned = self.partitions.remove(tp)?;
         assigned.current.store(false, Ordering::Release);
-        assigned.lock().uncommitted()
+        let marks = assigned.lock();
+        let offset = marks.uncommitted()?;
+        Some(Commit {
+            tp: tp.clone(),
+            offset,
+            metadata: assigned.metadata(&marks, offset),
+        })
     }
 
     /// The partition's current assignment, if this consumer owns it.
@@ -424,32 +420,46 @@ impl Watermarks {
             .sum()
     }
 
-    /// Watermarks that moved since they were last taken, marked as committed.
-    pub(crate) fn take_dirty(&mut self) -> Vec<(Tp, i64)> {
+    /// Commits of the partitions whose offset or metadata changed since they were
+    /// last taken, marked as committed.
+    pub(crate) fn take_dirty(&mut self) -> Vec<Commit> {
         let mut out = Vec::new();
         for (tp, a) in &self.partitions {
             let mut p = a.lock();
-            if let Some(w) = p.watermark {
-                if p.committed != Some(w) {
-                    p.committed = Some(w);
-                    out.push((tp.clone(), w));
-                }
+            if let Some(offset) = p.uncommitted() {
+                let metadata = a.metadata(&p, offset);
+                p.committed = Some(offset);
+                p.changed = false;
+                out.push(Commit {
+                    tp: tp.clone(),
+                    offset,
+                    metadata,
+                });
             }
         }
         out
     }
 
-    /// Puts back watermarks whose commit failed, so the next round tries again.
-    pub(crate) fn commit_failed(&mut self, offsets: &[(Tp, i64)]) {
-        for (tp, w) in offsets {
+    /// Puts back commits that failed, so the next round tries again.
+    pub(crate) fn commit_failed<'a>(&mut self, failed: impl IntoIterator<Item = (&'a Tp, i64)>) {
+        for (tp, offset) in failed {
             if let Some(a) = self.partitions.get(tp) {
                 let mut p = a.lock();
-                if p.committed == Some(*w) {
-                    p.committed = None;
+                if p.committed == Some(offset) {
+                    p.changed = true;
                 }
             }
         }
     }
+}
+
+/// A partition's offset to commit, with its metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Commit {
+    pub(crate) tp: Tp,
+    pub(crate) offset: i64,
+    /// Empty when it keeps nothing.
+    pub(crate) metadata: String,
 }
 
 #[cfg(test)]

@@ -1,6 +1,23 @@
 use futures_util::FutureExt as _;
 
+use super::partition::Open;
 use super::*;
+
+/// The offsets `take_dirty` gives, without their metadata.
+fn dirty(w: &mut Watermarks) -> Vec<(Tp, i64)> {
+    w.take_dirty()
+        .into_iter()
+        .map(|c| (c.tp, c.offset))
+        .collect()
+}
+
+/// The metadata of the partition's next commit.
+fn metadata(w: &mut Watermarks, p: i32) -> Option<String> {
+    w.take_dirty()
+        .into_iter()
+        .find(|c| c.tp == tp(p))
+        .map(|c| c.metadata)
+}
 
 fn tp(p: i32) -> Tp {
     ("t".into(), p)
@@ -20,8 +37,8 @@ fn advances_only_over_the_complete_run() {
     assert_eq!(a.watermark(), Some(13));
     assert!(a.complete(13));
     assert_eq!(a.watermark(), Some(14));
-    assert_eq!(w.take_dirty(), vec![(tp(0), 14)]);
-    assert_eq!(w.take_dirty(), vec![], "taken once");
+    assert_eq!(dirty(&mut w), vec![(tp(0), 14)]);
+    assert_eq!(dirty(&mut w), vec![], "taken once");
 }
 
 #[test]
@@ -34,24 +51,120 @@ fn a_forgotten_commit_is_committed_again() {
     for o in [1, 2, 0] {
         a.complete(o);
     }
-    assert_eq!(w.take_dirty(), vec![(tp(0), 3)]);
-    assert_eq!(w.take_dirty(), vec![]);
+    assert_eq!(dirty(&mut w), vec![(tp(0), 3)]);
+    assert_eq!(dirty(&mut w), vec![]);
     a.forget_committed();
-    assert_eq!(w.take_dirty(), vec![(tp(0), 3)], "committed again");
+    assert_eq!(dirty(&mut w), vec![(tp(0), 3)], "committed again");
 }
 
 #[test]
-fn the_first_record_of_an_assignment_carries_its_count() {
+fn the_first_record_and_counted_ones_carry_their_counts() {
+    let kept = |m: &str| Kept::parse(5, m).expect("redrive's");
     let mut w = Watermarks::default();
     let a = w.assign(tp(0));
-    a.set_died(5, 2);
-    assert_eq!(a.first_record(5), Some(2), "the counted record");
-    assert_eq!(a.first_record(6), None, "only the first record");
+    a.set_kept(kept("redrive:a=5:2,9:1"));
+    assert_eq!(a.earlier_deliveries(5), Some(2), "the counted record");
+    assert_eq!(a.earlier_deliveries(6), None, "only the first record");
+    assert_eq!(a.earlier_deliveries(9), Some(1), "a later counted record");
     let b = w.assign(tp(1));
-    b.set_died(5, 2);
-    assert_eq!(b.first_record(7), Some(0), "a count for another record");
+    b.set_kept(kept("redrive:a=5:2"));
+    assert_eq!(
+        b.earlier_deliveries(7),
+        Some(0),
+        "a count for another record"
+    );
     let c = w.assign(tp(2));
-    assert_eq!(c.first_record(0), Some(0), "no count committed");
+    assert_eq!(c.earlier_deliveries(0), Some(0), "no count committed");
+}
+
+#[test]
+fn completions_past_a_stuck_record_are_committed_in_its_metadata() {
+    let mut w = Watermarks::default();
+    let a = w.assign(tp(0));
+    a.received(&(100..=10_100).collect::<Vec<_>>());
+    for o in 101..=10_100 {
+        assert!(!a.complete(o));
+    }
+    assert_eq!(
+        w.take_dirty(),
+        vec![Commit {
+            tp: tp(0),
+            offset: 100,
+            metadata: "redrive:d=1.10000".into()
+        }],
+        "committed at the stuck record, with the rest kept"
+    );
+    assert_eq!(dirty(&mut w), vec![], "nothing changed since");
+    assert!(a.delivered(100, 2));
+    assert_eq!(
+        metadata(&mut w, 0).as_deref(),
+        Some("redrive:a=100:2;d=1.10000")
+    );
+    assert!(a.complete(100));
+    assert_eq!(
+        w.take_dirty(),
+        vec![Commit {
+            tp: tp(0),
+            offset: 10_101,
+            metadata: String::new()
+        }],
+        "all done: nothing kept"
+    );
+}
+
+#[test]
+fn records_kept_as_completed_are_skipped_and_complete_on_arrival() {
+    let mut w = Watermarks::default();
+    let a = w.assign(tp(0));
+    a.set_kept(Kept::parse(100, "redrive:a=100:2;d=1.4.3.2").expect("redrive's"));
+    // 101..=104 and 108..=109 completed before.
+    let skipped: Vec<i64> = (100..=110).filter(|o| a.skip(*o)).collect();
+    assert_eq!(skipped, vec![101, 102, 103, 104, 108, 109]);
+    assert_eq!(w.backlog()[0].skipped, 6);
+    a.received(&(100..=106).collect::<Vec<_>>());
+    assert_eq!(
+        metadata(&mut w, 0),
+        None,
+        "receiving what was kept changes nothing"
+    );
+    assert!(!a.complete(106));
+    assert_eq!(
+        metadata(&mut w, 0).as_deref(),
+        Some("redrive:a=100:2;d=1.4.1.1.1.2"),
+        "the count of 100 came with it; 108..=109 are kept though not received yet"
+    );
+    assert!(a.complete(100));
+    assert_eq!(a.watermark(), Some(105), "the skipped ones are behind it");
+    assert!(a.complete(105));
+    a.received(&[107, 108, 109, 110]);
+    assert!(a.complete(107));
+    assert_eq!(a.watermark(), Some(110), "108..=109 arrived complete");
+}
+
+#[test]
+fn too_many_runs_of_completed_records_fill_a_partition() {
+    let mut w = Watermarks::new(100_000);
+    let wake = w.wake();
+    let a = w.assign(tp(0));
+    a.received(&(0..300).collect::<Vec<_>>());
+    for o in (1..300).step_by(2).take(MAX_RUNS) {
+        a.complete(o);
+    }
+    assert_eq!(w.backlog()[0].runs, MAX_RUNS);
+    assert_eq!(a.room(), 0, "no room at the bound of runs");
+    assert_eq!(a.received(&[300]), 0);
+    assert!(a.is_full());
+    // Completing the records between the runs merges them.
+    for o in (2..300).step_by(2).take(MAX_RUNS / 2 - 1) {
+        a.complete(o);
+    }
+    assert!(a.is_full(), "{} runs", w.backlog()[0].runs);
+    a.complete(2 * (MAX_RUNS as i64 / 2));
+    assert!(!a.is_full(), "down to half the runs");
+    assert!(
+        wake.notified().now_or_never().is_some(),
+        "the poll task is woken"
+    );
 }
 
 #[test]
@@ -92,12 +205,12 @@ fn completions_from_an_earlier_assignment_are_ignored() {
     new.received(&[0]);
     old.complete(0);
     assert_eq!(
-        w.take_dirty(),
+        dirty(&mut w),
         vec![],
         "the old assignment's ack is not committed"
     );
     assert!(new.complete(0));
-    assert_eq!(w.take_dirty(), vec![(tp(1), 1)]);
+    assert_eq!(dirty(&mut w), vec![(tp(1), 1)]);
 }
 
 #[test]
@@ -115,9 +228,10 @@ fn a_failed_commit_is_offered_again() {
     let a = w.assign(tp(0));
     a.received(&[0]);
     a.complete(0);
-    let dirty = w.take_dirty();
-    w.commit_failed(&dirty);
-    assert_eq!(w.take_dirty(), dirty);
+    let taken = w.take_dirty();
+    assert_eq!(dirty(&mut w), vec![]);
+    w.commit_failed(taken.iter().map(|c| (&c.tp, c.offset)));
+    assert_eq!(w.take_dirty(), taken);
 }
 
 #[test]
@@ -149,7 +263,7 @@ fn running_records_are_counted_until_they_stop() {
     assert!(a.complete(0), "a running record still completes");
     a.stopped();
     assert_eq!(w.running(&[tp(0), tp(1)]), 0);
-    assert_eq!(w.revoke(&tp(0)), Some(1));
+    assert_eq!(w.revoke(&tp(0)).map(|c| c.offset), Some(1));
 }
 
 #[test]
@@ -220,4 +334,49 @@ fn records_received_together_are_marked_in_order() {
     assert!(a.complete(5));
     assert!(a.complete(6));
     assert_eq!(a.watermark(), Some(8));
+}
+
+mod model {
+    use proptest::prelude::*;
+
+    use super::super::metadata::Kept;
+    use super::*;
+
+    proptest! {
+        /// Whatever completes in whatever order, the runs counted as they change are
+        /// the runs there are, the metadata keeps exactly the completed records past
+        /// the watermark, and a new assignment reading it skips exactly those.
+        #[test]
+        fn the_metadata_keeps_exactly_what_completed_past_the_watermark(
+            n in 1usize..300,
+            order in proptest::collection::vec(any::<prop::sample::Index>(), 0..300),
+        ) {
+            let mut w = Watermarks::default();
+            let a = w.assign(tp(0));
+            a.received(&(0..n as i64).collect::<Vec<_>>());
+            let mut done = vec![false; n];
+            for i in order {
+                let o = i.index(n);
+                a.complete(o as i64);
+                done[o] = true;
+            }
+            let watermark = done.iter().position(|d| !d).unwrap_or(n) as i64;
+            let past: Vec<i64> = (watermark..n as i64).filter(|o| done[*o as usize]).collect();
+            let runs = (watermark as usize..n)
+                .filter(|&o| done[o] && (o == 0 || !done[o - 1]))
+                .count();
+            prop_assert_eq!(w.backlog()[0].runs, runs);
+            let commit = w.take_dirty().pop();
+            let Some(commit) = commit else {
+                prop_assert!(past.is_empty() && watermark == 0);
+                return Ok(());
+            };
+            prop_assert_eq!(commit.offset, watermark);
+            let kept = Kept::parse(commit.offset, &commit.metadata).unwrap_or_default();
+            let next = w.assign(tp(0));
+            next.set_kept(kept);
+            let skipped: Vec<i64> = (watermark..n as i64).filter(|o| next.skip(*o)).collect();
+            prop_assert_eq!(skipped, past);
+        }
+    }
 }
