@@ -67,13 +67,15 @@ impl Context {
     }
 
     /// Kafka: how many letters this run `verb` after a letter it kept, which the next
-    /// run reads again; warns on stderr when there are any.
+    /// run may read again; warns on stderr when there are any.
     fn warn_reread(&self, verb: &str) -> Option<u64> {
         let n = self.reread.as_ref()?.count();
         if n > 0 {
             eprintln!(
                 "redrive: warning: {n} letters {verb} after a letter this run kept: Kafka's \
-                 committed offset cannot move past a kept letter, so the next run reads them \
+                 committed offset cannot move past a kept letter. Its metadata keeps them as \
+                 done for the next run as far as it holds them (about 280 runs of them at \
+                 worst); on a broker that drops commit metadata the next run reads them \
                  again (and a replay would replay them again). Selecting every letter, or \
                  running again until none is kept, avoids it."
             );

@@ -4,7 +4,9 @@
 //! partition, and "removed" means "before it". Acking a letter completes its offset in
 //! the adapter's watermark, which commits only the contiguous run of completed offsets,
 //! so a letter kept (not selected, refused, a dry run) holds its partition's committed
-//! offset, and letters replayed or purged after it are read again by the next run.
+//! offset. The letters replayed or purged after it are kept as done in the committed
+//! offset's metadata, as far as it holds them, and skipped by the next run; a broker
+//! that drops commit metadata (tansu 0.6) has the next run read them again.
 //! [`KafkaDlq`] counts those, for the warning at the end of a run.
 
 use std::collections::{BTreeMap, HashMap};
@@ -111,6 +113,8 @@ pub(crate) fn consumer(brokers: &str, group: &str, topic: &str) -> Result<KafkaC
         .set("session.timeout.ms", SESSION_TIMEOUT_MS)
         .set("heartbeat.interval.ms", "1000")
         .max_open_per_partition(MAX_OPEN_PER_PARTITION)
+        // A selection keeps letters on purpose: read on rather than wait for them.
+        .pause_when_metadata_full(false)
         .close_timeout(Duration::from_secs(15))
         .build()
         .map_err(|e| format!("cannot consume the DLQ `{topic}`: {e}"))
@@ -132,7 +136,7 @@ struct Ledger {
     partitions: BTreeMap<i32, BTreeMap<i64, bool>>,
 }
 
-/// The letters a run removed after a letter it kept, which the next run reads again.
+/// The letters a run removed after a letter it kept, which the next run may read again.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Reread(Arc<Mutex<Ledger>>);
 
@@ -142,7 +146,8 @@ impl Reread {
     }
 
     /// How many letters were acked after the first kept letter of their partition: the
-    /// committed offset cannot move past that one, so they are read again next run.
+    /// committed offset cannot move past that one, so the next run reads again those its
+    /// metadata does not keep (all of them on a broker that drops commit metadata).
     pub(crate) fn count(&self) -> u64 {
         let ledger = self.lock();
         ledger
@@ -218,7 +223,7 @@ impl KafkaDlq {
         })
     }
 
-    /// The count of letters the next run reads again, readable after the run.
+    /// The count of letters the next run may read again, readable after the run.
     pub(crate) fn reread(&self) -> Reread {
         self.reread.clone()
     }

@@ -47,10 +47,12 @@ enum Top {
     /// offset". stats, list and show read every letter after it and commit nothing.
     /// replay and purge remove a letter by moving the committed offset past it, which
     /// only moves over a contiguous run: a letter kept (not selected, refused, a dry
-    /// run) holds its partition's offset, so the letters replayed or purged after it
-    /// are read again by the next run (and a replay would replay them again). A run
-    /// prints their count as a warning; selecting every letter, or running again until
-    /// none is kept, avoids it. Do not run two commands on one group at once.
+    /// run) holds its partition's offset. The letters replayed or purged after it are
+    /// kept as done in the offset's metadata, as far as it holds them, and the next run
+    /// skips them; on a broker that drops commit metadata the next run reads them again
+    /// (and a replay would replay them again). A run prints their count as a warning;
+    /// selecting every letter, or running again until none is kept, avoids it. Do not
+    /// run two commands on one group at once.
     #[command(subcommand)]
     Dlq(Dlq),
 }
@@ -126,8 +128,9 @@ enum Dlq {
     /// Removes the selected letters for good.
     ///
     /// On Kafka no record is deleted: a purged letter is moved behind the tool group's
-    /// committed offset, which cannot pass a letter the run kept, so letters purged
-    /// after a kept one are read again by the next run (the run prints their count).
+    /// committed offset, which cannot pass a letter the run kept; letters purged after
+    /// a kept one are kept as done in its metadata as far as it holds them (the run
+    /// prints their count).
     Purge {
         #[command(flatten)]
         target: Target,

@@ -45,6 +45,7 @@ pub struct KafkaConsumerBuilder {
     revoke_timeout: Duration,
     buffer: usize,
     max_open: usize,
+    pause_for_metadata: bool,
 }
 
 impl KafkaConsumerBuilder {
@@ -74,6 +75,19 @@ impl KafkaConsumerBuilder {
     /// partitions pause under normal load.
     pub fn max_open_per_partition(mut self, records: usize) -> Self {
         self.max_open = records;
+        self
+    }
+
+    /// Whether a partition pauses when the records completed past its oldest incomplete
+    /// one are scattered in more runs (128) than the committed offset's metadata can
+    /// keep (default: it does). Paused, the runs merge as the records between them
+    /// complete, and a restart redoes none of the completed records. Not paused, the
+    /// runs past the metadata's bound (4,000 bytes, about 280 runs at worst) are not
+    /// kept, with a warning once per assignment, and a restart processes them again:
+    /// for a reader that leaves records incomplete on purpose, as a dead-letter tool
+    /// replaying a selection does.
+    pub fn pause_when_metadata_full(mut self, pause: bool) -> Self {
+        self.pause_for_metadata = pause;
         self
     }
 
@@ -161,7 +175,11 @@ impl KafkaConsumerBuilder {
         for (key, value) in OWNED {
             config.set(*key, *value);
         }
-        let state = Arc::new(Mutex::new(Watermarks::new(self.max_open)));
+        let mut watermarks = Watermarks::new(self.max_open);
+        if !self.pause_for_metadata {
+            watermarks = watermarks.without_runs_bound();
+        }
+        let state = Arc::new(Mutex::new(watermarks));
         let context = Context {
             state: state.clone(),
             revoke_timeout: self.revoke_timeout,
@@ -224,6 +242,7 @@ impl KafkaConsumer {
             revoke_timeout: Duration::from_secs(10),
             buffer: 256,
             max_open: DEFAULT_MAX_OPEN,
+            pause_for_metadata: true,
         }
     }
 }

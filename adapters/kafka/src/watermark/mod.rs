@@ -50,6 +50,11 @@ pub(crate) struct Assigned {
     /// The most records open from the oldest incomplete one on before the partition
     /// is paused.
     max_open: usize,
+    /// The most runs of completed records before the partition is paused
+    /// (`usize::MAX`: never paused for them).
+    max_runs: usize,
+    /// Whether the metadata was found too long in this assignment (warned once).
+    truncated: AtomicBool,
     /// When the assignment began: records' receive times count from it.
     born: Instant,
     /// Wakes the poll task when a full partition has room again.
@@ -60,7 +65,7 @@ pub(crate) struct Assigned {
 }
 
 impl Assigned {
-    fn new(tp: Tp, max_open: usize, wake: Arc<Notify>) -> Self {
+    fn new(tp: Tp, max_open: usize, max_runs: usize, wake: Arc<Notify>) -> Self {
         Assigned {
             current: AtomicBool::new(true),
             running: AtomicUsize::new(0),
@@ -70,6 +75,8 @@ impl Assigned {
             marks: Mutex::new(Partition::default()),
             tp,
             max_open,
+            max_runs,
+            truncated: AtomicBool::new(false),
             born: Instant::now(),
             wake,
             paused: AtomicBool::new(false),
@@ -94,7 +101,7 @@ impl Assigned {
     /// while its completed runs are at their bound.
     pub(crate) fn room(&self) -> usize {
         let marks = self.lock();
-        if marks.too_many_runs() {
+        if marks.too_many_runs(self.max_runs) {
             return 0;
         }
         self.max_open.saturating_sub(marks.open.len())
@@ -201,11 +208,13 @@ impl Assigned {
 
     fn metadata(&self, marks: &Partition, offset: i64) -> String {
         let mut out = String::new();
-        if marks.kept(self.kept.get()).encode(offset, &mut out) {
+        if marks.kept(self.kept.get()).encode(offset, &mut out)
+            && !self.truncated.swap(true, Ordering::Relaxed)
+        {
             tracing::warn!(
                 topic = &*self.tp.0,
                 partition = self.tp.1,
-                "what the committed offset keeps of completed records and delivery counts is past Kafka's metadata bound; the rest is processed again after a restart"
+                "what the committed offset keeps of completed records and delivery counts is past Kafka's metadata bound; the rest is processed again after a restart (said once per assignment)"
             );
         }
         out
@@ -243,10 +252,10 @@ impl Assigned {
             marks.received(offset, at, deliveries, done);
         }
         let len = marks.open.len();
-        if len >= self.max_open || marks.too_many_runs() {
+        if len >= self.max_open || marks.too_many_runs(self.max_runs) {
             marks.full = true;
             return 0;
-        } else if len <= self.max_open / 2 && marks.runs <= MAX_RUNS / 2 {
+        } else if len <= self.max_open / 2 && marks.runs <= self.max_runs / 2 {
             // A rewind forgot records.
             marks.full = false;
         }
@@ -258,7 +267,7 @@ impl Assigned {
     pub(crate) fn complete(&self, offset: i64) -> bool {
         let mut marks = self.lock();
         let moved = marks.complete(offset);
-        if marks.full && marks.open.len() <= self.max_open / 2 && marks.runs <= MAX_RUNS / 2 {
+        if marks.full && marks.open.len() <= self.max_open / 2 && marks.runs <= self.max_runs / 2 {
             marks.full = false;
             drop(marks);
             self.wake.notify_one();
@@ -332,6 +341,8 @@ pub(crate) struct Watermarks {
     topics: Vec<Arc<str>>,
     /// Each partition's bound on open records.
     max_open: usize,
+    /// Each partition's bound on runs of completed records.
+    max_runs: usize,
     /// Wakes the poll task when a full partition has room again.
     wake: Arc<Notify>,
 }
@@ -349,8 +360,16 @@ impl Watermarks {
             partitions: HashMap::new(),
             topics: Vec::new(),
             max_open,
+            max_runs: MAX_RUNS,
             wake: Arc::new(Notify::new()),
         }
+    }
+
+    /// Partitions are not paused for their runs of completed records: those past the
+    /// metadata's bound are not kept (processed again after a restart).
+    pub(crate) fn without_runs_bound(mut self) -> Self {
+        self.max_runs = usize::MAX;
+        self
     }
 
     /// Notified when a full partition has room again.
@@ -378,7 +397,12 @@ impl Watermarks {
 
     /// The partition was assigned: tracking starts afresh.
     pub(crate) fn assign(&mut self, tp: Tp) -> Arc<Assigned> {
-        let assigned = Arc::new(Assigned::new(tp.clone(), self.max_open, self.wake.clone()));
+        let assigned = Arc::new(Assigned::new(
+            tp.clone(),
+            self.max_open,
+            self.max_runs,
+            self.wake.clone(),
+        ));
         if let Some(old) = self.partitions.insert(tp, assigned.clone()) {
             old.current.store(false, Ordering::Release);
         }

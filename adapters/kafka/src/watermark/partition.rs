@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 
-use super::metadata::{Kept, MAX_RUNS};
+use super::metadata::Kept;
 
 /// A record handed out and not yet behind the watermark: 16 bytes.
 #[derive(Debug, Clone, Copy)]
@@ -97,9 +97,9 @@ impl Partition {
         self.runs = runs;
     }
 
-    /// Whether its runs of completed records reached their bound.
-    pub(super) fn too_many_runs(&self) -> bool {
-        self.runs >= MAX_RUNS
+    /// Whether its runs of completed records reached `bound`.
+    pub(super) fn too_many_runs(&self, bound: usize) -> bool {
+        self.runs >= bound
     }
 
     /// Where `offset` is in `open`. A partition's offsets run on one by one but for gaps

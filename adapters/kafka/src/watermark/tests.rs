@@ -336,6 +336,27 @@ fn records_received_together_are_marked_in_order() {
     assert_eq!(a.watermark(), Some(8));
 }
 
+#[test]
+fn without_the_runs_bound_a_partition_reads_on() {
+    let mut w = Watermarks::new(100_000).without_runs_bound();
+    let a = w.assign(tp(0));
+    a.received(&(0..4000).collect::<Vec<_>>());
+    for o in (1..4000).step_by(2) {
+        a.complete(o);
+    }
+    assert_eq!(w.backlog()[0].runs, 2000);
+    assert!(a.received(&[4000]) > 0 && !a.is_full());
+    let commit = w.take_dirty().pop().expect("a commit");
+    assert!(commit.metadata.len() <= 4000);
+    let kept = Kept::parse(0, &commit.metadata).expect("redrive's");
+    assert!(
+        kept.done.len() > 128 && kept.done.len() < 2000,
+        "the runs that fit: {}",
+        kept.done.len()
+    );
+    assert_eq!(kept.done[0], (1, 1));
+}
+
 mod model {
     use proptest::prelude::*;
 
