@@ -102,12 +102,14 @@ mod error;
 pub mod lag;
 pub mod mapping;
 mod publisher;
+mod security;
 mod watermark;
 
 pub use consumer::{KafkaConsumer, KafkaConsumerBuilder, OpenRecords};
 pub use error::{Error, Result};
 pub use lag::{ConsumerLag, ConsumerLagBuilder, LagStatus, PartitionLag, TopicLag};
-pub use publisher::KafkaPublisher;
+pub use publisher::{KafkaPublisher, KafkaPublisherBuilder};
+pub use security::SaslMechanism;
 pub use watermark::PartitionBacklog;
 
 /// Re-exported so applications can configure clients and use the mock cluster.
