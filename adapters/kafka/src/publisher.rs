@@ -118,7 +118,8 @@ impl KafkaPublisher {
 ///
 /// | setting | default |
 /// |---|---|
-/// | `timeout` (a publish waits this long for the acknowledgement) | 30 s |
+/// | `timeout` (a publish waits this long for room in the producer's queue) | 30 s |
+/// | `message.timeout.ms` (and this long for the acknowledgement) | 300 s |
 /// | `acks` | `all` |
 /// | `enable.idempotence` | `true` |
 /// | any other librdkafka setting | through [`set`](Self::set) |
@@ -136,7 +137,9 @@ impl KafkaPublisherBuilder {
         self
     }
 
-    /// How long `publish` waits for a record to be queued and acknowledged (30 s).
+    /// How long `publish` waits for room in the producer's queue (30 s), as
+    /// [`KafkaPublisher::with_timeout`]. The broker's acknowledgement is awaited up to
+    /// `message.timeout.ms` (librdkafka's default: 300 s); set it for a shorter bound.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self

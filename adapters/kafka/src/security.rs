@@ -104,6 +104,14 @@ mod tests {
         SaslMechanism::ScramSha512,
     ];
 
+    #[test]
+    fn the_publisher_builder_debug_hides_the_password() {
+        let builder =
+            KafkaPublisher::builder("127.0.0.1:9").sasl(SaslMechanism::Plain, "svc", "hunter2");
+        let text = format!("{builder:?}");
+        assert!(!text.contains("hunter2"), "{text}");
+    }
+
     /// librdkafka takes every mechanism over `sasl_ssl` (none is "not available at
     /// build time"), for the publisher and the consumer.
     #[cfg(feature = "tls")]
