@@ -1,6 +1,6 @@
 //! The adapter's error type.
 
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
 /// What can go wrong in the Kafka adapter.
 #[derive(Debug, thiserror::Error)]
@@ -9,8 +9,9 @@ pub enum Error {
     /// Configuration that cannot work; the message says what to change.
     #[error("invalid configuration: {0}")]
     Config(String),
-    /// The client could not be created, or the broker refused an operation.
-    #[error("kafka error: {0}")]
+    /// The client could not be created, or the broker refused an operation. A failed
+    /// TLS handshake or SASL authentication says what to check.
+    #[error("kafka error: {0}{hint}", hint = hint(.0))]
     Kafka(#[from] KafkaError),
     /// The producer did not get the broker's acknowledgement within its timeout.
     #[error("kafka did not acknowledge the message to `{topic}`: {source}")]
@@ -27,6 +28,23 @@ pub enum Error {
     /// The consumer was closed.
     #[error("the kafka consumer is closed")]
     Closed,
+}
+
+/// What to check after a failed TLS handshake or SASL authentication: librdkafka's
+/// error code alone does not tell (its log line has the cause).
+fn hint(e: &KafkaError) -> &'static str {
+    match e.rdkafka_error_code() {
+        Some(RDKafkaErrorCode::SSL) => {
+            "; the TLS handshake with a broker failed: check that the CA file \
+             (`tls_ca_file`, `ssl.ca.location`) holds the CA that issued the broker's \
+             certificate, and that the port speaks TLS (librdkafka logs the cause)"
+        }
+        Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SaslAuthenticationFailed) => {
+            "; SASL authentication failed: check the mechanism, user name and password \
+             (`sasl`, `sasl.mechanisms`, `sasl.username`, `sasl.password`)"
+        }
+        _ => "",
+    }
 }
 
 /// The adapter's result type.

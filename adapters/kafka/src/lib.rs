@@ -104,6 +104,53 @@
 //!   redrive-kafka`, in the repository). A task per call spreads handlers that compute
 //!   over the runtime's threads.
 //!
+//! # TLS and SASL
+//! With the `tls` feature (`kafka-tls` of the `redrive` crate), librdkafka is built
+//! with the system OpenSSL (`libssl-dev` and `pkg-config` on Debian), which brings TLS
+//! and SASL PLAIN, SCRAM-SHA-256 and SCRAM-SHA-512 (Kerberos is not built in). Without
+//! it, a client with a TLS or SCRAM setting is refused when built, with an
+//! [`Error::Config`] that names the feature.
+//!
+//! ```no_run
+//! use redrive_kafka::{KafkaConsumer, KafkaPublisher, SaslMechanism};
+//!
+//! # #[tokio::main]
+//! # async fn main() -> Result<(), redrive_kafka::Error> {
+//! let password = std::env::var("KAFKA_PASSWORD").unwrap_or_default();
+//! let consumer = KafkaConsumer::builder("broker-1:9093", "billing", ["orders"])
+//!     .tls_ca_file("/etc/kafka/ca.pem") // leave out to trust the system's CAs
+//!     .sasl(SaslMechanism::ScramSha512, "billing", &password)
+//!     .build()?;
+//! let dead_letters = KafkaPublisher::builder("broker-1:9093")
+//!     .tls_ca_file("/etc/kafka/ca.pem")
+//!     .sasl(SaslMechanism::ScramSha512, "billing", &password)
+//!     .build()?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! | to | on [`KafkaConsumerBuilder`], [`KafkaPublisherBuilder`], [`ConsumerLagBuilder`] | librdkafka settings |
+//! |---|---|---|
+//! | use TLS, trusting the system's CAs | `.set("security.protocol", "ssl")` | `security.protocol=ssl` |
+//! | trust a CA file (PEM) | `tls_ca_file(path)` | `security.protocol=ssl`, `ssl.ca.location` |
+//! | log in with SASL PLAIN or SCRAM | `sasl(SaslMechanism::…, user, password)` | `security.protocol=sasl_ssl`, `sasl.mechanisms`, `sasl.username`, `sasl.password` |
+//! | present a client certificate (mTLS) | `.set("ssl.certificate.location", cert).set("ssl.key.location", key)` | and `ssl.key.password` for an encrypted key |
+//!
+//! `tls_ca_file` and `sasl` go together in either order (`sasl_ssl`); SASL over
+//! plaintext is only for a local broker: set `security.protocol=sasl_plaintext`, and
+//! `sasl` keeps it. librdkafka checks the broker's host name against its certificate
+//! (`ssl.endpoint.identification.algorithm=https`); the certificate must name the
+//! address the broker advertises. The builders' `Debug` output hides `sasl.password`
+//! and `ssl.key.password`. Give the dead-letter publisher and the lag poller the same
+//! settings as the consumer.
+//!
+//! A handshake that fails (a CA that did not issue the broker's certificate) shows in
+//! the consumer's first receive, within milliseconds, as an [`Error::Kafka`] that says
+//! what to check; librdkafka reports the exact cause
+//! through the `log` crate. A publish waits for a connection until the record's
+//! `message.timeout.ms` (300 s by default), then fails as timed out. A TLS client at a
+//! plaintext port gets no error: it waits, as for a broker that does not answer.
+//!
 //! [`OrderingMode::PerKey`]: redrive_core::OrderingMode::PerKey
 //! [`OrderingMode::PerPartition`]: redrive_core::OrderingMode::PerPartition
 //! [`OrderingMode::Unordered`]: redrive_core::OrderingMode::Unordered
@@ -115,12 +162,14 @@ mod error;
 pub mod lag;
 pub mod mapping;
 mod publisher;
+mod security;
 mod watermark;
 
 pub use consumer::{KafkaConsumer, KafkaConsumerBuilder, OpenRecords};
 pub use error::{Error, Result};
 pub use lag::{ConsumerLag, ConsumerLagBuilder, LagStatus, PartitionLag, TopicLag};
-pub use publisher::KafkaPublisher;
+pub use publisher::{KafkaPublisher, KafkaPublisherBuilder};
+pub use security::SaslMechanism;
 pub use watermark::PartitionBacklog;
 
 /// Re-exported so applications can configure clients and use the mock cluster.

@@ -1,6 +1,7 @@
 //! The publisher: a producer that waits for the broker's acknowledgement.
 
 use std::fmt;
+use std::path::Path;
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
@@ -9,6 +10,10 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use redrive_core::{OutgoingMessage, Publisher};
 
 use crate::error::{Error, Result};
+use crate::security::{self, SaslMechanism};
+
+/// How long `publish` waits for the broker's acknowledgement unless told otherwise.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Publishes records and waits until the broker acknowledged them (`acks=all`,
 /// idempotent producer). Used by producers and as the dead-letter sink.
@@ -36,16 +41,26 @@ impl KafkaPublisher {
     /// # Errors
     /// [`Error::Kafka`] if librdkafka refuses the configuration.
     pub fn new(brokers: &str) -> Result<Self> {
+        Self::builder(brokers).build()
+    }
+
+    /// Starts building a publisher to `brokers` (`host:port,host:port`), for TLS, SASL
+    /// or other librdkafka settings.
+    pub fn builder(brokers: &str) -> KafkaPublisherBuilder {
         let mut config = ClientConfig::new();
         config.set("bootstrap.servers", brokers);
-        Self::from_config(config)
+        KafkaPublisherBuilder {
+            config,
+            timeout: DEFAULT_TIMEOUT,
+        }
     }
 
     /// A publisher from a librdkafka producer configuration; `acks=all` and
     /// `enable.idempotence=true` are set unless the configuration sets them.
     ///
     /// # Errors
-    /// [`Error::Kafka`] if librdkafka refuses the configuration.
+    /// [`Error::Config`] for a TLS or SCRAM setting when librdkafka was built without
+    /// TLS (the `tls` feature); [`Error::Kafka`] if librdkafka refuses the configuration.
     pub fn from_config(mut config: ClientConfig) -> Result<Self> {
         for (key, value) in [("acks", "all"), ("enable.idempotence", "true")] {
             if config.get(key).is_none() {
@@ -53,8 +68,8 @@ impl KafkaPublisher {
             }
         }
         Ok(KafkaPublisher {
-            producer: config.create()?,
-            timeout: Duration::from_secs(30),
+            producer: config.create().map_err(security::client_error)?,
+            timeout: DEFAULT_TIMEOUT,
         })
     }
 
@@ -96,6 +111,63 @@ impl KafkaPublisher {
                 source,
             }),
         }
+    }
+}
+
+/// Builds a [`KafkaPublisher`], from [`KafkaPublisher::builder`].
+///
+/// | setting | default |
+/// |---|---|
+/// | `timeout` (a publish waits this long for room in the producer's queue) | 30 s |
+/// | `message.timeout.ms` (and this long for the acknowledgement) | 300 s |
+/// | `acks` | `all` |
+/// | `enable.idempotence` | `true` |
+/// | any other librdkafka setting | through [`set`](Self::set) |
+#[derive(Clone, Debug)]
+#[must_use = "a builder does nothing until built"]
+pub struct KafkaPublisherBuilder {
+    config: ClientConfig,
+    timeout: Duration,
+}
+
+impl KafkaPublisherBuilder {
+    /// Sets a librdkafka producer setting (`linger.ms`, `compression.type`, …).
+    pub fn set(mut self, key: &str, value: impl Into<String>) -> Self {
+        self.config.set(key, value);
+        self
+    }
+
+    /// How long `publish` waits for room in the producer's queue (30 s), as
+    /// [`KafkaPublisher::with_timeout`]. The broker's acknowledgement is awaited up to
+    /// `message.timeout.ms` (librdkafka's default: 300 s); set it for a shorter bound.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// TLS to the brokers, trusting the CA certificates in `path` (PEM):
+    /// `security.protocol=ssl` (`sasl_ssl` with [`sasl`](Self::sasl)) and
+    /// `ssl.ca.location`. Needs the `tls` feature. See the [crate docs](crate#tls-and-sasl).
+    pub fn tls_ca_file(mut self, path: impl AsRef<Path>) -> Self {
+        security::tls_ca_file(&mut self.config, path.as_ref());
+        self
+    }
+
+    /// SASL authentication with `mechanism`, over TLS: `security.protocol=sasl_ssl`
+    /// (unless set to `sasl_plaintext`), `sasl.mechanisms`, `sasl.username` and
+    /// `sasl.password`. Needs the `tls` feature. See the [crate docs](crate#tls-and-sasl).
+    pub fn sasl(mut self, mechanism: SaslMechanism, username: &str, password: &str) -> Self {
+        security::sasl(&mut self.config, mechanism, username, password);
+        self
+    }
+
+    /// Creates the producer.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for a TLS or SCRAM setting when librdkafka was built without
+    /// TLS (the `tls` feature); [`Error::Kafka`] if librdkafka refuses the configuration.
+    pub fn build(self) -> Result<KafkaPublisher> {
+        Ok(KafkaPublisher::from_config(self.config)?.with_timeout(self.timeout))
     }
 }
 

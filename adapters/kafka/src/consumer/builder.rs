@@ -1,6 +1,7 @@
 //! The builder: the settings with their defaults and checks, and the start of the
 //! consumer's tasks.
 
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -9,6 +10,7 @@ use rdkafka::consumer::{Consumer as _, StreamConsumer};
 use tokio::sync::mpsc;
 
 use crate::error::{Error, Result};
+use crate::security::{self, SaslMechanism};
 use crate::watermark::{DEFAULT_MAX_OPEN, Watermarks};
 
 use super::KafkaConsumer;
@@ -97,6 +99,22 @@ impl KafkaConsumerBuilder {
         self
     }
 
+    /// TLS to the brokers, trusting the CA certificates in `path` (PEM):
+    /// `security.protocol=ssl` (`sasl_ssl` with [`sasl`](Self::sasl)) and
+    /// `ssl.ca.location`. Needs the `tls` feature. See the [crate docs](crate#tls-and-sasl).
+    pub fn tls_ca_file(mut self, path: impl AsRef<Path>) -> Self {
+        security::tls_ca_file(&mut self.config, path.as_ref());
+        self
+    }
+
+    /// SASL authentication with `mechanism`, over TLS: `security.protocol=sasl_ssl`
+    /// (unless set to `sasl_plaintext`), `sasl.mechanisms`, `sasl.username` and
+    /// `sasl.password`. Needs the `tls` feature. See the [crate docs](crate#tls-and-sasl).
+    pub fn sasl(mut self, mechanism: SaslMechanism, username: &str, password: &str) -> Self {
+        security::sasl(&mut self.config, mechanism, username, password);
+        self
+    }
+
     /// How often watermarks that moved are committed (at least 10 ms). The last ones
     /// are committed by [`close`](redrive_core::Consumer::close) and when partitions
     /// are revoked.
@@ -130,7 +148,8 @@ impl KafkaConsumerBuilder {
     ///
     /// # Errors
     /// [`Error::Config`] for settings that cannot work (an owned setting changed, no
-    /// topic, a commit interval under 10 ms), [`Error::Kafka`] if librdkafka refuses
+    /// topic, a commit interval under 10 ms, TLS or SCRAM without the `tls` feature),
+    /// [`Error::Kafka`] if librdkafka refuses
     /// the configuration or the subscription.
     pub fn build(self) -> Result<KafkaConsumer> {
         for (key, value) in OWNED {
@@ -184,7 +203,9 @@ impl KafkaConsumerBuilder {
             state: state.clone(),
             revoke_timeout: self.revoke_timeout,
         };
-        let consumer: StreamConsumer<Context> = config.create_with_context(context)?;
+        let consumer: StreamConsumer<Context> = config
+            .create_with_context(context)
+            .map_err(security::client_error)?;
         let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
         let consumer = Arc::new(consumer);

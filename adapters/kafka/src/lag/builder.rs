@@ -1,5 +1,6 @@
 //! [`ConsumerLagBuilder`]: the poller's settings, checked when it starts.
 
+use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
@@ -8,6 +9,7 @@ use rdkafka::ClientConfig;
 
 use super::{ConsumerLag, Inner, LagStatus, TopicLag};
 use crate::error::{Error, Result};
+use crate::security::{self, SaslMechanism};
 
 /// Settings of a [`ConsumerLag`] poller, from [`ConsumerLag::builder`].
 ///
@@ -82,14 +84,29 @@ impl ConsumerLagBuilder {
         self
     }
 
+    /// TLS to the brokers, trusting the CA certificates in `path` (PEM), as
+    /// [`KafkaConsumerBuilder::tls_ca_file`](crate::KafkaConsumerBuilder::tls_ca_file).
+    pub fn tls_ca_file(mut self, path: impl AsRef<Path>) -> Self {
+        security::tls_ca_file(&mut self.config, path.as_ref());
+        self
+    }
+
+    /// SASL authentication with `mechanism`, over TLS, as
+    /// [`KafkaConsumerBuilder::sasl`](crate::KafkaConsumerBuilder::sasl).
+    pub fn sasl(mut self, mechanism: SaslMechanism, username: &str, password: &str) -> Self {
+        security::sasl(&mut self.config, mechanism, username, password);
+        self
+    }
+
     /// Starts the poller on a thread of its own. A broker that cannot be reached now is
     /// no error: its topics are [`LagStatus::Unavailable`] until it can.
     ///
     /// # Errors
     /// [`Error::Config`] when there is no topic, no group id, the interval or the timeout
     /// is zero, a setting the poller owns (`enable.auto.commit`,
-    /// `enable.auto.offset.store`) is set, or the thread cannot be started;
-    /// [`Error::Kafka`] when librdkafka refuses the settings.
+    /// `enable.auto.offset.store`) is set, TLS or SCRAM is set without the `tls`
+    /// feature, or the thread cannot be started; [`Error::Kafka`] when librdkafka
+    /// refuses the settings.
     pub fn start(mut self) -> Result<ConsumerLag> {
         if self.topics.is_empty() {
             return Err(Error::Config(
@@ -120,7 +137,7 @@ impl ConsumerLagBuilder {
             }
             self.config.set(*key, *value);
         }
-        let consumer = self.config.create()?;
+        let consumer = self.config.create().map_err(security::client_error)?;
         let figures = Arc::new(Mutex::new(
             self.topics
                 .iter()

@@ -1,6 +1,7 @@
-//! A TLS listener in front of the local RabbitMQ for the `amqps://` tests: a test
-//! certificate authority with a server certificate (openssl), and stunnel terminating
-//! TLS on a free loopback port and forwarding to the broker's plaintext port.
+//! A TLS listener in front of a local broker for the TLS tests (`amqps://` here, and
+//! the Kafka adapter's, which include this file): a test certificate authority with a
+//! server certificate (openssl), and stunnel terminating TLS on a free loopback port
+//! and forwarding to the broker's plaintext port.
 #![allow(dead_code, unreachable_pub)]
 
 use std::net::{TcpListener, TcpStream};
@@ -127,7 +128,7 @@ impl Stunnel {
             })
             .unwrap_or_else(|| {
                 panic!(
-                    "stunnel is not installed; the amqps:// tests put it in front of RabbitMQ: \
+                    "stunnel is not installed; the TLS tests put it in front of the broker: \
                      `apt-get install stunnel4` (scripts/test installs it)"
                 )
             });
