@@ -22,6 +22,16 @@ pub enum Error {
         #[source]
         source: KafkaError,
     },
+    /// A nacked record could not be republished to its retry topic (see
+    /// [`RetryTopics`](crate::RetryTopics)): it holds its partition's committed offset
+    /// and comes again after a restart or a rebalance.
+    #[error("the record could not be republished to retry topic `{topic}`: {reason}")]
+    Retry {
+        /// The delay topic (or the record's topic, when it has none).
+        topic: String,
+        /// What went wrong.
+        reason: String,
+    },
     /// A synchronous offset commit did not complete.
     #[error("the offset commit did not complete: {0}")]
     Commit(String),

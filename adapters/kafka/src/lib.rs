@@ -162,6 +162,7 @@ mod error;
 pub mod lag;
 pub mod mapping;
 mod publisher;
+pub mod retry;
 mod security;
 mod watermark;
 
@@ -169,6 +170,7 @@ pub use consumer::{KafkaConsumer, KafkaConsumerBuilder, OpenRecords};
 pub use error::{Error, Result};
 pub use lag::{ConsumerLag, ConsumerLagBuilder, LagStatus, PartitionLag, TopicLag};
 pub use publisher::{KafkaPublisher, KafkaPublisherBuilder};
+pub use retry::RetryTopics;
 pub use security::SaslMechanism;
 pub use watermark::PartitionBacklog;
 

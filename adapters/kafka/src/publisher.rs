@@ -91,8 +91,29 @@ impl KafkaPublisher {
     /// # Errors
     /// [`Error::Publish`] if the broker did not acknowledge it within the timeout.
     pub async fn send(&self, topic: &str, message: &OutgoingMessage) -> Result<(i32, i64)> {
-        let mut headers = OwnedHeaders::new_with_capacity(message.headers.len());
+        self.send_with(topic, message, &[]).await
+    }
+
+    /// [`send`](Self::send), with the headers named in `set` given these values (after
+    /// the message's others, which keep their order).
+    pub(crate) async fn send_with(
+        &self,
+        topic: &str,
+        message: &OutgoingMessage,
+        set: &[(&str, String)],
+    ) -> Result<(i32, i64)> {
+        let mut headers = OwnedHeaders::new_with_capacity(message.headers.len() + set.len());
+        let replaced = |name: &str| set.iter().any(|(n, _)| n.eq_ignore_ascii_case(name));
         for (name, value) in message.headers.iter() {
+            if replaced(name) {
+                continue;
+            }
+            headers = headers.insert(Header {
+                key: name,
+                value: Some(value.as_bytes()),
+            });
+        }
+        for (name, value) in set {
             headers = headers.insert(Header {
                 key: name,
                 value: Some(value.as_bytes()),
@@ -189,7 +210,7 @@ impl Publisher for KafkaPublisher {
 }
 
 /// Kafka's rules for a topic name, as its broker checks them.
-fn check_topic_name(name: &str) -> std::result::Result<(), String> {
+pub(crate) fn check_topic_name(name: &str) -> std::result::Result<(), String> {
     if name.is_empty() || name == "." || name == ".." {
         return Err(format!(
             "`{name}` is not a Kafka topic name: it must not be empty, `.` or `..`"

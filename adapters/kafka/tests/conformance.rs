@@ -1,17 +1,20 @@
 //! The shared conformance suite against a real Kafka-protocol broker (tansu, started by
-//! `scripts/kafka-broker`). Kafka cannot nack one record, so the two raw-nack
-//! scenarios are skipped (logged) and the Worker's parking is checked instead.
+//! `scripts/kafka-broker`). Without retry topics Kafka cannot nack one record, so the
+//! two raw-nack scenarios are skipped (logged) and the Worker's parking is checked
+//! instead; with retry topics they run, on consumers of their own.
 
 mod common;
 
 use std::time::Duration;
 
 use redrive_core::testkit::{self, Backend};
-use redrive_kafka::{KafkaConsumer, KafkaPublisher};
+use redrive_kafka::{KafkaConsumer, KafkaPublisher, RetryTopics};
 
 struct Kafka {
     brokers: String,
     publisher: KafkaPublisher,
+    /// Consumers retry through these retry topics.
+    retry: Option<RetryTopics>,
 }
 
 impl Backend for Kafka {
@@ -36,7 +39,21 @@ impl Backend for Kafka {
         // full test run beside two builds). A member that stays (two consumers sharing
         // the topic) is joined after the wait, which costs that scenario 20 s.
         let _ = common::group_empties(&self.brokers, &group, Duration::from_secs(20)).await;
-        common::consumer(&self.brokers, &group, destination)
+        let Some(retry) = &self.retry else {
+            return common::consumer(&self.brokers, &group, destination);
+        };
+        // Each scenario's destination, and so its group, is new.
+        for topic in retry.topics(destination, &group) {
+            common::create_topic(&self.brokers, &topic, 3).await;
+        }
+        KafkaConsumer::builder(&self.brokers, &group, [destination])
+            .commit_interval(Duration::from_millis(100))
+            .close_timeout(Duration::from_secs(5))
+            .set("session.timeout.ms", "6000")
+            .set("heartbeat.interval.ms", "500")
+            .retry_topics(retry.clone())
+            .build()
+            .expect("consumer")
     }
 
     fn publisher(&self) -> KafkaPublisher {
@@ -57,6 +74,33 @@ async fn conformance_on_a_real_broker() {
     let backend = Kafka {
         publisher: common::publisher(&brokers),
         brokers,
+        retry: None,
     };
     testkit::run_all(&backend).await;
+}
+
+/// The nack scenarios, which the suite above skips, on consumers with retry topics; and
+/// the Worker's retry, which nacks with them (with `Unordered` ordering; it parks
+/// otherwise).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nack_scenarios_with_retry_topics() {
+    let brokers = common::brokers();
+    common::require_broker(&brokers);
+    // One record per batch in the delay topics: tansu answers a fetch from inside a
+    // batch of several records at the next batch.
+    let retry_publisher = KafkaPublisher::builder(&brokers)
+        .set("batch.num.messages", "1")
+        .build()
+        .expect("publisher");
+    let backend = Kafka {
+        publisher: common::publisher(&brokers),
+        retry: Some(RetryTopics::new(
+            retry_publisher,
+            [Duration::from_millis(200), Duration::from_secs(2)],
+        )),
+        brokers,
+    };
+    testkit::nack_redelivers(&backend).await;
+    testkit::nack_delay_honoured(&backend).await;
+    testkit::worker_retries_failures(&backend).await;
 }

@@ -1,11 +1,13 @@
 //! What survives a consumer killed with SIGKILL: the records completed past a stuck one
-//! (none is processed again), and the deliveries of a record retried in place (its
-//! attempt goes on, so `max_attempts` holds across the kill).
+//! (none is processed again), the deliveries of a record retried in place (its attempt
+//! goes on, so `max_attempts` holds across the kill), and a record on its way through
+//! the retry topics (it reaches the DLQ after exactly `max_attempts`).
 //!
-//! This test binary runs itself as a child process whose Worker the test kills. Both
-//! run on librdkafka's mock cluster, in the parent: its offsets are exact and it keeps
-//! the committed metadata (tansu 0.6 answers offset fetches without it, and resumes a
-//! fetch at a record batch's start).
+//! This test binary runs itself as a child process whose Worker the test kills. The
+//! first two run on librdkafka's mock cluster, in the parent: its offsets are exact and
+//! it keeps the committed metadata (tansu 0.6 answers offset fetches without it, and
+//! resumes a fetch at a record batch's start). The retry topics one runs on tansu: its
+//! attempt travels in a header, and every record is a batch of its own.
 
 mod common;
 
@@ -19,6 +21,7 @@ use redrive_core::testkit::unique_name;
 use redrive_core::{
     BoxError, Message, OrderingMode, OutgoingMessage, Publisher, Redelivery, Worker,
 };
+use redrive_kafka::{KafkaPublisher, RetryTopics};
 use redrive_middleware::dead_letter::{self, DeadLetterConfig, DeadLetterLayer};
 use tokio::sync::Notify;
 use tower::Layer as _;
@@ -29,14 +32,56 @@ const TOPIC: &str = "REDRIVE_TEST_RESTART_TOPIC";
 const GROUP: &str = "REDRIVE_TEST_RESTART_GROUP";
 const MODE: &str = "REDRIVE_TEST_RESTART_MODE";
 
+/// The retry topics' delay in the `retry-topics` mode.
+const RETRY_DELAY: Duration = Duration::from_secs(2);
+
 /// Records completed past the stuck one before the kill.
 const DONE: usize = 10_000;
+
+/// The retry topics of the `retry-topics` mode: one delay, records in batches of one.
+fn retry_topics(brokers: &str) -> RetryTopics {
+    let publisher = KafkaPublisher::builder(brokers)
+        .set("batch.num.messages", "1")
+        .build()
+        .expect("publisher");
+    RetryTopics::new(publisher, [RETRY_DELAY])
+}
+
+/// The Worker of the `retry-topics` mode around `handler`: records retried through the
+/// retry topics, dead-lettered to `<topic>-dlq` at attempt 4.
+macro_rules! retry_worker {
+    ($brokers:expr, $group:expr, $topic:expr, $handler:expr) => {{
+        let (brokers, group, topic): (&str, &str, &str) = ($brokers, $group, $topic);
+        let consumer = redrive_kafka::KafkaConsumer::builder(brokers, group, [topic])
+            .commit_interval(Duration::from_millis(100))
+            .set("session.timeout.ms", "6000")
+            .set("heartbeat.interval.ms", "500")
+            .retry_topics(retry_topics(brokers))
+            .build()
+            .expect("consumer");
+        let service = DeadLetterLayer::new(
+            Arc::new(common::publisher(brokers)),
+            DeadLetterConfig::default()
+                .with_destination(format!("{topic}-dlq"))
+                .with_max_attempts(4),
+        )
+        .expect("dead-letter config")
+        .layer($handler);
+        Worker::builder(consumer)
+            .service(service)
+            .ordering(OrderingMode::Unordered)
+            .redelivery(Redelivery::constant(RETRY_DELAY))
+            .build()
+            .expect("worker")
+    }};
+}
 
 /// The child: a Worker run until it is killed, in one of two modes.
 /// - `stuck`: the record `stuck` never completes; every other one does. Once all
 ///   [`DONE`] did and a commit had time to go out, it prints `READY`.
 /// - `fails`: every record fails and is retried in place; it prints `ATTEMPT <n>`
 ///   before each run fails.
+/// - `retry-topics`: the same, retried through retry topics.
 #[test]
 #[ignore = "run as a child process by the tests below"]
 fn child_worker() {
@@ -54,7 +99,7 @@ fn child_worker() {
         let handler = redrive_core::handler_fn(move |m: Message| {
             let (done, mode) = (done.clone(), mode.clone());
             async move {
-                if mode == "fails" {
+                if mode != "stuck" {
                     println!("ATTEMPT {}", m.metadata.attempt);
                     return Err::<(), BoxError>("always fails".into());
                 }
@@ -71,25 +116,35 @@ fn child_worker() {
                 Ok(())
             }
         });
-        let ordering = if var(MODE) == "fails" {
-            OrderingMode::PerKey
-        } else {
-            OrderingMode::Unordered
-        };
-        Worker::builder(common::consumer(&brokers, &group, &topic))
-            .service(handler)
-            .ordering(ordering)
-            .concurrency(32)
-            .redelivery(Redelivery::constant(Duration::from_millis(200)))
-            .build()
-            .expect("worker")
-            .run_until(tokio::time::sleep(Duration::from_secs(120)))
-            .await;
+        let until = tokio::time::sleep(Duration::from_secs(120));
+        match var(MODE).as_str() {
+            "retry-topics" => {
+                retry_worker!(&brokers, &group, &topic, handler)
+                    .run_until(until)
+                    .await;
+            }
+            mode => {
+                let ordering = if mode == "fails" {
+                    OrderingMode::PerKey
+                } else {
+                    OrderingMode::Unordered
+                };
+                Worker::builder(common::consumer(&brokers, &group, &topic))
+                    .service(handler)
+                    .ordering(ordering)
+                    .concurrency(32)
+                    .redelivery(Redelivery::constant(Duration::from_millis(200)))
+                    .build()
+                    .expect("worker")
+                    .run_until(until)
+                    .await;
+            }
+        }
     });
     panic!("the child was not killed within 120 s");
 }
 
-/// Runs the child in `mode`, and kills it (SIGKILL) once it printed `line`; returns
+/// Runs the child in `mode`, and kills it (SIGKILL) `after` it printed `line`; returns
 /// what it printed.
 async fn run_child_until(
     brokers: &str,
@@ -97,6 +152,7 @@ async fn run_child_until(
     group: &str,
     mode: &str,
     line: &str,
+    after: Duration,
 ) -> Vec<String> {
     let mut command = Command::new(std::env::current_exe().expect("this test binary"));
     command
@@ -126,6 +182,7 @@ async fn run_child_until(
             let last = l == line;
             printed.push(l);
             if last {
+                std::thread::sleep(after);
                 child.kill().expect("SIGKILL the child");
                 break;
             }
@@ -160,7 +217,7 @@ async fn a_restart_redoes_none_of_the_records_completed_past_a_stuck_one() {
         .await
         .expect("publish");
     }
-    run_child_until(&brokers, &topic, &group, "stuck", "READY").await;
+    run_child_until(&brokers, &topic, &group, "stuck", "READY", Duration::ZERO).await;
     p.publish(&topic, OutgoingMessage::new("fresh"))
         .await
         .expect("publish");
@@ -226,7 +283,15 @@ async fn a_record_retried_in_place_keeps_its_attempts_across_a_kill() {
     p.publish(&topic, OutgoingMessage::new("poison").with_key("k"))
         .await
         .expect("publish");
-    let printed = run_child_until(&brokers, &topic, &group, "fails", "ATTEMPT 2").await;
+    let printed = run_child_until(
+        &brokers,
+        &topic,
+        &group,
+        "fails",
+        "ATTEMPT 2",
+        Duration::ZERO,
+    )
+    .await;
     let before: Vec<&String> = printed
         .iter()
         .filter(|l| l.starts_with("ATTEMPT"))
@@ -280,6 +345,85 @@ async fn a_record_retried_in_place_keeps_its_attempts_across_a_kill() {
     )
     .await
     .expect("the dead letter within 15 s")
+    .expect("receive")
+    .expect("delivery");
+    assert_eq!(
+        letter.message.headers.get_str(dead_letter::ATTEMPTS),
+        Some("4"),
+        "dead-lettered after exactly max_attempts deliveries"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_through_the_retry_topics_is_dead_lettered_after_max_attempts_across_a_kill() {
+    let env = common::Env::real();
+    let brokers = env.brokers.clone();
+    let (topic, group) = (unique_name("retry-kill"), unique_name("g"));
+    let dlq = format!("{topic}-dlq");
+    for t in [&topic, &dlq] {
+        env.create_topic(t, 1).await;
+    }
+    for t in retry_topics(&brokers).topics(&topic, &group) {
+        env.create_topic(&t, 1).await;
+    }
+    let p = common::publisher(&brokers);
+    p.publish(&topic, OutgoingMessage::new("poison").with_key("k"))
+        .await
+        .expect("publish");
+    // Killed a second after attempt 2 failed: its copy, attempt 3, waits in the delay
+    // topic (due a second later), and attempt 2's record was committed done.
+    let printed = run_child_until(
+        &brokers,
+        &topic,
+        &group,
+        "retry-topics",
+        "ATTEMPT 2",
+        RETRY_DELAY / 2,
+    )
+    .await;
+    let before: Vec<&String> = printed
+        .iter()
+        .filter(|l| l.starts_with("ATTEMPT"))
+        .collect();
+    assert_eq!(before, ["ATTEMPT 1", "ATTEMPT 2"]);
+    // The killed member stays in the group until its session expires.
+    env.wait_until_group_empty(&group).await;
+
+    let attempts: Arc<Mutex<Vec<u32>>> = Arc::default();
+    let done = Arc::new(Notify::new());
+    let (a, d) = (attempts.clone(), done.clone());
+    let handler = redrive_core::handler_fn(move |m: Message| {
+        let (a, d) = (a.clone(), d.clone());
+        async move {
+            a.lock().unwrap().push(m.metadata.attempt);
+            if m.metadata.attempt >= 4 {
+                d.notify_one();
+            }
+            Err::<(), BoxError>("always fails".into())
+        }
+    });
+    let report = retry_worker!(&brokers, &group, &topic, handler)
+        .run_until(async move {
+            tokio::select! {
+                // Time for anything that would come after the dead letter.
+                () = done.notified() => tokio::time::sleep(RETRY_DELAY * 2).await,
+                () = tokio::time::sleep(Duration::from_secs(60)) => {}
+            }
+        })
+        .await;
+    assert_eq!(
+        *attempts.lock().unwrap(),
+        [3, 4],
+        "two attempts before the kill, two after, none again: {report:?}"
+    );
+    assert_eq!(report.dead_lettered, 1, "{report:?}");
+    let mut c = common::consumer(&brokers, &unique_name("dlq-reader"), &dlq);
+    let letter = tokio::time::timeout(
+        Duration::from_secs(20),
+        redrive_core::Consumer::receive(&mut c),
+    )
+    .await
+    .expect("the dead letter within 20 s")
     .expect("receive")
     .expect("delivery");
     assert_eq!(

@@ -1,7 +1,8 @@
 //! One message's life in one trace on the real Kafka broker (tansu, through
 //! `KAFKA_BROKERS`): produce → three failed attempts, the first two parked by the Worker
 //! and dispatched again after their delay → dead letter → consume from the DLQ.
-//! `middleware/tests/trace_dlq.rs` checks the same on the in-memory broker.
+//! `middleware/tests/trace_dlq.rs` checks the same on the in-memory broker. And one
+//! record failing twice through retry topics, succeeding on attempt 3, in one trace.
 
 mod common;
 
@@ -14,8 +15,10 @@ use opentelemetry::{KeyValue, Value};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
 use redrive_core::testkit::unique_name;
 use redrive_core::{
-    BoxError, Message, OutgoingMessage, Publisher, Redelivery, Report, Worker, handler_fn,
+    BoxError, Message, OrderingMode, OutgoingMessage, Publisher, Redelivery, Report, Worker,
+    handler_fn,
 };
+use redrive_kafka::RetryTopics;
 use redrive_middleware::dead_letter::{self, DeadLetterConfig, DeadLetterLayer};
 use redrive_middleware::trace::{CORRELATION_ID, TRACEPARENT, TraceLayer, TracedPublisher};
 use tokio::sync::watch;
@@ -143,6 +146,138 @@ async fn one_trace_from_producer_through_parked_retries_and_the_dlq() {
     provider.force_flush().expect("flush");
     let spans = exporter.get_finished_spans().expect("spans");
     check_one_trace(&spans, &topic, &dlq, redrive_kafka::SYSTEM, &dead, DELAY);
+}
+
+/// A record failing twice goes through the retry topics and succeeds on its third
+/// attempt: one trace, each attempt a child of the producer's span, each retry after
+/// its delay.
+#[tokio::test(flavor = "current_thread")]
+async fn one_trace_through_the_retry_topics_to_success_on_attempt_3() {
+    let (exporter, provider, _guard) = record_spans();
+    let env = Env::real();
+    let brokers = env.brokers.clone();
+    let (topic, group) = (unique_name("trace-rt"), unique_name("g"));
+    env.create_topic(&topic, 1).await;
+    // One record per batch in the delay topic too (tansu answers a fetch from inside a
+    // batch of several records at the next batch).
+    let retry_publisher = redrive_kafka::KafkaPublisher::builder(&brokers)
+        .set("batch.num.messages", "1")
+        .build()
+        .expect("publisher");
+    let retries = RetryTopics::new(retry_publisher, [DELAY, Duration::from_secs(5)]);
+    for t in retries.topics(&topic, &group) {
+        env.create_topic(&t, 1).await;
+    }
+    let publisher = TracedPublisher::new(common::publisher(&brokers));
+    async {
+        publisher
+            .publish(&topic, OutgoingMessage::new("pay").with_key("order-1"))
+            .await
+            .expect("publish");
+    }
+    .instrument(tracing::info_span!("checkout"))
+    .await;
+
+    let (done, mut succeeded) = watch::channel(false);
+    let stack = ServiceBuilder::new()
+        .layer(TraceLayer::new())
+        .service(handler_fn(move |m: Message| {
+            let done = done.clone();
+            async move {
+                if m.attempt() < 3 {
+                    return Err::<(), BoxError>("payment service unavailable".into());
+                }
+                let _ = done.send(true);
+                Ok(())
+            }
+        }));
+    let consumer = redrive_kafka::KafkaConsumer::builder(&brokers, &group, [topic.as_str()])
+        .commit_interval(Duration::from_millis(100))
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "500")
+        .retry_topics(retries)
+        .build()
+        .expect("consumer");
+    let worker = Worker::builder(consumer)
+        .service(stack)
+        .ordering(OrderingMode::Unordered)
+        .redelivery(Redelivery::constant(DELAY))
+        .build()
+        .expect("worker");
+    let report = tokio::time::timeout(
+        Duration::from_secs(30),
+        worker.run_until(async move {
+            let _ = succeeded.wait_for(|s| *s).await;
+        }),
+    )
+    .await
+    .expect("attempt 3 succeeds within 30 s");
+    assert_eq!(
+        (report.processed, report.nacked, report.parked),
+        (1, 2, 0),
+        "two nacks through the retry topics, no parking: {report:?}"
+    );
+
+    provider.force_flush().expect("flush");
+    let spans = exporter.get_finished_spans().expect("spans");
+    let names: Vec<&str> = spans.iter().map(|s| &*s.name).collect();
+    let checkout: Vec<&SpanData> = spans.iter().filter(|s| s.name == "checkout").collect();
+    let send: Vec<&SpanData> = spans
+        .iter()
+        .filter(|s| s.name == format!("send {topic}"))
+        .collect();
+    let mut attempts: Vec<&SpanData> = spans
+        .iter()
+        .filter(|s| s.name == format!("process {topic}"))
+        .collect();
+    assert_eq!(
+        (checkout.len(), send.len(), attempts.len(), spans.len()),
+        (1, 1, 3, 5),
+        "every attempt is a span of the origin topic, and no other spans: {names:?}"
+    );
+    let trace = checkout[0].span_context.trace_id();
+    assert!(
+        spans.iter().all(|s| s.span_context.trace_id() == trace),
+        "one trace: {spans:?}"
+    );
+    let producer = send[0].span_context.span_id();
+    attempts.sort_by_key(|s| match attr(s, "redrive.attempt") {
+        Some(Value::I64(a)) => *a,
+        other => panic!("attempt attribute: {other:?}"),
+    });
+    let got: Vec<(Option<&Value>, Option<String>, SpanId)> = attempts
+        .iter()
+        .map(|s| {
+            (
+                attr(s, "redrive.attempt"),
+                text(s, "redrive.outcome"),
+                s.parent_span_id,
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (Some(&Value::I64(1)), Some("retried".into()), producer),
+            (Some(&Value::I64(2)), Some("retried".into()), producer),
+            (Some(&Value::I64(3)), Some("processed".into()), producer),
+        ]
+    );
+    let ids: Vec<Option<String>> = attempts
+        .iter()
+        .map(|s| text(s, "messaging.message.id"))
+        .collect();
+    assert!(
+        ids[0].is_some() && ids.iter().all(|id| *id == ids[0]),
+        "one message id: {ids:?}"
+    );
+    for pair in attempts.windows(2) {
+        let gap = pair[1]
+            .start_time
+            .duration_since(pair[0].end_time)
+            .unwrap_or_default();
+        assert!(gap >= DELAY, "retried after {gap:?}, before its delay");
+    }
 }
 
 /// The spans of one message: one trace id, every attempt a consumer span child of the

@@ -9,6 +9,7 @@ use rdkafka::consumer::StreamConsumer;
 use redrive_core::Acker;
 use redrive_core::delivery::SettleFuture;
 
+use crate::retry::RetryCopy;
 use crate::watermark::{Assigned, Tp};
 
 use super::blocking::off_runtime;
@@ -36,9 +37,45 @@ pub(super) struct KafkaAcker {
     /// Whether a count of its deliveries was committed: its completion is then
     /// committed before the ack completes.
     pub(super) counted: AtomicBool,
+    /// With retry topics: what a nack republishes.
+    pub(super) retry: Option<Box<RetryCopy>>,
 }
 
 impl KafkaAcker {
+    /// Marks the record complete in its partition's watermark.
+    fn mark_complete(&self) {
+        if let Some(assigned) = &self.assigned {
+            if !assigned.complete(self.offset) {
+                tracing::trace!(topic = %self.tp.0, partition = self.tp.1, offset = self.offset, "completed below an incomplete record, or of a revoked partition");
+            }
+        }
+    }
+
+    /// Commits the partition past the completed record, whose count of deliveries was
+    /// committed: or a crash now would count one more for a record that completed.
+    async fn commit_counted(&self) -> redrive_core::Result<()> {
+        let Some(assigned) = self.assigned.clone() else {
+            return Ok(());
+        };
+        let consumer = self.consumer.clone();
+        let a = assigned.clone();
+        let cleared = tokio::time::timeout(
+            COUNT_TIMEOUT,
+            off_runtime(move || consumer.upgrade().map(|c| commit_partition(&*c, &a))),
+        )
+        .await;
+        if !matches!(cleared, Ok(Some(Some(Ok(()))))) {
+            tracing::warn!(
+                ?cleared,
+                "committing past a counted record failed or took too long; the periodic commit tries again"
+            );
+        }
+        // The periodic commit may have committed a later watermark first, which this
+        // commit just moved back: it commits the watermark again.
+        assigned.forget_committed();
+        Ok(())
+    }
+
     fn set_running(&self, running: bool) {
         if self.running.swap(running, Ordering::AcqRel) == running {
             return;
@@ -64,51 +101,50 @@ impl Drop for KafkaAcker {
 
 impl Acker for KafkaAcker {
     fn ack(&self) -> SettleFuture<'_> {
-        if let Some(assigned) = &self.assigned {
-            if !assigned.complete(self.offset) {
-                tracing::trace!(topic = %self.tp.0, partition = self.tp.1, offset = self.offset, "ack below an incomplete record, or of a revoked partition");
-            }
-        }
+        self.mark_complete();
         // Its run ends after its completion is marked: a revoke that waits for the
         // partition's runs to end then commits a watermark that counts it.
         self.set_running(false);
-        match &self.assigned {
-            // Not after a revoke: the partition's new owner commits it now.
-            Some(assigned) if self.counted.load(Ordering::Acquire) && self.is_current() => {
-                // Its count of deliveries is committed: commit its completion before the
-                // ack completes, or a crash now would count one more for a record that
-                // completed.
-                let consumer = self.consumer.clone();
-                let assigned = assigned.clone();
-                let a = assigned.clone();
-                SettleFuture::new(async move {
-                    let cleared = tokio::time::timeout(
-                        COUNT_TIMEOUT,
-                        off_runtime(move || consumer.upgrade().map(|c| commit_partition(&*c, &a))),
-                    )
-                    .await;
-                    if !matches!(cleared, Ok(Some(Some(Ok(()))))) {
-                        tracing::warn!(
-                            ?cleared,
-                            "committing past a counted record failed or took too long; the periodic commit tries again"
-                        );
-                    }
-                    // The periodic commit may have committed a later watermark first,
-                    // which this commit just moved back: it commits the watermark again.
-                    assigned.forget_committed();
-                    Ok(())
-                })
-            }
-            _ => SettleFuture::ready(Ok(())),
+        if self.counted.load(Ordering::Acquire) && self.is_current() {
+            SettleFuture::new(self.commit_counted())
+        } else {
+            SettleFuture::ready(Ok(()))
         }
     }
 
-    fn nack(&self, _delay: Duration) -> SettleFuture<'_> {
+    fn nack(&self, delay: Duration) -> SettleFuture<'_> {
+        match &self.retry {
+            // Not after a revoke: the partition's new owner runs it again.
+            Some(retry) if self.is_current() => SettleFuture::new(async move {
+                let runs = self.runs.load(Ordering::Acquire).max(1);
+                let next = self.attempt.saturating_add(runs);
+                let published = retry.republish(next, delay).await;
+                if let Err(e) = &published {
+                    tracing::warn!(error = %e, topic = %self.tp.0, partition = self.tp.1, offset = self.offset, "a failed record could not go to its retry topic; it holds its partition's committed offset and comes again after a restart or a rebalance");
+                }
+                let published = published.map_err(redrive_core::Error::from);
+                // Republished: the record is done here. Its run ends after that, as for
+                // an ack.
+                if published.is_ok() {
+                    self.mark_complete();
+                }
+                self.set_running(false);
+                published?;
+                if self.counted.load(Ordering::Acquire) && self.is_current() {
+                    self.commit_counted().await?;
+                }
+                Ok(())
+            }),
+            _ => self.hand_back(),
+        }
+    }
+
+    fn hand_back(&self) -> SettleFuture<'_> {
         self.set_running(false);
         // Kafka cannot hand back one record. It stays incomplete and holds its
         // partition's watermark, so it is delivered again after a restart or a
-        // rebalance. The Worker parks failures instead of nacking them; nacks come only
-        // from handing back at shutdown.
+        // rebalance. Without retry topics the Worker parks failures instead of nacking
+        // them; nacks come only from handing back at shutdown.
         tracing::debug!(topic = %self.tp.0, partition = self.tp.1, offset = self.offset, "record handed back: it holds the watermark and is delivered again after a restart");
         SettleFuture::ready(Ok(()))
     }
@@ -160,6 +196,7 @@ mod tests {
             runs: AtomicU32::new(0),
             count_first: false,
             counted: AtomicBool::new(false),
+            retry: None,
         }
     }
 
@@ -196,7 +233,7 @@ mod tests {
         );
         drop(a2);
         assert_eq!(w.running(std::slice::from_ref(&tp)), 0, "dropped mid-run");
-        a1.nack(Duration::ZERO).await.unwrap();
+        a1.hand_back().await.unwrap();
         assert_eq!(w.running(std::slice::from_ref(&tp)), 0);
         assert_eq!(w.revoke(&tp).map(|c| c.offset), Some(1));
     }

@@ -10,6 +10,7 @@ use rdkafka::consumer::{Consumer as _, StreamConsumer};
 use tokio::sync::mpsc;
 
 use crate::error::{Error, Result};
+use crate::retry::{RetryTopics, Routes};
 use crate::security::{self, SaslMechanism};
 use crate::watermark::{DEFAULT_MAX_OPEN, Watermarks};
 
@@ -35,6 +36,7 @@ const OWNED: &[(&str, &str)] = &[
 /// | `close_timeout` (the final commit and leaving the group, at most) | 10 s |
 /// | `revoke_timeout` (a revoke waits this long for running records) | 10 s |
 /// | `max_open_per_partition` (records open behind a partition's oldest incomplete one before it pauses) | 100 000 |
+/// | `retry_topics` (failed records retried through delay topics, not in the process) | off |
 /// | `auto.offset.reset` | `earliest` |
 /// | any other librdkafka setting | through [`set`](Self::set) |
 #[derive(Clone, Debug)]
@@ -48,6 +50,7 @@ pub struct KafkaConsumerBuilder {
     buffer: usize,
     max_open: usize,
     pause_for_metadata: bool,
+    retry: Option<RetryTopics>,
 }
 
 impl KafkaConsumerBuilder {
@@ -90,6 +93,25 @@ impl KafkaConsumerBuilder {
     /// replaying a selection does.
     pub fn pause_when_metadata_full(mut self, pause: bool) -> Self {
         self.pause_for_metadata = pause;
+        self
+    }
+
+    /// Retries through retry topics instead of in the process: a nacked record is
+    /// republished to a delay topic of this consumer group, with its next attempt, when
+    /// it is due and where it came from in headers, and completes once the broker
+    /// acknowledged the copy. The consumer reads the delay topics too, and hands each
+    /// record out, as its origin record, once it is due. See [`RetryTopics`] and the
+    /// [crate docs](crate#retry-topics).
+    ///
+    /// The Worker nacks failed records only with [`OrderingMode::Unordered`]: a retried
+    /// record is no longer in order with its key. With an ordered mode it parks them,
+    /// as without retry topics. The consumer declares the longest delay as its largest
+    /// nack delay, so the Worker's [`Redelivery`] must not exceed it.
+    ///
+    /// [`OrderingMode::Unordered`]: redrive_core::OrderingMode::Unordered
+    /// [`Redelivery`]: redrive_core::Redelivery
+    pub fn retry_topics(mut self, retry: RetryTopics) -> Self {
+        self.retry = Some(retry);
         self
     }
 
@@ -148,7 +170,8 @@ impl KafkaConsumerBuilder {
     ///
     /// # Errors
     /// [`Error::Config`] for settings that cannot work (an owned setting changed, no
-    /// topic, a commit interval under 10 ms, TLS or SCRAM without the `tls` feature),
+    /// topic, a commit interval under 10 ms, TLS or SCRAM without the `tls` feature,
+    /// retry topics Kafka cannot name),
     /// [`Error::Kafka`] if librdkafka refuses
     /// the configuration or the subscription.
     pub fn build(self) -> Result<KafkaConsumer> {
@@ -190,6 +213,11 @@ impl KafkaConsumerBuilder {
             .map_or(Duration::from_secs(300), Duration::from_millis);
         let pause_after = (max_poll / 3).min(Duration::from_secs(10));
         let group: Arc<str> = self.config.get("group.id").unwrap_or_default().into();
+        let routes = self
+            .retry
+            .map(|retry| Routes::new(retry, &self.topics, &group))
+            .transpose()?
+            .map(Arc::new);
         let mut config = self.config;
         for (key, value) in OWNED {
             config.set(*key, *value);
@@ -206,7 +234,10 @@ impl KafkaConsumerBuilder {
         let consumer: StreamConsumer<Context> = config
             .create_with_context(context)
             .map_err(security::client_error)?;
-        let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
+        let mut topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
+        if let Some(routes) = &routes {
+            topics.extend(routes.delay_topics());
+        }
         consumer.subscribe(&topics)?;
         let consumer = Arc::new(consumer);
         let committer = tokio::spawn(commit_every(
@@ -228,6 +259,7 @@ impl KafkaConsumerBuilder {
             spare.clone(),
             batch_max,
             pause_after,
+            routes.clone(),
         ));
         Ok(KafkaConsumer {
             consumer: Some(consumer),
@@ -238,6 +270,7 @@ impl KafkaConsumerBuilder {
             tasks: vec![committer, poller],
             close_timeout: self.close_timeout,
             topics: self.topics,
+            max_nack_delay: routes.map(|r| r.max_delay()),
         })
     }
 }
@@ -264,6 +297,7 @@ impl KafkaConsumer {
             buffer: 256,
             max_open: DEFAULT_MAX_OPEN,
             pause_for_metadata: true,
+            retry: None,
         }
     }
 }

@@ -10,7 +10,9 @@
 //! - `rebalance.rs`: the rdkafka context: assignments, revokes and commit results.
 //! - `crash_loop.rs`: counting deliveries that ended without a fate, in the committed
 //!   offset's metadata.
-//! - `acker.rs`: the acker, which marks a record complete in its watermark.
+//! - `not_due.rs`: records of retry topics held, their partitions paused, until due.
+//! - `acker.rs`: the acker, which marks a record complete in its watermark, and with
+//!   retry topics republishes a failed one.
 //! - `open.rs`: [`OpenRecords`], the handle that reads what each partition holds open.
 //! - `blocking.rs`: running blocking librdkafka calls without stalling the runtime.
 
@@ -20,6 +22,7 @@ mod blocking;
 mod builder;
 mod commit;
 mod crash_loop;
+mod not_due;
 mod open;
 mod pause;
 mod poll;
@@ -61,6 +64,8 @@ pub struct KafkaConsumer {
     tasks: Vec<JoinHandle<()>>,
     close_timeout: Duration,
     topics: Vec<String>,
+    /// With retry topics: the longest delay.
+    max_nack_delay: Option<Duration>,
 }
 
 impl fmt::Debug for KafkaConsumer {
@@ -113,10 +118,12 @@ fn lock(state: &Mutex<Watermarks>) -> MutexGuard<'_, Watermarks> {
     state.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn capabilities() -> Capabilities {
+/// What the consumer can do: nack one record, with a delay up to the longest, only with
+/// retry topics.
+fn capabilities(max_nack_delay: Option<Duration>) -> Capabilities {
     Capabilities::new()
-        .with_max_nack_delay(Duration::ZERO)
-        .with_can_nack(false)
+        .with_max_nack_delay(max_nack_delay.unwrap_or_default())
+        .with_can_nack(max_nack_delay.is_some())
         .with_delivery_count(false)
         .with_lease(None, false)
         .with_ordering(OrderingScope::Partition)
@@ -140,7 +147,7 @@ impl Consumer for KafkaConsumer {
     }
 
     fn capabilities(&self) -> Capabilities {
-        capabilities()
+        capabilities(self.max_nack_delay)
     }
 
     async fn close(&mut self) -> redrive_core::Result<()> {

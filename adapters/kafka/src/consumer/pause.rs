@@ -39,17 +39,38 @@ pub(super) fn pause_full(consumer: &StreamConsumer<Context>, assigned: &Arc<Assi
     }
 }
 
-/// Resumes the partitions of `full` that have room again (keeping them paused while
-/// every partition is, `all_paused`: resuming those resumes them), and forgets those a
-/// rebalance took.
+/// Pauses the partition of `assigned` alone, holding a record of a retry topic that is
+/// not due yet; returns whether it is paused.
+pub(super) fn pause_one(consumer: &StreamConsumer<Context>, assigned: &Assigned) -> bool {
+    if assigned.is_paused() {
+        return true;
+    }
+    match consumer.pause(&one_partition(assigned.tp())) {
+        Ok(()) => {
+            assigned.set_paused(true);
+            true
+        }
+        Err(e) => {
+            let (topic, partition) = assigned.tp();
+            tracing::warn!(error = %e, topic = &**topic, partition, "pausing a retry topic's partition until its next record is due failed; its records wait in memory");
+            false
+        }
+    }
+}
+
+/// Resumes the partitions of `full` (paused alone) that have room again and no record
+/// `held` them (keeping them paused while every partition is, `all_paused`: resuming
+/// those resumes them), and forgets those a rebalance took.
 pub(super) fn resume_emptied(
     consumer: &StreamConsumer<Context>,
     full: &mut Vec<Arc<Assigned>>,
     all_paused: bool,
+    held: impl Fn(&Assigned) -> bool,
 ) {
     full.retain(|assigned| {
-        // A rebalance resumed it when it took it away.
-        if !assigned.is_paused() || !assigned.is_current() {
+        // A rebalance resumed it when it took it away; a held one is resumed once its
+        // last record is due.
+        if !assigned.is_paused() || !assigned.is_current() || held(assigned) {
             return false;
         }
         if assigned.is_full() {
@@ -63,10 +84,10 @@ pub(super) fn resume_emptied(
         match consumer.resume(&one_partition(assigned.tp())) {
             Ok(()) => {
                 assigned.set_paused(false);
-                tracing::info!(
+                tracing::debug!(
                     topic = &**topic,
                     partition,
-                    "a kafka partition paused at its bound of open records has room again; resumed"
+                    "a kafka partition paused alone (at its bound of open records, or until a retry record was due) resumed"
                 );
                 false
             }
