@@ -50,11 +50,12 @@
 //!   (default 100 000) the partition is paused, with a warning naming the stuck offset
 //!   and how long it has been open, and resumed once down to half; the other partitions
 //!   flow on. [`KafkaConsumer::open_records`] reads the counts, to export as metrics.
-//! - **Retries by parking**: Kafka cannot hand back one record, so the consumer
-//!   declares `can_nack = false` and the Worker parks a failed record: it runs it again
-//!   after its redelivery delay as the next attempt, later records of its key wait,
-//!   other keys flow on. A parked record holds its partition's watermark until it
-//!   succeeds or is dead-lettered.
+//! - **Retries by parking** (the default): Kafka cannot hand back one record, so the
+//!   consumer declares `can_nack = false` and the Worker parks a failed record: it runs
+//!   it again after its redelivery delay as the next attempt, later records of its key
+//!   wait, other keys flow on. A parked record holds its partition's watermark until it
+//!   succeeds or is dead-lettered. For failures that last, use
+//!   [retry topics](#retry-topics).
 //! - **What survives a restart**: the committed offset's metadata keeps what the
 //!   offset alone cannot (`redrive:a=<offset>:<deliveries>,…;d=<gap>.<len>.…`, at most
 //!   4,000 bytes, under Kafka's default `offset.metadata.max.bytes`):
@@ -103,6 +104,69 @@
 //!   13 of 22 rounds where the in-task Worker kept up in all (`cargo bench -p
 //!   redrive-kafka`, in the repository). A task per call spreads handlers that compute
 //!   over the runtime's threads.
+//!
+//! # Retry topics
+//! Parking keeps a failed record in the process: its wait lives in memory, and it
+//! holds its partition's committed offset, so a long outage fills
+//! [`max_open_per_partition`](KafkaConsumerBuilder::max_open_per_partition) and a
+//! restart runs it again at once. With
+//! [`retry_topics`](KafkaConsumerBuilder::retry_topics), a failed record leaves the
+//! partition instead:
+//!
+//! - **The nack republishes it** to a delay topic of the consumer group,
+//!   `<topic>.retry.<group>.<delay>ms`, chosen by the nack's delay (the smallest delay
+//!   at least as long), with the record's payload, key and headers (its trace context
+//!   among them) and these headers: [`x-redrive-attempt`](redrive_core::names::ATTEMPT)
+//!   (the next attempt), [`x-redrive-due`](retry::DUE) (when it is due, ms since the
+//!   epoch), `message-id` (the origin record's id) and the
+//!   [origin](retry::ORIGIN_TOPIC)'s topic, partition and offset. Once the broker
+//!   acknowledged the copy the record completes, and its partition moves on. A publish
+//!   that fails or times out ([`RetryTopics::with_timeout`], 5 s) fails the nack: the
+//!   record holds its partition's offset and comes again after a restart or a
+//!   rebalance.
+//! - **The consumer reads the delay topics** beside its own. A record that is not due
+//!   holds its delay topic's partition: that partition alone is paused, no thread
+//!   sleeps, polling goes on, so a delay may be longer than `max.poll.interval.ms`; the
+//!   poll task hands the record out when it is due, and resumes the partition. It is
+//!   delivered as its origin record: `source` names the origin topic, partition and
+//!   offset, `attempt` comes from its header, and its message id, trace and correlation
+//!   id are the origin's. A dead-letter layer sees the same attempt count after a crash,
+//!   a restart or a rebalance (the header travels with the record; a record killed
+//!   while running is counted in the commit metadata, as above), and its default
+//!   destination is `<origin topic>-dlq`.
+//! - **Ordering**: a retried record is no longer in order with the records of its key.
+//!   The Worker nacks only with [`OrderingMode::Unordered`]; with `PerKey` or
+//!   `PerPartition` it parks, as without retry topics. The consumer's largest nack
+//!   delay is the longest delay, so the Worker refuses a [`Redelivery`] backoff that
+//!   reaches past it.
+//! - **The delay topics must exist** (create them as the origin topic, from
+//!   [`RetryTopics::topics`]), or the broker must create topics on first use. Their
+//!   consumer group is the consumer's, so another group of the same topic has retry
+//!   topics of its own.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use redrive_core::{handler, BoxError, Message, OrderingMode, Redelivery, Worker};
+//! use redrive_kafka::{KafkaConsumer, KafkaPublisher, RetryTopics};
+//!
+//! # #[tokio::main]
+//! # async fn main() -> Result<(), BoxError> {
+//! let delays = [Duration::from_secs(1), Duration::from_secs(10), Duration::from_secs(60)];
+//! let retries = RetryTopics::new(KafkaPublisher::new("127.0.0.1:9092")?, delays);
+//! let consumer = KafkaConsumer::builder("127.0.0.1:9092", "billing", ["orders"])
+//!     .retry_topics(retries)
+//!     .build()?;
+//! let handler = handler::handler_fn(|msg: Message| async move { Ok::<_, BoxError>(()) });
+//! Worker::builder(consumer)
+//!     .service(handler)
+//!     .ordering(OrderingMode::Unordered)
+//!     .redelivery(Redelivery::exponential(Duration::from_secs(1), Duration::from_secs(60)))
+//!     .build()?
+//!     .run_until(redrive_core::shutdown_signal())
+//!     .await;
+//! # Ok(())
+//! # }
+//! ```
 //!
 //! # TLS and SASL
 //! With the `tls` feature (`kafka-tls` of the `redrive` crate), librdkafka is built
@@ -155,6 +219,7 @@
 //! [`OrderingMode::PerPartition`]: redrive_core::OrderingMode::PerPartition
 //! [`OrderingMode::Unordered`]: redrive_core::OrderingMode::Unordered
 //! [`Execution::InTask`]: redrive_core::Execution::InTask
+//! [`Redelivery`]: redrive_core::Redelivery
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod consumer;

@@ -9,6 +9,7 @@
 //! | the consumer's `group.id` | `metadata.source.group` |
 //! | the `message-id` header, else `<topic>-<partition>-<offset>@<timestamp ms>` (see below) | `metadata.message_id` |
 //! | the `x-redrive-attempt` header, else 1; for a record the committed offset's metadata counts, at least one above its count (see the [crate docs](crate)) | `metadata.attempt` (the Worker counts parked retries on top) |
+//! | for a record of a retry topic: the origin topic, and the `x-redrive-origin-partition` and `-offset` headers | `metadata.source` (see [retry topics](crate#retry-topics)) |
 //! | timestamp (create or log-append time) | `metadata.enqueued_at` |
 //!
 //! The id made for a record without a `message-id` header names the record itself:
