@@ -338,20 +338,29 @@ async fn a_record_retried_in_place_keeps_its_attempts_across_a_kill() {
         "two deliveries before the kill, two after: {report:?}"
     );
     assert_eq!(report.dead_lettered, 1, "{report:?}");
-    let mut c = common::consumer(&brokers, &unique_name("dlq-reader"), &dlq);
-    let letter = tokio::time::timeout(
-        Duration::from_secs(15),
-        redrive_core::Consumer::receive(&mut c),
-    )
-    .await
-    .expect("the dead letter within 15 s")
-    .expect("receive")
-    .expect("delivery");
     assert_eq!(
-        letter.message.headers.get_str(dead_letter::ATTEMPTS),
+        letter_attempts(&brokers, &dlq).await.as_deref(),
         Some("4"),
         "dead-lettered after exactly max_attempts deliveries"
     );
+}
+
+/// The attempts the first dead letter in `dlq` says its record had.
+async fn letter_attempts(brokers: &str, dlq: &str) -> Option<String> {
+    let mut c = common::consumer(brokers, &unique_name("dlq-reader"), dlq);
+    let letter = tokio::time::timeout(
+        Duration::from_secs(20),
+        redrive_core::Consumer::receive(&mut c),
+    )
+    .await
+    .expect("the dead letter within 20 s")
+    .expect("receive")
+    .expect("delivery");
+    letter
+        .message
+        .headers
+        .get_str(dead_letter::ATTEMPTS)
+        .map(str::to_owned)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -417,17 +426,8 @@ async fn a_record_through_the_retry_topics_is_dead_lettered_after_max_attempts_a
         "two attempts before the kill, two after, none again: {report:?}"
     );
     assert_eq!(report.dead_lettered, 1, "{report:?}");
-    let mut c = common::consumer(&brokers, &unique_name("dlq-reader"), &dlq);
-    let letter = tokio::time::timeout(
-        Duration::from_secs(20),
-        redrive_core::Consumer::receive(&mut c),
-    )
-    .await
-    .expect("the dead letter within 20 s")
-    .expect("receive")
-    .expect("delivery");
     assert_eq!(
-        letter.message.headers.get_str(dead_letter::ATTEMPTS),
+        letter_attempts(&brokers, &dlq).await.as_deref(),
         Some("4"),
         "dead-lettered after exactly max_attempts deliveries"
     );
