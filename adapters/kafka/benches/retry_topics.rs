@@ -21,7 +21,6 @@ use std::time::{Duration, Instant};
 
 use redrive_core::{BoxError, Message, OrderingMode, Redelivery, Worker, handler_fn};
 use redrive_kafka::rdkafka::ClientConfig;
-use redrive_kafka::rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use redrive_kafka::rdkafka::mocking::MockCluster;
 use redrive_kafka::rdkafka::producer::{
     DefaultProducerContext, FutureProducer, FutureRecord, Producer as _,
@@ -29,6 +28,9 @@ use redrive_kafka::rdkafka::producer::{
 use redrive_kafka::{KafkaConsumer, KafkaPublisher, RetryTopics};
 use tokio::sync::Notify;
 
+#[path = "support/topic.rs"]
+mod topic;
+use topic::create_topic;
 #[path = "../../../benches/support/rounds.rs"]
 #[allow(dead_code, reason = "this bench takes the median alone")]
 mod rounds;
@@ -43,32 +45,6 @@ fn env(name: &str, default: usize) -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-async fn create(
-    brokers: &str,
-    mock: Option<&MockCluster<'static, DefaultProducerContext>>,
-    topic: &str,
-) {
-    match mock {
-        Some(cluster) => cluster.create_topic(topic, 1, 1).expect("topic"),
-        None => {
-            let admin: AdminClient<_> = ClientConfig::new()
-                .set("bootstrap.servers", brokers)
-                .create()
-                .expect("admin");
-            for r in admin
-                .create_topics(
-                    &[NewTopic::new(topic, 1, TopicReplication::Fixed(1))],
-                    &AdminOptions::new(),
-                )
-                .await
-                .expect("create topic")
-            {
-                r.expect("topic created");
-            }
-        }
-    }
 }
 
 /// `n` records of 64 bytes, numbered in their payload, over 256 keys.
@@ -106,7 +82,7 @@ async fn run(
 ) -> (Duration, Duration) {
     let topic = redrive_core::testkit::unique_name("bench-rt");
     let group = redrive_core::testkit::unique_name("g");
-    create(brokers, mock, &topic).await;
+    create_topic(brokers, mock, &topic).await;
     let mut builder = KafkaConsumer::builder(brokers, &group, [topic.as_str()]);
     if retry {
         let publisher = KafkaPublisher::builder(brokers)
@@ -115,7 +91,7 @@ async fn run(
             .expect("publisher");
         let retries = RetryTopics::new(publisher, [DELAY]);
         for t in retries.topics(&topic, &group) {
-            create(brokers, mock, &t).await;
+            create_topic(brokers, mock, &t).await;
         }
         builder = builder.retry_topics(retries);
     }

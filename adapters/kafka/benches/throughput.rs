@@ -59,9 +59,12 @@ mod cpu;
 mod rounds;
 #[path = "../../../benches/support/full_stack.rs"]
 mod support;
+#[path = "support/topic.rs"]
+mod topic;
 use cpu::{CpuTimes, CpuUsed};
 use rounds::{median, per_round, ratios};
 use support::full_stack;
+use topic::create_topic;
 
 const KEYS: usize = 256;
 
@@ -88,28 +91,7 @@ async fn fill(
     n: usize,
 ) -> String {
     let topic = unique("bench");
-    match mock {
-        Some(cluster) => cluster.create_topic(&topic, 1, 1).expect("topic"),
-        None => {
-            use redrive_kafka::rdkafka::admin::{
-                AdminClient, AdminOptions, NewTopic, TopicReplication,
-            };
-            let admin: AdminClient<_> = ClientConfig::new()
-                .set("bootstrap.servers", brokers)
-                .create()
-                .expect("admin");
-            for r in admin
-                .create_topics(
-                    &[NewTopic::new(&topic, 1, TopicReplication::Fixed(1))],
-                    &AdminOptions::new(),
-                )
-                .await
-                .expect("create topic")
-            {
-                r.expect("topic created");
-            }
-        }
-    }
+    create_topic(brokers, mock, &topic).await;
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("linger.ms", "5")
