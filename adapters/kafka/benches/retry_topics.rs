@@ -12,8 +12,9 @@
 //! ```
 //!
 //! The retry topic's records are published one per batch (`batch.num.messages=1`):
-//! tansu answers a fetch from inside a batch of several records at the next batch, and a
-//! retry topic's partition is paused and resumed at its records.
+//! tansu 0.6.0 as released (the `cargo install` fallback) answers a fetch from inside a
+//! batch of several records at the next batch, and a retry topic's partition is paused
+//! and resumed at its records.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

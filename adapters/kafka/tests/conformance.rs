@@ -86,8 +86,8 @@ async fn conformance_on_a_real_broker() {
 async fn nack_scenarios_with_retry_topics() {
     let brokers = common::brokers();
     common::require_broker(&brokers);
-    // One record per batch in the delay topics: tansu answers a fetch from inside a
-    // batch of several records at the next batch.
+    // One record per batch in the delay topics: tansu 0.6.0 as released answers a fetch
+    // from inside a batch of several records at the next batch.
     let retry_publisher = KafkaPublisher::builder(&brokers)
         .set("batch.num.messages", "1")
         .build()

@@ -1,7 +1,8 @@
 //! Retry topics: a failed record waits in a delay topic, not in the process, and comes
 //! back as its origin record with the next attempt once due. Each scenario runs on
-//! librdkafka's mock cluster and on tansu (every record a batch of its own there: tansu
-//! answers a fetch from inside a batch of several records at the next batch).
+//! librdkafka's mock cluster and on tansu, every record a batch of its own: tansu 0.6.0 as
+//! released (the `cargo install` fallback) answers a fetch from inside a batch of several
+//! records at the next batch, and a retry topic's partition resumes inside its batches.
 
 #[macro_use]
 mod common;

@@ -158,8 +158,8 @@ async fn one_trace_through_the_retry_topics_to_success_on_attempt_3() {
     let brokers = env.brokers.clone();
     let (topic, group) = (unique_name("trace-rt"), unique_name("g"));
     env.create_topic(&topic, 1).await;
-    // One record per batch in the delay topic too (tansu answers a fetch from inside a
-    // batch of several records at the next batch).
+    // One record per batch in the delay topic too (tansu 0.6.0 as released answers a
+    // fetch from inside a batch of several records at the next batch).
     let retry_publisher = redrive_kafka::KafkaPublisher::builder(&brokers)
         .set("batch.num.messages", "1")
         .build()
