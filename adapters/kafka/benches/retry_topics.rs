@@ -1,7 +1,8 @@
 //! Retries with and without retry topics, at a 1 % failure rate: N records of one
 //! partition, every hundredth failing its first attempt, read by a Worker (`Unordered`,
 //! a no-op handler, a 100 ms redelivery delay) that parks the failed records in the
-//! process, and by one that sends them through a retry topic. Prints records/s to the
+//! process (the default, and without the pause at 128 runs of completed records, see
+//! `pause_when_metadata_full`), and by one that sends them through a retry topic. Prints records/s to the
 //! last first attempt and to the last success, per round and the medians.
 //!
 //! ```text
@@ -73,19 +74,32 @@ async fn fill(brokers: &str, topic: &str, n: usize) {
     producer.flush(Duration::from_secs(30)).expect("flush");
 }
 
+/// Where failed records wait.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Retries {
+    /// Parked by the Worker (the default).
+    Parked,
+    /// Parked, the partition not paused when its completed records make more runs than
+    /// the commit metadata keeps.
+    ParkedUnbounded,
+    /// In a retry topic.
+    Topic,
+}
+
 /// Seconds from the first record handled to the last first attempt, and to the last
 /// success.
 async fn run(
     brokers: &str,
     mock: Option<&MockCluster<'static, DefaultProducerContext>>,
     n: usize,
-    retry: bool,
+    retries: Retries,
 ) -> (Duration, Duration) {
     let topic = redrive_core::testkit::unique_name("bench-rt");
     let group = redrive_core::testkit::unique_name("g");
     create_topic(brokers, mock, &topic).await;
-    let mut builder = KafkaConsumer::builder(brokers, &group, [topic.as_str()]);
-    if retry {
+    let mut builder = KafkaConsumer::builder(brokers, &group, [topic.as_str()])
+        .pause_when_metadata_full(retries != Retries::ParkedUnbounded);
+    if retries == Retries::Topic {
         let publisher = KafkaPublisher::builder(brokers)
             .set("batch.num.messages", "1")
             .build()
@@ -183,11 +197,18 @@ fn main() {
     );
     println!("|---|---|---:|---:|");
     let rate = |d: Duration| n as f64 / d.as_secs_f64();
-    for (name, retry) in [("parked in the process", false), ("retry topic", true)] {
+    for (name, retries) in [
+        ("parked in the process", Retries::Parked),
+        (
+            "parked, `pause_when_metadata_full(false)`",
+            Retries::ParkedUnbounded,
+        ),
+        ("retry topic", Retries::Topic),
+    ] {
         let mut firsts = Vec::new();
         let mut lasts = Vec::new();
         for round in 1..=rounds {
-            let (first, last) = runtime.block_on(run(&brokers, mock.as_ref(), n, retry));
+            let (first, last) = runtime.block_on(run(&brokers, mock.as_ref(), n, retries));
             println!(
                 "| {name} | {round} | {:.0} | {:.0} |",
                 rate(first),

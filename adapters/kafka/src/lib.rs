@@ -109,7 +109,10 @@
 //! Parking keeps a failed record in the process: its wait lives in memory, and it
 //! holds its partition's committed offset, so a long outage fills
 //! [`max_open_per_partition`](KafkaConsumerBuilder::max_open_per_partition) and a
-//! restart runs it again at once. With
+//! restart runs it again at once. Each parked record also splits the completed records
+//! after it into another run of the commit metadata, so failures scattered through a
+//! partition pause it at 128 runs until parked records complete (at 1 % failing with a
+//! 100 ms delay, a few times a second: see `BENCHMARKS.md` in the repository). With
 //! [`retry_topics`](KafkaConsumerBuilder::retry_topics), a failed record leaves the
 //! partition instead:
 //!
