@@ -130,7 +130,10 @@
 //! - **The consumer reads the delay topics** beside its own. A record that is not due
 //!   holds its delay topic's partition: that partition alone is paused, no thread
 //!   sleeps, polling goes on, so a delay may be longer than `max.poll.interval.ms`; the
-//!   poll task hands the record out when it is due, and resumes the partition. It is
+//!   poll task hands the record out when it is due, and resumes the partition. A due
+//!   time is trusted no further than the topic's delay after the record was published
+//!   (its timestamp): a record written by hand, or by a producer whose clock is ahead,
+//!   cannot hold the partition longer. It is
 //!   delivered as its origin record: `source` names the origin topic, partition and
 //!   offset, `attempt` comes from its header, and its message id, trace and correlation
 //!   id are the origin's. A dead-letter layer sees the same attempt count after a crash,

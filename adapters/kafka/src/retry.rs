@@ -125,8 +125,8 @@ fn millis(d: Duration) -> u64 {
 #[derive(Debug)]
 pub(crate) struct Routes {
     retry: RetryTopics,
-    /// A delay topic's origin topic.
-    origin: HashMap<String, Arc<str>>,
+    /// A delay topic's origin topic and delay.
+    origin: HashMap<String, DelayTopic>,
     /// An origin topic's delay topics, in the order of the delays.
     delay_topics: HashMap<String, Vec<String>>,
 }
@@ -156,7 +156,7 @@ impl Routes {
                 )));
             }
             let names = retry.topics(topic, group);
-            for name in &names {
+            for (name, &delay) in names.iter().zip(&retry.delays) {
                 check_topic_name(name).map_err(|e| {
                     Error::Config(format!(
                         "the retry topic of `{topic}` for group `{group}` cannot be named \
@@ -168,7 +168,14 @@ impl Routes {
                         "`{name}` is a retry topic of `{topic}`; subscribe to `{topic}` alone"
                     )));
                 }
-                origin.insert(name.clone(), Arc::from(topic.as_str()));
+                let origin_topic = Arc::from(topic.as_str());
+                origin.insert(
+                    name.clone(),
+                    DelayTopic {
+                        origin: origin_topic,
+                        delay,
+                    },
+                );
             }
             delay_topics.insert(topic.clone(), names);
         }
@@ -184,8 +191,8 @@ impl Routes {
         self.origin.keys().map(String::as_str)
     }
 
-    /// The origin topic of a delay topic; `None` for any other topic.
-    pub(crate) fn origin(&self, topic: &str) -> Option<&Arc<str>> {
+    /// The origin topic and delay of a delay topic; `None` for any other topic.
+    pub(crate) fn delay_topic_of(&self, topic: &str) -> Option<&DelayTopic> {
         self.origin.get(topic)
     }
 
@@ -205,6 +212,13 @@ impl Routes {
             .unwrap_or(names.len() - 1);
         names.get(i).map(String::as_str)
     }
+}
+
+/// A delay topic: the topic its records came from, and its delay.
+#[derive(Debug)]
+pub(crate) struct DelayTopic {
+    pub(crate) origin: Arc<str>,
+    pub(crate) delay: Duration,
 }
 
 /// What a nack republishes: a copy of the record as received, and where it came from.
@@ -274,11 +288,18 @@ impl RetryCopy {
     }
 }
 
-/// When a record of a delay topic is due, from its [`DUE`] header; `None` without one
-/// (it is due at once).
-pub(crate) fn due(message: &Message) -> Option<SystemTime> {
+/// When a record of a delay topic with `delay` is due: at its [`DUE`] header, but no
+/// later than `delay` after it was published (its timestamp), so a due time far ahead
+/// (written by hand, or by a producer whose clock is wrong) cannot hold the partition
+/// for longer. `None` without a due time that reads (it is due at once).
+pub(crate) fn due(message: &Message, delay: Duration) -> Option<SystemTime> {
     let ms: u64 = message.headers.get_str(DUE)?.parse().ok()?;
-    UNIX_EPOCH.checked_add(Duration::from_millis(ms))
+    let due = UNIX_EPOCH.checked_add(Duration::from_millis(ms))?;
+    let latest = message
+        .metadata
+        .enqueued_at
+        .and_then(|t| t.checked_add(delay));
+    Some(latest.map_or(due, |latest| due.min(latest)))
 }
 
 /// Makes `message`, read from a delay topic of `origin`, the origin record's: its
@@ -330,11 +351,12 @@ mod tests {
                 "orders.retry.billing.600000ms"
             ]
         );
+        let of = |t| r.delay_topic_of(t).map(|d| (&*d.origin, d.delay));
         assert_eq!(
-            r.origin("orders.retry.billing.30000ms").map(|o| &**o),
-            Some("orders")
+            of("orders.retry.billing.30000ms"),
+            Some(("orders", Duration::from_secs(30)))
         );
-        assert_eq!(r.origin("orders"), None);
+        assert_eq!(of("orders"), None);
     }
 
     #[test]
@@ -374,13 +396,21 @@ mod tests {
             (&*s.destination, s.partition, s.offset),
             ("orders", Some(2), Some(41))
         );
+        let at = |ms| UNIX_EPOCH + Duration::from_millis(ms);
+        let second = Duration::from_secs(1);
+        m.metadata.enqueued_at = None;
+        assert_eq!(due(&m, second), Some(at(1_700_000_000_123)));
+        m.metadata.enqueued_at = Some(at(1_700_000_000_000));
+        assert_eq!(due(&m, second), Some(at(1_700_000_000_123)));
+        m.metadata.enqueued_at = Some(at(1_600_000_000_000));
         assert_eq!(
-            due(&m),
-            Some(UNIX_EPOCH + Duration::from_millis(1_700_000_000_123))
+            due(&m, second),
+            Some(at(1_600_000_001_000)),
+            "no later than the topic's delay after it was published"
         );
         m.headers.insert(DUE, "soon").expect("header");
         assert_eq!(
-            due(&m),
+            due(&m, second),
             None,
             "a due time that is not a number: due at once"
         );

@@ -15,7 +15,7 @@ use redrive_core::testkit::unique_name;
 use redrive_core::{
     BoxError, Message, OrderingMode, OutgoingMessage, Publisher, Redelivery, Worker,
 };
-use redrive_kafka::retry::{ORIGIN_OFFSET, ORIGIN_TOPIC};
+use redrive_kafka::retry::{DUE, ORIGIN_OFFSET, ORIGIN_TOPIC};
 use redrive_kafka::{KafkaConsumer, KafkaPublisher, RetryTopics};
 use tokio::sync::Notify;
 
@@ -227,7 +227,74 @@ async fn a_retried_record_keeps_its_message_id_and_origin(env: &Env) {
     );
 }
 
+/// A record in a delay topic whose due time lies far ahead (written by hand, or by a
+/// producer whose clock is wrong) holds its partition no longer than the topic's delay
+/// after it was published: it cannot stop the retries behind it for good.
+async fn a_due_time_past_the_topics_delay_waits_the_delay_alone(env: &Env) {
+    let (topic, group) = (unique_name("rt-far"), unique_name("g"));
+    env.create_topic(&topic, 1).await;
+    let delay = Duration::from_secs(1);
+    let retries = retry_topics(env, &topic, &group, delay).await;
+    let delay_topic = retries.topics(&topic, &group).remove(0);
+    let p = common::publisher(&env.brokers);
+    let in_2100 = "4102444800000";
+    for body in ["far", "next"] {
+        let record = OutgoingMessage::new(body)
+            .with_header(DUE, in_2100)
+            .expect("header");
+        p.publish(&delay_topic, record).await.expect("publish");
+    }
+    let published = Instant::now();
+    let seen: Seen = Arc::default();
+    let done = Arc::new(Notify::new());
+    let (s, d) = (seen.clone(), done.clone());
+    let handler = redrive_core::handler_fn(move |m: Message| {
+        let (s, d) = (s.clone(), d.clone());
+        async move {
+            let mut s = s.lock().unwrap();
+            s.push(Call::of(&m));
+            if s.len() == 2 {
+                d.notify_one();
+            }
+            Ok::<_, BoxError>(())
+        }
+    });
+    let consumer = KafkaConsumer::builder(&env.brokers, &group, [topic.as_str()])
+        .commit_interval(Duration::from_millis(100))
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "500")
+        .retry_topics(retries)
+        .build()
+        .expect("consumer");
+    Worker::builder(consumer)
+        .service(handler)
+        .ordering(OrderingMode::Unordered)
+        .redelivery(Redelivery::constant(delay))
+        .build()
+        .expect("worker")
+        .run_until(async move {
+            tokio::select! {
+                () = done.notified() => {}
+                () = tokio::time::sleep(Duration::from_secs(20)) => {}
+            }
+        })
+        .await;
+    let seen = seen.lock().unwrap().clone();
+    let bodies: Vec<&str> = seen.iter().map(|c| &*c.body).collect();
+    assert_eq!(
+        bodies,
+        ["far", "next"],
+        "records due in 2100 are handed out after the topic's delay: {seen:?}"
+    );
+    let waited = seen[0].at - published;
+    assert!(
+        waited >= delay - Duration::from_millis(100),
+        "handed out after {waited:?}, before the delay"
+    );
+}
+
 on_both!(
+    a_due_time_past_the_topics_delay_waits_the_delay_alone,
     a_failed_record_waits_in_the_retry_topic_while_others_flow,
     a_retried_record_keeps_its_message_id_and_origin,
 );

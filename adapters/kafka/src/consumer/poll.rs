@@ -334,9 +334,9 @@ impl Take<'_> {
         }
         let mut due = None;
         let retry = self.routes.map(|routes| {
-            if let Some(origin) = routes.origin(&tp.0) {
-                retry::as_origin(&mut message, origin);
-                due = retry::due(&message);
+            if let Some(delay_topic) = routes.delay_topic_of(&tp.0) {
+                retry::as_origin(&mut message, &delay_topic.origin);
+                due = retry::due(&message, delay_topic.delay);
             }
             Box::new(RetryCopy::new(routes.clone(), &message))
         });
