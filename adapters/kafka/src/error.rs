@@ -23,8 +23,8 @@ pub enum Error {
         source: KafkaError,
     },
     /// A nacked record could not be republished to its retry topic (see
-    /// [`RetryTopics`](crate::RetryTopics)): it holds its partition's committed offset
-    /// and comes again after a restart or a rebalance.
+    /// [`RetryTopics`](crate::RetryTopics)) within the wait; it is tried again in the
+    /// background.
     #[error("the record could not be republished to retry topic `{topic}`: {reason}")]
     Retry {
         /// The delay topic (or the record's topic, when it has none).

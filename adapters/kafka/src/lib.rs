@@ -124,9 +124,11 @@
 //!   epoch), `message-id` (the origin record's id) and the
 //!   [origin](retry::ORIGIN_TOPIC)'s topic, partition and offset. Once the broker
 //!   acknowledged the copy the record completes, and its partition moves on. A publish
-//!   that fails or times out ([`RetryTopics::with_timeout`], 5 s) fails the nack: the
-//!   record holds its partition's offset and comes again after a restart or a
-//!   rebalance.
+//!   that fails or times out ([`RetryTopics::with_timeout`], 5 s) is tried again in the
+//!   background, from 1 s doubling to 30 s, until the retry topic takes it (the record
+//!   then completes) or the partition goes to another consumer (which gets the record);
+//!   meanwhile the record holds its partition's committed offset, so a restart runs it
+//!   again.
 //! - **The consumer reads the delay topics** beside its own. A record that is not due
 //!   holds its delay topic's partition: that partition alone is paused, no thread
 //!   sleeps, polling goes on, so a delay may be longer than `max.poll.interval.ms`; the

@@ -85,9 +85,11 @@ impl RetryTopics {
     }
 
     /// How long a nack waits for the broker to acknowledge the republished record
-    /// (default 5 s). Past it the nack fails: the record holds its partition's
-    /// committed offset and comes again after a restart or a rebalance (it may then
-    /// also be in the delay topic: at least once, as ever).
+    /// (default 5 s). Past it, or when the broker refuses it, the republish is tried
+    /// again in the background (from 1 s, doubling to 30 s) until the retry topic takes
+    /// it; meanwhile the record holds its partition's committed offset. A copy the
+    /// broker took after the wait ended may then be in the delay topic twice: at least
+    /// once, as ever.
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
@@ -222,6 +224,7 @@ pub(crate) struct DelayTopic {
 }
 
 /// What a nack republishes: a copy of the record as received, and where it came from.
+#[derive(Clone)]
 pub(crate) struct RetryCopy {
     routes: Arc<Routes>,
     message: OutgoingMessage,

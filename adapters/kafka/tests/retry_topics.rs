@@ -293,6 +293,70 @@ async fn a_due_time_past_the_topics_delay_waits_the_delay_alone(env: &Env) {
     );
 }
 
+/// A republish the broker refuses (here the first three) is tried again in the
+/// background until the retry topic takes it: the record is not left holding its
+/// partition until a restart. On the mock cluster, which can refuse requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_republish_is_tried_again_until_the_retry_topic_takes_it() {
+    use redrive_kafka::rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+
+    let env = Env::mock();
+    let (topic, group) = (unique_name("rt-refused"), unique_name("g"));
+    env.create_topic(&topic, 1).await;
+    let delay = Duration::from_millis(200);
+    let retries = retry_topics(&env, &topic, &group, delay)
+        .await
+        .with_timeout(Duration::from_secs(2));
+    let p = common::publisher(&env.brokers);
+    p.publish(&topic, OutgoingMessage::new("x"))
+        .await
+        .expect("publish");
+    // The next three produce requests, the republishes, are refused.
+    let refused = RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED;
+    env.mock
+        .as_ref()
+        .expect("the mock cluster")
+        .request_errors(RDKafkaApiKey::Produce, &[refused; 3]);
+    let seen: Seen = Arc::default();
+    let done = Arc::new(Notify::new());
+    let (s, d) = (seen.clone(), done.clone());
+    let handler = redrive_core::handler_fn(move |m: Message| {
+        let (s, d) = (s.clone(), d.clone());
+        async move {
+            s.lock().unwrap().push(Call::of(&m));
+            if m.attempt() == 1 {
+                return Err::<(), BoxError>("fails once".into());
+            }
+            d.notify_one();
+            Ok(())
+        }
+    });
+    let consumer = KafkaConsumer::builder(&env.brokers, &group, [topic.as_str()])
+        .commit_interval(Duration::from_millis(100))
+        .retry_topics(retries)
+        .build()
+        .expect("consumer");
+    let report = Worker::builder(consumer)
+        .service(handler)
+        .ordering(OrderingMode::Unordered)
+        .redelivery(Redelivery::constant(delay))
+        .build()
+        .expect("worker")
+        .run_until(async move {
+            tokio::select! {
+                () = done.notified() => {}
+                () = tokio::time::sleep(Duration::from_secs(30)) => {}
+            }
+        })
+        .await;
+    let attempts: Vec<u32> = seen.lock().unwrap().iter().map(|c| c.attempt).collect();
+    assert_eq!(
+        attempts,
+        [1, 2],
+        "the retry topic took the copy at last: {report:?}"
+    );
+}
+
 on_both!(
     a_due_time_past_the_topics_delay_waits_the_delay_alone,
     a_failed_record_waits_in_the_retry_topic_while_others_flow,

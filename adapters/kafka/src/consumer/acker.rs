@@ -6,8 +6,8 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use rdkafka::consumer::StreamConsumer;
-use redrive_core::Acker;
 use redrive_core::delivery::SettleFuture;
+use redrive_core::{Acker, Backoff};
 
 use crate::retry::RetryCopy;
 use crate::watermark::{Assigned, Tp};
@@ -90,6 +90,43 @@ impl KafkaAcker {
     }
 }
 
+/// How a republish the broker refused is tried again: from 1 s, doubling to 30 s.
+const REPUBLISH_BACKOFF: Backoff =
+    Backoff::exponential(Duration::from_secs(1), Duration::from_secs(30));
+
+/// Tries a refused republish of the record at `offset` (its next attempt and delay in
+/// `next`) again until the retry topic takes it, and then completes the record; or
+/// until its partition is revoked (its new owner gets it) or the consumer is gone (it
+/// comes again after the restart).
+async fn republish_until_taken(
+    copy: RetryCopy,
+    assigned: Arc<Assigned>,
+    consumer: Weak<StreamConsumer<Context>>,
+    offset: i64,
+    (attempt, delay): (u32, Duration),
+) {
+    let (topic, partition) = assigned.tp().clone();
+    for tries in 1u32.. {
+        tokio::time::sleep(REPUBLISH_BACKOFF.delay_for(tries)).await;
+        if !assigned.is_current() || consumer.strong_count() == 0 {
+            tracing::debug!(topic = %topic, partition, offset, "the partition was revoked or the consumer closed: its next owner gets the record its retry topic did not take");
+            return;
+        }
+        match copy.republish(attempt, delay).await {
+            Ok(()) => {
+                assigned.complete(offset);
+                tracing::info!(topic = %topic, partition, offset, tries = tries + 1, "the retry topic took the record at last");
+                return;
+            }
+            // Warned at the first failures and every tenth after.
+            Err(e) if tries < 3 || tries % 10 == 0 => {
+                tracing::warn!(error = %e, topic = %topic, partition, offset, tries = tries + 1, "a failed record could still not go to its retry topic; trying again");
+            }
+            Err(_) => {}
+        }
+    }
+}
+
 impl Drop for KafkaAcker {
     fn drop(&mut self) {
         // A call aborted at the shutdown deadline ends without a settle: it runs no more.
@@ -118,18 +155,26 @@ impl Acker for KafkaAcker {
             Some(retry) if self.is_current() => SettleFuture::new(async move {
                 let runs = self.runs.load(Ordering::Acquire).max(1);
                 let next = self.attempt.saturating_add(runs);
-                let published = retry.republish(next, delay).await;
-                if let Err(e) = &published {
-                    tracing::warn!(error = %e, topic = %self.tp.0, partition = self.tp.1, offset = self.offset, "a failed record could not go to its retry topic; it holds its partition's committed offset and comes again after a restart or a rebalance");
+                if let Err(e) = retry.republish(next, delay).await {
+                    // The record stays incomplete, holding its partition's committed
+                    // offset, while the republish is tried again in the background.
+                    self.set_running(false);
+                    tracing::warn!(error = %e, topic = %self.tp.0, partition = self.tp.1, offset = self.offset, "a failed record could not go to its retry topic; trying again in the background (it holds its partition's committed offset meanwhile)");
+                    if let Some(assigned) = &self.assigned {
+                        tokio::spawn(republish_until_taken(
+                            (**retry).clone(),
+                            assigned.clone(),
+                            self.consumer.clone(),
+                            self.offset,
+                            (next, delay),
+                        ));
+                    }
+                    return Ok(());
                 }
-                let published = published.map_err(redrive_core::Error::from);
                 // Republished: the record is done here. Its run ends after that, as for
                 // an ack.
-                if published.is_ok() {
-                    self.mark_complete();
-                }
+                self.mark_complete();
                 self.set_running(false);
-                published?;
                 if self.counted.load(Ordering::Acquire) && self.is_current() {
                     self.commit_counted().await?;
                 }
