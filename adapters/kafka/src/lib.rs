@@ -147,10 +147,11 @@
 //!   `PerPartition` it parks, as without retry topics. The consumer's largest nack
 //!   delay is the longest delay, so the Worker refuses a [`Redelivery`] backoff that
 //!   reaches past it.
-//! - **The delay topics must exist** (create them as the origin topic, from
-//!   [`RetryTopics::topics`]), or the broker must create topics on first use. Their
-//!   consumer group is the consumer's, so another group of the same topic has retry
-//!   topics of its own.
+//! - **The delay topics must exist**:
+//!   [`create_retry_topics`](KafkaConsumerBuilder::create_retry_topics) creates the
+//!   missing ones with their origin topic's partition count, or create them with the
+//!   cluster's tools (names from [`RetryTopics::topics`]). They belong to the
+//!   consumer's group: another group of the same topic has retry topics of its own.
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -161,9 +162,10 @@
 //! # async fn main() -> Result<(), BoxError> {
 //! let delays = [Duration::from_secs(1), Duration::from_secs(10), Duration::from_secs(60)];
 //! let retries = RetryTopics::new(KafkaPublisher::new("127.0.0.1:9092")?, delays);
-//! let consumer = KafkaConsumer::builder("127.0.0.1:9092", "billing", ["orders"])
-//!     .retry_topics(retries)
-//!     .build()?;
+//! let builder = KafkaConsumer::builder("127.0.0.1:9092", "billing", ["orders"])
+//!     .retry_topics(retries);
+//! builder.create_retry_topics().await?; // orders.retry.billing.1000ms, …
+//! let consumer = builder.build()?;
 //! let handler = handler::handler_fn(|msg: Message| async move { Ok::<_, BoxError>(()) });
 //! Worker::builder(consumer)
 //!     .service(handler)

@@ -36,9 +36,9 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 /// long (the longest, for a longer one), named
 /// `<topic>.retry.<group>.<delay in ms>ms` ([`RetryTopics::topic`]); it is handed out
 /// again once its own delay has passed, not before, and at most the topic's delay after
-/// it was nacked. The delay topics must exist (create them with the origin topic's
-/// partition count, from [`RetryTopics::topics`]), or the broker must create topics on
-/// first use.
+/// it was nacked. The delay topics must exist:
+/// [`KafkaConsumerBuilder::create_retry_topics`](crate::KafkaConsumerBuilder::create_retry_topics)
+/// creates the missing ones.
 ///
 /// ```no_run
 /// use std::time::Duration;
@@ -191,6 +191,15 @@ impl Routes {
     /// The delay topics, to subscribe to beside the origin topics.
     pub(crate) fn delay_topics(&self) -> impl Iterator<Item = &str> {
         self.origin.keys().map(String::as_str)
+    }
+
+    /// The delay topics of `origin`, in the order of the delays.
+    pub(crate) fn delay_topics_of(&self, origin: &str) -> impl Iterator<Item = &str> {
+        self.delay_topics
+            .get(origin)
+            .into_iter()
+            .flatten()
+            .map(String::as_str)
     }
 
     /// The origin topic and delay of a delay topic; `None` for any other topic.

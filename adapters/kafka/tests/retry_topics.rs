@@ -357,6 +357,53 @@ async fn a_refused_republish_is_tried_again_until_the_retry_topic_takes_it() {
     );
 }
 
+/// The builder creates the delay topics that are missing, with the origin topic's
+/// partition count, and none twice. On tansu: the mock cluster has no CreateTopics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_builder_creates_the_missing_retry_topics() {
+    let env = Env::real();
+    let (topic, group) = (unique_name("rt-create"), unique_name("g"));
+    env.create_topic(&topic, 3).await;
+    let publisher = KafkaPublisher::new(&env.brokers).expect("publisher");
+    let retries = RetryTopics::new(publisher, [Duration::from_secs(1), Duration::from_secs(30)]);
+    let names = retries.topics(&topic, &group);
+    env.create_topic(&names[0], 3).await;
+    let builder =
+        KafkaConsumer::builder(&env.brokers, &group, [topic.as_str()]).retry_topics(retries);
+    let created = builder.create_retry_topics().await.expect("create");
+    assert_eq!(created, [names[1].clone()], "the one that was missing");
+    let metadata = common::metadata(&env.brokers);
+    let partitions = |name: &str| {
+        metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == name)
+            .map(|t| t.partitions().len())
+    };
+    assert_eq!(
+        partitions(&names[1]),
+        Some(3),
+        "the origin's partition count"
+    );
+    assert_eq!(
+        builder.create_retry_topics().await.expect("create again"),
+        Vec::<String>::new(),
+        "none created twice"
+    );
+    let missing = KafkaConsumer::builder(&env.brokers, &group, ["no-such-topic-here"])
+        .retry_topics(RetryTopics::new(
+            KafkaPublisher::new(&env.brokers).expect("publisher"),
+            [Duration::from_secs(1)],
+        ))
+        .create_retry_topics()
+        .await
+        .expect_err("the origin topic does not exist");
+    assert!(
+        missing.to_string().contains("no-such-topic-here"),
+        "{missing}"
+    );
+}
+
 on_both!(
     a_due_time_past_the_topics_delay_waits_the_delay_alone,
     a_failed_record_waits_in_the_retry_topic_while_others_flow,

@@ -6,7 +6,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{Consumer as _, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use tokio::sync::mpsc;
 
 use crate::error::{Error, Result};
@@ -16,6 +19,7 @@ use crate::watermark::{DEFAULT_MAX_OPEN, Watermarks};
 
 use super::KafkaConsumer;
 use super::batch::{BATCH, Batch, Spare};
+use super::blocking::off_runtime;
 use super::commit::commit_every;
 use super::poll::poll;
 use super::rebalance::Context;
@@ -113,6 +117,81 @@ impl KafkaConsumerBuilder {
     pub fn retry_topics(mut self, retry: RetryTopics) -> Self {
         self.retry = Some(retry);
         self
+    }
+
+    /// Creates the delay topics of the [`retry_topics`](Self::retry_topics) that do not
+    /// exist yet, each with its origin topic's partition count and the broker's default
+    /// replication, through an admin client with this builder's connection and security
+    /// settings (`bootstrap.servers`, `security.protocol`, `ssl.*`, `sasl.*`,
+    /// `client.id`); returns the ones it created. Call it before
+    /// [`build`](Self::build), or create the topics with the cluster's own tools.
+    ///
+    /// # Errors
+    /// [`Error::Config`] without retry topics, for retry topics Kafka cannot name, or
+    /// for an origin topic that does not exist; [`Error::Kafka`] if the broker did not
+    /// answer within 10 s or refused a topic (no permission to create topics).
+    pub async fn create_retry_topics(&self) -> Result<Vec<String>> {
+        let Some(retry) = &self.retry else {
+            return Err(Error::Config(
+                "no retry topics to create: set them with `retry_topics` first".into(),
+            ));
+        };
+        let group = self.config.get("group.id").unwrap_or_default();
+        let routes = Routes::new(retry.clone(), &self.topics, group)?;
+        let mut config = ClientConfig::new();
+        for key in self.config.config_map().keys() {
+            let connection = ["bootstrap.servers", "security.protocol", "client.id"].contains(key)
+                || key.starts_with("ssl.")
+                || key.starts_with("sasl.");
+            if let Some(value) = self.config.get(key).filter(|_| connection) {
+                config.set(*key, value);
+            }
+        }
+        let admin: AdminClient<DefaultClientContext> =
+            config.create().map_err(security::client_error)?;
+        let admin = Arc::new(admin);
+        let reader = admin.clone();
+        let metadata =
+            off_runtime(move || reader.inner().fetch_metadata(None, Duration::from_secs(10)))
+                .await
+                .ok_or_else(|| Error::Config("reading the topics' metadata panicked".into()))??;
+        let partitions = |name: &str| {
+            metadata
+                .topics()
+                .iter()
+                .find(|t| t.name() == name && t.error().is_none())
+                .map(|t| t.partitions().len())
+        };
+        let mut missing = Vec::new();
+        for topic in &self.topics {
+            let Some(count) = partitions(topic) else {
+                return Err(Error::Config(format!(
+                    "topic `{topic}` does not exist: create it before its retry topics, \
+                     which take its partition count"
+                )));
+            };
+            let count = i32::try_from(count).unwrap_or(i32::MAX);
+            for name in routes.delay_topics_of(topic) {
+                if partitions(name).is_none() {
+                    missing.push((name.to_owned(), count));
+                }
+            }
+        }
+        if missing.is_empty() {
+            return Ok(Vec::new());
+        }
+        let new: Vec<NewTopic<'_>> = missing
+            .iter()
+            .map(|(name, count)| NewTopic::new(name, *count, TopicReplication::Fixed(-1)))
+            .collect();
+        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        for result in admin.create_topics(&new, &options).await? {
+            match result {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((_, code)) => return Err(Error::Kafka(KafkaError::AdminOp(code))),
+            }
+        }
+        Ok(missing.into_iter().map(|(name, _)| name).collect())
     }
 
     /// Sets a librdkafka consumer setting (`session.timeout.ms`, `security.protocol`, …).

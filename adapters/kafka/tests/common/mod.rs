@@ -32,6 +32,17 @@ pub fn require_broker(brokers: &str) {
     }
 }
 
+/// The broker's metadata of every topic.
+pub fn metadata(brokers: &str) -> redrive_kafka::rdkafka::metadata::Metadata {
+    let client: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("client");
+    client
+        .fetch_metadata(None, Duration::from_secs(10))
+        .expect("metadata")
+}
+
 /// Creates `topic` with `partitions` on the real broker.
 pub async fn create_topic(brokers: &str, topic: &str, partitions: i32) {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
