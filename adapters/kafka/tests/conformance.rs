@@ -42,18 +42,17 @@ impl Backend for Kafka {
         let Some(retry) = &self.retry else {
             return common::consumer(&self.brokers, &group, destination);
         };
-        // Each scenario's destination, and so its group, is new.
-        for topic in retry.topics(destination, &group) {
-            common::create_topic(&self.brokers, &topic, 3).await;
-        }
-        KafkaConsumer::builder(&self.brokers, &group, [destination])
+        let builder = KafkaConsumer::builder(&self.brokers, &group, [destination])
             .commit_interval(Duration::from_millis(100))
             .close_timeout(Duration::from_secs(5))
             .set("session.timeout.ms", "6000")
             .set("heartbeat.interval.ms", "500")
-            .retry_topics(retry.clone())
-            .build()
-            .expect("consumer")
+            .retry_topics(retry.clone());
+        builder
+            .create_retry_topics()
+            .await
+            .expect("create the retry topics");
+        builder.build().expect("consumer")
     }
 
     fn publisher(&self) -> KafkaPublisher {
