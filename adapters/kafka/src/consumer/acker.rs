@@ -14,7 +14,7 @@ use crate::watermark::{Assigned, Tp};
 
 use super::blocking::off_runtime;
 use super::commit::commit_partition;
-use super::crash_loop::{COUNT_TIMEOUT, commit_count};
+use super::kept::{COUNT_TIMEOUT, commit_count};
 use super::rebalance::Context;
 
 /// Marks a record complete in its partition's watermark.

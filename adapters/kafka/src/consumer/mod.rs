@@ -1,15 +1,17 @@
 //! The consumer: a consumer-group member whose committed offsets follow the watermark.
 //!
 //! One file per job:
-//! - `builder.rs`: [`KafkaConsumerBuilder`], its checks, and the start of the tasks.
+//! - `builder.rs`: [`KafkaConsumerBuilder`], its checks, the start of the tasks, and
+//!   the creation of missing retry topics.
 //! - `poll.rs`: the poll task, which turns records into deliveries and hands them over
 //!   in batches (`batch.rs`), pausing for backpressure (`pause.rs`).
 //! - `pause.rs`: pausing and resuming partitions, all of them when the Worker stalls,
-//!   one alone at its bound of open records.
+//!   one alone at its bound of open records or holding a retry record not yet due.
 //! - `commit.rs`: committing the watermarks, periodically and on demand.
 //! - `rebalance.rs`: the rdkafka context: assignments, revokes and commit results.
-//! - `crash_loop.rs`: counting deliveries that ended without a fate, in the committed
-//!   offset's metadata.
+//! - `kept.rs`: what the committed offset's metadata keeps across a restart (records
+//!   completed past the offset, deliveries of records that did not complete), read at
+//!   assignment and committed before a run.
 //! - `not_due.rs`: records of retry topics held, their partitions paused, until due.
 //! - `acker.rs`: the acker, which marks a record complete in its watermark, and with
 //!   retry topics republishes a failed one.
@@ -21,7 +23,7 @@ mod batch;
 mod blocking;
 mod builder;
 mod commit;
-mod crash_loop;
+mod kept;
 mod not_due;
 mod open;
 mod pause;

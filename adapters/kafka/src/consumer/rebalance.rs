@@ -12,7 +12,7 @@ use tokio::runtime::RuntimeFlavor;
 use crate::watermark::{Assigned, Tp, Watermarks};
 
 use super::commit::add;
-use super::crash_loop::read_kept;
+use super::kept::read_kept;
 use super::lock;
 use super::pause::resume_taken;
 
