@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -54,21 +53,8 @@ fn child_aborts_on_the_record() {
 
 /// Runs the child once; it must die of its abort.
 async fn run_child(brokers: &str, topic: &str, group: &str) {
-    let mut command = Command::new(std::env::current_exe().expect("this test binary"));
-    command
-        .args([
-            "--ignored",
-            "--exact",
-            CHILD,
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(BROKERS, brokers)
-        .env(TOPIC, topic)
-        .env(GROUP, group);
-    let status = tokio::task::spawn_blocking(move || command.status().expect("run the child"))
-        .await
-        .expect("the child ran");
+    let vars = [(BROKERS, brokers), (TOPIC, topic), (GROUP, group)];
+    let (status, _) = common::child::run(CHILD, &vars, None).await;
     assert!(
         !status.success() && status.code().is_none(),
         "the child should have been killed by its abort: {status}"

@@ -11,8 +11,6 @@
 
 mod common;
 
-use std::io::{BufRead as _, BufReader};
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -154,48 +152,18 @@ async fn run_child_until(
     line: &str,
     after: Duration,
 ) -> Vec<String> {
-    let mut command = Command::new(std::env::current_exe().expect("this test binary"));
-    command
-        .args([
-            "--ignored",
-            "--exact",
-            CHILD,
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(BROKERS, brokers)
-        .env(TOPIC, topic)
-        .env(GROUP, group)
-        .env(MODE, mode)
-        .stdout(Stdio::piped());
-    let line = line.to_owned();
-    tokio::task::spawn_blocking(move || {
-        let mut child = command.spawn().expect("run the child");
-        let stdout = child.stdout.take().expect("piped");
-        let mut printed = Vec::new();
-        for l in BufReader::new(stdout).lines() {
-            let l = l.expect("the child's output");
-            // The harness prints the test's name with no line break after it.
-            let l = l
-                .trim_start_matches(&format!("test {CHILD} ... "))
-                .to_owned();
-            let last = l == line;
-            printed.push(l);
-            if last {
-                std::thread::sleep(after);
-                child.kill().expect("SIGKILL the child");
-                break;
-            }
-        }
-        let status = child.wait().expect("the child ends");
-        assert!(
-            status.code().is_none(),
-            "the child ended before printing {line:?}, not killed: {status}; it printed {printed:?}"
-        );
-        printed
-    })
-    .await
-    .expect("the child ran")
+    let vars = [
+        (BROKERS, brokers),
+        (TOPIC, topic),
+        (GROUP, group),
+        (MODE, mode),
+    ];
+    let (status, printed) = common::child::run(CHILD, &vars, Some((line, after))).await;
+    assert!(
+        status.code().is_none(),
+        "the child ended before printing {line:?}, not killed: {status}; it printed {printed:?}"
+    );
+    printed
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

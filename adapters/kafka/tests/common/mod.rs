@@ -1,6 +1,7 @@
 //! Shared helpers: the real broker (tansu) and librdkafka's mock cluster.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod child;
 pub mod raw;
 
 use std::time::Duration;
