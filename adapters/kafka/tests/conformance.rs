@@ -66,8 +66,14 @@ impl Backend for Kafka {
     }
 }
 
+/// The two tests of this file, one at a time: tansu serves one group's rebalance
+/// slowly while another's runs (a consumer dropped and started again in one scenario got
+/// nothing within 30 s while the other test ran).
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conformance_on_a_real_broker() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let brokers = common::brokers();
     common::require_broker(&brokers);
     let backend = Kafka {
@@ -83,6 +89,7 @@ async fn conformance_on_a_real_broker() {
 /// otherwise).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nack_scenarios_with_retry_topics() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let brokers = common::brokers();
     common::require_broker(&brokers);
     // One record per batch in the delay topics: tansu 0.6.0 as released answers a fetch

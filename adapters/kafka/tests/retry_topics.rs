@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use common::Env;
 use redrive_core::testkit::unique_name;
 use redrive_core::{
-    BoxError, Message, OrderingMode, OutgoingMessage, Publisher, Redelivery, Worker,
+    BoxError, Message, OrderingMode, OutgoingMessage, Publisher, Redelivery, Report, Worker,
 };
 use redrive_kafka::retry::{DUE, ORIGIN_OFFSET, ORIGIN_TOPIC};
 use redrive_kafka::{KafkaConsumer, KafkaPublisher, RetryTopics};
@@ -69,6 +69,55 @@ async fn retry_topics(env: &Env, topic: &str, group: &str, delay: Duration) -> R
     retries
 }
 
+/// A consumer of `topic` in `group` retrying through `retries`, with `settings`.
+fn consumer(
+    env: &Env,
+    group: &str,
+    topic: &str,
+    retries: RetryTopics,
+    settings: &[(&str, &str)],
+) -> KafkaConsumer {
+    let mut builder = KafkaConsumer::builder(&env.brokers, group, [topic])
+        .commit_interval(Duration::from_millis(100))
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "500")
+        .retry_topics(retries);
+    for (key, value) in settings {
+        builder = builder.set(key, *value);
+    }
+    builder.build().expect("consumer")
+}
+
+/// Runs an `Unordered` Worker of `consumer` around `handler`, retrying after `delay`,
+/// until `done` is notified or `within` passed.
+async fn run<S>(
+    consumer: KafkaConsumer,
+    handler: S,
+    delay: Duration,
+    done: Arc<Notify>,
+    within: Duration,
+) -> Report
+where
+    S: tower::Service<Message> + Send + 'static,
+    S::Response: Into<redrive_core::Outcome> + Send + 'static,
+    S::Error: Into<BoxError> + Send + 'static,
+    S::Future: Send + 'static,
+{
+    Worker::builder(consumer)
+        .service(handler)
+        .ordering(OrderingMode::Unordered)
+        .redelivery(Redelivery::constant(delay))
+        .build()
+        .expect("worker")
+        .run_until(async move {
+            tokio::select! {
+                () = done.notified() => {}
+                () = tokio::time::sleep(within) => {}
+            }
+        })
+        .await
+}
+
 /// A record failing once waits out its delay in the retry topic while the records after
 /// it flow, and comes back as attempt 2 of its origin record. The delay is longer than
 /// `max.poll.interval.ms`: the consumer polls on, paused, and stays in its group.
@@ -110,27 +159,18 @@ async fn a_failed_record_waits_in_the_retry_topic_while_others_flow(env: &Env) {
             Ok(())
         }
     });
-    let consumer = KafkaConsumer::builder(&env.brokers, &group, [topic.as_str()])
-        .commit_interval(Duration::from_millis(100))
-        .set("session.timeout.ms", session)
-        .set("heartbeat.interval.ms", "300")
-        .set("max.poll.interval.ms", session)
-        .retry_topics(retries)
-        .build()
-        .expect("consumer");
-    let report = Worker::builder(consumer)
-        .service(handler)
-        .ordering(OrderingMode::Unordered)
-        .redelivery(Redelivery::constant(delay))
-        .build()
-        .expect("worker")
-        .run_until(async move {
-            tokio::select! {
-                () = done.notified() => {}
-                () = tokio::time::sleep(Duration::from_secs(60)) => {}
-            }
-        })
-        .await;
+    let consumer = consumer(
+        env,
+        &group,
+        &topic,
+        retries,
+        &[
+            ("session.timeout.ms", session),
+            ("heartbeat.interval.ms", "300"),
+            ("max.poll.interval.ms", session),
+        ],
+    );
+    let report = run(consumer, handler, delay, done, Duration::from_secs(60)).await;
     let seen = seen.lock().unwrap().clone();
     let summary: Vec<_> = seen
         .iter()
@@ -190,26 +230,8 @@ async fn a_retried_record_keeps_its_message_id_and_origin(env: &Env) {
             Ok(())
         }
     });
-    let consumer = KafkaConsumer::builder(&env.brokers, &group, [topic.as_str()])
-        .commit_interval(Duration::from_millis(100))
-        .set("session.timeout.ms", "6000")
-        .set("heartbeat.interval.ms", "500")
-        .retry_topics(retries)
-        .build()
-        .expect("consumer");
-    Worker::builder(consumer)
-        .service(handler)
-        .ordering(OrderingMode::Unordered)
-        .redelivery(Redelivery::constant(delay))
-        .build()
-        .expect("worker")
-        .run_until(async move {
-            tokio::select! {
-                () = done.notified() => {}
-                () = tokio::time::sleep(Duration::from_secs(60)) => {}
-            }
-        })
-        .await;
+    let consumer = consumer(env, &group, &topic, retries, &[]);
+    run(consumer, handler, delay, done, Duration::from_secs(60)).await;
     let seen = seen.lock().unwrap().clone();
     let first_id = seen[0].message_id.clone();
     assert!(first_id.starts_with(&format!("{topic}-0-0@")), "{seen:?}");
@@ -259,26 +281,8 @@ async fn a_due_time_past_the_topics_delay_waits_the_delay_alone(env: &Env) {
             Ok::<_, BoxError>(())
         }
     });
-    let consumer = KafkaConsumer::builder(&env.brokers, &group, [topic.as_str()])
-        .commit_interval(Duration::from_millis(100))
-        .set("session.timeout.ms", "6000")
-        .set("heartbeat.interval.ms", "500")
-        .retry_topics(retries)
-        .build()
-        .expect("consumer");
-    Worker::builder(consumer)
-        .service(handler)
-        .ordering(OrderingMode::Unordered)
-        .redelivery(Redelivery::constant(delay))
-        .build()
-        .expect("worker")
-        .run_until(async move {
-            tokio::select! {
-                () = done.notified() => {}
-                () = tokio::time::sleep(Duration::from_secs(20)) => {}
-            }
-        })
-        .await;
+    let consumer = consumer(env, &group, &topic, retries, &[]);
+    run(consumer, handler, delay, done, Duration::from_secs(20)).await;
     let seen = seen.lock().unwrap().clone();
     let bodies: Vec<&str> = seen.iter().map(|c| &*c.body).collect();
     assert_eq!(
@@ -331,24 +335,8 @@ async fn a_refused_republish_is_tried_again_until_the_retry_topic_takes_it() {
             Ok(())
         }
     });
-    let consumer = KafkaConsumer::builder(&env.brokers, &group, [topic.as_str()])
-        .commit_interval(Duration::from_millis(100))
-        .retry_topics(retries)
-        .build()
-        .expect("consumer");
-    let report = Worker::builder(consumer)
-        .service(handler)
-        .ordering(OrderingMode::Unordered)
-        .redelivery(Redelivery::constant(delay))
-        .build()
-        .expect("worker")
-        .run_until(async move {
-            tokio::select! {
-                () = done.notified() => {}
-                () = tokio::time::sleep(Duration::from_secs(30)) => {}
-            }
-        })
-        .await;
+    let consumer = consumer(&env, &group, &topic, retries, &[]);
+    let report = run(consumer, handler, delay, done, Duration::from_secs(30)).await;
     let attempts: Vec<u32> = seen.lock().unwrap().iter().map(|c| c.attempt).collect();
     assert_eq!(
         attempts,
