@@ -89,7 +89,9 @@ impl RetryTopics {
     /// again in the background (from 1 s, doubling to 30 s) until the retry topic takes
     /// it; meanwhile the record holds its partition's committed offset. A copy the
     /// broker took after the wait ended may then be in the delay topic twice: at least
-    /// once, as ever.
+    /// once, as ever. Keep it under the Worker's `settle_timeout` (10 s by default),
+    /// which bounds the whole nack: a nack cut short there leaves the record holding
+    /// its partition's committed offset until a restart or a rebalance.
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
