@@ -67,7 +67,9 @@ pub struct RetryTopics {
 
 impl RetryTopics {
     /// Retry topics with these delays, republished through `publisher` (give it the
-    /// consumer's TLS and SASL settings). Delays are taken in whole milliseconds; a
+    /// consumer's TLS and SASL settings, and a `message.timeout.ms` no longer than the
+    /// [timeout](Self::with_timeout), so a copy the wait gave up on is not delivered
+    /// later beside the one tried again). Delays are taken in whole milliseconds; a
     /// delay repeated counts once. [`build`](crate::KafkaConsumerBuilder::build) refuses
     /// an empty list and a delay under 1 ms.
     pub fn new(publisher: KafkaPublisher, delays: impl IntoIterator<Item = Duration>) -> Self {
