@@ -1,10 +1,12 @@
 //! Pausing and resuming partitions: every assigned one while the Worker takes no
-//! records (backpressure), and one alone at its bound of open records.
+//! records (backpressure), and one alone at its bound of open records or holding a
+//! retry record not yet due.
 
 use std::sync::{Arc, Mutex};
 
 use rdkafka::TopicPartitionList;
 use rdkafka::consumer::{Consumer as _, StreamConsumer};
+use rdkafka::error::KafkaResult;
 
 use crate::watermark::{Assigned, Tp, Watermarks};
 
@@ -19,9 +21,8 @@ pub(super) fn pause_full(consumer: &StreamConsumer<Context>, assigned: &Arc<Assi
     }
     let (topic, partition) = assigned.tp();
     let (stuck_offset, stuck_for) = assigned.stuck().unwrap_or_default();
-    match consumer.pause(&one_partition(assigned.tp())) {
+    match pause_alone(consumer, assigned) {
         Ok(()) => {
-            assigned.set_paused(true);
             tracing::warn!(
                 topic = &**topic,
                 partition,
@@ -45,17 +46,21 @@ pub(super) fn pause_one(consumer: &StreamConsumer<Context>, assigned: &Assigned)
     if assigned.is_paused() {
         return true;
     }
-    match consumer.pause(&one_partition(assigned.tp())) {
-        Ok(()) => {
-            assigned.set_paused(true);
-            true
-        }
+    match pause_alone(consumer, assigned) {
+        Ok(()) => true,
         Err(e) => {
             let (topic, partition) = assigned.tp();
             tracing::warn!(error = %e, topic = &**topic, partition, "pausing a retry topic's partition until its next record is due failed; its records wait in memory");
             false
         }
     }
+}
+
+/// Pauses the partition of `assigned` alone, and notes it paused if that worked.
+fn pause_alone(consumer: &StreamConsumer<Context>, assigned: &Assigned) -> KafkaResult<()> {
+    consumer.pause(&one_partition(assigned.tp()))?;
+    assigned.set_paused(true);
+    Ok(())
 }
 
 /// Resumes the partitions of `full` (paused alone) that have room again and no record
