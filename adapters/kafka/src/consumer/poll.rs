@@ -241,53 +241,7 @@ impl Take<'_> {
             }
         }
     }
-}
 
-/// Offsets of a batch's records, to be recorded in their partitions' marks with one
-/// lock per run of records of one partition.
-#[derive(Default)]
-struct Received {
-    assigned: Option<Arc<Assigned>>,
-    offsets: Vec<i64>,
-    /// How many more records `assigned` could take when its run began (or when the
-    /// last of it was recorded).
-    room: usize,
-    /// Partitions that became full, not yet paused.
-    full: Vec<Arc<Assigned>>,
-}
-
-impl Received {
-    fn add(&mut self, assigned: &Arc<Assigned>, offset: i64) {
-        if !self
-            .assigned
-            .as_ref()
-            .is_some_and(|a| Arc::ptr_eq(a, assigned))
-        {
-            self.record();
-            self.assigned = Some(assigned.clone());
-            self.room = assigned.room();
-        }
-        self.offsets.push(offset);
-    }
-
-    /// Whether the partition of the run being added is full: the batch ends here.
-    fn at_bound(&self) -> bool {
-        self.assigned.is_some() && self.offsets.len() >= self.room
-    }
-
-    /// Records the offsets added since the last call.
-    fn record(&mut self) {
-        if let Some(assigned) = self.assigned.as_ref().filter(|_| !self.offsets.is_empty()) {
-            self.room = assigned.received(&self.offsets);
-            if self.room == 0 && !assigned.is_paused() {
-                self.full.push(assigned.clone());
-            }
-        }
-        self.offsets.clear();
-    }
-}
-
-impl Take<'_> {
     /// A delivery of `record` to the group, tracked in its partition's watermark, with
     /// its partition and when it is due for a record of a retry topic; `None` for a
     /// record the committed offset's metadata says completed before (it is received
@@ -358,5 +312,49 @@ impl Take<'_> {
             },
         );
         Some((delivery, hold))
+    }
+}
+
+/// Offsets of a batch's records, to be recorded in their partitions' marks with one
+/// lock per run of records of one partition.
+#[derive(Default)]
+struct Received {
+    assigned: Option<Arc<Assigned>>,
+    offsets: Vec<i64>,
+    /// How many more records `assigned` could take when its run began (or when the
+    /// last of it was recorded).
+    room: usize,
+    /// Partitions that became full, not yet paused.
+    full: Vec<Arc<Assigned>>,
+}
+
+impl Received {
+    fn add(&mut self, assigned: &Arc<Assigned>, offset: i64) {
+        if !self
+            .assigned
+            .as_ref()
+            .is_some_and(|a| Arc::ptr_eq(a, assigned))
+        {
+            self.record();
+            self.assigned = Some(assigned.clone());
+            self.room = assigned.room();
+        }
+        self.offsets.push(offset);
+    }
+
+    /// Whether the partition of the run being added is full: the batch ends here.
+    fn at_bound(&self) -> bool {
+        self.assigned.is_some() && self.offsets.len() >= self.room
+    }
+
+    /// Records the offsets added since the last call.
+    fn record(&mut self) {
+        if let Some(assigned) = self.assigned.as_ref().filter(|_| !self.offsets.is_empty()) {
+            self.room = assigned.received(&self.offsets);
+            if self.room == 0 && !assigned.is_paused() {
+                self.full.push(assigned.clone());
+            }
+        }
+        self.offsets.clear();
     }
 }
