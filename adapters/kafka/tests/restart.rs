@@ -260,25 +260,11 @@ async fn a_record_retried_in_place_keeps_its_attempts_across_a_kill() {
         Duration::ZERO,
     )
     .await;
-    let before: Vec<&String> = printed
-        .iter()
-        .filter(|l| l.starts_with("ATTEMPT"))
-        .collect();
-    assert_eq!(before, ["ATTEMPT 1", "ATTEMPT 2"]);
+    assert_eq!(attempts_printed(&printed), ["ATTEMPT 1", "ATTEMPT 2"]);
 
     let attempts: Arc<Mutex<Vec<u32>>> = Arc::default();
     let done = Arc::new(Notify::new());
-    let (a, d) = (attempts.clone(), done.clone());
-    let handler = redrive_core::handler_fn(move |m: Message| {
-        let (a, d) = (a.clone(), d.clone());
-        async move {
-            a.lock().unwrap().push(m.metadata.attempt);
-            if m.metadata.attempt >= 4 {
-                d.notify_one();
-            }
-            Err::<(), BoxError>("always fails".into())
-        }
-    });
+    let handler = always_fails(attempts.clone(), done.clone());
     let service = DeadLetterLayer::new(
         Arc::new(p.clone()),
         DeadLetterConfig::default()
@@ -311,6 +297,32 @@ async fn a_record_retried_in_place_keeps_its_attempts_across_a_kill() {
         Some("4"),
         "dead-lettered after exactly max_attempts deliveries"
     );
+}
+
+/// A handler that fails every call, noting each attempt in `attempts`, and notifies
+/// `fourth` from attempt 4 on.
+fn always_fails(
+    attempts: Arc<Mutex<Vec<u32>>>,
+    fourth: Arc<Notify>,
+) -> redrive_core::handler::HandlerFn<
+    impl Fn(Message) -> std::future::Ready<Result<(), BoxError>> + Clone + Send + Sync + 'static,
+> {
+    redrive_core::handler_fn(move |m: Message| {
+        attempts.lock().unwrap().push(m.metadata.attempt);
+        if m.metadata.attempt >= 4 {
+            fourth.notify_one();
+        }
+        std::future::ready(Err("always fails".into()))
+    })
+}
+
+/// The `ATTEMPT <n>` lines a child printed.
+fn attempts_printed(printed: &[String]) -> Vec<&str> {
+    printed
+        .iter()
+        .map(String::as_str)
+        .filter(|l| l.starts_with("ATTEMPT"))
+        .collect()
 }
 
 /// The attempts the first dead letter in `dlq` says its record had.
@@ -358,27 +370,13 @@ async fn a_record_through_the_retry_topics_is_dead_lettered_after_max_attempts_a
         RETRY_DELAY / 2,
     )
     .await;
-    let before: Vec<&String> = printed
-        .iter()
-        .filter(|l| l.starts_with("ATTEMPT"))
-        .collect();
-    assert_eq!(before, ["ATTEMPT 1", "ATTEMPT 2"]);
+    assert_eq!(attempts_printed(&printed), ["ATTEMPT 1", "ATTEMPT 2"]);
     // The killed member stays in the group until its session expires; the new one's
     // join waits for that.
 
     let attempts: Arc<Mutex<Vec<u32>>> = Arc::default();
     let done = Arc::new(Notify::new());
-    let (a, d) = (attempts.clone(), done.clone());
-    let handler = redrive_core::handler_fn(move |m: Message| {
-        let (a, d) = (a.clone(), d.clone());
-        async move {
-            a.lock().unwrap().push(m.metadata.attempt);
-            if m.metadata.attempt >= 4 {
-                d.notify_one();
-            }
-            Err::<(), BoxError>("always fails".into())
-        }
-    });
+    let handler = always_fails(attempts.clone(), done.clone());
     let report = retry_worker!(&brokers, &group, &topic, handler)
         .run_until(async move {
             tokio::select! {
