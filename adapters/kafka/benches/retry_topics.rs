@@ -22,11 +22,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use redrive_core::{BoxError, Message, OrderingMode, Redelivery, Worker, handler_fn};
-use redrive_kafka::rdkafka::ClientConfig;
 use redrive_kafka::rdkafka::mocking::MockCluster;
-use redrive_kafka::rdkafka::producer::{
-    DefaultProducerContext, FutureProducer, FutureRecord, Producer as _,
-};
+use redrive_kafka::rdkafka::producer::DefaultProducerContext;
 use redrive_kafka::{KafkaConsumer, KafkaPublisher, RetryTopics};
 use tokio::sync::Notify;
 
@@ -47,31 +44,6 @@ fn env(name: &str, default: usize) -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-/// `n` records of 64 bytes, numbered in their payload, over 256 keys.
-async fn fill(brokers: &str, topic: &str, n: usize) {
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("linger.ms", "5")
-        .create()
-        .expect("producer");
-    let mut pending = Vec::with_capacity(10_000);
-    for i in 0..n {
-        let body = format!("{i:064}");
-        let key = format!("k{}", i % 256);
-        let record = FutureRecord::to(topic).payload(&body).key(&key);
-        pending.push(producer.send_result(record).expect("queue the record"));
-        if pending.len() == 10_000 {
-            for p in pending.drain(..) {
-                p.await.expect("delivery report").expect("delivered");
-            }
-        }
-    }
-    for p in pending {
-        p.await.expect("delivery report").expect("delivered");
-    }
-    producer.flush(Duration::from_secs(30)).expect("flush");
 }
 
 /// Where failed records wait.
@@ -110,7 +82,8 @@ async fn run(
         }
         builder = builder.retry_topics(retries);
     }
-    fill(brokers, &topic, n).await;
+    // 64 bytes, numbered, over 256 keys.
+    topic::fill(brokers, &topic, n, 256, |i| format!("{i:064}").into_bytes()).await;
     let consumer = builder.build().expect("consumer");
 
     let first = Arc::new(AtomicUsize::new(0));

@@ -44,9 +44,7 @@ use redrive_core::{BoxError, Execution, Message, OrderingMode, Worker, handler_f
 use redrive_kafka::rdkafka::ClientConfig;
 use redrive_kafka::rdkafka::consumer::{Consumer as _, StreamConsumer};
 use redrive_kafka::rdkafka::mocking::MockCluster;
-use redrive_kafka::rdkafka::producer::{
-    DefaultProducerContext, FutureProducer, FutureRecord, Producer as _,
-};
+use redrive_kafka::rdkafka::producer::DefaultProducerContext;
 use redrive_kafka::{KafkaConsumer, KafkaPublisher};
 use tokio::sync::Notify;
 use tower::util::BoxService;
@@ -92,29 +90,7 @@ async fn fill(
 ) -> String {
     let topic = unique("bench");
     create_topic(brokers, mock, &topic).await;
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("linger.ms", "5")
-        .create()
-        .expect("producer");
-    let body = [b'x'; 64];
-    let mut pending = Vec::with_capacity(n);
-    for i in 0..n {
-        let key = format!("k{}", i % KEYS);
-        let record = FutureRecord::to(&topic)
-            .payload(&body[..])
-            .key(key.as_bytes());
-        pending.push(producer.send_result(record).expect("queue the record"));
-        if pending.len() == 10_000 {
-            for p in pending.drain(..) {
-                p.await.expect("delivery report").expect("delivered");
-            }
-        }
-    }
-    for p in pending {
-        p.await.expect("delivery report").expect("delivered");
-    }
-    producer.flush(Duration::from_secs(30)).expect("flush");
+    topic::fill(brokers, &topic, n, KEYS, |_| vec![b'x'; 64]).await;
     topic
 }
 
